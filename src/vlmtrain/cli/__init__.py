@@ -1,0 +1,1 @@
+"""The `vlmtrain` command: thin verbs over the packages (no logic of its own)."""

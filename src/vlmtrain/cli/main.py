@@ -1,0 +1,144 @@
+"""`vlmtrain <verb> ...`. Each verb parses its arguments and calls one library function.
+
+User errors print one line (`error: ...`) and exit 1; invalid configs exit 2 (one line per bad field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from vlmtrain import __version__
+from vlmtrain.errors import VlmtrainError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+# ---- verbs -------------------------------------------------------------------------------------------------------
+
+def cmd_describe(args) -> int:
+    from vlmtrain.config import load_model_config
+    from vlmtrain.model import build_model, count_params
+
+    cfg = load_model_config(args.config, args.overrides)
+    bundle = build_model(cfg, device="meta")
+    m = bundle.model
+    result = {"params": count_params(m), "image_tokens": m.num_image_tokens}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    p = result["params"]
+    print(f"model {cfg.name}  ({args.config})")
+    print(f"  vision     {m.vision.model.config.model_type:<22} {p['vision']:>16,d}  "
+          f"{m.vision.image_size}px, patch {m.vision.patch_size}, layer {m.vision.feature_layer}, {m.vision.select}")
+    print(f"  connector  {cfg.connector.name:<22} {p['connector']:>16,d}  {m.num_image_tokens} image tokens per image")
+    print(f"  llm        {m.llm.config.model_type:<22} {p['llm']:>16,d}  "
+          f"vocab {m.llm.get_input_embeddings().num_embeddings}")
+    print(f"  total      {'':<22} {p['total']:>16,d}  ({p['total'] / 1e9:.3f} B)")
+    if bundle.tokenizer is None:
+        print("  note: tokenizer not available offline; assumed the image token adds one row to the vocabulary",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from vlmtrain.model.io import load_any, save_native
+
+    bundle = load_any(args.source)
+    if args.format == "hf-llava":
+        from vlmtrain.model.hf_llava import export_llava
+
+        out = export_llava(bundle, args.out)
+    else:
+        out = save_native(bundle, args.out)
+    print(f"exported {args.source} as {args.format} to {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from vlmtrain.model.inference import generate_text, load_image
+    from vlmtrain.model.io import load_any
+
+    bundle = load_any(args.source)
+    images = [load_image(p) for p in args.image]
+    print(generate_text(bundle, args.prompt, images, args.max_new_tokens))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vlmtrain.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, seed=args.seed)
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmtrain", description="Train vision-language models composed from parts.")
+    p.add_argument("--version", action="version", version=f"vlmtrain {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    d = sub.add_parser("describe", help="build a model config on the meta device and count its parameters",
+                       description="Build the model on the meta device (no weights, no download) and print "
+                                   "parameters per module and image tokens per image.")
+    d.add_argument("--config", required=True, help="model YAML, or a stage/recipe YAML with a `model:` section")
+    d.add_argument("--json", action="store_true",
+                   help='print {"params": {"vision","connector","llm","total"}, "image_tokens"} as one JSON line')
+    d.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: connector.name=linear ...")
+    d.set_defaults(func=cmd_describe)
+
+    e = sub.add_parser("export", help="export a model to transformers Llava or vlmtrain's own format",
+                       description="Export a model folder (vlmtrain or transformers Llava) to another format.")
+    e.add_argument("source", metavar="RUN_OR_CKPT", help="vlmtrain model folder or transformers Llava folder")
+    e.add_argument("--format", required=True, choices=["hf-llava", "vlmtrain"],
+                   help="hf-llava: LlavaForConditionalGeneration + AutoProcessor folder (linear/mlp2x_gelu "
+                        "connectors); vlmtrain: native folder (any connector)")
+    e.add_argument("--out", required=True, help="output folder")
+    e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="greedy completion for an image and a prompt",
+                       description="Print the greedy completion only (the chat template's assistant reply).")
+    g.add_argument("source", metavar="RUN_OR_CKPT", help="vlmtrain model folder or transformers Llava folder")
+    g.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    g.add_argument("--prompt", required=True, help="user text")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("demo", help="the quickstart job on bundled data (what `make demo` runs)")
+    m.add_argument("--out", default="runs/demo", help="run directory")
+    m.add_argument("--steps", type=int, default=300, help="training steps")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except VlmtrainError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Schema of a composed VLM: `vision` + `connector` + `llm` (+ tokenizer and image processor).
+
+Each part is either a `pretrained` HF id/local path (real weights, loaded when present) or an inline HF `config`
+dict (architecture only: random weights, or the `meta` device for counting). Both may be given: the inline config
+then fixes the architecture offline while `pretrained` says where real weights live.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo like `feature_layr` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class _HFPart(_Strict):
+    pretrained: str | None = Field(None, description="HF hub id or local folder holding config + weights")
+    config: dict[str, Any] | None = Field(
+        None, description="inline HF config kwargs; must include model_type (aliases: clip, siglip)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.pretrained is None and self.config is None:
+            raise ValueError("give `pretrained` (HF id or path) or an inline `config` with a model_type")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("inline `config` needs a `model_type` (e.g. clip_vision_model, siglip_vision_model, llama)")
+        return self
+
+
+class VisionConfig(_HFPart):
+    feature_layer: int = Field(-2, description="hidden-state index fed to the connector (LLaVA uses -2)")
+    select: Literal["drop_cls", "all"] = Field(
+        "drop_cls", description="drop_cls: patch tokens only (LLaVA 'default'); all: keep every token ('full')"
+    )
+    freeze: bool = Field(True, description="default trainability; a stage may override it")
+
+
+class ConnectorConfig(_Strict):
+    name: str = Field(description="registry id: linear, mlp2x_gelu, pixel_shuffle, ldp, ...")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the connector")
+
+
+class LLMConfig(_HFPart):
+    pass
+
+
+class TokenizerConfig(_Strict):
+    pretrained: str | None = Field(None, description="HF id/path; defaults to llm.pretrained")
+    tiny_bpe_vocab: int | None = Field(
+        None, ge=300, description="build a byte-level BPE of this size offline (tiny/test models)"
+    )
+    chat_template: str | None = Field(
+        None, description="template name (vlmtrain_tiny, chatml, llava_v1) or a Jinja string; default: the tokenizer's"
+    )
+    pad_vocab_to_multiple_of: int = Field(64, ge=1, description="embedding rows are padded to this multiple")
+
+
+class ImageProcessorConfig(_Strict):
+    pretrained: str | None = Field(None, description="HF id/path; defaults to vision.pretrained")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="overrides passed to the processor class")
+
+
+class ModelConfig(_Strict):
+    name: str = "vlm"
+    vision: VisionConfig
+    connector: ConnectorConfig
+    llm: LLMConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    image_processor: ImageProcessorConfig = Field(default_factory=ImageProcessorConfig)
+    image_token: str = "<image>"
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self):
+        if self.tokenizer.pretrained is None and self.tokenizer.tiny_bpe_vocab is None and self.llm.pretrained is None:
+            raise ValueError("no tokenizer: set tokenizer.pretrained, tokenizer.tiny_bpe_vocab, or llm.pretrained")
+        return self

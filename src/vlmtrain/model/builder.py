@@ -1,0 +1,122 @@
+"""Build a VLM (+ tokenizer + image processor) from a ModelConfig: one small builder per part, then composition.
+
+`device="meta"` builds the full-size architecture with no memory and no weights (for `describe` and memory plans).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmtrain.config.model import ModelConfig
+from vlmtrain.errors import ConfigError
+from vlmtrain.model.connectors import build_connector
+from vlmtrain.model.hf_parts import has_local_weights, instantiate, make_hf_config
+from vlmtrain.model.tokenizer import build_tokenizer, embedding_rows
+from vlmtrain.model.vision import VisionTower, count_prefix_tokens
+from vlmtrain.model.vlm import VLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    """What a stage, an export or `generate` needs: the module and how to feed it."""
+
+    model: VLM
+    tokenizer: Any  # None when built on meta without a locally available tokenizer
+    image_processor: Any
+    config: ModelConfig
+
+
+def build_vision(cfg: ModelConfig, load_weights: bool) -> VisionTower:
+    vcfg = cfg.vision
+    hf_cfg = make_hf_config(vcfg, "vision", vision=True)
+    for attr in ("image_size", "patch_size", "hidden_size", "num_hidden_layers"):
+        if not hasattr(hf_cfg, attr):
+            raise ConfigError(f"vision: {hf_cfg.model_type} has no `{attr}`; only ViT-style towers are supported")
+    module = instantiate(hf_cfg, vcfg.pretrained, load_weights, causal_lm=False, field="vision")
+    grid = hf_cfg.image_size // hf_cfg.patch_size
+    prefix = count_prefix_tokens(module, hf_cfg.image_size, grid * grid)
+    n = hf_cfg.num_hidden_layers
+    if not -n - 1 <= vcfg.feature_layer <= n:
+        raise ConfigError(f"vision.feature_layer: {vcfg.feature_layer} out of range for {n} layers (+ embeddings)")
+    tower = VisionTower(module, vcfg.feature_layer, vcfg.select, prefix)
+    if vcfg.freeze:
+        tower.requires_grad_(False)
+    return tower
+
+
+def build_llm(cfg: ModelConfig, vocab_rows: int | None, special_ids: dict[str, int], load_weights: bool):
+    hf_cfg = make_hf_config(cfg.llm, "llm", vision=False)
+    pretrained_weights = load_weights and cfg.llm.pretrained is not None
+    if vocab_rows is not None and not pretrained_weights:
+        hf_cfg.vocab_size = vocab_rows  # size the embedding right away instead of resizing random weights
+    # Random-init LMs take their special ids from the tokenizer; pretrained ones keep theirs unless missing.
+    for k, v in special_ids.items():
+        if v is not None and (not pretrained_weights or getattr(hf_cfg, k, None) is None):
+            setattr(hf_cfg, k, v)
+    llm = instantiate(hf_cfg, cfg.llm.pretrained, load_weights, causal_lm=True, field="llm")
+    if vocab_rows is not None and llm.get_input_embeddings().num_embeddings != vocab_rows:
+        llm.resize_token_embeddings(vocab_rows, mean_resizing=True)
+    if not pretrained_weights and getattr(llm, "generation_config", None) is not None:
+        for k, v in special_ids.items():
+            setattr(llm.generation_config, k, v)
+    return llm
+
+
+def _try_tokenizer(cfg: ModelConfig, device: str):
+    """On meta, a tokenizer that is not available offline is not an error: `describe` estimates instead."""
+    need_download = cfg.tokenizer.tiny_bpe_vocab is None and not has_local_weights(
+        cfg.tokenizer.pretrained or cfg.llm.pretrained)
+    if device == "meta" and need_download:
+        return None
+    return build_tokenizer(cfg)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", load_weights: bool = True,
+                tokenizer=None) -> ModelBundle:
+    """Compose vision + connector + LLM. `load_weights=False` keeps random init even when `pretrained` is set."""
+    load_weights = load_weights and str(device) != "meta"
+    tok = tokenizer if tokenizer is not None else _try_tokenizer(cfg, str(device))
+    llm_hf_cfg = make_hf_config(cfg.llm, "llm", vision=False)
+    base_vocab = int(llm_hf_cfg.vocab_size)
+    if tok is not None:
+        rows = embedding_rows(len(tok), base_vocab, cfg.tokenizer.pad_vocab_to_multiple_of)
+        image_token_id = tok.convert_tokens_to_ids(cfg.image_token)
+        special = {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    else:
+        # No tokenizer offline (meta build of a hub preset): assume the image token is appended as one new row,
+        # which is what happens for Llama/Vicuna-style vocabularies (LLaVA-1.5: 32000 → 32064 rows).
+        rows = embedding_rows(base_vocab + 1, base_vocab, cfg.tokenizer.pad_vocab_to_multiple_of)
+        image_token_id, special = base_vocab, {}
+    with torch.device(device):
+        vision = build_vision(cfg, load_weights)
+        llm = build_llm(cfg, rows, special, load_weights)
+        connector = build_connector(cfg.connector.name, vision.hidden_size, int(llm.config.hidden_size),
+                                    vision.num_features, vision.grid if vision.has_grid else None, cfg.connector.args)
+    model = VLM(vision, connector, llm, image_token_id)
+    image_processor = None
+    if tok is not None or str(device) != "meta":
+        from vlmtrain.model.image_processor import build_image_processor
+
+        image_processor = build_image_processor(cfg, vision.model.config)
+    return ModelBundle(model, tok, image_processor, cfg)
+
+
+def count_params(model: VLM) -> dict[str, int]:
+    """Parameters per module (shared/tied tensors counted once), as `describe` prints them."""
+    seen: set[int] = set()
+    out = {}
+    for name in ("vision", "connector", "llm"):
+        n = 0
+        for p in getattr(model, name).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        out[name] = n
+    out["total"] = sum(out.values())
+    return out

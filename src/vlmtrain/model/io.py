@@ -1,0 +1,93 @@
+"""vlmtrain's own model folder, and resolution of "a model source" (native folder, HF Llava folder).
+
+Native folder layout (any connector, reloads exactly):
+    vlmtrain_model.yaml   the ModelConfig with inline HF configs (no hub ids needed to rebuild)
+    model.safetensors     the VLM state dict
+    tokenizer files, preprocessor_config.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from vlmtrain.errors import VlmtrainError
+
+NATIVE_CONFIG = "vlmtrain_model.yaml"
+
+
+def resolved_config_dict(bundle) -> dict:
+    """The bundle's ModelConfig with every part's HF config inlined, so the folder rebuilds offline."""
+    m = bundle.model
+    cfg = bundle.config.model_dump()
+    vision_cfg = m.vision.model.config.to_diff_dict()
+    vision_cfg["model_type"] = m.vision.model.config.model_type
+    llm_cfg = m.llm.config.to_diff_dict()
+    llm_cfg["model_type"] = m.llm.config.model_type
+    for part, hf in (("vision", vision_cfg), ("llm", llm_cfg)):
+        hf.pop("transformers_version", None)
+        hf.pop("architectures", None)
+        hf.pop("dtype", None)
+        cfg[part]["config"] = hf
+        cfg[part]["pretrained"] = None
+    cfg["tokenizer"] = {"pretrained": ".", "chat_template": None,
+                        "pad_vocab_to_multiple_of": cfg["tokenizer"]["pad_vocab_to_multiple_of"]}
+    cfg["image_processor"] = {"pretrained": ".", "kwargs": {}}
+    return cfg
+
+
+def save_native(bundle, out: str | Path) -> Path:
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / NATIVE_CONFIG).write_text(yaml.safe_dump(resolved_config_dict(bundle), sort_keys=False))
+    save_model(bundle.model, str(out / "model.safetensors"))  # handles tied embeddings
+    bundle.tokenizer.save_pretrained(out)
+    bundle.image_processor.save_pretrained(out)
+    return out
+
+
+def load_native(path: str | Path, device: str = "cpu"):
+    from safetensors.torch import load_model
+
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.model import ModelConfig
+    from vlmtrain.model.builder import build_model
+
+    path = Path(path)
+    data = yaml.safe_load((path / NATIVE_CONFIG).read_text())
+    data["tokenizer"]["pretrained"] = str(path)
+    data["image_processor"]["pretrained"] = str(path)
+    cfg = validate(ModelConfig, data, source=str(path / NATIVE_CONFIG))
+    bundle = build_model(cfg, device=device, load_weights=False)
+    load_model(bundle.model, str(path / "model.safetensors"), strict=True, device=str(device))
+    return bundle
+
+
+def detect_source(path: str | Path) -> str:
+    """'native' | 'hf-llava' for a folder; raise a clear error otherwise."""
+    path = Path(path)
+    if (path / NATIVE_CONFIG).is_file():
+        return "native"
+    cfg = path / "config.json"
+    if cfg.is_file():
+        mt = json.loads(cfg.read_text()).get("model_type")
+        if mt == "llava":
+            return "hf-llava"
+        raise VlmtrainError(f"{cfg}: model_type {mt!r} is not a VLM vlmtrain can import (expected llava)")
+    if not path.exists():
+        raise VlmtrainError(f"{path}: no such file or folder")
+    raise VlmtrainError(f"{path}: not a vlmtrain model folder ({NATIVE_CONFIG}) nor a transformers Llava folder")
+
+
+def load_any(path: str | Path, device: str = "cpu"):
+    """Load a ModelBundle from a native folder or a transformers Llava folder."""
+    kind = detect_source(path)
+    if kind == "native":
+        return load_native(path, device)
+    from vlmtrain.model.hf_llava import import_llava
+
+    return import_llava(path, device)

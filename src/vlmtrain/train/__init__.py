@@ -1,0 +1,1 @@
+"""Train room: objectives, stages, the LightningModule, callbacks, the multi-stage runner."""

@@ -1,0 +1,39 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TINY = CONFIGS / "models" / "tiny-clip-llama.yaml"
+TINY_SIGLIP = CONFIGS / "models" / "tiny-siglip-qwen2.yaml"
+VLMTRAIN = [sys.executable, "-m", "vlmtrain"]
+
+
+def tiny_bundle(path=TINY, overrides=None, seed=0):
+    import torch
+
+    from vlmtrain.config import load_model_config
+    from vlmtrain.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model(load_model_config(path, overrides or []))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_bundle()
+
+
+@pytest.fixture(scope="session")
+def digit_image():
+    from vlmtrain.demo import digit_images
+
+    imgs, ys = digit_images(32)
+    return imgs[0]
