@@ -1,0 +1,93 @@
+"""Canonical record (+ decoded images) → model inputs: token ids, role-span labels, pixel values.
+
+Lives in the data room and knows of the model only what the design allows: the tokenizer, the image processor,
+the image-token id and the number of slots per image.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from vlmtrain.data.chat import IGNORE, Encoded, MaskError, encode_messages
+from vlmtrain.data.schema import IMAGE_PART, RecordError, text
+
+
+def caption_messages(record: dict, prompt: str = "") -> list[dict]:
+    """A caption pair as one exchange: user = the image (+ an optional instruction), assistant = the caption."""
+    user = [IMAGE_PART] + ([text(prompt)] if prompt else [])
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": [text(record["caption"])]}]
+
+
+def record_messages(record: dict, caption_prompt: str = "") -> list[dict] | tuple[list[dict], list[dict]]:
+    """Messages to train on: a list for chat/caption; a (chosen, rejected) pair of full conversations for
+    preference records (each = prompt + that side's assistant turns)."""
+    kind = record["kind"]
+    if kind == "chat":
+        return record["messages"]
+    if kind == "caption":
+        return caption_messages(record, caption_prompt)
+    return record["prompt"] + record["chosen"], record["prompt"] + record["rejected"]
+
+
+def decode_image(data: bytes, where: str):
+    """Bytes → RGB PIL image; RecordError('undecodable_image') on truncated/corrupt data."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # force a full decode: a truncated JPEG fails here, not later in the processor
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise RecordError("undecodable_image", f"{where}: {type(e).__name__}") from None
+
+
+@dataclass
+class SampleEncoder:
+    """Picklable (ships to DataLoader workers). `max_len` counts tokens including image slots."""
+
+    tokenizer: Any
+    image_processor: Any
+    image_token_id: int
+    num_image_tokens: int
+    max_len: int = 2048
+    caption_prompt: str = ""
+
+    def encode_text(self, messages: list[dict]) -> Encoded:
+        try:
+            enc = encode_messages(self.tokenizer, messages, self.image_token_id, self.num_image_tokens)
+        except MaskError as e:
+            raise RecordError("mask_unbuildable", str(e)) from None
+        if len(enc.input_ids) > self.max_len:
+            raise RecordError("over_length", f"{len(enc.input_ids)} tokens > max_len {self.max_len}")
+        return enc
+
+    def pixels(self, images: list):
+        if not images:
+            return None
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def __call__(self, record: dict, images: list) -> dict:
+        """Chat/caption → {"input_ids", "labels", "pixel_values", "id"};
+        preference → {"chosen": {...}, "rejected": {...}, "pixel_values", "id"} (images shared by both sides)."""
+        msgs = record_messages(record, self.caption_prompt)
+        pix = self.pixels(images)
+        if isinstance(msgs, tuple):
+            sides = {}
+            for name, m in zip(("chosen", "rejected"), msgs):
+                e = self.encode_text(m)
+                sides[name] = {"input_ids": e.input_ids, "labels": e.labels}
+            return {"id": record["id"], "pixel_values": pix, **sides}
+        e = self.encode_text(msgs)
+        return {"id": record["id"], "input_ids": e.input_ids, "labels": e.labels, "pixel_values": pix}
+
+
+def record_token_length(tokenizer, record: dict, image_token_id: int, num_image_tokens: int) -> int:
+    """Tokens (image slots included) of a record's training sequence; for preferences, the longer side."""
+    msgs = record_messages(record)
+    convs = msgs if isinstance(msgs, tuple) else (msgs,)
+    return max(len(encode_messages(tokenizer, m, image_token_id, num_image_tokens).input_ids) for m in convs)
+
+
+__all__ = ["IGNORE", "SampleEncoder", "caption_messages", "decode_image", "record_messages", "record_token_length"]
