@@ -17,7 +17,7 @@ import torch
 
 from vlmtrain.config import load_model_config
 from vlmtrain.data.chat import encode_messages
-from vlmtrain.data.collate import collate
+from vlmtrain.data.batching import collate
 from vlmtrain.model import build_model, count_params
 from vlmtrain.model.inference import prepare_inputs, prompt_messages
 from vlmtrain.train.objectives import next_token_loss_sum

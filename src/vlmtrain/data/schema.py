@@ -39,6 +39,7 @@ REASONS = {
     "over_length": "longer than the maximum sequence length (image slots are never cut)",
     "mask_unbuildable": "the chat template gave no supervised tokens for this record",
     "duplicate_id": "another record already used this id",
+    "corrupt_shard": "a tar shard is unreadable or ends early (the rest of that shard is skipped)",
 }
 
 

@@ -52,8 +52,13 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, **lm_kwargs):
         """Returns the LM's output (`.logits [b, s, vocab]`). Loss lives in `vlmtrain.train` (it needs the
-        whole accumulated batch's supervised-token count, which one forward cannot know)."""
+        whole accumulated batch's supervised-token count, which one forward cannot know).
+
+        Packed rows: pass `position_ids` restarting at 0 for each sample and `attention_mask=None`."""
         embeds = self.embed(input_ids, pixel_values)
+        # No KV cache for training/scoring forwards; transformers also only derives the packed-sequence
+        # (block-diagonal) mask from restarting position_ids when there is no cache.
+        lm_kwargs.setdefault("use_cache", False)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
 
     @torch.no_grad()

@@ -1,0 +1,105 @@
+"""Turning encoded samples into batches: padding, length grouping and packing.
+
+Packing puts several samples into one row. Isolation is exact: position ids restart at 0 for each sample, and
+with `attention_mask=None` transformers derives a block-diagonal causal mask from those restarts
+(`masking_utils.find_packed_sequence_indices`), so no token attends across samples. The first label of every
+sample is ignored (it is never a next-token target on its own either), and each sample's images stay in slot order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmtrain.data.chat import IGNORE
+
+
+def collate(samples: list[dict], pad_token_id: int) -> dict:
+    """Right-padded batch: input_ids/labels/attention_mask `[b, s_max]`, pixel_values `[Σ n_img, c, h, w]`."""
+    s_max = max(len(x["input_ids"]) for x in samples)
+    b = len(samples)
+    input_ids = torch.full((b, s_max), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, s_max), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((b, s_max), dtype=torch.long)
+    for i, x in enumerate(samples):
+        n = len(x["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(x["input_ids"])
+        labels[i, :n] = torch.as_tensor(x["labels"])
+        attention_mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    _add_pixels(batch, samples)
+    return batch
+
+
+def _add_pixels(batch: dict, samples: list[dict]) -> None:
+    pix = [x["pixel_values"] for x in samples if x.get("pixel_values") is not None]
+    if pix:
+        batch["pixel_values"] = torch.cat(pix)
+
+
+def pack_rows(samples: list[dict], max_len: int) -> list[list[dict]]:
+    """First-fit-decreasing bin packing of samples into rows of at most `max_len` tokens.
+
+    Deterministic for a given input order (ties keep input order). Hand-written: a dozen lines, and packing
+    libraries (e.g. in TRL) work on text-only tensors and would split a sample's image slots.
+    """
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]["input_ids"]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(samples[i]["input_ids"])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_len - n)
+    # Within a row keep the original order, so a sample's images stay ordered relative to other samples.
+    return [[samples[i] for i in sorted(r)] for r in rows]
+
+
+def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict:
+    """Packed batch: input_ids/labels/position_ids `[b, s_max]`, no attention_mask (see module doc).
+
+    Padding at a row's end forms its own block (positions restart at 0) with ignored labels.
+    """
+    lengths = [sum(len(x["input_ids"]) for x in row) for row in rows]
+    s_max = max(lengths)
+    b = len(rows)
+    input_ids = torch.full((b, s_max), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, s_max), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((b, s_max), dtype=torch.long)
+    flat = []
+    for i, row in enumerate(rows):
+        pos = 0
+        for x in row:
+            n = len(x["input_ids"])
+            input_ids[i, pos : pos + n] = torch.as_tensor(x["input_ids"])
+            lab = torch.as_tensor(x["labels"])
+            lab[0] = IGNORE
+            labels[i, pos : pos + n] = lab
+            position_ids[i, pos : pos + n] = torch.arange(n)
+            pos += n
+            flat.append(x)
+        position_ids[i, pos:] = torch.arange(s_max - pos)
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+             "samples_per_row": torch.tensor([len(r) for r in rows])}
+    _add_pixels(batch, flat)
+    return batch
+
+
+def collate_preference(samples: list[dict], pad_token_id: int) -> dict:
+    """DPO batch: rows `[0, b)` are the chosen sequences, `[b, 2b)` the rejected ones; each side carries the
+    prompt's images, so pixel_values hold the images twice in that order."""
+    chosen = [{"input_ids": x["chosen"]["input_ids"], "labels": x["chosen"]["labels"],
+               "pixel_values": x.get("pixel_values")} for x in samples]
+    rejected = [{"input_ids": x["rejected"]["input_ids"], "labels": x["rejected"]["labels"],
+                 "pixel_values": x.get("pixel_values")} for x in samples]
+    return collate(chosen + rejected, pad_token_id)
+
+
+def sample_length(x: dict) -> int:
+    if "input_ids" in x:
+        return len(x["input_ids"])
+    return max(len(x["chosen"]["input_ids"]), len(x["rejected"]["input_ids"]))

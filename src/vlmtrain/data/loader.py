@@ -1,0 +1,262 @@
+"""The training data loader: shards → decoded, validated, encoded samples → batches, across ranks and workers,
+seeded, with a cursor for exact mid-epoch resume.
+
+Pipeline inside one slot (rank × worker):
+    mixture of SlotStreams (raw tar samples) → parse JSON, validate, decode images, encode (template, masks)
+    → chunk of good samples → plan batches (plain | length-grouped | packed) → collate
+Malformed samples are skipped and counted by reason; the loader raises once the bad fraction passes a limit.
+
+Resume. Every batch carries its slot's state at the start of its chunk and its index in the chunk. The loader keeps
+the state of the last *consumed* batch per slot. On resume each slot replays its raw streams to the chunk start
+(tar bytes only), re-encodes that chunk and drops the batches already consumed. DataLoader workers are served
+round-robin, so after k consumed batches the next one belongs to logical worker k mod N: physical worker w plays
+logical worker (w + k) mod N, and the resumed order equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlmtrain.data.batching import collate, collate_packed, collate_preference, pack_rows, sample_length
+from vlmtrain.data.encode import decode_image
+from vlmtrain.data.schema import IMAGE_EXTS, RecordError, validate_record
+from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world
+from vlmtrain.errors import VlmtrainError
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 8
+    num_workers: int = 2
+    seed: int = 0
+    shuffle_buffer: int = 256
+    mode: str = "plain"  # plain | group | pack
+    group_chunk: int = 16  # batches per length-grouping chunk
+    pack_len: int = 2048  # tokens per packed row
+    pack_chunk: int = 256  # samples considered together when packing
+    epochs: int | None = None  # None: endless (training); 1: one pass (eval, inspect)
+    max_bad_fraction: float = 0.01
+    min_samples_for_bad_check: int = 200
+    kind: str = "sft"  # sft | dpo
+    keep_raw: bool = False  # also return records (inspect)
+
+
+def parse_sample(raw: dict) -> tuple[dict, list]:
+    """Raw tar sample → (validated record, decoded RGB images). Raises RecordError with a reason."""
+    where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    if "json" not in raw:
+        raise RecordError("missing_field", f"{where}: no .json member")
+    try:
+        rec = json.loads(raw["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError("bad_json", f"{where}.json: {e.msg if hasattr(e, 'msg') else e}") from None
+    img_keys = sorted((k for k in raw if k.startswith("img") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
+                      key=lambda k: int(k.split(".")[0][3:]))
+    validate_record(rec, len(img_keys))
+    images = [decode_image(raw[k], f"{where}.{k}") for k in img_keys]
+    return rec, images
+
+
+class _SlotPipeline:
+    """Everything one slot does. Lives in a DataLoader worker (or the main process with num_workers=0)."""
+
+    def __init__(self, sources: list[Source], urls: list[list[str]], encoder, cfg: LoaderConfig, pad_id: int,
+                 slot: int, n_slots: int, state: dict | None):
+        self.sources, self.encoder, self.cfg, self.pad_id = sources, encoder, cfg, pad_id
+        self.slot = slot
+        st = state or {}
+        src_states = st.get("sources") or [{"epoch": 0, "emitted": 0}] * len(sources)
+        self.streams = [SlotStream(u, slot, n_slots, cfg.seed, i, cfg.shuffle_buffer, cfg.epochs, **s)
+                        for i, (u, s) in enumerate(zip(urls, src_states))]
+        self.alive = list(st.get("alive", [True] * len(sources)))
+        self.mix_rng = np.random.default_rng()
+        self.mix_rng.bit_generator.state = st["mix"] if "mix" in st else _rng(cfg.seed, slot, 2).bit_generator.state
+        self.chunks = st.get("chunks", 0)
+        self.skip_batches = st.get("next_batch", 0)  # batches of the current chunk already consumed
+        self.weights = np.array([s.weight for s in sources], dtype=float)
+
+    def state(self) -> dict:
+        return {"sources": [s.state() for s in self.streams], "alive": list(self.alive),
+                "mix": self.mix_rng.bit_generator.state, "chunks": self.chunks}
+
+    def _next_raw(self) -> dict | None:
+        while any(self.alive):
+            if len(self.streams) == 1:
+                i = 0
+            else:
+                w = self.weights * np.array(self.alive, dtype=float)
+                i = int(self.mix_rng.choice(len(w), p=w / w.sum()))
+            try:
+                return next(self.streams[i])
+            except StopIteration:
+                self.alive[i] = False
+        return None
+
+    def _chunk_size(self) -> int:
+        c = self.cfg
+        return {"plain": c.batch_size, "group": c.batch_size * c.group_chunk, "pack": c.pack_chunk}[c.mode]
+
+    def _read_chunk(self, skipped: Counter) -> tuple[list[dict], list[str]]:
+        good: list[dict] = []
+        ids: list[str] = []
+        while len(good) < self._chunk_size():
+            raw = self._next_raw()
+            if raw is None:
+                break
+            if "__error__" in raw:
+                skipped[raw["__error__"]] += 1
+                continue
+            try:
+                rec, images = parse_sample(raw)
+                enc = self.encoder(rec, images)
+            except RecordError as e:
+                skipped[e.reason] += 1
+                continue
+            if self.cfg.keep_raw:
+                enc["record"] = rec
+            good.append(enc)
+            ids.append(rec["id"])
+        return good, ids
+
+    def _plan(self, good: list[dict]) -> list[list]:
+        c = self.cfg
+        if c.mode == "pack":
+            rows = pack_rows(good, c.pack_len)
+            return [rows[i : i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
+        if c.mode == "group":
+            order = sorted(range(len(good)), key=lambda i: sample_length(good[i]))
+            batches = [[good[i] for i in order[j : j + c.batch_size]] for j in range(0, len(order), c.batch_size)]
+            perm = _rng(c.seed, self.slot, self.chunks, 3).permutation(len(batches))
+            return [batches[i] for i in perm]
+        return [good]
+
+    def _collate(self, plan_item: list) -> dict:
+        c = self.cfg
+        if c.mode == "pack":
+            batch = collate_packed(plan_item, self.pad_id)
+            samples = [x for row in plan_item for x in row]
+        else:
+            samples = plan_item
+            batch = (collate_preference if c.kind == "dpo" else collate)(samples, self.pad_id)
+        batch["ids"] = [x["id"] for x in samples]
+        if c.keep_raw:
+            batch["records"] = [x["record"] for x in samples]
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            start = self.state()
+            skipped: Counter = Counter()
+            good, _ = self._read_chunk(skipped)
+            if not good:
+                if skipped:
+                    yield {"_meta": {"slot": self.slot, "state": start, "batch": -1, "skipped": dict(skipped),
+                                     "empty": True}}
+                return
+            plan = self._plan(good)
+            self.chunks += 1
+            first = self.skip_batches
+            self.skip_batches = 0
+            for j in range(first, len(plan)):
+                batch = self._collate(plan[j])
+                # skips of a chunk are reported once, with its first batch (a resumed chunk already reported them)
+                report = dict(skipped) if j == 0 else {}
+                batch["_meta"] = {"slot": self.slot, "state": start, "batch": j, "skipped": report,
+                                  "n_samples": len(batch["ids"])}
+                yield batch
+
+
+class _ShardDataset(IterableDataset):
+    def __init__(self, loader: "ShardLoader", rotation: int, slot_states: dict):
+        self.loader, self.rotation, self.slot_states = loader, rotation, slot_states
+
+    def __iter__(self):
+        L = self.loader
+        info = get_worker_info()
+        n = info.num_workers if info else 1
+        w = info.id if info else 0
+        logical = (w + self.rotation) % n
+        slot = L.rank * n + logical
+        torch.set_num_threads(1)  # workers do light CPU work; leave cores to the training step
+        pipe = _SlotPipeline(L.sources, L.urls, L.encoder, L.cfg, L.pad_id, slot, L.world * n,
+                             self.slot_states.get(str(slot)))
+        return iter(pipe)
+
+
+class ShardLoader:
+    """Iterable of batches with `state_dict()` / `load_state_dict()` (Lightning checkpoints it as a stateful
+    loader). Batches are dicts of tensors plus `ids` (record ids) and, with packing, `samples_per_row`."""
+
+    def __init__(self, sources: list[Source] | list[str] | str, encoder, pad_token_id: int,
+                 cfg: LoaderConfig | None = None, rank: int | None = None, world_size: int | None = None, **kw):
+        if isinstance(sources, str):
+            sources = [sources]
+        self.sources = [s if isinstance(s, Source) else Source(s) for s in sources]
+        self.urls = [s.shard_urls() for s in self.sources]
+        self.encoder, self.pad_id = encoder, pad_token_id
+        self.cfg = cfg or LoaderConfig(**kw)
+        if self.cfg.mode not in ("plain", "group", "pack"):
+            raise VlmtrainError(f"data.mode: expected plain, group or pack, got {self.cfg.mode!r}")
+        if self.cfg.mode == "pack" and self.cfg.kind == "dpo":
+            raise VlmtrainError("data.mode: packing is not supported for preference (DPO) data")
+        r, w = env_rank_world()
+        self.rank = r if rank is None else rank
+        self.world = w if world_size is None else world_size
+        self.slot_states: dict[str, dict] = {}
+        self.batches = 0
+        self.skipped: Counter = Counter()
+        self.samples = 0
+
+    def _workers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    def state_dict(self) -> dict:
+        return {"slot_states": copy.deepcopy(self.slot_states), "batches": self.batches, "skipped": dict(self.skipped),
+                "samples": self.samples, "seed": self.cfg.seed, "world": self.world,
+                "workers": self._workers()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("world", self.world) != self.world or sd.get("workers", self._workers()) != self._workers():
+            raise VlmtrainError(
+                f"data cursor was saved with world size {sd.get('world')} × {sd.get('workers')} workers; "
+                f"resuming with {self.world} × {self._workers()} changes which samples each slot owns"
+            )
+        self.slot_states = copy.deepcopy(sd["slot_states"])
+        self.batches = sd["batches"]
+        self.skipped = Counter(sd.get("skipped", {}))
+        self.samples = sd.get("samples", 0)
+
+    def _check_bad_fraction(self) -> None:
+        bad = sum(self.skipped.values())
+        total = bad + self.samples
+        if total >= self.cfg.min_samples_for_bad_check and bad / total > self.cfg.max_bad_fraction:
+            reasons = ", ".join(f"{k}={v}" for k, v in self.skipped.most_common())
+            raise VlmtrainError(f"data: {bad} of {total} samples were malformed ({bad / total:.1%} > "
+                                f"max_bad_fraction {self.cfg.max_bad_fraction:.1%}): {reasons}")
+
+    def __iter__(self) -> Iterator[dict]:
+        n = self._workers()
+        ds = _ShardDataset(self, self.batches % n, dict(self.slot_states))
+        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
+                        persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
+        for batch in dl:
+            meta = batch.pop("_meta")
+            self.skipped.update(meta["skipped"])
+            if meta.get("empty"):
+                self._check_bad_fraction()
+                continue
+            st = dict(meta["state"])
+            st["next_batch"] = meta["batch"] + 1
+            self.slot_states[str(meta["slot"])] = st
+            self.batches += 1
+            self.samples += meta["n_samples"]
+            self._check_bad_fraction()
+            yield batch
