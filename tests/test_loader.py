@@ -57,9 +57,10 @@ def test_resume_mid_epoch_continues_exactly(shards, encoder, bundle, mode, worke
     it2 = iter(resumed)
     got = [next(it2) for _ in range(14)]
     assert all(_same(a, b) for a, b in zip(expected, got))
-    # the resumed stream neither repeats nor skips: seen + resumed covers epoch 0 exactly once per slot
+    # the resumed stream neither repeats nor skips: seen + resumed covers epoch 0 exactly once (grouping and
+    # packing chunks straddle the epoch boundary by design, so the plain single-slot case shows it cleanly)
     ids = [i for b in seen + got for i in b["ids"]]
-    if workers == 0:
+    if workers == 0 and mode == "plain":
         assert sorted(ids[:40]) == sorted(f"r{i}" for i in range(40))
 
 
