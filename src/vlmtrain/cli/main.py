@@ -12,6 +12,7 @@ import os
 import sys
 
 from vlmtrain import __version__
+from vlmtrain.cli import prep
 from vlmtrain.errors import VlmtrainError
 
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=300, help="training steps")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_demo)
+
+    prep.add_parser(sub)
     return p
 
 
