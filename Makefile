@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[all,dev]"
 	touch $(STAMP)
 
+# The demo always starts fresh (runs/demo is the demo's own scratch directory).
 demo: $(STAMP)
-	$(VENV)/bin/vlmtrain demo --out runs/demo
+	rm -rf runs/demo
+	$(VENV)/bin/vlmtrain run configs/recipes/demo.yaml --out runs/demo
+	$(VENV)/bin/vlmtrain export runs/demo --format hf-llava --out runs/demo/hf-llava
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

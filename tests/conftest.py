@@ -33,7 +33,11 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def digit_image():
-    from vlmtrain.demo import digit_images
+    import io
 
-    imgs, ys = digit_images(32)
-    return imgs[0]
+    from PIL import Image
+
+    from vlmtrain.data.builtin import _digits
+
+    _, png, _ = next(_digits("eval"))
+    return Image.open(io.BytesIO(png)).convert("RGB")

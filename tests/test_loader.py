@@ -179,9 +179,9 @@ def test_preference_batches(tmp_path, bundle):
            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "one"}]}]}
     write_shards(tmp_path, [({**rec, "id": f"p{i}"}, [png_bytes(i)]) for i in range(4)], per_shard=4)
     enc = SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens)
-    L = ShardLoader(str(tmp_path), enc, bundle.tokenizer.pad_token_id, batch_size=2, num_workers=0, epochs=1,
-                    kind="dpo")
+    L = ShardLoader(str(tmp_path), enc, bundle.tokenizer.pad_token_id, batch_size=2, num_workers=0, epochs=1)
     batch = next(iter(L))
+    assert batch["preference"]
     assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape[0] == 4
     tok = bundle.tokenizer
     sup = [tok.decode(r[r != IGNORE]) for r in batch["labels"]]

@@ -12,7 +12,9 @@ import os
 import sys
 
 from vlmtrain import __version__
+from vlmtrain.cli import data as cli_data
 from vlmtrain.cli import prep
+from vlmtrain.cli import train as cli_train
 from vlmtrain.errors import VlmtrainError
 
 
@@ -56,9 +58,10 @@ def cmd_describe(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from vlmtrain.model.io import load_any, save_native
+    from vlmtrain.model.io import save_native
+    from vlmtrain.train.artifacts import load_model_source
 
-    bundle = load_any(args.source)
+    bundle = load_model_source(args.source)
     if args.format == "hf-llava":
         from vlmtrain.model.hf_llava import export_llava
 
@@ -71,18 +74,11 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from vlmtrain.model.inference import generate_text, load_image
-    from vlmtrain.model.io import load_any
+    from vlmtrain.train.artifacts import load_model_source
 
-    bundle = load_any(args.source)
+    bundle = load_model_source(args.source)
     images = [load_image(p) for p in args.image]
     print(generate_text(bundle, args.prompt, images, args.max_new_tokens))
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from vlmtrain.demo import run_demo
-
-    run_demo(args.out, steps=args.steps, seed=args.seed)
     return 0
 
 
@@ -99,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", required=True, help="model YAML, or a stage/recipe YAML with a `model:` section")
     d.add_argument("--json", action="store_true",
                    help='print {"params": {"vision","connector","llm","total"}, "image_tokens"} as one JSON line')
-    d.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted overrides: connector.name=linear ...")
+    d.set_defaults(accepts_overrides=True)
     d.set_defaults(func=cmd_describe)
 
     e = sub.add_parser("export", help="export a model to transformers Llava or vlmtrain's own format",
                        description="Export a model folder (vlmtrain or transformers Llava) to another format.")
-    e.add_argument("source", metavar="RUN_OR_CKPT", help="vlmtrain model folder or transformers Llava folder")
+    e.add_argument("source", metavar="RUN_OR_CKPT", help="run dir, stage dir, checkpoint (.ckpt), vlmtrain model folder or transformers Llava folder")
     e.add_argument("--format", required=True, choices=["hf-llava", "vlmtrain"],
                    help="hf-llava: LlavaForConditionalGeneration + AutoProcessor folder (linear/mlp2x_gelu "
                         "connectors); vlmtrain: native folder (any connector)")
@@ -113,25 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="greedy completion for an image and a prompt",
                        description="Print the greedy completion only (the chat template's assistant reply).")
-    g.add_argument("source", metavar="RUN_OR_CKPT", help="vlmtrain model folder or transformers Llava folder")
+    g.add_argument("source", metavar="RUN_OR_CKPT", help="run dir, stage dir, checkpoint (.ckpt), vlmtrain model folder or transformers Llava folder")
     g.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
     g.add_argument("--prompt", required=True, help="user text")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("demo", help="the quickstart job on bundled data (what `make demo` runs)")
-    m.add_argument("--out", default="runs/demo", help="run directory")
-    m.add_argument("--steps", type=int, default=300, help="training steps")
-    m.add_argument("--seed", type=int, default=0)
-    m.set_defaults(func=cmd_demo)
+    cli_data.add_parser(sub)
+    cli_train.add_parsers(sub)
 
     prep.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides (`trainer.max_steps=5`, `--optim.lr 1e-4`) are whatever argparse did not recognise.
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Lightning logs through its own handlers too; keep its warnings, drop its banners and tips.
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)

@@ -45,7 +45,6 @@ class LoaderConfig:
     epochs: int | None = None  # None: endless (training); 1: one pass (eval, inspect)
     max_bad_fraction: float = 0.01
     min_samples_for_bad_check: int = 200
-    kind: str = "sft"  # sft | dpo
     keep_raw: bool = False  # also return records (inspect)
 
 
@@ -141,11 +140,18 @@ class _SlotPipeline:
     def _collate(self, plan_item: list) -> dict:
         c = self.cfg
         if c.mode == "pack":
+            if any("chosen" in x for row in plan_item for x in row):
+                raise VlmtrainError("data.mode: packing is not supported for preference (DPO) records")
             batch = collate_packed(plan_item, self.pad_id)
             samples = [x for row in plan_item for x in row]
         else:
             samples = plan_item
-            batch = (collate_preference if c.kind == "dpo" else collate)(samples, self.pad_id)
+            prefs = sum("chosen" in x for x in samples)
+            if prefs not in (0, len(samples)):
+                raise VlmtrainError("data: a batch mixes preference and chat/caption records; "
+                                    "use separate datasets for DPO and SFT stages")
+            batch = (collate_preference if prefs else collate)(samples, self.pad_id)
+            batch["preference"] = bool(prefs)
         batch["ids"] = [x["id"] for x in samples]
         if c.keep_raw:
             batch["records"] = [x["record"] for x in samples]
@@ -205,8 +211,6 @@ class ShardLoader:
         self.cfg = cfg or LoaderConfig(**kw)
         if self.cfg.mode not in ("plain", "group", "pack"):
             raise VlmtrainError(f"data.mode: expected plain, group or pack, got {self.cfg.mode!r}")
-        if self.cfg.mode == "pack" and self.cfg.kind == "dpo":
-            raise VlmtrainError("data.mode: packing is not supported for preference (DPO) data")
         r, w = env_rank_world()
         self.rank = r if rank is None else rank
         self.world = w if world_size is None else world_size
@@ -245,8 +249,10 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         n = self._workers()
         ds = _ShardDataset(self, self.batches % n, dict(self.slot_states))
-        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                        persistent_workers=False, prefetch_factor=4 if self.cfg.num_workers else None)
+        # An own generator: worker seeding must not consume the global torch RNG (exact resume of dropout etc.)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, persistent_workers=False,
+                        prefetch_factor=4 if self.cfg.num_workers else None,
+                        generator=torch.Generator().manual_seed(self.cfg.seed))
         for batch in dl:
             meta = batch.pop("_meta")
             self.skipped.update(meta["skipped"])

@@ -1,0 +1,121 @@
+"""Schema of a training stage and of a multi-stage recipe.
+
+A stage is data, not a subclass: what trains, the objective, learning-rate groups, schedule, data mixture, eval.
+`align`, `pretrain`, `sft` and `dpo` are presets (`vlmtrain.train.presets`) that a stage's own fields override.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vlmtrain.config.model import ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TrainSet(_Strict):
+    """Which modules receive gradients."""
+
+    vision: bool = False
+    connector: bool = True
+    llm: bool = False
+
+
+class DatasetRef(_Strict):
+    path: str | None = Field(None, description="shard folder, tar glob or brace URL")
+    builtin: str | None = Field(None, description="a dataset made by the code (e.g. digits-qa), prepared on demand")
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of `path` or `builtin`")
+        return self
+
+
+class DataConfig(_Strict):
+    train: list[DatasetRef] = Field(default_factory=list)
+    batch_size: int = Field(8, ge=1, description="micro-batch (sequences; packed rows when mode=pack)")
+    num_workers: int = Field(2, ge=0)
+    mode: Literal["plain", "group", "pack"] = "plain"
+    max_len: int = Field(2048, ge=8)
+    pack_len: int | None = Field(None, ge=8, description="tokens per packed row (default: max_len)")
+    shuffle_buffer: int = Field(256, ge=1)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    caption_prompt: str = ""
+
+
+class DPOConfig(_Strict):
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    reference: Literal["copy", "adapters_off", "precomputed"] = "copy"
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(2e-5, gt=0)
+    lr_groups: dict[Literal["vision", "connector", "llm"], float] = Field(
+        default_factory=dict, description="per-module learning rates (LLaVA's mm_projector_lr); default: lr")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class EvalConfig(_Strict):
+    data: DatasetRef | None = None
+    every_n_steps: int | None = Field(None, ge=1, description="also evaluate during training")
+    max_samples: int = Field(300, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class TrainerConfig(_Strict):
+    max_steps: int = Field(100, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
+    grad_checkpointing: bool = False
+    log_every_n_steps: int = Field(10, ge=1)
+    save_every_n_steps: int = Field(50, ge=1)
+    seed: int = 0
+    strategy: Literal["single", "auto", "ddp"] = "auto"
+    log_sample_ids: bool = Field(False, description="write sample_ids.jsonl: the record ids of every step")
+    wandb: bool = False
+    wandb_project: str = "vlmtrain"
+
+
+class StageConfig(_Strict):
+    name: str
+    preset: Literal["align", "pretrain", "sft", "dpo"] | None = None
+    model: ModelConfig | str | None = Field(None, description="model YAML path or inline (first stage only)")
+    init_from: str | None = Field(None, description="a model folder to start from (set by recipes)")
+    objective: Literal["next_token", "dpo"] = "next_token"
+    train: TrainSet = Field(default_factory=TrainSet)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.data.train:
+            raise ValueError("data.train: at least one dataset is needed")
+        if not (self.train.vision or self.train.connector or self.train.llm):
+            raise ValueError("train: nothing would train (vision, connector and llm are all false)")
+        if self.objective == "dpo" and self.data.mode == "pack":
+            raise ValueError("data.mode: packing is not supported with the dpo objective")
+        return self
+
+
+class RecipeConfig(_Strict):
+    name: str
+    model: str | dict[str, Any] = Field(description="model YAML path (relative to the recipe) or inline")
+    stages: list[dict[str, Any]] = Field(min_length=1, description="stage configs, run in order")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged under every stage")

@@ -1,0 +1,62 @@
+"""Resolve what users pass as RUN_OR_CKPT: a recipe run dir, a stage run dir, a Lightning checkpoint, or a model
+folder (vlmtrain or transformers Llava). Lives in the train room because it reads run directories; model folders
+are delegated to `vlmtrain.model.io`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmtrain.errors import VlmtrainError
+
+
+def final_stage_dir(run: Path) -> Path:
+    """The last stage of a recipe run: the completed stage that no other stage names as its parent."""
+    stages = {}
+    for p in sorted(run.iterdir()):
+        if (p / "stage.json").is_file() and (p / "model").is_dir():
+            stages[p.name] = json.loads((p / "stage.json").read_text())
+    if not stages:
+        raise VlmtrainError(f"{run}: no completed stage (stage.json + model/) inside")
+    parents = {s["parent"]["name"] for s in stages.values() if s.get("parent")}
+    leaves = [n for n in stages if n not in parents]
+    if len(leaves) != 1:
+        raise VlmtrainError(f"{run}: cannot tell the final stage among {sorted(leaves)}; pass a stage directory")
+    return run / leaves[0]
+
+
+def load_checkpoint_model(ckpt: Path):
+    """Rebuild a stage's starting model and apply the checkpoint's trainable weights."""
+    import torch
+
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.train.runner import load_stage_start
+
+    import yaml
+
+    stage_dir = ckpt.parent.parent
+    cfg_path = stage_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise VlmtrainError(f"{ckpt}: no {cfg_path} beside it; cannot rebuild the stage's model")
+    stage = validate(StageConfig, yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+    bundle = load_stage_start(stage, stage_dir)
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in sd.items()}
+    result = bundle.model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise VlmtrainError(f"{ckpt}: unexpected tensors {result.unexpected_keys[:3]}")
+    return bundle
+
+
+def load_model_source(path: str | Path):
+    from vlmtrain.model.io import NATIVE_CONFIG, load_any
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        return load_checkpoint_model(path)
+    if path.is_dir() and not (path / NATIVE_CONFIG).is_file() and not (path / "config.json").is_file():
+        if (path / "model" / NATIVE_CONFIG).is_file():
+            return load_any(path / "model")
+        return load_any(final_stage_dir(path) / "model")
+    return load_any(path)

@@ -1,0 +1,112 @@
+"""Held-out evaluation: VQA exact match (greedy generation) and multiple-choice accuracy (log-likelihood).
+
+Eval records are chat records whose last assistant turn is the reference answer. A record with
+`meta.choices` (a list of strings containing the reference) is also scored as multiple choice: each choice is
+appended as the assistant reply and the choice with the highest summed log-probability wins.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+from vlmtrain.data.batching import collate
+from vlmtrain.data.chat import encode_messages
+from vlmtrain.data.loader import ShardLoader
+from vlmtrain.data.schema import text as text_part
+from vlmtrain.train.dpo import sequence_logps
+
+
+def normalize_answer(s: str) -> str:
+    """Lower-case, strip punctuation/articles/extra spaces (the VQA/SQuAD normalisation)."""
+    s = s.lower().strip()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _split(record: dict) -> tuple[list[dict], str]:
+    msgs = record["messages"]
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError(f"eval record {record['id']}: last turn must be the assistant's reference answer")
+    answer = "".join(p["text"] for p in msgs[-1]["content"] if p.get("type") == "text")
+    return msgs[:-1], answer
+
+
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s = max(map(len, seqs))
+    ids = torch.full((len(seqs), s), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), s), dtype=torch.long)
+    for i, q in enumerate(seqs):
+        ids[i, s - len(q):] = torch.tensor(q)
+        att[i, s - len(q):] = 1
+    return ids, att
+
+
+def _prompt_ids(tok, prompt_msgs, image_token_id, n_slots) -> list[int]:
+    text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    out = []
+    for t in tok(text, add_special_tokens=False)["input_ids"]:
+        out.extend([t] * n_slots if t == image_token_id else [t])
+    return out
+
+
+@torch.no_grad()
+def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 8, batch_size: int = 32,
+             device: torch.device | str | None = None) -> dict[str, float]:
+    """Returns {"vqa_exact_match", "mc_accuracy" (when choices exist), "eval_samples"}."""
+    from vlmtrain.data.inspect import encoder_for
+
+    m, tok = bundle.model, bundle.tokenizer
+    was_training = m.training
+    m.eval()
+    device = device or next(m.parameters()).device
+    enc = encoder_for(bundle)
+    loader = ShardLoader(shards, enc, tok.pad_token_id, batch_size=batch_size, num_workers=0, epochs=1,
+                         shuffle_buffer=1, keep_raw=True, max_bad_fraction=1.0, rank=0, world_size=1)
+    n = exact = mc_n = mc_right = 0
+    for batch in loader:
+        recs = batch["records"][: max_samples - n]
+        if not recs:
+            break
+        pix_all = batch.get("pixel_values")
+        # images of each record, in slot order
+        counts = [sum(1 for msg in r["messages"] for p in msg["content"] if p == {"type": "image"}) for r in recs]
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        prompts, answers = zip(*(_split(r) for r in recs))
+        p_ids = [_prompt_ids(tok, p, m.image_token_id, m.num_image_tokens) for p in prompts]
+        ids, att = _left_pad(p_ids, tok.pad_token_id)
+        pix = pix_all[: sum(counts)].to(device) if pix_all is not None and sum(counts) else None
+        new = m.generate(ids.to(device), pix, attention_mask=att.to(device), max_new_tokens=max_new_tokens)
+        outs = tok.batch_decode(new, skip_special_tokens=True)
+        exact += sum(normalize_answer(o) == normalize_answer(a) for o, a in zip(outs, answers))
+        for i, r in enumerate(recs):
+            choices = (r.get("meta") or {}).get("choices")
+            if not choices:
+                continue
+            seqs = []
+            for c in choices:
+                msgs = list(prompts[i]) + [{"role": "assistant", "content": [text_part(c)]}]
+                e = encode_messages(tok, msgs, m.image_token_id, m.num_image_tokens)
+                seqs.append({"input_ids": e.input_ids, "labels": e.labels,
+                             "pixel_values": None if pix is None or counts[i] == 0 else
+                             pix_all[offsets[i]: offsets[i] + counts[i]]})
+            b = collate(seqs, tok.pad_token_id)
+            logits = m(b["input_ids"].to(device), b["pixel_values"].to(device) if "pixel_values" in b else None,
+                       b["attention_mask"].to(device)).logits
+            logps, _ = sequence_logps(logits, b["labels"].to(device))
+            mc_n += 1
+            mc_right += int(choices[int(logps.argmax())] == answers[i])
+        n += len(recs)
+        if n >= max_samples:
+            break
+    m.train(was_training)
+    out = {"vqa_exact_match": exact / max(n, 1), "eval_samples": n}
+    if mc_n:
+        out["mc_accuracy"] = mc_right / mc_n
+    return out
+
+
+__all__ = ["evaluate", "normalize_answer"]

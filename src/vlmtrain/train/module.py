@@ -1,0 +1,191 @@
+"""The one LightningModule: next-token or DPO objective over the composed VLM, with manual optimisation so that
+the loss of an optimizer step is normalised by the supervised tokens (or pairs) of the *whole* accumulated batch
+across ranks — not a mean of per-micro-batch means.
+
+A training "batch" is a window of `grad_accum` micro-batches plus the data cursor after it (`StepWindows`), so
+a checkpoint taken after step k resumes the data exactly after step k, whatever Lightning prefetched.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Iterator
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vlmtrain.data.chat import IGNORE
+from vlmtrain.errors import VlmtrainError
+from vlmtrain.train.dpo import dpo_loss, sequence_logps
+from vlmtrain.train.objectives import next_token_loss_sum
+from vlmtrain.train.optim import build_optimizer, build_scheduler
+
+
+class StepWindows:
+    """Iterable of {"micro": [k micro-batches], "cursor": loader state after them}. Not itself stateful: the
+    cursor travels with the batch and the module checkpoints the cursor of the last *trained* window."""
+
+    def __init__(self, loader, k: int):
+        self.loader, self.k = loader, k
+
+    def __iter__(self) -> Iterator[dict]:
+        it = iter(self.loader)
+        while True:
+            micro = []
+            for _ in range(self.k):
+                try:
+                    micro.append(next(it))
+                except StopIteration:
+                    return
+            yield {"micro": micro, "cursor": self.loader.state_dict()}
+
+
+def _model_inputs(b: dict) -> tuple:
+    return b["input_ids"], b.get("pixel_values"), b.get("attention_mask"), b.get("position_ids")
+
+
+def capture_rng() -> dict:
+    """RNG states as tensors/ints only, so checkpoints load with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class VLMModule(pl.LightningModule):
+    def __init__(self, bundle, stage, loader=None):
+        super().__init__()
+        self.model = bundle.model
+        self.stage = stage
+        self.loader = loader
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold trainable weights only; frozen ones come from the init source
+        self._ref: list = []  # DPO reference model, kept out of the module tree (not saved, not wrapped by DDP)
+        self.cursor: dict | None = None
+        self.last_stats: dict = {}
+        if stage.objective == "dpo":
+            if stage.dpo.reference != "copy":
+                raise VlmtrainError(f"dpo.reference: {stage.dpo.reference!r} is not available yet; use `copy`")
+            ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self._ref.append(ref)
+
+    # ---- optimisation ------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, self.stage.optim)
+        sch = build_scheduler(opt, self.stage.optim, self.stage.trainer.max_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
+
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _all_sum(self, x: float | int) -> float:
+        t = torch.tensor(float(x), device=self.device if self._trainer is not None else "cpu", dtype=torch.float64)
+        if self._world() > 1:
+            dist.all_reduce(t)
+        return float(t)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._trainer is not None:
+            self.manual_backward(loss)
+        else:
+            loss.backward()
+
+    def accumulate_lm(self, micro: list[dict]) -> dict:
+        """Backward over a window of micro-batches; the step's loss is Σ token losses / Σ supervised tokens
+        (all ranks). Under DDP gradients are averaged over ranks, hence the `world` factor."""
+        n_global = self._all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
+        if n_global == 0:
+            raise VlmtrainError("a training step has no supervised tokens (every label masked)")
+        scale = self._world() / n_global
+        loss_total = 0.0
+        for b in micro:
+            out = self.model(*_model_inputs(b))
+            loss_sum, _ = next_token_loss_sum(out.logits, b["labels"])
+            self._backward(loss_sum * scale)
+            loss_total += float(loss_sum.detach())
+        return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_global}
+
+    def accumulate_dpo(self, micro: list[dict]) -> dict:
+        d = self.stage.dpo
+        pairs_global = self._all_sum(sum(b["input_ids"].shape[0] // 2 for b in micro))
+        scale = self._world() / pairs_global
+        ref = self._ref[0]
+        sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
+        for b in micro:
+            inputs = _model_inputs(b)
+            logps, ntok = sequence_logps(self.model(*inputs).logits, b["labels"])
+            with torch.no_grad():
+                ref_logps, _ = sequence_logps(ref(*inputs).logits, b["labels"])
+            pc, pr = logps.chunk(2)
+            rc, rr = ref_logps.chunk(2)
+            nc, nr = ntok.chunk(2)
+            out = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing,
+                           chosen_n_tokens=nc, rejected_n_tokens=nr)
+            self._backward(out.losses.sum() * scale)
+            sums["loss"] += float(out.losses.detach().sum())
+            sums["chosen"] += float(out.chosen_rewards.sum())
+            sums["rejected"] += float(out.rejected_rewards.sum())
+            sums["correct"] += float(out.reward_correct.sum())
+        tot = {k: self._all_sum(v) / pairs_global for k, v in sums.items()}
+        return {"loss": tot["loss"], "rewards/chosen": tot["chosen"], "rewards/rejected": tot["rejected"],
+                "rewards/margins": tot["chosen"] - tot["rejected"], "rewards/accuracies": tot["correct"],
+                "pairs": pairs_global}
+
+    def on_fit_start(self) -> None:
+        for ref in self._ref:
+            ref.to(self.device)
+
+    def training_step(self, window: dict, batch_idx: int):
+        opt = self.optimizers()
+        micro = window["micro"]
+        stats = self.accumulate_dpo(micro) if self.stage.objective == "dpo" else self.accumulate_lm(micro)
+        params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+        clip = self.stage.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        stats["grad_norm"] = float(norm)
+        stats["lr"] = opt.optimizer.param_groups[0]["lr"]
+        stats["ids"] = [i for b in micro for i in b["ids"]]
+        stats["samples"] = len(stats["ids"])
+        stats["tokens"] = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None
+                              else int(b["input_ids"].numel()) for b in micro)
+        self.last_stats = stats
+        self.cursor = window["cursor"]
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def _trainable_keys(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["vlmtrain"] = {"data_cursor": self.cursor, "rng": capture_rng(), "stage": self.stage.name,
+                                  "trainable_keys": sorted(keep)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("vlmtrain")
+        if meta is None:
+            raise VlmtrainError("checkpoint was not written by vlmtrain (no data cursor / RNG state)")
+        missing = self._trainable_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise VlmtrainError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
+                                "it belongs to a stage that trains different modules")
+        if meta["data_cursor"] is not None and self.loader is not None:
+            self.loader.load_state_dict(meta["data_cursor"])
+        self.cursor = meta["data_cursor"]
+        restore_rng(meta["rng"])

@@ -1,0 +1,270 @@
+"""Run one stage (`vlmtrain fit`) or a multi-stage recipe (`vlmtrain run`), top to bottom.
+
+Run directory of a stage:
+    checkpoints/last.ckpt   Lightning checkpoint: trainable weights, optimizer, scheduler, loop state,
+                            plus vlmtrain's data cursor and RNG states (exact resume)
+    model/                  the stage's output model (vlmtrain format; the next stage starts from it)
+    metrics.jsonl, loss.png, eval.png, summary.json, stage.json, config.yaml
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from vlmtrain.config.load import apply_overrides, load_yaml_with_overrides, parse_overrides, validate
+from vlmtrain.config.model import ModelConfig
+from vlmtrain.config.stage import RecipeConfig, StageConfig
+from vlmtrain.errors import VlmtrainError
+from vlmtrain.train.presets import deep_merge, with_preset
+
+log = logging.getLogger("vlmtrain.train")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def module_hashes(model) -> dict[str, str]:
+    """sha256 (16 hex) of each module's weights: the handoff check between stages."""
+    out = {}
+    for name in ("vision", "connector", "llm"):
+        h = hashlib.sha256()
+        for k, v in getattr(model, name).state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
+def _resolve_model(ref, base_dir: Path) -> ModelConfig:
+    from vlmtrain.config.load import load_model_config
+
+    if isinstance(ref, ModelConfig):
+        return ref
+    if isinstance(ref, dict):
+        return validate(ModelConfig, ref, prefix="model")
+    p = Path(ref)
+    for cand in (base_dir / p, p):
+        if cand.is_file():
+            return load_model_config(cand)
+    raise VlmtrainError(f"model: file not found: {ref}")
+
+
+def _sources(refs, data_root: Path):
+    from vlmtrain.data.builtin import prepare_builtin
+    from vlmtrain.data.shards import Source
+
+    out = []
+    for r in refs:
+        path = str(prepare_builtin(r.builtin, data_root)) if r.builtin else r.path
+        out.append(Source(path, r.weight))
+    return out
+
+
+def _rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def load_stage_start(stage: StageConfig, base_dir: Path):
+    """The model a stage starts from: its parent's output folder, or a fresh build (seeded) from the model config."""
+    import lightning.pytorch as pl
+
+    from vlmtrain.model import build_model
+    from vlmtrain.model.io import load_any
+
+    pl.seed_everything(stage.trainer.seed, workers=True, verbose=False)
+    if stage.init_from:
+        return load_any(stage.init_from)
+    if stage.model is None:
+        raise VlmtrainError("stage: give `model` (first stage) or `init_from`")
+    return build_model(_resolve_model(stage.model, base_dir))
+
+
+def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | None = None, resume: bool = False,
+              base_dir: str | Path = ".", parent: dict | None = None) -> dict:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.loader import ShardLoader
+    from vlmtrain.model.io import save_native
+    from vlmtrain.train.checkpoint_io import AtomicCheckpointIO
+    from vlmtrain.train.evaluate import evaluate
+    from vlmtrain.train.freeze import apply_stage_trainability
+    from vlmtrain.train.module import StepWindows, VLMModule
+    from vlmtrain.train.recorder import Recorder, plot_metrics
+
+    run_dir = Path(run_dir)
+    base_dir = Path(base_dir)
+    data_root = Path(data_root) if data_root else run_dir.parent / "data"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise VlmtrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False))
+    t0 = time.time()
+    log.info(f"== stage {stage.name} ({stage.preset or 'custom'}, objective {stage.objective}) → {run_dir}")
+
+    bundle = load_stage_start(stage, base_dir)
+    start_hashes = module_hashes(bundle.model)
+    table = apply_stage_trainability(bundle.model, stage.train)
+    if stage.trainer.grad_checkpointing:
+        bundle.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if stage.train.vision:
+            bundle.model.vision.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    d = stage.data
+    encoder = encoder_for(bundle, d.max_len, d.caption_prompt)
+    loader = ShardLoader(_sources(d.train, data_root), encoder, bundle.tokenizer.pad_token_id,
+                         batch_size=d.batch_size, num_workers=d.num_workers, seed=stage.trainer.seed,
+                         shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
+                         max_bad_fraction=d.max_bad_fraction)
+    eval_shards = str(_sources([stage.eval.data], data_root)[0].path) if stage.eval.data else None
+
+    def run_eval() -> dict:
+        return evaluate(bundle, eval_shards, stage.eval.max_samples, stage.eval.max_new_tokens,
+                        stage.eval.batch_size)
+
+    before_path = run_dir / "eval_before.json"
+    eval_before = None
+    if eval_shards and _rank_zero():
+        if before_path.is_file():
+            eval_before = json.loads(before_path.read_text())
+        else:
+            eval_before = run_eval()
+            before_path.write_text(json.dumps(eval_before))
+            log.info("eval before: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_before.items()))
+
+    module = VLMModule(bundle, stage, loader)
+    tr = stage.trainer
+    recorder = Recorder(run_dir, tr.max_steps, tr.log_every_n_steps,
+                        evaluator=run_eval if eval_shards else None, eval_every=stage.eval.every_n_steps,
+                        log_sample_ids=tr.log_sample_ids)
+    logger = False
+    if tr.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(project=tr.wandb_project, name=f"{run_dir.parent.name}/{stage.name}",
+                             save_dir=str(run_dir), offline=True)
+    trainer = pl.Trainer(
+        max_steps=tr.max_steps, max_epochs=-1, accelerator="auto", devices=1,
+        strategy="auto", precision=tr.precision, logger=logger,
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                                   every_n_train_steps=tr.save_every_n_steps), recorder],
+        plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        default_root_dir=str(run_dir), log_every_n_steps=tr.log_every_n_steps,
+    )
+    resume_from = str(ckpt) if resume and ckpt.is_file() else None
+    if resume_from:
+        log.info(f"resuming from {ckpt}")
+    trainer.fit(module, train_dataloaders=StepWindows(loader, tr.grad_accum), ckpt_path=resume_from)
+    trainer.save_checkpoint(ckpt)
+
+    summary = {"stage": stage.name, "status": "completed", "steps": trainer.global_step,
+               "final_loss": recorder.last_loss, "samples": recorder.totals["samples"],
+               "tokens": recorder.totals["tokens"],
+               "samples_per_s": recorder.totals["samples"] / max(recorder.totals["train_seconds"], 1e-9),
+               "tokens_per_s": recorder.totals["tokens"] / max(recorder.totals["train_seconds"], 1e-9),
+               "train_seconds": recorder.totals["train_seconds"], "skipped": dict(loader.skipped)}
+    if _rank_zero():
+        save_native(bundle, run_dir / "model")
+        if eval_shards:
+            summary["eval"] = run_eval()
+            summary["eval_before"] = eval_before
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": trainer.global_step,
+                                    **{f"eval/{k}": v for k, v in summary["eval"].items()}}) + "\n")
+            log.info("eval after: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
+        summary["plots"] = plot_metrics(run_dir)
+        summary["wall_seconds"] = time.time() - t0
+        stage_json = {
+            "name": stage.name, "preset": stage.preset, "objective": stage.objective,
+            "parent": parent, "config_hash": _hash(stage.model_dump(mode="json")),
+            "trainable": table, "weights_sha256": {"start": start_hashes, "end": module_hashes(bundle.model)},
+            "template": bundle.tokenizer.chat_template, "image_processor": bundle.image_processor.to_dict(),
+            "image_tokens": bundle.model.num_image_tokens,
+        }
+        (run_dir / "stage.json").write_text(json.dumps(stage_json, indent=2, default=str))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info(f"== stage {stage.name} done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, "
+             f"{summary['samples_per_s']:.1f} samples/s")
+    return summary
+
+
+def load_stage_config(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
+    data = load_yaml_with_overrides(path, overrides)
+    data = with_preset(data)
+    return validate(StageConfig, data, source=str(path))
+
+
+def run_recipe(path: str | Path, out: str | Path, resume: bool = False, overrides: list[str] | None = None,
+               max_steps: int | None = None) -> list[dict]:
+    """Run a recipe's stages in order; each starts from the previous stage's `model/`. Completed stages are
+    skipped on --resume. Overrides apply to every stage (`trainer.max_steps=5`) or one (`sft.optim.lr=1e-4`)."""
+    path, out = Path(path), Path(out)
+    raw = load_yaml_with_overrides(path)
+    recipe = validate(RecipeConfig, raw, source=str(path))
+    names = [s.get("name") for s in recipe.stages]
+    if len(set(names)) != len(names) or None in names:
+        from vlmtrain.errors import ConfigError
+
+        raise ConfigError("stages: every stage needs a unique `name`", source=str(path))
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise VlmtrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    dots = parse_overrides(overrides or [])
+    summaries, parent = [], None
+    model_ref = recipe.model if isinstance(recipe.model, dict) else str((path.parent / recipe.model).resolve())
+    for i, st in enumerate(recipe.stages):
+        name = st["name"]
+        merged = with_preset(deep_merge(recipe.defaults, st))
+        mine = [d for d in dots if not any(d.startswith(n + ".") for n in names)]
+        mine += [d[len(name) + 1:] for d in dots if d.startswith(name + ".")]
+        if max_steps is not None:
+            mine.append(f"trainer.max_steps={max_steps}")
+        merged = apply_overrides(merged, mine, source=str(path))
+        if parent is None:
+            merged.setdefault("model", model_ref)
+        else:
+            merged["model"] = None
+            merged["init_from"] = str(out / parent["name"] / "model")
+        stage = validate(StageConfig, merged, source=f"{path} (stage {name})", prefix=f"stages[{i}]")
+        run_dir = out / name
+        done = run_dir / "summary.json"
+        if resume and done.is_file() and json.loads(done.read_text()).get("status") == "completed":
+            log.info(f"== stage {name}: already completed, skipping")
+            summaries.append(json.loads(done.read_text()))
+        else:
+            summaries.append(fit_stage(stage, run_dir, out / "data", resume=resume, base_dir=path.parent,
+                                       parent=parent))
+        parent = {"name": name, "model": str(run_dir / "model"),
+                  "weights_sha256": json.loads((run_dir / "stage.json").read_text())["weights_sha256"]["end"]}
+    if _rank_zero():
+        _print_eval_table(summaries)
+    return summaries
+
+
+def _print_eval_table(summaries: list[dict]) -> None:
+    rows = [s for s in summaries if s.get("eval")]
+    if not rows:
+        return
+    keys = [k for k in rows[0]["eval"] if k != "eval_samples"]
+    n = int(rows[0]["eval"].get("eval_samples", 0))
+    head = f"{'stage':<8}" + "".join(f" | {k:^26}" for k in keys)
+    sub = f"{'':<8}" + "".join(f" | {'before':>12} {'after':>13}" for _ in keys)
+    lines = [f"held-out evaluation ({n} samples):", head, sub]
+    for s in rows:
+        b = s.get("eval_before") or {}
+        lines.append(f"{s['stage']:<8}" + "".join(f" | {b.get(k, float('nan')):>12.3f} {s['eval'][k]:>13.3f}"
+                                                  for k in keys))
+    print("\n".join(lines), flush=True)
