@@ -136,6 +136,8 @@ def test_recipe_run_directory_contract(mini_run):
         for k in ("final_loss", "steps", "samples_per_s", "tokens_per_s", "skipped", "eval"):
             assert k in s, k
         assert s["steps"] == steps and s["skipped"] == {} and 0 <= s["eval"]["vqa_exact_match"] <= 1
+        if name != "dpo":
+            assert 0 < s["supervised_fraction"] < 0.5  # a few answer tokens among image slots and prompt
         rows = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == list(range(2, steps + 1, 2))
     ck = torch.load(run / "align" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -250,3 +252,25 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     seq = lambda p: [json.loads(ln) for ln in (p / "sample_ids.jsonl").read_text().splitlines()]  # noqa: E731
     assert seq(tmp_path / "ref") == seq(tmp_path / "killed")  # same samples at every step: no repeat, no skip
     assert [r["step"] for r in seq(tmp_path / "killed")] == list(range(1, 41))
+
+
+def test_shipped_recipes_validate(tmp_path):
+    from conftest import CONFIGS
+    from vlmtrain.train.runner import resolve_recipe
+
+    for recipe in sorted((CONFIGS / "recipes").glob("*.yaml")):
+        stages = resolve_recipe(recipe, tmp_path / recipe.stem)
+        assert stages and all(s.trainer.max_steps > 0 for s in stages)
+    llava = resolve_recipe(CONFIGS / "recipes" / "llava-1.5-7b.yaml", tmp_path / "x")
+    assert [s.name for s in llava] == ["align", "sft"]
+    assert llava[0].optim.lr == 1e-3 and llava[0].train.llm is False and llava[1].train.llm is True
+    assert llava[1].init_from == str(tmp_path / "x" / "align" / "model")
+
+
+def test_recipe_override_errors_name_the_field(tmp_path):
+    from conftest import CONFIGS
+
+    r = subprocess.run([*VLMTRAIN, "run", str(CONFIGS / "recipes" / "demo.yaml"), "--out", str(tmp_path / "o"),
+                        "sft.optim.lr=-1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "stages[1].optim.lr" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # nothing ran

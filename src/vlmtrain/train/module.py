@@ -106,7 +106,8 @@ class VLMModule(pl.LightningModule):
     def accumulate_lm(self, micro: list[dict]) -> dict:
         """Backward over a window of micro-batches; the step's loss is Σ token losses / Σ supervised tokens
         (all ranks). Under DDP gradients are averaged over ranks, hence the `world` factor."""
-        n_global = self._all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro))
+        n_local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        n_global = self._all_sum(n_local)
         if n_global == 0:
             raise VlmtrainError("a training step has no supervised tokens (every label masked)")
         scale = self._world() / n_global
@@ -116,7 +117,7 @@ class VLMModule(pl.LightningModule):
             loss_sum, _ = next_token_loss_sum(out.logits, b["labels"])
             self._backward(loss_sum * scale)
             loss_total += float(loss_sum.detach())
-        return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_global}
+        return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
 
     def accumulate_dpo(self, micro: list[dict]) -> dict:
         d = self.stage.dpo

@@ -35,7 +35,7 @@ class Recorder(pl.Callback):
         self.max_steps, self.every = max_steps, every
         self.evaluator, self.eval_every = evaluator, eval_every
         self.window = {"samples": 0, "tokens": 0, "supervised": 0.0, "loss": 0.0, "n": 0}
-        self.totals = {"samples": 0, "tokens": 0, "train_seconds": 0.0}
+        self.totals = {"samples": 0, "tokens": 0, "supervised": 0, "train_seconds": 0.0}
         self.last_loss: float | None = None
         self.last_eval: dict | None = None
 
@@ -54,6 +54,7 @@ class Recorder(pl.Callback):
         st = pl_module.last_stats
         w = self.window
         w["samples"] += st["samples"]
+        self.totals["supervised"] += int(st.get("supervised_tokens", 0))
         w["tokens"] += st["tokens"]
         w["loss"] += st["loss"]
         w["n"] += 1

@@ -177,6 +177,8 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
                "samples_per_s": recorder.totals["samples"] / max(recorder.totals["train_seconds"], 1e-9),
                "tokens_per_s": recorder.totals["tokens"] / max(recorder.totals["train_seconds"], 1e-9),
                "train_seconds": recorder.totals["train_seconds"], "skipped": dict(loader.skipped)}
+    if stage.objective == "next_token":  # share of (non-pad) tokens that carry a loss
+        summary["supervised_fraction"] = recorder.totals["supervised"] / max(recorder.totals["tokens"], 1)
     if _rank_zero():
         save_native(bundle, run_dir / "model")
         if eval_shards:
@@ -208,23 +210,25 @@ def load_stage_config(path: str | Path, overrides: list[str] | None = None) -> S
     return validate(StageConfig, data, source=str(path))
 
 
-def run_recipe(path: str | Path, out: str | Path, resume: bool = False, overrides: list[str] | None = None,
-               max_steps: int | None = None) -> list[dict]:
-    """Run a recipe's stages in order; each starts from the previous stage's `model/`. Completed stages are
-    skipped on --resume. Overrides apply to every stage (`trainer.max_steps=5`) or one (`sft.optim.lr=1e-4`)."""
+def resolve_recipe(path: str | Path, out: str | Path, overrides: list[str] | None = None,
+                   max_steps: int | None = None) -> list[StageConfig]:
+    """Validate every stage of a recipe up front (a typo in the last stage fails before the first one trains).
+    Overrides apply to every stage (`trainer.max_steps=5`) or one (`sft.optim.lr=1e-4`)."""
+    from vlmtrain.errors import ConfigError
+
     path, out = Path(path), Path(out)
-    raw = load_yaml_with_overrides(path)
-    recipe = validate(RecipeConfig, raw, source=str(path))
+    recipe = validate(RecipeConfig, load_yaml_with_overrides(path), source=str(path))
     names = [s.get("name") for s in recipe.stages]
     if len(set(names)) != len(names) or None in names:
-        from vlmtrain.errors import ConfigError
-
         raise ConfigError("stages: every stage needs a unique `name`", source=str(path))
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise VlmtrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     dots = parse_overrides(overrides or [])
-    summaries, parent = [], None
+    unknown = [d for d in dots if "." in d.split("=")[0] and d.split(".")[0] not in names
+               and d.split(".")[0] not in StageConfig.model_fields]
+    if unknown:
+        raise ConfigError([f"override {d!r}: no stage or stage field named {d.split('.')[0]!r}" for d in unknown],
+                          source=str(path))
     model_ref = recipe.model if isinstance(recipe.model, dict) else str((path.parent / recipe.model).resolve())
+    stages, prev = [], None
     for i, st in enumerate(recipe.stages):
         name = st["name"]
         merged = with_preset(deep_merge(recipe.defaults, st))
@@ -233,21 +237,35 @@ def run_recipe(path: str | Path, out: str | Path, resume: bool = False, override
         if max_steps is not None:
             mine.append(f"trainer.max_steps={max_steps}")
         merged = apply_overrides(merged, mine, source=str(path))
-        if parent is None:
+        if prev is None:
             merged.setdefault("model", model_ref)
         else:
             merged["model"] = None
-            merged["init_from"] = str(out / parent["name"] / "model")
-        stage = validate(StageConfig, merged, source=f"{path} (stage {name})", prefix=f"stages[{i}]")
-        run_dir = out / name
+            merged["init_from"] = str(out / prev / "model")
+        stages.append(validate(StageConfig, merged, source=f"{path} (stage {name})", prefix=f"stages[{i}]"))
+        prev = name
+    return stages
+
+
+def run_recipe(path: str | Path, out: str | Path, resume: bool = False, overrides: list[str] | None = None,
+               max_steps: int | None = None) -> list[dict]:
+    """Run a recipe's stages in order; each starts from the previous stage's `model/`. Completed stages are
+    skipped on --resume."""
+    path, out = Path(path), Path(out)
+    stages = resolve_recipe(path, out, overrides, max_steps)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise VlmtrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    summaries, parent = [], None
+    for stage in stages:
+        run_dir = out / stage.name
         done = run_dir / "summary.json"
         if resume and done.is_file() and json.loads(done.read_text()).get("status") == "completed":
-            log.info(f"== stage {name}: already completed, skipping")
+            log.info(f"== stage {stage.name}: already completed, skipping")
             summaries.append(json.loads(done.read_text()))
         else:
             summaries.append(fit_stage(stage, run_dir, out / "data", resume=resume, base_dir=path.parent,
                                        parent=parent))
-        parent = {"name": name, "model": str(run_dir / "model"),
+        parent = {"name": stage.name, "model": str(run_dir / "model"),
                   "weights_sha256": json.loads((run_dir / "stage.json").read_text())["weights_sha256"]["end"]}
     if _rank_zero():
         _print_eval_table(summaries)

@@ -1,0 +1,26 @@
+"""`python -m bench data [--quick]` — see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bench import data as data_bench
+
+BENCHES = {"data": data_bench}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description="vlmtrain benchmarks (side by side with peers)")
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (used by the test suite)")
+    p.add_argument("--out", default=None, help="write results JSON here (default: bench/results/<name>.json)")
+    args = p.parse_args(argv)
+    result = BENCHES[args.name].run(quick=args.quick, out=args.out)
+    print(json.dumps(result["headline"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
