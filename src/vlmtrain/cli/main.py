@@ -28,6 +28,10 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    import torch
+
+    if not torch.cuda.is_available():  # transformers imports deepspeed, which warns when it finds no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # ---- verbs -------------------------------------------------------------------------------------------------------

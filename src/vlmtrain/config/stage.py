@@ -53,7 +53,7 @@ class DPOConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    reference: Literal["copy", "adapters_off", "precomputed"] = "copy"
+    reference: Literal["copy"] = Field("copy", description="frozen copy of the starting model (adapter-off and precomputed references: not yet)")
 
 
 class OptimConfig(_Strict):

@@ -77,8 +77,6 @@ class VLMModule(pl.LightningModule):
         self.cursor: dict | None = None
         self.last_stats: dict = {}
         if stage.objective == "dpo":
-            if stage.dpo.reference != "copy":
-                raise VlmtrainError(f"dpo.reference: {stage.dpo.reference!r} is not available yet; use `copy`")
             ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             self._ref.append(ref)
 
