@@ -187,3 +187,54 @@ def test_preference_batches(tmp_path, bundle):
     sup = [tok.decode(r[r != IGNORE]) for r in batch["labels"]]
     assert sup == ["seven<|end|>", "seven<|end|>", "one<|end|>", "one<|end|>"]
     torch.testing.assert_close(batch["pixel_values"][:2], batch["pixel_values"][2:])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stride_split_is_world_size_invariant_and_resumes_across_world_sizes(shards, encoder, bundle, workers):
+    def take(rank, world, b, n, state=None):
+        L = loader(shards, encoder, bundle, batch_size=b, num_workers=workers, split="stride", rank=rank,
+                   world_size=world)
+        if state:
+            L.load_state_dict(state)
+        it = iter(L)
+        got = [next(it) for _ in range(n)]
+        return got, L.state_dict()
+
+    single, _ = take(0, 1, 4, 12)
+    r0, sd0 = take(0, 2, 2, 12)
+    r1, _ = take(1, 2, 2, 12)
+    assert [a["ids"] + b["ids"] for a, b in zip(r0, r1)] == [s["ids"] for s in single]
+    # a cursor saved at world size 2 after 5 global batches resumes at world size 1 (and back)
+    _, sd = take(0, 2, 2, 5)
+    resumed, sd1 = take(0, 1, 4, 7, state=sd)
+    assert [b["ids"] for b in resumed] == [s["ids"] for s in single[5:12]]
+    back0, _ = take(0, 2, 2, 3, state=sd1)
+    back1, _ = take(1, 2, 2, 3, state=sd1)
+    more, _ = take(0, 1, 4, 15)
+    assert [a["ids"] + b["ids"] for a, b in zip(back0, back1)] == [s["ids"] for s in more[12:15]]
+    with pytest.raises(VlmtrainError, match="global batch"):
+        take(0, 1, 2, 1, state=sd)  # 2 × 1 ≠ the saved global batch of 4
+
+
+def test_anyres_tiling_expands_one_image_into_base_plus_tiles(bundle):
+    from PIL import Image
+
+    from vlmtrain.data.anyres import AnyResTiler, select_best_resolution
+
+    assert select_best_resolution((100, 40), [(64, 32), (32, 64), (64, 64)]) == (64, 32)
+    assert select_best_resolution((40, 100), [(64, 32), (32, 64), (64, 64)]) == (32, 64)
+    m = bundle.model
+    tiler = AnyResTiler([(64, 32), (32, 64), (64, 64)], tile=32)
+    views = tiler(Image.new("RGB", (100, 40), (200, 10, 10)))
+    assert len(views) == 3 and all(v.size == (32, 32) for v in views[1:])
+    enc = SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens, tiler=tiler)
+    rec = chat_record(0, n_images=1)
+    out = enc(rec, [Image.new("RGB", (100, 40))])
+    assert out["pixel_values"].shape[0] == 3
+    assert out["input_ids"].count(m.image_token_id) == 3 * m.num_image_tokens
+    plain = SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens)(
+        rec, [Image.new("RGB", (100, 40))])
+    sup = lambda o: [t for t in o["labels"] if t != IGNORE]  # noqa: E731
+    assert sup(out) == sup(plain)  # tiling changes image slots only, never supervision
+    with torch.no_grad():
+        assert m(torch.tensor([out["input_ids"]]), out["pixel_values"]).logits.shape[1] == len(out["input_ids"])

@@ -47,6 +47,11 @@ class DataConfig(_Strict):
     shuffle_buffer: int = Field(256, ge=1)
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     caption_prompt: str = ""
+    anyres_pinpoints: list[tuple[int, int]] | None = Field(
+        None, description="AnyRes tiling: candidate canvases (width, height), multiples of the tower's image size")
+    split: Literal["shard", "stride"] = Field(
+        "shard", description="shard: ranks×workers own disjoint shards; stride: world-size-invariant order "
+                             "(resume on another world size; every worker reads all raw samples)")
 
 
 class DPOConfig(_Strict):

@@ -53,6 +53,19 @@ class SampleEncoder:
     num_image_tokens: int
     max_len: int = 2048
     caption_prompt: str = ""
+    tiler: Any = None  # e.g. AnyResTiler: one image → several views, each its own image slot
+
+    def _tile(self, messages: list[dict], images: list) -> tuple[list[dict], list]:
+        """Expand each image part into one part per view, in order."""
+        views = [self.tiler(im) for im in images]
+        it = iter(views)
+        out = []
+        for m in messages:
+            parts = []
+            for p in m["content"]:
+                parts.extend([IMAGE_PART] * len(next(it)) if p == IMAGE_PART else [p])
+            out.append({**m, "content": parts})
+        return out, [v for vs in views for v in vs]
 
     def encode_text(self, messages: list[dict]) -> Encoded:
         try:
@@ -72,6 +85,14 @@ class SampleEncoder:
         """Chat/caption → {"input_ids", "labels", "pixel_values", "id"};
         preference → {"chosen": {...}, "rejected": {...}, "pixel_values", "id"} (images shared by both sides)."""
         msgs = record_messages(record, self.caption_prompt)
+        if self.tiler is not None and images:
+            if isinstance(msgs, tuple):  # preference: images live in the (shared) prompt
+                n_prompt = len(record["prompt"])
+                chosen, tiled = self._tile(msgs[0], images)
+                rejected = chosen[:n_prompt] + msgs[1][n_prompt:]
+                msgs, images = (chosen, rejected), tiled
+            else:
+                msgs, images = self._tile(msgs, images)
         pix = self.pixels(images)
         if isinstance(msgs, tuple):
             sides = {}

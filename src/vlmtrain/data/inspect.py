@@ -9,10 +9,14 @@ from vlmtrain.data.encode import SampleEncoder
 from vlmtrain.data.loader import ShardLoader
 
 
-def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "") -> SampleEncoder:
+def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
+                anyres_pinpoints: list | None = None) -> SampleEncoder:
+    from vlmtrain.data.anyres import AnyResTiler
+
     m = bundle.model
+    tiler = AnyResTiler(anyres_pinpoints, m.vision.image_size) if anyres_pinpoints else None
     return SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens,
-                         max_len=max_len, caption_prompt=caption_prompt)
+                         max_len=max_len, caption_prompt=caption_prompt, tiler=tiler)
 
 
 def _rows(batch: dict) -> list[tuple[str, str | None, list[int], list[int]]]:

@@ -46,6 +46,7 @@ class LoaderConfig:
     max_bad_fraction: float = 0.01
     min_samples_for_bad_check: int = 200
     keep_raw: bool = False  # also return records (inspect)
+    split: str = "shard"  # shard: slots own disjoint shards (IO-efficient); stride: world-size-invariant order
 
 
 def parse_sample(raw: dict) -> tuple[dict, list]:
@@ -180,6 +181,64 @@ class _SlotPipeline:
                 yield batch
 
 
+def dummy_batch(pad_id: int) -> dict:
+    """One pad token, nothing supervised, no image: a rank whose slice of a global batch is empty (or all bad)
+    still runs forward/backward, so collectives stay in step; it adds 0 to the loss and to the token counts."""
+    return {"input_ids": torch.tensor([[pad_id]]), "labels": torch.tensor([[-100]]),
+            "attention_mask": torch.ones(1, 1, dtype=torch.long), "preference": False}
+
+
+class _StridePipeline(_SlotPipeline):
+    """World-size-invariant order (`split: stride`). Every rank and worker replays the same global raw stream;
+    global batch g is raw samples [g·G, (g+1)·G) with G = batch_size × world; rank r keeps its slice
+    [r·B, (r+1)·B); the DataLoader worker w builds the batches g = k + w, k + w + N, ... from the resume point k.
+    The order and the cursor (`k`) do not depend on world size or worker count, so a run can resume on another
+    world size with the same global batch. The price: each worker reads (not decodes) every raw sample."""
+
+    def __init__(self, sources, urls, encoder, cfg, pad_id, rank: int, world: int, worker: int, n_workers: int,
+                 start_batch: int):
+        super().__init__(sources, urls, encoder, cfg, pad_id, slot=0, n_slots=1, state=None)
+        self.rank, self.world, self.worker, self.n_workers, self.start = rank, world, worker, n_workers, start_batch
+
+    def _parse(self, raw: dict, skipped: Counter) -> dict | None:
+        if "__error__" in raw:
+            skipped[raw["__error__"]] += 1
+            return None
+        try:
+            rec, images = parse_sample(raw)
+            enc = self.encoder(rec, images)
+        except RecordError as e:
+            skipped[e.reason] += 1
+            return None
+        if self.cfg.keep_raw:
+            enc["record"] = rec
+        return enc
+
+    def __iter__(self) -> Iterator[dict]:
+        b = self.cfg.batch_size
+        g_size = b * self.world
+        for _ in range(self.start * g_size):  # replay to the cursor: tar bytes only, no decoding
+            if self._next_raw() is None:
+                return
+        g = self.start
+        while True:
+            raw = []
+            for _ in range(g_size):
+                r = self._next_raw()
+                if r is None:
+                    break
+                raw.append(r)
+            if not raw:
+                return
+            if (g - self.start) % self.n_workers == self.worker:
+                skipped: Counter = Counter()
+                good = [x for x in (self._parse(r, skipped) for r in raw[self.rank * b:(self.rank + 1) * b]) if x]
+                batch = self._collate(good) if good else {**dummy_batch(self.pad_id), "ids": []}
+                batch["_meta"] = {"global_batch": g + 1, "skipped": dict(skipped), "n_samples": len(good)}
+                yield batch
+            g += 1
+
+
 class _ShardDataset(IterableDataset):
     def __init__(self, loader: "ShardLoader", rotation: int, slot_states: dict):
         self.loader, self.rotation, self.slot_states = loader, rotation, slot_states
@@ -192,6 +251,9 @@ class _ShardDataset(IterableDataset):
         logical = (w + self.rotation) % n
         slot = L.rank * n + logical
         torch.set_num_threads(1)  # workers do light CPU work; leave cores to the training step
+        if L.cfg.split == "stride":
+            return iter(_StridePipeline(L.sources, L.urls, L.encoder, L.cfg, L.pad_id, L.rank, L.world, w, n,
+                                        L.global_batches))
         pipe = _SlotPipeline(L.sources, L.urls, L.encoder, L.cfg, L.pad_id, slot, L.world * n,
                              self.slot_states.get(str(slot)))
         return iter(pipe)
@@ -211,10 +273,15 @@ class ShardLoader:
         self.cfg = cfg or LoaderConfig(**kw)
         if self.cfg.mode not in ("plain", "group", "pack"):
             raise VlmtrainError(f"data.mode: expected plain, group or pack, got {self.cfg.mode!r}")
+        if self.cfg.split not in ("shard", "stride"):
+            raise VlmtrainError(f"data.split: expected shard or stride, got {self.cfg.split!r}")
+        if self.cfg.split == "stride" and self.cfg.mode != "plain":
+            raise VlmtrainError("data.split: stride (world-size-invariant order) supports data.mode plain only")
         r, w = env_rank_world()
         self.rank = r if rank is None else rank
         self.world = w if world_size is None else world_size
         self.slot_states: dict[str, dict] = {}
+        self.global_batches = 0  # stride split: global batches consumed (the whole cursor)
         self.batches = 0
         self.skipped: Counter = Counter()
         self.samples = 0
@@ -223,15 +290,34 @@ class ShardLoader:
         return max(1, self.cfg.num_workers)
 
     def state_dict(self) -> dict:
-        return {"slot_states": copy.deepcopy(self.slot_states), "batches": self.batches, "skipped": dict(self.skipped),
-                "samples": self.samples, "seed": self.cfg.seed, "world": self.world,
-                "workers": self._workers()}
+        sd = {"split": self.cfg.split, "batches": self.batches, "skipped": dict(self.skipped),
+              "samples": self.samples, "seed": self.cfg.seed, "world": self.world, "workers": self._workers()}
+        if self.cfg.split == "stride":
+            sd.update(global_batches=self.global_batches, global_batch_size=self.cfg.batch_size * self.world)
+        else:
+            sd["slot_states"] = copy.deepcopy(self.slot_states)
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
+        if sd.get("split", "shard") != self.cfg.split:
+            raise VlmtrainError(f"data cursor was saved with data.split {sd.get('split', 'shard')!r}, "
+                                f"this run uses {self.cfg.split!r}")
+        if self.cfg.split == "stride":
+            g_now = self.cfg.batch_size * self.world
+            if sd["global_batch_size"] != g_now:
+                raise VlmtrainError(
+                    f"data cursor was saved with a global batch of {sd['global_batch_size']} samples; this run has "
+                    f"{self.cfg.batch_size} × {self.world} ranks = {g_now}: set data.batch_size so they match")
+            self.global_batches = sd["global_batches"]
+            self.batches = sd["batches"]
+            self.skipped = Counter(sd.get("skipped", {}))
+            self.samples = sd.get("samples", 0)
+            return
         if sd.get("world", self.world) != self.world or sd.get("workers", self._workers()) != self._workers():
             raise VlmtrainError(
                 f"data cursor was saved with world size {sd.get('world')} × {sd.get('workers')} workers; "
-                f"resuming with {self.world} × {self._workers()} changes which samples each slot owns"
+                f"resuming with {self.world} × {self._workers()} changes which samples each slot owns "
+                "(data.split: stride resumes on any world size)"
             )
         self.slot_states = copy.deepcopy(sd["slot_states"])
         self.batches = sd["batches"]
@@ -259,9 +345,12 @@ class ShardLoader:
             if meta.get("empty"):
                 self._check_bad_fraction()
                 continue
-            st = dict(meta["state"])
-            st["next_batch"] = meta["batch"] + 1
-            self.slot_states[str(meta["slot"])] = st
+            if "global_batch" in meta:
+                self.global_batches = meta["global_batch"]
+            else:
+                st = dict(meta["state"])
+                st["next_batch"] = meta["batch"] + 1
+                self.slot_states[str(meta["slot"])] = st
             self.batches += 1
             self.samples += meta["n_samples"]
             self._check_bad_fraction()

@@ -23,6 +23,9 @@ class VLM(nn.Module):
         self.connector = connector
         self.llm = llm
         self.image_token_id = int(image_token_id)
+        # Under data parallelism every rank must use the same parameters every step (DDP's reducer, FSDP's and
+        # ZeRO-3's gathers): a batch without images then runs one zero-weighted dummy image through the tower.
+        self.always_encode_images = False
 
     @property
     def num_image_tokens(self) -> int:
@@ -45,6 +48,11 @@ class VLM(nn.Module):
                 f"= {n_img * self.num_image_tokens}: expand each image token to num_image_tokens slots"
             )
         if n_img == 0:
+            if self.always_encode_images and torch.is_grad_enabled():
+                p = next(self.vision.parameters())
+                dummy = torch.zeros(1, 3, self.vision.image_size, self.vision.image_size, dtype=p.dtype,
+                                    device=embeds.device)
+                embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
             return embeds
         feats = self.encode_images(pixel_values).to(embeds.dtype)  # [n_img, t, d]
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))

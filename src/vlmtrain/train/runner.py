@@ -124,11 +124,11 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
                 gradient_checkpointing_kwargs={"use_reentrant": False})
 
     d = stage.data
-    encoder = encoder_for(bundle, d.max_len, d.caption_prompt)
+    encoder = encoder_for(bundle, d.max_len, d.caption_prompt, d.anyres_pinpoints)
     loader = ShardLoader(_sources(d.train, data_root), encoder, bundle.tokenizer.pad_token_id,
                          batch_size=d.batch_size, num_workers=d.num_workers, seed=stage.trainer.seed,
                          shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
-                         max_bad_fraction=d.max_bad_fraction)
+                         max_bad_fraction=d.max_bad_fraction, split=d.split)
     eval_shards = str(_sources([stage.eval.data], data_root)[0].path) if stage.eval.data else None
 
     def run_eval() -> dict:
