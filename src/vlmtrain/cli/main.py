@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     # Lightning logs through its own handlers too; keep its warnings, drop its banners and tips.
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun only rank 0 narrates
+        logging.getLogger().setLevel(logging.WARNING)
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)

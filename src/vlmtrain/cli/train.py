@@ -11,7 +11,9 @@ def cmd_fit(args) -> int:
 
     from vlmtrain.train.runner import fit_stage, load_stage_config
 
-    stage = load_stage_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"trainer.strategy={args.strategy}"] if args.strategy else [])
+    overrides += [f"trainer.max_steps={args.max_steps}"] if args.max_steps else []
+    stage = load_stage_config(args.config, overrides)
     fit_stage(stage, args.out, args.data_root, resume=args.resume, base_dir=Path(args.config).parent)
     return 0
 
@@ -19,7 +21,8 @@ def cmd_fit(args) -> int:
 def cmd_run(args) -> int:
     from vlmtrain.train.runner import run_recipe
 
-    run_recipe(args.recipe, args.out, resume=args.resume, overrides=args.overrides, max_steps=args.max_steps)
+    overrides = list(args.overrides) + ([f"trainer.strategy={args.strategy}"] if args.strategy else [])
+    run_recipe(args.recipe, args.out, resume=args.resume, overrides=overrides, max_steps=args.max_steps)
     return 0
 
 
@@ -33,12 +36,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+STRATEGY_CHOICES = ["single", "ddp", "fsdp"]
+STRATEGY_HELP = ("distribution for every stage (launch with torchrun for more than one process): single, ddp, "
+                 "fsdp (FSDP2)")
+
+
 def add_parsers(sub) -> None:
     f = sub.add_parser("fit", help="train one stage", description="Train one stage config into --out.")
     f.add_argument("--config", required=True, help="stage YAML (preset: align | pretrain | sft | dpo)")
     f.add_argument("--out", required=True, help="run directory of the stage")
     f.add_argument("--resume", action="store_true", help="continue from --out's checkpoints/last.ckpt")
     f.add_argument("--data-root", default=None, help="where builtin datasets are prepared (default: OUT/../data)")
+    f.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None, help=STRATEGY_HELP)
+    f.add_argument("--max-steps", type=int, default=None, help="cap the stage at N optimizer steps")
     f.set_defaults(accepts_overrides=True)
     f.set_defaults(func=cmd_fit)
 
@@ -50,6 +60,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--resume", action="store_true")
     r.add_argument("--max-steps", type=int, default=None, help="cap every stage at N optimizer steps")
+    r.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None, help=STRATEGY_HELP)
     r.set_defaults(accepts_overrides=True)
     r.set_defaults(func=cmd_run)
 

@@ -89,7 +89,10 @@ class TrainerConfig(_Strict):
     log_every_n_steps: int = Field(10, ge=1)
     save_every_n_steps: int = Field(50, ge=1)
     seed: int = 0
-    strategy: Literal["single", "auto", "ddp"] = "auto"
+    strategy: Literal["single", "auto", "ddp", "fsdp"] = "auto"
+    fsdp_reshard_after_forward: bool = Field(True, description="True: full shard (ZeRO-3-like); False: shard "
+                                                               "gradients and optimizer state only (ZeRO-2-like)")
+    fsdp_cpu_offload: bool = False
     log_sample_ids: bool = Field(False, description="write sample_ids.jsonl: the record ids of every step")
     wandb: bool = False
     wandb_project: str = "vlmtrain"

@@ -80,6 +80,19 @@ class VLMModule(pl.LightningModule):
             ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             self._ref.append(ref)
 
+    def configure_model(self) -> None:
+        """Called by Lightning once the process group exists: data-parallel strategies need every rank to touch
+        the vision tower every step, and FSDP2 shards the blocks here."""
+        from vlmtrain.train.strategy import apply_fsdp2, is_data_parallel
+
+        tr = self.stage.trainer
+        self.model.always_encode_images = is_data_parallel(tr.strategy)
+        if tr.strategy == "fsdp" and not getattr(self, "_sharded", False):
+            dtype = torch.bfloat16 if tr.precision.startswith("bf16") else None
+            apply_fsdp2(self.model, self.device_mesh["data_parallel"], tr.fsdp_reshard_after_forward,
+                        tr.fsdp_cpu_offload, dtype)
+            self._sharded = True
+
     # ---- optimisation ------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.stage.optim)
@@ -160,9 +173,12 @@ class VLMModule(pl.LightningModule):
         stats["grad_norm"] = float(norm)
         stats["lr"] = opt.optimizer.param_groups[0]["lr"]
         stats["ids"] = [i for b in micro for i in b["ids"]]
-        stats["samples"] = len(stats["ids"])
-        stats["tokens"] = sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None
-                              else int(b["input_ids"].numel()) for b in micro)
+        # throughput counts are global (all ranks), so samples/s means the whole job's rate
+        stats["samples"] = int(self._all_sum(len(stats["ids"])))
+        stats["tokens"] = int(self._all_sum(sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None
+                                                else int(b["input_ids"].numel()) for b in micro)))
+        if "supervised_tokens" in stats:
+            stats["supervised_tokens"] = int(self._all_sum(stats["supervised_tokens"]))
         self.last_stats = stats
         self.cursor = window["cursor"]
 

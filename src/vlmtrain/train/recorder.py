@@ -40,13 +40,17 @@ class Recorder(pl.Callback):
         self.last_eval: dict | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        truncate_metrics(self.path, trainer.global_step)
-        if self.ids_path is not None:
-            truncate_metrics(self.ids_path, trainer.global_step)
+        self.is_zero = trainer.is_global_zero
+        if self.is_zero:
+            truncate_metrics(self.path, trainer.global_step)
+            if self.ids_path is not None:
+                truncate_metrics(self.ids_path, trainer.global_step)
         self.t_last = self.t_start = time.time()
         self.start_step = trainer.global_step
 
     def _write(self, row: dict) -> None:
+        if not self.is_zero:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -59,8 +63,10 @@ class Recorder(pl.Callback):
         w["loss"] += st["loss"]
         w["n"] += 1
         step = trainer.global_step
-        if self.ids_path is not None:  # audit trail: which records each optimizer step trained on
-            with self.ids_path.open("a") as f:
+        if self.ids_path is not None:  # audit trail: which records each optimizer step trained on (per rank)
+            path = self.ids_path if trainer.world_size == 1 else self.ids_path.with_suffix(
+                f".rank{trainer.global_rank}.jsonl")
+            with path.open("a") as f:
                 f.write(json.dumps({"step": step, "ids": st["ids"]}) + "\n")
         if step % self.every == 0 or step >= self.max_steps:
             now = time.time()
@@ -75,18 +81,20 @@ class Recorder(pl.Callback):
             rate = (step - self.start_step) / max(now - self.t_start, 1e-9)
             eta = (self.max_steps - step) / max(rate, 1e-9)
             extra = "".join(f" | {k.split('/')[1]} {v:.3f}" for k, v in row.items() if k.startswith("rewards/"))
-            log.info(f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                     f"{row['samples_per_s']:.1f} samples/s | {row['tokens_per_s']:.0f} tok/s{extra} | "
-                     f"ETA {_fmt_eta(eta)}")
+            if self.is_zero:
+                log.info(f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                         f"{row['samples_per_s']:.1f} samples/s | {row['tokens_per_s']:.0f} tok/s{extra} | "
+                         f"ETA {_fmt_eta(eta)}")
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
             self._write(row)
             self.window = {"samples": 0, "tokens": 0, "supervised": 0.0, "loss": 0.0, "n": 0}
             self.t_last = time.time()
         if self.evaluator is not None and self.eval_every and step % self.eval_every == 0 and step < self.max_steps:
-            res = self.evaluator()
+            res = self.evaluator()  # every rank runs it: an FSDP-sharded model needs all ranks in each forward
             self.last_eval = res
-            log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+            if self.is_zero:
+                log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
             self._write({"step": step, **{f"eval/{k}": v for k, v in res.items()}})
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}": v for k, v in res.items()}, step=step)

@@ -102,15 +102,25 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     from vlmtrain.train.freeze import apply_stage_trainability
     from vlmtrain.train.module import StepWindows, VLMModule
     from vlmtrain.train.recorder import Recorder, plot_metrics
+    from vlmtrain.train.strategy import make_strategy
 
+    from vlmtrain.train.strategy import init_distributed, rank_zero_first
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning sets INFO at import; keep its warnings only
+        logging.getLogger(name).setLevel(logging.WARNING)
     run_dir = Path(run_dir)
     base_dir = Path(base_dir)
     data_root = Path(data_root) if data_root else run_dir.parent / "data"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise VlmtrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False))
+    init_distributed()
+
+    def prepare_run_dir() -> None:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            raise VlmtrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False))
+
+    rank_zero_first(prepare_run_dir, others=False)
     t0 = time.time()
     log.info(f"== stage {stage.name} ({stage.preset or 'custom'}, objective {stage.objective}) → {run_dir}")
 
@@ -125,11 +135,14 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
 
     d = stage.data
     encoder = encoder_for(bundle, d.max_len, d.caption_prompt, d.anyres_pinpoints)
-    loader = ShardLoader(_sources(d.train, data_root), encoder, bundle.tokenizer.pad_token_id,
+    # builtin datasets are written once, by rank 0, before the other ranks look for them
+    train_sources = rank_zero_first(_sources, d.train, data_root)
+    eval_sources = rank_zero_first(_sources, [stage.eval.data], data_root) if stage.eval.data else None
+    loader = ShardLoader(train_sources, encoder, bundle.tokenizer.pad_token_id,
                          batch_size=d.batch_size, num_workers=d.num_workers, seed=stage.trainer.seed,
                          shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
                          max_bad_fraction=d.max_bad_fraction, split=d.split)
-    eval_shards = str(_sources([stage.eval.data], data_root)[0].path) if stage.eval.data else None
+    eval_shards = str(eval_sources[0].path) if eval_sources else None
 
     def run_eval() -> dict:
         return evaluate(bundle, eval_shards, stage.eval.max_samples, stage.eval.max_new_tokens,
@@ -156,9 +169,10 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
 
         logger = WandbLogger(project=tr.wandb_project, name=f"{run_dir.parent.name}/{stage.name}",
                              save_dir=str(run_dir), offline=True)
+    strategy, devices, nodes = make_strategy(stage)
     trainer = pl.Trainer(
-        max_steps=tr.max_steps, max_epochs=-1, accelerator="auto", devices=1,
-        strategy="auto", precision=tr.precision, logger=logger,
+        max_steps=tr.max_steps, max_epochs=-1, accelerator="auto", devices=devices, num_nodes=nodes,
+        strategy=strategy, precision=tr.precision, logger=logger,
         callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
                                    every_n_train_steps=tr.save_every_n_steps), recorder],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
@@ -170,13 +184,21 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         log.info(f"resuming from {ckpt}")
     trainer.fit(module, train_dataloaders=StepWindows(loader, tr.grad_accum), ckpt_path=resume_from)
     trainer.save_checkpoint(ckpt)
+    if tr.strategy == "fsdp":  # gather the shards; rank 0 continues with an ordinary (unsharded) model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(bundle.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if _rank_zero():
+            bundle = load_stage_start(stage, base_dir)
+            bundle.model.load_state_dict(full)
+    skipped = _all_ranks_counter(loader.skipped)
 
     summary = {"stage": stage.name, "status": "completed", "steps": trainer.global_step,
                "final_loss": recorder.last_loss, "samples": recorder.totals["samples"],
                "tokens": recorder.totals["tokens"],
                "samples_per_s": recorder.totals["samples"] / max(recorder.totals["train_seconds"], 1e-9),
                "tokens_per_s": recorder.totals["tokens"] / max(recorder.totals["train_seconds"], 1e-9),
-               "train_seconds": recorder.totals["train_seconds"], "skipped": dict(loader.skipped)}
+               "train_seconds": recorder.totals["train_seconds"], "skipped": skipped}
     if stage.objective == "next_token":  # share of (non-pad) tokens that carry a loss
         summary["supervised_fraction"] = recorder.totals["supervised"] / max(recorder.totals["tokens"], 1)
     if _rank_zero():
@@ -199,9 +221,32 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         }
         (run_dir / "stage.json").write_text(json.dumps(stage_json, indent=2, default=str))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _barrier()  # the next stage (on every rank) starts from the model folder rank 0 just wrote
     log.info(f"== stage {stage.name} done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, "
              f"{summary['samples_per_s']:.1f} samples/s")
     return summary
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _all_ranks_counter(counter) -> dict:
+    """Skipped-sample counts summed over ranks (each rank reads different samples)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counter)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(counter))
+    total: dict = {}
+    for p in parts:
+        for k, v in p.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def load_stage_config(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
@@ -251,10 +296,17 @@ def run_recipe(path: str | Path, out: str | Path, resume: bool = False, override
                max_steps: int | None = None) -> list[dict]:
     """Run a recipe's stages in order; each starts from the previous stage's `model/`. Completed stages are
     skipped on --resume."""
+    from vlmtrain.train.strategy import init_distributed, rank_zero_first
+
     path, out = Path(path), Path(out)
     stages = resolve_recipe(path, out, overrides, max_steps)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise VlmtrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    init_distributed()
+
+    def check_out() -> None:
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise VlmtrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+    rank_zero_first(check_out, others=False)
     summaries, parent = [], None
     for stage in stages:
         run_dir = out / stage.name

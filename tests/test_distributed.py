@@ -1,0 +1,136 @@
+"""Multi-process training on CPU (gloo), launched with torchrun as a subprocess — the commands of
+docs/distributed.md. Reference: a single process with the same global batch; data.split=stride makes the global
+sample order independent of world size, and the loss is normalised by the global supervised-token count, so the
+per-step losses and final weights must agree (≤1e-5)."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, VLMTRAIN
+from shard_fixtures import chat_record, png_bytes, write_shards
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args, nnodes: int = 1, timeout: int = 300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
+           "-m", "vlmtrain", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def stage_yaml(tmp, data_path, **over) -> str:
+    cfg = {"name": "sft", "preset": "sft", "model": str(TINY),
+           "data": {"train": [{"path": str(data_path)}], "batch_size": 4, "num_workers": 1, "max_len": 128,
+                    "split": "stride", "shuffle_buffer": 8},
+           "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+           "trainer": {"max_steps": STEPS, "save_every_n_steps": 2, "log_every_n_steps": 1}}
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v}
+    path = tmp / f"stage-{abs(hash(json.dumps(over, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def losses(run) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
+
+
+def weights(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "model.safetensors")
+
+
+def assert_same_run(a, b, tol=1e-5):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == STEPS
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol, (la, lb)
+    wa, wb = weights(a), weights(b)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= tol
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    samples = [(chat_record(i, i % 3, turns=1 + i % 2), [png_bytes(i * 10 + j) for j in range(i % 3)])
+               for i in range(48)]
+    write_shards(root / "shards", samples, per_shard=8)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    r = subprocess.run([*VLMTRAIN, "fit", "--config", stage_yaml(data, data / "shards"), "--out",
+                        str(data / "ref")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return data / "ref"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(data, reference, strategy):
+    out = data / f"two-{strategy}"
+    r = torchrun(2, "fit", "--config", stage_yaml(data, data / "shards"), "--out", str(out), "--strategy", strategy,
+                 "data.batch_size=2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_same_run(reference, out)
+    for f in ("summary.json", "stage.json", "checkpoints/last.ckpt", "metrics.jsonl"):
+        assert (out / f).is_file()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == STEPS and s["samples"] == STEPS * 4  # global samples, all ranks
+
+
+def test_resume_across_world_sizes_2_1_2(data, reference):
+    out = data / "elastic"
+    cfg = stage_yaml(data, data / "shards")
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp", "data.batch_size=2",
+                 "trainer.max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([*VLMTRAIN, "fit", "--config", cfg, "--out", str(out), "--resume", "trainer.max_steps=4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "ddp", "data.batch_size=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(reference, out)
+
+
+def test_text_only_rank_and_image_rank_do_not_hang(tmp_path):
+    # stride split, no shuffle: each global batch of 4 is [text, text, image, image] → rank 0 never sees an image
+    samples = []
+    for i in range(16):
+        k = 0 if i % 4 < 2 else 1
+        samples.append((chat_record(i, k), [png_bytes(i)] * k))
+    write_shards(tmp_path / "shards", samples, per_shard=16)
+    for strategy in ("ddp", "fsdp"):
+        cfg = stage_yaml(tmp_path, tmp_path / "shards", data={"shuffle_buffer": 1, "num_workers": 0},
+                         trainer={"max_steps": 3})
+        r = torchrun(2, "fit", "--config", cfg, "--out", str(tmp_path / strategy), "--strategy", strategy,
+                     "data.batch_size=2", timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((tmp_path / strategy / "summary.json").read_text())["steps"] == 3
+
+
+def test_two_nodes_on_loopback(data, reference):
+    port = free_port()
+    cfg = stage_yaml(data, data / "shards")
+    out = data / "two-nodes"
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=vlmtrain-test",
+                               "-m", "vlmtrain", "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp",
+                               "data.batch_size=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert_same_run(reference, out)
