@@ -134,3 +134,20 @@ def test_two_nodes_on_loopback(data, reference):
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert_same_run(reference, out)
+
+
+def test_recipe_under_torchrun_with_fsdp_writes_the_same_layout(tmp_path):
+    """The contract: `torchrun --nproc_per_node=2 -m vlmtrain run RECIPE --out DIR --strategy S --max-steps N`."""
+    from conftest import CONFIGS
+
+    out = tmp_path / "demo"
+    r = torchrun(2, "run", str(CONFIGS / "recipes" / "demo.yaml"), "--out", str(out), "--strategy", "fsdp",
+                 "--max-steps", "2", "eval.max_samples=16", "data.batch_size=8", timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for stage in ("align", "sft", "dpo"):
+        for f in ("summary.json", "metrics.jsonl", "stage.json", "checkpoints/last.ckpt", "model/model.safetensors"):
+            assert (out / stage / f).exists(), f"{stage}/{f}"
+        s = json.loads((out / stage / "summary.json").read_text())
+        assert s["steps"] == 2 and "eval" in s
+    st = {n: json.loads((out / n / "stage.json").read_text())["weights_sha256"] for n in ("align", "sft")}
+    assert st["sft"]["start"]["connector"] == st["align"]["end"]["connector"]  # handoff survives FSDP gathering
