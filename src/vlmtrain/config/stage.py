@@ -18,11 +18,27 @@ class _Strict(BaseModel):
 
 
 class TrainSet(_Strict):
-    """Which modules receive gradients."""
+    """Which modules receive gradients: true (all weights), false (frozen) or "lora" (base frozen, LoRA adapters
+    train; needs a `lora:` block)."""
 
-    vision: bool = False
+    vision: bool | Literal["lora"] = False
     connector: bool = True
-    llm: bool = False
+    llm: bool | Literal["lora"] = False
+
+
+class LoRAConfig(_Strict):
+    """PEFT LoRA adapters. Targets are regexes over the VLM's module names, so `q_proj` in the vision tower is never
+    hit by accident (the LLM pattern is anchored at `llm.`)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    llm_target: str = Field(r"llm\.model\.layers\.\d+\..*(q|k|v|o|gate|up|down)_proj",
+                            description="regex (full match) of LLM linear layers that get adapters")
+    vision_target: str = Field(r"vision\.model\..*layers\.\d+\..*(q|k|v|out)_proj",
+                               description="regex for the vision tower (used when train.vision is 'lora')")
+    dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    quantize: Literal["4bit"] | None = Field(None, description="QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)")
 
 
 class DatasetRef(_Strict):
@@ -58,7 +74,9 @@ class DPOConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    reference: Literal["copy"] = Field("copy", description="frozen copy of the starting model (adapter-off and precomputed references: not yet)")
+    reference: Literal["copy", "adapters_off"] = Field(
+        "copy", description="copy: a frozen copy of the starting model; adapters_off: the policy with its LoRA "
+                            "adapters disabled (LoRA stages; no second model in memory)")
 
 
 class OptimConfig(_Strict):
@@ -105,6 +123,7 @@ class StageConfig(_Strict):
     init_from: str | None = Field(None, description="a model folder to start from (set by recipes)")
     objective: Literal["next_token", "dpo"] = "next_token"
     train: TrainSet = Field(default_factory=TrainSet)
+    lora: LoRAConfig | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
@@ -115,8 +134,15 @@ class StageConfig(_Strict):
     def _consistent(self):
         if not self.data.train:
             raise ValueError("data.train: at least one dataset is needed")
+        if self.dpo.reference == "adapters_off" and self.train.llm != "lora":
+            raise ValueError("dpo.reference: adapters_off needs train.llm: lora")
         if not (self.train.vision or self.train.connector or self.train.llm):
             raise ValueError("train: nothing would train (vision, connector and llm are all false)")
+        uses_lora = "lora" in (self.train.vision, self.train.llm)
+        if uses_lora and self.lora is None:
+            raise ValueError("train: 'lora' needs a `lora:` block (r, alpha, targets)")
+        if self.lora is not None and not uses_lora:
+            raise ValueError("lora: given but no module trains with 'lora' (set train.llm: lora)")
         if self.objective == "dpo" and self.data.mode == "pack":
             raise ValueError("data.mode: packing is not supported with the dpo objective")
         return self
