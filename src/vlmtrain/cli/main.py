@@ -65,6 +65,14 @@ def cmd_export(args) -> int:
     from vlmtrain.model.io import save_native
     from vlmtrain.train.artifacts import load_model_source
 
+    if args.format == "peft":
+        from vlmtrain.model.hf_llava import export_peft
+        from vlmtrain.train.artifacts import load_lora_stage
+
+        bundle, base_connector = load_lora_stage(args.source)
+        out = export_peft(bundle, args.out, base_connector)
+        print(f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base (Llava)")
+        return 0
     bundle = load_model_source(args.source)
     if args.format == "hf-llava":
         from vlmtrain.model.hf_llava import export_llava
@@ -105,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model to transformers Llava or vlmtrain's own format",
                        description="Export a model folder (vlmtrain or transformers Llava) to another format.")
     e.add_argument("source", metavar="RUN_OR_CKPT", help="run dir, stage dir, checkpoint (.ckpt), vlmtrain model folder or transformers Llava folder")
-    e.add_argument("--format", required=True, choices=["hf-llava", "vlmtrain"],
+    e.add_argument("--format", required=True, choices=["hf-llava", "vlmtrain", "peft"],
                    help="hf-llava: LlavaForConditionalGeneration + AutoProcessor folder (linear/mlp2x_gelu "
-                        "connectors); vlmtrain: native folder (any connector)")
+                        "connectors; LoRA runs are exported merged); vlmtrain: native folder (any connector); "
+                        "peft: a LoRA stage's adapter in PEFT format (OUT/adapter) over its base (OUT/base)")
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(func=cmd_export)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.model.lora import base_state_dict
 
 LLAVA_CONNECTORS = ("linear", "mlp2x_gelu")
 
@@ -46,8 +47,8 @@ def _llava_config(bundle):
     )
 
 
-def _projector_state(bundle) -> dict[str, torch.Tensor]:
-    c = bundle.model.connector
+def _projector_state(bundle, connector=None) -> dict[str, torch.Tensor]:
+    c = connector if connector is not None else bundle.model.connector
     if bundle.config.connector.name == "mlp2x_gelu":
         return {k: v.detach() for k, v in c.state_dict().items()}
     w, b = c.proj.weight.detach(), c.proj.bias.detach()
@@ -72,10 +73,11 @@ def to_llava(bundle):
     with torch.device("meta"):
         llava = LlavaForConditionalGeneration(cfg)
     m = bundle.model
-    llava.model.vision_tower.load_state_dict(m.vision.model.state_dict(), strict=True, assign=True)
+    # base_state_dict: a model carrying (unmerged) LoRA adapters exports its base weights
+    llava.model.vision_tower.load_state_dict(base_state_dict(m.vision.model), strict=True, assign=True)
     llava.model.multi_modal_projector.load_state_dict(_projector_state(bundle), strict=True, assign=True)
-    llava.model.language_model.load_state_dict(m.llm.get_decoder().state_dict(), strict=True, assign=True)
-    llava.lm_head.load_state_dict(m.llm.get_output_embeddings().state_dict(), strict=True, assign=True)
+    llava.model.language_model.load_state_dict(base_state_dict(m.llm.get_decoder()), strict=True, assign=True)
+    llava.lm_head.load_state_dict(base_state_dict(m.llm.get_output_embeddings()), strict=True, assign=True)
     if cfg.tie_word_embeddings:
         llava.tie_weights()
     # Non-persistent buffers (rotary inv_freq, position ids) are not in state dicts: take them from our modules,
@@ -109,6 +111,62 @@ def export_llava(bundle, out: str | Path) -> Path:
     llava = to_llava(bundle)
     llava.save_pretrained(out)
     llava_processor(bundle).save_pretrained(out)
+    return out
+
+
+# vlmtrain module names → transformers Llava module names (for adapters)
+_LLAVA_PREFIXES = (("llm.model.", "model.language_model."), ("llm.lm_head", "lm_head"),
+                   ("vision.model.", "model.vision_tower."), ("connector.", "model.multi_modal_projector."))
+
+
+def _to_llava_name(name: str) -> str:
+    for ours, theirs in _LLAVA_PREFIXES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    raise VlmtrainError(f"no Llava equivalent for module {name!r}")
+
+
+def export_peft(bundle, out: str | Path, base_connector=None) -> Path:
+    """A model carrying trained LoRA adapters → `out/base` (transformers Llava of the base weights) and
+    `out/adapter` (PEFT's standard adapter format for that Llava), so that
+    `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(out/base), out/adapter)` reproduces the
+    trained model. A trained connector travels as PEFT `modules_to_save` (as LLaVA does for its projector);
+    `base_connector` is the connector before training (the base folder gets it)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from vlmtrain.model.lora import adapter_state_dict, lora_layers
+
+    m = bundle.model
+    layers = [n for n, _ in lora_layers(m)]
+    if not layers:
+        raise VlmtrainError("export --format peft: this model has no LoRA adapters")
+    lora_mod = dict(lora_layers(m))[layers[0]]
+    out = Path(out)
+    trained_connector = m.connector
+    if base_connector is not None:
+        m.connector = base_connector
+    try:
+        llava = to_llava(bundle)
+    finally:
+        m.connector = trained_connector
+    llava.save_pretrained(out / "base")
+    llava_processor(bundle).save_pretrained(out / "base")
+    adapter = lora_mod.lora_A["default"]
+    cfg = LoraConfig(r=adapter.out_features, lora_alpha=lora_mod.lora_alpha["default"],
+                     lora_dropout=0.0, target_modules=[_to_llava_name(n) for n in layers],
+                     use_dora=bool(lora_mod.use_dora.get("default", False)),
+                     modules_to_save=["multi_modal_projector"] if base_connector is not None else None)
+    peft_model = get_peft_model(llava, cfg)
+    state = {_to_llava_name(k): v for k, v in adapter_state_dict(m).items()}
+    if base_connector is not None:
+        state.update({f"model.multi_modal_projector.{k}": v
+                      for k, v in _projector_state(bundle, trained_connector).items()})
+    # keys are addressed from the PeftModel wrapper, as PEFT saves them
+    result = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in state.items()})
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        raise VlmtrainError(f"export --format peft: adapter tensors not placed: {missing[:3]}")
+    peft_model.save_pretrained(out / "adapter")
     return out
 
 

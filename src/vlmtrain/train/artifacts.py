@@ -46,6 +46,9 @@ def load_checkpoint_model(ckpt: Path):
     result = bundle.model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise VlmtrainError(f"{ckpt}: unexpected tensors {result.unexpected_keys[:3]}")
+    from vlmtrain.model.lora import merge_lora_
+
+    merge_lora_(bundle.model)  # a LoRA checkpoint becomes a plain (merged) model for export/eval/generate
     return bundle
 
 
@@ -60,3 +63,32 @@ def load_model_source(path: str | Path):
             return load_any(path / "model")
         return load_any(final_stage_dir(path) / "model")
     return load_any(path)
+
+
+def load_lora_stage(path: str | Path):
+    """A LoRA stage as (bundle with its trained, unmerged adapters and connector, the connector before training).
+    `path`: a stage dir with adapter/, or a recipe run dir whose final stage trained LoRA."""
+    import copy
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.model.io import load_any
+    from vlmtrain.model.lora import load_adapter_state
+    from vlmtrain.train.runner import load_stage_start
+
+    path = Path(path)
+    stage_dir = path if (path / "adapter").is_dir() else final_stage_dir(path)
+    if not (stage_dir / "adapter" / "adapter.safetensors").is_file():
+        raise VlmtrainError(f"{stage_dir}: not a LoRA stage (no adapter/adapter.safetensors); "
+                            "use --format hf-llava or vlmtrain")
+    stage = validate(StageConfig, yaml.safe_load((stage_dir / "config.yaml").read_text()),
+                     source=str(stage_dir / "config.yaml"))
+    bundle = load_stage_start(stage, stage_dir)  # base weights + freshly initialised adapters
+    base_connector = copy.deepcopy(bundle.model.connector)
+    load_adapter_state(bundle.model, load_file(stage_dir / "adapter" / "adapter.safetensors"))
+    trained = load_any(stage_dir / "model").model  # merged output: its connector is the trained one
+    bundle.model.connector.load_state_dict(trained.connector.state_dict())
+    return bundle, (base_connector if stage.train.connector else None)

@@ -28,26 +28,44 @@ def trainable_table(model) -> dict[str, dict[str, int]]:
     return table
 
 
+def _is_adapter(param_name: str) -> bool:
+    return "lora_" in param_name
+
+
 def apply_stage_trainability(model, train) -> dict[str, dict[str, int]]:
-    """Set requires_grad per module from the stage's `train` block, verify, log a table, return it."""
+    """Set requires_grad per module from the stage's `train` block (true | false | "lora"), verify, log a table.
+
+    Verification is what catches "LoRA silently became full fine-tuning": in a `lora` module every adapter
+    parameter must train and no base parameter may; in a frozen module nothing may train."""
     for name in MODULES:
-        getattr(model, name).requires_grad_(bool(getattr(train, name)))
+        want = getattr(train, name)
+        for pname, p in getattr(model, name).named_parameters():
+            p.requires_grad_(_is_adapter(pname) if want == "lora" else bool(want))
     table = trainable_table(model)
     problems = []
     for name in MODULES:
         want, row = getattr(train, name), table[name]
-        if want and row["trainable"] == 0:
+        row["mode"] = "lora" if want == "lora" else "full" if want else "frozen"
+        params = list(getattr(model, name).named_parameters())
+        if want == "lora":
+            adapters = [p for n, p in params if _is_adapter(n)]
+            if not adapters:
+                problems.append(f"train.{name}: 'lora' but the module has no LoRA adapters")
+            leaked = sum(p.numel() for n, p in params if p.requires_grad and not _is_adapter(n))
+            if leaked:
+                problems.append(f"train.{name}: 'lora' but {leaked:,} base parameters would train")
+        elif want and row["trainable"] == 0:
             problems.append(f"train.{name}: set to train but has no trainable parameters")
         if not want and row["trainable"] > 0:
             problems.append(f"train.{name}: set frozen but {row['trainable']:,} parameters would train")
     if problems:
         raise ConfigError(problems)
-    lines = ["trainable parameters:", f"  {'module':<10} {'trainable':>14} {'frozen':>14}"]
+    lines = ["trainable parameters:", f"  {'module':<10} {'mode':<7} {'trainable':>14} {'frozen':>14}"]
     for name in MODULES:
         r = table[name]
-        lines.append(f"  {name:<10} {r['trainable']:>14,d} {r['frozen']:>14,d}")
-    tot_t = sum(r["trainable"] for r in table.values())
-    tot_f = sum(r["frozen"] for r in table.values())
-    lines.append(f"  {'total':<10} {tot_t:>14,d} {tot_f:>14,d}")
+        lines.append(f"  {name:<10} {r['mode']:<7} {r['trainable']:>14,d} {r['frozen']:>14,d}")
+    tot_t = sum(table[n]["trainable"] for n in MODULES)
+    tot_f = sum(table[n]["frozen"] for n in MODULES)
+    lines.append(f"  {'total':<10} {'':<7} {tot_t:>14,d} {tot_f:>14,d}")
     log.info("\n".join(lines))
     return table

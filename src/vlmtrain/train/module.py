@@ -76,7 +76,7 @@ class VLMModule(pl.LightningModule):
         self._ref: list = []  # DPO reference model, kept out of the module tree (not saved, not wrapped by DDP)
         self.cursor: dict | None = None
         self.last_stats: dict = {}
-        if stage.objective == "dpo":
+        if stage.objective == "dpo" and stage.dpo.reference == "copy":
             ref = copy.deepcopy(self.model).eval().requires_grad_(False)
             self._ref.append(ref)
 
@@ -134,13 +134,11 @@ class VLMModule(pl.LightningModule):
         d = self.stage.dpo
         pairs_global = self._all_sum(sum(b["input_ids"].shape[0] // 2 for b in micro))
         scale = self._world() / pairs_global
-        ref = self._ref[0]
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
         for b in micro:
             inputs = _model_inputs(b)
             logps, ntok = sequence_logps(self.model(*inputs).logits, b["labels"])
-            with torch.no_grad():
-                ref_logps, _ = sequence_logps(ref(*inputs).logits, b["labels"])
+            ref_logps = self._reference_logps(inputs, b["labels"])
             pc, pr = logps.chunk(2)
             rc, rr = ref_logps.chunk(2)
             nc, nr = ntok.chunk(2)
@@ -155,6 +153,20 @@ class VLMModule(pl.LightningModule):
         return {"loss": tot["loss"], "rewards/chosen": tot["chosen"], "rewards/rejected": tot["rejected"],
                 "rewards/margins": tot["chosen"] - tot["rejected"], "rewards/accuracies": tot["correct"],
                 "pairs": pairs_global}
+
+    @torch.no_grad()
+    def _reference_logps(self, inputs: tuple, labels: torch.Tensor) -> torch.Tensor:
+        """The frozen reference: a copy of the starting model, or the policy itself with its LoRA adapters off
+        (no second model in memory)."""
+        if self._ref:
+            return sequence_logps(self._ref[0](*inputs).logits, labels)[0]
+        from vlmtrain.model.lora import set_adapters_enabled
+
+        set_adapters_enabled(self.model, False)
+        try:
+            return sequence_logps(self.model(*inputs).logits, labels)[0]
+        finally:
+            set_adapters_enabled(self.model, True)
 
     def on_fit_start(self) -> None:
         for ref in self._ref:

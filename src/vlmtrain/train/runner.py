@@ -83,10 +83,16 @@ def load_stage_start(stage: StageConfig, base_dir: Path):
 
     pl.seed_everything(stage.trainer.seed, workers=True, verbose=False)
     if stage.init_from:
-        return load_any(stage.init_from)
-    if stage.model is None:
+        bundle = load_any(stage.init_from)
+    elif stage.model is None:
         raise VlmtrainError("stage: give `model` (first stage) or `init_from`")
-    return build_model(_resolve_model(stage.model, base_dir))
+    else:
+        bundle = build_model(_resolve_model(stage.model, base_dir))
+    if stage.lora is not None:
+        from vlmtrain.model.lora import apply_lora
+
+        apply_lora(bundle.model, stage.lora, llm=stage.train.llm == "lora", vision=stage.train.vision == "lora")
+    return bundle
 
 
 def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | None = None, resume: bool = False,
@@ -108,6 +114,10 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning sets INFO at import; keep its warnings only
         logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    # vlmtrain checkpoints after the optimizer step on purpose (the state a resume continues from)
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     run_dir = Path(run_dir)
     base_dir = Path(base_dir)
     data_root = Path(data_root) if data_root else run_dir.parent / "data"
@@ -127,6 +137,10 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     bundle = load_stage_start(stage, base_dir)
     start_hashes = module_hashes(bundle.model)
     table = apply_stage_trainability(bundle.model, stage.train)
+    if stage.lora is not None:
+        from vlmtrain.model.lora import lora_layers
+
+        log.info(f"LoRA r={stage.lora.r} alpha={stage.lora.alpha}: {len(lora_layers(bundle.model))} adapted layers")
     if stage.trainer.grad_checkpointing:
         bundle.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if stage.train.vision:
@@ -202,6 +216,15 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     if stage.objective == "next_token":  # share of (non-pad) tokens that carry a loss
         summary["supervised_fraction"] = recorder.totals["supervised"] / max(recorder.totals["tokens"], 1)
     if _rank_zero():
+        from vlmtrain.model.lora import adapter_state_dict, has_lora, merge_lora_
+
+        if has_lora(bundle.model):  # keep the adapter (PEFT export), hand the next stage a merged model
+            from safetensors.torch import save_file
+
+            (run_dir / "adapter").mkdir(exist_ok=True)
+            save_file(adapter_state_dict(bundle.model), str(run_dir / "adapter" / "adapter.safetensors"))
+            (run_dir / "adapter" / "lora.json").write_text(json.dumps(stage.lora.model_dump(mode="json")))
+            merge_lora_(bundle.model)
         save_native(bundle, run_dir / "model")
         if eval_shards:
             summary["eval"] = run_eval()

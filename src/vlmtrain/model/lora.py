@@ -1,0 +1,100 @@
+"""LoRA adapters through PEFT, injected in place into the composed VLM.
+
+Targets are regexes over the VLM's own module names (`llm.model.layers.3.self_attn.q_proj`), so an LLM pattern can
+never hit the vision tower's `q_proj` (a known PEFT trap with plain name lists). `inject_adapter_in_model` keeps the
+VLM's attributes (`model.vision`, `model.llm`, ...) where they are, unlike wrapping the whole model in a PeftModel.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from vlmtrain.errors import ConfigError
+
+
+def lora_regex(lora_cfg, llm: bool, vision: bool) -> str:
+    pats = ([lora_cfg.llm_target] if llm else []) + ([lora_cfg.vision_target] if vision else [])
+    return "|".join(f"(?:{p})" for p in pats)
+
+
+def target_names(model: nn.Module, regex: str) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(regex, n)]
+
+
+def peft_config(lora_cfg, regex: str):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=regex,
+                      use_dora=lora_cfg.dora, bias="none")
+
+
+def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]:
+    """Inject adapters; returns the targeted module names. Adapter init draws from the torch RNG (seeded by the
+    stage), so a resumed run rebuilds the same starting adapters before loading the checkpoint."""
+    from peft import inject_adapter_in_model
+
+    if lora_cfg.quantize:
+        if not torch.cuda.is_available():
+            raise ConfigError("lora.quantize: 4-bit QLoRA needs a CUDA GPU (bitsandbytes); this machine has none — "
+                              "remove lora.quantize to train LoRA on a bf16/fp32 base")
+        raise ConfigError("lora.quantize: 4-bit QLoRA is not built yet; remove lora.quantize (bf16 LoRA fits "
+                          "LLaVA-1.5-7B in 24 GiB with gradient checkpointing, see `vlmtrain plan`)")
+    regex = lora_regex(lora_cfg, llm, vision)
+    names = target_names(model, regex)
+    if llm and not any(n.startswith("llm.") for n in names):
+        raise ConfigError(f"lora.llm_target: {lora_cfg.llm_target!r} matches no linear layer of the LLM")
+    if vision and not any(n.startswith("vision.") for n in names):
+        raise ConfigError(f"lora.vision_target: {lora_cfg.vision_target!r} matches no linear layer of the tower")
+    inject_adapter_in_model(peft_config(lora_cfg, regex), model)
+    return names
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(model: nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter on/off (off = the base model: DPO's reference without a second copy)."""
+    for _, m in lora_layers(model):
+        m.enable_adapters(enabled)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under VLM names without PEFT's adapter name (`...q_proj.lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def merge_lora_(model: nn.Module) -> int:
+    """Fold adapters into their base weights and put the plain base layers back; returns layers merged."""
+    layers = lora_layers(model)
+    for name, m in layers:
+        m.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.get_base_layer())
+    return len(layers)
+
+
+def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as if it had no adapters (`q_proj.base_layer.weight` → `q_proj.weight`)."""
+    return {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if "lora_" not in k}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    bad = [k for k in result.unexpected_keys if "lora_" in k]
+    if bad:
+        raise ValueError(f"adapter tensors do not fit this model: {bad[:3]}")
