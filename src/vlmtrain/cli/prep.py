@@ -127,13 +127,40 @@ def cmd_prep(args) -> int:
                        progress=ProgressLine(total, args.progress_every), extra=extra)
     for w in source.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    _finish(man, source.inputs, args.out)
+    return 0
+
+
+def _finish(man: dict, inputs: list[str], out: str) -> None:
+    """Exit 1 when nothing usable was written, else print the one summary line."""
     if man["samples"] == 0:
         if man["input_records"] == 0:
-            raise VlmtrainError(f"{', '.join(source.inputs)}: no records found")
+            raise VlmtrainError(f"{', '.join(inputs)}: no records found")
         top = ", ".join(f"{k} {v:,}" for k, v in man["rejected_by_reason"].items())
         raise VlmtrainError(f"no usable samples: all {man['input_records']:,} records rejected ({top}); "
-                            f"see {os.path.join(args.out, 'rejects.jsonl')}")
-    print(_summary_line(man, args.out))
+                            f"see {os.path.join(out, 'rejects.jsonl')}")
+    print(_summary_line(man, out))
+
+
+def cmd_prep_medical(args) -> int:
+    """`prep medical`: the privacy gate (vlmtrain.privacy.gate) in front of the shard writer."""
+    from vlmtrain.data.writer import check_out_dir
+    from vlmtrain.privacy.gate import count_rows, records_file, run_gate
+    from vlmtrain.privacy.policy import load_policy
+
+    check_out_dir(args.out, args.overwrite)
+    policy = load_policy(args.policy)  # a bad policy stops here, before anything is read
+    measure = _measure(args)
+    records = records_file(args.src)
+    total = count_rows(records)
+    total = min(total, args.limit) if args.limit is not None else total
+    print(f"prep medical: {records} ({total:,} records), policy {args.policy} ({policy.hash()[:19]}), "
+          f"lengths in {measure.unit}, {args.workers} worker(s)", file=sys.stderr, flush=True)
+    man, _ = run_gate(args.src, args.policy, args.out, images=args.images, measure=measure,
+                      shard_size=args.shard_size, shard_bytes=args.shard_bytes, overwrite=args.overwrite,
+                      progress=ProgressLine(total, args.progress_every), workers=args.workers, limit=args.limit,
+                      ids=args.ids)
+    _finish(man, [str(records)], args.out)
     return 0
 
 
@@ -180,7 +207,7 @@ _JSON_FORMATS = {
 
 def add_parser(sub) -> None:
     """Register `prep` and its per-format subcommands on the top-level subparsers."""
-    p = sub.add_parser("prep", help="convert LLaVA / ShareGPT / captions / DPO data into WebDataset shards",
+    p = sub.add_parser("prep", help="convert LLaVA / ShareGPT / captions / DPO / medical data into WebDataset shards",
                        description="Convert a public VLM data format into WebDataset tar shards with a manifest "
                                    "(counts, lengths) and rejects.jsonl (one line per dropped record). Exit 0 "
                                    "when at least one sample was written, 1 when none was.")
@@ -204,3 +231,15 @@ def add_parser(sub) -> None:
     c.add_argument("--caption-col", metavar="COL", help="caption column (default: caption, else text)")
     _common(c)
     c.set_defaults(fmt="captions")
+    m = fmts.add_parser("medical", help="DICOM/PNG/JPEG + reports → chat, through the privacy gate",
+                        description="Medical images with report text, consent and provenance "
+                                    "(DIR/records.jsonl: id, image, report, consent, patient_id?) through the "
+                                    "privacy gate: consent and policy checks, DICOM de-identification (PS3.15 "
+                                    "Basic Profile), PHI in reports replaced by [CATEGORY] tags. Also writes "
+                                    "privacy_report.json (counts per reason, policy hash). See docs/privacy.md.")
+    m.add_argument("--src", required=True, metavar="DIR", help="folder with records.jsonl; image paths are "
+                   "relative to it (or to --images)")
+    m.add_argument("--policy", required=True, metavar="POLICY.yaml", help="the privacy policy "
+                   "(configs/privacy/default-policy.yaml documents every field)")
+    _common(m)
+    m.set_defaults(fmt="medical", func=cmd_prep_medical)

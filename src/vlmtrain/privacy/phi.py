@@ -1,0 +1,347 @@
+"""Protected health information (PHI) in report text: find it, replace it with category tags, or refuse the text.
+
+    scrubber = PhiScrubber()
+    result = scrubber.clean("Seen 03/14/2023 by Dr. Jane Roe, call 617-555-0123.", KnownIdentifiers(...))
+    result.text    # "Seen [DATE] by Dr. [NAME], call [PHONE]."
+    result.counts  # Counter({"DATE": 1, "NAME": 1, "PHONE": 1})
+
+Three sources of detections, merged (overlaps become one span, tagged by the longest detection):
+
+1. **scrubadub** (a maintained PII library that runs offline): e-mail addresses, phone numbers (Google's
+   `phonenumbers` parser, so `(617) 555 0199` and `+44 20 7946 0958` are found but `5 mm` and `120/80` are not),
+   URLs, US social security numbers, credit card numbers and username/password pairs. Its name detectors need
+   NLTK corpora or spaCy/Stanford models that are downloaded at run time, so they are not used; Presidio's
+   analyzer was not chosen for the same reason (its NER needs a downloaded spaCy model, and it pulls spaCy and
+   tldextract, which fetches a suffix list over the network, for the few regexes that would be left).
+2. **The record's own identifiers** (`KnownIdentifiers`): the patient's and staff names, the patient id,
+   accession number and institution read from the DICOM header before de-identification and from the records
+   file. Exact values the detectors below might miss are removed wherever they appear.
+3. **Extra patterns** (this module, `PATTERNS`), for what scrubadub has no offline detector for, each written so
+   that clinical text stays intact (the test table in `tests/test_phi.py` lists both sides):
+   - DATE: numeric dates that carry a year (`03/14/2023`, `14.03.2023`, `2023-03-14`, DICOM `20230314`,
+     `3/2023`) and month-name dates (`March 14, 2023`, `14 Mar 2023`, `March 2023`). Fractions and scores such
+     as `3/4`, `5/10` and ranges such as `10-15 mm` have no year and are left alone; a bare year is not PHI
+     under HIPAA Safe Harbor and is kept.
+   - AGE>89: ages of 90 and over (`94-year-old`, `92 y/o`, `aged 95`, `nonagenarian`); Safe Harbor allows
+     ages up to 89, so `45-year-old` is kept.
+   - ID: numbers after a record-number label (`MRN`, `Acc#`, `Patient ID:` ...), runs of 6+ digits and
+     letter-prefixed numbers (`AB123456`). Measurements never reach six bare digits.
+   - NAME: a title (`Dr.`, `Mrs.` ...) or a label (`Patient:`, `Signed by`, `Referring physician:`) followed by
+     capitalised words; `Patient` + two capitalised words (`Patient Priya Raman`); `Given Family` /
+     `Family, Given` pairs where both words are in the US census-derived first- and last-name lists that Faker
+     ships (so `Iris` or `Grant` alone, or `Parkinson disease`, are kept); DICOM-style `FAMILY^GIVEN`.
+     The title itself is kept: `Dr. [NAME]`.
+   - ADDRESS: a house number + street name + street suffix (with unit, city, state and ZIP when present),
+     `City, ST 12345`, PO boxes and labelled ZIP codes. LOCATION: named hospitals, clinics and imaging centres.
+4. **What cannot be cleaned is refused** (`PhiUncleanable`): a known identifier that is still inside another
+   token after replacement (`jsmith1234`), or a PHI label whose value no detector recognised (`DOB: the
+   fourteenth of March`, `Name: john smith`) — the label says PHI follows, and its extent is unknown.
+
+Guarantee and limit: every detection listed above is replaced; names that appear with no title, label,
+dictionary pair or known value (`seen with Zork today`) are not found — pattern-based scrubbing is
+best-effort for free names, which is why the record's own names are passed in and why refusal exists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+CATEGORIES = ("NAME", "DATE", "ID", "PHONE", "EMAIL", "URL", "ADDRESS", "LOCATION", "AGE>89")
+TAG = {c: f"[{c}]" for c in CATEGORIES}
+_TAG_RE = re.compile(r"\[(?:" + "|".join(re.escape(c) for c in CATEGORIES) + r")\]")
+
+# scrubadub filth type → category
+_SCRUBADUB = {"email": "EMAIL", "phone": "PHONE", "url": "URL", "social_security_number": "ID",
+              "credit_card": "ID", "credential": "ID"}
+
+# Values that DICOM test data and PACS exports put in name fields without naming anyone; removing them from
+# reports would only damage text ("the patient").
+_PLACEHOLDERS = {"patient", "name", "anonymous", "anonymized", "anonymised", "unknown", "none", "test", "na",
+                 "n/a", "removed", "redacted", "mr", "mrs", "ms", "dr", "jr", "sr", "ii", "iii"}
+
+_MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
+          r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?|JAN(?:UARY)?|FEB(?:RUARY)?|MAR(?:CH)?|"
+          r"APR(?:IL)?|MAY|JUNE?|JULY?|AUG(?:UST)?|SEPT?(?:EMBER)?|OCT(?:OBER)?|NOV(?:EMBER)?|DEC(?:EMBER)?)")
+_DAY = r"(?:0?[1-9]|[12]\d|3[01])"
+_MON = r"(?:0?[1-9]|1[0-2])"
+_YEAR = r"(?:19|20)\d{2}"
+# A capitalised name word: Smith, SMITH, McDonald, O'Brien, Smith-Jones.
+_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
+_INITIAL = r"[A-Z]\."
+_NAME_SEQ = rf"(?:{_INITIAL}\s*)*{_WORD}(?:\s+(?:{_INITIAL}\s*)*{_WORD}){{0,2}}"
+_TITLE = r"(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Professor|Doctor|Nurse)\b\.?"
+_NAME_LABEL = (r"(?:patient(?:\s+name)?|pt(?:\s+name)?|name|referring(?:\s+(?:physician|doctor|provider))?|"
+               r"physician|radiologist|attending|resident|technologist|tech|provider|consultant|surgeon|"
+               r"clinician|cc|guardian|next of kin|nok|mother|father|spouse)\s*:")
+_BY_LABEL = r"(?:dictated|signed|reported|read|reviewed|seen|examined|verified|transcribed|referred|performed)\s+by"
+_STREET = (r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|"
+           r"Ter|Circle|Cir|Highway|Hwy|Parkway|Pkwy|Square|Sq|Close|Crescent|Gardens)")
+_ID_LABEL = (r"(?:MRN|MR\s*#|MR\s*No\.?|medical\s+record(?:\s+(?:number|no\.?|#))?|record\s+(?:number|no\.?|#)|"
+             r"acc(?:ession)?(?:\s*(?:number|no\.?|#))?|patient\s+id|pid|id|account(?:\s+(?:number|no\.?))?|"
+             r"acct\.?|encounter(?:\s+(?:number|no\.?|id))?|visit\s+(?:number|no\.?|id)|case\s+(?:number|no\.?)|"
+             r"NHS(?:\s+number)?|insurance(?:\s+(?:number|id|no\.?))?|member\s+id|policy\s+(?:number|no\.?)|"
+             r"study\s+id|licen[cs]e(?:\s+(?:number|no\.?))?)")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One documented extra pattern. The span replaced is group `v` when the regex has one (so `Dr.` or
+    `MRN` stays), else the whole match."""
+
+    category: str
+    name: str
+    regex: re.Pattern
+
+
+def _p(category: str, name: str, regex: str, flags: int = 0) -> Pattern:
+    return Pattern(category, name, re.compile(regex, flags))
+
+
+PATTERNS: tuple[Pattern, ...] = (
+    # ---- ages over 89 (Safe Harbor keeps ages up to 89) ----
+    _p("AGE>89", "age-years", r"\b(?:9\d|1[0-4]\d)(?:\s*-\s*|\s*)(?:years?|yrs?|y/o|y\.o\.|yo)\b(?:\s*-?\s*old\b)?",
+       re.I),
+    _p("AGE>89", "age-label", r"\b(?:age|aged)\s*:?\s*(?P<v>(?:9\d|1[0-4]\d))\b(?!\s*(?:%|mm|cm|mg|ml|kg))", re.I),
+    _p("AGE>89", "age-word", r"\b(?:nonagenarian|centenarian|supercentenarian)s?\b", re.I),
+    # ---- dates (all elements except the year alone) ----
+    _p("DATE", "date-mdy", rf"\b{_MON}/{_DAY}/(?:{_YEAR}|\d{{2}})\b|\b{_MON}-{_DAY}-{_YEAR}\b"),
+    _p("DATE", "date-dmy", rf"\b{_DAY}([./-]){_MON}\1{_YEAR}\b"),
+    _p("DATE", "date-ymd", rf"\b{_YEAR}([./-]){_MON}\1{_DAY}\b"),
+    _p("DATE", "date-dicom", r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b"),
+    _p("DATE", "date-my", rf"\b{_MON}/{_YEAR}\b"),
+    _p("DATE", "date-month-day", rf"\b{_MONTH}\.?\s+{_DAY}(?:st|nd|rd|th)?\b(?:,?\s+{_YEAR}\b)?"),
+    _p("DATE", "date-day-month", rf"\b{_DAY}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\b\.?(?:,?\s+{_YEAR}\b)?"),
+    _p("DATE", "date-month-year", rf"\b{_MONTH}\.?,?\s+{_YEAR}\b"),
+    # ---- record numbers ----
+    _p("ID", "id-labelled", rf"\b{_ID_LABEL}\s*[:#]?\s*(?P<v>[A-Za-z]{{0,4}}[-/]?\d[A-Za-z0-9/-]*)", re.I),
+    _p("ID", "id-digits", r"(?<![\d.,])\d{6,}(?![\d.,]\d)"),
+    _p("ID", "id-prefixed", r"\b[A-Z]{1,3}-?\d{5,}\b"),
+    # ---- names ----
+    _p("NAME", "name-title", rf"\b{_TITLE}\s*(?P<v>{_NAME_SEQ})"),
+    _p("NAME", "name-label", rf"(?i:\b{_NAME_LABEL})[ \t]*(?:{_TITLE}\s*)?(?P<v>{_NAME_SEQ})"),
+    _p("NAME", "name-by", rf"(?i:\b{_BY_LABEL})[ \t]+(?:{_TITLE}\s*)?(?P<v>{_NAME_SEQ})"),
+    # "Patient Jane Roe": two capitalised words after "patient" with no colon (a label takes any name)
+    _p("NAME", "name-patient", r"\b(?i:patient|pt\.?)[ \t]+(?P<v>(?:Mc|Mac|O['’])?[A-Z][a-z]+(?:[ \t]+[A-Z]\.)?"
+       r"[ \t]+(?:Mc|Mac|O['’])?[A-Z][a-z]+(?:-[A-Z][a-z]+)?)\b"),
+    _p("NAME", "name-dicom", r"\b[A-Za-z][A-Za-z'-]*\^[A-Za-z'^ -]*[A-Za-z]"),
+    # ---- addresses and places ----
+    _p("ADDRESS", "address-street",
+       rf"\b\d{{1,6}}[A-Za-z]?\s+(?:[A-Z][a-z]+\.?\s+){{0,3}}[A-Z][a-z]+\s+{_STREET}\b\.?"
+       rf"(?:,?\s*(?:Apt|Apartment|Suite|Ste|Unit|Flat|#)\.?\s*[A-Za-z0-9-]+)?"
+       rf"(?:,\s*[A-Z][a-z]+(?:\s+[A-Z][a-z]+){{0,2}})?(?:,?\s+[A-Z]{{2}}\b)?(?:\s+\d{{5}}(?:-\d{{4}})?\b)?"),
+    _p("ADDRESS", "address-city-zip", r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+){0,2},\s*[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"),
+    _p("ADDRESS", "address-po-box", r"\bP\.?\s?O\.?\s+Box\s+\d+\b", re.I),
+    _p("ADDRESS", "address-zip", r"\b(?:zip(?:\s+code)?|postcode|postal\s+code)\s*[:#]?\s*(?P<v>\d{5}(?:-\d{4})?)\b",
+       re.I),
+    _p("LOCATION", "institution",
+       r"\b(?:(?:St\.?|Saint)\s+)?(?:[A-Z][a-z'’]+\s+){1,4}(?:Hospital|Medical\s+Cent(?:er|re)|Clinic|Infirmary|"
+       r"Health\s+System|Imaging\s+Cent(?:er|re))\b"),
+)
+
+# A PHI label whose value must have been replaced; `Name: none` and `Phone: n/a` are fine.
+_LABELLED_PHI = re.compile(
+    r"\b(?P<label>name|patient\s+name|pt\s+name|dob|d\.o\.b\.?|date\s+of\s+birth|birth\s*date|mrn|"
+    r"medical\s+record\s+(?:number|no\.?)|ssn|social\s+security(?:\s+number)?|phone|tel(?:ephone)?|mobile|"
+    r"cell|fax|e-?mail|address|addr\.?|home\s+address)\s*[:#]\s*(?P<value>[^\n]*)", re.I)
+_EMPTY_VALUES = re.compile(r"(?:none|n/?a|unknown|not\s+(?:provided|available|recorded|given)|withheld|redacted|"
+                           r"-+)\b", re.I)
+_TITLE_PREFIX = re.compile(rf"(?:{_TITLE}\s*)")
+
+
+class PhiUncleanable(ValueError):
+    """Text that cannot be cleaned with confidence. `detail` names what (never the PHI itself)."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__(detail)
+
+
+@dataclass
+class KnownIdentifiers:
+    """Values known to identify this record's patient or staff (from the DICOM header before de-identification
+    and from the records file). Names are person names in any form (`Smith^John`, `John Smith`)."""
+
+    names: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    places: list[str] = field(default_factory=list)
+    phones: list[str] = field(default_factory=list)
+
+    def name_parts(self) -> list[tuple[str, ...]]:
+        """Each name as its components (family, given, middle ...), placeholders and one-letter parts dropped."""
+        out = []
+        for n in self.names:
+            parts = tuple(p for p in re.split(r"[\^,\s]+", n or "") if len(p.strip(".'-")) >= 2
+                          and p.lower().strip(".") not in _PLACEHOLDERS)
+            if parts:
+                out.append(parts)
+        return out
+
+
+@dataclass
+class CleanResult:
+    text: str
+    counts: Counter
+
+
+@lru_cache(maxsize=1)
+def _name_lists() -> tuple[frozenset, frozenset]:
+    """First and last names from Faker's en_US person provider (US Census / SSA derived lists shipped inside the
+    package: offline, no download)."""
+    from faker.providers.person.en_US import Provider
+
+    first = set(Provider.first_names_male) | set(Provider.first_names_female)
+    first |= set(getattr(Provider, "first_names_nonbinary", ()))
+    return frozenset(n.title() for n in first), frozenset(n.title() for n in Provider.last_names)
+
+
+_PAIR = re.compile(rf"\b(?=({_WORD})\s+(?:{_INITIAL}\s+)?({_WORD})\b)")
+_REVERSED_PAIR = re.compile(rf"\b(?=({_WORD}),\s*({_WORD})\b)")
+
+
+def _dictionary_names(text: str) -> list[tuple[int, int]]:
+    """`Given [M.] Family` and `Family, Given` where both words are in the name lists (same case style)."""
+    first, last = _name_lists()
+    spans = []
+    for m in _PAIR.finditer(text):
+        a, b = m.group(1), m.group(2)
+        if a.title() in first and b.title() in last and a.isupper() == b.isupper():
+            spans.append((m.start(1), m.end(2)))
+    for m in _REVERSED_PAIR.finditer(text):
+        a, b = m.group(1), m.group(2)
+        if a.title() in last and b.title() in first and a.isupper() == b.isupper():
+            spans.append((m.start(1), m.end(2)))
+    return spans
+
+
+def _flex(value: str) -> str:
+    """A literal value as a regex that tolerates any run of spaces/commas/carets between its words."""
+    words = [re.escape(w) for w in re.split(r"[\s,^]+", value.strip()) if w]
+    return r"[\s,^]+".join(words)
+
+
+def _known_regexes(known: KnownIdentifiers) -> list[tuple[str, re.Pattern]]:
+    out: list[tuple[str, re.Pattern]] = []
+    for parts in known.name_parts():
+        # Full forms first (longest spans), then each component on its own. Components of 4+ letters match in
+        # any case; shorter ones only as written, so "Al" does not eat "et al".
+        full = [" ".join(parts), " ".join(parts[1:] + parts[:1])]
+        for f in full:
+            out.append(("NAME", re.compile(rf"(?<![A-Za-z]){_flex(f)}(?![A-Za-z])", re.I)))
+        for p in parts:
+            flags = re.I if len(p) >= 4 else 0
+            alts = {p, p.title(), p.upper()} if len(p) < 4 else {p}
+            alt = "|".join(re.escape(a) for a in sorted(alts))
+            out.append(("NAME", re.compile(rf"(?<![A-Za-z])(?:{alt})(?![A-Za-z])", flags)))
+    for category, values in (("ID", known.ids), ("PHONE", known.phones)):
+        for v in values:
+            v = (v or "").strip()
+            if len(v) >= 3 and v.lower() not in _PLACEHOLDERS:
+                out.append((category, re.compile(rf"(?<![A-Za-z0-9]){re.escape(v)}(?![A-Za-z0-9])", re.I)))
+    for v in known.places:
+        v = (v or "").strip()
+        if len(v) >= 4 and v.lower() not in _PLACEHOLDERS:
+            out.append(("LOCATION", re.compile(rf"(?<![A-Za-z0-9]){_flex(v)}(?![A-Za-z0-9])", re.I)))
+    return out
+
+
+def _alnum(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+class PhiScrubber:
+    """Finds PHI spans and replaces them with `[CATEGORY]` tags; see the module docstring for what and why."""
+
+    def __init__(self, reject_unparsed_labels: bool = True, locale: str = "en_US"):
+        import scrubadub
+        import scrubadub.detectors as det
+        from scrubadub.detectors.catalogue import detector_catalogue
+
+        self.reject_unparsed_labels = reject_unparsed_labels
+        detectors = [det.EmailDetector, det.PhoneDetector, det.UrlDetector, det.CreditCardDetector,
+                     det.CredentialDetector, detector_catalogue.get_all()["social_security_number"]]
+        self._scrubber = scrubadub.Scrubber(detector_list=detectors, locale=locale)
+
+    # ---- detection -------------------------------------------------------------------------------------------
+
+    def spans(self, text: str, known: KnownIdentifiers | None = None) -> list[tuple[int, int, str]]:
+        """Merged, non-overlapping (start, end, category) spans of PHI in `text`, in order."""
+        found: list[tuple[int, int, str]] = []
+        for f in self._scrubber.iter_filth(text):
+            # MergedFilth (overlapping detections) carries the types of its parts
+            types = [x.type for x in getattr(f, "filths", [f])]
+            cat = next((_SCRUBADUB[t] for t in types if t in _SCRUBADUB), None)
+            if cat == "EMAIL" and "@" not in f.text and not re.search(r"\bdot\b", f.text, re.I):
+                # scrubadub also reads spelled-out addresses ("jo at host dot org"); without "dot" its "at"
+                # form fires on plain prose ("seen at St. Mary's"), so only the full spelled-out form counts.
+                continue
+            if cat is not None:
+                found.append((f.beg, f.end, cat))
+        for p in PATTERNS:
+            for m in p.regex.finditer(text):
+                s, e = (m.span("v") if "v" in p.regex.groupindex and m.group("v") is not None else m.span())
+                if e > s:
+                    found.append((s, e, p.category))
+        found += [(s, e, "NAME") for s, e in _dictionary_names(text)]
+        if known is not None:
+            for cat, rx in _known_regexes(known):
+                found += [(m.start(), m.end(), cat) for m in rx.finditer(text) if m.end() > m.start()]
+        return _merge(found)
+
+    # ---- cleaning --------------------------------------------------------------------------------------------
+
+    def clean(self, text: str, known: KnownIdentifiers | None = None) -> CleanResult:
+        """Replace every detected span by its tag; raise PhiUncleanable when PHI is known to remain."""
+        spans = self.spans(text, known)
+        out, pos, counts = [], 0, Counter()
+        for s, e, cat in spans:
+            out.append(text[pos:s])
+            out.append(TAG[cat])
+            counts[cat] += 1
+            pos = e
+        out.append(text[pos:])
+        cleaned = "".join(out)
+        self._check_residual(cleaned, known)
+        return CleanResult(cleaned, counts)
+
+    def _check_residual(self, cleaned: str, known: KnownIdentifiers | None) -> None:
+        bare = _TAG_RE.sub(" ", cleaned)
+        if known is not None:
+            tokens = [_alnum(t) for t in re.findall(r"\S+", bare)]
+            # An identifier glued into another token (`acc12345678x`, `jsmith`) escapes word-bounded matching.
+            for v in [*known.ids, *known.phones]:
+                nv = _alnum(v or "")
+                if len(nv) >= 4 and any(c.isdigit() for c in nv) and any(nv in t for t in tokens):
+                    raise PhiUncleanable("a record identifier remains inside another word")
+            for parts in known.name_parts():
+                if len(parts) < 2:
+                    continue
+                fam, giv = _alnum(parts[0]), _alnum(parts[1])
+                for glued in (giv + fam, fam + giv, giv[:1] + fam, fam + giv[:1]):
+                    if len(glued) >= 5 and any(glued in t for t in tokens):
+                        raise PhiUncleanable("a patient or staff name remains inside another word")
+        if self.reject_unparsed_labels:
+            for m in _LABELLED_PHI.finditer(cleaned):
+                value = _TITLE_PREFIX.sub("", m.group("value").strip(), count=1).strip()
+                if not value or value.startswith("[") or _EMPTY_VALUES.match(value):
+                    continue
+                label = re.sub(r"\s+", " ", m.group("label").lower())
+                raise PhiUncleanable(f"the value after the label '{label}' was not recognised as PHI it could "
+                                     "replace")
+
+
+def _merge(found: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Union overlapping spans; a merged span takes the category of its longest part (ties: CATEGORIES order),
+    so a date inside an address stays part of the address."""
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    merged: list[tuple[int, int, str, int]] = []  # start, end, category, length of the category's span
+    for s, e, c in sorted(found, key=lambda x: (x[0], -x[1])):
+        if merged and s < merged[-1][1]:
+            ms, me, mc, ml = merged[-1]
+            best = (c, e - s) if (e - s, -order[c]) > (ml, -order[mc]) else (mc, ml)
+            merged[-1] = (ms, max(me, e), best[0], best[1])
+        else:
+            merged.append((s, e, c, e - s))
+    return [(s, e, c) for s, e, c, _ in merged]
