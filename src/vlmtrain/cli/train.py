@@ -36,9 +36,9 @@ def cmd_eval(args) -> int:
     return 0
 
 
-STRATEGY_CHOICES = ["single", "ddp", "fsdp"]
+STRATEGY_CHOICES = ["single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
 STRATEGY_HELP = ("distribution for every stage (launch with torchrun for more than one process): single, ddp, "
-                 "fsdp (FSDP2)")
+                 "fsdp (FSDP2), deepspeed_zero2, deepspeed_zero3")
 
 
 def add_parsers(sub) -> None:

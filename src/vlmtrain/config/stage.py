@@ -107,7 +107,8 @@ class TrainerConfig(_Strict):
     log_every_n_steps: int = Field(10, ge=1)
     save_every_n_steps: int = Field(50, ge=1)
     seed: int = 0
-    strategy: Literal["single", "auto", "ddp", "fsdp"] = "auto"
+    strategy: Literal["single", "auto", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "auto"
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (default: configs/deepspeed/zero2|3.json)")
     fsdp_reshard_after_forward: bool = Field(True, description="True: full shard (ZeRO-3-like); False: shard "
                                                                "gradients and optimizer state only (ZeRO-2-like)")
     fsdp_cpu_offload: bool = False

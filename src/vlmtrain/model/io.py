@@ -38,13 +38,28 @@ def resolved_config_dict(bundle) -> dict:
     return cfg
 
 
+def _plain_state_dict(model) -> dict:
+    """Owned, contiguous CPU copies, one per distinct tensor: tied weights (embeddings = LM head) are kept once, as
+    safetensors' `load_model` expects, and views into an engine's flat buffer (DeepSpeed ZeRO) become ordinary
+    tensors."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().cpu().clone().contiguous()
+    return out
+
+
 def save_native(bundle, out: str | Path) -> Path:
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / NATIVE_CONFIG).write_text(yaml.safe_dump(resolved_config_dict(bundle), sort_keys=False))
-    save_model(bundle.model, str(out / "model.safetensors"))  # handles tied embeddings
+    save_file(_plain_state_dict(bundle.model), str(out / "model.safetensors"))
     bundle.tokenizer.save_pretrained(out)
     bundle.image_processor.save_pretrained(out)
     return out

@@ -176,13 +176,17 @@ class VLMModule(pl.LightningModule):
         opt = self.optimizers()
         micro = window["micro"]
         stats = self.accumulate_dpo(micro) if self.stage.objective == "dpo" else self.accumulate_lm(micro)
-        params = [p for g in opt.optimizer.param_groups for p in g["params"]]
-        clip = self.stage.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-        opt.step()
+        if self.stage.trainer.strategy.startswith("deepspeed"):
+            opt.step()  # the engine clips (config gradient_clipping) and steps its partitioned optimizer
+            norm = self.trainer.strategy.model.get_global_grad_norm()
+        else:
+            params = [p for g in opt.optimizer.param_groups for p in g["params"]]
+            clip = self.stage.optim.grad_clip
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+            opt.step()
         opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
-        stats["grad_norm"] = float(norm)
+        stats["grad_norm"] = float(norm) if norm is not None else float("nan")
         stats["lr"] = opt.optimizer.param_groups[0]["lr"]
         stats["ids"] = [i for b in micro for i in b["ids"]]
         # throughput counts are global (all ranks), so samples/s means the whole job's rate

@@ -205,6 +205,14 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         if _rank_zero():
             bundle = load_stage_start(stage, base_dir)
             bundle.model.load_state_dict(full)
+    if tr.strategy == "deepspeed_zero3":  # partitioned parameters: gather on every rank, rank 0 keeps a copy
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(bundle.model.parameters()), modifier_rank=None):
+            full = {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()} if _rank_zero() else None
+        if _rank_zero():
+            bundle = load_stage_start(stage, base_dir)
+            bundle.model.load_state_dict(full)
     skipped = _all_ranks_counter(loader.skipped)
 
     summary = {"stage": stage.name, "status": "completed", "steps": trainer.global_step,

@@ -18,7 +18,8 @@ from torch import nn
 
 from vlmtrain.errors import ConfigError
 
-STRATEGIES = ("auto", "single", "ddp", "fsdp")
+STRATEGIES = ("auto", "single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+DEEPSPEED_PRESETS = {"deepspeed_zero2": "zero2.json", "deepspeed_zero3": "zero3.json"}
 
 
 def topology() -> tuple[int, int, int]:
@@ -29,7 +30,31 @@ def topology() -> tuple[int, int, int]:
 
 
 def is_data_parallel(name: str) -> bool:
-    return name in ("ddp", "fsdp")
+    return name in ("ddp", "fsdp") or name.startswith("deepspeed")
+
+
+def deepspeed_config(stage) -> dict:
+    """The stage's DeepSpeed JSON (trainer.deepspeed_config, else configs/deepspeed/<preset>) with the batch and
+    clipping fields filled from the stage, so there is one source of truth for them."""
+    import json
+    from pathlib import Path
+
+    tr = stage.trainer
+    path = Path(tr.deepspeed_config) if tr.deepspeed_config else (
+        Path(__file__).resolve().parents[3] / "configs" / "deepspeed" / DEEPSPEED_PRESETS[tr.strategy])
+    if not path.is_file():
+        raise ConfigError(f"trainer.deepspeed_config: {path} not found")
+    cfg = json.loads(path.read_text())
+    zero = cfg.get("zero_optimization", {}).get("stage")
+    want = 3 if tr.strategy == "deepspeed_zero3" else 2
+    if zero != want:
+        raise ConfigError(f"trainer.deepspeed_config: {path} has ZeRO stage {zero}, strategy {tr.strategy} needs {want}")
+    if tr.grad_accum != 1:
+        raise ConfigError("trainer.grad_accum: DeepSpeed strategies accumulate inside the engine; use 1 "
+                          "(and a larger data.batch_size) for now")
+    cfg["train_micro_batch_size_per_gpu"] = stage.data.batch_size
+    cfg["gradient_clipping"] = stage.optim.grad_clip or 0.0
+    return cfg
 
 
 def make_strategy(stage):
@@ -50,6 +75,38 @@ def make_strategy(stage):
 
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
                                      save_distributed_checkpoint=False), local, nodes
+    if name in DEEPSPEED_PRESETS:
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+        class _DeepSpeed(DeepSpeedStrategy):
+            """Lightning's DeepSpeed strategy minus its CUDA-only check: DeepSpeed itself runs ZeRO on the CPU
+            accelerator (gloo), so tests run the production engine."""
+
+            def setup_environment(self) -> None:
+                DDPStrategy.setup_environment(self)
+
+            def setup_distributed(self) -> None:
+                # the parent validates CUDA device indices; CPU devices have none
+                from lightning.fabric.utilities.seed import reset_seed
+
+                reset_seed()
+                self.set_world_ranks()
+                self._init_deepspeed_distributed()
+
+            def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+                # as the parent, but with the local rank as device_rank: a CPU device has no index, and DeepSpeed
+                # reads a missing one as "not distributed" (world size 1)
+                import argparse
+
+                import deepspeed
+
+                engine, opt, _, _ = deepspeed.initialize(
+                    args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+                    model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
+                    lr_scheduler=lr_scheduler, dist_init_required=False)
+                return engine, opt
+
+        return _DeepSpeed(config=deepspeed_config(stage), exclude_frozen_parameters=True), local, nodes
     raise ConfigError(f"trainer.strategy: unknown {name!r} (choose from: {', '.join(STRATEGIES)})")
 
 
