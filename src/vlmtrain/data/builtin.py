@@ -7,6 +7,9 @@ seed into 1,497 train and 300 held-out images:
 - `digits-qa` (train): "What digit is this?" → "seven" conversations (instruction SFT);
 - `digits-pref` (train): the same question with the right answer chosen over a wrong one (DPO);
 - `digits-eval` (held-out): QA conversations with `meta.choices` = the ten digit words (VQA + multiple choice).
+
+`medical-samples`: pydicom-data and scikit-image medical images with synthetic reports, passed through the privacy
+gate (`vlmtrain.privacy.medical_samples`).
 """
 
 from __future__ import annotations
@@ -80,8 +83,13 @@ def prepare_builtin(name: str, root: str | Path) -> Path:
     """Write the dataset's shards under `root/name` once; later calls reuse them."""
     from vlmtrain.data.writer import write_shards
 
+    if name == "medical-samples":  # radiographs/CT/MR/US + retina/histology through the privacy gate
+        from vlmtrain.privacy.medical_samples import prepare_medical_builtin
+
+        return prepare_medical_builtin(root)
     if name not in BUILTINS:
-        raise VlmtrainError(f"data: unknown builtin dataset {name!r} (choose from: {', '.join(BUILTINS)})")
+        raise VlmtrainError(f"data: unknown builtin dataset {name!r} "
+                            f"(choose from: {', '.join([*BUILTINS, 'medical-samples'])})")
     out = Path(root) / name
     man = out / "manifest.json"
     if man.is_file() and json.loads(man.read_text()).get("samples"):
