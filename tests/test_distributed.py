@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from conftest import ROOT, TINY, VLMTRAIN

@@ -3,7 +3,6 @@
 import torch
 import yaml
 
-from conftest import TINY
 from vlmtrain.config import load_model_config
 from vlmtrain.model import build_model
 

@@ -59,6 +59,7 @@ class Sample:
 
     record: dict[str, Any]
     images: list[tuple[str, bytes]] = field(default_factory=list)  # (extension, bytes) in slot order
+    extra: dict[str, bytes] = field(default_factory=dict)  # more members, `{key}.{name}` (e.g. dcm.json for audits)
 
 
 def text(t: str) -> dict:

@@ -184,6 +184,7 @@ class ShardSetWriter:
                "json": json.dumps(s.record, ensure_ascii=False).encode("utf-8")}
         for i, (ext, data) in enumerate(s.images):
             obj[f"img{i}.{ext}"] = data
+        obj.update(s.extra)
         self._shards.write(obj)
         self.length_index.setdefault(Path(self._shards.fname).name, []).append(length)
         self.samples += 1

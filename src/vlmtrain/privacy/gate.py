@@ -50,7 +50,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -101,16 +101,9 @@ class GateReject(Exception):
 
 
 @dataclass
-class MedicalSample(Sample):
-    """A Sample with extra shard members (`{key}.{name}` → bytes), here `dcm.json`."""
-
-    extra: dict[str, bytes] = field(default_factory=dict)
-
-
 class GateShardWriter(ShardSetWriter):
-    """ShardSetWriter that also writes a MedicalSample's extra members next to its record and images, and
-    tallies the PHI tags and image types of what it actually wrote (a record the gate passed can still be
-    refused here, e.g. as duplicate_id, and must not count as kept)."""
+    """ShardSetWriter that tallies the PHI tags and image types of what it actually wrote (a record the gate passed
+    can still be refused here, e.g. as duplicate_id, and must not count as kept)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -121,29 +114,7 @@ class GateShardWriter(ShardSetWriter):
         meta = s.record.get("meta", {})
         self.phi_counts.update(meta.get("phi_tags", {}))
         self.kept_by_image_type[meta.get("image_type", "unknown")] += 1
-        extra = getattr(s, "extra", None)
-        if not extra:
-            return super()._write(s, length)
-        if self._shards is None:
-            import webdataset as wds
-
-            from vlmtrain.data.writer import SHARD_PATTERN
-
-            pattern = str(self.out).replace("%", "%%") + "/" + SHARD_PATTERN
-            self._shards = wds.ShardWriter(pattern, maxcount=self.shard_size, maxsize=self.shard_bytes,
-                                           post=self._shard_done, verbose=0, encoder=False, mtime=0)
-        obj = {"__key__": f"{self.samples:09d}",
-               "json": json.dumps(s.record, ensure_ascii=False).encode("utf-8")}
-        for i, (ext, data) in enumerate(s.images):
-            obj[f"img{i}.{ext}"] = data
-        for name, data in extra.items():
-            obj[name] = data
-        self._shards.write(obj)
-        self.length_index.setdefault(Path(self._shards.fname).name, []).append(length)
-        self.samples += 1
-        self.kinds[s.record["kind"]] += 1
-        self.lengths.append(length)
-        self.images_per_sample.append(len(s.images))
+        super()._write(s, length)
 
 
 # ---- the gate ------------------------------------------------------------------------------------------------
@@ -164,7 +135,7 @@ def _image_type(data: bytes, name: str) -> str | None:
 
 
 class Gate:
-    """Turns parsed records.jsonl rows into MedicalSample / Reject, applying the policy (see module doc)."""
+    """Turns parsed records.jsonl rows into Sample / Reject, applying the policy (see module doc)."""
 
     def __init__(self, policy: Policy, base: Path, secret: bytes, ids: str = "source"):
         self.policy, self.base, self.secret, self.ids = policy, Path(base), secret, ids
@@ -271,7 +242,7 @@ class Gate:
         except GateReject as e:
             return Reject(rid, e.reason, e.detail, line)
 
-    def _process(self, rid: str, raw: dict) -> MedicalSample:
+    def _process(self, rid: str, raw: dict) -> Sample:
         from vlmtrain.privacy import dicom
 
         self._consent(raw)
@@ -322,7 +293,7 @@ class Gate:
         record = {"id": rid, "kind": "chat", "source": FORMAT, "meta": meta,
                   "messages": [{"role": "user", "content": [IMAGE_PART, text(self.policy.prompt)]},
                                {"role": "assistant", "content": [text(cleaned.text)]}]}
-        return MedicalSample(record, [("png", png)], extra)
+        return Sample(record, [("png", png)], extra)
 
     # ---- a whole source ----
 
