@@ -269,3 +269,15 @@ def test_recipe_override_errors_name_the_field(tmp_path):
                         "sft.optim.lr=-1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "stages[1].optim.lr" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_wandb_logger_runs_offline(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({**STAGE_FOR_RESUME, "trainer": {"max_steps": 2, "log_every_n_steps": 1,
+                                                                    "wandb": True}}))
+    r = subprocess.run([*VLMTRAIN, "fit", "--config", str(cfg), "--out", str(tmp_path / "run"), "--data-root",
+                        str(tmp_path / "data")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

@@ -115,6 +115,7 @@ class TrainerConfig(_Strict):
     log_sample_ids: bool = Field(False, description="write sample_ids.jsonl: the record ids of every step")
     wandb: bool = False
     wandb_project: str = "vlmtrain"
+    wandb_online: bool = Field(False, description="sync to the wandb server (default: offline, files in the run dir)")
 
 
 class StageConfig(_Strict):

@@ -182,7 +182,7 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         from lightning.pytorch.loggers import WandbLogger
 
         logger = WandbLogger(project=tr.wandb_project, name=f"{run_dir.parent.name}/{stage.name}",
-                             save_dir=str(run_dir), offline=True)
+                             save_dir=str(run_dir), offline=not tr.wandb_online)
     strategy, devices, nodes = make_strategy(stage)
     trainer = pl.Trainer(
         max_steps=tr.max_steps, max_epochs=-1, accelerator="auto", devices=devices, num_nodes=nodes,
