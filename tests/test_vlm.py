@@ -93,3 +93,44 @@ def test_vision_families_and_select(vision):
     expected = 16 + (1 if vision == "clip" else 0)  # CLIP keeps its CLS token with select=all
     assert m.vision.num_features == expected == m.num_image_tokens
     assert m.vision(torch.randn(2, 3, 32, 32)).shape == (2, expected, 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3", "gpt_neox"])
+def test_selective_head_equals_full_logits(family):
+    """Logits only at supervised positions give the same loss, gradients and DPO log-probs as the full head."""
+    from vlmtrain.data.chat import IGNORE
+    from vlmtrain.train.dpo import selected_sequence_logps, sequence_logps
+    from vlmtrain.train.objectives import next_token_loss_sum, prediction_mask, selected_token_loss_sum
+
+    cfg = load_model_config(TINY).model_dump()
+    extra = {"gemma": {"head_dim": 16}, "phi3": {"pad_token_id": 0}}.get(family, {})
+    cfg["llm"]["config"] = {"model_type": family, "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 512, **extra}
+    if family != "gpt_neox":
+        cfg["llm"]["config"]["num_key_value_heads"] = 2
+    torch.manual_seed(0)
+    m = build_model(validate(ModelConfig, cfg)).model
+    assert m.supports_selective_head == (family != "gpt_neox")  # gpt_neox exercises the fallback
+    ids = torch.tensor([_sample(m, [5, 6, 7, 8, 9, 10], 1), _sample(m, [11, 12, 13, 14, 15, 16], 1)])
+    labels = ids.clone()
+    labels[:, : ids.shape[1] - 4] = IGNORE
+    labels[1, -1] = IGNORE
+    pix = torch.randn(2, 3, 32, 32)
+    full_loss, _ = next_token_loss_sum(m(ids, pix).logits, labels)
+    full_loss.backward()
+    g_full = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    mask, targets = prediction_mask(labels)
+    sel_logits = m(ids, pix, logits_mask=mask)
+    assert sel_logits.shape == (int(mask.sum()), m.llm.get_output_embeddings().weight.shape[0])
+    sel_loss = selected_token_loss_sum(sel_logits, targets)
+    sel_loss.backward()
+    torch.testing.assert_close(sel_loss, full_loss, atol=1e-5, rtol=1e-6)
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, g_full[n], atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():
+        a, na = sequence_logps(m(ids, pix).logits, labels)
+        b, nb = selected_sequence_logps(m(ids, pix, logits_mask=mask), targets, mask)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+    assert torch.equal(na, nb)

@@ -57,8 +57,18 @@ class VLM(nn.Module):
         feats = self.encode_images(pixel_values).to(embeds.dtype)  # [n_img, t, d]
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
 
+    # Families whose causal-LM head is exactly `lm_head(final hidden state)` (no soft-capping or logit scaling), so
+    # the head can be applied to selected positions only.
+    PLAIN_HEAD_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "smollm3")
+
+    @property
+    def supports_selective_head(self) -> bool:
+        cfg = self.llm.config
+        return cfg.model_type in self.PLAIN_HEAD_FAMILIES and getattr(cfg, "final_logit_softcapping", None) is None
+
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, **lm_kwargs):
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                logits_mask: torch.Tensor | None = None, **lm_kwargs):
         """Returns the LM's output (`.logits [b, s, vocab]`). Loss lives in `vlmtrain.train` (it needs the
         whole accumulated batch's supervised-token count, which one forward cannot know).
 
@@ -67,6 +77,15 @@ class VLM(nn.Module):
         # No KV cache for training/scoring forwards; transformers also only derives the packed-sequence
         # (block-diagonal) mask from restarting position_ids when there is no cache.
         lm_kwargs.setdefault("use_cache", False)
+        if logits_mask is not None:
+            # Logits only where a loss needs them: `logits_mask [b, s]` → `[n, vocab]`. The LM head over every
+            # position is wasted work, and its fp32 logits are often the largest activation of a step.
+            if not self.supports_selective_head:
+                return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                **lm_kwargs).logits[logits_mask]
+            hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            position_ids=position_ids, **lm_kwargs).last_hidden_state
+            return self.llm.get_output_embeddings()(hidden[logits_mask])
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
 
     @torch.no_grad()

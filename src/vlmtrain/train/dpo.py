@@ -195,3 +195,13 @@ def dpo_loss(
         chosen_rewards=beta * chosen_logratios.detach(),
         rejected_rewards=beta * rejected_logratios.detach(),
     )
+
+
+def selected_sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                       torch.Tensor]:
+    """`sequence_logps` from logits computed only at the predicting positions (`VLM.forward(logits_mask=mask)`):
+    logits `[n, v]`, targets `[n]`, mask `[b, s]` → (logps `[b]`, n_tokens `[b]`)."""
+    tok = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # [n]
+    rows = mask.nonzero()[:, 0]
+    logps = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    return logps, mask.sum(-1)

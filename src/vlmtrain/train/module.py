@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from vlmtrain.data.chat import IGNORE
 from vlmtrain.errors import VlmtrainError
-from vlmtrain.train.dpo import dpo_loss, sequence_logps
-from vlmtrain.train.objectives import next_token_loss_sum
+from vlmtrain.train.dpo import dpo_loss, selected_sequence_logps
+from vlmtrain.train.objectives import prediction_mask, selected_token_loss_sum
 from vlmtrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -124,8 +124,8 @@ class VLMModule(pl.LightningModule):
         scale = self._world() / n_global
         loss_total = 0.0
         for b in micro:
-            out = self.model(*_model_inputs(b))
-            loss_sum, _ = next_token_loss_sum(out.logits, b["labels"])
+            mask, targets = prediction_mask(b["labels"])
+            loss_sum = selected_token_loss_sum(self.model(*_model_inputs(b), logits_mask=mask), targets)
             self._backward(loss_sum * scale)
             loss_total += float(loss_sum.detach())
         return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
@@ -137,7 +137,8 @@ class VLMModule(pl.LightningModule):
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
         for b in micro:
             inputs = _model_inputs(b)
-            logps, ntok = sequence_logps(self.model(*inputs).logits, b["labels"])
+            mask, targets = prediction_mask(b["labels"])
+            logps, ntok = selected_sequence_logps(self.model(*inputs, logits_mask=mask), targets, mask)
             ref_logps = self._reference_logps(inputs, b["labels"])
             pc, pr = logps.chunk(2)
             rc, rr = ref_logps.chunk(2)
@@ -158,13 +159,14 @@ class VLMModule(pl.LightningModule):
     def _reference_logps(self, inputs: tuple, labels: torch.Tensor) -> torch.Tensor:
         """The frozen reference: a copy of the starting model, or the policy itself with its LoRA adapters off
         (no second model in memory)."""
+        mask, targets = prediction_mask(labels)
         if self._ref:
-            return sequence_logps(self._ref[0](*inputs).logits, labels)[0]
+            return selected_sequence_logps(self._ref[0](*inputs, logits_mask=mask), targets, mask)[0]
         from vlmtrain.model.lora import set_adapters_enabled
 
         set_adapters_enabled(self.model, False)
         try:
-            return sequence_logps(self.model(*inputs).logits, labels)[0]
+            return selected_sequence_logps(self.model(*inputs, logits_mask=mask), targets, mask)[0]
         finally:
             set_adapters_enabled(self.model, True)
 

@@ -18,3 +18,16 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     shift_labels = labels[:, 1:].reshape(-1)
     loss_sum = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=IGNORE, reduction="sum")
     return loss_sum, (shift_labels != IGNORE).sum()
+
+
+def prediction_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose logits predict a supervised next token: `mask [b, s]` (True at t when labels[t+1] is
+    supervised) and the targets `[n]` in the same (row-major) order."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE
+    return mask, labels[:, 1:][mask[:, :-1]]
+
+
+def selected_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of selected logits `[n, v]` against targets `[n]` (fp32)."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
