@@ -46,7 +46,7 @@ class ConnectorConfig(_Strict):
 
 
 class LLMConfig(_HFPart):
-    pass
+    """Any transformers causal LM: `pretrained` and/or an inline `config` (e.g. model_type llama, qwen2, gemma)."""
 
 
 class TokenizerConfig(_Strict):

@@ -137,11 +137,8 @@ class SlotStream:
 
 def env_rank_world() -> tuple[int, int]:
     """(rank, world size) from torch.distributed when initialised, else torchrun's environment, else (0, 1)."""
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

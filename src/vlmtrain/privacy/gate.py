@@ -302,7 +302,7 @@ class Gate:
 
 
 class _IdHasPhi(Exception):
-    pass
+    """Raised when a record id itself carries PHI (it must not reach rejects.jsonl)."""
 
 
 def _reencode_png(data: bytes) -> bytes:
