@@ -9,6 +9,7 @@ import sys
 from bench import data as data_bench
 
 BENCHES = {"data": data_bench}
+BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner vs measured peaks
 
 
 def main(argv=None) -> int:

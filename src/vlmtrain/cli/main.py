@@ -13,6 +13,7 @@ import sys
 
 from vlmtrain import __version__
 from vlmtrain.cli import data as cli_data
+from vlmtrain.cli import plan as cli_plan
 from vlmtrain.cli import prep
 from vlmtrain.cli import train as cli_train
 from vlmtrain.errors import VlmtrainError
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_data.add_parser(sub)
     cli_train.add_parsers(sub)
+    cli_plan.add_parser(sub)
 
     prep.add_parser(sub)
     return p
