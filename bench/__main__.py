@@ -1,4 +1,4 @@
-"""`python -m bench data [--quick]` — see bench/README.md."""
+"""`python -m bench {data,sft,dpo,anatomy} [--quick]`: results in bench/results/, write-up in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 
+from bench import anatomy as anatomy_bench
 from bench import data as data_bench
+from bench import dpo as dpo_bench
+from bench import sft as sft_bench
 
-BENCHES = {"data": data_bench}
+BENCHES = {"data": data_bench, "sft": sft_bench, "dpo": dpo_bench, "anatomy": anatomy_bench}
 BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner vs measured peaks
 
 

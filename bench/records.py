@@ -83,11 +83,12 @@ def preference_samples(n: int, seed: int = 0) -> list[Sample]:
     return samples
 
 
-def write(samples: list[Sample], out: str | Path, shard_size: int = 250) -> Path:
-    """vlmtrain side: WebDataset shards + manifest, through the product's own writer."""
+def write(samples: list[Sample], out: str | Path, shards: int = 8) -> Path:
+    """vlmtrain side: WebDataset shards + manifest, through the product's own writer. Several shards, so that
+    every (rank × dataloader worker) slot owns some."""
     from vlmtrain.data.writer import write_shards
 
-    write_shards(samples, out, "bench", shard_size=shard_size, overwrite=True)
+    write_shards(samples, out, "bench", shard_size=-(-len(samples) // shards), overwrite=True)
     return Path(out)
 
 
