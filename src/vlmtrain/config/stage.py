@@ -99,6 +99,30 @@ class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class PrivacyConfig(_Strict):
+    """DP-SGD for this stage (`vlmtrain.privacy.dp`): Poisson-sampled batches of expected size `data.batch_size`,
+    per-sample gradients clipped to `max_grad_norm`, Gaussian noise of std `noise_multiplier × max_grad_norm`, and
+    an accountant that reports ε at `delta`. Give `noise_multiplier` or `target_epsilon` (noise then chosen by the
+    accountant for `trainer.max_steps` steps)."""
+
+    noise_multiplier: float | None = Field(None, gt=0, description="σ: noise std over the clipping norm")
+    target_epsilon: float | None = Field(None, gt=0, description="ε to reach after trainer.max_steps steps")
+    delta: float | None = Field(None, gt=0, lt=1, description="δ of the (ε, δ) guarantee; required "
+                                                                "(usually below 1 / number of records)")
+    max_grad_norm: float = Field(1.0, gt=0, description="C: per-sample (per-unit) gradient clipping norm")
+    accountant: Literal["rdp", "prv"] = "rdp"
+    unit: Literal["record", "patient"] = Field(
+        "record", description="what ε protects: one record, or one patient (records grouped by the gate's "
+                              "meta.patient_group; each sampled patient contributes one of their records)")
+    sampling: Literal["poisson", "shuffle"] = Field(
+        "poisson", description="poisson: the sampling the accountant assumes (the only one accepted)")
+    secure_mode: bool = Field(False, description="Opacus secure RNG for the noise (needs torchcsprng)")
+    canaries: int = Field(0, ge=0, description="insert this many synthetic secret strings into the training "
+                                               "records, for `vlmtrain privacy audit` (canary exposure)")
+    canary_repeats: int = Field(1, ge=1, description="copies of each canary record in the training set")
+    seed: int | None = Field(None, description="seed of the Poisson sampler and noise (default: trainer.seed)")
+
+
 class TrainerConfig(_Strict):
     max_steps: int = Field(100, ge=1)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -131,6 +155,7 @@ class StageConfig(_Strict):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    privacy: PrivacyConfig | None = Field(None, description="DP-SGD (Opacus) for this stage")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -147,7 +172,47 @@ class StageConfig(_Strict):
             raise ValueError("lora: given but no module trains with 'lora' (set train.llm: lora)")
         if self.objective == "dpo" and self.data.mode == "pack":
             raise ValueError("data.mode: packing is not supported with the dpo objective")
+        if self.privacy is not None:
+            _check_dp(self)
         return self
+
+
+def _check_dp(stage: "StageConfig") -> None:
+    """What DP-SGD cannot do honestly is refused here, before anything loads (exit 2 from the CLI)."""
+    p, d, tr = stage.privacy, stage.data, stage.trainer
+    if p.delta is None:
+        raise ValueError("privacy.delta: required — ε means nothing without δ (use less than 1/records, e.g. 1e-5)")
+    if (p.noise_multiplier is None) == (p.target_epsilon is None):
+        raise ValueError("privacy: give exactly one of noise_multiplier or target_epsilon")
+    if p.sampling != "poisson":
+        raise ValueError("privacy.sampling: the accountant's guarantee assumes Poisson sampling; a streaming "
+                         "shuffle would report an ε that does not hold")
+    if d.mode != "plain":
+        raise ValueError(f"data.mode: {d.mode} is refused under DP-SGD — packing puts several records in one row "
+                         "(a clipped row gradient would not bound one record) and length grouping replaces "
+                         "Poisson sampling; use mode: plain")
+    if any(r.weight != 1.0 for r in d.train):
+        raise ValueError("data.train: mixture weights cannot apply under Poisson sampling (every record is drawn "
+                         "with the same probability); remove `weight`")
+    if stage.train.vision:
+        raise ValueError("train.vision: must be false under DP-SGD — Opacus has no per-sample gradients for the "
+                         "vision tower's embeddings (CLIP's class/patch/position embeddings)")
+    if stage.objective != "next_token":
+        raise ValueError("objective: DP-SGD supports next_token only (DPO pairs are not built for per-record "
+                         "clipping)")
+    if stage.lora is not None and stage.lora.dora:
+        raise ValueError("lora.dora: DoRA's magnitude vector has no per-sample gradient rule in Opacus; use LoRA")
+    if stage.lora is not None and stage.lora.quantize:
+        raise ValueError("lora.quantize: not supported under DP-SGD")
+    if tr.grad_accum != 1:
+        raise ValueError("trainer.grad_accum: must be 1 under DP-SGD (the Poisson batch is the step; its expected "
+                         "size is data.batch_size)")
+    if tr.strategy not in ("auto", "single"):
+        raise ValueError(f"trainer.strategy: {tr.strategy} is not supported under DP-SGD (one process: single)")
+    if tr.precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"trainer.precision: {tr.precision} is not supported under DP-SGD (32-true or bf16-mixed)")
+    if tr.grad_checkpointing:
+        raise ValueError("trainer.grad_checkpointing: not supported with Opacus' per-sample gradient hooks")
 
 
 class RecipeConfig(_Strict):

@@ -51,6 +51,7 @@ class Recorder(pl.Callback):
     def _write(self, row: dict) -> None:
         if not self.is_zero:
             return
+        row = {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}  # NaN is not JSON
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -60,8 +61,9 @@ class Recorder(pl.Callback):
         w["samples"] += st["samples"]
         self.totals["supervised"] += int(st.get("supervised_tokens", 0))
         w["tokens"] += st["tokens"]
-        w["loss"] += st["loss"]
-        w["n"] += 1
+        if st["loss"] == st["loss"]:  # an empty DP-SGD (Poisson) batch has no loss (NaN): not averaged in
+            w["loss"] += st["loss"]
+            w["n"] += 1
         step = trainer.global_step
         if self.ids_path is not None:  # audit trail: which records each optimizer step trained on (per rank)
             path = self.ids_path if trainer.world_size == 1 else self.ids_path.with_suffix(
@@ -71,9 +73,10 @@ class Recorder(pl.Callback):
         if step % self.every == 0 or step >= self.max_steps:
             now = time.time()
             dt = max(now - self.t_last, 1e-9)
-            row = {"step": step, "loss": w["loss"] / w["n"], "lr": st["lr"], "grad_norm": st["grad_norm"],
+            loss = w["loss"] / w["n"] if w["n"] else float("nan")
+            row = {"step": step, "loss": loss, "lr": st["lr"], "grad_norm": st["grad_norm"],
                    "samples_per_s": w["samples"] / dt, "tokens_per_s": w["tokens"] / dt}
-            row.update({k: v for k, v in st.items() if k.startswith("rewards/")})
+            row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/"))})
             self.totals["samples"] += w["samples"]
             self.totals["tokens"] += w["tokens"]
             self.totals["train_seconds"] += dt
@@ -81,6 +84,8 @@ class Recorder(pl.Callback):
             rate = (step - self.start_step) / max(now - self.t_start, 1e-9)
             eta = (self.max_steps - step) / max(rate, 1e-9)
             extra = "".join(f" | {k.split('/')[1]} {v:.3f}" for k, v in row.items() if k.startswith("rewards/"))
+            if "privacy/epsilon" in row:
+                extra += f" | ε {row['privacy/epsilon']:.3f}"
             if self.is_zero:
                 log.info(f"step {step}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
                          f"{row['samples_per_s']:.1f} samples/s | {row['tokens_per_s']:.0f} tok/s{extra} | "
@@ -110,7 +115,7 @@ def plot_metrics(run_dir: Path) -> list[str]:
 
     rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     made = []
-    train = [r for r in rows if "loss" in r]
+    train = [r for r in rows if r.get("loss") is not None]
     if train:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([r["step"] for r in train], [r["loss"] for r in train])

@@ -152,10 +152,18 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     # builtin datasets are written once, by rank 0, before the other ranks look for them
     train_sources = rank_zero_first(_sources, d.train, data_root)
     eval_sources = rank_zero_first(_sources, [stage.eval.data], data_root) if stage.eval.data else None
-    loader = ShardLoader(train_sources, encoder, bundle.tokenizer.pad_token_id,
-                         batch_size=d.batch_size, num_workers=d.num_workers, seed=stage.trainer.seed,
-                         shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
-                         max_bad_fraction=d.max_bad_fraction, split=d.split)
+    dp = None
+    if stage.privacy is not None:  # DP-SGD: Poisson batches over a map-style view of the shards (privacy.dp)
+        from vlmtrain.privacy.dp import build_dp_training
+
+        dp = build_dp_training(stage, bundle, encoder, train_sources, run_dir)
+        dp_data, dp_plan, train_data, module = dp
+        loader = dp_data  # .skipped: malformed records counted while the view was built
+    else:
+        loader = ShardLoader(train_sources, encoder, bundle.tokenizer.pad_token_id,
+                             batch_size=d.batch_size, num_workers=d.num_workers, seed=stage.trainer.seed,
+                             shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
+                             max_bad_fraction=d.max_bad_fraction, split=d.split)
     eval_shards = str(eval_sources[0].path) if eval_sources else None
 
     def run_eval() -> dict:
@@ -172,7 +180,9 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
             before_path.write_text(json.dumps(eval_before))
             log.info("eval before: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_before.items()))
 
-    module = VLMModule(bundle, stage, loader)
+    if dp is None:
+        module = VLMModule(bundle, stage, loader)
+        train_data = StepWindows(loader, stage.trainer.grad_accum)
     tr = stage.trainer
     recorder = Recorder(run_dir, tr.max_steps, tr.log_every_n_steps,
                         evaluator=run_eval if eval_shards else None, eval_every=stage.eval.every_n_steps,
@@ -196,7 +206,7 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     resume_from = str(ckpt) if resume and ckpt.is_file() else None
     if resume_from:
         log.info(f"resuming from {ckpt}")
-    trainer.fit(module, train_dataloaders=StepWindows(loader, tr.grad_accum), ckpt_path=resume_from)
+    trainer.fit(module, train_dataloaders=train_data, ckpt_path=resume_from)
     trainer.save_checkpoint(ckpt)
     if tr.strategy == "fsdp":  # gather the shards; rank 0 continues with an ordinary (unsharded) model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -223,6 +233,12 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
                "train_seconds": recorder.totals["train_seconds"], "skipped": skipped}
     if stage.objective == "next_token":  # share of (non-pad) tokens that carry a loss
         summary["supervised_fraction"] = recorder.totals["supervised"] / max(recorder.totals["tokens"], 1)
+    if dp is not None:
+        from vlmtrain.privacy.dp import privacy_summary
+
+        summary["privacy"] = privacy_summary(module, dp_plan, dp_data)
+        log.info(f"DP-SGD: ε = {summary['privacy']['epsilon']:.3f} at δ = {dp_plan.delta:g} after "
+                 f"{summary['privacy']['steps']} steps")
     if _rank_zero():
         from vlmtrain.model.lora import adapter_state_dict, has_lora, merge_lora_
 
