@@ -15,6 +15,7 @@ from vlmtrain import __version__
 from vlmtrain.cli import data as cli_data
 from vlmtrain.cli import plan as cli_plan
 from vlmtrain.cli import prep
+from vlmtrain.cli import privacy as cli_privacy
 from vlmtrain.cli import train as cli_train
 from vlmtrain.errors import VlmtrainError
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_plan.add_parser(sub)
 
     prep.add_parser(sub)
+    cli_privacy.add_parser(sub)
     return p
 
 

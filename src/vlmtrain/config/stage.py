@@ -117,10 +117,19 @@ class PrivacyConfig(_Strict):
     sampling: Literal["poisson", "shuffle"] = Field(
         "poisson", description="poisson: the sampling the accountant assumes (the only one accepted)")
     secure_mode: bool = Field(False, description="Opacus secure RNG for the noise (needs torchcsprng)")
-    canaries: int = Field(0, ge=0, description="insert this many synthetic secret strings into the training "
-                                               "records, for `vlmtrain privacy audit` (canary exposure)")
-    canary_repeats: int = Field(1, ge=1, description="copies of each canary record in the training set")
     seed: int | None = Field(None, description="seed of the Poisson sampler and noise (default: trainer.seed)")
+
+
+class AuditConfig(_Strict):
+    """Inputs of `vlmtrain privacy audit` (works with or without DP): canaries planted in the training data, and
+    held-out records of the same distribution as the non-members of the membership-inference test."""
+
+    canaries: int = Field(0, ge=0, description="training records copied with a random 3-digit secret appended "
+                                               "to the answer (secret-sharer canaries)")
+    canary_repeats: int = Field(1, ge=1, description="copies of each canary record in the training data")
+    holdout: DatasetRef | None = Field(None, description="held-out records (non-members)")
+    max_records: int = Field(1000, ge=2, description="members and non-members scored, at most, each")
+    seed: int = 0
 
 
 class TrainerConfig(_Strict):
@@ -156,6 +165,7 @@ class StageConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     privacy: PrivacyConfig | None = Field(None, description="DP-SGD (Opacus) for this stage")
+    audit: AuditConfig | None = Field(None, description="canaries and held-out data for `vlmtrain privacy audit`")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -40,9 +40,6 @@ from vlmtrain.errors import VlmtrainError
 
 log = logging.getLogger("vlmtrain.privacy")
 
-CANARY_DIGITS = 3  # candidate secrets 000..999: exposure is at most log2(1000) ≈ 9.97 bits
-CANARY_TEMPLATE = " Reference code {secret}."
-
 
 @dataclass
 class DPPlan:
@@ -89,24 +86,11 @@ def make_plan(cfg, units: int, records: int, batch_size: int, steps: int) -> DPP
 
 
 # ---- the map-style dataset --------------------------------------------------------------------------------------
-def _append_to_answer(record: dict, suffix: str) -> dict:
-    """A copy of a chat record with `suffix` appended to its last assistant text."""
-    rec = json.loads(json.dumps(record))
-    for msg in reversed(rec.get("messages", [])):
-        if msg["role"] == "assistant":
-            parts = [p for p in msg["content"] if p.get("type") == "text"]
-            if parts:
-                parts[-1]["text"] = parts[-1]["text"].rstrip() + suffix
-                return rec
-    raise VlmtrainError(f"record {record.get('id')}: no assistant text to carry a canary")
-
-
 class DPDataset(Dataset):
     """Every record of the stage's shards, validated once; item j is unit j (a record, or one of a patient's records
     drawn at random). Items are encoded samples with their `id`."""
 
-    def __init__(self, sources, encoder, unit: str = "record", canaries: int = 0, canary_repeats: int = 1,
-                 seed: int = 0):
+    def __init__(self, sources, encoder, unit: str = "record"):
         from vlmtrain.data.loader import parse_sample
         from vlmtrain.data.schema import RecordError
         from vlmtrain.data.shards import iter_shard
@@ -114,7 +98,6 @@ class DPDataset(Dataset):
         self.encoder = encoder
         self.raw: list[dict] = []
         self.skipped: Counter = Counter()
-        self.canaries: list[dict] = []
         seen: set[str] = set()
         for src in sources:
             for url in src.shard_urls():
@@ -141,8 +124,6 @@ class DPDataset(Dataset):
                         continue
                     seen.add(rec["id"])
                     self.raw.append({"record": rec, "images": self._image_members(raw)})
-        if canaries:
-            self._add_canaries(canaries, canary_repeats, seed)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(self.raw):
             if unit == "patient":
@@ -162,23 +143,6 @@ class DPDataset(Dataset):
         keys = sorted((k for k in raw if k.startswith("img") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
                       key=lambda k: int(k.split(".")[0][3:]))
         return [(k, raw[k]) for k in keys]
-
-    def _add_canaries(self, n: int, repeats: int, seed: int) -> None:
-        """Secret-sharer canaries (Carlini et al. 2019): copies of random training records whose answer ends with a
-        random secret; `vlmtrain privacy audit` ranks each secret among all candidates under the trained model."""
-        rng = random.Random(f"canaries:{seed}")
-        if not self.raw:
-            return
-        for k in range(n):
-            base = self.raw[rng.randrange(len(self.raw))]
-            secret = f"{rng.randrange(10 ** CANARY_DIGITS):0{CANARY_DIGITS}d}"
-            cid = f"canary-{k:03d}"
-            self.canaries.append({"id": cid, "secret": secret, "base_id": base["record"]["id"], "repeats": repeats,
-                                  "record": {**base["record"], "id": cid}})
-            for r in range(repeats):
-                rec = _append_to_answer({**base["record"], "id": f"{cid}" if r == 0 else f"{cid}-r{r}"},
-                                        CANARY_TEMPLATE.format(secret=secret))
-                self.raw.append({"record": rec, "images": base["images"]})
 
     @property
     def records(self) -> int:
@@ -226,8 +190,9 @@ def poisson_loader(dataset: DPDataset, plan: DPPlan, pad_token_id: int, num_work
 
 
 # ---- the per-sample loss ----------------------------------------------------------------------------------------
-def per_sample_losses(model, batch: dict) -> torch.Tensor:
-    """`[b]`: each record's mean next-token loss over its supervised tokens (logits only where supervised)."""
+def per_sample_losses(model, batch: dict, mean: bool = True) -> torch.Tensor:
+    """`[b]`: each record's mean (or, `mean=False`, summed) next-token loss over its supervised tokens (logits
+    only where supervised)."""
     from vlmtrain.train.objectives import prediction_mask
 
     labels = batch["labels"]
@@ -238,6 +203,8 @@ def per_sample_losses(model, batch: dict) -> torch.Tensor:
     rows = mask.nonzero()[:, 0]
     b = labels.shape[0]
     sums = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    if not mean:
+        return sums
     counts = torch.bincount(rows, minlength=b).clamp(min=1)
     return sums / counts
 
@@ -353,18 +320,13 @@ def build_dp_training(stage, bundle, encoder, sources, run_dir: Path):
     _quiet_expected_warnings()
     cfg = stage.privacy
     seed = cfg.seed if cfg.seed is not None else stage.trainer.seed
-    ds = DPDataset(sources, encoder, unit=cfg.unit, canaries=cfg.canaries, canary_repeats=cfg.canary_repeats,
-                   seed=seed)
+    ds = DPDataset(sources, encoder, unit=cfg.unit)
     plan = make_plan(cfg, len(ds), ds.records, stage.data.batch_size, stage.trainer.max_steps)
     loader, gen = poisson_loader(ds, plan, bundle.tokenizer.pad_token_id, stage.data.num_workers, seed)
     module = _module_class()(bundle, stage, plan, gen)
     out = Path(run_dir) / "privacy"
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
-    # audit inputs: which records trained (ids only, no content) and the canaries (synthetic secrets)
-    (out / "members.json").write_text(json.dumps(sorted(r["record"]["id"] for r in ds.raw
-                                                        if not r["record"]["id"].startswith("canary-"))))
-    (out / "canaries.json").write_text(json.dumps(ds.canaries, indent=1))
     log.info(f"DP-SGD: {plan.units} units ({plan.unit}s; {plan.records} records), q={plan.sample_rate:.4g}, "
              f"σ={plan.noise_multiplier:.4g}, C={plan.max_grad_norm}, δ={plan.delta:g}, {plan.steps} steps, "
              f"accountant {plan.accountant}" + (f" (σ chosen for ε={plan.target_epsilon})" if cfg.target_epsilon
@@ -381,4 +343,4 @@ def privacy_summary(module, plan: DPPlan, dataset: DPDataset) -> dict:
             "max_grad_norm": plan.max_grad_norm, "sample_rate": plan.sample_rate, "steps": int(steps),
             "accountant": plan.accountant, "unit": plan.unit, "units": plan.units, "records": plan.records,
             "expected_batch_size": plan.expected_batch_size, "target_epsilon": plan.target_epsilon,
-            "secure_mode": plan.secure_mode, "canaries": len(dataset.canaries), "opacus": opacus.__version__}
+            "secure_mode": plan.secure_mode, "opacus": opacus.__version__}

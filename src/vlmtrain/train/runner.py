@@ -152,6 +152,11 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     # builtin datasets are written once, by rank 0, before the other ranks look for them
     train_sources = rank_zero_first(_sources, d.train, data_root)
     eval_sources = rank_zero_first(_sources, [stage.eval.data], data_root) if stage.eval.data else None
+    if stage.audit is not None:  # canaries planted, members listed, for `vlmtrain privacy audit`
+        from vlmtrain.privacy.audit import prepare_audit
+
+        holdout = rank_zero_first(_sources, [stage.audit.holdout], data_root)[0] if stage.audit.holdout else None
+        train_sources = rank_zero_first(prepare_audit, stage.audit, train_sources, holdout, run_dir, encoder)
     dp = None
     if stage.privacy is not None:  # DP-SGD: Poisson batches over a map-style view of the shards (privacy.dp)
         from vlmtrain.privacy.dp import build_dp_training
