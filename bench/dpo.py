@@ -4,7 +4,9 @@
 Same ~30M-parameter LLaVA-shaped model as the SFT bench (TRL trains its transformers Llava export; same initial
 weights, checked by hash), same preference records (a digit image and a question; the right digit word chosen over a
 wrong one, same phrasing), 8 pairs per step, max length 256, LM trained (vision tower and connector frozen), sigmoid
-loss with beta 0.1, AdamW at a constant 1e-5, fp32, 2 dataloader workers. Each repeat trains both sides from scratch
+loss with beta 0.1, AdamW at a constant 1e-5, fp32, 2 dataloader workers. vlmtrain runs twice: as shipped (the
+shared-prompt layout: one row per pair, prompt and image computed once) and with `dpo.share_prompt: false` (two
+rows per pair, as TRL), so the table shows what that layout is worth on its own. Each repeat trains both sides from scratch
 (interleaved); `warmup` steps are dropped and the next `timed` steps are timed end of step to end of step.
 
 Also reported: supervised tokens/s, padding, the first batch's equality between the two sides (token ids and
@@ -45,7 +47,9 @@ def _flops(bundle, stage, samples, probe, peer_batch: dict, n_pairs: int) -> dic
     useful = flops.mean_flops([flops.step_flops(vlm_side.step_fn(bundle, stage, vlm_side.encode_batch(
         bundle, [s], MAX_LEN)), m, ours) for s in samples[:n_pairs]])
     plain = vlm_side.encode_batch(bundle, samples[:BATCH], MAX_LEN)
-    executed = {"vlmtrain": flops.step_flops(vlm_side.step_fn(bundle, stage, plain), m, ours),
+    shared = vlm_side.encode_batch(bundle, samples[:BATCH], MAX_LEN, shared_prompt=True)
+    executed = {"vlmtrain": flops.step_flops(vlm_side.step_fn(bundle, stage, shared), m, ours),
+                "vlmtrain_unshared": flops.step_flops(vlm_side.step_fn(bundle, stage, plain), m, ours),
                 "trl": flops.step_flops(trl_side.step_fn(probe, peer_batch), probe.model, peer)}
     return {"useful_per_pair": useful, "useful_shares": flops.shares(useful), "executed_per_step": executed,
             "executed_over_useful": {k: v["total"] / (BATCH * useful["total"]) for k, v in executed.items()}}
@@ -65,7 +69,11 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         dataset = records.trl_dpo_dataset(samples)
         stage = vlm_side.stage_config("dpo", "dpo", shards, model=QUICK_MODEL if quick else MODEL, batch=BATCH,
                                       mode="plain", workers=WORKERS, max_len=MAX_LEN, lr=LR, steps=steps,
-                                      extra={"dpo": {"beta": BETA, "loss_type": "sigmoid"}})
+                                      extra={"dpo": {"beta": BETA, "loss_type": "sigmoid", "share_prompt": True}})
+        # the same stage without the shared-prompt layout: what that one optimisation is worth
+        unshared = vlm_side.stage_config("dpo", "dpo", shards, model=QUICK_MODEL if quick else MODEL, batch=BATCH,
+                                         mode="plain", workers=WORKERS, max_len=MAX_LEN, lr=LR, steps=steps,
+                                         extra={"dpo": {"beta": BETA, "loss_type": "sigmoid", "share_prompt": False}})
         bundle = vlm_side.start_bundle(stage)
         start = module_hashes(bundle.model)
         params = count_params(bundle.model)
@@ -79,8 +87,8 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         fl = _flops(bundle, stage, samples, probe, peer_batch, n_pairs)
         del probe, bundle
 
-        def ours() -> dict:
-            logs, started = vlm_side.run(stage, tmp, table)
+        def ours(st=stage) -> dict:
+            logs, started = vlm_side.run(st, tmp, table)
             if started != start:
                 raise RuntimeError("vlmtrain started from other weights than the ones given to TRL")
             return steady(logs, warmup, timed)
@@ -88,7 +96,7 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         def peer() -> dict:
             return steady(trl_side.run(trl_side.dpo_trainer(tmp / "hf", dataset, args, BETA)), warmup, timed)
 
-        runs = interleaved({"vlmtrain": ours, "trl": peer}, repeats)
+        runs = interleaved({"vlmtrain": ours, "vlmtrain_unshared": lambda: ours(unshared), "trl": peer}, repeats)
     med = medians(runs)
     a, b = med["vlmtrain"]["samples_per_s"], med["trl"]["samples_per_s"]
     gflops = {k: flops.achieved(fl["useful_per_pair"]["total"] * med[k]["samples_per_s"]) for k in med}
@@ -100,6 +108,8 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         "machine": machine(),
         "headline": {"ratio": a / b, "vlmtrain_samples_per_s": a, "peer_samples_per_s": b,
                      "unit": "preference pairs",
+                     "unshared_ratio": med["vlmtrain_unshared"]["samples_per_s"] / b,
+                     "vlmtrain_unshared_samples_per_s": med["vlmtrain_unshared"]["samples_per_s"],
                      "vlmtrain_supervised_tokens_per_s": med["vlmtrain"]["supervised_tokens_per_s"],
                      "peer_supervised_tokens_per_s": med["trl"]["supervised_tokens_per_s"],
                      "gflops_per_s": {k: v["gflops_per_s"] for k, v in gflops.items()},

@@ -86,8 +86,9 @@ def run(stage, workdir: Path, table: dict[str, dict]) -> tuple[list[dict], dict]
     return steps, start
 
 
-def encode_batch(bundle, samples, max_len: int) -> dict:
-    """The padded batch the plain loader would make of `samples` (chat or preference records)."""
+def encode_batch(bundle, samples, max_len: int, shared_prompt: bool = False) -> dict:
+    """The padded batch the plain loader would make of `samples` (chat or preference records; preference records in
+    the shared-prompt layout with `shared_prompt`)."""
     from vlmtrain.data.batching import collate, collate_preference
     from vlmtrain.data.encode import decode_image
     from vlmtrain.data.inspect import encoder_for
@@ -95,6 +96,10 @@ def encode_batch(bundle, samples, max_len: int) -> dict:
     enc = encoder_for(bundle, max_len)
     xs = [enc(s.record, [decode_image(d, s.record["id"]) for _, d in s.images]) for s in samples]
     pad = bundle.tokenizer.pad_token_id
+    if "chosen" in xs[0] and shared_prompt:
+        from vlmtrain.data.batching import collate_preference_shared
+
+        return collate_preference_shared(xs, pad, bundle.model.image_token_id)
     return collate_preference(xs, pad) if "chosen" in xs[0] else collate(xs, pad)
 
 
@@ -120,7 +125,8 @@ def stage_loader(stage, bundle):
                                                               d.anyres_pinpoints),
                        bundle.tokenizer.pad_token_id, batch_size=d.batch_size, num_workers=d.num_workers,
                        seed=stage.trainer.seed, shuffle_buffer=d.shuffle_buffer, mode=d.mode,
-                       pack_len=d.pack_len or d.max_len, max_bad_fraction=d.max_bad_fraction, split=d.split)
+                       pack_len=d.pack_len or d.max_len, max_bad_fraction=d.max_bad_fraction, split=d.split,
+                       cache_mb=d.encoded_cache_mb)
 
 
 def window_steps(stage, bundle, warmup: int, n_samples: int) -> int:

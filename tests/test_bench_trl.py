@@ -47,3 +47,12 @@ def test_bench_anatomy_quick(tmp_path):
     assert head["step_ms"] > 0 and head["samples_per_s"] > 0
     assert isinstance(head["data_wait_under_5pct"], bool)
     assert full["stage"]["data"]["batch_size"] == 32 and full["timed_steps"] == 10
+
+
+def test_bench_dp_quick(tmp_path):
+    head, full = _bench("dp", tmp_path)
+    ratios = head["dp_over_plain_time_per_sample"]
+    assert set(ratios) == {"connector", "lora"} and all(r > 0 for r in ratios.values())
+    for side in ("connector/plain", "connector/dp", "lora/plain", "lora/dp"):
+        assert full["medians"][side]["samples"] > 0 and full["medians"][side]["steps"] == full["timed_steps"]
+    assert full["quick"] and full["privacy"]["delta"] == 1e-5

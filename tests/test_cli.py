@@ -44,3 +44,19 @@ def test_demo_recipe_learns_and_exports(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (out / "hf-llava" / "config.json").is_file()
+
+
+def test_readme_command_table_matches_the_cli():
+    """Every command in the README's table exists, with every --option it shows."""
+    import re
+
+    rows = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.startswith("| `vlmtrain ")]
+    assert len(rows) >= 10
+    for row in rows:
+        cmd = row.split("`")[1]
+        words = [("llava" if w == "FORMAT" else w) for w in cmd.split()[1:]]  # prep FORMAT: one of its formats
+        verb = [w for w in words[:2] if re.fullmatch(r"[a-z]+", w)]  # `privacy audit`, `data inspect`, `fit`
+        r = subprocess.run([*VLMTRAIN, *verb, "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, (cmd, r.stderr[-500:])
+        for opt in re.findall(r"--[a-z][a-z-]*", cmd):
+            assert opt in r.stdout, (cmd, opt)

@@ -237,3 +237,28 @@ def test_anyres_tiling_expands_one_image_into_base_plus_tiles(bundle):
     assert sup(out) == sup(plain)  # tiling changes image slots only, never supervision
     with torch.no_grad():
         assert m(torch.tensor([out["input_ids"]]), out["pixel_values"]).logits.shape[1] == len(out["input_ids"])
+
+
+@pytest.mark.parametrize("mode", ["plain", "pack"])
+def test_encoded_cache_changes_nothing_but_the_work(tmp_path, encoder, bundle, mode):
+    """Three epochs with the encoded-sample cache on give exactly the batches (and skip counts) of an uncached
+    run, while each sample is encoded once, not three times; a malformed sample is still counted every epoch."""
+    out = tmp_path / "s"
+    samples = [(chat_record(i), [png_bytes(i)]) for i in range(12)]
+    samples.append(({"id": "bad", "kind": "chat", "messages": []}, [png_bytes(99)]))
+    write_shards(out, samples, per_shard=13)
+    calls = Counter()
+
+    def counting(rec, images):
+        calls[rec["id"]] += 1
+        return encoder(rec, images)
+
+    kw = dict(batch_size=4, num_workers=0, mode=mode, pack_len=128, pack_chunk=12)
+    plain = loader(str(out), encoder, bundle, cache_mb=0, **kw)
+    cached = loader(str(out), counting, bundle, cache_mb=64, **kw)
+    it_a, it_b = iter(plain), iter(cached)
+    n = 9 if mode == "plain" else 6  # three epochs of 12 good samples
+    for _ in range(n):
+        assert _same(next(it_a), next(it_b))
+    assert plain.skipped == cached.skipped and sum(cached.skipped.values()) >= 2
+    assert set(calls.values()) == {1} and len(calls) == 12

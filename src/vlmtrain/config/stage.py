@@ -65,6 +65,8 @@ class DataConfig(_Strict):
     caption_prompt: str = ""
     anyres_pinpoints: list[tuple[int, int]] | None = Field(
         None, description="AnyRes tiling: candidate canvases (width, height), multiples of the tower's image size")
+    encoded_cache_mb: int = Field(256, ge=0, description="per dataloader worker: keep encoded samples (decoded, "
+                                                         "resized, tokenized) for reuse in later epochs; 0 = off")
     split: Literal["shard", "stride"] = Field(
         "shard", description="shard: ranks×workers own disjoint shards; stride: world-size-invariant order "
                              "(resume on another world size; every worker reads all raw samples)")
@@ -74,6 +76,9 @@ class DPOConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    share_prompt: bool = Field(True, description="one row per pair: the prompt (and its images) computed once, "
+                                                 "chosen and rejected answers after it under a custom mask "
+                                                 "(needs sdpa or eager attention)")
     reference: Literal["copy", "adapters_off"] = Field(
         "copy", description="copy: a frozen copy of the starting model; adapters_off: the policy with its LoRA "
                             "adapters disabled (LoRA stages; no second model in memory)")
@@ -145,6 +150,9 @@ class TrainerConfig(_Strict):
     fsdp_reshard_after_forward: bool = Field(True, description="True: full shard (ZeRO-3-like); False: shard "
                                                                "gradients and optimizer state only (ZeRO-2-like)")
     fsdp_cpu_offload: bool = False
+    vision_feature_cache_mb: int = Field(0, ge=0, description="keep a frozen vision tower's outputs per image "
+                                                                 "(CPU, this budget) and reuse them in later epochs; "
+                                                                 "0 = off (the align preset turns it on)")
     log_sample_ids: bool = Field(False, description="write sample_ids.jsonl: the record ids of every step")
     wandb: bool = False
     wandb_project: str = "vlmtrain"

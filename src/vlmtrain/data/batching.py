@@ -34,6 +34,9 @@ def _add_pixels(batch: dict, samples: list[dict]) -> None:
     pix = [x["pixel_values"] for x in samples if x.get("pixel_values") is not None]
     if pix:
         batch["pixel_values"] = torch.cat(pix)
+        if all("cache_key" in x for x in samples):  # keys for the frozen-tower feature cache (VLM.vision_cache)
+            batch["image_keys"] = [f"{x['cache_key']}#{k}" for x in samples if x.get("pixel_values") is not None
+                                   for k in range(x["pixel_values"].shape[0])]
 
 
 def pack_rows(samples: list[dict], max_len: int) -> list[list[dict]]:
@@ -76,7 +79,7 @@ def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict:
         for x in row:
             n = len(x["input_ids"])
             input_ids[i, pos : pos + n] = torch.as_tensor(x["input_ids"])
-            lab = torch.as_tensor(x["labels"])
+            lab = torch.tensor(x["labels"])  # a copy: samples may be cached and reused by the loader
             lab[0] = IGNORE
             labels[i, pos : pos + n] = lab
             position_ids[i, pos : pos + n] = torch.arange(n)
@@ -97,6 +100,79 @@ def collate_preference(samples: list[dict], pad_token_id: int) -> dict:
     rejected = [{"input_ids": x["rejected"]["input_ids"], "labels": x["rejected"]["labels"],
                  "pixel_values": x.get("pixel_values")} for x in samples]
     return collate(chosen + rejected, pad_token_id)
+
+
+def _common_prefix(a: list[int], b: list[int], la: list[int], lb: list[int]) -> int:
+    n = 0
+    for x, y, u, v in zip(a, b, la, lb):
+        if x != y or u != v:
+            break
+        n += 1
+    return n
+
+
+def collate_preference_shared(samples: list[dict], pad_token_id: int, image_token_id: int) -> dict:
+    """DPO batch with the prompt computed once per pair: row i is `[shared prefix | chosen rest | rejected rest]`.
+
+    The shared prefix is the longest common prefix of the two encoded sequences (prompt, images, template; also any
+    identical first answer tokens). Position ids restart at the prefix length for the rejected rest, and a custom
+    mask `attn_mask [b, 1, s, s]` (additive float: 0 = attend, -inf-like = blocked) is causal except that the
+    rejected rest never sees the chosen rest — so every token sees exactly the context it has in its own sequence.
+    The images are in the prefix, once (the classic layout carries them twice).
+
+    Scoring uses explicit (row, position) → target pairs, since the first rejected token is predicted from the last
+    prefix position, not from its left neighbour in the row:
+        logits_index `[n, 2]`, targets `[n]`, seq_index `[n]` (pair i's chosen = i, rejected = b + i).
+    Returns None when a pair has image tokens outside its shared prefix (the caller uses `collate_preference`)."""
+    b = len(samples)
+    rows, pos, spans = [], [], []
+    for x in samples:
+        c, r = x["chosen"]["input_ids"], x["rejected"]["input_ids"]
+        lc, lr = x["chosen"]["labels"], x["rejected"]["labels"]
+        n = _common_prefix(c, r, lc, lr)
+        if image_token_id in c[n:] or image_token_id in r[n:]:
+            return None
+        rows.append(list(c) + list(r[n:]))
+        pos.append(list(range(len(c))) + list(range(n, len(r))))
+        spans.append((n, len(c), len(r)))
+    s_max = max(len(x) for x in rows)
+    input_ids = torch.full((b, s_max), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((b, s_max), dtype=torch.long)
+    allowed = torch.zeros((b, s_max, s_max), dtype=torch.bool)
+    causal = torch.ones((s_max, s_max), dtype=torch.bool).tril()
+    index, targets, seq = [], [], []
+    for i, (row, p, (n, len_c, len_r)) in enumerate(zip(rows, pos, spans)):
+        m = len(row)
+        input_ids[i, :m] = torch.tensor(row)
+        position_ids[i, :m] = torch.tensor(p)
+        allowed[i, :m, :m] = causal[:m, :m]
+        allowed[i, len_c:m, n:len_c] = False  # rejected rest ⟂ chosen rest
+        allowed[i, m:, :].fill_(False)
+        allowed[i, range(m, s_max), range(m, s_max)] = True  # padding rows see themselves (no all-masked row)
+        x = samples[i]
+        lc, lr = x["chosen"]["labels"], x["rejected"]["labels"]
+        for t in range(1, len_c):  # chosen token t, predicted at row position t - 1
+            if lc[t] != IGNORE:
+                index.append((i, t - 1))
+                targets.append(lc[t])
+                seq.append(i)
+
+        def at(t: int) -> int:  # row position of rejected token t
+            return t if t < n else len_c + (t - n)
+
+        for t in range(1, len_r):
+            if lr[t] != IGNORE:
+                index.append((i, at(t - 1)))
+                targets.append(lr[t])
+                seq.append(b + i)
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed[:, None],
+             "logits_index": torch.tensor(index, dtype=torch.long).reshape(-1, 2),
+             "targets": torch.tensor(targets, dtype=torch.long), "seq_index": torch.tensor(seq, dtype=torch.long),
+             "pairs": b, "shared_prompt": True,
+             # what the classic layout would have cost, for throughput accounting
+             "token_count": sum(len(x["chosen"]["input_ids"]) + len(x["rejected"]["input_ids"]) for x in samples)}
+    _add_pixels(batch, samples)
+    return batch
 
 
 def sample_length(x: dict) -> int:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlmtrain.data.batching import collate, collate_packed, collate_preference, pack_rows, sample_length
+from vlmtrain.data.batching import (collate, collate_packed, collate_preference, collate_preference_shared,
+                                    pack_rows, sample_length)
 from vlmtrain.data.encode import decode_image
 from vlmtrain.data.schema import IMAGE_EXTS, RecordError, validate_record
 from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world
@@ -47,6 +48,8 @@ class LoaderConfig:
     min_samples_for_bad_check: int = 200
     keep_raw: bool = False  # also return records (inspect)
     split: str = "shard"  # shard: slots own disjoint shards (IO-efficient); stride: world-size-invariant order
+    cache_mb: int = 0  # per slot: memo of encoded samples, reused from the second epoch on (0: off)
+    share_prompt_image_token: int | None = None  # DPO: one row per pair, prompt shared (collate_preference_shared)
 
 
 def parse_sample(raw: dict) -> tuple[dict, list]:
@@ -82,6 +85,36 @@ class _SlotPipeline:
         self.chunks = st.get("chunks", 0)
         self.skip_batches = st.get("next_batch", 0)  # batches of the current chunk already consumed
         self.weights = np.array([s.weight for s in sources], dtype=float)
+        self.cache: dict[tuple, tuple] = {}
+        self.cache_left = cfg.cache_mb * 2**20
+
+    def _encode(self, raw: dict) -> tuple[dict | None, str | None]:
+        """parse + validate + decode + encode one raw sample → (encoded, None) or (None, skip reason).
+
+        Memoised per (shard, key) while the slot's cache budget lasts: from the second epoch on, a cached sample
+        costs no image decode, resize, template or tokenization (encoding is deterministic, so the batches, the
+        skip counts and the resume cursor are exactly those of an uncached run). Why by hand: no library memoises
+        a per-worker stream under a byte budget."""
+        key = (raw.get("__url__"), raw.get("__key__"))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        try:
+            rec, images = parse_sample(raw)
+            enc = self.encoder(rec, images)
+            if self.cfg.keep_raw:
+                enc["record"] = rec
+            if key[1] is not None:  # identifies this sample's images for the frozen-tower feature cache
+                enc["cache_key"] = f"{key[0]}:{key[1]}"
+            out = (enc, None)
+        except RecordError as e:
+            out = (None, e.reason)
+        if self.cache_left > 0 and key[1] is not None:
+            size = _nbytes(out[0])
+            if size <= self.cache_left:
+                self.cache[key] = out
+                self.cache_left -= size
+        return out
 
     def state(self) -> dict:
         return {"sources": [s.state() for s in self.streams], "alive": list(self.alive),
@@ -114,16 +147,12 @@ class _SlotPipeline:
             if "__error__" in raw:
                 skipped[raw["__error__"]] += 1
                 continue
-            try:
-                rec, images = parse_sample(raw)
-                enc = self.encoder(rec, images)
-            except RecordError as e:
-                skipped[e.reason] += 1
+            enc, reason = self._encode(raw)
+            if enc is None:
+                skipped[reason] += 1
                 continue
-            if self.cfg.keep_raw:
-                enc["record"] = rec
             good.append(enc)
-            ids.append(rec["id"])
+            ids.append(enc["id"])
         return good, ids
 
     def _plan(self, good: list[dict]) -> list[list]:
@@ -151,7 +180,11 @@ class _SlotPipeline:
             if prefs not in (0, len(samples)):
                 raise VlmtrainError("data: a batch mixes preference and chat/caption records; "
                                     "use separate datasets for DPO and SFT stages")
-            batch = (collate_preference if prefs else collate)(samples, self.pad_id)
+            batch = None
+            if prefs and c.share_prompt_image_token is not None:
+                batch = collate_preference_shared(samples, self.pad_id, c.share_prompt_image_token)
+            if batch is None:
+                batch = (collate_preference if prefs else collate)(samples, self.pad_id)
             batch["preference"] = bool(prefs)
         batch["ids"] = [x["id"] for x in samples]
         if c.keep_raw:
@@ -181,6 +214,21 @@ class _SlotPipeline:
                 yield batch
 
 
+def _nbytes(enc: dict | None) -> int:
+    """Approximate resident size of an encoded sample (token lists as Python ints, pixel tensors)."""
+    if enc is None:
+        return 64
+    n = 256
+    for k, v in enc.items():
+        if isinstance(v, torch.Tensor):
+            n += v.numel() * v.element_size()
+        elif isinstance(v, list):
+            n += 36 * len(v)
+        elif isinstance(v, dict):
+            n += _nbytes(v)
+    return n
+
+
 def dummy_batch(pad_id: int) -> dict:
     """One pad token, nothing supervised, no image: a rank whose slice of a global batch is empty (or all bad)
     still runs forward/backward, so collectives stay in step; it adds 0 to the loss and to the token counts."""
@@ -204,14 +252,9 @@ class _StridePipeline(_SlotPipeline):
         if "__error__" in raw:
             skipped[raw["__error__"]] += 1
             return None
-        try:
-            rec, images = parse_sample(raw)
-            enc = self.encoder(rec, images)
-        except RecordError as e:
-            skipped[e.reason] += 1
-            return None
-        if self.cfg.keep_raw:
-            enc["record"] = rec
+        enc, reason = self._encode(raw)
+        if enc is None:
+            skipped[reason] += 1
         return enc
 
     def __iter__(self) -> Iterator[dict]:

@@ -26,6 +26,8 @@ class VLM(nn.Module):
         # Under data parallelism every rank must use the same parameters every step (DDP's reducer, FSDP's and
         # ZeRO-3's gathers): a batch without images then runs one zero-weighted dummy image through the tower.
         self.always_encode_images = False
+        # Frozen-tower feature cache (`trainer.vision_feature_cache_mb`): image key → vision output `[t, d_v]`.
+        self.vision_cache: FeatureCache | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -36,7 +38,22 @@ class VLM(nn.Module):
         """`[n_img, c, h, w]` → `[n_img, t, d_lm]`."""
         return self.connector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def vision_features(self, pixel_values: torch.Tensor, image_keys: list | None = None) -> torch.Tensor:
+        """`[n_img, c, h, w]` → vision output `[n_img, t, d_v]`, from the feature cache when every image of the batch
+        is in it. A batch with any miss runs the tower on the whole batch (as without a cache) and stores it."""
+        cache = self.vision_cache
+        if cache is None or image_keys is None or len(image_keys) != pixel_values.shape[0]:
+            return self.vision(pixel_values)
+        hit = cache.get_all(image_keys)
+        if hit is not None:
+            return hit.to(device=pixel_values.device)
+        with torch.no_grad():
+            feats = self.vision(pixel_values)
+        cache.put_all(image_keys, feats)
+        return feats
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_keys: list | None = None) -> torch.Tensor:
         """Token embeddings `[b, s, d_lm]` with image features written into the image-token slots."""
         slots = input_ids == self.image_token_id
         embeds = self.llm.get_input_embeddings()(input_ids)
@@ -54,7 +71,7 @@ class VLM(nn.Module):
                                     device=embeds.device)
                 embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
             return embeds
-        feats = self.encode_images(pixel_values).to(embeds.dtype)  # [n_img, t, d]
+        feats = self.connector(self.vision_features(pixel_values, image_keys)).to(embeds.dtype)  # [n_img, t, d]
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
 
     # Families whose causal-LM head is exactly `lm_head(final hidden state)` (no soft-capping or logit scaling), so
@@ -68,24 +85,28 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                logits_mask: torch.Tensor | None = None, **lm_kwargs):
+                logits_mask: torch.Tensor | None = None, image_keys: list | None = None, **lm_kwargs):
         """Returns the LM's output (`.logits [b, s, vocab]`). Loss lives in `vlmtrain.train` (it needs the
         whole accumulated batch's supervised-token count, which one forward cannot know).
 
         Packed rows: pass `position_ids` restarting at 0 for each sample and `attention_mask=None`."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_keys)
         # No KV cache for training/scoring forwards; transformers also only derives the packed-sequence
         # (block-diagonal) mask from restarting position_ids when there is no cache.
         lm_kwargs.setdefault("use_cache", False)
         if logits_mask is not None:
             # Logits only where a loss needs them: `logits_mask [b, s]` → `[n, vocab]`. The LM head over every
             # position is wasted work, and its fp32 logits are often the largest activation of a step.
+            # `logits_mask` is a bool `[b, s]` mask, or `[n, 2]` (row, position) pairs when a position must be
+            # scored more than once (DPO's shared-prompt rows).
+            select = (lambda h: h[logits_mask]) if logits_mask.dtype == torch.bool else (
+                lambda h: h[logits_mask[:, 0], logits_mask[:, 1]])
             if not self.supports_selective_head:
-                return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                **lm_kwargs).logits[logits_mask]
+                return select(self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                       **lm_kwargs).logits)
             hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
                                             position_ids=position_ids, **lm_kwargs).last_hidden_state
-            return self.llm.get_output_embeddings()(hidden[logits_mask])
+            return self.llm.get_output_embeddings()(select(hidden))
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
 
     @torch.no_grad()
@@ -98,3 +119,38 @@ class VLM(nn.Module):
         gen_kwargs.setdefault("do_sample", False)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                  max_new_tokens=max_new_tokens, **gen_kwargs)
+
+
+class FeatureCache:
+    """Vision-tower outputs of a frozen tower, by image key (shard URL + sample key + image index), kept on the CPU
+    under a byte budget; once full, new keys are not stored. Why by hand: the keys come from the data loader and
+    the values from inside the model's forward, which no caching library bridges.
+
+    Numerics: an image's cached features were computed within an earlier batch; recomputing them within another
+    batch can differ in the last float bits (kernel blocking), so runs with and without the cache agree to ~1e-6,
+    not bit for bit — and a resumed run (empty cache) is exact to that tolerance only."""
+
+    def __init__(self, budget_mb: int):
+        self.budget = budget_mb * 2**20
+        self.used = 0
+        self.store: dict = {}
+        self.hits = self.misses = 0
+
+    def get_all(self, keys: list) -> torch.Tensor | None:
+        try:
+            out = torch.stack([self.store[k] for k in keys])
+        except KeyError:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return out
+
+    def put_all(self, keys: list, feats: torch.Tensor) -> None:
+        for k, f in zip(keys, feats.detach()):
+            if k in self.store:
+                continue
+            size = f.numel() * f.element_size()
+            if self.used + size > self.budget:
+                return
+            self.store[k] = f.to("cpu", copy=True)
+            self.used += size

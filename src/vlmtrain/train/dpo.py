@@ -205,3 +205,13 @@ def selected_sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: t
     rows = mask.nonzero()[:, 0]
     logps = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
     return logps, mask.sum(-1)
+
+
+def indexed_sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq_index: torch.Tensor,
+                           n_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed log-probs from logits at explicit positions (the shared-prompt DPO layout,
+    `collate_preference_shared`): logits `[n, v]`, targets `[n]`, seq_index `[n]` → (logps `[n_seq]`,
+    n_tokens `[n_seq]`)."""
+    tok = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # [n]
+    logps = torch.zeros(n_seq, dtype=tok.dtype, device=tok.device).index_add(0, seq_index, tok)
+    return logps, torch.bincount(seq_index, minlength=n_seq)

@@ -9,6 +9,7 @@ a checkpoint taken after step k resumes the data exactly after step k, whatever 
 from __future__ import annotations
 
 import copy
+import logging
 import random
 from typing import Iterator
 
@@ -22,6 +23,8 @@ from vlmtrain.errors import VlmtrainError
 from vlmtrain.train.dpo import dpo_loss, selected_sequence_logps
 from vlmtrain.train.objectives import prediction_mask, selected_token_loss_sum
 from vlmtrain.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("vlmtrain.train")
 
 
 class StepWindows:
@@ -41,6 +44,16 @@ class StepWindows:
                 except StopIteration:
                     return
             yield {"micro": micro, "cursor": self.loader.state_dict()}
+
+
+def _tokens(b: dict) -> int:
+    """Non-padding tokens of a batch (for a shared-prompt DPO batch: of its pairs' two sequences, so tokens/s stays
+    comparable across layouts)."""
+    if "token_count" in b:
+        return int(b["token_count"])
+    if b.get("attention_mask") is not None:
+        return int(b["attention_mask"].sum())
+    return int(b["input_ids"].numel())
 
 
 def _model_inputs(b: dict) -> tuple:
@@ -87,6 +100,15 @@ class VLMModule(pl.LightningModule):
 
         tr = self.stage.trainer
         self.model.always_encode_images = is_data_parallel(tr.strategy)
+        if tr.vision_feature_cache_mb and self.model.vision_cache is None:
+            from vlmtrain.model.vlm import FeatureCache
+
+            if self.stage.train.vision:
+                log.info("vision feature cache: off (the vision tower trains in this stage)")
+            elif tr.strategy in ("fsdp", "deepspeed_zero3"):  # sharded tower: every rank must run every forward
+                log.info(f"vision feature cache: off (not with {tr.strategy})")
+            else:
+                self.model.vision_cache = FeatureCache(tr.vision_feature_cache_mb)
         if tr.strategy == "fsdp" and not getattr(self, "_sharded", False):
             dtype = torch.bfloat16 if tr.precision.startswith("bf16") else None
             apply_fsdp2(self.model, self.device_mesh["data_parallel"], tr.fsdp_reshard_after_forward,
@@ -125,21 +147,46 @@ class VLMModule(pl.LightningModule):
         loss_total = 0.0
         for b in micro:
             mask, targets = prediction_mask(b["labels"])
-            loss_sum = selected_token_loss_sum(self.model(*_model_inputs(b), logits_mask=mask), targets)
+            loss_sum = selected_token_loss_sum(self.model(*_model_inputs(b), logits_mask=mask,
+                                                          image_keys=b.get("image_keys")), targets)
             self._backward(loss_sum * scale)
             loss_total += float(loss_sum.detach())
         return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
 
+    def _pairs(self, b: dict) -> int:
+        return b["pairs"] if b.get("shared_prompt") else b["input_ids"].shape[0] // 2
+
+    def _shared_inputs(self, b: dict) -> tuple:
+        """Model inputs of a shared-prompt DPO batch, its 4D mask in the form the attention kernel takes."""
+        mask = b["attention_mask"]
+        impl = getattr(self.model.llm.config, "_attn_implementation", "sdpa")
+        if impl == "eager":  # eager adds the mask to the scores: additive float, blocked = dtype minimum
+            dtype = self.model.llm.get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        elif impl != "sdpa":
+            raise VlmtrainError(f"dpo.share_prompt: needs sdpa or eager attention; the model uses {impl} "
+                                "(set dpo.share_prompt: false)")
+        return b["input_ids"], b.get("pixel_values"), mask, b["position_ids"]
+
+    def _pair_logps(self, model, b: dict, inputs: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs and supervised-token counts `[2b]` (chosen rows first), for either batch layout."""
+        if b.get("shared_prompt"):
+            from vlmtrain.train.dpo import indexed_sequence_logps
+
+            logits = model(*(inputs or self._shared_inputs(b)), logits_mask=b["logits_index"])
+            return indexed_sequence_logps(logits, b["targets"], b["seq_index"], 2 * b["pairs"])
+        mask, targets = prediction_mask(b["labels"])
+        return selected_sequence_logps(model(*(inputs or _model_inputs(b)), logits_mask=mask), targets, mask)
+
     def accumulate_dpo(self, micro: list[dict]) -> dict:
         d = self.stage.dpo
-        pairs_global = self._all_sum(sum(b["input_ids"].shape[0] // 2 for b in micro))
+        pairs_global = self._all_sum(sum(self._pairs(b) for b in micro))
         scale = self._world() / pairs_global
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
         for b in micro:
-            inputs = _model_inputs(b)
-            mask, targets = prediction_mask(b["labels"])
-            logps, ntok = selected_sequence_logps(self.model(*inputs, logits_mask=mask), targets, mask)
-            ref_logps = self._reference_logps(inputs, b["labels"])
+            inputs = self._shared_inputs(b) if b.get("shared_prompt") else _model_inputs(b)
+            logps, ntok = self._pair_logps(self.model, b, inputs)
+            ref_logps = self._reference_logps(inputs, b)
             pc, pr = logps.chunk(2)
             rc, rr = ref_logps.chunk(2)
             nc, nr = ntok.chunk(2)
@@ -156,17 +203,16 @@ class VLMModule(pl.LightningModule):
                 "pairs": pairs_global}
 
     @torch.no_grad()
-    def _reference_logps(self, inputs: tuple, labels: torch.Tensor) -> torch.Tensor:
+    def _reference_logps(self, inputs: tuple, b: dict) -> torch.Tensor:
         """The frozen reference: a copy of the starting model, or the policy itself with its LoRA adapters off
         (no second model in memory)."""
-        mask, targets = prediction_mask(labels)
         if self._ref:
-            return selected_sequence_logps(self._ref[0](*inputs, logits_mask=mask), targets, mask)[0]
+            return self._pair_logps(self._ref[0], b, inputs)[0]
         from vlmtrain.model.lora import set_adapters_enabled
 
         set_adapters_enabled(self.model, False)
         try:
-            return selected_sequence_logps(self.model(*inputs, logits_mask=mask), targets, mask)[0]
+            return self._pair_logps(self.model, b, inputs)[0]
         finally:
             set_adapters_enabled(self.model, True)
 
@@ -193,8 +239,7 @@ class VLMModule(pl.LightningModule):
         stats["ids"] = [i for b in micro for i in b["ids"]]
         # throughput counts are global (all ranks), so samples/s means the whole job's rate
         stats["samples"] = int(self._all_sum(len(stats["ids"])))
-        stats["tokens"] = int(self._all_sum(sum(int(b["attention_mask"].sum()) if b.get("attention_mask") is not None
-                                                else int(b["input_ids"].numel()) for b in micro)))
+        stats["tokens"] = int(self._all_sum(sum(_tokens(b) for b in micro)))
         if "supervised_tokens" in stats:
             stats["supervised_tokens"] = int(self._all_sum(stats["supervised_tokens"]))
         self.last_stats = stats

@@ -11,6 +11,7 @@ PRESETS: dict[str, dict] = {
         "objective": "next_token",
         "train": {"vision": False, "connector": True, "llm": False},
         "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0},
+        "trainer": {"vision_feature_cache_mb": 1024},  # the tower is frozen: compute each image's features once
     },
     "pretrain": {
         "objective": "next_token",

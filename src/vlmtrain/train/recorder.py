@@ -75,7 +75,7 @@ class Recorder(pl.Callback):
             dt = max(now - self.t_last, 1e-9)
             loss = w["loss"] / w["n"] if w["n"] else float("nan")
             row = {"step": step, "loss": loss, "lr": st["lr"], "grad_norm": st["grad_norm"],
-                   "samples_per_s": w["samples"] / dt, "tokens_per_s": w["tokens"] / dt}
+                   "samples_per_s": w["samples"] / dt, "tokens_per_s": w["tokens"] / dt, "seconds": dt}
             row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/"))})
             self.totals["samples"] += w["samples"]
             self.totals["tokens"] += w["tokens"]

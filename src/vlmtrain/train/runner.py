@@ -168,7 +168,9 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         loader = ShardLoader(train_sources, encoder, bundle.tokenizer.pad_token_id,
                              batch_size=d.batch_size, num_workers=d.num_workers, seed=stage.trainer.seed,
                              shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
-                             max_bad_fraction=d.max_bad_fraction, split=d.split)
+                             max_bad_fraction=d.max_bad_fraction, split=d.split, cache_mb=d.encoded_cache_mb,
+                             share_prompt_image_token=(bundle.model.image_token_id if stage.objective == "dpo"
+                                                       and stage.dpo.share_prompt else None))
     eval_shards = str(eval_sources[0].path) if eval_sources else None
 
     def run_eval() -> dict:
@@ -238,6 +240,10 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
                "train_seconds": recorder.totals["train_seconds"], "skipped": skipped}
     if stage.objective == "next_token":  # share of (non-pad) tokens that carry a loss
         summary["supervised_fraction"] = recorder.totals["supervised"] / max(recorder.totals["tokens"], 1)
+    cache = getattr(module.model, "vision_cache", None)
+    if cache is not None:  # steps whose images all came from the frozen-tower feature cache
+        summary["vision_feature_cache"] = {"hit_steps": cache.hits, "miss_steps": cache.misses,
+                                           "images": len(cache.store), "mib": cache.used / 2**20}
     if dp is not None:
         from vlmtrain.privacy.dp import privacy_summary
 
