@@ -1,4 +1,4 @@
-"""`python -m bench {data,sft,dpo,anatomy,dp,plan} [--quick]`: results in bench/results/, write-up in docs/benchmarks.md."""
+"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan} [--quick]`: results in bench/results/, write-up in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 
+from bench import align as align_bench
 from bench import anatomy as anatomy_bench
 from bench import data as data_bench
 from bench import dp as dp_bench
 from bench import dpo as dpo_bench
 from bench import sft as sft_bench
 
-BENCHES = {"data": data_bench, "sft": sft_bench, "dpo": dpo_bench, "anatomy": anatomy_bench, "dp": dp_bench}
+BENCHES = {"data": data_bench, "sft": sft_bench, "dpo": dpo_bench, "anatomy": anatomy_bench, "dp": dp_bench,
+           "align": align_bench}
 BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner vs measured peaks
 
 

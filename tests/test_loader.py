@@ -262,3 +262,28 @@ def test_encoded_cache_changes_nothing_but_the_work(tmp_path, encoder, bundle, m
         assert _same(next(it_a), next(it_b))
     assert plain.skipped == cached.skipped and sum(cached.skipped.values()) >= 2
     assert set(calls.values()) == {1} and len(calls) == 12
+
+
+def test_receiving_ahead_keeps_order_errors_and_stops():
+    import threading
+    import time
+
+    from vlmtrain.data.loader import _received_ahead
+
+    assert list(_received_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise VlmtrainError("worker failed on shard x")
+
+    it = _received_ahead(failing())
+    assert next(it) == 1
+    with pytest.raises(VlmtrainError, match="worker failed"):
+        next(it)
+    gen = _received_ahead(iter(range(10**6)))
+    next(gen)
+    gen.close()  # the consumer stops early: the receiver thread must end too
+    deadline = time.time() + 5
+    while any(t.name == "vlmtrain-batch-receiver" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "vlmtrain-batch-receiver" for t in threading.enumerate())

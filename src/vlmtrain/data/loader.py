@@ -29,7 +29,7 @@ from vlmtrain.data.batching import (collate, collate_packed, collate_preference,
                                     pack_rows, sample_length)
 from vlmtrain.data.encode import decode_image
 from vlmtrain.data.schema import IMAGE_EXTS, RecordError, validate_record
-from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world
+from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world, iter_shard
 from vlmtrain.errors import VlmtrainError
 
 
@@ -76,8 +76,12 @@ class _SlotPipeline:
         self.sources, self.encoder, self.cfg, self.pad_id = sources, encoder, cfg, pad_id
         self.slot = slot
         st = state or {}
+        self.cache: dict[tuple, tuple] = {}
+        self.cache_left = cfg.cache_mb * 2**20
+        self.shard_keys: dict[str, list[str]] = {}  # url → its sample keys, after one complete read
         src_states = st.get("sources") or [{"epoch": 0, "emitted": 0}] * len(sources)
-        self.streams = [SlotStream(u, slot, n_slots, cfg.seed, i, cfg.shuffle_buffer, cfg.epochs, **s)
+        self.streams = [SlotStream(u, slot, n_slots, cfg.seed, i, cfg.shuffle_buffer, cfg.epochs, **s,
+                                   opener=self._open_shard if cfg.cache_mb else None)
                         for i, (u, s) in enumerate(zip(urls, src_states))]
         self.alive = list(st.get("alive", [True] * len(sources)))
         self.mix_rng = np.random.default_rng()
@@ -85,8 +89,25 @@ class _SlotPipeline:
         self.chunks = st.get("chunks", 0)
         self.skip_batches = st.get("next_batch", 0)  # batches of the current chunk already consumed
         self.weights = np.array([s.weight for s in sources], dtype=float)
-        self.cache: dict[tuple, tuple] = {}
-        self.cache_left = cfg.cache_mb * 2**20
+
+    def _open_shard(self, url: str) -> Iterator[dict]:
+        """A shard's raw samples; once every sample of the shard is in the encoded cache, only their keys (no tar
+        read, no parsing): the samples come out of the cache in `_encode`. A shard that failed to read is re-read
+        every time, so its error is counted every epoch, as without the cache."""
+        keys = self.shard_keys.get(url)
+        if keys is not None and all((url, k) in self.cache for k in keys):
+            for k in keys:
+                yield {"__url__": url, "__key__": k}
+            return
+        seen, clean = [], True
+        for raw in iter_shard(url):
+            if "__error__" in raw:
+                clean = False
+            else:
+                seen.append(raw.get("__key__"))
+            yield raw
+        if clean:
+            self.shard_keys[url] = seen
 
     def _encode(self, raw: dict) -> tuple[dict | None, str | None]:
         """parse + validate + decode + encode one raw sample → (encoded, None) or (None, skip reason).
@@ -293,13 +314,79 @@ class _ShardDataset(IterableDataset):
         w = info.id if info else 0
         logical = (w + self.rotation) % n
         slot = L.rank * n + logical
-        torch.set_num_threads(1)  # workers do light CPU work; leave cores to the training step
+        if info is not None:
+            torch.set_num_threads(1)  # workers do light CPU work; leave cores to the training step
         if L.cfg.split == "stride":
             return iter(_StridePipeline(L.sources, L.urls, L.encoder, L.cfg, L.pad_id, L.rank, L.world, w, n,
                                         L.global_batches))
         pipe = _SlotPipeline(L.sources, L.urls, L.encoder, L.cfg, L.pad_id, slot, L.world * n,
                              self.slot_states.get(str(slot)))
-        return iter(pipe)
+        return _as_arrays(iter(pipe)) if info else iter(pipe)
+
+
+def _as_arrays(batches: Iterator[dict]) -> Iterator[dict]:
+    """Worker side: tensors → numpy arrays, which cross the worker→main pipe by value. Why: torch moves each
+    tensor of a worker's batch into its own shared-memory segment (create, map, unmap per tensor), which for the
+    small tensors of a batch costs more than copying their bytes; `_as_tensors` turns them back (zero-copy)."""
+    for b in batches:
+        yield {k: (_Array(v.numpy()) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+class _Array:
+    """A numpy array in transit (a marker, so `_as_tensors` only converts what `_as_arrays` converted)."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a):
+        self.a = a
+
+
+def _received_ahead(dl, depth: int = 2) -> Iterator[dict]:
+    """Iterate `dl` with a background thread receiving the next batches from the workers.
+
+    Why: receiving a batch (reading it from the worker pipe, unpickling) costs the training loop ~1 ms per batch on
+    its own thread; a receiver thread does it while the step computes (pipe reads release the GIL). Only the
+    transfer runs ahead: the cursor bookkeeping stays with the consumer, so a checkpoint still records exactly the
+    batches trained on. Why by hand: DataLoader has no option for this, and Lightning's prefetch runs on the
+    training thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def receive() -> None:
+        try:
+            for item in dl:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # a worker's error reaches the training loop, unchanged
+            q.put(e)
+
+    t = threading.Thread(target=receive, name="vlmtrain-batch-receiver", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _as_tensors(b: dict) -> dict:
+    return {k: (torch.from_numpy(v.a) if isinstance(v, _Array) else v) for k, v in b.items()}
 
 
 class ShardLoader:
@@ -382,7 +469,8 @@ class ShardLoader:
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, persistent_workers=False,
                         prefetch_factor=4 if self.cfg.num_workers else None,
                         generator=torch.Generator().manual_seed(self.cfg.seed))
-        for batch in dl:
+        for batch in (_received_ahead(dl) if self.cfg.num_workers else dl):
+            batch = _as_tensors(batch)
             meta = batch.pop("_meta")
             self.skipped.update(meta["skipped"])
             if meta.get("empty"):

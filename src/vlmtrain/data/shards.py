@@ -81,7 +81,7 @@ class SlotStream:
     """Infinite (or `epochs`-bounded) raw-sample stream of one source for one slot. Not thread-safe."""
 
     def __init__(self, urls: list[str], slot: int, n_slots: int, seed: int, source_idx: int, shuffle_buffer: int,
-                 epochs: int | None = None, epoch: int = 0, emitted: int = 0):
+                 epochs: int | None = None, epoch: int = 0, emitted: int = 0, opener=None):
         if len(urls) < n_slots:
             raise VlmtrainError(
                 f"{len(urls)} shard(s) cannot be split over {n_slots} rank×worker slots: re-shard with a smaller "
@@ -91,6 +91,7 @@ class SlotStream:
         self.seed, self.source_idx, self.buffer = seed, source_idx, max(1, shuffle_buffer)
         self.epochs = epochs
         self.epoch, self.emitted = epoch, emitted
+        self.opener = opener or iter_shard  # url → raw samples (the loader may serve cached shards without IO)
         self._it = self._run(epoch, emitted)
 
     def state(self) -> dict:
@@ -104,7 +105,7 @@ class SlotStream:
         rng = _rng(self.seed, self.source_idx, epoch, self.slot, 1)
         buf: list[dict] = []
         for url in self.my_shards(epoch):
-            for s in iter_shard(url):
+            for s in self.opener(url):
                 buf.append(s)
                 if len(buf) >= self.buffer:
                     j = int(rng.integers(len(buf)))
