@@ -276,11 +276,11 @@ def test_receiving_ahead_keeps_order_errors_and_stops():
         yield 1
         raise VlmtrainError("worker failed on shard x")
 
-    it = _received_ahead(failing())
+    it = iter(_received_ahead(failing()))
     assert next(it) == 1
     with pytest.raises(VlmtrainError, match="worker failed"):
         next(it)
-    gen = _received_ahead(iter(range(10**6)))
+    gen = iter(_received_ahead(iter(range(10**6))))
     next(gen)
     gen.close()  # the consumer stops early: the receiver thread must end too
     deadline = time.time() + 5

@@ -341,48 +341,90 @@ class _Array:
         self.a = a
 
 
-def _received_ahead(dl, depth: int = 2) -> Iterator[dict]:
+class _received_ahead:
     """Iterate `dl` with a background thread receiving the next batches from the workers.
 
     Why: receiving a batch (reading it from the worker pipe, unpickling) costs the training loop ~1 ms per batch on
     its own thread; a receiver thread does it while the step computes (pipe reads release the GIL). Only the
     transfer runs ahead: the cursor bookkeeping stays with the consumer, so a checkpoint still records exactly the
     batches trained on. Why by hand: DataLoader has no option for this, and Lightning's prefetch runs on the
-    training thread."""
-    import queue
-    import threading
+    training thread.
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
+    Shutdown: the thread is not a daemon (a daemon thread inside torch code at interpreter exit aborts the process),
+    so it must always end: when the consumer closes the iterator, when `stop_receivers()` is called (the runner does
+    after training), or at interpreter exit (a `threading` exit hook sets every stop flag before threads are
+    joined)."""
 
-    def receive() -> None:
+    _DONE = object()
+
+    def __init__(self, dl, depth: int = 2):
+        import queue
+        import threading
+
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._receive, args=(dl,), name="vlmtrain-batch-receiver")
+        _RECEIVERS.add(self)
+        self.thread.start()
+
+    def _receive(self, dl) -> None:
+        import queue
+
         try:
             for item in dl:
-                while not stop.is_set():
+                while not self.stop.is_set():
                     try:
-                        q.put(item, timeout=0.1)
+                        self.q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
+                if self.stop.is_set():
                     return
-            q.put(done)
+            self.q.put(self._DONE)
         except BaseException as e:  # a worker's error reaches the training loop, unchanged
-            q.put(e)
+            self.q.put(e)
 
-    t = threading.Thread(target=receive, name="vlmtrain-batch-receiver", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            while True:
+                item = self.q.get()
+                if item is self._DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self, wait: float = 30.0) -> None:
+        import queue
+
+        self.stop.set()
+        try:
+            while True:  # unblock a pending put
+                self.q.get_nowait()
+        except queue.Empty:
+            pass
+        if wait:
+            self.thread.join(timeout=wait)
+
+
+def _stop_all_receivers() -> None:
+    for r in list(_RECEIVERS):
+        r.stop.set()
+
+
+def stop_receivers() -> None:
+    """End every batch-receiver thread of this process (their loaders are done)."""
+    for r in list(_RECEIVERS):
+        r.close()
+
+
+import threading as _threading  # noqa: E402
+import weakref as _weakref  # noqa: E402
+
+_RECEIVERS: "_weakref.WeakSet[_received_ahead]" = _weakref.WeakSet()
+_threading._register_atexit(_stop_all_receivers)  # runs before the interpreter joins non-daemon threads
 
 
 def _as_tensors(b: dict) -> dict:

@@ -214,6 +214,9 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     if resume_from:
         log.info(f"resuming from {ckpt}")
     trainer.fit(module, train_dataloaders=train_data, ckpt_path=resume_from)
+    from vlmtrain.data.loader import stop_receivers
+
+    stop_receivers()  # the loader's background receiver ends with training, not at interpreter exit
     trainer.save_checkpoint(ckpt)
     if tr.strategy == "fsdp":  # gather the shards; rank 0 continues with an ordinary (unsharded) model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
