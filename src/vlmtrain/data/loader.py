@@ -397,14 +397,13 @@ class _received_ahead:
             self.close()
 
     def close(self, wait: float = 30.0) -> None:
+        import contextlib
         import queue
 
         self.stop.set()
-        try:
+        with contextlib.suppress(queue.Empty):
             while True:  # unblock a pending put
                 self.q.get_nowait()
-        except queue.Empty:
-            pass
         if wait:
             self.thread.join(timeout=wait)
 
