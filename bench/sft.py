@@ -88,6 +88,7 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         dataset = records.trl_sft_dataset(samples)
         kw = dict(model=QUICK_MODEL if quick else MODEL, workers=WORKERS, max_len=MAX_LEN, lr=LR, steps=steps)
         pack = dict(batch=PACK_ROWS, mode="pack", pack_len=PACK_LEN)
+        bf16 = {"trainer": {"precision": "bf16-mixed"}}  # CPU/GPU autocast to bf16, fp32 weights (TRL's bf16=True)
         stages = {"sft": vlm_side.stage_config("sft", "sft", shards, batch=BATCH, mode="plain", **kw),
                   "packed": vlm_side.stage_config("sft", "sft", shards, **pack, **kw),
                   "align": vlm_side.stage_config("align", "align", shards, batch=BATCH, mode="plain", **kw)}
@@ -96,11 +97,16 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         packed_timed = timed if quick else vlm_side.window_steps(stages["packed"], bundle, warmup, pack_cycle)
         stages["packed"] = vlm_side.stage_config("sft", "sft", shards, **pack,
                                                  **{**kw, "steps": warmup + packed_timed})
+        stages["sft_bf16"] = vlm_side.stage_config("sft", "sft", shards, batch=BATCH, mode="plain", **kw, extra=bf16)
+        stages["packed_bf16"] = vlm_side.stage_config("sft", "sft", shards, **pack,
+                                                      **{**kw, "steps": warmup + packed_timed}, extra=bf16)
         start = module_hashes(bundle.model)
         params = count_params(bundle.model)
         export_llava(bundle, tmp / "hf")
         table = vlm_side.record_table(bundle, samples, MAX_LEN)
         args = trl_side.common_args(tmp / "trl", batch=BATCH, steps=steps, lr=LR, workers=WORKERS, max_len=MAX_LEN)
+        args_bf16 = trl_side.common_args(tmp / "trl", batch=BATCH, steps=steps, lr=LR, workers=WORKERS,
+                                         max_len=MAX_LEN, bf16=True)
 
         probe = trl_side.sft_trainer(tmp / "hf", dataset, args)
         peer_batch = trl_side.collate(probe, dataset, BATCH)
@@ -117,11 +123,15 @@ def run(quick: bool = False, out: str | None = None) -> dict:
                 return steady(logs, warmup, n_timed, per_len)
             return side
 
-        def peer() -> dict:
-            return steady(trl_side.run(trl_side.sft_trainer(tmp / "hf", dataset, args)), warmup, timed, per_len)
+        def peer(a=args) -> dict:
+            return steady(trl_side.run(trl_side.sft_trainer(tmp / "hf", dataset, a)), warmup, timed, per_len)
 
         runs = interleaved({"vlmtrain": ours(stages["sft"], timed),
-                            "vlmtrain_packed": ours(stages["packed"], packed_timed), "trl": peer}, repeats)
+                            "vlmtrain_packed": ours(stages["packed"], packed_timed), "trl": peer,
+                            # the same three in bf16 autocast (TRL's default precision), fp32 weights on both sides
+                            "vlmtrain_bf16": ours(stages["sft_bf16"], timed),
+                            "vlmtrain_packed_bf16": ours(stages["packed_bf16"], packed_timed),
+                            "trl_bf16": lambda: peer(args_bf16)}, repeats)
     med = medians(runs)
     a, p, b = (med[k]["samples_per_s"] for k in ("vlmtrain", "vlmtrain_packed", "trl"))
     sup = {k: med[k]["supervised_tokens_per_s"] for k in med}
@@ -139,7 +149,13 @@ def run(quick: bool = False, out: str | None = None) -> dict:
                      "vlmtrain_packed_supervised_tokens_per_s": sup["vlmtrain_packed"],
                      "peer_supervised_tokens_per_s": sup["trl"],
                      "gflops_per_s": {k: v["gflops_per_s"] for k, v in gflops.items()},
-                     "peer": "trl.SFTTrainer " + _trl_version()},
+                     "peer": "trl.SFTTrainer " + _trl_version(),
+                     "bf16": {"ratio": med["vlmtrain_bf16"]["samples_per_s"] / med["trl_bf16"]["samples_per_s"],
+                              "packed_ratio": (med["vlmtrain_packed_bf16"]["samples_per_s"]
+                                               / med["trl_bf16"]["samples_per_s"]),
+                              "vlmtrain_samples_per_s": med["vlmtrain_bf16"]["samples_per_s"],
+                              "vlmtrain_packed_samples_per_s": med["vlmtrain_packed_bf16"]["samples_per_s"],
+                              "peer_samples_per_s": med["trl_bf16"]["samples_per_s"]}},
     }
     save("sft" + ("-quick" if quick else ""), result, out)
     return result

@@ -3,7 +3,8 @@ exported to a transformers Llava folder, with `LlavaForConditionalGeneration` an
 
 Settings are pinned to what the vlmtrain stage does, including two TRL 1.16 defaults that would otherwise differ:
 bf16 autocast (on by default, even on CPU) and activation checkpointing (on by default). AdamW with the same LR,
-betas, eps, no weight decay, constant schedule without warmup, gradient clipping at 1.0, fp32, no eval, no saving,
+betas, eps, no weight decay, constant schedule without warmup, gradient clipping at 1.0, fp32 (or bf16 autocast when
+the bench asks for it, on both sides), no eval, no saving,
 no logging, the same dataloader worker count. The optimizer implementation is TRL's default (`adamw_torch_fused`).
 
 Per-step logs match `bench.vlm_side`: a callback stamps the end of every optimizer step, and a thin subclass
@@ -17,11 +18,12 @@ import time
 import torch
 
 
-def common_args(out_dir, *, batch: int, steps: int, lr: float, workers: int, max_len: int, seed: int = 0) -> dict:
+def common_args(out_dir, *, batch: int, steps: int, lr: float, workers: int, max_len: int, seed: int = 0,
+                bf16: bool = False) -> dict:
     return dict(output_dir=str(out_dir), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                 max_steps=steps, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                 adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-                bf16=False, fp16=False, activation_checkpointing=False,
+                bf16=bf16, fp16=False, activation_checkpointing=False,
                 logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
                 dataloader_num_workers=workers, use_cpu=not torch.cuda.is_available(), seed=seed,
                 max_length=max_len)

@@ -38,6 +38,10 @@ def test_bench_vs_trl_quick(name, tmp_path):
             head["vlmtrain_packed_samples_per_s"] / head["peer_samples_per_s"], rel=1e-12)
         assert full["flops"]["length_model"]["max_rel_error"] < 1e-6
         assert full["medians"]["vlmtrain_packed"]["padding_fraction"] < full["medians"]["vlmtrain"]["padding_fraction"]
+        bf = head["bf16"]  # the same comparison in bf16 autocast on both sides
+        assert bf["ratio"] == pytest.approx(bf["vlmtrain_samples_per_s"] / bf["peer_samples_per_s"], rel=1e-12)
+        assert set(full["runs"]) == {"vlmtrain", "vlmtrain_packed", "trl", "vlmtrain_bf16", "vlmtrain_packed_bf16",
+                                     "trl_bf16"}
 
 
 def test_bench_anatomy_quick(tmp_path):
