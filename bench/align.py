@@ -10,12 +10,10 @@ tower's share of a step's FLOPs (what the cache can remove at most).
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
+from bench import vlm_side
 from bench.common import ROOT, interleaved, machine, median, save
 
 MODELS = {"llava-30m": "bench/llava-30m.yaml", "tiny-clip-llama": "configs/models/tiny-clip-llama.yaml"}
@@ -36,24 +34,14 @@ def _stage(model: str, data: Path, steps: int, cache_mb: int, workers: int):
 
 
 def _timed(stage, work: Path, first: int, last: int) -> dict:
-    from vlmtrain.train.runner import fit_stage
-
-    run_dir = work / f"run-{uuid.uuid4().hex[:8]}"
-    try:
-        summary = fit_stage(stage, run_dir, data_root=work / "data", base_dir=ROOT)
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    rows = [r for r in rows if "seconds" in r and first < r["step"] <= last]
-    secs = sum(r["seconds"] for r in rows)
-    samples = sum(r["samples_per_s"] * r["seconds"] for r in rows)
-    return {"steps": len(rows), "seconds": secs, "samples_per_s": samples / secs,
-            "cache": summary.get("vision_feature_cache")}
+    r = vlm_side.timed_fit(stage, work, first, last)
+    return {k: r[k] for k in ("steps", "seconds", "samples_per_s")} | {"cache": r["summary"].get(
+        "vision_feature_cache")}
 
 
 def _vision_share(model: str, data: Path) -> float:
     """Vision tower FLOPs / all FLOPs of one align micro-step (forward + backward), by the FLOP counter."""
-    from bench import flops, vlm_side
+    from bench import flops
     from vlmtrain.data.builtin import _captions
 
     stage = _stage(model, data, 1, 0, 0)

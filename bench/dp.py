@@ -9,12 +9,10 @@ sample over the timed steps (end of step to end of step, logged every step), the
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
+from bench import vlm_side
 from bench.common import ROOT, interleaved, machine, median, save
 
 MODEL = "bench/llava-30m.yaml"
@@ -43,20 +41,10 @@ def _stage(setup: str, dp: bool, data: Path, model: str, steps: int, workers: in
     return validate(StageConfig, with_preset(d))
 
 
-def _seconds_per_sample(stage, work: Path, warmup: int) -> dict:
-    from vlmtrain.train.runner import fit_stage
-
-    run_dir = work / f"run-{uuid.uuid4().hex[:8]}"
-    try:
-        fit_stage(stage, run_dir, data_root=work / "data", base_dir=ROOT)
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    rows = sorted((r for r in rows if "seconds" in r), key=lambda r: r["step"])[warmup:]
-    secs = sum(r["seconds"] for r in rows)
-    samples = sum(r["samples_per_s"] * r["seconds"] for r in rows)
-    return {"steps": len(rows), "seconds": secs, "samples": round(samples), "seconds_per_sample": secs / samples,
-            "samples_per_s": samples / secs}
+def _timed(stage, work: Path, first: int, last: int) -> dict:
+    r = vlm_side.timed_fit(stage, work, first, last)
+    r.pop("summary")
+    return r
 
 
 def run(quick: bool = False, out: str | None = None) -> dict:
@@ -67,8 +55,8 @@ def run(quick: bool = False, out: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
         work = Path(tmp)
         data = prepare_builtin("medical-cohort", work / "data")
-        sides = {f"{s}/{'dp' if dp else 'plain'}": (lambda s=s, dp=dp: _seconds_per_sample(
-            _stage(s, dp, data, model, warmup + timed, workers), work, warmup))
+        sides = {f"{s}/{'dp' if dp else 'plain'}": (lambda s=s, dp=dp: _timed(
+            _stage(s, dp, data, model, warmup + timed, workers), work, warmup, warmup + timed))
             for s in SETUPS for dp in (False, True)}
         runs = interleaved(sides, repeats)
     med = {k: {f: median([r[f] for r in v]) for f in v[0]} for k, v in runs.items()}

@@ -142,3 +142,21 @@ def window_steps(stage, bundle, warmup: int, n_samples: int) -> int:
             if seen >= n_samples:
                 return steps
     raise RuntimeError("the loader ended before the window was full")
+
+
+def timed_fit(stage, work: Path, first: int, last: int) -> dict:
+    """Train the stage (logged every step) in a throw-away run dir; throughput over steps first+1 … last, from the
+    per-step `seconds` and `samples_per_s` the recorder writes. Also returns the run's summary."""
+    from vlmtrain.train.runner import fit_stage
+
+    run_dir = Path(work) / f"run-{uuid.uuid4().hex[:8]}"
+    try:
+        summary = fit_stage(stage, run_dir, data_root=Path(work) / "data", base_dir=ROOT)
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    rows = [r for r in rows if "seconds" in r and first < r["step"] <= last]
+    secs = sum(r["seconds"] for r in rows)
+    samples = sum(r["samples_per_s"] * r["seconds"] for r in rows)
+    return {"steps": len(rows), "seconds": secs, "samples": round(samples), "seconds_per_sample": secs / samples,
+            "samples_per_s": samples / secs, "summary": summary}

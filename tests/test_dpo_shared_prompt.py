@@ -72,8 +72,8 @@ def test_shared_rows_score_every_sequence_like_separate_rows(setup):
     m = _module(bundle)
     model = bundle.model.eval()
     with torch.no_grad():
-        a, na = m._pair_logps(model, classic)
-        b, nb = m._pair_logps(model, shared)
+        a, na = m._pair_logps(model, classic, m._dpo_inputs(classic))
+        b, nb = m._pair_logps(model, shared, m._dpo_inputs(shared))
     assert torch.equal(na, nb) and (na > 0).all()
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a, b)
 

@@ -116,7 +116,7 @@ def collate_preference_shared(samples: list[dict], pad_token_id: int, image_toke
 
     The shared prefix is the longest common prefix of the two encoded sequences (prompt, images, template; also any
     identical first answer tokens). Position ids restart at the prefix length for the rejected rest, and a custom
-    mask `attn_mask [b, 1, s, s]` (additive float: 0 = attend, -inf-like = blocked) is causal except that the
+    mask `attention_mask [b, 1, s, s]` (bool, True = may attend) is causal except that the
     rejected rest never sees the chosen rest — so every token sees exactly the context it has in its own sequence.
     The images are in the prefix, once (the classic layout carries them twice).
 

@@ -10,7 +10,8 @@ seed into 1,497 train and 300 held-out images:
 
 `medical-samples`: pydicom-data and scikit-image medical images with synthetic reports, passed through the privacy
 gate (`vlmtrain.privacy.medical_samples`). `medical-cohort` (400 records), `medical-cohort-holdout` (200) and
-`medical-cohort-public` (2,000): the gated images with new PHI-free synthetic reports, for DP training and its audit (`vlmtrain.privacy.medical_cohort`).
+`medical-cohort-public` (2,000): the gated images with new PHI-free synthetic reports, for DP training and its
+audit (`vlmtrain.privacy.medical_cohort`).
 """
 
 from __future__ import annotations
@@ -88,13 +89,15 @@ def prepare_builtin(name: str, root: str | Path) -> Path:
         from vlmtrain.privacy.medical_samples import prepare_medical_builtin
 
         return prepare_medical_builtin(root)
-    if name in ("medical-cohort", "medical-cohort-holdout", "medical-cohort-public"):  # synthetic reports on the gated images (DP audit)
+    from vlmtrain.privacy.medical_cohort import SIZES as COHORTS
+
+    if name in COHORTS:  # synthetic reports on the gated images (DP training and its audit)
         from vlmtrain.privacy.medical_cohort import prepare_cohort_builtin
 
         return prepare_cohort_builtin(root, name)
     if name not in BUILTINS:
-        raise VlmtrainError(f"data: unknown builtin dataset {name!r} (choose from: "
-                            f"{', '.join([*BUILTINS, 'medical-samples', 'medical-cohort', 'medical-cohort-holdout', 'medical-cohort-public'])})")
+        raise VlmtrainError(f"data: unknown builtin dataset {name!r} "
+                            f"(choose from: {', '.join([*BUILTINS, 'medical-samples', *COHORTS])})")
     out = Path(root) / name
     man = out / "manifest.json"
     if man.is_file() and json.loads(man.read_text()).get("samples"):

@@ -15,8 +15,12 @@ logical worker (w + k) mod N, and the resumed order equals the uninterrupted one
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import queue
+import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -52,6 +56,12 @@ class LoaderConfig:
     share_prompt_image_token: int | None = None  # DPO: one row per pair, prompt shared (collate_preference_shared)
 
 
+def image_members(raw: dict) -> list[str]:
+    """A raw sample's image member names (`img0.png`, `img1.jpg`, …) in slot order."""
+    return sorted((k for k in raw if k.startswith("img") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
+                  key=lambda k: int(k.split(".")[0][3:]))
+
+
 def parse_sample(raw: dict) -> tuple[dict, list]:
     """Raw tar sample → (validated record, decoded RGB images). Raises RecordError with a reason."""
     where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
@@ -61,8 +71,7 @@ def parse_sample(raw: dict) -> tuple[dict, list]:
         rec = json.loads(raw["json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordError("bad_json", f"{where}.json: {e.msg if hasattr(e, 'msg') else e}") from None
-    img_keys = sorted((k for k in raw if k.startswith("img") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
-                      key=lambda k: int(k.split(".")[0][3:]))
+    img_keys = image_members(raw)
     validate_record(rec, len(img_keys))
     images = [decode_image(raw[k], f"{where}.{k}") for k in img_keys]
     return rec, images
@@ -358,9 +367,6 @@ class _received_ahead:
     _DONE = object()
 
     def __init__(self, dl, depth: int = 2):
-        import queue
-        import threading
-
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._receive, args=(dl,), name="vlmtrain-batch-receiver")
@@ -368,8 +374,6 @@ class _received_ahead:
         self.thread.start()
 
     def _receive(self, dl) -> None:
-        import queue
-
         try:
             for item in dl:
                 while not self.stop.is_set():
@@ -397,9 +401,6 @@ class _received_ahead:
             self.close()
 
     def close(self, wait: float = 30.0) -> None:
-        import contextlib
-        import queue
-
         self.stop.set()
         with contextlib.suppress(queue.Empty):
             while True:  # unblock a pending put
@@ -419,11 +420,8 @@ def stop_receivers() -> None:
         r.close()
 
 
-import threading as _threading  # noqa: E402
-import weakref as _weakref  # noqa: E402
-
-_RECEIVERS: "_weakref.WeakSet[_received_ahead]" = _weakref.WeakSet()
-_threading._register_atexit(_stop_all_receivers)  # runs before the interpreter joins non-daemon threads
+_RECEIVERS: "weakref.WeakSet[_received_ahead]" = weakref.WeakSet()
+threading._register_atexit(_stop_all_receivers)  # runs before the interpreter joins non-daemon threads
 
 
 def _as_tensors(b: dict) -> dict:

@@ -24,6 +24,7 @@ import random
 from pathlib import Path
 
 import torch
+import yaml
 
 from vlmtrain.errors import VlmtrainError
 
@@ -47,7 +48,7 @@ def _append_to_answer(record: dict, suffix: str) -> dict:
 
 def _raw_records(sources):
     """(record dict, image members) of every readable chat record in the sources."""
-    from vlmtrain.data.schema import IMAGE_EXTS
+    from vlmtrain.data.loader import image_members
     from vlmtrain.data.shards import iter_shard
 
     for src in sources:
@@ -61,9 +62,7 @@ def _raw_records(sources):
                     continue
                 if rec.get("kind", "chat") != "chat" or "messages" not in rec:
                     continue
-                imgs = sorted((k for k in raw if k.startswith("img") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
-                              key=lambda k: int(k.split(".")[0][3:]))
-                yield rec, [(k.split(".", 1)[1], raw[k]) for k in imgs]
+                yield rec, [(k.split(".", 1)[1], raw[k]) for k in image_members(raw)]
 
 
 def prepare_audit(audit, sources, holdout_source, run_dir: Path, encoder=None):
@@ -125,10 +124,12 @@ def _encoded(encoder, items: list[tuple[dict, list]]) -> list[dict]:
     from vlmtrain.data.encode import decode_image
     from vlmtrain.data.schema import RecordError
 
-    out = []
+    out, decoded = [], {}
     for rec, imgs in items:
+        if id(imgs) not in decoded:  # a canary's 1,000 candidates share one image list: decode it once
+            decoded[id(imgs)] = [decode_image(data, rec["id"]) for _, data in imgs]
         try:
-            out.append(encoder(rec, [decode_image(data, rec["id"]) for _, data in imgs]))
+            out.append(encoder(rec, decoded[id(imgs)]))
         except RecordError:
             continue
     return out
@@ -160,7 +161,7 @@ def run_audit(run: str | Path, holdout: str | None = None, max_records: int | No
 
     stage_dir = _stage_dir(Path(run))
     cfg = json.loads((stage_dir / "audit" / "sources.json").read_text())
-    stage = json.loads(json.dumps(__import__("yaml").safe_load((stage_dir / "config.yaml").read_text())))
+    stage = yaml.safe_load((stage_dir / "config.yaml").read_text())
     audit_cfg = stage.get("audit") or {}
     limit = max_records or audit_cfg.get("max_records", 1000)
     holdout = holdout or cfg["holdout"]
@@ -168,16 +169,19 @@ def run_audit(run: str | Path, holdout: str | None = None, max_records: int | No
         raise VlmtrainError("audit: no held-out data (give --holdout SHARDS or audit.holdout in the stage)")
     bundle = load_any(stage_dir / "model")
     model = bundle.model.eval()
-    encoder = encoder_for(bundle, stage["data"]["max_len"])
+    d = stage["data"]  # encode exactly as the stage trained
+    encoder = encoder_for(bundle, d["max_len"], d.get("caption_prompt", ""), d.get("anyres_pinpoints"))
     pad = bundle.tokenizer.pad_token_id
     members = set(json.loads((stage_dir / "audit" / "members.json").read_text()))
     rng = random.Random(audit_cfg.get("seed", 0))
-    mem = [x for x in _raw_records([Source(p) for p in cfg["train"]]) if x[0]["id"] in members]
+    train = list(_raw_records([Source(p) for p in cfg["train"]]))
+    mem = [x for x in train if x[0]["id"] in members]
     non = [x for x in _raw_records([Source(holdout)]) if x[0]["id"] not in members]
     if len(mem) < 2 or len(non) < 2:
         raise VlmtrainError(f"audit: need at least 2 members and 2 non-members (got {len(mem)} and {len(non)})")
     mem = _encoded(encoder, rng.sample(mem, min(limit, len(mem))))
     non = _encoded(encoder, rng.sample(non, min(limit, len(non))))
+    log.info(f"audit: membership inference over {len(mem)} members and {len(non)} held-out records")
     lm, ln = _losses(model, pad, mem), _losses(model, pad, non)
     result = {"stage": str(stage_dir),
               "membership": {"attack": "loss-threshold", "auc": _auc(lm, ln), "members": len(lm),
@@ -185,10 +189,11 @@ def run_audit(run: str | Path, holdout: str | None = None, max_records: int | No
                              "non_member_loss_mean": sum(ln) / len(ln), "holdout": holdout}}
     canaries = json.loads((stage_dir / "audit" / "canaries.json").read_text())
     if canaries:
-        by_id = {r["id"]: (r, imgs) for r, imgs in _raw_records([Source(p) for p in cfg["train"]])}
+        by_id = {r["id"]: (r, imgs) for r, imgs in train}
         space = 10 ** CANARY_DIGITS
         rows = []
-        for c in canaries:
+        for k, c in enumerate(canaries):
+            log.info(f"audit: canary {k + 1}/{len(canaries)}: ranking its secret among {space} candidates")
             rec, imgs = by_id[c["base_id"]]
             cands = [(_append_to_answer({**rec, "id": c["id"]},
                                         CANARY_TEMPLATE.format(secret=f"{s:0{CANARY_DIGITS}d}")), imgs)

@@ -91,7 +91,7 @@ class DPDataset(Dataset):
     drawn at random). Items are encoded samples with their `id`."""
 
     def __init__(self, sources, encoder, unit: str = "record"):
-        from vlmtrain.data.loader import parse_sample
+        from vlmtrain.data.loader import image_members, parse_sample
         from vlmtrain.data.schema import RecordError
         from vlmtrain.data.shards import iter_shard
 
@@ -123,7 +123,9 @@ class DPDataset(Dataset):
                         self.skipped["duplicate_id"] += 1
                         continue
                     seen.add(rec["id"])
-                    self.raw.append({"record": rec, "images": self._image_members(raw)})
+                    self.raw.append({"record": rec, "images": [(k, raw[k]) for k in image_members(raw)]})
+        log.info(f"DP-SGD: {len(self.raw)} records validated for Poisson sampling"
+                 + (f" ({sum(self.skipped.values())} skipped: {dict(self.skipped)})" if self.skipped else ""))
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(self.raw):
             if unit == "patient":
@@ -135,14 +137,6 @@ class DPDataset(Dataset):
                 key = r["record"]["id"]
             groups.setdefault(key, []).append(i)
         self.units = list(groups.values())
-
-    @staticmethod
-    def _image_members(raw: dict) -> list[tuple[str, bytes]]:
-        from vlmtrain.data.schema import IMAGE_EXTS
-
-        keys = sorted((k for k in raw if k.startswith("img") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
-                      key=lambda k: int(k.split(".")[0][3:]))
-        return [(k, raw[k]) for k in keys]
 
     @property
     def records(self) -> int:
@@ -338,7 +332,7 @@ def privacy_summary(module, plan: DPPlan, dataset: DPDataset) -> dict:
     """`summary.json["privacy"]`: the achieved guarantee and the numbers that produced it."""
     import opacus
 
-    steps = len(module.accountant.history) and sum(int(h[2]) for h in module.accountant.history)
+    steps = sum(int(h[2]) for h in module.accountant.history)  # (σ, q, steps) entries
     return {"epsilon": module.epsilon(), "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
             "max_grad_norm": plan.max_grad_norm, "sample_rate": plan.sample_rate, "steps": int(steps),
             "accountant": plan.accountant, "unit": plan.unit, "units": plan.units, "records": plan.records,

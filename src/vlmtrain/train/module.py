@@ -168,15 +168,19 @@ class VLMModule(pl.LightningModule):
                                 "(set dpo.share_prompt: false)")
         return b["input_ids"], b.get("pixel_values"), mask, b["position_ids"]
 
-    def _pair_logps(self, model, b: dict, inputs: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probs and supervised-token counts `[2b]` (chosen rows first), for either batch layout."""
+    def _dpo_inputs(self, b: dict) -> tuple:
+        return self._shared_inputs(b) if b.get("shared_prompt") else _model_inputs(b)
+
+    def _pair_logps(self, model, b: dict, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs and supervised-token counts `[2b]` (chosen rows first), for either batch layout;
+        `inputs` from `_dpo_inputs(b)` (built once, shared by the policy and the reference)."""
         if b.get("shared_prompt"):
             from vlmtrain.train.dpo import indexed_sequence_logps
 
-            logits = model(*(inputs or self._shared_inputs(b)), logits_mask=b["logits_index"])
+            logits = model(*inputs, logits_mask=b["logits_index"])
             return indexed_sequence_logps(logits, b["targets"], b["seq_index"], 2 * b["pairs"])
         mask, targets = prediction_mask(b["labels"])
-        return selected_sequence_logps(model(*(inputs or _model_inputs(b)), logits_mask=mask), targets, mask)
+        return selected_sequence_logps(model(*inputs, logits_mask=mask), targets, mask)
 
     def accumulate_dpo(self, micro: list[dict]) -> dict:
         d = self.stage.dpo
@@ -184,7 +188,7 @@ class VLMModule(pl.LightningModule):
         scale = self._world() / pairs_global
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
         for b in micro:
-            inputs = self._shared_inputs(b) if b.get("shared_prompt") else _model_inputs(b)
+            inputs = self._dpo_inputs(b)
             logps, ntok = self._pair_logps(self.model, b, inputs)
             ref_logps = self._reference_logps(inputs, b)
             pc, pr = logps.chunk(2)
