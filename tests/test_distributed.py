@@ -90,7 +90,7 @@ def test_two_ranks_equal_one_process(data, reference, strategy):
     assert r.returncode == 0, r.stderr[-4000:]
     assert_same_run(reference, out)
     for f in ("summary.json", "stage.json", "checkpoints/last.ckpt", "metrics.jsonl"):
-        assert (out / f).is_file()
+        assert (out / f).exists()  # last.ckpt: a file (ddp), a sharded DCP directory (fsdp)
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == STEPS and s["samples"] == STEPS * 4  # global samples, all ranks
 
@@ -103,23 +103,50 @@ def test_deepspeed_zero_equals_one_process(data, reference, zero):
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         (data / "z3.json").write_text(json.dumps(cfg))
         extra = [f"trainer.deepspeed_config={data / 'z3.json'}"]
+    # ZeRO-3 also accumulates: 2 ranks × 1 sample × 2 micro-batches = the reference's global batch of 4
+    batch = ["data.batch_size=2"] if zero == 2 else ["data.batch_size=1", "trainer.grad_accum=2"]
     out = data / f"zero{zero}"
     r = torchrun(2, "fit", "--config", stage_yaml(data, data / "shards"), "--out", str(out), "--strategy",
-                 f"deepspeed_zero{zero}", "data.batch_size=2", *extra, timeout=600)
+                 f"deepspeed_zero{zero}", *batch, *extra, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert_same_run(reference, out)
 
 
-def test_resume_across_world_sizes_2_1_2(data, reference):
-    out = data / "elastic"
+# (strategy at 2 ranks, at 1 process, back at 2 ranks): fsdp writes sharded DCP checkpoints (resharded on load),
+# single/ddp a single file; each leg reads what the previous one wrote
+@pytest.mark.parametrize("legs", [("fsdp", "fsdp", "fsdp"), ("fsdp", "single", "fsdp"), ("ddp", "single", "ddp")],
+                         ids=["sharded", "sharded-file-sharded", "file"])
+def test_resume_across_world_sizes_2_1_2(data, reference, legs):
+    out = data / ("elastic-" + "-".join(legs))
     cfg = stage_yaml(data, data / "shards")
-    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp", "data.batch_size=2",
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", legs[0], "data.batch_size=2",
                  "trainer.max_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([*VLMTRAIN, "fit", "--config", cfg, "--out", str(out), "--resume", "trainer.max_steps=4"],
-                       capture_output=True, text=True, timeout=300)
+    assert (out / "checkpoints" / "last.ckpt").is_dir() == (legs[0] == "fsdp")
+    if legs[0] == "fsdp":  # one shard file per rank
+        assert len(list((out / "checkpoints" / "last.ckpt").glob("*.distcp"))) == 2
+    middle = ["fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", legs[1], "trainer.max_steps=4"]
+    r = (torchrun(1, *middle) if legs[1] == "fsdp" else
+         subprocess.run([*VLMTRAIN, *middle], capture_output=True, text=True, timeout=300))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "ddp", "data.batch_size=2")
+    assert (out / "checkpoints" / "last.ckpt").is_dir() == (legs[1] == "fsdp")
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", legs[2], "data.batch_size=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(reference, out)
+
+
+def test_deepspeed_resumes_on_the_same_world_size_and_refuses_another(data, reference):
+    out = data / "zero3-resume"
+    cfg = stage_yaml(data, data / "shards")
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "deepspeed_zero3", "data.batch_size=2",
+                 "trainer.max_steps=2", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "checkpoints" / "last.ckpt" / "latest").is_file()  # DeepSpeed's per-rank layout
+    r = torchrun(1, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "deepspeed_zero3",
+                 timeout=600)
+    assert r.returncode == 1 and "DeepSpeed checkpoint written by 2 ranks, this run has 1" in r.stderr
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "deepspeed_zero3",
+                 "data.batch_size=2", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(reference, out)
 

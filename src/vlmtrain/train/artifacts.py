@@ -26,9 +26,8 @@ def final_stage_dir(run: Path) -> Path:
 
 
 def load_checkpoint_model(ckpt: Path):
-    """Rebuild a stage's starting model and apply the checkpoint's trainable weights."""
-    import torch
-
+    """Rebuild a stage's starting model and apply the checkpoint's trainable weights (a single-file or a sharded
+    DCP checkpoint)."""
     from vlmtrain.config.load import validate
     from vlmtrain.config.stage import StageConfig
     from vlmtrain.train.runner import load_stage_start
@@ -41,7 +40,9 @@ def load_checkpoint_model(ckpt: Path):
         raise VlmtrainError(f"{ckpt}: no {cfg_path} beside it; cannot rebuild the stage's model")
     stage = validate(StageConfig, yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
     bundle = load_stage_start(stage, stage_dir)
-    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    from vlmtrain.train.checkpoint_io import read_checkpoint
+
+    sd = read_checkpoint(ckpt)["state_dict"]
     weights = {k.removeprefix("model."): v for k, v in sd.items()}
     result = bundle.model.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
@@ -54,9 +55,10 @@ def load_checkpoint_model(ckpt: Path):
 
 def load_model_source(path: str | Path):
     from vlmtrain.model.io import NATIVE_CONFIG, load_any
+    from vlmtrain.train.checkpoint_io import is_sharded
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".ckpt":
+    if path.suffix == ".ckpt" and (path.is_file() or is_sharded(path)):
         return load_checkpoint_model(path)
     if path.is_dir() and not (path / NATIVE_CONFIG).is_file() and not (path / "config.json").is_file():
         if (path / "model" / NATIVE_CONFIG).is_file():

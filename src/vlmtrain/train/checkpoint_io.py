@@ -1,15 +1,108 @@
-"""Checkpoint writing that survives SIGKILL: write to a temporary file, fsync, then rename over the old one."""
+"""Checkpoint files that survive SIGKILL, and sharded (DCP) checkpoints that load on any world size.
+
+Two layouts live at `checkpoints/last.ckpt`:
+- a file: one `torch.save` of Lightning's checkpoint dict (single, ddp);
+- a directory: a `torch.distributed.checkpoint` (DCP) checkpoint written by the `fsdp` strategy — every rank writes
+  its own shards (`__<rank>_0.distcp`), `.metadata` maps them to global tensors, `meta.pt` holds the rest (loop
+  state, scheduler, vlmtrain's data cursor and RNG). DCP reshards on load, so `fsdp` resumes it on any world size;
+  `read_checkpoint` turns it into the single-file dict, so `single`/`ddp` resume it too (2 → 1 → 2).
+
+Either layout replaces the previous one atomically enough for a kill at any moment: the new checkpoint is written
+beside the old (`last.ckpt.tmp`), then swapped in by renames; `resolve_last` finds the old one if a kill lands
+between the two renames.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+META = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
+
+
+def is_sharded(path: Path) -> bool:
+    """A DCP directory (as opposed to DeepSpeed's per-rank directory or a single file)."""
+    return path.is_dir() and (path / ".metadata").is_file() and (path / META).is_file()
+
+
+def resolve_last(path: Path) -> Path | None:
+    """The checkpoint to resume from: `path`, or the previous one if a kill interrupted the swap."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        return path
+    return old if old.exists() else None
+
+
+def swap_into_place(tmp: Path, path: Path) -> None:
+    """Move a finished checkpoint (file or directory) `tmp` to `path`, replacing what was there."""
+    if path.is_file() and tmp.is_file():
+        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old or the new checkpoint, never half of one
+        return
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        _remove(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def optimizer_state_by_index(state: dict) -> dict:
+    """DCP optimizer state (keyed by parameter name, `param_groups[i]["params"]` = names) → torch's layout (keyed by
+    index). torch numbers parameters in param-group order, so the names' order gives the indices."""
+    index = {}
+    groups = []
+    for g in state["param_groups"]:
+        ids = []
+        for name in g["params"]:
+            index[name] = len(index)
+            ids.append(index[name])
+        groups.append({**g, "params": ids})
+    return {"state": {index[name]: s for name, s in state["state"].items()}, "param_groups": groups}
+
+
+def read_sharded(path: Path) -> dict:
+    """A DCP checkpoint directory as the single-file checkpoint dict (full tensors, index-keyed optimizer states),
+    read in this process alone (no process group needed)."""
+    # exactly what DCP's public dcp_to_torch_save does, minus writing the result to a file: its "load everything
+    # the metadata lists" planner fills an empty dict with full tensors
+    from torch.distributed.checkpoint.format_utils import (FileSystemReader, _EmptyStateDictLoadPlanner,
+                                                           _load_state_dict)
+
+    tensors: dict = {}
+    _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    ckpt = torch.load(path / META, map_location="cpu", weights_only=False)
+    ckpt["state_dict"] = tensors["state_dict"]
+    n = sum(1 for k in tensors if k.startswith("optimizer_"))
+    ckpt["optimizer_states"] = [optimizer_state_by_index(tensors[f"optimizer_{i}"]) for i in range(n)]
+    return ckpt
+
+
+def read_checkpoint(path: Path) -> dict:
+    """`checkpoints/last.ckpt` in either layout as Lightning's checkpoint dict."""
+    path = Path(path)
+    if is_sharded(path):
+        return read_sharded(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory but not a DCP checkpoint (DeepSpeed's per-rank layout is read by "
+                         "the deepspeed strategies only)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's single-file checkpoint IO: writes through a temporary file + fsync + rename, and reads a
+    sharded DCP checkpoint too (so a run saved by `fsdp` on N ranks resumes under `single` or `ddp`)."""
+
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -18,4 +111,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old or the new checkpoint, never half of one
+        swap_into_place(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        path = Path(path)
+        if is_sharded(path):
+            return read_sharded(path)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)

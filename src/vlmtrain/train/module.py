@@ -130,11 +130,23 @@ class VLMModule(pl.LightningModule):
             dist.all_reduce(t)
         return float(t)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self._trainer is not None:
-            self.manual_backward(loss)
-        else:
+    def _backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Backward of one micro-batch of a step's window (`last`: the window's final one)."""
+        if self._trainer is None:
             loss.backward()
+        elif self.stage.trainer.strategy.startswith("deepspeed"):
+            # the engine reduces (and ZeRO partitions) gradients only at an accumulation boundary: mark it
+            # ourselves, so one engine step follows a whole window; the loss is already normalised over the
+            # window, so no further 1/accumulation scaling
+            engine = self.trainer.strategy.model
+            engine.set_gradient_accumulation_boundary(last)
+            self.manual_backward(loss, scale_wrt_gas=False)
+            if not last:
+                # ZeRO-3 moves to "accumulate into the gradient partitions" (micro_step_id += 1) in
+                # engine.forward, which Lightning calls once per window: do that step between micro-batches
+                engine.optimizer.clear_backward_seen_flag()
+        else:
+            self.manual_backward(loss)
 
     def accumulate_lm(self, micro: list[dict]) -> dict:
         """Backward over a window of micro-batches; the step's loss is Σ token losses / Σ supervised tokens
@@ -145,11 +157,11 @@ class VLMModule(pl.LightningModule):
             raise VlmtrainError("a training step has no supervised tokens (every label masked)")
         scale = self._world() / n_global
         loss_total = 0.0
-        for b in micro:
+        for i, b in enumerate(micro):
             mask, targets = prediction_mask(b["labels"])
             loss_sum = selected_token_loss_sum(self.model(*_model_inputs(b), logits_mask=mask,
                                                           image_keys=b.get("image_keys")), targets)
-            self._backward(loss_sum * scale)
+            self._backward(loss_sum * scale, last=i == len(micro) - 1)
             loss_total += float(loss_sum.detach())
         return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
 
@@ -187,7 +199,7 @@ class VLMModule(pl.LightningModule):
         pairs_global = self._all_sum(sum(self._pairs(b) for b in micro))
         scale = self._world() / pairs_global
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
-        for b in micro:
+        for i, b in enumerate(micro):
             inputs = self._dpo_inputs(b)
             logps, ntok = self._pair_logps(self.model, b, inputs)
             ref_logps = self._reference_logps(inputs, b)
@@ -196,7 +208,7 @@ class VLMModule(pl.LightningModule):
             nc, nr = ntok.chunk(2)
             out = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing,
                            chosen_n_tokens=nc, rejected_n_tokens=nr)
-            self._backward(out.losses.sum() * scale)
+            self._backward(out.losses.sum() * scale, last=i == len(micro) - 1)
             sums["loss"] += float(out.losses.detach().sum())
             sums["chosen"] += float(out.chosen_rewards.sum())
             sums["rejected"] += float(out.rejected_rewards.sum())
@@ -263,7 +275,8 @@ class VLMModule(pl.LightningModule):
         meta = checkpoint.get("vlmtrain")
         if meta is None:
             raise VlmtrainError("checkpoint was not written by vlmtrain (no data cursor / RNG state)")
-        missing = self._trainable_keys() - set(checkpoint["state_dict"])
+        # DeepSpeed restores the module inside its engine and hands back only the client state (no state_dict)
+        missing = self._trainable_keys() - set(checkpoint["state_dict"]) if "state_dict" in checkpoint else set()
         if missing:
             raise VlmtrainError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
                                 "it belongs to a stage that trains different modules")

@@ -210,10 +210,12 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         default_root_dir=str(run_dir), log_every_n_steps=tr.log_every_n_steps,
     )
-    resume_from = str(ckpt) if resume and ckpt.is_file() else None
+    from vlmtrain.train.checkpoint_io import resolve_last
+
+    resume_from = resolve_last(ckpt) if resume else None
     if resume_from:
-        log.info(f"resuming from {ckpt}")
-    trainer.fit(module, train_dataloaders=train_data, ckpt_path=resume_from)
+        log.info(f"resuming from {resume_from}")
+    trainer.fit(module, train_dataloaders=train_data, ckpt_path=str(resume_from) if resume_from else None)
     from vlmtrain.data.loader import stop_receivers
 
     stop_receivers()  # the loader's background receiver ends with training, not at interpreter exit

@@ -4,8 +4,9 @@
 - `ddp`: Lightning's DDPStrategy (gloo on CPU, NCCL on GPU).
 - `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`) applied per transformer layer of the vision tower and the
   LLM, then the root, under Lightning's `ModelParallelStrategy` — Lightning's own `fsdp` strategy (FSDP1) refuses
-  CPU, ModelParallelStrategy does not, so tests exercise the production code path. Checkpoints are gathered to one
-  full file (`checkpoints/last.ckpt`, same layout as a single-process run), which reloads on any world size.
+  CPU, ModelParallelStrategy does not, so tests exercise the production code path. Checkpoints are sharded: each
+  rank writes its own shards of a `torch.distributed.checkpoint` directory (`checkpoints/last.ckpt/`), which DCP
+  reshards on load, so a run resumes on any world size (and `single`/`ddp` read it too: train.checkpoint_io).
 
 Topology comes from torchrun's environment (WORLD_SIZE, LOCAL_WORLD_SIZE); without torchrun, one process.
 """
@@ -49,9 +50,6 @@ def deepspeed_config(stage) -> dict:
     want = 3 if tr.strategy == "deepspeed_zero3" else 2
     if zero != want:
         raise ConfigError(f"trainer.deepspeed_config: {path} has ZeRO stage {zero}, strategy {tr.strategy} needs {want}")
-    if tr.grad_accum != 1:
-        raise ConfigError("trainer.grad_accum: DeepSpeed strategies accumulate inside the engine; use 1 "
-                          "(and a larger data.batch_size) for now")
     cfg["train_micro_batch_size_per_gpu"] = stage.data.batch_size
     cfg["gradient_clipping"] = stage.optim.grad_clip or 0.0
     return cfg
@@ -71,10 +69,7 @@ def make_strategy(stage):
         # A trainable vision tower leaves CLIP's post_layernorm (and the last layer with feature_layer=-2) unused.
         return DDPStrategy(find_unused_parameters=stage.train.vision), local, nodes
     if name == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=False), local, nodes
+        return _fsdp2_strategy(world), local, nodes
     if name in DEEPSPEED_PRESETS:
         from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
@@ -106,8 +101,116 @@ def make_strategy(stage):
                     lr_scheduler=lr_scheduler, dist_init_required=False)
                 return engine, opt
 
+            def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+                # DeepSpeed writes into the directory in place; write beside it and swap (as the fsdp strategy)
+                _save_then_swap(self, lambda tmp: super(_DeepSpeed, self).save_checkpoint(checkpoint, tmp,
+                                                                                         storage_options), filepath)
+
+            def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+                from pathlib import Path
+
+                from vlmtrain.errors import VlmtrainError
+
+                path = Path(self.broadcast(str(checkpoint_path)))
+                if not path.is_dir() or not (path / "latest").is_file():
+                    raise VlmtrainError(f"{path}: not a DeepSpeed checkpoint; the deepspeed strategies resume their "
+                                        "own checkpoints (on any world size), not those of single/ddp/fsdp runs")
+                saved = deepspeed_world_size(path)
+                if saved != self.world_size:
+                    # DeepSpeed's own re-partitioning (universal checkpoints) is not exact for vlmtrain: under ZeRO-3
+                    # it overwrites every param group's hyperparameters with group 0's (per-module LR, no-decay
+                    # groups), and under ZeRO-1/2 it needs Megatron's universal_checkpoint_info. Refuse, not drift.
+                    raise VlmtrainError(
+                        f"{path}: DeepSpeed checkpoint written by {saved} ranks, this run has {self.world_size}; "
+                        "DeepSpeed checkpoints resume on the same world size only (fsdp, ddp and single resume on "
+                        "any world size)")
+                return super().load_checkpoint(path, weights_only)
+
         return _DeepSpeed(config=deepspeed_config(stage), exclude_frozen_parameters=True), local, nodes
     raise ConfigError(f"trainer.strategy: unknown {name!r} (choose from: {', '.join(STRATEGIES)})")
+
+
+def _fsdp2_strategy(world: int):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class _ShardedFSDP2(ModelParallelStrategy):
+        """ModelParallelStrategy (FSDP2) writing sharded DCP checkpoints, swapped in only once every rank has
+        finished writing (a kill mid-save leaves the previous checkpoint), and loading them — or a single-file
+        checkpoint from a `single`/`ddp` run — with vlmtrain's trainable-only state dict."""
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            # DCP: every rank writes its shards into last.ckpt.tmp/, swapped in once all have finished
+            _save_then_swap(self, lambda tmp: super(_ShardedFSDP2, self).save_checkpoint(checkpoint, tmp,
+                                                                                        storage_options), filepath)
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+            from pathlib import Path
+
+            import torch
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            from vlmtrain.train.checkpoint_io import META, is_sharded
+
+            path = Path(self.broadcast(str(checkpoint_path)))
+            if is_sharded(path):
+                ckpt = torch.load(path / META, map_location="cpu", weights_only=False)
+                keys = set(ckpt["vlmtrain"]["trainable_keys"])  # the checkpoint holds trainable tensors only
+                model_sd = {k: v for k, v in get_model_state_dict(self.model).items() if k in keys}
+                dcp.load({"state_dict": model_sd}, checkpoint_id=str(path))  # reads this rank's slices
+                set_model_state_dict(self.model, model_sd, options=StateDictOptions(strict=False))
+                for i, opt in enumerate(self.optimizers):
+                    box = {f"optimizer_{i}": get_optimizer_state_dict(self.model, opt)}
+                    dcp.load(box, checkpoint_id=str(path))
+                    set_optimizer_state_dict(self.model, opt, optim_state_dict=box[f"optimizer_{i}"])
+                ckpt["state_dict"] = model_sd
+                return ckpt
+            # a single-file checkpoint (from a single-process or ddp run): full tensors, index-keyed optimizer
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            sd = ckpt["state_dict"]
+            set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+            for opt, state in zip(self.optimizers, ckpt["optimizer_states"]):
+                set_optimizer_state_dict(self.model, opt, optim_state_dict=_by_name(state, opt, self.model),
+                                         options=StateDictOptions(full_state_dict=True))
+            return ckpt
+
+    return _ShardedFSDP2(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True)
+
+
+def _save_then_swap(strategy, write, filepath) -> None:
+    """Every rank writes its part of a checkpoint directory to `<path>.tmp` via `write(tmp)`; rank 0 swaps it in
+    only after all ranks finished, so a kill mid-save leaves the previous checkpoint whole."""
+    import shutil
+    from pathlib import Path
+
+    from vlmtrain.train.checkpoint_io import swap_into_place
+
+    path = Path(strategy.broadcast(str(filepath)))
+    tmp = path.with_name(path.name + ".tmp")
+    if strategy.global_rank == 0 and tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    strategy.barrier("vlmtrain_ckpt_clean")
+    write(tmp)
+    strategy.barrier("vlmtrain_ckpt_written")
+    if strategy.global_rank == 0:
+        swap_into_place(tmp, path)
+    strategy.barrier("vlmtrain_ckpt_swapped")
+
+
+def deepspeed_world_size(path) -> int:
+    """Data-parallel world size a DeepSpeed checkpoint directory was written at (one optimizer shard per rank)."""
+    tag = (path / "latest").read_text().strip()
+    return len(list((path / tag).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+
+
+def _by_name(state: dict, optimizer, model) -> dict:
+    """torch's index-keyed optimizer state → keyed by parameter name (what DCP's set_optimizer_state_dict takes)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
 def layer_lists(model: nn.Module) -> list[nn.ModuleList]:

@@ -1,0 +1,82 @@
+"""train.checkpoint_io: the sharded (DCP) checkpoint read back as torch's own single-file layout, and the swap that
+replaces a checkpoint (file or directory) without ever leaving none. The multi-process 2 → 1 → 2 resumes are in
+tests/test_distributed.py."""
+
+import torch
+from torch import nn
+
+from vlmtrain.train.checkpoint_io import (META, is_sharded, optimizer_state_by_index, read_checkpoint,
+                                          resolve_last, swap_into_place)
+
+
+def trained_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)  # a frozen tensor: in the model, not in the optimizer
+    opt = torch.optim.AdamW([{"params": [model[2].weight], "weight_decay": 0.1},
+                             {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}], lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(5, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def write_dcp(model, opt, path):
+    """What the fsdp strategy writes: DCP tensors {state_dict, optimizer_0} (optimizer keyed by parameter name),
+    plus meta.pt with the rest."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"state_dict": get_model_state_dict(model), "optimizer_0": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(path), no_dist=True)
+    torch.save({"global_step": 2, "vlmtrain": {"data_cursor": None}}, path / META)
+
+
+def test_sharded_checkpoint_reads_as_torchs_own_state_dicts(tmp_path):
+    model, opt = trained_model()
+    write_dcp(model, opt, tmp_path / "last.ckpt")
+    assert is_sharded(tmp_path / "last.ckpt")
+    ck = read_checkpoint(tmp_path / "last.ckpt")
+    assert ck["global_step"] == 2 and ck["vlmtrain"] == {"data_cursor": None}
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck["state_dict"][k], v)
+    # the index-keyed optimizer state loads into a fresh optimizer exactly as torch's own state_dict() would
+    want = opt.state_dict()
+    got = ck["optimizer_states"][0]
+    assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in want["param_groups"]] == [[0], [1, 2]]
+    assert sorted(got["state"]) == sorted(want["state"])
+    for i, s in want["state"].items():
+        for name, t in s.items():
+            assert torch.equal(got["state"][i][name], t), (i, name)
+    fresh_model, fresh_opt = trained_model()
+    fresh_opt.load_state_dict(got)
+    assert fresh_opt.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_optimizer_state_by_index_numbers_parameters_in_group_order():
+    state = {"state": {"b": {"step": 1}, "c": {"step": 2}},
+             "param_groups": [{"lr": 1, "params": ["c"]}, {"lr": 2, "params": ["a", "b"]}]}
+    out = optimizer_state_by_index(state)
+    assert out == {"state": {2: {"step": 1}, 0: {"step": 2}},
+                   "param_groups": [{"lr": 1, "params": [0]}, {"lr": 2, "params": [1, 2]}]}
+
+
+def test_swap_replaces_files_and_directories_and_resolve_finds_the_survivor(tmp_path):
+    last = tmp_path / "last.ckpt"
+    assert resolve_last(last) is None
+    tmp = tmp_path / "last.ckpt.tmp"
+    tmp.write_text("one")
+    swap_into_place(tmp, last)
+    assert last.read_text() == "one" and not tmp.exists()
+    tmp.mkdir()  # a sharded checkpoint replaces a single file
+    (tmp / "x.distcp").write_text("two")
+    swap_into_place(tmp, last)
+    assert (last / "x.distcp").read_text() == "two" and not tmp.exists()
+    assert not (tmp_path / "last.ckpt.old").exists()
+    tmp.write_text("three")  # and back
+    swap_into_place(tmp, last)
+    assert last.read_text() == "three"
+    # a kill between the two renames leaves only last.ckpt.old: resume uses it
+    last.rename(tmp_path / "last.ckpt.old")
+    assert resolve_last(last) == tmp_path / "last.ckpt.old"
