@@ -95,6 +95,16 @@ def test_two_ranks_equal_one_process(data, reference, strategy):
     assert s["steps"] == STEPS and s["samples"] == STEPS * 4  # global samples, all ranks
 
 
+def test_hybrid_sharding_equals_one_process(data, reference):
+    """HSDP: a (replicate 2, shard 1) mesh on 2 ranks — the sharding and the cross-group all-reduce both run."""
+    out = data / "hsdp"
+    r = torchrun(2, "fit", "--config", stage_yaml(data, data / "shards"), "--out", str(out), "--strategy", "fsdp",
+                 "data.batch_size=2", "trainer.fsdp_shard_size=1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "FSDP2 hybrid sharding: 2 replica groups × 1 shards" in r.stderr + r.stdout
+    assert_same_run(reference, out)
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_deepspeed_zero_equals_one_process(data, reference, zero):
     extra = []

@@ -150,6 +150,9 @@ class TrainerConfig(_Strict):
     fsdp_reshard_after_forward: bool = Field(True, description="True: full shard (ZeRO-3-like); False: shard "
                                                                "gradients and optimizer state only (ZeRO-2-like)")
     fsdp_cpu_offload: bool = False
+    fsdp_shard_size: int | None = Field(None, ge=1, description="hybrid sharding (HSDP): shard within groups of this "
+                                        "many ranks (usually one node's GPUs), replicate across groups; "
+                                        "null = shard across all ranks")
     vision_feature_cache_mb: int = Field(0, ge=0, description="keep a frozen vision tower's outputs per image "
                                                                  "(CPU, this budget) and reuse them in later epochs; "
                                                                  "0 = off (the align preset turns it on)")

@@ -96,7 +96,7 @@ class VLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Called by Lightning once the process group exists: data-parallel strategies need every rank to touch
         the vision tower every step, and FSDP2 shards the blocks here."""
-        from vlmtrain.train.strategy import apply_fsdp2, is_data_parallel
+        from vlmtrain.train.strategy import apply_fsdp2, fsdp_mesh, is_data_parallel
 
         tr = self.stage.trainer
         self.model.always_encode_images = is_data_parallel(tr.strategy)
@@ -111,8 +111,8 @@ class VLMModule(pl.LightningModule):
                 self.model.vision_cache = FeatureCache(tr.vision_feature_cache_mb)
         if tr.strategy == "fsdp" and not getattr(self, "_sharded", False):
             dtype = torch.bfloat16 if tr.precision.startswith("bf16") else None
-            apply_fsdp2(self.model, self.device_mesh["data_parallel"], tr.fsdp_reshard_after_forward,
-                        tr.fsdp_cpu_offload, dtype)
+            apply_fsdp2(self.model, fsdp_mesh(self.device_mesh["data_parallel"], tr.fsdp_shard_size),
+                        tr.fsdp_reshard_after_forward, tr.fsdp_cpu_offload, dtype)
             self._sharded = True
 
     # ---- optimisation ------------------------------------------------------------------------------------------

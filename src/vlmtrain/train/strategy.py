@@ -223,6 +223,26 @@ def layer_lists(model: nn.Module) -> list[nn.ModuleList]:
     return out
 
 
+def fsdp_mesh(data_parallel, shard_size: int | None):
+    """The mesh FSDP2 shards over: all data-parallel ranks (1D), or for hybrid sharding a 2D (replicate, shard)
+    mesh — fully_shard then shards within each group of `shard_size` ranks and all-reduces across groups."""
+    world = data_parallel.size()
+    if not shard_size or shard_size == world:
+        return data_parallel
+    if world % shard_size:
+        from vlmtrain.errors import VlmtrainError
+
+        raise VlmtrainError(f"trainer.fsdp_shard_size: {shard_size} does not divide the world size {world}")
+    import logging
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    logging.getLogger("vlmtrain.train").info(f"FSDP2 hybrid sharding: {world // shard_size} replica groups × "
+                                       f"{shard_size} shards")
+    return init_device_mesh(data_parallel.device_type, (world // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 def apply_fsdp2(model: nn.Module, mesh, reshard_after_forward: bool = True, cpu_offload: bool = False,
                 param_dtype=None) -> int:
     """fully_shard each transformer block, then the root; returns the number of sharded units."""
