@@ -19,7 +19,7 @@ first creates AdamW's states), the CPU analogue of `torch.cuda.max_memory_alloca
   with `MALLOC_ARENA_MAX=1` and `MALLOC_MMAP_THRESHOLD_=65536` so large tensors are mmapped and returned on free.
   It also counts allocator slack and library buffers, so it reads a little higher; it is not the reference.
 
-The planner is run with `device="cpu"` (foreach AdamW temporaries, PyTorch's CPU dropout saves a float noise
+The planner is run with `device="cpu"` (fused AdamW as on CUDA, PyTorch's CPU dropout saves a float noise
 tensor instead of a bool mask, no CUDA context). Its `cuda` plans differ only by those items.
 
 With CUDA (not available on the dev machine; the code path is here for a GPU host) each config is also measured

@@ -15,8 +15,6 @@ What is counted (each a `part` of the plan; parts sum to the peak):
     grads                   one gradient per trainable parameter, in the parameter's dtype
     optimizer               AdamW: exp_avg + exp_avg_sq per trainable parameter (`torch.zeros_like(param)`, so the
                             parameter's dtype: fp32 under 32-true / bf16-mixed, bf16 under bf16-true)
-    optimizer_temp          foreach AdamW (CPU) allocates one state-sized temporary per parameter group
-                            (`_foreach_sqrt(exp_avg_sq)`); the fused CUDA kernel allocates none
     autocast_weight_copies  bf16-mixed only: autocast caches a bf16 copy of every trainable matmul weight for the
                             whole step, and a frozen weight whose input needs a gradient has its bf16 copy saved for
                             backward (one per Linear, unless the layer is checkpointed)
@@ -86,7 +84,7 @@ CUDA_CONTEXT_BYTES = 1 * GiB
 # block, and one fp32 second-level absmax per 256 blocks → 0.5 + 1/64 + 4/(64·256) bytes per weight.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
-PART_NAMES = ("weights", "lora", "reference_model", "grads", "optimizer", "optimizer_temp", "autocast_weight_copies",
+PART_NAMES = ("weights", "lora", "reference_model", "grads", "optimizer", "autocast_weight_copies",
               "activations", "vision_activations", "logits", "ddp_buckets", "shard_buffers", "cuda_context")
 
 _UNITS = {"": 1, "b": 1,
@@ -613,7 +611,7 @@ class PlanOptions:
     images_per_sample: int = 1
     world_size: int = 1
     supervised_fraction: float = 1.0  # share of text positions with a loss (1.0: the worst case)
-    device: str = "cuda"  # "cuda": fused AdamW, + CUDA context; "cpu": foreach AdamW temporaries, no context
+    device: str = "cuda"  # "cuda": + CUDA context, bool dropout masks; "cpu": no context, float dropout noise
 
 
 @dataclass
@@ -688,8 +686,6 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     grads = n_train * p.param / world
     state = 4 if master else p.param
     parts["optimizer"] = (n_train * (2 * state + master) + geo.trainable_tensors * 4) / world  # + step counters
-    foreach = opts.device == "cpu" and not deepspeed
-    opt_temp = (max(geo.trainable_groups, default=0) * p.param / world) if foreach else 0
     cache = 0
     if p.autocast and strategy != "fsdp":
         # bf16 copies of trainable matmul weights, cached by autocast until the step's autocast region ends
@@ -828,8 +824,8 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
         # the LLM's backward is done: its gradients against the connector's and vision tower's activations
         phase("backward_vision", grads=max(g_prev, grads - g_below_llm), wcopy=v.wcopy,
               vision_activations=vis_act + v.recompute + v.temp),
-        # optimizer.step(): weights + gradients + states + the foreach temporaries
-        phase("optimizer", grads=grads, optimizer_temp=opt_temp),
+        # optimizer.step(): weights + gradients + states (fused AdamW, CPU and CUDA: no temporaries)
+        phase("optimizer", grads=grads),
     ]
     if vis_forward:
         candidates.append(phase("vision_forward", grads=g_prev, vision_activations=vis_forward))
