@@ -95,6 +95,14 @@ def test_two_ranks_equal_one_process(data, reference, strategy):
     assert s["steps"] == STEPS and s["samples"] == STEPS * 4  # global samples, all ranks
 
 
+def test_ddp_with_compiled_layers_equals_one_process(data, reference):
+    out = data / "ddp-compiled"
+    r = torchrun(2, "fit", "--config", stage_yaml(data, data / "shards"), "--out", str(out), "--strategy", "ddp",
+                 "data.batch_size=2", "trainer.compile=true", timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_same_run(reference, out, tol=1e-4)  # fused kernels reorder float sums
+
+
 def test_hybrid_sharding_equals_one_process(data, reference):
     """HSDP: a (replicate 2, shard 1) mesh on 2 ranks — the sharding and the cross-group all-reduce both run."""
     out = data / "hsdp"

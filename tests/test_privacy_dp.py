@@ -208,6 +208,7 @@ def test_resume_keeps_the_accounting_and_the_trajectory(shards, tmp_path):
     ({"trainer": {"grad_accum": 2}}, "trainer.grad_accum"),
     ({"trainer": {"strategy": "ddp"}}, "trainer.strategy"),
     ({"lora": {"dora": True}}, "DoRA"),
+    ({"trainer": {"compile": True}}, "trainer.compile: not supported with Opacus"),
 ])
 def test_refusals(shards, change, message):
     from vlmtrain.errors import ConfigError

@@ -142,6 +142,8 @@ class TrainerConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = "32-true"
     grad_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each LLM decoder layer (fuses the elementwise work "
+                                             "between matmuls; the first steps pay the compile)")
     log_every_n_steps: int = Field(10, ge=1)
     save_every_n_steps: int = Field(50, ge=1)
     seed: int = 0
@@ -193,6 +195,8 @@ class StageConfig(_Strict):
             raise ValueError("lora: given but no module trains with 'lora' (set train.llm: lora)")
         if self.objective == "dpo" and self.data.mode == "pack":
             raise ValueError("data.mode: packing is not supported with the dpo objective")
+        if self.trainer.compile and self.trainer.strategy not in ("auto", "single", "ddp"):
+            raise ValueError(f"trainer.compile: tested with single and ddp; not with {self.trainer.strategy}")
         if self.privacy is not None:
             _check_dp(self)
         return self
@@ -234,6 +238,8 @@ def _check_dp(stage: "StageConfig") -> None:
         raise ValueError(f"trainer.precision: {tr.precision} is not supported under DP-SGD (32-true or bf16-mixed)")
     if tr.grad_checkpointing:
         raise ValueError("trainer.grad_checkpointing: not supported with Opacus' per-sample gradient hooks")
+    if tr.compile:
+        raise ValueError("trainer.compile: not supported with Opacus' per-sample gradient hooks")
 
 
 class RecipeConfig(_Strict):

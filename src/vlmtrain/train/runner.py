@@ -146,6 +146,10 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         if stage.train.vision:
             bundle.model.vision.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stage.trainer.compile:
+        from vlmtrain.train.compile import compile_decoder_layers
+
+        compile_decoder_layers(bundle.model)
 
     d = stage.data
     encoder = encoder_for(bundle, d.max_len, d.caption_prompt, d.anyres_pinpoints)
