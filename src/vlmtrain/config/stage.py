@@ -38,7 +38,8 @@ class LoRAConfig(_Strict):
     vision_target: str = Field(r"vision\.model\..*layers\.\d+\..*(q|k|v|out)_proj",
                                description="regex for the vision tower (used when train.vision is 'lora')")
     dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
-    quantize: Literal["4bit"] | None = Field(None, description="QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)")
+    quantize: Literal["4bit"] | None = Field(None, description="QLoRA: the LLM's linear layers (not the LM head) "
+                                             "as a frozen 4-bit NF4 base (bitsandbytes, double quantisation)")
 
 
 class DatasetRef(_Strict):
@@ -193,6 +194,8 @@ class StageConfig(_Strict):
             raise ValueError("train: 'lora' needs a `lora:` block (r, alpha, targets)")
         if self.lora is not None and not uses_lora:
             raise ValueError("lora: given but no module trains with 'lora' (set train.llm: lora)")
+        if self.lora is not None and self.lora.quantize and self.lora.dora:
+            raise ValueError("lora: quantize and dora together are not supported (DoRA's magnitude over a 4-bit base)")
         if self.objective == "dpo" and self.data.mode == "pack":
             raise ValueError("data.mode: packing is not supported with the dpo objective")
         if self.trainer.compile and self.trainer.strategy not in ("auto", "single", "ddp"):

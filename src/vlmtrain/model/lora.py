@@ -36,12 +36,6 @@ def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]
     stage), so a resumed run rebuilds the same starting adapters before loading the checkpoint."""
     from peft import inject_adapter_in_model
 
-    if lora_cfg.quantize:
-        if not torch.cuda.is_available():
-            raise ConfigError("lora.quantize: 4-bit QLoRA needs a CUDA GPU (bitsandbytes); this machine has none — "
-                              "remove lora.quantize to train LoRA on a bf16/fp32 base")
-        raise ConfigError("lora.quantize: 4-bit QLoRA is not built yet; remove lora.quantize (bf16 LoRA fits "
-                          "LLaVA-1.5-7B in 24 GiB with gradient checkpointing, see `vlmtrain plan`)")
     regex = lora_regex(lora_cfg, llm, vision)
     names = target_names(model, regex)
     if llm and not any(n.startswith("llm.") for n in names):
@@ -79,11 +73,29 @@ def merge_lora_(model: nn.Module) -> int:
     """Fold adapters into their base weights and put the plain base layers back; returns layers merged."""
     layers = lora_layers(model)
     for name, m in layers:
-        m.merge()
+        if _over_4bit(m):
+            # a QLoRA layer whose NF4 base was dequantised (model.quantize.dequantize_): PEFT's merge would
+            # re-quantise; add the adapter's delta to the full-precision base instead
+            base = m.get_base_layer()
+            if isinstance(base, nn.Linear) and base.weight.dtype.is_floating_point:
+                base.weight.data += m.get_delta_weight(m.active_adapters[0]).to(base.weight.dtype)
+            else:
+                raise ValueError(f"{name}: dequantise the 4-bit base (model.quantize.dequantize_) before merging")
+        else:
+            m.merge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, m.get_base_layer())
     return len(layers)
+
+
+def _over_4bit(layer: nn.Module) -> bool:
+    """PEFT's LoRA wrapper for a bitsandbytes 4-bit base (QLoRA)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # peft defines it only when bitsandbytes is importable
+        return False
+    return isinstance(layer, Linear4bit)
 
 
 def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -91,6 +91,10 @@ def load_lora_stage(path: str | Path):
     bundle = load_stage_start(stage, stage_dir)  # base weights + freshly initialised adapters
     base_connector = copy.deepcopy(bundle.model.connector)
     load_adapter_state(bundle.model, load_file(stage_dir / "adapter" / "adapter.safetensors"))
+    if stage.lora.quantize:  # QLoRA: export the base the adapters were trained against, in full precision
+        from vlmtrain.model.quantize import dequantize_
+
+        dequantize_(bundle.model)
     trained = load_any(stage_dir / "model").model  # merged output: its connector is the trained one
     bundle.model.connector.load_state_dict(trained.connector.state_dict())
     return bundle, (base_connector if stage.train.connector else None)

@@ -88,6 +88,14 @@ def load_stage_start(stage: StageConfig, base_dir: Path):
         raise VlmtrainError("stage: give `model` (first stage) or `init_from`")
     else:
         bundle = build_model(_resolve_model(stage.model, base_dir))
+    if stage.lora is not None and stage.lora.quantize:  # QLoRA: the LLM's Linears become NF4 before adapters
+        import torch
+
+        from vlmtrain.model.quantize import quantize_llm_
+
+        compute = torch.bfloat16 if stage.trainer.precision.startswith("bf16") else torch.float32
+        n = quantize_llm_(bundle.model, compute)
+        log.info(f"QLoRA: {n} LLM linear layers quantised to 4-bit NF4 (double quantisation), compute {compute}")
     if stage.lora is not None:
         from vlmtrain.model.lora import apply_lora
 
@@ -268,6 +276,10 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
             (run_dir / "adapter").mkdir(exist_ok=True)
             save_file(adapter_state_dict(bundle.model), str(run_dir / "adapter" / "adapter.safetensors"))
             (run_dir / "adapter" / "lora.json").write_text(json.dumps(stage.lora.model_dump(mode="json")))
+            if stage.lora.quantize:  # the output model is full precision: the dequantised base + merged adapters
+                from vlmtrain.model.quantize import dequantize_
+
+                dequantize_(bundle.model)
             merge_lora_(bundle.model)
         save_native(bundle, run_dir / "model")
         if eval_shards:

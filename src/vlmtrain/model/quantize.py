@@ -1,0 +1,65 @@
+"""QLoRA's 4-bit base: the LLM's Linear layers (all but the LM head) as bitsandbytes NF4 with double quantisation,
+QLoRA's defaults (Dettmers et al. 2023) and what `vlmtrain plan` counts (`NF4_BYTES_PER_PARAM`).
+
+bitsandbytes quantises on CPU and CUDA alike (its CPU backend since 0.46), so the same code path runs in the tests
+here and on a 24 GB GPU. Adapters go on top through PEFT, which wraps `bnb.nn.Linear4bit` in its own
+`lora.bnb.Linear4bit`. The stage's output model is full precision: `dequantize_` turns each 4-bit layer back into
+an `nn.Linear` holding the dequantised weights — the base the adapters were trained against — before the adapters
+are merged, so the merged model equals the trained (quantised base + adapters) model up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmtrain.errors import ConfigError
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency; kept for trimmed installs
+        raise ConfigError("lora.quantize: 4-bit QLoRA needs bitsandbytes (pip install bitsandbytes)") from e
+    return bnb
+
+
+def quantize_llm_(model: nn.Module, compute_dtype: torch.dtype) -> int:
+    """Replace every `nn.Linear` of `model.llm` except the LM head by an NF4 `Linear4bit` (frozen) computing in
+    `compute_dtype`; returns the number of layers quantised."""
+    bnb = _bnb()
+    head = model.llm.get_output_embeddings()
+    targets = [(n, m) for n, m in model.llm.named_modules() if type(m) is nn.Linear and m is not head]
+    for name, lin in targets:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        q = q.to(lin.weight.device)  # bitsandbytes quantises on the move to a real device
+        parent, _, child = name.rpartition(".")
+        setattr(model.llm.get_submodule(parent) if parent else model.llm, child, q)
+    return len(targets)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    bnb = _bnb()
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def dequantize_(model: nn.Module) -> int:
+    """Every 4-bit layer (also as a LoRA layer's base) → `nn.Linear` with its dequantised weights; returns the
+    number of layers converted."""
+    bnb = _bnb()
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for name, q in found:
+        w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device)
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if q.bias is not None:
+            lin.bias = nn.Parameter(q.bias.data.float(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return len(found)
