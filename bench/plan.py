@@ -74,6 +74,8 @@ CONFIGS = {
     "pretrain-ckpt-b8-s256": {"preset": "pretrain", "data": {"batch_size": 8, "max_len": 256},
                               "trainer": {"grad_checkpointing": True}},
     "dpo-copy-b2-s256": {"preset": "dpo", "data": {"batch_size": 2, "max_len": 256}},
+    "qlora-b4-s256": {"train": {"llm": "lora"}, "lora": {**LORA, "quantize": "4bit"},
+                      "data": {"batch_size": 4, "max_len": 256}},
 }
 QUICK_CONFIGS = {"quick-lora-b2-s64": {"train": {"llm": "lora"}, "lora": LORA,
                                        "data": {"batch_size": 2, "max_len": 64}}}
@@ -148,6 +150,10 @@ def _prepare(model: dict, fields: dict, device: str):
     stage = build_stage(model, fields)
     bundle = build_model(ModelConfig.model_validate(model))
     m = bundle.model.train().requires_grad_(False)
+    if stage.lora is not None and stage.lora.quantize:  # QLoRA: NF4 LLM Linears, as load_stage_start does
+        from vlmtrain.model.quantize import quantize_llm_
+
+        quantize_llm_(m, torch.bfloat16 if stage.trainer.precision.startswith("bf16") else torch.float32)
     if stage.lora is not None:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -205,6 +211,11 @@ def _live_bytes(m, opt, micro, module) -> int:
     for mod in [m] + list(module._ref):
         for t in list(mod.parameters()) + list(mod.buffers()):
             add(t)
+            qs = getattr(t, "quant_state", None)  # a 4-bit weight's absmax (and the double-quant's) live beside it
+            while qs is not None:
+                add(qs.absmax)
+                add(qs.code)
+                qs = getattr(qs, "state2", None)
     for state in opt.state.values():
         for t in state.values():
             add(t)

@@ -53,3 +53,10 @@ def chat_shards(out, n: int = 40, per_shard: int = 5, seed: int = 0):
         k = int(rng.integers(0, 3))  # 0, 1 or 2 images; text-only included
         samples.append((chat_record(i, k, turns=1 + i % 2), [png_bytes(1000 * seed + 10 * i + j) for j in range(k)]))
     return write_shards(out, samples, per_shard)
+
+
+def cycled_shards(out, n: int, per_shard: int, max_turns: int = 2):
+    """Record i has i % 3 images and 1 + i % max_turns exchanges: every mix of images and turns, deterministic."""
+    samples = [(chat_record(i, i % 3, turns=1 + i % max_turns), [png_bytes(i * 10 + j) for j in range(i % 3)])
+               for i in range(n)]
+    return write_shards(out, samples, per_shard)

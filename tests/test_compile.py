@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import TINY, VLMTRAIN
-from shard_fixtures import chat_record, png_bytes, write_shards
+from shard_fixtures import cycled_shards
 
 pytestmark = pytest.mark.slow  # inductor compiles C++ kernels on first use (~30 s here)
 
@@ -16,9 +16,7 @@ pytestmark = pytest.mark.slow  # inductor compiles C++ kernels on first use (~30
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("compile")
-    samples = [(chat_record(i, i % 3, turns=1 + i % 3), [png_bytes(i * 10 + j) for j in range(i % 3)])
-               for i in range(40)]
-    write_shards(root / "shards", samples, per_shard=10)
+    cycled_shards(root / "shards", 40, per_shard=10, max_turns=3)
     return root
 
 

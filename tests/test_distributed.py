@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY, VLMTRAIN
-from shard_fixtures import chat_record, png_bytes, write_shards
+from shard_fixtures import chat_record, cycled_shards, png_bytes, write_shards
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -68,9 +68,7 @@ def assert_same_run(a, b, tol=1e-5):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    samples = [(chat_record(i, i % 3, turns=1 + i % 2), [png_bytes(i * 10 + j) for j in range(i % 3)])
-               for i in range(48)]
-    write_shards(root / "shards", samples, per_shard=8)
+    cycled_shards(root / "shards", 48, per_shard=8)
     return root
 
 
