@@ -7,6 +7,9 @@ batches are 4 rows of up to 256 tokens (8–16 samples per step). Each repeat tr
 (interleaved); `warmup` steps are dropped and the next `timed` steps are timed end of step to end of step (packed:
 the steps that deliver one whole packing chunk per worker, 512 samples, since a chunk's rows come longest-first).
 
+vlmtrain's packed sides also run with `trainer.compile` (decoder layers through torch.compile; TRL is run with its
+defaults, which do not compile).
+
 Also reported: supervised tokens/s, padding, the first batch's equality between the two sides (token ids and
 supervised positions), and FLOPs (`bench.flops`): useful FLOPs per sample, executed FLOPs per step per side, and
 the achieved GFLOP/s of each side.
@@ -100,6 +103,13 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         stages["sft_bf16"] = vlm_side.stage_config("sft", "sft", shards, batch=BATCH, mode="plain", **kw, extra=bf16)
         stages["packed_bf16"] = vlm_side.stage_config("sft", "sft", shards, **pack,
                                                       **{**kw, "steps": warmup + packed_timed}, extra=bf16)
+        # + trainer.compile (decoder layers through torch.compile; the warm-up steps absorb the compile)
+        comp = {"trainer": {"compile": True}}
+        stages["packed_compiled"] = vlm_side.stage_config("sft", "sft", shards, **pack,
+                                                          **{**kw, "steps": warmup + packed_timed}, extra=comp)
+        stages["packed_bf16_compiled"] = vlm_side.stage_config(
+            "sft", "sft", shards, **pack, **{**kw, "steps": warmup + packed_timed},
+            extra={"trainer": {**bf16["trainer"], **comp["trainer"]}})
         start = module_hashes(bundle.model)
         params = count_params(bundle.model)
         export_llava(bundle, tmp / "hf")
@@ -131,7 +141,10 @@ def run(quick: bool = False, out: str | None = None) -> dict:
                             # the same three in bf16 autocast (TRL's default precision), fp32 weights on both sides
                             "vlmtrain_bf16": ours(stages["sft_bf16"], timed),
                             "vlmtrain_packed_bf16": ours(stages["packed_bf16"], packed_timed),
-                            "trl_bf16": lambda: peer(args_bf16)}, repeats)
+                            "trl_bf16": lambda: peer(args_bf16),
+                            "vlmtrain_packed_compiled": ours(stages["packed_compiled"], packed_timed),
+                            "vlmtrain_packed_bf16_compiled": ours(stages["packed_bf16_compiled"], packed_timed)},
+                           repeats)
     med = medians(runs)
     a, p, b = (med[k]["samples_per_s"] for k in ("vlmtrain", "vlmtrain_packed", "trl"))
     sup = {k: med[k]["supervised_tokens_per_s"] for k in med}
@@ -149,12 +162,18 @@ def run(quick: bool = False, out: str | None = None) -> dict:
                      "vlmtrain_packed_supervised_tokens_per_s": sup["vlmtrain_packed"],
                      "peer_supervised_tokens_per_s": sup["trl"],
                      "gflops_per_s": {k: v["gflops_per_s"] for k, v in gflops.items()},
+                     "packed_compiled_ratio": med["vlmtrain_packed_compiled"]["samples_per_s"] / b,
+                     "vlmtrain_packed_compiled_samples_per_s": med["vlmtrain_packed_compiled"]["samples_per_s"],
                      "peer": "trl.SFTTrainer " + _trl_version(),
                      "bf16": {"ratio": med["vlmtrain_bf16"]["samples_per_s"] / med["trl_bf16"]["samples_per_s"],
                               "packed_ratio": (med["vlmtrain_packed_bf16"]["samples_per_s"]
                                                / med["trl_bf16"]["samples_per_s"]),
                               "vlmtrain_samples_per_s": med["vlmtrain_bf16"]["samples_per_s"],
                               "vlmtrain_packed_samples_per_s": med["vlmtrain_packed_bf16"]["samples_per_s"],
+                              "packed_compiled_ratio": (med["vlmtrain_packed_bf16_compiled"]["samples_per_s"]
+                                                        / med["trl_bf16"]["samples_per_s"]),
+                              "vlmtrain_packed_compiled_samples_per_s": (
+                                  med["vlmtrain_packed_bf16_compiled"]["samples_per_s"]),
                               "peer_samples_per_s": med["trl_bf16"]["samples_per_s"]}},
     }
     save("sft" + ("-quick" if quick else ""), result, out)
