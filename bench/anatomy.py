@@ -63,9 +63,9 @@ def _timed(base_module, base_windows, log: list[dict]):
             self._acc += time.perf_counter() - t
             return out
 
-        def _backward(self, loss):
+        def _backward(self, loss, last=True):
             t = time.perf_counter()
-            super()._backward(loss)
+            super()._backward(loss, last=last)
             self._bwd += time.perf_counter() - t
 
     return TimedModule, TimedWindows

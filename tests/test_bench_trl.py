@@ -41,7 +41,9 @@ def test_bench_vs_trl_quick(name, tmp_path):
         bf = head["bf16"]  # the same comparison in bf16 autocast on both sides
         assert bf["ratio"] == pytest.approx(bf["vlmtrain_samples_per_s"] / bf["peer_samples_per_s"], rel=1e-12)
         assert set(full["runs"]) == {"vlmtrain", "vlmtrain_packed", "trl", "vlmtrain_bf16", "vlmtrain_packed_bf16",
-                                     "trl_bf16"}
+                                     "trl_bf16", "vlmtrain_packed_compiled", "vlmtrain_packed_bf16_compiled"}
+        assert bf["packed_compiled_ratio"] == pytest.approx(
+            bf["vlmtrain_packed_compiled_samples_per_s"] / bf["peer_samples_per_s"], rel=1e-12)
 
 
 def test_bench_anatomy_quick(tmp_path):
