@@ -5,8 +5,8 @@ tests/test_distributed.py."""
 import torch
 from torch import nn
 
-from vlmtrain.train.checkpoint_io import (META, is_sharded, optimizer_state_by_index, read_checkpoint,
-                                          resolve_last, swap_into_place)
+from vlmtrain.train.checkpoint_io import (META, is_sharded, optimizer_state_by_index, optimizer_state_by_name,
+                                          read_checkpoint, resolve_last, swap_into_place)
 
 
 def trained_model():
@@ -80,3 +80,12 @@ def test_swap_replaces_files_and_directories_and_resolve_finds_the_survivor(tmp_
     # a kill between the two renames leaves only last.ckpt.old: resume uses it
     last.rename(tmp_path / "last.ckpt.old")
     assert resolve_last(last) == tmp_path / "last.ckpt.old"
+
+
+def test_by_name_and_by_index_are_inverse_on_torchs_own_state_dict():
+    model, opt = trained_model()
+    want = opt.state_dict()
+    by_name = optimizer_state_by_name(want, opt, model)
+    assert [g["params"] for g in by_name["param_groups"]] == [["2.weight"], ["0.bias", "2.bias"]]
+    back = optimizer_state_by_index(by_name)
+    assert back["param_groups"] == want["param_groups"] and back["state"].keys() == want["state"].keys()

@@ -44,11 +44,6 @@ def quantize_llm_(model: nn.Module, compute_dtype: torch.dtype) -> int:
     return len(targets)
 
 
-def is_quantized(module: nn.Module) -> bool:
-    bnb = _bnb()
-    return isinstance(module, bnb.nn.Linear4bit)
-
-
 def dequantize_(model: nn.Module) -> int:
     """Every 4-bit layer (also as a LoRA layer's base) → `nn.Linear` with its dequantised weights; returns the
     number of layers converted."""

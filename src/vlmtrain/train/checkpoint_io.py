@@ -44,15 +44,15 @@ def swap_into_place(tmp: Path, path: Path) -> None:
         return
     old = path.with_name(path.name + ".old")
     if old.exists():
-        _remove(old)
+        remove_path(old)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     if old.exists():
-        _remove(old)
+        remove_path(old)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -68,6 +68,15 @@ def optimizer_state_by_index(state: dict) -> dict:
             ids.append(index[name])
         groups.append({**g, "params": ids})
     return {"state": {index[name]: s for name, s in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_by_name(state: dict, optimizer, model) -> dict:
+    """The inverse: torch's index-keyed optimizer state → keyed by parameter name (what DCP's
+    `set_optimizer_state_dict` takes), the names being `model`'s for the optimizer's parameters."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
 def read_sharded(path: Path) -> dict:

@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import logging
 
-from torch import nn
-
 log = logging.getLogger("vlmtrain.train")
 
 
-def decoder_layers(model) -> nn.ModuleList:
-    """The LLM's repeated decoder blocks (`model.llm.…layers`)."""
-    for name, mod in model.llm.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(mod):
-            return mod
-    raise ValueError("trainer.compile: the LLM has no `layers` ModuleList to compile")
-
-
 def compile_decoder_layers(model) -> int:
-    layers = decoder_layers(model)
+    from vlmtrain.train.strategy import layer_lists
+
+    found = layer_lists(model, ("llm",))
+    if not found:
+        raise ValueError("trainer.compile: the LLM has no repeated `layers` to compile")
+    layers = found[0]
     for layer in layers:
         layer.compile(dynamic=True)
     log.info(f"torch.compile: {len(layers)} LLM decoder layers (dynamic shapes; the first steps compile)")

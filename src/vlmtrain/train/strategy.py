@@ -152,7 +152,7 @@ def _fsdp2_strategy(world: int):
                                                                  get_optimizer_state_dict, set_model_state_dict,
                                                                  set_optimizer_state_dict)
 
-            from vlmtrain.train.checkpoint_io import META, is_sharded
+            from vlmtrain.train.checkpoint_io import META, is_sharded, optimizer_state_by_name, read_checkpoint
 
             path = Path(self.broadcast(str(checkpoint_path)))
             if is_sharded(path):
@@ -168,11 +168,11 @@ def _fsdp2_strategy(world: int):
                 ckpt["state_dict"] = model_sd
                 return ckpt
             # a single-file checkpoint (from a single-process or ddp run): full tensors, index-keyed optimizer
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            sd = ckpt["state_dict"]
-            set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+            ckpt = read_checkpoint(path)
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.model, ckpt["state_dict"], options=full)
             for opt, state in zip(self.optimizers, ckpt["optimizer_states"]):
-                set_optimizer_state_dict(self.model, opt, optim_state_dict=_by_name(state, opt, self.model),
+                set_optimizer_state_dict(self.model, opt, optimizer_state_by_name(state, opt, self.model),
                                          options=StateDictOptions(full_state_dict=True))
             return ckpt
 
@@ -182,15 +182,14 @@ def _fsdp2_strategy(world: int):
 def _save_then_swap(strategy, write, filepath) -> None:
     """Every rank writes its part of a checkpoint directory to `<path>.tmp` via `write(tmp)`; rank 0 swaps it in
     only after all ranks finished, so a kill mid-save leaves the previous checkpoint whole."""
-    import shutil
     from pathlib import Path
 
-    from vlmtrain.train.checkpoint_io import swap_into_place
+    from vlmtrain.train.checkpoint_io import remove_path, swap_into_place
 
     path = Path(strategy.broadcast(str(filepath)))
     tmp = path.with_name(path.name + ".tmp")
     if strategy.global_rank == 0 and tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        remove_path(tmp)
     strategy.barrier("vlmtrain_ckpt_clean")
     write(tmp)
     strategy.barrier("vlmtrain_ckpt_written")
@@ -205,18 +204,10 @@ def deepspeed_world_size(path) -> int:
     return len(list((path / tag).glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
 
 
-def _by_name(state: dict, optimizer, model) -> dict:
-    """torch's index-keyed optimizer state → keyed by parameter name (what DCP's set_optimizer_state_dict takes)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
-    return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
-
-
-def layer_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The repeated transformer blocks (`...layers` / `...layer` ModuleLists) of the vision tower and the LLM."""
+def layer_lists(model: nn.Module, parts: tuple[str, ...] = ("vision", "llm")) -> list[nn.ModuleList]:
+    """The repeated transformer blocks (`...layers` / `...layer` ModuleLists) of the given parts of the VLM."""
     out = []
-    for part in (model.vision, model.llm):
+    for part in (getattr(model, name) for name in parts):
         for name, mod in part.named_modules():
             if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "layer") and len(mod):
                 out.append(mod)
