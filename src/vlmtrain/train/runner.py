@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from vlmtrain.config.load import apply_overrides, load_yaml_with_overrides, parse_overrides, validate
-from vlmtrain.config.model import ModelConfig
+from vlmtrain.config.model import ModelConfig, NativeModelConfig, is_native_config
 from vlmtrain.config.stage import RecipeConfig, StageConfig
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.train.presets import deep_merge, with_preset
@@ -43,13 +43,13 @@ def module_hashes(model) -> dict[str, str]:
     return out
 
 
-def _resolve_model(ref, base_dir: Path) -> ModelConfig:
+def _resolve_model(ref, base_dir: Path) -> ModelConfig | NativeModelConfig:
     from vlmtrain.config.load import load_model_config
 
-    if isinstance(ref, ModelConfig):
+    if isinstance(ref, (ModelConfig, NativeModelConfig)):
         return ref
     if isinstance(ref, dict):
-        return validate(ModelConfig, ref, prefix="model")
+        return validate(NativeModelConfig if is_native_config(ref) else ModelConfig, ref, prefix="model")
     p = Path(ref)
     for cand in (base_dir / p, p):
         if cand.is_file():
@@ -110,7 +110,7 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
 
     from vlmtrain.data.inspect import encoder_for
     from vlmtrain.data.loader import ShardLoader
-    from vlmtrain.model.io import save_native
+    from vlmtrain.model.io import save_model_folder
     from vlmtrain.train.checkpoint_io import AtomicCheckpointIO
     from vlmtrain.train.evaluate import evaluate
     from vlmtrain.train.freeze import apply_stage_trainability
@@ -149,7 +149,13 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         from vlmtrain.model.lora import lora_layers
 
         log.info(f"LoRA r={stage.lora.r} alpha={stage.lora.alpha}: {len(lora_layers(bundle.model))} adapted layers")
-    if stage.trainer.grad_checkpointing:
+    if bundle.native:
+        from vlmtrain.train.native import check_native_stage
+
+        check_native_stage(stage, bundle)
+    if stage.trainer.grad_checkpointing and bundle.native:
+        bundle.model.enable_gradient_checkpointing()
+    elif stage.trainer.grad_checkpointing:
         bundle.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if stage.train.vision:
             bundle.model.vision.model.gradient_checkpointing_enable(
@@ -182,7 +188,8 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
                              shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
                              max_bad_fraction=d.max_bad_fraction, split=d.split, cache_mb=d.encoded_cache_mb,
                              share_prompt_image_token=(bundle.model.image_token_id if stage.objective == "dpo"
-                                                       and stage.dpo.share_prompt else None))
+                                                       and stage.dpo.share_prompt and not bundle.native
+                                                       else None))
     eval_shards = str(eval_sources[0].path) if eval_sources else None
 
     def run_eval() -> dict:
@@ -281,7 +288,7 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
 
                 dequantize_(bundle.model)
             merge_lora_(bundle.model)
-        save_native(bundle, run_dir / "model")
+        save_model_folder(bundle, run_dir / "model")
         if eval_shards:
             summary["eval"] = run_eval()
             summary["eval_before"] = eval_before
@@ -295,7 +302,8 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
             "name": stage.name, "preset": stage.preset, "objective": stage.objective,
             "parent": parent, "config_hash": _hash(stage.model_dump(mode="json")),
             "trainable": table, "weights_sha256": {"start": start_hashes, "end": module_hashes(bundle.model)},
-            "template": bundle.tokenizer.chat_template, "image_processor": bundle.image_processor.to_dict(),
+            "template": bundle.template or bundle.tokenizer.chat_template,
+            "image_processor": bundle.image_processor.to_dict(),
             "image_tokens": bundle.model.num_image_tokens,
         }
         (run_dir / "stage.json").write_text(json.dumps(stage_json, indent=2, default=str))

@@ -63,17 +63,17 @@ def _instantiate(cfg: NativeModelConfig, hf_cfg, device, load_weights: bool):
                           f"build ({str(e).splitlines()[0]})") from None
 
 
-def training_template(cfg: NativeModelConfig, model_type: str, listed: bool, processor) -> str:
+def training_template(cfg: NativeModelConfig, model_type: str, family_template: str, processor) -> str:
     """The generation-marked template labels are built with: the config's, else vlmtrain's marked copy of the
     family's official template, else the processor's own when it already carries `{% generation %}` marks."""
     if cfg.chat_template:
-        if "{% generation %}" not in cfg.chat_template and "{%- generation %}" not in cfg.chat_template:
+        if "generation %}" not in cfg.chat_template:
             raise ConfigError("chat_template: needs {% generation %} … {% endgeneration %} around assistant text")
         return cfg.chat_template
-    if listed:
+    if family_template:
         from vlmtrain.model.native_templates import training_template as marked
 
-        return marked(model_type)
+        return marked(family_template)
     own = getattr(processor, "chat_template", None) if processor is not None else None
     if isinstance(own, str) and "generation %}" in own:
         return own
@@ -99,7 +99,7 @@ def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", loa
     elif str(device) != "meta":
         raise VlmtrainError(f"{cfg.name}: a native model needs its processor files (`pretrained:` folder) "
                             "to train; `model_type` + `config` alone only describe/plan on meta")
-    template = training_template(cfg, hf_cfg.model_type, listed, processor) if processor is not None else None
+    template = training_template(cfg, hf_cfg.model_type, family.template, processor) if processor else None
     return ModelBundle(model, processor.tokenizer if processor else None,
                        processor.image_processor if processor else None, cfg, processor=processor,
                        template=template)

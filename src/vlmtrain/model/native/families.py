@@ -21,7 +21,7 @@ _LLM = {"model": "model.language_model", "lm_head": "lm_head"}
 @dataclass(frozen=True)
 class Family:
     roles: dict[str, dict[str, str]]
-    template: str  # key into vlmtrain.model.native_templates
+    template: str  # key into vlmtrain.model.native_templates ("" = none vendored: the config gives one)
     nested_images: bool = False  # the processor takes one image list per text
     # decoder blocks per role, for gradient checkpointing, FSDP2 wrapping and the planner
     blocks: dict[str, str] = field(default_factory=dict)
@@ -38,14 +38,14 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family({"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.pos_embed"},
                         "connector": {"merger": "model.visual.merger",
                                       "deepstack_merger_list": "model.visual.deepstack_merger_list"},
-                        "llm": _LLM}, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+                        "llm": _LLM}, "", blocks={"vision": "model.blocks", "llm": "model.layers"}),
     "gemma3": Family({"vision": {"model": "model.vision_tower"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "gemma3", nested_images=True,
                      blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
     "idefics3": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
                         "llm": {"model": "model.text_model", "lm_head": "lm_head"}},
-                       "idefics3", nested_images=True,
+                       "smolvlm", nested_images=True,  # SmolVLM checkpoints are model_type idefics3
                        blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
     "smolvlm": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
                        "llm": {"model": "model.text_model", "lm_head": "lm_head"}},

@@ -161,14 +161,17 @@ def write_tiny_checkpoint(model_type: str, out: str | Path, seed: int = 0) -> Pa
     """Random-weight tiny model + processor of the family, saved with `save_pretrained` into `out`."""
     from transformers import AutoModelForImageTextToText
 
+    from vlmtrain.model.native.families import FAMILIES
     from vlmtrain.model.native_templates import official_template
 
     cfg, ip, tok, proc_kwargs = tiny_parts(model_type)
+    # Qwen3-VL has no vendored official template: its tiny checkpoint carries Qwen2.5-VL's (same chat format)
+    template = official_template(FAMILIES[model_type].template or "qwen2_5_vl")
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = cfg.get_text_config().eos_token_id
-    proc = build_image_only(model_type, ip, tok, chat_template=official_template(model_type), **proc_kwargs)
+    proc = build_image_only(model_type, ip, tok, chat_template=template, **proc_kwargs)
     out = Path(out)
     model.save_pretrained(out)
     save_processor(proc, out)
