@@ -140,3 +140,39 @@ def test_dynamic_resolution_gives_each_image_its_own_token_count(root):
     per_image = (grid.prod(-1) // 4).tolist()  # merge 2×2
     assert per_image[0] != per_image[1]
     assert two["input_ids"].count(bundle.model.image_token_id) == sum(per_image)
+
+
+@pytest.mark.parametrize("family,quantize,dora", [("qwen2_5_vl", "4bit", False), ("gemma3", "4bit", False),
+                                                   ("idefics3", None, True)])
+def test_qlora_and_dora_train_adapters_only_and_merge_to_the_same_model(root, family, quantize, dora):
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora, merge_lora_
+    from vlmtrain.model.quantize import dequantize_, quantize_llm_
+    from vlmtrain.train.module import model_extras
+
+    bundle = _bundle(root, family)
+    m = bundle.model
+    _, b = _batch(bundle)
+    if quantize:
+        assert quantize_llm_(m, torch.float32) > 0
+    apply_lora(m, LoRAConfig(r=4, dora=dora), llm=True, vision=False)
+    m.requires_grad_(False)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    args = (b["input_ids"], b["pixel_values"], b["attention_mask"])
+    m(*args, **model_extras(b)).logits.float().pow(2).mean().backward()
+    trained = [n for n, p in m.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained)
+    with torch.no_grad():  # one step so that the adapters are not the identity
+        for n, p in m.named_parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    m.eval()
+    with torch.no_grad():
+        before = m(*args, **model_extras(b)).logits
+        if quantize:
+            dequantize_(m)
+        merge_lora_(m)
+        after = m(*args, **model_extras(b)).logits
+    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

@@ -94,6 +94,13 @@ def cmd_export(args) -> int:
         from vlmtrain.train.artifacts import load_lora_stage
 
         bundle, base_connector = load_lora_stage(args.source)
+        if bundle.native:
+            from vlmtrain.model.native.peft_export import export_native_peft
+
+            out = export_native_peft(bundle, args.out, base_connector)
+            print(f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base "
+                  f"({bundle.model.model_type})")
+            return 0
         out = export_peft(bundle, args.out, base_connector)
         print(f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base (Llava)")
         return 0

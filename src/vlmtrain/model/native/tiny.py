@@ -75,7 +75,7 @@ def _qwen(model_type: str):
     cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **ids)
     unit = patch * 2  # one merged image token covers unit × unit pixels
     ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                  size={"shortest_edge": 2 * unit * unit, "longest_edge": 16 * unit * unit})
+                                  size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit})
     return cfg, ip, tok, {}
 
 
