@@ -176,3 +176,36 @@ def test_qlora_and_dora_train_adapters_only_and_merge_to_the_same_model(root, fa
         after = m(*args, **model_extras(b)).logits
     assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_data_inspect_counts_the_processor_image_tokens(root, tmp_path):
+    from vlmtrain.data.builtin import prepare_builtin
+    from vlmtrain.data.inspect import inspect_samples
+
+    bundle = _bundle(root, "idefics3")  # image splitting: the count depends on the image, not on a constant
+    shards = prepare_builtin("digits-qa", tmp_path)
+    rows = list(inspect_samples(str(shards), bundle, n=2))
+    assert len(rows) == 2
+    for r in rows:
+        assert r["images"] == 1
+        assert r["image_slots"] == r["input_ids"].count(bundle.model.image_token_id) > 0
+        assert r["supervised_text"].startswith(r["supervised_text"].split("<")[0]) and "What digit" not in \
+            r["supervised_text"]
+
+
+def test_native_stage_refuses_what_is_not_built_yet():
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.train.native import native_refusals
+    from vlmtrain.train.presets import with_preset
+
+    stage = validate(StageConfig, with_preset({
+        "name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
+        "data": {"train": [{"path": "x"}], "mode": "pack"}, "trainer": {"compile": True}}))
+    problems = native_refusals(stage)
+    assert any(p.startswith("data.mode") for p in problems)
+    assert any(p.startswith("trainer.compile") for p in problems)
+    assert not any(p.startswith("trainer.strategy") for p in problems)
+    fsdp = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
+                                              "data": {"train": [{"path": "x"}]}, "trainer": {"strategy": "fsdp"}}))
+    assert [p.split(":")[0] for p in native_refusals(fsdp)] == ["trainer.strategy"]
