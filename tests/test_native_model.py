@@ -209,3 +209,42 @@ def test_native_stage_refuses_what_is_not_built_yet():
     fsdp = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
                                               "data": {"train": [{"path": "x"}]}, "trainer": {"strategy": "fsdp"}}))
     assert [p.split(":")[0] for p in native_refusals(fsdp)] == ["trainer.strategy"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_dpo_pair_logps_equal_each_sequence_scored_alone_by_transformers(root, family):
+    """Chosen and rejected rows of a native DPO batch (padded together, images twice) give the log-probs that
+    transformers gives each full sequence on its own."""
+    from types import SimpleNamespace
+
+    from vlmtrain.data.batching import collate_preference
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.train.module import VLMModule, model_extras
+    from native_fixtures import IMG, assistant, image, user
+
+    bundle = _bundle(root, family)
+    enc = encoder_for(bundle)
+    prefs = [({"id": "p1", "kind": "preference", "prompt": [user(IMG, "which digit")],
+               "chosen": [assistant("seven")], "rejected": [assistant("one two three")]}, [image(40, 30, 4)]),
+             ({"id": "p2", "kind": "preference", "prompt": [user("say a word")],
+               "chosen": [assistant("yes")], "rejected": [assistant("no no")]}, [])]
+    samples = [enc(r, ims) for r, ims in prefs]
+    b = collate_preference(samples, bundle.tokenizer.pad_token_id)
+    stage = SimpleNamespace(objective="next_token", dpo=SimpleNamespace(reference="copy"))
+    module = VLMModule(bundle, stage)
+    bundle.model.eval()
+    with torch.no_grad():
+        logps, _ = module._pair_logps(bundle.model, b, (b["input_ids"], b.get("pixel_values"),
+                                                        b["attention_mask"], None))
+        expected = []
+        for side in ("chosen", "rejected"):
+            for s in samples:
+                ids = torch.tensor([s[side]["input_ids"]])
+                labels = torch.tensor(s[side]["labels"])
+                kw = {k: v for k, v in s.get("image_extras", {}).items()}
+                kw.update({k: torch.tensor([v]) for k, v in s[side].get("token_extras", {}).items()})
+                logits = bundle.model.hf(input_ids=ids, pixel_values=s["pixel_values"], **kw).logits[0, :-1]
+                tgt = labels[1:]
+                keep = tgt != -100
+                expected.append(logits[keep].log_softmax(-1).gather(-1, tgt[keep][:, None]).sum())
+    torch.testing.assert_close(logps, torch.stack(expected), rtol=1e-5, atol=1e-4)
