@@ -48,7 +48,7 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
         raise VlmtrainError("export --format peft: this model has no LoRA adapters")
     names = _hf_names(m)
     ours_to_hf = {n: names[id(mod)] for n, mod in layers}
-    connector_paths = list(m.family.roles["connector"].values())
+    connector_paths = _module_paths(m.hf, m.family.roles["connector"].values())
     if base_connector is not None and any(not hasattr(_get(m.hf, p), "parameters") for p in connector_paths):
         raise VlmtrainError("export --format peft: this family's connector includes a bare parameter that PEFT's "
                             "modules_to_save cannot carry; use --format hf (merged)")
@@ -80,6 +80,21 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
     if missing:
         raise VlmtrainError(f"export --format peft: adapter tensors not placed: {missing[:3]}")
     peft_model.save_pretrained(out / "adapter")
+    return out
+
+
+def _module_paths(root, paths) -> list[str]:
+    """PEFT's `modules_to_save` takes modules, not containers: a ModuleList/ModuleDict (Qwen3-VL's deepstack
+    mergers) is listed by its members."""
+    from torch import nn
+
+    out = []
+    for p in paths:
+        obj = _get(root, p)
+        if isinstance(obj, (nn.ModuleList, nn.ModuleDict)):
+            out.extend(f"{p}.{name}" for name, _ in obj.named_children())
+        else:
+            out.append(p)
     return out
 
 
