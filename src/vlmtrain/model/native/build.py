@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from vlmtrain.model.native.vlm import NativeVLM
 
 log = logging.getLogger(__name__)
 NATIVE_MARKER = "vlmtrain_native.json"
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def _hf_config(cfg: NativeModelConfig):
@@ -67,7 +69,7 @@ def training_template(cfg: NativeModelConfig, model_type: str, family_template: 
     """The generation-marked template labels are built with: the config's, else vlmtrain's marked copy of the
     family's official template, else the processor's own when it already carries `{% generation %}` marks."""
     if cfg.chat_template:
-        if "generation %}" not in cfg.chat_template:
+        if not GENERATION_TAG.search(cfg.chat_template):
             raise ConfigError("chat_template: needs {% generation %} … {% endgeneration %} around assistant text")
         return cfg.chat_template
     if family_template:
@@ -75,7 +77,7 @@ def training_template(cfg: NativeModelConfig, model_type: str, family_template: 
 
         return marked(family_template)
     own = getattr(processor, "chat_template", None) if processor is not None else None
-    if isinstance(own, str) and "generation %}" in own:
+    if isinstance(own, str) and GENERATION_TAG.search(own):
         return own
     raise ConfigError(f"chat_template: {model_type!r} has no generation-marked template in vlmtrain; set "
                       "`chat_template` to the family's template with {% generation %} marks around assistant text")
