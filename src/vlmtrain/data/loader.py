@@ -35,6 +35,7 @@ from vlmtrain.data.encode import decode_image
 from vlmtrain.data.schema import IMAGE_EXTS, RecordError, validate_record
 from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world, iter_shard
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.lifeline import worker_init
 
 
 @dataclass
@@ -507,7 +508,8 @@ class ShardLoader:
         # An own generator: worker seeding must not consume the global torch RNG (exact resume of dropout etc.)
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, persistent_workers=False,
                         prefetch_factor=4 if self.cfg.num_workers else None,
-                        generator=torch.Generator().manual_seed(self.cfg.seed))
+                        generator=torch.Generator().manual_seed(self.cfg.seed),
+                        worker_init_fn=worker_init if self.cfg.num_workers else None)
         for batch in (_received_ahead(dl) if self.cfg.num_workers else dl):
             batch = _as_tensors(batch)
             meta = batch.pop("_meta")
