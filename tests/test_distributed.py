@@ -222,12 +222,12 @@ def test_preemption_of_one_rank_stops_both_at_the_same_step_and_resumes(data, re
     out = data / "preempted"
     cfg = stage_yaml(data, data / "shards")
     env = {**os.environ, "VLMTRAIN_KILL_AT": "step#2", "VLMTRAIN_KILL_SIGNAL": "TERM", "VLMTRAIN_KILL_RANK": "1"}
-    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp", env=env)
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp", "data.batch_size=2", env=env)
     assert r.returncode != 0 and "exitcode  : 75" in r.stderr, r.stderr[-3000:]
     assert "SIGTERM received: checkpoint written at step 2" in r.stderr  # rank 1, signalled
     assert "a preemption signal on another rank received: checkpoint written at step 2" in r.stderr  # rank 0
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not (out / "summary.json").exists()
-    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "ddp")
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "ddp", "data.batch_size=2")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_run(reference, out)
+    assert_same_run(reference, out)  # the global batch of the 1-process reference: 2 ranks × 2
