@@ -1,6 +1,7 @@
 """Named moments of a run (phase markers) and the fault-injection hook the reliability tests aim with.
 
-Phases, in the order a stage meets them: `setup`, `eval_before`, `step` (after every optimizer step),
+Phases, in the order a stage meets them: `setup`, `data_prep` (before each builtin dataset is prepared),
+`eval_before`, `step` (after every optimizer step),
 `checkpoint_write` (a checkpoint's bytes are on disk, not yet swapped in), `train_done`, `final_checkpoint`,
 `adapter`, `model_save`, `eval_after`, `summary`, `handoff` (the stage is complete, the next one not started).
 
@@ -9,6 +10,7 @@ Hook (tests and `python -m bench chaos` only; unset in normal runs, where a mark
                                               (in stage <stage>, if given), it sends itself a signal:
     VLMTRAIN_KILL_SIGNAL=KILL | TERM | USR1     which one (default KILL)
     VLMTRAIN_KILL_RANK=<r>                      only in the process of that rank (torchrun's RANK)
+    VLMTRAIN_PHASE_LOG=<file>                   append `<stage> <phase>` per marker (which phase a kill hit)
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ def enter_stage(name: str | None) -> None:
 
 def mark(phase: str) -> None:
     """This process has reached `phase` of the current stage."""
+    trace = os.environ.get("VLMTRAIN_PHASE_LOG")
+    if trace:
+        with open(trace, "a") as f:
+            f.write(f"{_current_stage} {phase}\n")
     target = os.environ.get("VLMTRAIN_KILL_AT")
     if not target or os.environ.get("VLMTRAIN_KILL_RANK", os.environ.get("RANK")) != os.environ.get("RANK"):
         return

@@ -66,6 +66,8 @@ def _sources(refs, data_root: Path):
 
     out = []
     for r in refs:
+        if r.builtin:
+            phases.mark("data_prep")
         path = str(prepare_builtin(r.builtin, data_root)) if r.builtin else r.path
         out.append(Source(path, r.weight))
     return out
