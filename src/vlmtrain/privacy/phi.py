@@ -182,8 +182,12 @@ class KnownIdentifiers:
 
 @dataclass
 class CleanResult:
+    """The cleaned text, the number of replacements per category, and the (start, end, category) spans of the
+    input that were replaced."""
+
     text: str
     counts: Counter
+    spans: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 @lru_cache(maxsize=1)
@@ -304,7 +308,7 @@ class PhiScrubber:
         out.append(text[pos:])
         cleaned = "".join(out)
         self._check_residual(cleaned, known)
-        return CleanResult(cleaned, counts)
+        return CleanResult(cleaned, counts, spans)
 
     def _check_residual(self, cleaned: str, known: KnownIdentifiers | None) -> None:
         bare = _TAG_RE.sub(" ", cleaned)
