@@ -344,7 +344,8 @@ class Gate:
             return png, 0
         if not self.policy.redact_burned_in:
             self._count("ocr_phi_found")
-            raise GateReject("burned_in_phi", f"image: OCR found {len(boxes)} word(s) of PHI in the pixels")
+            raise GateReject("burned_in_phi", f"image: OCR found PHI in the pixels ({len(boxes)} word(s) on its "
+                                              "lines)")
         redacted = pixels.blackout(rgb, boxes)
         if self._burned_in_phi(redacted, known):  # recall-first: what is kept is read again
             self._count("ocr_phi_left_after_redaction")
@@ -353,7 +354,8 @@ class Gate:
         return _png(redacted), len(boxes)
 
     def _burned_in_phi(self, rgb, known: KnownIdentifiers) -> list[tuple[int, int, int, int]]:
-        """Boxes of OCR'd words that lie in a PHI span of their line (a line the scrubber refuses counts whole)."""
+        """Boxes of every OCR'd word on a line that holds PHI (or that the scrubber refuses): the whole line goes,
+        so a label such as `Name:` left beside a blacked-out value cannot read as an unparsed label later."""
         from vlmtrain.privacy import pixels
 
         t0 = time.perf_counter()
@@ -365,7 +367,8 @@ class Gate:
                 phi = self.scrubber.clean(text, known).spans
             except PhiUncleanable:
                 phi = [(0, len(text), "LABEL")]
-            boxes += [w.box for s, e, w in spans if any(s < pe and ps < e for ps, pe, _ in phi)]
+            if phi:
+                boxes += [w.box for _, _, w in spans]
         return boxes
 
     # ---- a whole source ----

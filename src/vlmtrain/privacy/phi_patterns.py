@@ -211,8 +211,9 @@ PATTERNS: tuple[Pattern, ...] = (
        r"\b(?:zip(?:\s+code)?|postcode|postal\s+code)\s*[:#]?\s*(?P<v>\d{5}(?:-\d{4})?)\b", re.I),
     _p("ADDRESS", "address-state-zip", rf"\b{_STATE}[ \t]+(?P<v>\d{{5}}(?:-\d{{4}})?)\b"),
     _p("LOCATION", "institution",
-       r"\b(?:(?:St\.?|Saint)\s+)?(?:[A-Z][a-z'’]+\s+){1,4}(?:Hospital|Medical\s+Cent(?:er|re)|Clinic|Infirmary|"
-       r"Health\s+System|Imaging\s+Cent(?:er|re))\b"),
+       r"\b(?:(?:St\.?|Saint|ST\.?|SAINT)\s+)?(?:[A-Z][a-z'’]+\s+|[A-Z]{3,}\s+){1,4}(?:(?i:Hospital|Hosp\.?|"
+       r"Medical\s+Cent(?:er|re)|Med(?:ical)?\.?\s+Ctr\.?|Clinic|Infirmary|Health\s+System|"
+       r"Imaging\s+Cent(?:er|re)))\b"),
 )
 
 # Words after a place name that make it a disease, sign or procedure ("Lyme disease"), not a place.

@@ -19,8 +19,8 @@ it is not (it never passes pixels it could not read).
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -44,10 +44,16 @@ def gray(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
 
 
-@lru_cache(maxsize=1)
+_local = threading.local()
+
+
 def _cascades():
+    """This thread's cascades: a CascadeClassifier is not safe to share between threads (the gate's workers are
+    threads), and loading one costs ~50 ms, so each worker thread keeps its own."""
     import cv2
 
+    if getattr(_local, "cascades", None) is not None:
+        return _local.cascades
     cv2.setNumThreads(1)  # the gate's workers are the parallelism
     out = []
     for name in ("haarcascade_frontalface_alt2.xml", "haarcascade_frontalface_default.xml"):
@@ -55,7 +61,8 @@ def _cascades():
         if c.empty():
             raise RuntimeError(f"OpenCV cascade {name} did not load from {cv2.data.haarcascades}")
         out.append(c)
-    return tuple(out)
+    _local.cascades = tuple(out)
+    return _local.cascades
 
 
 def find_faces(rgb: np.ndarray) -> list[tuple[int, int, int, int]]:
