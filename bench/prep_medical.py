@@ -29,8 +29,12 @@ def make_source(root: Path, n: int) -> Path:
     from vlmtrain.privacy.medical_samples import make_medical_samples
 
     src = make_medical_samples(root / "src")
-    base = [json.loads(x) for x in (src / "records.jsonl").read_text().splitlines() if x.strip()]
-    base = [r for r in base if isinstance(r, dict)]
+    base = []
+    for line in (src / "records.jsonl").read_text().splitlines():
+        try:
+            base.append(json.loads(line))
+        except json.JSONDecodeError:  # the sample set's deliberately broken line
+            continue
     reports = make_corpus(n, seed=7)
     lines = []
     for i in range(n):

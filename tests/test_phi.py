@@ -86,6 +86,9 @@ REPLACED = [
     ("Resides in Peoria, IL.", "Resides in [ADDRESS]."),
     ("Transferred from an outside facility in Worcester.", "Transferred from an outside facility in [ADDRESS]."),
     ("Home: PO Box 8806, Dayton OH 16210.", "Home: [ADDRESS], [ADDRESS]."),
+    ("Mailing address 6623 W. Harbor View Ave. Unit 256, Nashua.", "Mailing address [ADDRESS]."),
+    ("Transferred from an outside facility in Victorhaven.", "Transferred from an outside facility in [ADDRESS]."),
+    ("Patient from Joshuaside, OR.", "Patient from [ADDRESS], OR."),  # a state alone is not PHI
     # names by relation, credential, "with", label with Family, Given
     ("His father, Gulozge, was present.", "His father, [NAME], was present."),
     ("Accompanied by her partner, Kwame Mitter.", "Accompanied by her partner, [NAME]."),
@@ -116,6 +119,7 @@ UNCHANGED = [
     "Phone: n/a. Email: none.",
     "Crohn disease, Hodgkin lymphoma, Graves disease, Baker cyst, Wilms tumor, Parkinson disease.",
     "No change in Wilson disease. Lyme disease serology negative. History of Turner syndrome.",
+    "Findings in Crohn disease are stable. Patient from the emergency department.",
     "Infarct in the MCA territory; the LAD and RCA are patent.",
     "Series 3, image 45. SUVmax 4.2; EF 55%. Cobb angle 24 degrees.",
     "Gleason 4+4=8; grade 2/4; BP 138/86 mmHg; 40-60 HU.",

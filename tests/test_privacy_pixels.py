@@ -77,6 +77,15 @@ def test_faces_in_packaged_photographs_and_none_in_medical_images():
     from skimage import data
 
     assert pixels.find_faces(_skimage("astronaut"))
+    # pydicom-data's DICOM face photograph (palette colour), rendered as the gate renders it
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from vlmtrain.privacy import dicom
+
+    ds = pydicom.dcmread(get_testdata_file("OT-PAL-8-face.dcm", download=False), force=True)
+    dicom._ensure_transfer_syntax(ds)
+    assert pixels.find_faces(np.asarray(Image.open(io.BytesIO(dicom.to_png(ds)[0])).convert("RGB")))
     for name in ("retina", "microaneurysms", "immunohistochemistry"):  # the sample set's kept photographs
         assert not pixels.find_faces(_skimage(name)), name
     # scikit-image's Labeled Faces in the Wild subset: 100 face crops, then 100 non-face crops (25 x 25 px)
@@ -84,7 +93,7 @@ def test_faces_in_packaged_photographs_and_none_in_medical_images():
     found = [bool(pixels.find_faces(np.stack([np.asarray(Image.fromarray((255 * x).astype(np.uint8))
                                                          .resize((100, 100)))] * 3, -1))) for x in lfw]
     faces, non_faces = sum(found[:100]), sum(found[100:])
-    assert faces >= 80 and non_faces <= 2, (faces, non_faces)
+    assert faces >= 85 and non_faces == 0, (faces, non_faces)  # measured 2026-11-30: 88 and 0
 
 
 def test_face_photograph_is_rejected_whatever_its_metadata_says(tmp_path):

@@ -28,7 +28,10 @@ Each record is checked in this order, and the first failing check is its one rej
    and verified (deid_failed) — `vlmtrain.privacy.dicom`; PNG/JPEG: decoded and re-encoded as PNG, which drops
    EXIF, text chunks and every other metadata block;
 8. the report's PHI is replaced by category tags, or the record is refused (phi_uncleanable) —
-   `vlmtrain.privacy.phi`, told the names and ids read from the DICOM header and the record.
+   `vlmtrain.privacy.phi`, told the names and ids read from the DICOM header and the record;
+9. the PNG to be written is scanned for faces (biometric_face; PNG/JPEG, DICOM photographs, secondary captures)
+   and OCR'd (burned_in_phi, or its PHI lines blacked out under `redact_burned_in`; ocr_unavailable when the
+   policy asks for OCR and Tesseract is missing) — `vlmtrain.privacy.pixels`.
 
 A kept record becomes a chat sample: user [image, policy.prompt], assistant [the cleaned report], with
 `meta.patient_group` = HMAC-SHA256(secret, patient id)[:16] (the record's patient_id, else the DICOM PatientID,
@@ -37,7 +40,8 @@ member `{key}.dcm.json` for audit. No source path is kept (file names can carry 
 
 The output folder holds the shards and manifest.json (vlmtrain.data.writer), rejects.jsonl (id, reason, detail
 naming the field — never a value from the record) and privacy_report.json (counts per reason, kept, rejected,
-input_records, PHI tags replaced, the policy hash, the libraries and versions that did the work).
+input_records, PHI tags replaced, pixel checks run/found and their seconds, the policy hash, the libraries and
+versions that did the work).
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ PATTERNS: tuple[Pattern, ...] = (
     # ---- addresses and places ----
     _p("ADDRESS", "address-street",
        rf"\b\d{{1,6}}[A-Za-z]?\s+{_DIRECTION}?(?:[A-Z][a-z]+\.?\s+){{0,3}}[A-Z][a-z]+\s+{_STREET}\b{_ABBR_DOT}"
-       rf"(?:,?\s*(?:Apt|Apartment|Suite|Ste|Unit|Flat|Room|Rm|#)\.?\s*[A-Za-z0-9-]+)?"
+       rf"(?:\.?,?\s*(?:Apt|Apartment|Suite|Ste|Unit|Flat|Room|Rm|#)\.?\s*[A-Za-z0-9-]+)?"
        rf"(?:(?:,|\s+in)\s*[A-Z][a-z]+(?:\s+[A-Z][a-z]+){{0,2}})?(?:,?\s+{_STATE}\b)?"
        rf"(?:\s+\d{{5}}(?:-\d{{4}})?\b)?"),
     # "Dayton, OH 45402", "Dayton OH", "Resides in Salem, MA": a ZIP, or a GeoNames city before the state code
@@ -240,12 +240,26 @@ def _ends_in_city(words: str) -> bool:
     return any(us_city_regex().fullmatch(" ".join(parts[-k:])) for k in range(1, min(3, len(parts)) + 1))
 
 
+# Cues after which a capitalised name is a place whether or not GeoNames knows it (invented or small towns).
+_STRONG_PLACE_CUE = re.compile(
+    r"\b(?:(?:resides|reside|residing|lives|living|lived|resident|staying|stays|home)\s+(?:in|at|of)|"
+    r"(?:facility|hospital|clinic|center|centre|nursing\s+home)\s+in|transferred\s+(?:in\s+)?from|"
+    r"(?:patient|pt\.?)\s+(?:is\s+)?from|native\s+of|moved\s+(?:here\s+)?(?:from|to)|born\s+in)[ \t]+(?=[A-Z])",
+    re.I)
+_PLACE_WORDS = re.compile(r"[A-Z][a-z]+(?:[ \t]+[A-Z][a-z]+){0,2}\b")
+
+
 def city_spans(text: str) -> list[tuple[int, int]]:
-    """A known US city name right after a place cue ("in", "from", "resides in" ...), unless a word like
-    "disease" follows ("in Wilson disease"). A city followed by a state code is found by address-city-state."""
+    """A known US city name right after a place cue ("in", "from" ...), or any capitalised name after a strong
+    one ("resides in", "transferred from", "facility in"), unless a word like "disease" follows ("in Wilson
+    disease"). A city followed by a state code is also found by address-city-state."""
     rx, out = us_city_regex(), []
     for cue in _CITY_CUE.finditer(text):
         m = rx.match(text, cue.end())
+        if m and not _NOT_A_PLACE_AFTER.match(text, m.end()):
+            out.append((m.start(), m.end()))
+    for cue in _STRONG_PLACE_CUE.finditer(text):
+        m = _PLACE_WORDS.match(text, cue.end())
         if m and not _NOT_A_PLACE_AFTER.match(text, m.end()):
             out.append((m.start(), m.end()))
     return out
