@@ -129,6 +129,12 @@ def test_drawn_text_with_phi_is_refused_at_every_size_and_contrast(tmp_path):
     assert {k: r["reason"] for k, r in rejects.items()} == {f"text-{i}": "burned_in_phi" for i in range(4)}
     assert set(kept) == {"clean-text"}  # text that is not PHI stays
     assert rep["pixel_checks"]["counts"]["ocr_scanned"] == 5
+    # the report lists every record's decision and reason, never the PHI itself
+    on_disk = (tmp_path / "out" / "privacy_report.json").read_text()
+    decisions = {d["id"]: d for d in __import__("json").loads(on_disk)["decisions"]}
+    assert decisions["text-0"] == {"id": "text-0", "decision": "rejected", "reason": "burned_in_phi"}
+    assert decisions["clean-text"]["decision"] == "kept" and len(decisions) == 5
+    assert not any(p in on_disk for p in ("Jane", "Roe", "48213907", "03/14/1931"))
 
 
 @SKIP_OCR

@@ -117,12 +117,22 @@ class GateShardWriter(ShardSetWriter):
         super().__init__(*args, **kwargs)
         self.phi_counts: Counter = Counter()
         self.kept_by_image_type: Counter = Counter()
+        # one line per input record: id, decision, reason (rejects) or PHI tag counts (kept) — never a value
+        self.decisions: list[dict] = []
 
     def _write(self, s: Sample, length: int) -> None:
         meta = s.record.get("meta", {})
         self.phi_counts.update(meta.get("phi_tags", {}))
         self.kept_by_image_type[meta.get("image_type", "unknown")] += 1
         super()._write(s, length)
+        d = {"id": s.record["id"], "decision": "kept", "phi_tags": meta.get("phi_tags", {})}
+        if meta.get("burned_in_redacted_words"):
+            d["burned_in_redacted_words"] = meta["burned_in_redacted_words"]
+        self.decisions.append(d)
+
+    def _reject(self, r: Reject) -> None:
+        super()._reject(r)
+        self.decisions.append({"id": r.id, "decision": "rejected", "reason": r.reason})
 
 
 # ---- the gate ------------------------------------------------------------------------------------------------
@@ -517,6 +527,7 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
                              "faces": "OpenCV Haar cascades frontalface_alt2 + frontalface_default"
                              if policy.reject_faces else "off by policy"},
             "reasons": {**REASONS, **{r: "see vlmtrain.data.schema.REASONS" for r in WRITER_REASONS}},
+            "decisions": w.decisions,
             "patient_group_secret": secret_source,
             "libraries": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
