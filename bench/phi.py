@@ -19,7 +19,7 @@ from collections import Counter
 from bench import common
 from bench.phi_corpus import STRUCTURED, TYPES, Record, make_corpus
 
-N_RECORDS, N_QUICK = 1200, 60
+N_RECORDS, N_QUICK = 1200, 30
 # "own": the corpus the detectors were revised against (their leaks were read); "faker": a held-out corpus with a
 # new seed whose phones, addresses, cities, SSNs, IPs, URLs, plates, VINs and people come from Faker's en_US
 # formats, which were not read while writing the detectors.
