@@ -248,3 +248,17 @@ def test_dpo_pair_logps_equal_each_sequence_scored_alone_by_transformers(root, f
                 keep = tgt != -100
                 expected.append(logits[keep].log_softmax(-1).gather(-1, tgt[keep][:, None]).sum())
     torch.testing.assert_close(logps, torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_processor_overrides_bound_qwen_image_tokens(root):
+    """`processor: {max_pixels: ...}` in the model config reaches the family's image processor."""
+    from native_fixtures import image
+    from vlmtrain.model import build_model
+
+    tokens = {}
+    for budget in (56 * 56, 112 * 112):
+        b = build_model(model_config(checkpoint(root, "qwen2_5_vl"), processor={"max_pixels": budget}))
+        grid = b.processor.image_processor([image(200, 120)], return_tensors="pt")["image_grid_thw"][0]
+        tokens[budget] = int(grid.prod()) // 4
+        assert int(grid.prod()) * 14 * 14 <= budget  # patches × patch area within the pixel budget
+    assert tokens[56 * 56] < tokens[112 * 112]
