@@ -16,9 +16,9 @@ def native_refusals(stage) -> list[str]:
         problems.append("data.mode: pack is not available for native families yet (use plain or group)")
     if d.anyres_pinpoints:
         problems.append("data.anyres_pinpoints: native families tile images with their own processor; remove it")
-    if tr.strategy not in ("auto", "single"):
+    if tr.strategy not in ("auto", "single", "ddp"):
         problems.append(f"trainer.strategy: {tr.strategy} is not available for native families yet "
-                        "(single process)")
+                        "(single or ddp)")
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
     if stage.privacy is not None:

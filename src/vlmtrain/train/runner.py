@@ -234,7 +234,7 @@ def _fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | 
 
         logger = WandbLogger(project=tr.wandb_project, name=f"{run_dir.parent.name}/{stage.name}",
                              save_dir=str(run_dir), offline=not tr.wandb_online)
-    strategy, devices, nodes = make_strategy(stage)
+    strategy, devices, nodes = make_strategy(stage, native=bundle.native)
     trainer = pl.Trainer(
         max_steps=tr.max_steps, max_epochs=-1, accelerator="auto", devices=devices, num_nodes=nodes,
         strategy=strategy, precision=tr.precision, logger=logger,

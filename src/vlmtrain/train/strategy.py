@@ -55,8 +55,9 @@ def deepspeed_config(stage) -> dict:
     return cfg
 
 
-def make_strategy(stage):
-    """Lightning strategy object (or name) and the devices / nodes for the Trainer."""
+def make_strategy(stage, native: bool = False):
+    """Lightning strategy object (or name) and the devices / nodes for the Trainer. `native`: a native
+    transformers VLM, whose text-only batches skip the tower and connector (no dummy image is run through them)."""
     name = stage.trainer.strategy
     world, local, nodes = topology()
     if name in ("auto", "single"):
@@ -67,7 +68,9 @@ def make_strategy(stage):
         from lightning.pytorch.strategies import DDPStrategy
 
         # A trainable vision tower leaves CLIP's post_layernorm (and the last layer with feature_layer=-2) unused.
-        return DDPStrategy(find_unused_parameters=stage.train.vision), local, nodes
+        # A native family's text-only batch on one rank leaves its connector unused there; DDP then marks those
+        # gradients ready (zero) instead of waiting for them.
+        return DDPStrategy(find_unused_parameters=bool(stage.train.vision) or native), local, nodes
     if name == "fsdp":
         return _fsdp2_strategy(world), local, nodes
     if name in DEEPSPEED_PRESETS:
