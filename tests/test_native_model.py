@@ -219,8 +219,8 @@ def test_dpo_pair_logps_equal_each_sequence_scored_alone_by_transformers(root, f
 
     from vlmtrain.data.batching import collate_preference
     from vlmtrain.data.inspect import encoder_for
-    from vlmtrain.train.module import VLMModule, model_extras
     from native_fixtures import IMG, assistant, image, user
+    from vlmtrain.train.module import VLMModule
 
     bundle = _bundle(root, family)
     enc = encoder_for(bundle)

@@ -4,10 +4,7 @@ exports to the family's transformers folder, and transformers' own classes gener
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -183,33 +180,8 @@ NATIVE_RESUME = {
 
 @pytest.mark.slow
 def test_native_sigkill_then_resume_is_bit_identical(tmp_path):
-    from safetensors.torch import load_file
+    from kill_resume import kill_then_resume_matches
 
     cfg = tmp_path / "stage.yaml"
     cfg.write_text(yaml.safe_dump({**NATIVE_RESUME, "model": str(_model_yaml(tmp_path, "qwen2_5_vl"))}))
-    data = ["--data-root", str(tmp_path / "data")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ref = subprocess.run([*VLMTRAIN, "fit", "--config", str(cfg), "--out", str(tmp_path / "ref"), *data],
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = subprocess.Popen([*VLMTRAIN, "fit", "--config", str(cfg), "--out", str(tmp_path / "killed"), *data],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    ids = tmp_path / "killed" / "sample_ids.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill after a few checkpoints, well before the end (24 steps)
-        if ids.is_file() and len(ids.read_text().splitlines()) >= 8:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "killed" / "summary.json").exists()
-    ck = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert 0 < ck["global_step"] < 24
-    res = subprocess.run([*VLMTRAIN, "fit", "--config", str(cfg), "--out", str(tmp_path / "killed"), "--resume",
-                          *data], capture_output=True, text=True, timeout=900, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    a = load_file(tmp_path / "ref" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    seq = lambda p: [json.loads(ln) for ln in (p / "sample_ids.jsonl").read_text().splitlines()]  # noqa: E731
-    assert seq(tmp_path / "ref") == seq(tmp_path / "killed")
+    kill_then_resume_matches(tmp_path, cfg, steps=24, kill_after=8)

@@ -132,9 +132,9 @@ def export_peft(bundle, out: str | Path, base_connector=None) -> Path:
     `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(out/base), out/adapter)` reproduces the
     trained model. A trained connector travels as PEFT `modules_to_save` (as LLaVA does for its projector);
     `base_connector` is the connector before training (the base folder gets it)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model
 
-    from vlmtrain.model.lora import adapter_state_dict, lora_layers
+    from vlmtrain.model.lora import adapter_state_dict, lora_layers, save_peft_adapter
 
     m = bundle.model
     layers = [n for n, _ in lora_layers(m)]
@@ -161,12 +161,7 @@ def export_peft(bundle, out: str | Path, base_connector=None) -> Path:
     if base_connector is not None:
         state.update({f"model.multi_modal_projector.{k}": v
                       for k, v in _projector_state(bundle, trained_connector).items()})
-    # keys are addressed from the PeftModel wrapper, as PEFT saves them
-    result = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in state.items()})
-    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
-    if missing:
-        raise VlmtrainError(f"export --format peft: adapter tensors not placed: {missing[:3]}")
-    peft_model.save_pretrained(out / "adapter")
+    save_peft_adapter(peft_model, state, out / "adapter")
     return out
 
 

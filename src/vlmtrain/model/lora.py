@@ -110,3 +110,17 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     bad = [k for k in result.unexpected_keys if "lora_" in k]
     if bad:
         raise ValueError(f"adapter tensors do not fit this model: {bad[:3]}")
+
+
+def save_peft_adapter(peft_model, state: dict[str, torch.Tensor], out) -> None:
+    """Place `state` (transformers names of the wrapped model) into a PeftModel and save it to `out`; every adapter
+    and modules_to_save tensor must land (PEFT addresses keys from its wrapper)."""
+    from peft import set_peft_model_state_dict
+
+    from vlmtrain.errors import VlmtrainError
+
+    result = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in state.items()})
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if missing:
+        raise VlmtrainError(f"export --format peft: adapter tensors not placed: {missing[:3]}")
+    peft_model.save_pretrained(out)

@@ -36,10 +36,10 @@ def _base_state(m, base_connector) -> dict:
 
 
 def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from vlmtrain.model.lora import adapter_state_dict, lora_layers
+    from vlmtrain.model.lora import adapter_state_dict, lora_layers, save_peft_adapter
     from vlmtrain.model.native.build import save_native_hf
 
     m = bundle.model
@@ -75,11 +75,7 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
         for k, v in m.connector.state_dict().items():
             head, _, rest = k.partition(".")
             state[f"{m.family.roles['connector'][head]}.{rest}"] = v.detach().cpu().clone()
-    result = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in state.items()})
-    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
-    if missing:
-        raise VlmtrainError(f"export --format peft: adapter tensors not placed: {missing[:3]}")
-    peft_model.save_pretrained(out / "adapter")
+    save_peft_adapter(peft_model, state, out / "adapter")
     return out
 
 
