@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlmtrain.config.model import AnyModelConfig, ModelConfig
+from vlmtrain.config.model import AnyModelConfig
 
 
 class _Strict(BaseModel):
