@@ -52,6 +52,8 @@ def flower_env(flwr_home: Path) -> dict:
     env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # the SuperLink/SuperNode start `flower-superexec` / `flwr-serverapp` / `flwr-clientapp` by name
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -153,6 +155,16 @@ class Loopback:
                 return status
             time.sleep(2)
         raise VlmtrainError(f"federation run {run_id} not finished after {timeout:.0f}s (status {status})")
+
+    def save_run_log(self, run_id: int) -> Path:
+        """The ServerApp's log as the SuperLink kept it (`flwr log --show`), to logs/serverapp-RUN.log."""
+        path = self.root / "logs" / f"serverapp-{run_id}.log"
+        try:
+            r = self.flwr("log", str(run_id), "loopback", "--show", timeout=60)
+            path.write_text(r.stdout + r.stderr)
+        except subprocess.TimeoutExpired:
+            path.write_text("flwr log timed out")
+        return path
 
     def stop(self, name: str | None = None) -> None:
         for n in ([name] if name else list(self.procs)):

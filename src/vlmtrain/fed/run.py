@@ -27,6 +27,9 @@ from vlmtrain.fed.config import FederatedConfig
 log = logging.getLogger("vlmtrain.fed")
 
 
+SITE_SHARDS = "(the site's own gated shards)"
+
+
 def load_federated(recipe: str | Path, out: str | Path, overrides: list[str] | None = None):
     """→ (FederatedConfig, stages before the federated stage, the federated stage), all validated up front."""
     from vlmtrain.config.load import load_yaml_with_overrides, validate
@@ -134,7 +137,8 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
     if not initial.is_file():
         np.savez(initial, **trainable_arrays(site_model(base_model, stage).model))
     stage_dict = stage.model_dump(mode="json")
-    stage_dict["data"]["train"] = []  # each site trains on its own shards; the union never exists in one place
+    # each site trains on its own shards (it puts their path here); the union never exists in one place
+    stage_dict["data"]["train"] = [{"path": SITE_SHARDS}]
     stage_dict["init_from"] = None
     plan = {"run": run_id(Path(recipe).stem, out), "rounds": fed.rounds, "local_steps": fed.local_steps,
             "stage": stage_dict, "seed": fed.seed, "epsilon_budget": fed.epsilon_budget, "min_sites": fed.quorum,
@@ -168,6 +172,7 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
         run = net.submit(write_app(out / "deploy" / "app"), plan_path)
         log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}")
         status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)
+        net.save_run_log(run)
     finally:
         net.stop()
     if not (coord / "summary.json").is_file():
@@ -192,7 +197,7 @@ def evaluate_released(plan: dict, arrays_path: Path, data_root: Path) -> dict:
     from vlmtrain.data.builtin import prepare_builtin
     from vlmtrain.fed.arrays import load_trainable
 
-    stage = validate(StageConfig, plan["stage"], prefix="stage")
+    stage = validate(StageConfig, plan["stage"], prefix="stage")  # data.train is not read here
     holdout = prepare_builtin("medical-cohort-holdout", data_root)
     bundle = site_model(Path(plan["base_model"]), stage)
     before = heldout_loss(bundle, holdout)

@@ -76,7 +76,9 @@ class Site:
 
         gate_sha = check_gate_report(self.shards)
         key = dataset_key(self.shards)
-        stage = validate(StageConfig, req.stage, prefix="stage")
+        stage_dict = dict(req.stage)
+        stage_dict["data"] = {**stage_dict["data"], "train": [{"path": str(self.shards)}]}  # this site's own data
+        stage = validate(StageConfig, stage_dict, prefix="stage")
         if stage.privacy is None:
             raise VlmtrainError("stage.privacy: a federated site trains only under DP-SGD")
         digest = arrays_digest(global_arrays)
