@@ -124,3 +124,78 @@ def test_bad_federated_recipe_exits_2_naming_the_field(tmp_path, override, messa
                         override], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "medical-federated.yaml" in r.stderr
+
+
+class FakeGrid:
+    """Flower's Grid surface the coordinator uses (get_node_ids, send_and_receive), answered in-process: node k
+    replies global + k (its site's `num-examples` = 10·k); nodes in `dead` never reply (a killed SuperNode)."""
+
+    def __init__(self, nodes=(1, 2, 3), dead=()):
+        self.nodes, self.dead, self.sent = list(nodes), set(dead), []
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if n not in self.dead]
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+        from vlmtrain.fed.arrays import from_record, to_record
+
+        replies = []
+        for m in messages:
+            self.sent.append(m.metadata.dst_node_id)
+            k = m.metadata.dst_node_id
+            if k in self.dead:
+                continue
+            arrays = {n: a + k for n, a in from_record(m.content["arrays"]).items()}
+            metrics = {"num-examples": 10.0 * k, "epsilon": 0.1 * k, "delta": 1e-5, "noise_multiplier": 1.0,
+                       "sample_rate": 0.1, "steps": 2.0, "train_loss": 1.0}
+            replies.append(Message(RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
+                                               "site": ConfigRecord({"site": f"s{k}", "gate_report_sha256": "0" * 64})}),
+                                   reply_to=m))
+        return replies
+
+
+def _plan(tmp_path, **kw):
+    plan = {"run": "r", "rounds": 3, "local_steps": 2, "stage": {"privacy": {"unit": "patient"}}, "seed": 0,
+            "epsilon_budget": 8.0, "min_sites": 2, "round_timeout_s": 1.0, "coordinator_dir": str(tmp_path / "c")}
+    plan.update(kw)
+    return plan
+
+
+@pytest.fixture
+def identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def test_coordinator_aggregates_the_sites_that_replied_and_skips_below_quorum(tmp_path, identity):
+    from vlmtrain.fed.coordinator import run_rounds
+
+    init = {"w": np.zeros((2, 2), np.float32)}
+    state = run_rounds(FakeGrid(dead={3}), _plan(tmp_path, rounds=1), init)  # node 3 killed: 2 of 3 reply
+    (h,) = state["history"]
+    assert h["aggregated"] and [r["site"] for r in h["replies"]] == ["s1", "s2"]
+    np.testing.assert_allclose(state["arrays"]["w"], (10 * 1 + 20 * 2) / 30, atol=1e-6)  # weighted by 10·k
+    grid = FakeGrid(dead={2, 3})  # below quorum 2: sampling waits its deadline, the round is skipped
+    state = run_rounds(grid, _plan(tmp_path / "b", rounds=1), init)
+    assert not state["history"][0]["aggregated"] and grid.sent == []
+    np.testing.assert_array_equal(state["arrays"]["w"], init["w"])
+
+
+def test_coordinator_stopped_after_a_checkpoint_resumes_to_the_same_result(tmp_path, identity):
+    from vlmtrain.fed.coordinator import federation_summary, run_rounds
+
+    init = {"w": np.arange(4, dtype=np.float32).reshape(2, 2)}
+    whole = run_rounds(FakeGrid(), _plan(tmp_path / "a"), init)
+    first = run_rounds(FakeGrid(), _plan(tmp_path / "b", stop_after_round=1), init)
+    assert first["stopped"] and first["round"] == 1
+    grid = FakeGrid()
+    rest = run_rounds(grid, _plan(tmp_path / "b"), init)  # a new process: only the checkpoint on disk
+    assert len(grid.sent) == 2 * 3 and rest["round"] == 3 and len(rest["history"]) == 3
+    np.testing.assert_array_equal(rest["arrays"]["w"], whole["arrays"]["w"])
+    a, b = federation_summary(_plan(tmp_path), whole), federation_summary(_plan(tmp_path), rest)
+    assert a["privacy"] == b["privacy"] and a["federated"]["bytes_up_per_round"] == b["federated"]["bytes_up_per_round"]
+    with pytest.raises(Exception, match="another federation plan"):
+        run_rounds(FakeGrid(), _plan(tmp_path / "b", local_steps=5), init)

@@ -20,7 +20,7 @@ pytest.importorskip("flwr")
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "recipes" / "medical-federated.yaml"
 ROUNDS, LOCAL = 2, 6
-FAST = [f"federated.rounds={ROUNDS}", f"federated.local_steps={LOCAL}", "public.trainer.max_steps=150"]
+FAST = [f"federated.rounds={ROUNDS}", f"federated.local_steps={LOCAL}", "public.trainer.max_steps=30"]
 pytestmark = pytest.mark.slow
 
 
@@ -164,3 +164,56 @@ def test_privacy_report_verb_reads_the_site_ledger(fed_run):
     assert r.returncode == 0, r.stderr
     (rep,) = json.loads(r.stdout).values()
     assert abs(rep["epsilon"] - s["privacy"]["sites"][site]["epsilon"]) <= 1e-9 and rep["steps"] == ROUNDS * LOCAL
+
+
+def test_federated_heldout_loss_within_97_percent_of_centralised_on_the_union(fed_run):
+    """The centralised baseline: the same recipe's dp-sft stage run by `vlmtrain run` on the union of the sites'
+    patients (`medical-cohort`), from the same public model, for the same number of optimizer steps as the
+    federation's global model took (rounds × local steps). Held-out loss on `medical-cohort-holdout`, same
+    function for both; goal: central_loss / federated_loss ≥ 0.97."""
+    import shutil
+
+    from vlmtrain.fed.run import heldout_loss
+    from vlmtrain.model.io import load_any
+
+    out, _, s = fed_run
+    central = out.parent / "central"
+    central.mkdir()
+    shutil.copytree(out / "public", central / "public")  # the same base model: the public stage is skipped
+    r = vlmtrain("run", RECIPE, "--out", central, "--resume", *[o for o in FAST if not o.startswith("federated.")],
+                 f"dp-sft.trainer.max_steps={ROUNDS * LOCAL}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    central_loss = heldout_loss(load_any(central / "dp-sft" / "model"), out / "data" / "medical-cohort-holdout")
+    fed_loss = s["eval"]["heldout_loss"]
+    print(f"held-out loss: federated {fed_loss:.4f}, centralised {central_loss:.4f}, "
+          f"ratio {central_loss / fed_loss:.4f}")
+    assert central_loss / fed_loss >= 0.97
+
+
+def test_coordinator_stopped_and_resumed_ends_with_the_same_weights_and_epsilon(fed_run):
+    """A copy of the federation's inputs (base model, site shards; fresh ledgers): the coordinator stops right after
+    round 1's checkpoint, `--resume` runs round 2; final arrays and every site's ε equal the uninterrupted run's."""
+    import shutil
+
+    out, _, s = fed_run
+    again = out.parent / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("deploy", "checkpoint", "final.npz", "summary.json",
+                                                              "privacy_ledger.json", "replies"))
+    code = ("import sys, json; from vlmtrain.fed.run import run_loopback; "
+            "s = run_loopback(sys.argv[1], sys.argv[2], sys.argv[3:], resume=True, evaluate=False, "
+            "plan_extra={'stop_after_round': 1}); print(json.dumps(s['status']))")
+    r = subprocess.run([sys.executable, "-c", code, str(RECIPE), str(again), *FAST], capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith('"stopped"'), r.stdout[-2000:] + r.stderr[-3000:]
+    assert json.loads((again / "coordinator" / "checkpoint" / "state.json").read_text())["round"] == 1
+    r = vlmtrain("fed", "run", RECIPE, "--out", again, "--resume", *FAST)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    resumed = json.loads((again / "summary.json").read_text())
+    for site, v in s["privacy"]["sites"].items():
+        assert abs(resumed["privacy"]["sites"][site]["epsilon"] - v["epsilon"]) <= 1e-9
+        ledger = json.loads((again / "sites" / site / "privacy_ledger.json").read_text())
+        (entries,) = [d["entries"] for d in ledger["datasets"].values()]
+        assert [e["round"] for e in entries] == [1, 2]  # round 1 was not trained (or charged) twice
+    with np.load(out / "coordinator" / "final.npz") as a, np.load(again / "coordinator" / "final.npz") as b:
+        for k in a.files:
+            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-7)
