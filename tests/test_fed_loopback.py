@@ -46,6 +46,7 @@ def test_summary_contract(fed_run):
     assert f["rounds"] == ROUNDS == f["rounds_aggregated"]
     assert sorted(f["sites"]) == sorted(["hospital-radiology", "hospital-general", "hospital-eye-path"])
     assert f["secure_aggregation"] is False and len(f["bytes_up_per_round"]) == ROUNDS
+    assert f["transport"] == {"tls": True, "supernode_auth": True, "host": "127.0.0.1"}
     assert set(p["sites"]) == set(f["sites"]) and p["epsilon"] == max(v["epsilon"] for v in p["sites"].values())
     assert p["delta"] == 1e-5
 
@@ -217,3 +218,30 @@ def test_coordinator_stopped_and_resumed_ends_with_the_same_weights_and_epsilon(
     with np.load(out / "coordinator" / "final.npz") as a, np.load(again / "coordinator" / "final.npz") as b:
         for k in a.files:
             np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-7)
+
+
+def test_unregistered_site_is_refused_by_the_tls_superlink(tmp_path):
+    """A SuperLink with TLS and SuperNode authentication: the site whose public key was registered
+    (`flwr supernode register`) comes online; a site with an unregistered key is refused and never listed."""
+    import time
+
+    from vlmtrain.fed.deploy import Loopback
+
+    net = Loopback(tmp_path / "net")
+    try:
+        net.start_superlink()
+        net.start_site("registered", tmp_path, tmp_path)
+        net.start_site("rogue", tmp_path, tmp_path, register=False, max_retries=2)
+        t_end, nodes = time.time() + 180, []
+        while time.time() < t_end:
+            nodes = net.nodes()
+            if any(n["status"] == "online" for n in nodes) and net.procs["site-rogue"].poll() is not None:
+                break
+            time.sleep(2)
+        assert [n["status"] for n in nodes] == ["online"]  # only the registered key's node exists
+        assert net.procs["site-rogue"].returncode != 0
+        log = (tmp_path / "net" / "logs" / "site-rogue.log").read_text()
+        assert "Failed to activate SuperNode" in log
+        assert "BEGIN CERTIFICATE" in net.tls["ca"].read_text()
+    finally:
+        net.stop()

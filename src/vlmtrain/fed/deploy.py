@@ -84,6 +84,7 @@ class Loopback:
 
     root: Path
     port: int = 0
+    secure: bool = True  # TLS (a CA and server certificate made here) + SuperNode authentication (registered keys)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -103,18 +104,57 @@ class Loopback:
         return p
 
     def start_superlink(self) -> None:
-        self._start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-                                  str(self.port), "--database", str(self.root / "superlink.db")])
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n")
+        (self.root / "superlink.db").unlink(missing_ok=True)  # a fresh SuperLink; the coordinator keeps the state
+        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--database", str(self.root / "superlink.db")]
+        conn = f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
+        if self.secure:
+            from vlmtrain.fed.certs import make_tls
+
+            self.tls = make_tls(self.root / "certs")
+            cmd += ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
+                    "--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth"]
+            conn += f'root-certificates = "{self.tls["ca"]}"\n'
+        else:
+            cmd += ["--insecure"]
+            conn += "insecure = true\n"
+        self._start("superlink", cmd)
+        (self.home / "config.toml").write_text(conn)
         self._wait_port(self.port, "superlink")
 
-    def start_site(self, name: str, site_dir: Path, base_model: Path) -> None:
+    def site_key(self, name: str, register: bool = True) -> Path:
+        """A key pair for the site; its public key registered at the SuperLink (`flwr supernode register`)."""
+        from vlmtrain.fed.certs import make_site_key
+
+        keys = make_site_key(self.root / "site-keys", name)
+        if register:
+            r = self.flwr("supernode", "register", str(keys["public"]), "loopback", "--name", name,
+                          "--format", "json")
+            if r.returncode != 0 or '"success": true' not in r.stdout:
+                raise VlmtrainError(f"flwr supernode register {name} failed: {r.stdout[-1000:]} {r.stderr[-1000:]}")
+        return keys["private"]
+
+    def start_site(self, name: str, site_dir: Path, base_model: Path, register: bool = True,
+                   max_retries: int | None = None) -> None:
         node_config = f'site-dir="{site_dir}" base-model="{base_model}" site-name="{name}"'
-        self._start(f"site-{name}", [_bin("flower-supernode"), "--insecure", "--superlink",
-                                     f"127.0.0.1:{self.port}", "--host", "127.0.0.1", "--port", str(free_port()),
-                                     "--node-config", node_config])
+        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+               "--port", str(free_port()), "--node-config", node_config]
+        if self.secure:
+            cmd += ["--root-certificates", str(self.tls["ca"]),
+                    "--auth-supernode-private-key", str(self.site_key(name, register))]
+        else:
+            cmd += ["--insecure"]
+        if max_retries is not None:
+            cmd += ["--max-retries", str(max_retries)]
+        self._start(f"site-{name}", cmd)
+
+    def nodes(self) -> list[dict]:
+        """The SuperLink's registered SuperNodes (`flwr supernode ls`)."""
+        r = self.flwr("supernode", "ls", "loopback", "--format", "json")
+        try:
+            return json.loads(r.stdout)["nodes"]
+        except (ValueError, KeyError):
+            raise VlmtrainError(f"flwr supernode ls failed: {r.stdout[-1000:]} {r.stderr[-1000:]}") from None
 
     def _wait_port(self, port: int, name: str, timeout: float = 60) -> None:
         t_end = time.time() + timeout

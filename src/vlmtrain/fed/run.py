@@ -180,6 +180,7 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
                             f"{out / 'deploy' / 'logs'}")
     summary = json.loads((coord / "summary.json").read_text())
     summary["flower"] = {"run_id": run, "status": status}
+    summary["federated"]["transport"] = {"tls": net.secure, "supernode_auth": net.secure, "host": "127.0.0.1"}
     if evaluate and summary["status"] == "completed":
         summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
     summary["wall_seconds"] = time.time() - t0
