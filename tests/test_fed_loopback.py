@@ -165,6 +165,8 @@ def test_privacy_report_verb_reads_the_site_ledger(fed_run):
     assert r.returncode == 0, r.stderr
     (rep,) = json.loads(r.stdout).values()
     assert abs(rep["epsilon"] - s["privacy"]["sites"][site]["epsilon"]) <= 1e-9 and rep["steps"] == ROUNDS * LOCAL
+    r = vlmtrain("fed", "status", out)
+    assert r.returncode == 0 and r.stdout.count("aggregated=True") == ROUNDS, r.stdout + r.stderr
 
 
 def test_federated_heldout_loss_within_97_percent_of_centralised_on_the_union(fed_run):

@@ -99,8 +99,8 @@ class Site:
         tmp = path.with_name(path.stem + ".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(path)  # the kept reply first: a ledger entry always has its reply on disk
+        # the ledger's ε after this round (== eps_after of the check, over the same history)
         metrics["epsilon"] = self.ledger.charge(key, entry, stage.privacy.delta, stage.privacy.accountant)
-        entry["metrics"]["epsilon"] = metrics["epsilon"]
         return arrays, metrics, {"gate_report_sha256": gate_sha}
 
     def _train(self, stage, req: RoundRequest, global_arrays, key: str):
@@ -131,7 +131,7 @@ class Site:
         plan = make_plan(cfg, len(ds), ds.records, stage.data.batch_size, req.total_steps)
         planned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                    "steps": req.local_steps}
-        self.ledger.check(key, planned, cfg.delta, req.epsilon_budget, cfg.accountant)
+        eps_after = self.ledger.check(key, planned, cfg.delta, req.epsilon_budget, cfg.accountant)
         loader, _ = poisson_loader(ds, plan, bundle.tokenizer.pad_token_id, 0, seed)
         model = bundle.model
         model.train()
@@ -164,7 +164,7 @@ class Site:
         metrics = {"num-examples": float(plan.units), "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "delta": float(cfg.delta), "noise_multiplier": float(plan.noise_multiplier),
                    "sample_rate": float(plan.sample_rate), "steps": float(req.local_steps),
-                   "round": float(req.round), "batches_empty": float(empty)}
+                   "round": float(req.round), "batches_empty": float(empty), "epsilon": eps_after}
         log.info(f"site {self.name}: round {req.round}: {req.local_steps} DP steps on {plan.units} {plan.unit}s, "
                  f"σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, loss {metrics['train_loss']:.4f}")
         return arrays, metrics, dict(planned)
