@@ -90,7 +90,6 @@ def test_sites_are_patient_disjoint_and_skewed_by_modality():
 
     from vlmtrain.fed.sites import assign_patients
 
-    rng = np.random.default_rng(1)
     samples = [SimpleNamespace(record={"id": f"r{i}", "meta": {"patient_group": f"p{i // 2}",
                                                                  "modality": ["CT", "OP"][(i // 2) % 2]}})
                for i in range(400)]
@@ -100,7 +99,6 @@ def test_sites_are_patient_disjoint_and_skewed_by_modality():
     assert not groups["a"] & groups["b"] and sum(len(v) for v in split.values()) == 400
     frac_ct = {s: np.mean([x.record["meta"]["modality"] == "CT" for x in v]) for s, v in split.items()}
     assert frac_ct["a"] > 0.8 and frac_ct["b"] < 0.2
-    del rng
 
 
 def test_gate_report_required(tmp_path):

@@ -87,7 +87,7 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
     import torch
 
     from vlmtrain.data.inspect import encoder_for
-    from vlmtrain.data.loader import parse_sample
+    from vlmtrain.data.loader import image_members, parse_sample
     from vlmtrain.data.shards import Source, iter_shard
     from vlmtrain.privacy.audit import _encoded, _losses
 
@@ -97,8 +97,6 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
         for raw in iter_shard(url):
             if "__error__" not in raw and len(items) < max_records:
                 rec, _ = parse_sample(raw)
-                from vlmtrain.data.loader import image_members
-
                 items.append((rec, [(k, raw[k]) for k in image_members(raw)]))
     bundle.model.eval()
     with torch.no_grad():
@@ -111,7 +109,6 @@ def run_id(recipe_name: str, out: Path) -> str:
 
 def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
     """Central stages, site data, initial arrays and the coordinator's plan (each step once; reused on resume)."""
-    from vlmtrain.data.builtin import prepare_builtin
     from vlmtrain.fed.arrays import trainable_arrays
     from vlmtrain.fed.sites import prepare_sites
     from vlmtrain.train.runner import fit_stage

@@ -14,7 +14,6 @@ result twice costs no privacy, and training again would charge again.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -183,6 +182,3 @@ def site_report(site_dir: str | Path) -> dict:
                     "runs": sorted({e["run"] for e in ds["entries"]})}
     return out
 
-
-def dumps_stage(stage) -> str:
-    return json.dumps(stage.model_dump(mode="json"))
