@@ -4,6 +4,7 @@ weighted mean, the site split, the recipe's validation. The loopback deployment 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,16 +113,25 @@ def test_gate_report_required(tmp_path):
         check_gate_report(tmp_path)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("federated.min_sites=5", "federated.min_sites"),
-    ("federated.stage=public", "federated.stage"),
-    ("federated.rounds=0", "federated.rounds"),
-])
-def test_bad_federated_recipe_exits_2_naming_the_field(tmp_path, override, message):
+def test_bad_federated_recipe_exits_2_naming_the_field(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vlmtrain", "fed", "run", str(RECIPE), "--out", str(tmp_path / "o"),
-                        override], capture_output=True, text=True, timeout=120)
+                        "federated.min_sites=5"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "medical-federated.yaml" in r.stderr
+    assert "federated.min_sites: " in r.stderr and "medical-federated.yaml" in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("federated.stage=public", "federated.stage: 'public' must be the last stage"),
+    ("federated.rounds=0", "federated.rounds: "),
+    ("federated.sites.x={CT: -1}", "federated.sites: "),
+    ("dp-sft.privacy=null", "privacy: the federated stage trains under DP-SGD"),
+])
+def test_federated_recipe_validation(tmp_path, override, message):
+    from vlmtrain.errors import ConfigError
+    from vlmtrain.fed.run import load_federated
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_federated(RECIPE, tmp_path, [override])
 
 
 class FakeGrid:
