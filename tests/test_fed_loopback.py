@@ -200,8 +200,9 @@ def test_coordinator_stopped_and_resumed_ends_with_the_same_weights_and_epsilon(
 
     out, _, s = fed_run
     again = out.parent / "again"
-    shutil.copytree(out, again, ignore=shutil.ignore_patterns("deploy", "checkpoint", "final.npz", "summary.json",
-                                                              "privacy_ledger.json", "replies"))
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("deploy", "privacy_ledger.json", "replies"))
+    for done in ("summary.json", "coordinator/summary.json", "coordinator/final.npz", "coordinator/checkpoint"):
+        shutil.rmtree(again / done) if (again / done).is_dir() else (again / done).unlink()
     code = ("import sys, json; from vlmtrain.fed.run import run_loopback; "
             "s = run_loopback(sys.argv[1], sys.argv[2], sys.argv[3:], resume=True, evaluate=False, "
             "plan_extra={'stop_after_round': 1}); print(json.dumps(s['status']))")
