@@ -1,4 +1,5 @@
-"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan} [--quick]`: results in bench/results/, write-up in docs/benchmarks.md."""
+"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan,chaos,phi,prep_medical} [--quick]`: results in bench/results/,
+write-up in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from bench import sft as sft_bench
 BENCHES = {"data": data_bench, "sft": sft_bench, "dpo": dpo_bench, "anatomy": anatomy_bench, "dp": dp_bench,
            "align": align_bench}
 BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner vs measured peaks
+BENCHES["chaos"] = __import__("bench.chaos", fromlist=["run"])  # kill/resume at random moments: nothing lost
+BENCHES["phi"] = __import__("bench.phi", fromlist=["run"])  # report PHI recall: vlmtrain vs PII libraries
+BENCHES["prep_medical"] = __import__("bench.prep_medical", fromlist=["run"])  # the gate on 1,000 records
 
 
 def main(argv=None) -> int:

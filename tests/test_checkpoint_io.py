@@ -2,6 +2,10 @@
 replaces a checkpoint (file or directory) without ever leaving none. The multi-process 2 → 1 → 2 resumes are in
 tests/test_distributed.py."""
 
+import errno
+import os
+
+import pytest
 import torch
 from torch import nn
 
@@ -89,3 +93,61 @@ def test_by_name_and_by_index_are_inverse_on_torchs_own_state_dict():
     assert [g["params"] for g in by_name["param_groups"]] == [["2.weight"], ["0.bias", "2.bias"]]
     back = optimizer_state_by_index(by_name)
     assert back["param_groups"] == want["param_groups"] and back["state"].keys() == want["state"].keys()
+
+
+def _write(io, path, value: float) -> None:
+    io.save_checkpoint({"state_dict": {"w": torch.full((64,), value)}, "global_step": int(value)}, path)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_so_once(tmp_path, monkeypatch, err):
+    from vlmtrain.train.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+
+    io, last = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    _write(io, last, 1.0)
+    before = last.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **kw):  # half a checkpoint reaches the disk, then the device gives up
+        f.write(b"PK\x03\x04 partial")
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(CheckpointWriteError) as e:
+        _write(io, last, 2.0)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert str(e.value) == f"{last}: writing the checkpoint failed ({os.strerror(err)}); the previous checkpoint " \
+                           f"{last} is intact"
+    assert last.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.ckpt", "last.ckpt.sha256"]
+    assert torch.load(resolve_last(last), weights_only=False)["global_step"] == 1
+
+
+def test_checksums_catch_a_truncated_or_corrupted_checkpoint_and_the_previous_one_is_used(tmp_path):
+    import hashlib
+
+    from vlmtrain.errors import VlmtrainError
+    from vlmtrain.train.checkpoint_io import AtomicCheckpointIO
+
+    io, last = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    _write(io, last, 1.0)
+    _write(io, last, 2.0)
+    prev = tmp_path / "last.ckpt.prev"
+    for p in (last, prev):  # the recorded digest is the file's own (hashlib, independently)
+        side = p.with_name(p.name + ".sha256").read_text().split()[0]
+        assert side == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert resolve_last(last) == last
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # half-copied
+    assert resolve_last(last) == prev
+    assert torch.load(prev, weights_only=False)["global_step"] == 1
+    last.write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])  # one flipped bit
+    assert resolve_last(last) == prev
+    with pytest.raises(VlmtrainError, match="sha256 differs"):
+        io.load_checkpoint(last)
+    prev.write_bytes(b"")
+    with pytest.raises(VlmtrainError) as e:
+        resolve_last(last)
+    assert f"{last}: sha256 differs" in str(e.value) and f"{prev}: sha256 differs" in str(e.value)
+    last.write_bytes(data)  # restored: intact again
+    assert torch.load(resolve_last(last), weights_only=False)["global_step"] == 2

@@ -4,11 +4,13 @@ sample order independent of world size, and the loss is normalised by the global
 per-step losses and final weights must agree (≤1e-5)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, TINY, VLMTRAIN
@@ -24,11 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, *args, nnodes: int = 1, timeout: int = 300):
+def torchrun(n: int, *args, nnodes: int = 1, timeout: int = 300, env=None):
     for attempt in range(3):  # a freshly freed port can be grabbed by another process before torchrun binds it
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
                f"--master_port={free_port()}", "-m", "vlmtrain", *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode == 0 or "address already in use" not in r.stderr.lower():
             return r
     return r
@@ -212,3 +214,20 @@ def test_recipe_under_torchrun_with_fsdp_writes_the_same_layout(tmp_path):
         assert s["steps"] == 2 and "eval" in s
     st = {n: json.loads((out / n / "stage.json").read_text())["weights_sha256"] for n in ("align", "sft")}
     assert st["sft"]["start"]["connector"] == st["align"]["end"]["connector"]  # handoff survives FSDP gathering
+
+
+def test_preemption_of_one_rank_stops_both_at_the_same_step_and_resumes(data, reference):
+    """SIGTERM reaches rank 1 only (after its step 2): both ranks agree at that step boundary, write one checkpoint
+    at step 2 and exit 75; the resumed 2-rank run equals the uninterrupted one."""
+    out = data / "preempted"
+    cfg = stage_yaml(data, data / "shards")
+    env = {**os.environ, "VLMTRAIN_KILL_AT": "step#2", "VLMTRAIN_KILL_SIGNAL": "TERM", "VLMTRAIN_KILL_RANK": "1"}
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp", "data.batch_size=2", env=env)
+    assert r.returncode != 0 and "exitcode  : 75" in r.stderr, r.stderr[-3000:]
+    assert "SIGTERM received: checkpoint written at step 2" in r.stderr  # rank 1, signalled
+    assert "a preemption signal on another rank received: checkpoint written at step 2" in r.stderr  # rank 0
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not (out / "summary.json").exists()
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "ddp", "data.batch_size=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(reference, out)  # the global batch of the 1-process reference: 2 ranks × 2

@@ -47,6 +47,55 @@ REPLACED = [
     ("A 93-year-old woman.", "A [AGE>89] woman."),
     ("92 y/o male, aged 95.", "[AGE>89] male, aged [AGE>89]."),
     ("A nonagenarian with dyspnea.", "A [AGE>89] with dyspnea."),
+    ("Age 93y, fall at home.", "Age [AGE>89], fall at home."),
+    # telephone and fax numbers: is it a number, not is it an assigned one (issue 15)
+    ("Call back at (123) 555-0199.", "Call back at [PHONE]."),
+    ("Phone: +1 617 555 0123", "Phone: [PHONE]"),
+    ("Tel 617.555.0123; cell 617 555 0123.", "Tel [PHONE]; cell [PHONE]."),
+    ("Fax: 212-123-5574", "Fax: [PHONE]"),
+    ("F: 1 (555) 562 5533", "F: [PHONE]"),
+    ("Please call 493-268-1973 x4491 or 011-852-4624 ext. 29104.", "Please call [PHONE] or [PHONE]."),
+    ("Report faxed to 555-2469 on request.", "Report faxed to [PHONE] on request."),
+    ("Contact Dr. Nwosu at +44 20 7946 0958.", "Contact Dr. [NAME] at [PHONE]."),
+    ("Tel 0248 966 3951, mobile +91 34002 22099.", "Tel [PHONE], mobile [PHONE]."),
+    ("Critical result called to the ED at +1-617-123-9052.", "Critical result called to the ED at [PHONE]."),
+    # more date forms
+    ("Last menstrual period 03APR2016.", "Last menstrual period [DATE]."),
+    ("Collected 22-SEP-83 and 02-Apr-1981.", "Collected [DATE] and [DATE]."),
+    ("Comparison: Saturday, November 26, 2025.", "Comparison: [DATE]."),
+    ("Date of service the 27th of November.", "Date of service [DATE]."),
+    ("Born 4/14, discharged 3/1.", "Born [DATE], discharged [DATE]."),
+    ("D.O.B. 8/17", "D.O.B. [DATE]"),
+    # accounts, plans, licences, devices, vehicles, SSNs in any spacing
+    ("Acct#: 23317-77052. Encounter 7901 4196 94.", "Acct#: [ID]. Encounter [ID]."),
+    ("Medicare ID 1EG4-TE5-MK73; Member ID: XJH123456789.", "Medicare ID [ID]; Member ID: [ID]."),
+    ("DEA number MD 88631. NPI Z665-1881-8248.", "DEA number [ID]. NPI [ID]."),
+    ("Pacemaker serial number OCC302630L in place.", "Pacemaker serial number [ID] in place."),
+    ("Serial no. MDT-EASO73-228963; UDI (01)86982676475632(21)391312.", "Serial no. [ID]; UDI [ID]."),
+    ("MVC; license plate 5FWG906, VIN 1HGCM82633A004352.", "MVC; license plate [ID], VIN [ID]."),
+    ("Tag number HC 4486 per EMS.", "Tag number [ID] per EMS."),
+    ("SSN 946 08 6987; SS# 965-21-0293.", "SSN [ID]; SS# [ID]."),
+    ("Old chart number 2490-407.", "Old chart number [ID]."),
+    # internet
+    ("Uploaded from workstation 15.12.216.130.", "Uploaded from workstation [IP]."),
+    ("Study pushed from fe80::90cc:3f16:fa77.", "Study pushed from [IP]."),
+    ("Images at www.example-clinic.org/p/whp68344 .", "Images at [URL] ."),
+    # addresses, cities and ZIP codes
+    ("Home: 9459 N. Washington St, Bangor ME 83604.", "Home: [ADDRESS]."),
+    ("Found down at 1864 Cranberry Trail.", "Found down at [ADDRESS]."),
+    ("Resides in Peoria, IL.", "Resides in [ADDRESS]."),
+    ("Transferred from an outside facility in Worcester.", "Transferred from an outside facility in [ADDRESS]."),
+    ("Home: PO Box 8806, Dayton OH 16210.", "Home: [ADDRESS], [ADDRESS]."),
+    ("Mailing address 6623 W. Harbor View Ave. Unit 256, Nashua.", "Mailing address [ADDRESS]."),
+    ("Transferred from an outside facility in Victorhaven.", "Transferred from an outside facility in [ADDRESS]."),
+    ("Patient from Joshuaside, OR.", "Patient from [ADDRESS], OR."),  # a state alone is not PHI
+    # names by relation, credential, "with", label with Family, Given
+    ("His father, Gulozge, was present.", "His father, [NAME], was present."),
+    ("Accompanied by her partner, Kwame Mitter.", "Accompanied by her partner, [NAME]."),
+    ("Next of kin: Quispe, Rafferty.", "Next of kin: [NAME]."),
+    ("Reviewed with Anjali Quispe, NP, who agrees.", "Reviewed with [NAME], NP, who agrees."),
+    ("Pt: Morar, Vasana R.", "Pt: [NAME]"),
+    ("Emergency contact: Leif Janke (caregiver).", "Emergency contact: [NAME] (caregiver)."),
 ]
 
 # Clinical text that must come through byte for byte.
@@ -68,6 +117,16 @@ UNCHANGED = [
     "The patient tolerated the procedure. Patient Positioning was supine.",
     "Seen at the emergency department.",
     "Phone: n/a. Email: none.",
+    "Crohn disease, Hodgkin lymphoma, Graves disease, Baker cyst, Wilms tumor, Parkinson disease.",
+    "No change in Wilson disease. Lyme disease serology negative. History of Turner syndrome.",
+    "Findings in Crohn disease are stable. Patient from the emergency department.",
+    "Infarct in the MCA territory; the LAD and RCA are patent.",
+    "Series 3, image 45. SUVmax 4.2; EF 55%. Cobb angle 24 degrees.",
+    "Gleason 4+4=8; grade 2/4; BP 138/86 mmHg; 40-60 HU.",
+    "Stage IIIA, ASA class II, GCS 15, NIHSS 4, Child-Pugh B.",
+    "Follow-up in 6 months. Reading room notified. Normal sinus rhythm.",
+    "Specimen collected at 14:32; 3.2 x 1.1 cm; Salter-Harris II fracture; Kerley B lines.",
+    "Bosniak IIF cyst; TI-RADS 3; Lung-RADS 2; Tanner stage 3; Schmorl node at T12.",
 ]
 
 # Text the scrubber must refuse rather than guess at.
@@ -76,6 +135,9 @@ UNCLEANABLE = [
     "Name: john smith",
     "Address: Flat 3, the Old Mill.",
     "Phone: five five five, one two three four",
+    "Fax: the ward clerk has it",
+    "Cell: ask her daughter",
+    "Emergency contact: her neighbour across the hall",
 ]
 
 

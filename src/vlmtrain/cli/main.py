@@ -46,6 +46,8 @@ def cmd_describe(args) -> int:
     cfg = load_model_config(args.config, args.overrides)
     bundle = build_model(cfg, device="meta")
     m = bundle.model
+    if bundle.native:
+        return _describe_native(args, cfg, bundle)
     result = {"params": count_params(m), "image_tokens": m.num_image_tokens}
     if args.json:
         print(json.dumps(result))
@@ -64,6 +66,26 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def _describe_native(args, cfg, bundle) -> int:
+    from vlmtrain.model import count_params
+    from vlmtrain.model.native.describe import image_tokens_estimate
+
+    m = bundle.model
+    tokens, how = image_tokens_estimate(m.hf.config, bundle.processor, cfg.processor)
+    result = {"params": count_params(m), "image_tokens": tokens}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    p = result["params"]
+    print(f"model {cfg.name}  ({args.config})  native {m.model_type}")
+    for role in ("vision", "connector", "llm"):
+        paths = ", ".join(m.family.roles[role].values())
+        print(f"  {role:<10} {p[role]:>16,d}  {paths}")
+    print(f"  total      {p['total']:>16,d}  ({p['total'] / 1e9:.3f} B)")
+    print(f"  image tokens: {tokens} ({how})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from vlmtrain.model.io import save_native
     from vlmtrain.train.artifacts import load_model_source
@@ -73,11 +95,28 @@ def cmd_export(args) -> int:
         from vlmtrain.train.artifacts import load_lora_stage
 
         bundle, base_connector = load_lora_stage(args.source)
+        if bundle.native:
+            from vlmtrain.model.native.peft_export import export_native_peft
+
+            out = export_native_peft(bundle, args.out, base_connector)
+            print(f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base "
+                  f"({bundle.model.model_type})")
+            return 0
         out = export_peft(bundle, args.out, base_connector)
         print(f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base (Llava)")
         return 0
     bundle = load_model_source(args.source)
-    if args.format == "hf-llava":
+    if bundle.native:
+        if args.format == "vlmtrain":
+            raise VlmtrainError("export --format vlmtrain: a native model's own format is its transformers "
+                                "folder; use --format hf")
+        if args.format == "hf-llava" and bundle.model.model_type != "llava":
+            raise VlmtrainError(f"export --format hf-llava: {bundle.model.model_type} is not a Llava model; "
+                                "use --format hf")
+        from vlmtrain.model.native.build import save_native_hf
+
+        out = save_native_hf(bundle, args.out)
+    elif args.format in ("hf-llava", "hf"):
         from vlmtrain.model.hf_llava import export_llava
 
         out = export_llava(bundle, args.out)
@@ -116,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model to transformers Llava or vlmtrain's own format",
                        description="Export a model folder (vlmtrain or transformers Llava) to another format.")
     e.add_argument("source", metavar="RUN_OR_CKPT", help="run dir, stage dir, checkpoint (.ckpt), vlmtrain model folder or transformers Llava folder")
-    e.add_argument("--format", required=True, choices=["hf-llava", "vlmtrain", "peft"],
-                   help="hf-llava: LlavaForConditionalGeneration + AutoProcessor folder (linear/mlp2x_gelu "
-                        "connectors; LoRA runs are exported merged); vlmtrain: native folder (any connector); "
+    e.add_argument("--format", required=True, choices=["hf", "hf-llava", "vlmtrain", "peft"],
+                   help="hf: the model's transformers folder (AutoModelForImageTextToText + AutoProcessor; "
+                        "native families in their own format, composed models as Llava; LoRA runs merged); "
+                        "hf-llava: LlavaForConditionalGeneration + AutoProcessor folder (linear/mlp2x_gelu "
+                        "connectors; LoRA runs are exported merged); vlmtrain: vlmtrain's folder (any connector); "
                         "peft: a LoRA stage's adapter in PEFT format (OUT/adapter) over its base (OUT/base)")
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(func=cmd_export)

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+
+
+def _prepare_process() -> None:
+    """Preemption signals checkpoint and exit 75 (train.preempt); under torchrun, a rank dies with its agent."""
+    from vlmtrain.train import preempt
+
+    preempt.install()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        from vlmtrain.lifeline import die_with_parent
+
+        die_with_parent()
 
 
 def cmd_fit(args) -> int:
@@ -13,6 +25,7 @@ def cmd_fit(args) -> int:
     overrides = list(args.overrides) + ([f"trainer.strategy={args.strategy}"] if args.strategy else [])
     overrides += [f"trainer.max_steps={args.max_steps}"] if args.max_steps else []
     stage = load_stage_config(args.config, overrides)
+    _prepare_process()
     fit_stage(stage, args.out, args.data_root, resume=args.resume, base_dir=Path(args.config).parent)
     return 0
 
@@ -21,6 +34,7 @@ def cmd_run(args) -> int:
     from vlmtrain.train.runner import run_recipe
 
     overrides = list(args.overrides) + ([f"trainer.strategy={args.strategy}"] if args.strategy else [])
+    _prepare_process()
     run_recipe(args.recipe, args.out, resume=args.resume, overrides=overrides, max_steps=args.max_steps)
     return 0
 

@@ -94,7 +94,7 @@ def load_model_config(path: str | Path, overrides: list[str] | None = None):
     `model:` may be inline or a path to a model YAML (relative to the referring file, then to the CWD).
     Overrides address the model's fields (`connector.name=linear`), with or without a leading `model.`.
     """
-    from vlmtrain.config.model import ModelConfig
+    from vlmtrain.config.model import ModelConfig, NativeModelConfig, is_native_config
 
     path = Path(path)
     data = load_yaml_with_overrides(path, None)
@@ -112,4 +112,9 @@ def load_model_config(path: str | Path, overrides: list[str] | None = None):
             data = ref
     if overrides:
         data = apply_overrides(data, [o.removeprefix("model.") for o in parse_overrides(overrides)], str(path))
+    if is_native_config(data):
+        pre = data.get("pretrained")
+        if isinstance(pre, str) and not Path(pre).is_absolute() and (path.parent / pre).is_dir():
+            data = {**data, "pretrained": str((path.parent / pre).resolve())}  # relative to the YAML
+        return validate(NativeModelConfig, data, source=str(path), prefix=prefix)
     return validate(ModelConfig, data, source=str(path), prefix=prefix)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlmtrain.config.model import ModelConfig
+from vlmtrain.config.model import AnyModelConfig, ModelConfig
 
 
 class _Strict(BaseModel):
@@ -168,7 +168,7 @@ class TrainerConfig(_Strict):
 class StageConfig(_Strict):
     name: str
     preset: Literal["align", "pretrain", "sft", "dpo"] | None = None
-    model: ModelConfig | str | None = Field(None, description="model YAML path or inline (first stage only)")
+    model: AnyModelConfig | str | None = Field(None, description="model YAML path or inline (first stage only)")
     init_from: str | None = Field(None, description="a model folder to start from (set by recipes)")
     objective: Literal["next_token", "dpo"] = "next_token"
     train: TrainSet = Field(default_factory=TrainSet)

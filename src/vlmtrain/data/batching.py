@@ -27,13 +27,49 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         attention_mask[i, :n] = 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     _add_pixels(batch, samples)
+    _add_token_extras(batch, samples, s_max)
     return batch
+
+
+def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to their maximum. Native families carry per-sample
+    image tensors whose inner sizes vary (Idefics3 `[1, n_crops, c, h, w]`, OneVision `[n_img, n_patches, ...]`);
+    their models drop the all-zero padding crops or slice patches by `image_sizes`."""
+    if all(t.shape[1:] == tensors[0].shape[1:] for t in tensors):
+        return torch.cat(tensors)
+    inner = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    out = tensors[0].new_zeros((sum(t.shape[0] for t in tensors), *inner))
+    row = 0
+    for t in tensors:
+        out[(slice(row, row + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
+        row += t.shape[0]
+    return out
+
+
+def _add_token_extras(batch: dict, samples: list[dict], s_max: int) -> None:
+    """Per-token family tensors of native models (e.g. Gemma 3's `token_type_ids`), right-padded with 0."""
+    keys = sorted({k for x in samples for k in x.get("token_extras", {})})
+    for k in keys:
+        t = torch.zeros((len(samples), s_max), dtype=torch.long)
+        for i, x in enumerate(samples):
+            v = x.get("token_extras", {}).get(k)
+            if v is not None:
+                t[i, : len(v)] = torch.as_tensor(v)
+        batch[k] = t
+    if keys:
+        batch["model_extras"] = sorted(set(batch.get("model_extras", [])) | set(keys))
 
 
 def _add_pixels(batch: dict, samples: list[dict]) -> None:
     pix = [x["pixel_values"] for x in samples if x.get("pixel_values") is not None]
     if pix:
-        batch["pixel_values"] = torch.cat(pix)
+        batch["pixel_values"] = cat_padded(pix)
+        # per-image family tensors of native models (`image_grid_thw`, `image_sizes`, `pixel_attention_mask`)
+        keys = sorted({k for x in samples if x.get("pixel_values") is not None for k in x.get("image_extras", {})})
+        for k in keys:
+            batch[k] = cat_padded([x["image_extras"][k] for x in samples if x.get("pixel_values") is not None])
+        if keys:
+            batch["model_extras"] = sorted(set(batch.get("model_extras", [])) | set(keys))
         if all("cache_key" in x for x in samples):  # keys for the frozen-tower feature cache (VLM.vision_cache)
             batch["image_keys"] = [f"{x['cache_key']}#{k}" for x in samples if x.get("pixel_values") is not None
                                    for k in range(x["pixel_values"].shape[0])]
@@ -95,10 +131,11 @@ def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict:
 def collate_preference(samples: list[dict], pad_token_id: int) -> dict:
     """DPO batch: rows `[0, b)` are the chosen sequences, `[b, 2b)` the rejected ones; each side carries the
     prompt's images, so pixel_values hold the images twice in that order."""
-    chosen = [{"input_ids": x["chosen"]["input_ids"], "labels": x["chosen"]["labels"],
-               "pixel_values": x.get("pixel_values")} for x in samples]
-    rejected = [{"input_ids": x["rejected"]["input_ids"], "labels": x["rejected"]["labels"],
-                 "pixel_values": x.get("pixel_values")} for x in samples]
+    def side(x: dict, name: str) -> dict:
+        return {**x[name], "pixel_values": x.get("pixel_values"), "image_extras": x.get("image_extras", {})}
+
+    chosen = [side(x, "chosen") for x in samples]
+    rejected = [side(x, "rejected") for x in samples]
     return collate(chosen + rejected, pad_token_id)
 
 

@@ -14,6 +14,11 @@ def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
     from vlmtrain.data.anyres import AnyResTiler
 
     m = bundle.model
+    if bundle.native:  # the family's processor expands images and makes the family tensors
+        from vlmtrain.data.native_encode import NativeSampleEncoder
+
+        return NativeSampleEncoder(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
+                                   caption_prompt=caption_prompt, nested_images=m.family.nested_images)
     tiler = AnyResTiler(anyres_pinpoints, m.vision.image_size) if anyres_pinpoints else None
     return SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens,
                          max_len=max_len, caption_prompt=caption_prompt, tiler=tiler)
@@ -30,12 +35,22 @@ def _rows(batch: dict) -> list[tuple[str, str | None, list[int], list[int]]]:
     return seqs
 
 
+def _images(batch: dict, ids: list[int], m) -> int:
+    """Images of the sample: slots / tokens per image (composed), or the record's image count (native, where the
+    processor gives each image its own token count)."""
+    if m.num_image_tokens:
+        return ids.count(m.image_token_id) // m.num_image_tokens
+    rec = batch["records"][0]
+    return sum(1 for msg in rec.get("messages", rec.get("prompt", [])) for p in msg["content"]
+               if p == {"type": "image"}) + (1 if rec.get("kind") == "caption" else 0)
+
+
 def inspect_samples(shards: str, bundle, n: int = 5, max_len: int = 4096) -> Iterator[dict]:
     """Yield per sequence: id, input_ids, labels (-100 = unsupervised), text, supervised_text, image_slots
     (image-token positions), images, and `side` for preference records. Deterministic order, no shuffle buffer."""
     tok, m = bundle.tokenizer, bundle.model
     loader = ShardLoader(shards, encoder_for(bundle, max_len), tok.pad_token_id, batch_size=1, num_workers=0,
-                         epochs=1, shuffle_buffer=1, max_bad_fraction=1.0, rank=0, world_size=1)
+                         epochs=1, shuffle_buffer=1, max_bad_fraction=1.0, rank=0, world_size=1, keep_raw=True)
     for count, batch in enumerate(loader):
         if count >= n:
             return
@@ -43,7 +58,7 @@ def inspect_samples(shards: str, bundle, n: int = 5, max_len: int = 4096) -> Ite
             sup = [t for t in labels if t != IGNORE]
             out = {"id": rid, "input_ids": ids, "labels": labels, "text": tok.decode(ids),
                    "supervised_text": tok.decode(sup), "image_slots": ids.count(m.image_token_id),
-                   "images": ids.count(m.image_token_id) // m.num_image_tokens}
+                   "images": _images(batch, ids, m)}
             if side:
                 out["side"] = side
             yield out

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import queue
+import re
 import threading
 import weakref
 from collections import Counter
@@ -35,6 +36,10 @@ from vlmtrain.data.encode import decode_image
 from vlmtrain.data.schema import IMAGE_EXTS, RecordError, validate_record
 from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world, iter_shard
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.lifeline import worker_init
+
+
+_IMAGE_MEMBER = re.compile(r"img(\d+)\.(\w+)")
 
 
 @dataclass
@@ -57,9 +62,10 @@ class LoaderConfig:
 
 
 def image_members(raw: dict) -> list[str]:
-    """A raw sample's image member names (`img0.png`, `img1.jpg`, …) in slot order."""
-    return sorted((k for k in raw if k.startswith("img") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
-                  key=lambda k: int(k.split(".")[0][3:]))
+    """A raw sample's image member names (`img0.png`, `img1.jpg`, …) in slot order; other members (`imgx.png`
+    included: not a slot name the writer uses) are not images of the record."""
+    slots = [(m, k) for k in raw if (m := _IMAGE_MEMBER.fullmatch(k)) and m.group(2) in IMAGE_EXTS]
+    return [k for m, k in sorted(slots, key=lambda mk: int(mk[0].group(1)))]
 
 
 def parse_sample(raw: dict) -> tuple[dict, list]:
@@ -507,7 +513,8 @@ class ShardLoader:
         # An own generator: worker seeding must not consume the global torch RNG (exact resume of dropout etc.)
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, persistent_workers=False,
                         prefetch_factor=4 if self.cfg.num_workers else None,
-                        generator=torch.Generator().manual_seed(self.cfg.seed))
+                        generator=torch.Generator().manual_seed(self.cfg.seed),
+                        worker_init_fn=worker_init if self.cfg.num_workers else None)
         for batch in (_received_ahead(dl) if self.cfg.num_workers else dl):
             batch = _as_tensors(batch)
             meta = batch.pop("_meta")

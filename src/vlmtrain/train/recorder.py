@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from vlmtrain.train import phases
+
 log = logging.getLogger("vlmtrain.train")
 
 
@@ -19,10 +21,10 @@ def _fmt_eta(s: float) -> str:
 
 def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    from vlmtrain.train.finalize import read_metrics, write_metrics
+
+    if path.is_file():  # read_metrics drops a line a kill cut short
+        write_metrics(path, [r for r in read_metrics(path) if r.get("step", 0) <= after_step])
 
 
 class Recorder(pl.Callback):
@@ -38,6 +40,15 @@ class Recorder(pl.Callback):
         self.totals = {"samples": 0, "tokens": 0, "supervised": 0, "train_seconds": 0.0}
         self.last_loss: float | None = None
         self.last_eval: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: a resumed (or only re-finalised) stage reports totals over all its steps."""
+        return {"totals": dict(self.totals), "window": dict(self.window), "last_loss": self.last_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.totals = dict(state["totals"])
+        self.window = dict(state["window"])
+        self.last_loss = state["last_loss"]
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.is_zero = trainer.is_global_zero
@@ -104,6 +115,7 @@ class Recorder(pl.Callback):
             if trainer.logger is not None:
                 trainer.logger.log_metrics({f"eval/{k}": v for k, v in res.items()}, step=step)
             self.t_last = time.time()  # eval time is not training time
+        phases.mark("step")
 
 
 def plot_metrics(run_dir: Path) -> list[str]:

@@ -19,9 +19,12 @@ import torch
 import yaml
 
 from vlmtrain.config.load import apply_overrides, load_yaml_with_overrides, parse_overrides, validate
-from vlmtrain.config.model import ModelConfig
+from vlmtrain.config.model import ModelConfig, NativeModelConfig, is_native_config
 from vlmtrain.config.stage import RecipeConfig, StageConfig
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.train import phases, preempt
+from vlmtrain.train.lock import holding_lock, lock_run_dir
+from vlmtrain.train.finalize import is_complete, record_final_eval, training_figures, write_json_atomic
 from vlmtrain.train.presets import deep_merge, with_preset
 
 log = logging.getLogger("vlmtrain.train")
@@ -43,13 +46,13 @@ def module_hashes(model) -> dict[str, str]:
     return out
 
 
-def _resolve_model(ref, base_dir: Path) -> ModelConfig:
+def _resolve_model(ref, base_dir: Path) -> ModelConfig | NativeModelConfig:
     from vlmtrain.config.load import load_model_config
 
-    if isinstance(ref, ModelConfig):
+    if isinstance(ref, (ModelConfig, NativeModelConfig)):
         return ref
     if isinstance(ref, dict):
-        return validate(ModelConfig, ref, prefix="model")
+        return validate(NativeModelConfig if is_native_config(ref) else ModelConfig, ref, prefix="model")
     p = Path(ref)
     for cand in (base_dir / p, p):
         if cand.is_file():
@@ -63,6 +66,8 @@ def _sources(refs, data_root: Path):
 
     out = []
     for r in refs:
+        if r.builtin:
+            phases.mark("data_prep")
         path = str(prepare_builtin(r.builtin, data_root)) if r.builtin else r.path
         out.append(Source(path, r.weight))
     return out
@@ -105,12 +110,19 @@ def load_stage_start(stage: StageConfig, base_dir: Path):
 
 def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | None = None, resume: bool = False,
               base_dir: str | Path = ".", parent: dict | None = None) -> dict:
+    """Train one stage into `run_dir` (or finish it, with `resume`); holds the directory's lock while it runs."""
+    with holding_lock(run_dir):
+        return _fit_stage(stage, run_dir, data_root, resume, base_dir, parent)
+
+
+def _fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | None, resume: bool,
+               base_dir: str | Path, parent: dict | None) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from vlmtrain.data.inspect import encoder_for
     from vlmtrain.data.loader import ShardLoader
-    from vlmtrain.model.io import save_native
+    from vlmtrain.model.io import save_model_folder
     from vlmtrain.train.checkpoint_io import AtomicCheckpointIO
     from vlmtrain.train.evaluate import evaluate
     from vlmtrain.train.freeze import apply_stage_trainability
@@ -135,10 +147,12 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     def prepare_run_dir() -> None:
         if run_dir.exists() and any(run_dir.iterdir()) and not resume:
             raise VlmtrainError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)  # a second live run on this directory is refused (train.lock)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False))
 
     rank_zero_first(prepare_run_dir, others=False)
+    phases.enter_stage(stage.name)
+    phases.mark("setup")
     t0 = time.time()
     log.info(f"== stage {stage.name} ({stage.preset or 'custom'}, objective {stage.objective}) → {run_dir}")
 
@@ -149,7 +163,13 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         from vlmtrain.model.lora import lora_layers
 
         log.info(f"LoRA r={stage.lora.r} alpha={stage.lora.alpha}: {len(lora_layers(bundle.model))} adapted layers")
-    if stage.trainer.grad_checkpointing:
+    if bundle.native:
+        from vlmtrain.train.native import check_native_stage
+
+        check_native_stage(stage, bundle)
+    if stage.trainer.grad_checkpointing and bundle.native:
+        bundle.model.enable_gradient_checkpointing()
+    elif stage.trainer.grad_checkpointing:
         bundle.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if stage.train.vision:
             bundle.model.vision.model.gradient_checkpointing_enable(
@@ -182,7 +202,8 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
                              shuffle_buffer=d.shuffle_buffer, mode=d.mode, pack_len=d.pack_len or d.max_len,
                              max_bad_fraction=d.max_bad_fraction, split=d.split, cache_mb=d.encoded_cache_mb,
                              share_prompt_image_token=(bundle.model.image_token_id if stage.objective == "dpo"
-                                                       and stage.dpo.share_prompt else None))
+                                                       and stage.dpo.share_prompt and not bundle.native
+                                                       else None))
     eval_shards = str(eval_sources[0].path) if eval_sources else None
 
     def run_eval() -> dict:
@@ -195,8 +216,9 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         if before_path.is_file():
             eval_before = json.loads(before_path.read_text())
         else:
+            phases.mark("eval_before")
             eval_before = run_eval()
-            before_path.write_text(json.dumps(eval_before))
+            write_json_atomic(before_path, eval_before)
             log.info("eval before: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_before.items()))
 
     if dp is None:
@@ -217,7 +239,8 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         max_steps=tr.max_steps, max_epochs=-1, accelerator="auto", devices=devices, num_nodes=nodes,
         strategy=strategy, precision=tr.precision, logger=logger,
         callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
-                                   every_n_train_steps=tr.save_every_n_steps), recorder],
+                                   every_n_train_steps=tr.save_every_n_steps), recorder,
+                   preempt.PreemptionCheckpoint(ckpt)],
         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         default_root_dir=str(run_dir), log_every_n_steps=tr.log_every_n_steps,
@@ -227,11 +250,17 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
     resume_from = resolve_last(ckpt) if resume else None
     if resume_from:
         log.info(f"resuming from {resume_from}")
-    trainer.fit(module, train_dataloaders=train_data, ckpt_path=str(resume_from) if resume_from else None)
     from vlmtrain.data.loader import stop_receivers
 
-    stop_receivers()  # the loader's background receiver ends with training, not at interpreter exit
+    try:  # a preemption signal during training stops at the next step boundary, after a checkpoint
+        with preempt.defer_to_step_boundary():
+            trainer.fit(module, train_dataloaders=train_data,
+                        ckpt_path=str(resume_from) if resume_from else None)
+    finally:
+        stop_receivers()  # the loader's background receiver ends with training, not at interpreter exit
+    phases.mark("train_done")
     trainer.save_checkpoint(ckpt)
+    phases.mark("final_checkpoint")
     if tr.strategy == "fsdp":  # gather the shards; rank 0 continues with an ordinary (unsharded) model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -249,14 +278,15 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
             bundle.model.load_state_dict(full)
     skipped = _all_ranks_counter(loader.skipped)
 
+    # the recorder's totals come back with the checkpoint, so a stage resumed after its training finished (a kill
+    # during finalisation) still reports all of its steps; metrics.jsonl is the fallback
+    fig = training_figures(recorder, run_dir / "metrics.jsonl", trainer.global_step)
     summary = {"stage": stage.name, "status": "completed", "steps": trainer.global_step,
-               "final_loss": recorder.last_loss, "samples": recorder.totals["samples"],
-               "tokens": recorder.totals["tokens"],
-               "samples_per_s": recorder.totals["samples"] / max(recorder.totals["train_seconds"], 1e-9),
-               "tokens_per_s": recorder.totals["tokens"] / max(recorder.totals["train_seconds"], 1e-9),
-               "train_seconds": recorder.totals["train_seconds"], "skipped": skipped}
+               "final_loss": fig["final_loss"], "samples": fig["samples"], "tokens": fig["tokens"],
+               "samples_per_s": fig["samples_per_s"], "tokens_per_s": fig["tokens_per_s"],
+               "train_seconds": fig["train_seconds"], "skipped": skipped}
     if stage.objective == "next_token":  # share of (non-pad) tokens that carry a loss
-        summary["supervised_fraction"] = recorder.totals["supervised"] / max(recorder.totals["tokens"], 1)
+        summary["supervised_fraction"] = fig["supervised"] / max(fig["tokens"], 1)
     cache = getattr(module.model, "vision_cache", None)
     if cache is not None:  # steps whose images all came from the frozen-tower feature cache
         summary["vision_feature_cache"] = {"hit_steps": cache.hits, "miss_steps": cache.misses,
@@ -273,6 +303,7 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
         if has_lora(bundle.model):  # keep the adapter (PEFT export), hand the next stage a merged model
             from safetensors.torch import save_file
 
+            phases.mark("adapter")
             (run_dir / "adapter").mkdir(exist_ok=True)
             save_file(adapter_state_dict(bundle.model), str(run_dir / "adapter" / "adapter.safetensors"))
             (run_dir / "adapter" / "lora.json").write_text(json.dumps(stage.lora.model_dump(mode="json")))
@@ -281,13 +312,13 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
 
                 dequantize_(bundle.model)
             merge_lora_(bundle.model)
-        save_native(bundle, run_dir / "model")
+        phases.mark("model_save")
+        save_model_folder(bundle, run_dir / "model")
         if eval_shards:
+            phases.mark("eval_after")
             summary["eval"] = run_eval()
             summary["eval_before"] = eval_before
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": trainer.global_step,
-                                    **{f"eval/{k}": v for k, v in summary["eval"].items()}}) + "\n")
+            record_final_eval(run_dir / "metrics.jsonl", trainer.global_step, summary["eval"])
             log.info("eval after: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
         summary["plots"] = plot_metrics(run_dir)
         summary["wall_seconds"] = time.time() - t0
@@ -295,11 +326,13 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
             "name": stage.name, "preset": stage.preset, "objective": stage.objective,
             "parent": parent, "config_hash": _hash(stage.model_dump(mode="json")),
             "trainable": table, "weights_sha256": {"start": start_hashes, "end": module_hashes(bundle.model)},
-            "template": bundle.tokenizer.chat_template, "image_processor": bundle.image_processor.to_dict(),
+            "template": bundle.template or bundle.tokenizer.chat_template,
+            "image_processor": bundle.image_processor.to_dict(),
             "image_tokens": bundle.model.num_image_tokens,
         }
-        (run_dir / "stage.json").write_text(json.dumps(stage_json, indent=2, default=str))
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json_atomic(run_dir / "stage.json", stage_json, indent=2, default=str)
+        phases.mark("summary")
+        write_json_atomic(run_dir / "summary.json", summary, indent=2)  # last: it marks the stage complete
     _barrier()  # the next stage (on every rank) starts from the model folder rank 0 just wrote
     log.info(f"== stage {stage.name} done: {summary['steps']} steps, loss {summary['final_loss']:.4f}, "
              f"{summary['samples_per_s']:.1f} samples/s")
@@ -373,8 +406,14 @@ def resolve_recipe(path: str | Path, out: str | Path, overrides: list[str] | Non
 
 def run_recipe(path: str | Path, out: str | Path, resume: bool = False, overrides: list[str] | None = None,
                max_steps: int | None = None) -> list[dict]:
-    """Run a recipe's stages in order; each starts from the previous stage's `model/`. Completed stages are
-    skipped on --resume."""
+    """Run a recipe's stages in order; each starts from the previous stage's `model/`. Completed stages (complete
+    summary.json) are skipped on --resume. Holds OUT's lock while it runs."""
+    with holding_lock(out):
+        return _run_recipe(path, out, resume, overrides, max_steps)
+
+
+def _run_recipe(path: str | Path, out: str | Path, resume: bool, overrides: list[str] | None,
+                max_steps: int | None) -> list[dict]:
     from vlmtrain.train.strategy import init_distributed, rank_zero_first
 
     path, out = Path(path), Path(out)
@@ -384,18 +423,20 @@ def run_recipe(path: str | Path, out: str | Path, resume: bool = False, override
     def check_out() -> None:
         if out.exists() and any(out.iterdir()) and not resume:
             raise VlmtrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        lock_run_dir(out)
 
     rank_zero_first(check_out, others=False)
     summaries, parent = [], None
     for stage in stages:
         run_dir = out / stage.name
         done = run_dir / "summary.json"
-        if resume and done.is_file() and json.loads(done.read_text()).get("status") == "completed":
+        if resume and is_complete(done):
             log.info(f"== stage {stage.name}: already completed, skipping")
             summaries.append(json.loads(done.read_text()))
         else:
             summaries.append(fit_stage(stage, run_dir, out / "data", resume=resume, base_dir=path.parent,
                                        parent=parent))
+        phases.mark("handoff")
         parent = {"name": stage.name, "model": str(run_dir / "model"),
                   "weights_sha256": json.loads((run_dir / "stage.json").read_text())["weights_sha256"]["end"]}
     if _rank_zero():

@@ -1,0 +1,139 @@
+"""Records → model inputs for native transformers VLMs, through the family's own processor.
+
+The processor decides how many image tokens each image gets (Qwen's dynamic resolution, Idefics3 image splitting,
+OneVision AnyRes) and which family tensors travel with them (`image_grid_thw`, `pixel_attention_mask`,
+`image_sizes`, `token_type_ids`, ...). Labels are still built from role spans:
+
+1. the generation-marked chat template renders the conversation; the tokenizer returns its tokens with the
+   assistant mask (`return_assistant_tokens_mask`), one placeholder token per image;
+2. the processor turns the same rendered text (+ images) into the model's input ids, expanding each placeholder
+   into the family's image-token run;
+3. the two token sequences differ only around the images, so a sequence alignment (difflib) carries every
+   supervised token over. A supervised token the alignment cannot carry, or an image token inside an assistant
+   span, rejects the record (`mask_unbuildable`) — never a guess.
+
+Why an alignment and not the processor's own `return_assistant_tokens_mask`: processors expand images before
+tokenizing, and some expansions change how the neighbouring text tokenizes (Gemma 3 wraps each image in blank
+lines), so character offsets of the rendered text do not map onto the processor's tokens; aligning tokens does.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmtrain.data.chat import IGNORE, MaskError
+from vlmtrain.data.encode import record_messages
+from vlmtrain.data.schema import RecordError
+
+# Processor outputs that are per token (padded with the batch) rather than per image.
+TOKEN_EXTRAS = ("token_type_ids", "mm_token_type_ids")
+# Processor outputs the collator rebuilds itself.
+DROPPED = ("input_ids", "attention_mask")
+
+
+def align_labels(ids_text: list[int], mask_text: list[int], ids_model: list[int]) -> list[int]:
+    """Labels for `ids_model` from the assistant mask of `ids_text` (the same text before image expansion).
+
+    Tokens of `ids_model` that match `ids_text` take its mask; inserted tokens (image runs and their wrappers)
+    are unsupervised. Raises MaskError when a supervised token has no counterpart."""
+    sm = difflib.SequenceMatcher(None, ids_text, ids_model, autojunk=False)
+    labels = [IGNORE] * len(ids_model)
+    carried = 0
+    for a, b, n in sm.get_matching_blocks():
+        for k in range(n):
+            if mask_text[a + k]:
+                labels[b + k] = ids_model[b + k]
+                carried += 1
+    wanted = sum(1 for m in mask_text if m)
+    if carried != wanted:
+        raise MaskError(f"the processor changed assistant tokens ({carried} of {wanted} supervised tokens found)")
+    return labels
+
+
+@dataclass
+class NativeSampleEncoder:
+    """Picklable (ships to DataLoader workers). `max_len` counts tokens including image tokens."""
+
+    processor: Any
+    template: str  # Jinja with {% generation %} marks
+    image_token_id: int
+    max_len: int = 2048
+    caption_prompt: str = ""
+    nested_images: bool = False  # processors that take one image list per text (Idefics3, Gemma 3)
+    processor_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def process(self, text: str, images: list) -> dict:
+        """The processor on one rendered text: input ids `[1, s]` and the family's tensors."""
+        kwargs = dict(self.processor_kwargs)
+        if images:
+            kwargs["images"] = [images] if self.nested_images else images
+        return self.processor(text=[text], return_tensors="pt", add_special_tokens=False, **kwargs)
+
+    def split_outputs(self, out, n_tokens: int) -> dict:
+        """Processor output → {"pixel_values", "image_extras", "token_extras"} (sample-level, collatable)."""
+        res = {"pixel_values": None, "image_extras": {}, "token_extras": {}}
+        for k, v in out.items():
+            if k in DROPPED or v is None:
+                continue
+            if k in TOKEN_EXTRAS:
+                res["token_extras"][k] = v[0].tolist()
+            elif k == "pixel_values":
+                res["pixel_values"] = v
+            else:
+                res["image_extras"][k] = v
+        if res["pixel_values"] is None:
+            res["image_extras"] = {}
+        return res
+
+    def encode_conversation(self, messages: list[dict], images: list) -> dict:
+        tok = self.tokenizer
+        try:
+            t = tok.apply_chat_template(messages, chat_template=self.template, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+        except Exception as e:  # a template error on a malformed conversation (Jinja raises its own types)
+            raise RecordError("malformed_turns", f"chat template: {e}") from None
+        ids_text, mask_text = list(t["input_ids"]), list(t["assistant_masks"])
+        if not any(mask_text):
+            raise RecordError("mask_unbuildable", "no assistant tokens to supervise")
+        out = self.process(self.render(messages), images)
+        ids = out["input_ids"][0].tolist()
+        if len(ids) > self.max_len:
+            # never truncated: a cut could fall inside an image-token run
+            raise RecordError("over_length", f"{len(ids)} tokens > max_len {self.max_len}")
+        try:
+            labels = align_labels(ids_text, mask_text, ids)
+        except MaskError as e:
+            raise RecordError("mask_unbuildable", str(e)) from None
+        if any(i == self.image_token_id and lab != IGNORE for i, lab in zip(ids, labels)):
+            raise RecordError("mask_unbuildable", "image token inside an assistant span")
+        return {"input_ids": ids, "labels": labels, **self.split_outputs(out, len(ids))}
+
+    def __call__(self, record: dict, images: list) -> dict:
+        """Chat/caption → {"id", "input_ids", "labels", "pixel_values", "image_extras", "token_extras"};
+        preference → {"id", "chosen": {...}, "rejected": {...}, "pixel_values", "image_extras"}."""
+        msgs = record_messages(record, self.caption_prompt)
+        if isinstance(msgs, tuple):
+            sides = {name: self.encode_conversation(m, images) for name, m in zip(("chosen", "rejected"), msgs)}
+            first = sides["chosen"]
+            return {"id": record["id"], "pixel_values": first["pixel_values"], "image_extras": first["image_extras"],
+                    **{name: {"input_ids": s["input_ids"], "labels": s["labels"], "token_extras": s["token_extras"]}
+                       for name, s in sides.items()}}
+        return {"id": record["id"], **self.encode_conversation(msgs, images)}
+
+    def prompt_inputs(self, messages: list[dict], images: list) -> dict:
+        """Inputs for generation: the prompt turns + the generation prompt → {"input_ids" [1, s], ...} tensors."""
+        out = self.process(self.render(messages, add_generation_prompt=True), images)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+__all__ = ["NativeSampleEncoder", "align_labels"]

@@ -1,0 +1,153 @@
+"""Build a native transformers VLM (+ its processor) from a NativeModelConfig, and save/load it as a folder.
+
+- `pretrained: DIR_OR_ID` loads `AutoModelForImageTextToText` + the family's processor (weights when present
+  locally or in the HF cache);
+- `model_type` + `config` builds the architecture offline: random weights, or the `meta` device for `describe`
+  and memory plans (no processor then, unless `pretrained` is also local).
+A native stage's `model/` folder is the family's own transformers folder (`save_pretrained` of model and
+processor, the processor carrying the official chat template) plus `vlmtrain_native.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from vlmtrain.config.model import NativeModelConfig
+from vlmtrain.errors import ConfigError, VlmtrainError
+from vlmtrain.model.hf_parts import has_local_weights
+from vlmtrain.model.native.families import family_for
+from vlmtrain.model.native.vlm import NativeVLM
+
+log = logging.getLogger(__name__)
+NATIVE_MARKER = "vlmtrain_native.json"
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _hf_config(cfg: NativeModelConfig):
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if cfg.config is not None:
+        mt = cfg.model_type or cfg.config.get("model_type")
+        if mt not in CONFIG_MAPPING:
+            raise ConfigError(f"model_type: unknown transformers model_type {mt!r}")
+        fields = {k: v for k, v in cfg.config.items() if k != "model_type"}
+        return AutoConfig.for_model(mt, **fields)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(cfg.pretrained)
+    except (OSError, ValueError) as e:
+        raise VlmtrainError(f"pretrained: cannot read the config of {cfg.pretrained!r} offline "
+                            f"({str(e).splitlines()[0]}); give a local folder, or `model_type` + `config`") from None
+    if cfg.model_type and cfg.model_type != hf_cfg.model_type:
+        raise ConfigError(f"model_type: {cfg.model_type!r} but {cfg.pretrained} is {hf_cfg.model_type!r}")
+    return hf_cfg
+
+
+def _instantiate(cfg: NativeModelConfig, hf_cfg, device, load_weights: bool):
+    from transformers import AutoModelForImageTextToText
+
+    if load_weights and cfg.pretrained and has_local_weights(cfg.pretrained):
+        try:
+            # fp32 master weights: the stage's precision (bf16-mixed / bf16-true) decides compute dtypes
+            return AutoModelForImageTextToText.from_pretrained(cfg.pretrained, config=hf_cfg, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise VlmtrainError(f"pretrained: cannot load {cfg.pretrained!r} ({str(e).splitlines()[0]})") from None
+    try:
+        with torch.device(device):
+            return AutoModelForImageTextToText.from_config(hf_cfg)
+    except ValueError as e:
+        raise ConfigError(f"model_type {hf_cfg.model_type!r}: not an image-text-to-text model transformers can "
+                          f"build ({str(e).splitlines()[0]})") from None
+
+
+def training_template(cfg: NativeModelConfig, model_type: str, family_template: str, processor) -> str:
+    """The generation-marked template labels are built with: the config's, else vlmtrain's marked copy of the
+    family's official template, else the processor's own when it already carries `{% generation %}` marks."""
+    if cfg.chat_template:
+        if not GENERATION_TAG.search(cfg.chat_template):
+            raise ConfigError("chat_template: needs {% generation %} … {% endgeneration %} around assistant text")
+        return cfg.chat_template
+    if family_template:
+        from vlmtrain.model.native_templates import training_template as marked
+
+        return marked(family_template)
+    own = getattr(processor, "chat_template", None) if processor is not None else None
+    if isinstance(own, str) and GENERATION_TAG.search(own):
+        return own
+    raise ConfigError(f"chat_template: {model_type!r} has no generation-marked template in vlmtrain; set "
+                      "`chat_template` to the family's template with {% generation %} marks around assistant text")
+
+
+def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", load_weights: bool = True):
+    from vlmtrain.model.builder import ModelBundle
+
+    load_weights = load_weights and str(device) != "meta"
+    hf_cfg = _hf_config(cfg)
+    hf = _instantiate(cfg, hf_cfg, device, load_weights)
+    family, listed = family_for(hf_cfg.model_type, hf)
+    if not listed:
+        log.info(f"{hf_cfg.model_type}: not a listed family; parts mapped by the generic rule")
+    model = NativeVLM(hf, family, hf_cfg.model_type)
+    processor = None
+    if cfg.pretrained and Path(cfg.pretrained).is_dir() or has_local_weights(cfg.pretrained):
+        from vlmtrain.model.native.processor import load_processor
+
+        processor = load_processor(cfg.pretrained, hf_cfg.model_type, cfg.processor)
+    elif str(device) != "meta":
+        raise VlmtrainError(f"{cfg.name}: a native model needs its processor files (`pretrained:` folder) "
+                            "to train; `model_type` + `config` alone only describe/plan on meta")
+    template = training_template(cfg, hf_cfg.model_type, family.template, processor) if processor else None
+    return ModelBundle(model, processor.tokenizer if processor else None,
+                       processor.image_processor if processor else None, cfg, processor=processor,
+                       template=template)
+
+
+def save_native_hf(bundle, out: str | Path, official_template: bool = True) -> Path:
+    """The family's own transformers folder: weights, config, processor (official chat template) + marker."""
+    from vlmtrain.model.native.processor import save_processor
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = bundle.model
+    m.hf.save_pretrained(out)
+    proc = bundle.processor
+    if official_template and m.family.template:
+        from vlmtrain.model.native_templates import official_template as official
+
+        proc.chat_template = official(m.family.template)
+    save_processor(proc, out)
+    (out / NATIVE_MARKER).write_text(json.dumps({"model_type": m.model_type, "training_template": bundle.template,
+                                                 "processor": bundle.config.processor}, indent=2))
+    return out
+
+
+def is_native_folder(path: str | Path) -> bool:
+    path = Path(path)
+    if (path / NATIVE_MARKER).is_file():
+        return True
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    mt = json.loads(cfg.read_text()).get("model_type")
+    # A plain transformers Llava folder keeps importing into the composed kind (its historic path);
+    # every other image-text-to-text family is native.
+    return mt != "llava" and _is_image_text_to_text(mt)
+
+
+def _is_image_text_to_text(model_type: str | None) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_native_folder(path: str | Path, device: str = "cpu"):
+    path = Path(path)
+    marker = json.loads((path / NATIVE_MARKER).read_text()) if (path / NATIVE_MARKER).is_file() else {}
+    cfg = NativeModelConfig(name=path.name, pretrained=str(path), processor=marker.get("processor") or {},
+                            chat_template=marker.get("training_template"))
+    return build_native(cfg, device=device)

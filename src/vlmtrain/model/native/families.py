@@ -1,0 +1,103 @@
+"""Where each native family keeps its parts: one small map per family (ms-swift's model-arch habit).
+
+Roles are vision / connector / llm. Each role maps local names (under the role) to paths inside the transformers
+`*ForConditionalGeneration` object; a path may name a module or a bare parameter (LLaVA-NeXT's `image_newline`).
+Local names are chosen so the stage's default LoRA regexes hold for every family: the language model sits at
+`llm.model` (its decoder layers at `llm.model.layers.N`), a ViT tower at `vision.model`.
+
+A family not listed here is mapped by the generic rule (`generic_roles`) when its parts have the usual names;
+the map is accepted only if the roles cover every parameter and buffer of the model exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmtrain.errors import ConfigError
+
+_LLM = {"model": "model.language_model", "lm_head": "lm_head"}
+
+
+@dataclass(frozen=True)
+class Family:
+    roles: dict[str, dict[str, str]]
+    template: str  # key into vlmtrain.model.native_templates ("" = none vendored: the config gives one)
+    nested_images: bool = False  # the processor takes one image list per text
+    # decoder blocks per role, for gradient checkpointing, FSDP2 wrapping and the planner
+    blocks: dict[str, str] = field(default_factory=dict)
+
+
+_QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
+                "model.blocks": "model.visual.blocks"}
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
+                       "qwen2_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+    "qwen2_5_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
+                         "qwen2_5_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+    "qwen3_vl": Family({"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.pos_embed"},
+                        "connector": {"merger": "model.visual.merger",
+                                      "deepstack_merger_list": "model.visual.deepstack_merger_list"},
+                        "llm": _LLM}, "", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+    "gemma3": Family({"vision": {"model": "model.vision_tower"},
+                      "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                     "gemma3", nested_images=True,
+                     blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+    "idefics3": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
+                        "llm": {"model": "model.text_model", "lm_head": "lm_head"}},
+                       "smolvlm", nested_images=True,  # SmolVLM checkpoints are model_type idefics3
+                       blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+    "smolvlm": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
+                       "llm": {"model": "model.text_model", "lm_head": "lm_head"}},
+                      "smolvlm", nested_images=True,
+                      blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+    "llava": Family({"vision": {"model": "model.vision_tower"},
+                     "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                    "llava", blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+    "llava_next": Family({"vision": {"model": "model.vision_tower"},
+                          "connector": {"projector": "model.multi_modal_projector",
+                                        "image_newline": "model.image_newline"}, "llm": _LLM},
+                         "llava_next", blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+    "llava_onevision": Family({"vision": {"model": "model.vision_tower"},
+                               "connector": {"projector": "model.multi_modal_projector",
+                                             "image_newline": "model.image_newline"}, "llm": _LLM},
+                              "llava_onevision",
+                              blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+}
+
+SUPPORTED = tuple(FAMILIES)
+
+_VISION_NAMES = ("vision_tower", "vision_model", "visual")
+_CONNECTOR_NAMES = ("multi_modal_projector", "connector", "mm_projector")
+_LLM_NAMES = ("language_model", "text_model")
+
+
+def generic_roles(hf_model) -> dict[str, dict[str, str]] | None:
+    """Roles of an unlisted family from the usual attribute names, or None when they are not there."""
+    inner = getattr(hf_model, "model", None)
+    if inner is None or not hasattr(hf_model, "lm_head"):
+        return None
+    children = dict(inner.named_children())
+    vision = next((n for n in _VISION_NAMES if n in children), None)
+    connector = next((n for n in _CONNECTOR_NAMES if n in children), None)
+    llm = next((n for n in _LLM_NAMES if n in children), None)
+    if not (vision and connector and llm):
+        return None
+    roles = {"vision": {"model": f"model.{vision}"}, "connector": {"projector": f"model.{connector}"},
+             "llm": {"model": f"model.{llm}", "lm_head": "lm_head"}}
+    for pname, _ in inner.named_parameters(recurse=False):  # e.g. image_newline
+        roles["connector"][pname] = f"model.{pname}"
+    return roles
+
+
+def family_for(model_type: str, hf_model=None) -> tuple[Family, bool]:
+    """(the family's map, whether it is a listed family). Unlisted families get the generic map or a refusal."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type], True
+    roles = generic_roles(hf_model) if hf_model is not None else None
+    if roles is None:
+        raise ConfigError(f"model_type {model_type!r}: not a supported native family "
+                          f"(supported: {', '.join(SUPPORTED)}) and its parts do not have the usual names "
+                          "(vision_tower/vision_model/visual, multi_modal_projector/connector, "
+                          "language_model/text_model)")
+    return Family(roles, template="", blocks={"llm": "model.layers"}), False

@@ -1,0 +1,129 @@
+"""The family's own transformers processor, also where its video half cannot be built.
+
+Qwen2/2.5/3-VL, SmolVLM and LLaVA-OneVision processors hold a video processor, and transformers' video-processor
+registry needs torchvision; without it the processor class refuses to construct although its image path needs no
+torchvision (its image processors fall back to PIL). vlmtrain trains on images, so it builds the *same processor
+class* with its video half left out (`image_only`): the image-token expansion, the family tensors and the chat
+template all remain transformers' own code. With torchvision installed `AutoProcessor` is used as is.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from vlmtrain.errors import VlmtrainError
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=None)
+def image_only(cls):
+    """`cls` (a ProcessorMixin subclass) accepting `video_processor=None`: the only change is that the class check
+    of a missing video processor is skipped. The subclass keeps the original's name, so `save_pretrained` writes
+    the family's own `processor_class` and the saved folder loads with `AutoProcessor` where torchvision exists."""
+
+    def check_argument_for_proper_class(self, attribute_name, arg):
+        if attribute_name == "video_processor" and arg is None:
+            return None
+        return cls.check_argument_for_proper_class(self, attribute_name, arg)
+
+    return type(cls.__name__, (cls,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def processor_class(model_type: str):
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    if name is None:
+        raise VlmtrainError(f"model_type {model_type!r}: transformers has no processor class for it")
+    return getattr(transformers, name)
+
+
+def build_image_only(model_type: str, image_processor, tokenizer, chat_template: str | None = None, **kwargs):
+    cls = processor_class(model_type)
+    args = {"image_processor": image_processor, "tokenizer": tokenizer, "chat_template": chat_template, **kwargs}
+    if "video_processor" in cls.get_attributes():
+        args["video_processor"] = None
+        cls = image_only(cls)
+    return cls(**args)
+
+
+def _init_kwargs(proc) -> dict:
+    """The processor's own constructor arguments (not its sub-processors or template), as it holds them."""
+    import inspect
+
+    skip = {"self", "args", "kwargs", "chat_template", *proc.get_attributes()}
+    return {k: getattr(proc, k) for k in inspect.signature(type(proc).__init__).parameters
+            if k not in skip and hasattr(proc, k) and isinstance(getattr(proc, k), (str, int, float, bool, list))}
+
+
+def save_processor(proc, out: str | Path) -> None:
+    """`save_pretrained`, or for an image-only processor the layout of the families' published checkpoints:
+    tokenizer files, `preprocessor_config.json` (the image processor, naming the processor class),
+    `chat_template.jinja` and `processor_config.json` (the processor's own arguments)."""
+    import json
+
+    if getattr(proc, "video_processor", True) is not None:
+        proc.save_pretrained(out)
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = type(proc).__name__
+    proc.tokenizer._set_processor_class(name)
+    proc.tokenizer.save_pretrained(out)
+    proc.image_processor.save_pretrained(out)
+    if isinstance(proc.chat_template, str):
+        (out / "chat_template.jinja").write_text(proc.chat_template)
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": name, **_init_kwargs(proc)},
+                                                          indent=2))
+
+
+def load_processor(src: str | Path, model_type: str, overrides: dict | None = None):
+    """The checkpoint's processor with `overrides` (e.g. `max_pixels`) applied to its image processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    overrides = dict(overrides or {})
+    try:
+        proc = AutoProcessor.from_pretrained(src, **overrides)
+    except (AttributeError, ImportError, ValueError, TypeError) as e:
+        # the video half needs torchvision (see module doc); anything else is a real error
+        if "video" not in str(e).lower() and "torchvision" not in str(e).lower() and \
+                "_extra_content" not in str(e):
+            raise VlmtrainError(f"{src}: cannot load the processor ({type(e).__name__}: {e})") from None
+        try:
+            tok = AutoTokenizer.from_pretrained(src)
+            ip = AutoImageProcessor.from_pretrained(src, **overrides)
+        except OSError as e2:
+            raise VlmtrainError(f"{src}: cannot load tokenizer/image processor ({e2})") from None
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        proc = build_image_only(model_type, ip, tok, chat_template=_saved_template(src) or template,
+                                **_saved_kwargs(src))
+    except OSError as e:
+        raise VlmtrainError(f"{src}: cannot load the processor offline ({str(e).splitlines()[0]})") from None
+    return proc
+
+
+def _saved_template(src) -> str | None:
+    p = Path(src)
+    for name in ("chat_template.jinja",):
+        if (p / name).is_file():
+            return (p / name).read_text()
+    if (p / "chat_template.json").is_file():
+        import json
+
+        return json.loads((p / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def _saved_kwargs(src) -> dict:
+    import json
+
+    p = Path(src) / "processor_config.json"
+    if not p.is_file():
+        return {}
+    data = json.loads(p.read_text())
+    return {k: v for k, v in data.items() if k not in ("processor_class", "auto_map")}

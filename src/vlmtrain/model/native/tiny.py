@@ -1,0 +1,178 @@
+"""Tiny checkpoints of each native family, written as a user's checkpoint folder is: `save_pretrained` of a
+random-weight model and of its processor (tokenizer + image processor + official chat template).
+
+Tests, the native demo recipes and the benchmarks load these folders with `pretrained: DIR`, exactly as they
+would load a downloaded checkpoint; nothing is fetched. The tokenizer is vlmtrain's offline byte-level BPE with
+the family's special tokens added, so the family's own templates and processors work unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vlmtrain.model.native.processor import build_image_only, save_processor
+
+# Shared tiny LM shape: head_dim 16 (Qwen's mRoPE sections split its 8 rotary pairs as 2/3/3).
+_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096}
+_VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": 32, "patch_size": 8}
+
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+_CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+_LLAMA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>"]
+_GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"]
+_IDEFICS_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                     "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
+
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
+                 "llava_next", "llava")
+
+
+def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, extra: dict | None = None):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmtrain.model.tokenizer import _train_tiny_bpe
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_train_tiny_bpe(512)), bos_token=bos,
+                                  eos_token=eos, pad_token=pad, extra_special_tokens=extra or {})
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok
+
+
+def _vocab(tok) -> int:
+    return -(-len(tok) // 64) * 64
+
+
+def _ids(tok, **tokens) -> dict[str, int]:
+    return {k: tok.convert_tokens_to_ids(v) for k, v in tokens.items()}
+
+
+def _qwen(model_type: str):
+    from transformers import AutoConfig, Qwen2VLImageProcessorPil
+
+    tok = _tokenizer(_QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>")
+    ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    text = {**_TEXT, "vocab_size": _vocab(tok), "bos_token_id": None, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}}
+    patch = 16 if model_type == "qwen3_vl" else 14
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if model_type == "qwen2_5_vl":
+        vision.update(window_size=4 * patch, fullatt_block_indexes=[1])
+    if model_type == "qwen2_vl":
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2, "patch_size": patch,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if model_type == "qwen3_vl":
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+        text["rope_parameters"]["mrope_interleaved"] = True
+    cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **ids)
+    unit = patch * 2  # one merged image token covers unit × unit pixels
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                  size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit})
+    return cfg, ip, tok, {}
+
+
+def _gemma3():
+    from transformers import AutoConfig, Gemma3ImageProcessorPil
+
+    tok = _tokenizer(_GEMMA_SPECIALS, "<bos>", "<eos>", "<pad>",
+                     extra={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                            "image_token": "<image_soft_token>"})
+    text = {**_TEXT, "vocab_size": _vocab(tok), "query_pre_attn_scalar": 16, "sliding_window": 64,
+            "layer_types": ["sliding_attention", "full_attention"], "bos_token_id": tok.bos_token_id,
+            "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")],
+            "pad_token_id": tok.pad_token_id}
+    vision = {**_VIT, "model_type": "siglip_vision_model", "vision_use_head": False}
+    cfg = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                               **_ids(tok, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
+                                      image_token_index="<image_soft_token>"))
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return cfg, ip, tok, {"image_seq_length": 4}
+
+
+def _idefics3(model_type: str):
+    from transformers import AutoConfig, Idefics3ImageProcessorPil, SmolVLMImageProcessorPil
+
+    tok = _tokenizer(_IDEFICS_SPECIALS, None, "<end_of_utterance>", "<|endoftext|>")
+    text = {**_TEXT, "model_type": "llama", "vocab_size": _vocab(tok), "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+    cfg = AutoConfig.for_model(model_type, text_config=text, vision_config={**_VIT}, scale_factor=2,
+                               **_ids(tok, image_token_id="<image>"), pad_token_id=tok.pad_token_id)
+    cls = SmolVLMImageProcessorPil if model_type == "smolvlm" else Idefics3ImageProcessorPil
+    ip = cls(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    return cfg, ip, tok, {"image_seq_len": 4}
+
+
+def _llava(model_type: str):
+    from transformers import AutoConfig, CLIPImageProcessorPil, LlavaNextImageProcessorPil, \
+        LlavaOnevisionImageProcessorPil
+
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    if model_type == "llava_onevision":
+        tok = _tokenizer(_CHATML_SPECIALS, None, "<|im_end|>", "<|endoftext|>")
+        text = {**_TEXT, "model_type": "qwen2", "vocab_size": _vocab(tok), "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id}
+        vision = {**_VIT, "model_type": "siglip_vision_model", "vision_use_head": False}
+        cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                                   image_grid_pinpoints=[[32, 32]] + pinpoints, vision_feature_layer=-1,
+                                   vision_feature_select_strategy="full",
+                                   **_ids(tok, image_token_index="<image>", video_token_index="<video>"))
+        ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                             image_grid_pinpoints=[[32, 32]] + pinpoints)
+        return cfg, ip, tok, {"num_image_tokens": 16, "vision_feature_select_strategy": "full",
+                              "vision_aspect_ratio": "anyres_max_9"}
+    tok = _tokenizer(_LLAMA_SPECIALS, "<s>", "</s>", "<unk>")
+    text = {**_TEXT, "model_type": "llama", "vocab_size": _vocab(tok), "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {**_VIT, "model_type": "clip_vision_model", "projection_dim": 32}
+    extra = {"image_grid_pinpoints": pinpoints} if model_type == "llava_next" else {"image_seq_length": 16}
+    cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, vision_feature_layer=-2,
+                               vision_feature_select_strategy="default",
+                               **_ids(tok, image_token_index="<image>"), **extra)
+    if model_type == "llava_next":
+        ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                        image_grid_pinpoints=pinpoints)
+    else:
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return cfg, ip, tok, {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+
+
+def tiny_parts(model_type: str):
+    """(config, image processor, tokenizer, processor kwargs) of a tiny model of the family."""
+    if model_type.startswith("qwen"):
+        return _qwen(model_type)
+    if model_type == "gemma3":
+        return _gemma3()
+    if model_type in ("idefics3", "smolvlm"):
+        return _idefics3(model_type)
+    if model_type in ("llava", "llava_next", "llava_onevision"):
+        return _llava(model_type)
+    raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
+
+
+def write_tiny_checkpoint(model_type: str, out: str | Path, seed: int = 0) -> Path:
+    """Random-weight tiny model + processor of the family, saved with `save_pretrained` into `out`."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtrain.model.native.families import FAMILIES
+    from vlmtrain.model.native_templates import official_template
+
+    cfg, ip, tok, proc_kwargs = tiny_parts(model_type)
+    # Qwen3-VL has no vendored official template: its tiny checkpoint carries Qwen2.5-VL's (same chat format)
+    template = official_template(FAMILIES[model_type].template or "qwen2_5_vl")
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = cfg.get_text_config().eos_token_id
+    proc = build_image_only(model_type, ip, tok, chat_template=template, **proc_kwargs)
+    out = Path(out)
+    model.save_pretrained(out)
+    save_processor(proc, out)
+    return out

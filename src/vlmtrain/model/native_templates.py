@@ -1,0 +1,246 @@
+"""Official chat templates of the native transformers VLM families, and generation-marked copies for training.
+
+`official_template(family)` is the checkpoint's own Jinja chat template, vendored byte for byte (each constant names the
+checkpoint, the file, and the public copy it was taken from; `tests/test_native_templates.py` pins their SHA-256).
+`training_template(family)` is the same template with `{% generation %}…{% endgeneration %}` around what the model is
+trained to emit in an assistant turn — its text and the end-of-turn token(s) that close it, never the role header —
+so transformers' `return_assistant_tokens_mask=True` gives the label mask straight from the template (train/serve
+parity: both render the same text).
+
+Where the official template renders assistant and user turns through one shared piece of Jinja (Qwen, Gemma 3,
+SmolVLM, the shared `<|im_end|>` of LLaVA-OneVision), a generation tag alone would also mark user text, so that
+piece is wrapped as `{% if message['role'] == 'assistant' %}{% generation %}PIECE{% endgeneration %}{% else %}PIECE
+{% endif %}`: the same PIECE on both branches, so the rendered text cannot change. Removing these wrappers (and plain
+generation tags) gives back the official text exactly; the test checks that, and checks the rendering on real
+conversations with transformers' own renderer.
+
+In the raw strings below a line break inside a Jinja string literal (e.g. `'<image>` / `'`) is a newline character
+of the original template, not a formatting choice; nothing here is reflowed.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: E501  (vendored templates keep their own lines)
+
+# --- Qwen/Qwen2-VL-7B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct: chat_template.json (identical texts) -------------------
+# Copied from huggingface/huggingface.js packages/jinja/test/e2e.test.js, entry "Qwen/Qwen2.5-VL-7B-Instruct" (commit
+# fe42e68, 2026-08-21); the same bytes are the GGUF template of ollama's library/qwen2.5vl (huggingface.js
+# packages/ollama-utils/src/chat-template-automap.ts) and openvino.genai's src/cpp/src/tokenizer/
+# chat_template_fallback_map.hpp entry "Qwen2-VL-2B-Instruct (tokenizer_config.json)" (commit 8433e664e^).
+_QWEN2_VL = r"""{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system
+You are a helpful assistant.<|im_end|>
+{% endif %}<|im_start|>{{ message['role'] }}
+{% if message['content'] is string %}{{ message['content'] }}<|im_end|>
+{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>
+{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+# --- google/gemma-3-4b-it (also google/medgemma-4b-it): chat_template.json / tokenizer_config.json ---------------------
+# Copied from huggingface.js packages/ollama-utils/src/chat-template-automap.ts, entry "library/gemma3:270m" (the GGUF
+# copy of Google's template); identical to openvino.genai tests/python_tests/data/tokenizer_configs.py
+# "google/gemma-3-1b-it" and to the template in ggml-org/gemma-3-12b-it-GGUF (converted from google/gemma-3-12b-it on
+# 2025-03-12). All Gemma 3 instruction checkpoints share this template; the 4b-it file itself was not reachable here.
+_GEMMA3 = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '
+
+' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model
+'}}
+{%- endif -%}
+"""
+
+# --- HuggingFaceTB/SmolVLM-Instruct (SmolVLM-256M/500M-Instruct use the same template): chat_template.json ------------
+# Copied from huggingface.js packages/jinja/test/e2e.test.js, entry "HuggingFaceTB/SmolVLM-Instruct"
+# ("https://huggingface.co/HuggingFaceTB/SmolVLM-Instruct?chat_template=default"); the same text is transformers'
+# SmolVLM/Idefics3 processor test template. The 256M checkpoint's own file was not reachable here.
+_SMOLVLM = r"""<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>
+{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"""
+
+# --- llava-hf/llava-onevision-qwen2-7b-ov-hf: chat_template.json ---------------------------------------------------------
+# Copied from transformers tests/models/llava_onevision/test_processing_llava_onevision.py, prepare_processor_dict()
+# (the llava-hf OneVision template; it ships its own generation tags around the assistant text).
+_LLAVA_ONEVISION = r"""{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '
+' + content['text'] }}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ '
+' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant
+' }}{% endif %}"""
+
+# --- llava-hf/llava-v1.6-mistral-7b-hf: chat_template.json -------------------------------------------------------------
+# Copied from openvino.genai src/cpp/src/tokenizer/chat_template_fallback_map.hpp (commit 8433e664e^), entry
+# "tiny-random-llava-next, llava-v1.6-mistral (chat_template.json)" — a byte-exact match key for that file. As
+# published it closes an assistant turn with the literal text `<\s> ` (not the `</s>` eos) and has no generation prompt.
+_LLAVA_NEXT = r"""{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>
+' + message['content'][0]['text'] + '
+<</SYS>>
+
+' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>
+' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '<\s> '}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"""
+
+# --- llava-hf/llava-1.5-7b-hf: chat_template.json ------------------------------------------------------------------------
+# Copied from openvino.genai src/cpp/src/tokenizer/chat_template_fallback_map.hpp (commit 8433e664e^), entry
+# "llava-1.5, llava-v1.6-vicuna (chat_template.json)". It ships its own generation tags and renders no end-of-turn
+# token after an assistant turn.
+_LLAVA = r"""{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>
+' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"""
+
+_OFFICIAL: dict[str, str] = {
+    "qwen2_vl": _QWEN2_VL,
+    "qwen2_5_vl": _QWEN2_VL,
+    "gemma3": _GEMMA3,
+    "smolvlm": _SMOLVLM,
+    "llava_onevision": _LLAVA_ONEVISION,
+    "llava_next": _LLAVA_NEXT,
+    "llava": _LLAVA,
+}
+
+FAMILIES: tuple[str, ...] = tuple(_OFFICIAL)
+
+_IS_ASSISTANT = "message['role'] == 'assistant'"
+
+
+def _guarded(piece: str, *, trim: bool) -> str:
+    """`piece` marked as generated for assistant turns and rendered unmarked for any other role.
+
+    `trim` uses whitespace-trimming tags (`{%- … -%}`) for templates written in that style (Gemma 3), so the
+    inserted tags strip exactly the whitespace the official tags around `piece` already strip.
+    """
+    o, c = ("{%-", "-%}") if trim else ("{%", "%}")
+    # transformers renders with trim_blocks=True, which would eat a newline that followed `piece` in the official
+    # text and now follows the inserted `endif`; `+%}` turns trim_blocks off for that one tag.
+    close = "-%}" if trim else "+%}"
+    return (
+        f"{o} if {_IS_ASSISTANT} {c}{o} generation {c}{piece}{o} endgeneration {c}"
+        f"{o} else {c}{piece}{o} endif {close}"
+    )
+
+
+def _marked(piece: str) -> str:
+    """`piece` already sits in an assistant-only branch: plain generation tags suffice."""
+    return "{% generation %}" + piece + "{% endgeneration %}"
+
+
+def _span(template: str, start: str, end: str) -> str:
+    """The one piece of `template` from `start` through `end` (both anchors must occur exactly once)."""
+    for anchor in (start, end):
+        if template.count(anchor) != 1:
+            found = template.count(anchor)
+            raise AssertionError(f"vendored template changed: {anchor!r} occurs {found} times, expected 1")
+    i = template.index(start)
+    j = template.index(end, i) + len(end)
+    return template[i:j]
+
+
+def _replace_once(template: str, piece: str, new: str) -> str:
+    if template.count(piece) != 1:
+        found = template.count(piece)
+        raise AssertionError(f"vendored template changed: {piece[:60]!r}… occurs {found} times, expected 1")
+    return template.replace(piece, new)
+
+
+def _qwen2_vl_training(official: str) -> str:
+    # String content: `{{ message['content'] }}<|im_end|>`; list content: the parts loop + `<|im_end|>`. The newline
+    # after `<|im_end|>` is template glue the model never emits (generation stops at <|im_end|>), so it stays unmarked.
+    string_piece = "{{ message['content'] }}<|im_end|>"
+    parts_piece = _span(official, "{% for content in message['content'] %}", "{% endfor %}<|im_end|>")
+    out = _replace_once(official, string_piece, _guarded(string_piece, trim=False))
+    return _replace_once(out, parts_piece, _guarded(parts_piece, trim=False))
+
+
+def _gemma3_training(official: str) -> str:
+    # Content (string or parts) through `{{ '<end_of_turn>\n' }}`. That expression prints the turn's newline together
+    # with <end_of_turn>, so the newline is inside the span; the header `<start_of_turn>model\n` is not.
+    piece = _span(official, "{%- if message['content'] is string -%}", "{{ '<end_of_turn>\n' }}")
+    return _replace_once(official, piece, _guarded(piece, trim=True))
+
+
+def _smolvlm_training(official: str) -> str:
+    # The parts loop + <end_of_utterance>; the header ("Assistant" + ':' / ': ') and the newline after stay unmarked.
+    piece = _span(official, "{% for line in message['content'] %}", "{% endfor %}<end_of_utterance>")
+    return _replace_once(official, piece, _guarded(piece, trim=False))
+
+
+def _llava_onevision_training(official: str) -> str:
+    # The official template already marks '\n' + text in the assistant branch; add the shared <|im_end|> after it.
+    piece = "{{'<|im_end|>'}}"
+    return _replace_once(official, piece, _guarded(piece, trim=False))
+
+
+def _llava_next_training(official: str) -> str:
+    # One expression prints ' ' + text + the turn's closing literal, inside the assistant-only branch.
+    piece = "{{ ' ' + message['content'][0]['text'] + '<\\s> '}}"
+    return _replace_once(official, piece, _marked(piece))
+
+
+def _llava_training(official: str) -> str:
+    # Already marked upstream (`{% generation %}{{ content['text'] + ' '}}{% endgeneration %}`); the template renders
+    # no end-of-turn token, and adding one would change the rendered text, so the official template is used as is.
+    if official.count("{% generation %}") != 1:
+        raise AssertionError("vendored llava template changed: expected exactly one {% generation %} block")
+    return official
+
+
+_TRAINING_EDITS = {
+    "qwen2_vl": _qwen2_vl_training,
+    "qwen2_5_vl": _qwen2_vl_training,
+    "gemma3": _gemma3_training,
+    "smolvlm": _smolvlm_training,
+    "llava_onevision": _llava_onevision_training,
+    "llava_next": _llava_next_training,
+    "llava": _llava_training,
+}
+
+
+def _check_family(family: str) -> None:
+    if family not in _OFFICIAL:
+        raise ValueError(f"unknown native VLM family {family!r}; supported families: {', '.join(FAMILIES)}")
+
+
+def official_template(family: str) -> str:
+    """The family's official chat template, byte for byte as its reference checkpoint ships it."""
+    _check_family(family)
+    return _OFFICIAL[family]
+
+
+def training_template(family: str) -> str:
+    """The official template with generation marks around each assistant turn's text and end-of-turn token(s)."""
+    _check_family(family)
+    return _TRAINING_EDITS[family](_OFFICIAL[family])

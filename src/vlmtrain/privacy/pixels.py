@@ -1,0 +1,148 @@
+"""What the pixels show: faces (biometric identifiers) and burned-in text, found in the image the gate would
+write to a shard (an 8-bit RGB PNG), so that what is checked is exactly what is kept.
+
+    faces = find_faces(rgb)              # [(x, y, w, h)] boxes, [n, 4]
+    words = read_text(rgb)               # [OcrWord(text, box, line)] from Tesseract
+    rgb2 = blackout(rgb, boxes)          # the same image with the boxes filled black
+
+Faces: OpenCV's Haar cascades that ship inside `opencv-python-headless` (no download): the frontal-face
+`alt2` and `default` cascades, a face is any box either finds (recall-first: a false reject costs one image; a
+missed face puts a biometric identifier in the training set). Images are scaled so the long side is at most
+`FACE_MAX_SIDE` pixels first (cost), which keeps faces down to about 4% of the long side.
+
+Text: Debian's `tesseract-ocr` through `pytesseract`, run once on the grey image turned dark-on-light (radiology
+overlays are usually light on a dark image; Tesseract reads dark on light best), upscaled up to
+`OCR_MAX_UPSCALE` times so small overlay text nears the height Tesseract expects. `ocr_available()` says whether the binary is there; the gate refuses every record when
+it is not (it never passes pixels it could not read).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+FACE_MAX_SIDE = 800
+OCR_MIN_CONFIDENCE = 30  # Tesseract word confidence (0-100); lower words are noise on textured images
+OCR_TARGET_SIDE = 1200   # images are upscaled (never downscaled) towards this long side ...
+OCR_MAX_UPSCALE = 3.0    # ... by at most this factor (a 64 x 64 MR holds no readable text worth 20x the cost)
+
+
+@dataclass(frozen=True)
+class OcrWord:
+    text: str
+    box: tuple[int, int, int, int]  # x, y, w, h in the input image's pixels
+    line: tuple[int, int, int, int]  # (pass, block, paragraph, line): words of one line share it
+
+
+def gray(rgb: np.ndarray) -> np.ndarray:
+    """[h, w, 3] uint8 RGB → [h, w] uint8 luminance."""
+    import cv2
+
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
+_local = threading.local()
+
+
+def _cascades():
+    """This thread's cascades: a CascadeClassifier is not safe to share between threads (the gate's workers are
+    threads), and loading one costs ~50 ms, so each worker thread keeps its own."""
+    import cv2
+
+    if getattr(_local, "cascades", None) is not None:
+        return _local.cascades
+    cv2.setNumThreads(1)  # the gate's workers are the parallelism
+    out = []
+    for name in ("haarcascade_frontalface_alt2.xml", "haarcascade_frontalface_default.xml"):
+        c = cv2.CascadeClassifier(cv2.data.haarcascades + name)
+        if c.empty():
+            raise RuntimeError(f"OpenCV cascade {name} did not load from {cv2.data.haarcascades}")
+        out.append(c)
+    _local.cascades = tuple(out)
+    return _local.cascades
+
+
+def find_faces(rgb: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Face boxes (x, y, w, h) in `rgb` ([h, w, 3] uint8) pixels; empty when none."""
+    import cv2
+
+    g = gray(rgb)
+    scale = min(1.0, FACE_MAX_SIDE / max(g.shape))
+    if scale < 1.0:
+        g = cv2.resize(g, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    g = cv2.equalizeHist(g)
+    boxes = []
+    for cascade in _cascades():
+        for x, y, w, h in cascade.detectMultiScale(g, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24)):
+            boxes.append(tuple(int(round(v / scale)) for v in (x, y, w, h)))
+    return boxes
+
+
+def ocr_available() -> bool:
+    try:
+        import pytesseract  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("tesseract") is not None
+
+
+def tesseract_version() -> str | None:
+    if not ocr_available():
+        return None
+    import pytesseract
+
+    return str(pytesseract.get_tesseract_version())
+
+
+def read_text(rgb: np.ndarray) -> list[OcrWord]:
+    """Words Tesseract reads in `rgb` ([h, w, 3] uint8)."""
+    import cv2
+    import pytesseract
+
+    g = gray(rgb)
+    if np.median(g) < 128:  # mostly dark: text is light on dark
+        g = 255 - g
+    scale = min(OCR_MAX_UPSCALE, max(1.0, OCR_TARGET_SIDE / max(g.shape)))
+    if scale > 1.0:
+        g = cv2.resize(g, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
+    words: list[OcrWord] = []
+    for n, img in enumerate((g,)):
+        # psm 11: sparse text, no page layout — overlays are scattered labels, not paragraphs
+        d = pytesseract.image_to_data(img, config="--psm 11", output_type=pytesseract.Output.DICT)
+        for i, t in enumerate(d["text"]):
+            t = t.strip()
+            if not t or float(d["conf"][i]) < OCR_MIN_CONFIDENCE:
+                continue
+            box = tuple(int(round(d[k][i] / scale)) for k in ("left", "top", "width", "height"))
+            words.append(OcrWord(t, box, (n, d["block_num"][i], d["par_num"][i], d["line_num"][i])))
+    return words
+
+
+def lines(words: list[OcrWord]) -> list[tuple[str, list[tuple[int, int, OcrWord]]]]:
+    """Words grouped into text lines: (line text, [(start, end, word)]) with character offsets into the text."""
+    by_line: dict = {}
+    for w in words:
+        by_line.setdefault(w.line, []).append(w)
+    out = []
+    for ws in by_line.values():
+        ws.sort(key=lambda w: w.box[0])
+        text, spans = "", []
+        for w in ws:
+            if text:
+                text += " "
+            spans.append((len(text), len(text) + len(w.text), w))
+            text += w.text
+        out.append((text, spans))
+    return out
+
+
+def blackout(rgb: np.ndarray, boxes: list[tuple[int, int, int, int]], pad: int = 2) -> np.ndarray:
+    """A copy of `rgb` ([h, w, 3] uint8) with each (x, y, w, h) box, grown by `pad` pixels, filled black."""
+    out = rgb.copy()
+    h, w = out.shape[:2]
+    for x, y, bw, bh in boxes:
+        out[max(0, y - pad):min(h, y + bh + pad), max(0, x - pad):min(w, x + bw + pad)] = 0
+    return out

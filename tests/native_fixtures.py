@@ -1,0 +1,60 @@
+"""Shared helpers for native-family tests: tiny checkpoints written by `save_pretrained`, records with 0/1/2 images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision", "llava_next",
+            "llava")
+
+
+def checkpoint(root: Path, family: str) -> Path:
+    """A tiny checkpoint folder of `family` under `root` (written once per session root)."""
+    from vlmtrain.model.native.tiny import write_tiny_checkpoint
+
+    out = root / family
+    if not (out / "config.json").is_file():
+        write_tiny_checkpoint(family, out)
+    return out
+
+
+def model_config(path: Path, **extra):
+    from vlmtrain.config.model import NativeModelConfig
+
+    chat = {}
+    if "qwen3" in path.name:  # no vendored Qwen3-VL template: the config gives a marked one (Qwen2.5-VL's format)
+        from vlmtrain.model.native_templates import training_template
+
+        chat = {"chat_template": training_template("qwen2_5_vl")}
+    return NativeModelConfig(pretrained=str(path), **chat, **extra)
+
+
+def image(w: int, h: int, seed: int = 0):
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def user(*parts) -> dict:
+    return {"role": "user", "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts]}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+IMG = {"type": "image"}
+
+
+def records() -> list[tuple[dict, list]]:
+    """(record, images): one image; text only, two turns; two images of different sizes."""
+    return [
+        ({"id": "one", "kind": "chat", "messages": [user(IMG, "what digit is this"), assistant("seven")]},
+         [image(40, 30, 1)]),
+        ({"id": "text", "kind": "chat", "messages": [user("hello there"), assistant("one two"), user("and then"),
+                                                     assistant("three")]}, []),
+        ({"id": "two", "kind": "chat", "messages": [user(IMG, IMG, "compare them"), assistant("the same")]},
+         [image(64, 64, 2), image(30, 50, 3)]),
+    ]

@@ -1,0 +1,193 @@
+"""Vendored official chat templates and their generation-marked training copies (train/serve parity).
+
+References are independent of `native_templates`' own logic: SHA-256 of the upstream bytes (computed when the
+templates were copied, from the public copies named in the module), transformers' own Jinja renderer
+(`render_jinja_template`, the function behind `apply_chat_template`), and hand-written expectations of what each
+family's assistant turn looks like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from vlmtrain.model import native_templates
+from vlmtrain.model.native_templates import FAMILIES, official_template, training_template
+
+# SHA-256 of each official template's UTF-8 bytes, computed from the upstream copies (see the module's comments):
+# huggingface.js e2e.test.js / chat-template-automap.ts, openvino.genai chat_template_fallback_map.hpp (8433e664e^),
+# transformers' test_processing_llava_onevision.py.
+OFFICIAL_SHA256 = {
+    "qwen2_vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+    "qwen2_5_vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+    "gemma3": "7de1c58e208eda46e9c7f86397df37ec49883aeece39fb961e0a6b24088dd3c4",
+    "smolvlm": "830005085ddd94cec605b6e21b885b28ffad6e3f82ee6a212c523533e8f04f01",
+    "llava_onevision": "fbf77862dcdda46840b6da02767d651eadad3582310e40fed04dc7594a0a80dd",
+    "llava_next": "ac1751256d0e7c19dcbac63d0feebee11bf81b86015276d08ee8b1f9ba0a42bc",
+    "llava": "6fef09c05345e88b9f85e80bcb3491003332050750586568bdf91cfa81965d0c",
+}
+
+# What an assistant turn with text T looks like inside the generation marks, written out by hand per family from
+# the official templates: the text plus the end-of-turn piece the template prints after it.
+ASSISTANT_SPAN = {
+    "qwen2_vl": lambda t: t + "<|im_end|>",
+    "qwen2_5_vl": lambda t: t + "<|im_end|>",
+    "gemma3": lambda t: t.strip() + "<end_of_turn>\n",
+    "smolvlm": lambda t: t + "<end_of_utterance>",
+    "llava_onevision": lambda t: "\n" + t + "<|im_end|>",
+    "llava_next": lambda t: " " + t + "<\\s> ",
+    "llava": lambda t: t + " ",
+}
+IMAGE_PLACEHOLDER = {
+    "qwen2_vl": "<|image_pad|>",
+    "qwen2_5_vl": "<|image_pad|>",
+    "gemma3": "<start_of_image>",
+    "smolvlm": "<image>",
+    "llava_onevision": "<image>",
+    "llava_next": "<image>",
+    "llava": "<image>",
+}
+RENDER_KWARGS = {"bos_token": "<bos>", "eos_token": "</s>"}
+
+
+def _text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+IMAGE = {"type": "image"}
+CONVERSATIONS = {
+    "single_turn_image": [
+        {"role": "user", "content": [IMAGE, _text("What is shown in this image?")]},
+        {"role": "assistant", "content": [_text("A red stop sign at a crossing.")]},
+    ],
+    "multi_turn": [
+        {"role": "user", "content": [IMAGE, _text("What animal is this?")]},
+        {"role": "assistant", "content": [_text("A cat.")]},
+        {"role": "user", "content": [_text("What colour is it?")]},
+        {"role": "assistant", "content": [_text("Black and white.")]},
+    ],
+    "system_message": [
+        {"role": "system", "content": [_text("You are a careful radiologist.")]},
+        {"role": "user", "content": [IMAGE, _text("Findings?")]},
+        {"role": "assistant", "content": [_text("No acute cardiopulmonary findings.")]},
+    ],
+    "text_only": [
+        {"role": "user", "content": [_text("Say hello in French.")]},
+        {"role": "assistant", "content": [_text("Bonjour !")]},
+    ],
+    "two_images": [
+        {"role": "user", "content": [IMAGE, IMAGE, _text("Which one is larger?")]},
+        {"role": "assistant", "content": [_text("The left one.")]},
+    ],
+}
+
+
+def _render(template: str, messages: list[dict], *, add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+    rendered, indices = render_jinja_template(
+        [messages],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        return_assistant_tokens_mask=True,
+        **RENDER_KWARGS,
+    )
+    return rendered[0], indices[0]
+
+
+def _merged(indices: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent generation blocks (e.g. text, then a separately printed end-of-turn) as one span."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(indices):
+        if out and start == out[-1][1]:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+# A mark is a plain `{% generation %}…{% endgeneration %}` pair, or a role-guarded duplicate of an official piece:
+# `{% if message['role'] == 'assistant' %}{% generation %}P{% endgeneration %}{% else %}P{% endif %}` (any `-`/`+`
+# whitespace-control variants). Written here independently of the module.
+_GUARDED = re.compile(
+    r"\{%-? if message\['role'\] == 'assistant' -?%\}\{%-? generation -?%\}(?P<p>.*?)\{%-? endgeneration -?%\}"
+    r"\{%-? else -?%\}(?P=p)\{%-? endif [-+]?%\}",
+    re.S,
+)
+_TAG = re.compile(r"\{%-? (?:generation|endgeneration) -?%\}")
+
+
+def _strip_marks(template: str) -> str:
+    return _TAG.sub("", _GUARDED.sub(lambda m: m.group("p"), template))
+
+
+def test_every_family_has_a_pinned_upstream_hash():
+    assert set(FAMILIES) == set(OFFICIAL_SHA256)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_official_template_is_the_vendored_upstream_text(family):
+    assert hashlib.sha256(official_template(family).encode()).hexdigest() == OFFICIAL_SHA256[family]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removing_the_marks_gives_back_the_official_template(family):
+    official, training = official_template(family), training_template(family)
+    assert training != official or family == "llava"  # llava ships its own marks and renders no end-of-turn
+    # The official templates of llava and llava_onevision already carry generation tags; the others carry none.
+    assert _strip_marks(training) == _strip_marks(official)
+    if family not in ("llava", "llava_onevision"):
+        assert _strip_marks(official) == official
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_template_renders_exactly_like_the_official_one(family, conversation, add_generation_prompt):
+    messages = CONVERSATIONS[conversation]
+    if add_generation_prompt:
+        messages = messages[:-1]  # a prompt ends with the user turn the model answers
+    official, _ = _render(official_template(family), messages, add_generation_prompt=add_generation_prompt)
+    training, _ = _render(training_template(family), messages, add_generation_prompt=add_generation_prompt)
+    assert training == official
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_spans_are_exactly_the_assistant_turns(family, conversation):
+    messages = CONVERSATIONS[conversation]
+    rendered, indices = _render(training_template(family), messages, add_generation_prompt=False)
+    spans = [rendered[a:b] for a, b in _merged(indices)]
+    replies = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
+    assert spans == [ASSISTANT_SPAN[family](r) for r in replies]
+    others = [p["text"] for m in messages if m["role"] != "assistant" for p in m["content"] if p["type"] == "text"]
+    for span in spans:
+        assert IMAGE_PLACEHOLDER[family] not in span
+        assert not any(text in span for text in others)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_string_content_is_marked_too(family):
+    """Qwen and Gemma 3 templates also render `content` given as a plain string; that branch is marked as well."""
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
+    official, _ = _render(official_template(family), messages, add_generation_prompt=False)
+    rendered, indices = _render(training_template(family), messages, add_generation_prompt=False)
+    assert rendered == official
+    assert [rendered[a:b] for a, b in _merged(indices)] == [ASSISTANT_SPAN[family]("Hello.")]
+
+
+def test_a_changed_vendored_template_fails_loudly(monkeypatch):
+    changed = official_template("qwen2_5_vl").replace("<|im_end|>", "<|end|>")
+    monkeypatch.setitem(native_templates._OFFICIAL, "qwen2_5_vl", changed)
+    with pytest.raises(AssertionError, match="vendored template changed"):
+        training_template("qwen2_5_vl")
+
+
+def test_unknown_family_is_refused_with_the_supported_list():
+    with pytest.raises(ValueError) as err:
+        training_template("paligemma")
+    assert "paligemma" in str(err.value)
+    assert all(family in str(err.value) for family in FAMILIES)
+    with pytest.raises(ValueError):
+        official_template("paligemma")
