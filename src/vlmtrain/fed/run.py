@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -162,6 +164,8 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
     plan_path.write_text(json.dumps(plan, indent=1))
     (coord / "summary.json").unlink(missing_ok=True)
     net = Loopback(out / "deploy")
+    # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         net.start_superlink()
         for name, site_dir in plan["sites"].items():
@@ -172,6 +176,7 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
         net.save_run_log(run)
     finally:
         net.stop()
+        signal.signal(signal.SIGTERM, previous)
     if not (coord / "summary.json").is_file():
         raise VlmtrainError(f"federation run ended ({status}) without a coordinator summary; see "
                             f"{out / 'deploy' / 'logs'}")
