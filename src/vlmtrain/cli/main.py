@@ -13,6 +13,7 @@ import sys
 
 from vlmtrain import __version__
 from vlmtrain.cli import data as cli_data
+from vlmtrain.cli import fed as cli_fed
 from vlmtrain.cli import plan as cli_plan
 from vlmtrain.cli import prep
 from vlmtrain.cli import privacy as cli_privacy
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep.add_parser(sub)
     cli_privacy.add_parser(sub)
+    cli_fed.add_parser(sub)
     return p
 
 

@@ -250,3 +250,5 @@ class RecipeConfig(_Strict):
     model: str | dict[str, Any] = Field(description="model YAML path (relative to the recipe) or inline")
     stages: list[dict[str, Any]] = Field(min_length=1, description="stage configs, run in order")
     defaults: dict[str, Any] = Field(default_factory=dict, description="merged under every stage")
+    federated: dict[str, Any] | None = Field(None, description="federated training of one stage across sites "
+                                                                "(`vlmtrain fed run`; validated by vlmtrain.fed.config)")

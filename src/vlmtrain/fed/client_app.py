@@ -1,0 +1,76 @@
+"""The site's Flower ClientApp (Message API): one `train` message = one DP round at the site (`fed.site`).
+
+The SuperNode's `--node-config` names the site's own things: `site-dir` (gated shards, ledger, kept replies) and
+`base-model` (the base model on local disk). The message brings the global trainable arrays and the round's
+request; the reply holds only the allow-listed content (`fed.arrays`): trainable arrays, numeric metrics, the
+site's name and the sha256 of the gate report it trained under. A refused round (budget, missing gate report,
+mismatched arrays) is an error reply with the reason — which names no record, path or patient.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+
+from vlmtrain.errors import VlmtrainError
+from vlmtrain.fed.arrays import from_record, to_record
+
+REFUSED = 601  # Flower error code for a round a site refuses (budget, gate)
+WIRE_LOG_ENV = "VLMTRAIN_FED_WIRE_LOG"
+
+
+def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
+    """With VLMTRAIN_FED_WIRE_LOG=DIR in the SuperNode's environment, write every outgoing reply as it leaves the
+    ClientApp: each record's type and keys, every config/metric value, and per array its dtype, shape, byte length
+    and sha256 of its serialised buffer. For audits and the allow-list test; off by default."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    reply = call_next(msg, context)
+    out = os.environ.get(WIRE_LOG_ENV)
+    if out and reply.has_content():
+        dump = {}
+        for key, rec in reply.content.items():
+            kind = type(rec).__name__
+            if kind == "ArrayRecord":
+                dump[key] = {"type": kind, "items": {n: {"dtype": a.dtype, "shape": list(a.shape),
+                                                         "bytes": len(a.data),
+                                                         "sha256": hashlib.sha256(a.data).hexdigest()}
+                                                     for n, a in rec.items()}}
+            else:
+                dump[key] = {"type": kind, "items": {n: v if isinstance(v, (int, float, str, bool)) else repr(v)
+                                                     for n, v in rec.items()}}
+        site = str(context.node_config.get("site-name", context.node_id))
+        path = Path(out) / f"{site}-{reply.metadata.reply_to_message_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dump))
+    return reply
+
+
+app = ClientApp(mods=[wire_log_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from vlmtrain.fed.site import RoundRequest, Site
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = msg.content["config"]
+    site = Site(str(context.node_config["site-dir"]), str(context.node_config["base-model"]),
+                name=str(context.node_config.get("site-name", "")) or None)
+    req = RoundRequest(run=str(cfg["run"]), round=int(cfg["server-round"]), local_steps=int(cfg["local-steps"]),
+                       total_steps=int(cfg["total-steps"]), stage=json.loads(str(cfg["stage"])),
+                       epsilon_budget=float(cfg["epsilon-budget"]), seed=int(cfg["seed"]))
+    try:
+        arrays, metrics, info = site.train_round(req, from_record(msg.content["arrays"]))
+    except VlmtrainError as e:
+        # the reason is the library's own message (budget numbers, a missing file of this site); no record data
+        return Message(Error(code=REFUSED, reason=f"site {site.name}: {e}"), reply_to=msg)
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"site": site.name, **info})})
+    return Message(content=content, reply_to=msg)

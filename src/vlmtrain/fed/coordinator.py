@@ -1,0 +1,184 @@
+"""The coordinator's round loop and its checkpoint; runs inside Flower's ServerApp (`fed.server_app`).
+
+The loop is Flower's own strategy (`flwr.serverapp.strategy.FedAvg`: node sampling, message construction, the
+weighted mean of `aggregate_train`) driven one round at a time, so that every round can be checkpointed:
+`Strategy.start` runs all rounds in one call and keeps its state in memory.
+
+Quorum with a deadline: Flower's `sample_nodes` waits forever for `min_available_nodes`; `QuorumFedAvg` waits at
+most `round_timeout_s` and then trains with the nodes that are connected; `Grid.send_and_receive(timeout=...)`
+returns the replies that arrived by the deadline. A round with fewer than `min_sites` valid replies is skipped:
+the global arrays stay, and sites that did train have charged their own ledgers (their ε is what they released).
+
+Checkpoint (`COORD/checkpoint/`): `arrays-roundNNNN.npz` (global trainable arrays) and `state.json` (round
+counter, per-round history with bytes and site metrics, the plan's hash), each written to a temporary name and
+`os.replace`d, arrays first: `state.json` names the arrays file it goes with, so a crash between the two leaves
+the previous consistent pair. FedAvg has no state of its own beyond the arrays; the sites' RNG is derived from
+(seed, site, round), so a resumed run repeats exactly the rounds an uninterrupted one would run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlmtrain.fed.arrays import from_record, payload_bytes, to_record, wire_bytes
+from vlmtrain.fed.ledger import write_json_atomic
+
+log = logging.getLogger("vlmtrain.fed")
+
+
+def plan_hash(plan: dict) -> str:
+    keep = {k: plan[k] for k in ("run", "rounds", "local_steps", "stage", "seed", "epsilon_budget")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def quorum_strategy(min_sites: int, deadline_s: float):
+    from flwr.serverapp.strategy import FedAvg
+
+    class QuorumFedAvg(FedAvg):
+        """FedAvg whose node sampling waits for `min_sites` at most `deadline_s`, then takes every connected
+        node (fraction 1.0); fewer than `min_sites` → no messages (the round is skipped)."""
+
+        def configure_train(self, server_round, arrays, config, grid):
+            from flwr.app import Message, RecordDict
+            from flwr.app.message_type import MessageType
+
+            t_end = time.time() + deadline_s
+            while len(nodes := sorted(grid.get_node_ids())) < min_sites and time.time() < t_end:
+                time.sleep(0.5)
+            if len(nodes) < min_sites:
+                log.warning(f"round {server_round}: {len(nodes)} sites connected after {deadline_s:.0f}s, "
+                            f"quorum {min_sites}: round skipped")
+                return []
+            config["server-round"] = server_round
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+
+    return QuorumFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites,
+                        min_available_nodes=min_sites)
+
+
+class Checkpoint:
+    def __init__(self, coord_dir: str | Path):
+        self.dir = Path(coord_dir) / "checkpoint"
+
+    def load(self, plan: dict) -> tuple[int, dict[str, np.ndarray] | None, list[dict]]:
+        state_path = self.dir / "state.json"
+        if not state_path.is_file():
+            return 0, None, []
+        state = json.loads(state_path.read_text())
+        if state["plan_hash"] != plan_hash(plan):
+            from vlmtrain.errors import VlmtrainError
+
+            raise VlmtrainError(f"{state_path}: written for another federation plan ({state['plan_hash']}); "
+                                "resume with the same recipe, or choose another --out")
+        with np.load(self.dir / state["arrays"]) as z:
+            arrays = {n: z[n] for n in z.files}
+        return state["round"], arrays, state["history"]
+
+    def save(self, rnd: int, arrays: dict[str, np.ndarray], history: list[dict], plan: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"arrays-round{rnd:04d}.npz"
+        tmp = self.dir / f"arrays-round{rnd:04d}.tmp.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+        write_json_atomic(self.dir / "state.json", {"round": rnd, "arrays": name, "history": history,
+                                                    "plan_hash": plan_hash(plan)})
+        for old in self.dir.glob("arrays-round*.npz"):  # earlier rounds' arrays: state.json no longer names them
+            if old.name != name:
+                old.unlink()
+
+
+def round_config(plan: dict):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({"run": plan["run"], "local-steps": plan["local_steps"],
+                         "total-steps": plan["rounds"] * plan["local_steps"], "stage": json.dumps(plan["stage"]),
+                         "epsilon-budget": float(plan["epsilon_budget"]), "seed": plan["seed"]})
+
+
+def reply_record(msg) -> dict:
+    """What the coordinator keeps of one reply: site, bytes, metrics."""
+    c = msg.content
+    return {"site": str(c["site"]["site"]), "node_id": int(msg.metadata.src_node_id),
+            "bytes_up": wire_bytes(c["arrays"]), "payload_bytes": payload_bytes(c["arrays"]),
+            "metrics": {k: float(v) for k, v in c["metrics"].items()},
+            "gate_report_sha256": str(c["site"]["gate_report_sha256"])}
+
+
+def run_rounds(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
+    """Rounds `state.round + 1 .. plan.rounds`; returns the final state (round, arrays, history)."""
+    coord = Path(plan["coordinator_dir"])
+    ckpt = Checkpoint(coord)
+    done, arrays, history = ckpt.load(plan)
+    if arrays is None:
+        arrays = initial
+    elif done:
+        log.info(f"coordinator: resuming after round {done} from {ckpt.dir}")
+    strategy = quorum_strategy(plan["min_sites"], plan["round_timeout_s"])
+    for rnd in range(done + 1, plan["rounds"] + 1):
+        t0 = time.time()
+        msgs = list(strategy.configure_train(rnd, to_record(arrays), round_config(plan), grid))
+        replies = list(grid.send_and_receive(msgs, timeout=plan["round_timeout_s"])) if msgs else []
+        valid = sorted((m for m in replies if not m.has_error()), key=lambda m: str(m.content["site"]["site"]))
+        errors = [str(m.error.reason) for m in replies if m.has_error()]
+        entry = {"round": rnd, "sent": len(msgs), "replies": [reply_record(m) for m in valid], "errors": errors}
+        if len(valid) >= plan["min_sites"]:
+            agg, _ = strategy.aggregate_train(rnd, valid)
+            arrays = from_record(agg)
+            entry["aggregated"] = True
+        else:
+            entry["aggregated"] = False
+            log.warning(f"round {rnd}: {len(valid)} valid replies, quorum {plan['min_sites']}: not aggregated"
+                        + (f" ({'; '.join(errors)})" if errors else ""))
+        entry["seconds"] = time.time() - t0
+        history.append(entry)
+        ckpt.save(rnd, arrays, history, plan)
+        log.info(f"coordinator: round {rnd}/{plan['rounds']} in {entry['seconds']:.1f}s, "
+                 f"{len(valid)}/{len(msgs)} sites, aggregated={entry['aggregated']}")
+        if plan.get("stop_after_round") == rnd:  # tests: a coordinator stopped right after a checkpoint
+            log.info("coordinator: stopping after this round (stop_after_round)")
+            return {"round": rnd, "arrays": arrays, "history": history, "stopped": True}
+    return {"round": plan["rounds"], "arrays": arrays, "history": history, "stopped": False}
+
+
+def federation_summary(plan: dict, state: dict) -> dict:
+    """`summary.json` of the federation: rounds, sites, bytes per round, and the privacy report (per-site
+    patient-level ε as the sites reported it; global = max over patient-disjoint sites, else their sum)."""
+    history = state["history"]
+    sites: dict[str, dict] = {}
+    for h in history:
+        for r in h["replies"]:
+            sites[r["site"]] = {"epsilon": r["metrics"]["epsilon"], "delta": r["metrics"]["delta"],
+                                "noise_multiplier": r["metrics"]["noise_multiplier"],
+                                "sample_rate": r["metrics"]["sample_rate"],
+                                "steps_this_run": sites.get(r["site"], {}).get("steps_this_run", 0)
+                                + int(r["metrics"]["steps"]),
+                                "units": int(r["metrics"]["num-examples"]),
+                                "gate_report_sha256": r["gate_report_sha256"]}
+    per_round = [{r["site"]: r["bytes_up"] for r in h["replies"]} for h in history]
+    eps = [s["epsilon"] for s in sites.values()]
+    disjoint = plan.get("patients_disjoint", True)
+    return {
+        "status": "completed" if state["round"] == plan["rounds"] and not state.get("stopped") else "stopped",
+        "federated": {"rounds": len(history), "rounds_aggregated": sum(h["aggregated"] for h in history),
+                      "sites": sorted(sites), "bytes_up_per_round": per_round,
+                      "payload_bytes_per_site": {r["site"]: r["payload_bytes"] for h in history
+                                                 for r in h["replies"]},
+                      "round_seconds": [h["seconds"] for h in history], "secure_aggregation": False,
+                      "strategy": "fedavg", "min_sites": plan["min_sites"], "local_steps": plan["local_steps"],
+                      "errors": [e for h in history for e in h["errors"]]},
+        "privacy": {"sites": sites, "epsilon": (max(eps) if disjoint else sum(eps)) if eps else 0.0,
+                    "delta": max((s["delta"] for s in sites.values()), default=None),
+                    "composition": "max over patient-disjoint sites" if disjoint else "sum over sites",
+                    "unit": plan["stage"]["privacy"]["unit"]},
+    }

@@ -1,0 +1,222 @@
+"""Flower's Deployment Engine on one machine: a SuperLink and one SuperNode per site as local processes on
+127.0.0.1, started and stopped by PID, and `flwr run` of vlmtrain's Flower app against them.
+
+Every process gets the environment Flower needs here (`flower_env`): no runtime dependency installation (the
+SuperLink would otherwise `uv sync` the app's dependencies, pulling a CUDA torch), no telemetry, no update check,
+its own `FLWR_HOME` (connection settings in `FLWR_HOME/config.toml`). `flwr run` may exit 0 when the ServerApp
+crashed, so the run's status is read back with `flwr ls` and the coordinator's own summary is required.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmtrain.errors import VlmtrainError
+
+log = logging.getLogger("vlmtrain.fed")
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "vlmtrain-fed"
+version = "1.0.0"
+description = "vlmtrain federated DP stage (the code is the installed vlmtrain package)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "vlmtrain"
+
+[tool.flwr.app.components]
+serverapp = "vlmtrain.fed.server_app:app"
+clientapp = "vlmtrain.fed.client_app:app"
+
+[tool.flwr.app.config]
+plan = ""
+"""
+
+
+def flower_env(flwr_home: Path) -> dict:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_USAGE_STATS_ENABLED="0",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # the SuperLink/SuperNode start `flower-superexec` / `flwr-serverapp` / `flwr-clientapp` by name
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_app(app_dir: Path) -> Path:
+    """The Flower app folder `flwr run` packages: a pyproject naming vlmtrain's ServerApp and ClientApp."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+    return app_dir
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise VlmtrainError(f"{name}: not found beside {sys.executable}; install the federated extra "
+                            "(`pip install -c requirements/constraints-fed.txt -e .[fed]`)")
+    return str(path)
+
+
+@dataclass
+class Loopback:
+    """SuperLink + SuperNodes on 127.0.0.1; `stop()` ends exactly the processes it started (by PID)."""
+
+    root: Path
+    port: int = 0
+    secure: bool = True  # TLS (a CA and server certificate made here) + SuperNode authentication (registered keys)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.home = self.root / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.env = flower_env(self.home)
+        (self.root / "logs").mkdir(exist_ok=True)
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        out = open(self.root / "logs" / f"{name}.log", "ab")
+        # a new session: Flower's own children (ServerApp/ClientApp processes) are stopped with their parent
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs[name] = p
+        (self.root / "logs" / f"{name}.pid").write_text(str(p.pid))
+        return p
+
+    def start_superlink(self) -> None:
+        (self.root / "superlink.db").unlink(missing_ok=True)  # a fresh SuperLink; the coordinator keeps the state
+        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--database", str(self.root / "superlink.db")]
+        conn = f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
+        if self.secure:
+            from vlmtrain.fed.certs import make_tls
+
+            self.tls = make_tls(self.root / "certs")
+            cmd += ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
+                    "--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth"]
+            conn += f'root-certificates = "{self.tls["ca"]}"\n'
+        else:
+            cmd += ["--insecure"]
+            conn += "insecure = true\n"
+        self._start("superlink", cmd)
+        (self.home / "config.toml").write_text(conn)
+        self._wait_port(self.port, "superlink")
+
+    def site_key(self, name: str, register: bool = True) -> Path:
+        """A key pair for the site; its public key registered at the SuperLink (`flwr supernode register`)."""
+        from vlmtrain.fed.certs import make_site_key
+
+        keys = make_site_key(self.root / "site-keys", name)
+        if register:
+            r = self.flwr("supernode", "register", str(keys["public"]), "loopback", "--name", name,
+                          "--format", "json")
+            if r.returncode != 0 or '"success": true' not in r.stdout:
+                raise VlmtrainError(f"flwr supernode register {name} failed: {r.stdout[-1000:]} {r.stderr[-1000:]}")
+        return keys["private"]
+
+    def start_site(self, name: str, site_dir: Path, base_model: Path, register: bool = True,
+                   max_retries: int | None = None) -> None:
+        node_config = f'site-dir="{site_dir}" base-model="{base_model}" site-name="{name}"'
+        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+               "--port", str(free_port()), "--node-config", node_config]
+        if self.secure:
+            cmd += ["--root-certificates", str(self.tls["ca"]),
+                    "--auth-supernode-private-key", str(self.site_key(name, register))]
+        else:
+            cmd += ["--insecure"]
+        if max_retries is not None:
+            cmd += ["--max-retries", str(max_retries)]
+        self._start(f"site-{name}", cmd)
+
+    def nodes(self) -> list[dict]:
+        """The SuperLink's registered SuperNodes (`flwr supernode ls`)."""
+        r = self.flwr("supernode", "ls", "loopback", "--format", "json")
+        try:
+            return json.loads(r.stdout)["nodes"]
+        except (ValueError, KeyError):
+            raise VlmtrainError(f"flwr supernode ls failed: {r.stdout[-1000:]} {r.stderr[-1000:]}") from None
+
+    def _wait_port(self, port: int, name: str, timeout: float = 60) -> None:
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            if self.procs[name].poll() is not None:
+                raise VlmtrainError(f"{name} exited with {self.procs[name].returncode}; see "
+                                    f"{self.root / 'logs' / (name + '.log')}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise VlmtrainError(f"{name}: port {port} not open after {timeout:.0f}s")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=self.root)
+
+    def submit(self, app_dir: Path, plan_path: Path) -> int:
+        r = self.flwr("run", str(app_dir), "loopback", "--run-config", f'plan="{plan_path}"', "--format", "json")
+        try:
+            return int(json.loads(r.stdout)["run-id"])
+        except (ValueError, KeyError) as e:
+            raise VlmtrainError(f"flwr run failed (exit {r.returncode}): {r.stdout[-2000:]} {r.stderr[-2000:]}") from e
+
+    def run_status(self, run_id: int) -> str:
+        r = self.flwr("ls", "loopback", "--run-id", str(run_id), "--format", "json")
+        try:
+            runs = json.loads(r.stdout)["runs"]
+            return str(runs[0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return f"unknown ({r.stdout[-300:]} {r.stderr[-300:]})"
+
+    def wait(self, run_id: int, timeout: float) -> str:
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            status = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(2)
+        raise VlmtrainError(f"federation run {run_id} not finished after {timeout:.0f}s (status {status})")
+
+    def save_run_log(self, run_id: int) -> Path:
+        """The ServerApp's log as the SuperLink kept it (`flwr log --show`), to logs/serverapp-RUN.log."""
+        path = self.root / "logs" / f"serverapp-{run_id}.log"
+        try:
+            r = self.flwr("log", str(run_id), "loopback", "--show", timeout=60)
+            path.write_text(r.stdout + r.stderr)
+        except subprocess.TimeoutExpired:
+            path.write_text("flwr log timed out")
+        return path
+
+    def stop(self, name: str | None = None) -> None:
+        for n in ([name] if name else list(self.procs)):
+            p = self.procs.pop(n, None)
+            if p is None or p.poll() is not None:
+                continue
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # its own session: the process and the app processes it started
+            except ProcessLookupError:
+                continue
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=5)

@@ -1,0 +1,210 @@
+"""`vlmtrain fed run RECIPE --out OUT`: the whole federation on one machine (loopback), top to bottom.
+
+    OUT/<stage>/                 stages before the federated one, run centrally (public data → the base model)
+    OUT/sites/<SITE>/            each site's gated shards, privacy ledger and kept replies (what stays at a site)
+    OUT/coordinator/             plan.json, initial.npz, checkpoint/, final.npz, summary.json (the coordinator's)
+    OUT/deploy/                  SuperLink database, FLWR_HOME, process logs and PIDs
+    OUT/summary.json             federation summary + held-out evaluation of the released model
+
+In a real deployment the same pieces run on different hosts (docs/federated.md): each site prepares its own
+`sites/<SITE>` and base model, starts `flower-supernode` with its `--node-config`, and the coordinator submits the
+app with `flwr run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vlmtrain.errors import ConfigError, VlmtrainError
+from vlmtrain.fed.config import FederatedConfig
+
+log = logging.getLogger("vlmtrain.fed")
+
+
+SITE_SHARDS = "(the site's own gated shards)"
+
+
+def load_federated(recipe: str | Path, out: str | Path, overrides: list[str] | None = None):
+    """→ (FederatedConfig, stages before the federated stage, the federated stage), all validated up front."""
+    from vlmtrain.config.load import load_yaml_with_overrides, validate
+    from vlmtrain.config.stage import RecipeConfig
+    from vlmtrain.train.runner import resolve_recipe
+
+    recipe = Path(recipe)
+    raw = validate(RecipeConfig, load_yaml_with_overrides(recipe), source=str(recipe))
+    if raw.federated is None:
+        raise ConfigError("federated: missing (a federated recipe names its federated stage and sites)",
+                          source=str(recipe))
+    fed_overrides = [o.removeprefix("federated.") for o in overrides or [] if o.startswith("federated.")]
+    stage_overrides = [o for o in overrides or [] if not o.startswith("federated.")]
+    fed_dict = dict(raw.federated)
+    if fed_overrides:
+        from vlmtrain.config.load import apply_overrides
+
+        fed_dict = apply_overrides(fed_dict, fed_overrides, source=str(recipe))
+    fed = validate(FederatedConfig, fed_dict, source=str(recipe), prefix="federated")
+    stages = resolve_recipe(recipe, out, stage_overrides)
+    names = [s.name for s in stages]
+    if fed.stage not in names:
+        raise ConfigError(f"federated.stage: no stage named {fed.stage!r} (stages: {', '.join(names)})",
+                          source=str(recipe))
+    i = names.index(fed.stage)
+    if i != len(stages) - 1:
+        raise ConfigError(f"federated.stage: {fed.stage!r} must be the last stage (later stages would need the "
+                          "federated model centrally)", source=str(recipe))
+    if stages[i].privacy is None:
+        raise ConfigError(f"stages[{i}].privacy: the federated stage trains under DP-SGD at every site",
+                          source=str(recipe))
+    if stages[i].audit is not None:
+        raise ConfigError(f"stages[{i}].audit: canaries are not planted in federated runs", source=str(recipe))
+    return fed, stages[:i], stages[i]
+
+
+def site_model(base_model: Path, stage):
+    """The base model with the stage's LoRA and trainability applied (seeded: the same on every call)."""
+    import torch
+
+    from vlmtrain.model.io import load_any
+    from vlmtrain.model.lora import apply_lora
+    from vlmtrain.train.freeze import apply_stage_trainability
+
+    torch.manual_seed(stage.trainer.seed)
+    bundle = load_any(base_model)
+    if stage.lora is not None:
+        apply_lora(bundle.model, stage.lora, llm=stage.train.llm == "lora", vision=stage.train.vision == "lora")
+    apply_stage_trainability(bundle.model, stage.train)
+    return bundle
+
+
+def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
+    """Mean per-record next-token loss over held-out shards (the DP recipe's held-out loss)."""
+    import torch
+
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.loader import image_members, parse_sample
+    from vlmtrain.data.shards import Source, iter_shard
+    from vlmtrain.privacy.audit import _encoded, _losses
+
+    encoder = encoder_for(bundle, 192)
+    items = []
+    for url in Source(str(shards)).shard_urls():
+        for raw in iter_shard(url):
+            if "__error__" not in raw and len(items) < max_records:
+                rec, _ = parse_sample(raw)
+                items.append((rec, [(k, raw[k]) for k in image_members(raw)]))
+    bundle.model.eval()
+    with torch.no_grad():
+        return float(np.mean(_losses(bundle.model, bundle.tokenizer.pad_token_id, _encoded(encoder, items))))
+
+
+def run_id(recipe_name: str, out: Path) -> str:
+    return f"{recipe_name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
+
+
+def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Central stages, site data, initial arrays and the coordinator's plan (each step once; reused on resume)."""
+    from vlmtrain.fed.arrays import trainable_arrays
+    from vlmtrain.fed.sites import prepare_sites
+    from vlmtrain.train.runner import fit_stage
+
+    out = Path(out)
+    fed, central, stage = load_federated(recipe, out, overrides)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise VlmtrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    parent = None
+    for st in central:  # public data: trained where the coordinator is, like `vlmtrain run`
+        done = out / st.name / "summary.json"
+        if not (done.is_file() and json.loads(done.read_text()).get("status") == "completed"):
+            fit_stage(st, out / st.name, out / "data", resume=resume, base_dir=Path(recipe).parent, parent=parent)
+        parent = {"name": st.name, "model": str(out / st.name / "model")}
+    if stage.init_from is None:
+        raise ConfigError("federated: the federated stage needs a central stage before it (its base model)")
+    base_model = Path(stage.init_from)
+    sites = prepare_sites(out / "sites", fed.sites, fed.seed)
+    coord = out / "coordinator"
+    coord.mkdir(exist_ok=True)
+    initial = coord / "initial.npz"
+    if not initial.is_file():
+        np.savez(initial, **trainable_arrays(site_model(base_model, stage).model))
+    stage_dict = stage.model_dump(mode="json")
+    # each site trains on its own shards (it puts their path here); the union never exists in one place
+    stage_dict["data"]["train"] = [{"path": SITE_SHARDS}]
+    stage_dict["init_from"] = None
+    plan = {"run": run_id(Path(recipe).stem, out), "rounds": fed.rounds, "local_steps": fed.local_steps,
+            "stage": stage_dict, "seed": fed.seed, "epsilon_budget": fed.epsilon_budget, "min_sites": fed.quorum,
+            "round_timeout_s": fed.round_timeout_s, "coordinator_dir": str(coord.resolve()),
+            "initial_arrays": str(initial.resolve()), "patients_disjoint": fed.patients_disjoint,
+            "sites": {name: str(d.resolve()) for name, d in sites.items()}, "base_model": str(base_model.resolve())}
+    (coord / "plan.json").write_text(json.dumps(plan, indent=1))
+    return plan
+
+
+def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False,
+                 plan_extra: dict | None = None, evaluate: bool = True) -> dict:
+    """Prepare, start SuperLink + one SuperNode per site on 127.0.0.1, run the federation, stop everything,
+    evaluate the released model on the held-out cohort, write OUT/summary.json."""
+    from vlmtrain.fed.deploy import Loopback, write_app
+
+    t0 = time.time()
+    out = Path(out)
+    plan = prepare(recipe, out, overrides, resume)
+    if plan_extra:
+        plan.update(plan_extra)
+    coord = Path(plan["coordinator_dir"])
+    plan_path = coord / "plan.json"
+    plan_path.write_text(json.dumps(plan, indent=1))
+    (coord / "summary.json").unlink(missing_ok=True)
+    net = Loopback(out / "deploy")
+    # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        net.start_superlink()
+        for name, site_dir in plan["sites"].items():
+            net.start_site(name, Path(site_dir), Path(plan["base_model"]))
+        run = net.submit(write_app(out / "deploy" / "app"), plan_path)
+        log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}")
+        status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)
+        net.save_run_log(run)
+    finally:
+        net.stop()
+        signal.signal(signal.SIGTERM, previous)
+    if not (coord / "summary.json").is_file():
+        raise VlmtrainError(f"federation run ended ({status}) without a coordinator summary; see "
+                            f"{out / 'deploy' / 'logs'}")
+    summary = json.loads((coord / "summary.json").read_text())
+    summary["flower"] = {"run_id": run, "status": status}
+    summary["federated"]["transport"] = {"tls": net.secure, "supernode_auth": net.secure, "host": "127.0.0.1"}
+    if evaluate and summary["status"] == "completed":
+        summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
+    summary["wall_seconds"] = time.time() - t0
+    if summary["status"] == "completed":
+        from vlmtrain.fed.ledger import write_json_atomic
+
+        write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def evaluate_released(plan: dict, arrays_path: Path, data_root: Path) -> dict:
+    """Held-out loss of the base model and of base + federated arrays, on `medical-cohort-holdout`."""
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.data.builtin import prepare_builtin
+    from vlmtrain.fed.arrays import load_trainable
+
+    stage = validate(StageConfig, plan["stage"], prefix="stage")  # data.train is not read here
+    holdout = prepare_builtin("medical-cohort-holdout", data_root)
+    bundle = site_model(Path(plan["base_model"]), stage)
+    before = heldout_loss(bundle, holdout)
+    with np.load(arrays_path) as z:
+        load_trainable(bundle.model, {n: z[n] for n in z.files})
+    return {"heldout_loss": heldout_loss(bundle, holdout), "heldout_loss_before": before,
+            "heldout": "medical-cohort-holdout"}

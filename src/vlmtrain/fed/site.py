@@ -1,0 +1,184 @@
+"""One site's round: the stage's DP-SGD for `local_steps` steps on the site's own gated shards.
+
+The round is an ordinary DP stage step loop (the pieces of `vlmtrain.privacy.dp`: the map-style view, Opacus'
+Poisson sampler, `GradSampleModule`, `DPOptimizer`, the per-sample loss), started from the global trainable arrays
+and without Lightning: a ClientApp process lives for one message, and Lightning's Trainer setup would cost more
+than the handful of local steps.
+
+Order of one round (why): gate report checked → budget checked against the ledger (refuse before any gradient) →
+train → charge the ledger → keep the reply on the site's disk → reply. A repeated request for the same (run,
+round, global arrays) — the coordinator resumed after the reply was lost — gets the kept reply: releasing the same
+result twice costs no privacy, and training again would charge again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmtrain.errors import VlmtrainError
+from vlmtrain.fed.arrays import load_trainable, trainable_arrays
+from vlmtrain.fed.ledger import Ledger
+from vlmtrain.fed.sites import check_gate_report, dataset_key
+
+log = logging.getLogger("vlmtrain.fed")
+
+
+@dataclass
+class RoundRequest:
+    """What the coordinator sends for one round (besides the global arrays)."""
+
+    run: str                 # federation run id (ledger entries and kept replies are keyed by it)
+    round: int
+    local_steps: int
+    total_steps: int         # rounds × local_steps: σ is planned so the run spends at most the target ε
+    stage: dict              # the DP stage (validated here as a StageConfig)
+    epsilon_budget: float    # the site's lifetime budget on this dataset
+    seed: int
+
+
+def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for n in sorted(arrays):
+        h.update(n.encode())
+        h.update(np.ascontiguousarray(arrays[n], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _round_seed(seed: int, site: str, rnd: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{site}:{rnd}".encode()).digest()[:8], "little") % 2**62
+
+
+class Site:
+    """A site's fixed parts: its directory (shards, ledger, kept replies) and its base model on local disk."""
+
+    def __init__(self, site_dir: str | Path, base_model: str | Path, name: str | None = None):
+        self.dir = Path(site_dir)
+        self.name = name or self.dir.name
+        self.shards = self.dir / "shards"
+        self.base_model = Path(base_model)
+        self.ledger = Ledger(self.dir / "privacy_ledger.json")
+
+    def _kept_path(self, run: str, rnd: int) -> Path:
+        return self.dir / "replies" / f"{run}-round{rnd:04d}.npz"
+
+    def train_round(self, req: RoundRequest, global_arrays: dict[str, np.ndarray]) -> tuple[dict, dict, dict]:
+        """→ (arrays, metrics, site_info). Raises BudgetExceeded / VlmtrainError to refuse the round."""
+        from vlmtrain.config.load import validate
+        from vlmtrain.config.stage import StageConfig
+
+        gate_sha = check_gate_report(self.shards)
+        key = dataset_key(self.shards)
+        stage_dict = dict(req.stage)
+        stage_dict["data"] = {**stage_dict["data"], "train": [{"path": str(self.shards)}]}  # this site's own data
+        stage = validate(StageConfig, stage_dict, prefix="stage")
+        if stage.privacy is None:
+            raise VlmtrainError("stage.privacy: a federated site trains only under DP-SGD")
+        digest = arrays_digest(global_arrays)
+        kept = self.ledger.find(key, req.run, req.round)
+        if kept is not None:
+            path = self._kept_path(req.run, req.round)
+            if kept.get("input_sha256") != digest or not path.is_file():
+                raise VlmtrainError(f"site {self.name}: round {req.round} of run {req.run} was already trained on "
+                                    "other global weights; refusing to train it again")
+            with np.load(path) as z:
+                arrays = {n: z[n] for n in z.files}
+            log.info(f"site {self.name}: round {req.round} already trained; re-sending the kept reply")
+            return arrays, kept["metrics"], {"gate_report_sha256": gate_sha}
+        arrays, metrics, entry = self._train(stage, req, global_arrays, key)
+        entry.update(run=req.run, round=req.round, input_sha256=digest, metrics=metrics)
+        path = self._kept_path(req.run, req.round)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)  # the kept reply first: a ledger entry always has its reply on disk
+        # the ledger's ε after this round (== eps_after of the check, over the same history)
+        metrics["epsilon"] = self.ledger.charge(key, entry, stage.privacy.delta, stage.privacy.accountant)
+        return arrays, metrics, {"gate_report_sha256": gate_sha}
+
+    def _train(self, stage, req: RoundRequest, global_arrays, key: str):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        from vlmtrain.data.inspect import encoder_for
+        from vlmtrain.data.shards import Source
+        from vlmtrain.model.io import load_any
+        from vlmtrain.model.lora import apply_lora
+        from vlmtrain.privacy.dp import DPDataset, _quiet_expected_warnings, make_plan, per_sample_losses, \
+            poisson_loader
+        from vlmtrain.train.freeze import apply_stage_trainability
+        from vlmtrain.train.optim import build_optimizer
+
+        _quiet_expected_warnings()
+        cfg = stage.privacy
+        seed = _round_seed(req.seed, self.name, req.round)
+        random.seed(seed)  # DPDataset picks a sampled patient's record with the global `random`
+        torch.manual_seed(seed)
+        bundle = load_any(self.base_model)
+        if stage.lora is not None:
+            apply_lora(bundle.model, stage.lora, llm=stage.train.llm == "lora", vision=stage.train.vision == "lora")
+        apply_stage_trainability(bundle.model, stage.train)
+        load_trainable(bundle.model, global_arrays)
+        encoder = encoder_for(bundle, stage.data.max_len, stage.data.caption_prompt, stage.data.anyres_pinpoints)
+        ds = DPDataset([Source(str(self.shards))], encoder, unit=cfg.unit)
+        plan = make_plan(cfg, len(ds), ds.records, stage.data.batch_size, req.total_steps)
+        planned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                   "steps": req.local_steps}
+        eps_after = self.ledger.check(key, planned, cfg.delta, req.epsilon_budget, cfg.accountant)
+        loader, _ = poisson_loader(ds, plan, bundle.tokenizer.pad_token_id, 0, seed)
+        model = bundle.model
+        model.train()
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        noise_gen = None if plan.secure_mode else torch.Generator().manual_seed(seed + 1)
+        opt = DPOptimizer(build_optimizer(model, stage.optim), noise_multiplier=plan.noise_multiplier,
+                          max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch_size,
+                          loss_reduction="mean", generator=noise_gen, secure_mode=plan.secure_mode)
+        losses, empty, it = [], 0, iter(loader)
+        for _ in range(req.local_steps):
+            try:
+                window = next(it)
+            except StopIteration:  # one pass of the sampler is len(ds)/batch draws; start another
+                it = iter(loader)
+                window = next(it)
+            batch = window["micro"][0]
+            if not batch["ids"]:  # an empty Poisson batch is still a step: noise only (privacy.dp.dp_backward)
+                empty += 1
+                for q in trainable:
+                    q.grad_sample = torch.zeros((0, *q.shape), dtype=q.dtype)
+            else:
+                loss = per_sample_losses(model, batch)
+                loss.sum().backward()
+                losses.append(float(loss.detach().mean()))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        gsm._close()
+        arrays = trainable_arrays(model)
+        metrics = {"num-examples": float(plan.units), "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "delta": float(cfg.delta), "noise_multiplier": float(plan.noise_multiplier),
+                   "sample_rate": float(plan.sample_rate), "steps": float(req.local_steps),
+                   "round": float(req.round), "batches_empty": float(empty), "epsilon": eps_after}
+        log.info(f"site {self.name}: round {req.round}: {req.local_steps} DP steps on {plan.units} {plan.unit}s, "
+                 f"σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, loss {metrics['train_loss']:.4f}")
+        return arrays, metrics, dict(planned)
+
+
+def site_report(site_dir: str | Path) -> dict:
+    """The site's ledger as a privacy report: per dataset, ε at its δ over every round of every run."""
+    from vlmtrain.fed.ledger import epsilon_of
+
+    ledger = Ledger(Path(site_dir) / "privacy_ledger.json").read()
+    out = {}
+    for key, ds in ledger["datasets"].items():
+        out[key] = {"epsilon": epsilon_of(ds["entries"], ds["delta"], ds["accountant"]), "delta": ds["delta"],
+                    "accountant": ds["accountant"], "rounds": len(ds["entries"]),
+                    "steps": int(sum(e["steps"] for e in ds["entries"])),
+                    "runs": sorted({e["run"] for e in ds["entries"]})}
+    return out
+
