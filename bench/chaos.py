@@ -11,6 +11,8 @@ SLURM does). Which phase a wall-time kill hit is read from the phase log (VLMTRA
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import random
@@ -64,11 +66,9 @@ class Launch:
         self.seen: dict[int, psutil.Process] = {}
 
     def poll_children(self) -> None:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # the launch already ended: nothing new to record
             for c in psutil.Process(self.proc.pid).children(recursive=True):
                 self.seen.setdefault(c.pid, c)
-        except psutil.NoSuchProcess:
-            pass
 
     def wait(self, kill_after: float | None, sig: int, timeout: float = 900) -> int:
         sent = False

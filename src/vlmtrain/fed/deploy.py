@@ -97,7 +97,7 @@ class Loopback:
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = open(self.root / "logs" / f"{name}.log", "ab")
-        # a new session: Flower's own children (ServerApp/ClientApp processes) are stopped with their parent
+        # new process session (setsid): Flower's own children (ServerApp/ClientApp processes) stop with their parent
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.procs[name] = p
         (self.root / "logs" / f"{name}.pid").write_text(str(p.pid))
@@ -212,7 +212,7 @@ class Loopback:
             if p is None or p.poll() is not None:
                 continue
             try:
-                os.killpg(p.pid, signal.SIGTERM)  # its own session: the process and the app processes it started
+                os.killpg(p.pid, signal.SIGTERM)  # its process group: it and the app processes it started
             except ProcessLookupError:
                 continue
             try:

@@ -22,7 +22,7 @@ FORMAT = "vlmtrain-fed-ledger/1"
 
 
 class BudgetExceeded(VlmtrainError):
-    pass
+    """A round whose charge would take the site's ε past its budget (the site refuses the round)."""
 
 
 def epsilon_of(entries: list[dict], delta: float, accountant: str = "rdp") -> float:

@@ -29,11 +29,18 @@ def _from_config(cfg) -> tuple[int, str]:
 
 
 def image_tokens_estimate(hf_config, processor, overrides: dict | None = None) -> tuple[int, str]:
-    if processor is not None and hasattr(processor, "_get_num_multimodal_tokens"):
-        try:
-            data = processor._get_num_multimodal_tokens(image_sizes=[[REFERENCE_SIDE, REFERENCE_SIDE]])
-            n = data["num_image_tokens"][0] if isinstance(data, dict) else data.num_image_tokens[0]
-            return int(n), f"one {REFERENCE_SIDE}x{REFERENCE_SIDE} image, from the processor"
-        except (AttributeError, KeyError, TypeError, NotImplementedError):
-            pass  # a processor without the helper for images: fall back to the config rule
+    counted = _from_processor(processor)
+    if counted is not None:
+        return counted, f"one {REFERENCE_SIDE}x{REFERENCE_SIDE} image, from the processor"
     return _from_config(hf_config)
+
+
+def _from_processor(processor) -> int | None:
+    """The processor's own count, or None when it has no image-token helper (then the config rule applies)."""
+    if processor is None or not hasattr(processor, "_get_num_multimodal_tokens"):
+        return None
+    try:
+        data = processor._get_num_multimodal_tokens(image_sizes=[[REFERENCE_SIDE, REFERENCE_SIDE]])
+        return int(data["num_image_tokens"][0] if isinstance(data, dict) else data.num_image_tokens[0])
+    except (AttributeError, KeyError, TypeError, NotImplementedError):
+        return None
