@@ -1,7 +1,8 @@
 """What a stage may ask of a native transformers VLM today, refused up front with one line per reason.
 
 Each refusal names a feature built for the composed kind that the native kind does not have yet; the scale-out
-work for native families (packing with mRoPE, FSDP2/ZeRO-3, DP-SGD, compile) lifts them one by one.
+work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`; FSDP2/ZeRO-3,
+DP-SGD and compile: not yet).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from vlmtrain.errors import ConfigError
 def native_refusals(stage) -> list[str]:
     tr, d = stage.trainer, stage.data
     problems = []
-    if d.mode == "pack":
-        problems.append("data.mode: pack is not available for native families yet (use plain or group)")
     if d.anyres_pinpoints:
         problems.append("data.anyres_pinpoints: native families tile images with their own processor; remove it")
     if tr.strategy not in ("auto", "single", "ddp"):
