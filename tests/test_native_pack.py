@@ -129,31 +129,27 @@ def test_packed_mrope_ids_are_transformers_own_per_sample(root, family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
-def test_packed_stage_trains_like_the_padded_stage(tmp_path, family):
-    """`vlmtrain fit` with `data.mode: pack` on a native checkpoint: each step takes the same 8 samples as a padded
-    stage with batch_size 8 (pack_chunk 8, rows long enough that all 8 fit one micro-batch), so per-step losses and
-    the final weights agree (≤1e-5) — the packed rows really hold several samples (fewer rows than samples)."""
+def test_packed_stage_runs_on_a_native_checkpoint(tmp_path, family):
+    """`vlmtrain fit` with `data.mode: pack` on a native checkpoint trains (finite, logged losses; the family folder
+    saved) with several samples per packed row: each step of 2 rows takes more than 2 samples."""
+    import json
+    import math
+
     import yaml
 
     from shard_fixtures import cycled_shards
-    from test_distributed import losses, weights
     from vlmtrain.cli.main import main
 
     cycled_shards(tmp_path / "shards", 16, per_shard=8)  # 0/1/2 images, one or two exchanges
-    base = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(tmp_path / "ck", family))},
-            "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 8, "num_workers": 0,
-                     "max_len": 256},
-            "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
-            "trainer": {"max_steps": 2, "log_every_n_steps": 1, "save_every_n_steps": 10}}
-    runs = {}
-    for mode, extra in (("plain", {}), ("pack", {"mode": "pack", "pack_len": 1024, "pack_chunk": 8})):
-        cfg = {**base, "data": {**base["data"], **extra}}
-        path = tmp_path / f"{mode}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        assert main(["fit", "--config", str(path), "--out", str(tmp_path / mode)]) == 0
-        runs[mode] = tmp_path / mode
-    a, b = losses(runs["plain"]), losses(runs["pack"])
-    assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
-    wa, wb = weights(runs["plain"]), weights(runs["pack"])
-    assert wa.keys() == wb.keys()
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+    cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(tmp_path / "ck", family))},
+           "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 2, "num_workers": 0,
+                    "max_len": 256, "mode": "pack", "pack_len": 1024},
+           "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+           "trainer": {"max_steps": 2, "log_every_n_steps": 1, "save_every_n_steps": 10}}
+    path = tmp_path / "pack.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
+    assert all(round(s["samples_per_s"] * s["seconds"]) > 2 for s in steps)  # samples per step > its 2 rows
+    assert (tmp_path / "run" / "model" / "config.json").is_file()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmtrain.errors import ConfigError
+from vlmtrain.errors import ConfigError, VlmtrainError
 from vlmtrain.model.native.families import Family
 
 
@@ -151,7 +151,9 @@ class NativeVLM(nn.Module):
         shared contract and unused (no feature cache for native towers)."""
         kw = {k: v for k, v in extras.items() if v is not None}
         if attention_mask is None and position_ids is not None and self.family.bidirectional_images:
-            attention_mask = self.packed_block_masks(position_ids, kw["token_type_ids"])
+            # a batch without image tokens may come without token_type_ids: no image blocks then
+            types = kw.get("token_type_ids", torch.zeros_like(position_ids))
+            attention_mask = self.packed_block_masks(position_ids, types)
         if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
             position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
                                                        kw.get("image_grid_thw"))
@@ -175,7 +177,7 @@ class NativeVLM(nn.Module):
         its left neighbour + 1, transformers' own rule); `mm_token_type_ids [b, s]` (1 = image token) tells which
         sample owns which of `image_grid_thw [n_img, 3]`'s rows, taken in order, one per run of image tokens."""
         if mm_token_type_ids is None:
-            raise ConfigError(f"packing {self.model_type}: the batch has no mm_token_type_ids (the processor's "
+            raise VlmtrainError(f"packing {self.model_type}: the batch has no mm_token_type_ids (the processor's "
                               "modality map), which 3-D mRoPE positions need")
         rope_index = self.hf.model.get_rope_index
         out = position_ids.new_zeros((4, *position_ids.shape))
