@@ -94,7 +94,9 @@ class NativeVLM(nn.Module):
         cfg = hf.config
         token = getattr(cfg, "image_token_id", None)
         self.image_token_id = int(token if token is not None else cfg.image_token_index)
-        self.always_encode_images = False  # data-parallel dummy images: not yet for native families
+        # set by data-parallel strategies: a batch without images runs a blank image through the tower and
+        # connector (weight 0), so sharded ranks (FSDP2, ZeRO-3) all take part in every tower forward/backward
+        self.always_encode_images = False
         self.vision_cache = None  # the frozen-tower feature cache is a composed-model feature
 
     def _check_partition(self) -> None:
@@ -157,9 +159,16 @@ class NativeVLM(nn.Module):
         if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
             position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
                                                        kw.get("image_grid_thw"))
+        blank = None
+        if (pixel_values is None and self.always_encode_images and torch.is_grad_enabled()
+                and self.blank_image_inputs() is not None):
+            # before the LM, as on a rank with images: sharded ranks gather the tower's blocks in the same order
+            blank = self.blank_image_features()
         out = self.hf.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                             position_ids=position_ids, use_cache=False, **kw)
         hidden = out.last_hidden_state
+        if blank is not None:
+            hidden = hidden + 0.0 * blank
         if logits_mask is None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -167,6 +176,35 @@ class NativeVLM(nn.Module):
         if logits_mask.dtype == torch.bool:
             return self.head(hidden[logits_mask])
         return self.head(hidden[logits_mask[:, 0], logits_mask[:, 1]])
+
+    def blank_image_inputs(self) -> dict | None:
+        """Inputs of `hf.model.get_image_features` for one all-zero image of the smallest size the family takes:
+        Qwen-style towers `pixel_values [m², c·t·p²]` + `image_grid_thw [[1, m, m]]` (one merged token), fixed-size
+        towers (Gemma 3's SigLIP) `pixel_values [1, c, size, size]`."""
+        vc = self.hf.config.vision_config
+        if hasattr(vc, "temporal_patch_size"):
+            m, p, t = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
+            return {"pixel_values": torch.zeros(m * m, vc.in_channels * t * p * p),
+                    "image_grid_thw": torch.tensor([[1, m, m]])}
+        if self.model_type == "gemma3":
+            return {"pixel_values": torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size)}
+        return None  # not defined (yet) for this family: sharded strategies are refused for it
+
+    def blank_image_features(self) -> torch.Tensor:
+        """Scalar sum of every tensor the tower + connector give for a blank image (`blank_image_inputs`); times 0
+        it touches each of their parameters without changing the result."""
+        device = self.llm.get_input_embeddings().weight.device
+        inputs = {k: v.to(device) for k, v in self.blank_image_inputs().items()}
+        out = self.hf.model.get_image_features(**inputs, return_dict=True)
+        total = torch.zeros((), device=device)
+        stack = list(out.values())
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                total = total + v.float().sum()
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+        return total
 
     def packed_mrope_positions(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                                mm_token_type_ids: torch.Tensor | None,
