@@ -4,6 +4,10 @@ Packing puts several samples into one row. Isolation is exact: position ids rest
 with `attention_mask=None` transformers derives a block-diagonal causal mask from those restarts
 (`masking_utils.find_packed_sequence_indices`), so no token attends across samples. The first label of every
 sample is ignored (it is never a next-token target on its own either), and each sample's images stay in slot order.
+
+Native families carry per-token tensors (Gemma 3's `token_type_ids`, Qwen's `mm_token_type_ids`); a packed row
+holds its samples' values end to end. Qwen's 3-D mRoPE ids are not built here: they need the model's own
+rope-index function, so `NativeVLM.forward` derives them per sample from these restarting `position_ids`.
 """
 
 from __future__ import annotations
@@ -125,7 +129,22 @@ def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict:
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
              "samples_per_row": torch.tensor([len(r) for r in rows])}
     _add_pixels(batch, flat)
+    _add_token_extras(batch, [_row_token_extras(row) for row in rows], s_max)
     return batch
+
+
+def _row_token_extras(row: list[dict]) -> dict:
+    """One packed row's per-token family tensors: each sample's values end to end (0 where a sample has none)."""
+    keys = sorted({k for x in row for k in x.get("token_extras", {})})
+    extras = {}
+    for k in keys:
+        parts = []
+        for x in row:
+            v = x.get("token_extras", {}).get(k)
+            parts.append(torch.as_tensor(v, dtype=torch.long) if v is not None
+                         else torch.zeros(len(x["input_ids"]), dtype=torch.long))
+        extras[k] = torch.cat(parts)
+    return {"token_extras": extras}
 
 
 def collate_preference(samples: list[dict], pad_token_id: int) -> dict:

@@ -1,7 +1,8 @@
 """What a stage may ask of a native transformers VLM today, refused up front with one line per reason.
 
 Each refusal names a feature built for the composed kind that the native kind does not have yet; the scale-out
-work for native families (packing with mRoPE, FSDP2/ZeRO-3, DP-SGD, compile) lifts them one by one.
+work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`; FSDP2 and
+ZeRO-2/3: built for the families with a blank image; DP-SGD and compile: not yet).
 """
 
 from __future__ import annotations
@@ -12,13 +13,8 @@ from vlmtrain.errors import ConfigError
 def native_refusals(stage) -> list[str]:
     tr, d = stage.trainer, stage.data
     problems = []
-    if d.mode == "pack":
-        problems.append("data.mode: pack is not available for native families yet (use plain or group)")
     if d.anyres_pinpoints:
         problems.append("data.anyres_pinpoints: native families tile images with their own processor; remove it")
-    if tr.strategy not in ("auto", "single", "ddp"):
-        problems.append(f"trainer.strategy: {tr.strategy} is not available for native families yet "
-                        "(single or ddp)")
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
     if stage.privacy is not None:
@@ -28,6 +24,12 @@ def native_refusals(stage) -> list[str]:
 
 def check_native_stage(stage, bundle) -> None:
     problems = native_refusals(stage)
+    strategy = stage.trainer.strategy
+    # sharded ranks must all run the tower every step: a text-only batch runs a blank image (NativeVLM)
+    if strategy in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") and bundle.model.blank_image_inputs() is None:
+        problems.append(f"trainer.strategy: {strategy} is not available for {bundle.model.model_type} yet "
+                        "(no blank image defined for it; the Qwen-VL families and gemma3 have one; "
+                        "others: single or ddp)")
     if problems:
         raise ConfigError(problems)
     if stage.trainer.vision_feature_cache_mb:

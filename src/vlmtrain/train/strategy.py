@@ -208,7 +208,14 @@ def deepspeed_world_size(path) -> int:
 
 
 def layer_lists(model: nn.Module, parts: tuple[str, ...] = ("vision", "llm")) -> list[nn.ModuleList]:
-    """The repeated transformer blocks (`...layers` / `...layer` ModuleLists) of the given parts of the VLM."""
+    """The repeated transformer blocks (`...layers` / `...layer` ModuleLists) of the given parts of the VLM; for a
+    native family, the lists its map names (`Family.blocks`, e.g. Qwen's vision `model.blocks`)."""
+    family = getattr(model, "family", None)
+    if family is not None and family.blocks:
+        from functools import reduce
+
+        return [reduce(getattr, family.blocks[part].split("."), getattr(model, part))
+                for part in parts if part in family.blocks]
     out = []
     for part in (getattr(model, name) for name in parts):
         for name, mod in part.named_modules():

@@ -23,6 +23,8 @@ class Family:
     roles: dict[str, dict[str, str]]
     template: str  # key into vlmtrain.model.native_templates ("" = none vendored: the config gives one)
     nested_images: bool = False  # the processor takes one image list per text
+    # image tokens attend bidirectionally within their image (`token_type_ids`); packed rows need own masks
+    bidirectional_images: bool = False
     # decoder blocks per role, for gradient checkpointing, FSDP2 wrapping and the planner
     blocks: dict[str, str] = field(default_factory=dict)
 
@@ -41,7 +43,7 @@ FAMILIES: dict[str, Family] = {
                         "llm": _LLM}, "", blocks={"vision": "model.blocks", "llm": "model.layers"}),
     "gemma3": Family({"vision": {"model": "model.vision_tower"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
-                     "gemma3", nested_images=True,
+                     "gemma3", nested_images=True, bidirectional_images=True,
                      blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
     "idefics3": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
                         "llm": {"model": "model.text_model", "lm_head": "lm_head"}},

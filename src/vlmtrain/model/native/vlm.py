@@ -11,6 +11,17 @@ moves) are seen by both views because the modules are shared.
 Batch contract (from `vlmtrain.data.native_encode`): `input_ids [b, s]` already hold the processor's image-token
 runs; `pixel_values` and the per-image tensors (`image_grid_thw`, `image_sizes`, `pixel_attention_mask`) cover the
 batch's images in order; per-token tensors (`token_type_ids`) are `[b, s]`.
+
+Packed rows (`vlmtrain.data.batching.collate_packed`): `position_ids [b, s]` restart at 0 for every sample and
+`attention_mask` is None; transformers derives the block-diagonal causal mask from the restarts
+(`masking_utils.find_packed_sequence_indices`). Families with 3-D mRoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) get
+`[4, b, s]` ids instead: row 0 the restarting text positions (for the mask), rows 1–3 the family's own
+`get_rope_index` run on each sample alone — the layout their text models take for packed input
+(`position_ids.shape[0] == 4`). Families with bidirectional image blocks (Gemma 3's `token_type_ids`,
+`Family.bidirectional_images`) get their masks built here (`packed_block_masks`): when transformers 5.23 detects
+packing it remaps mask indices to per-sample positions *before* Gemma 3's sliding-window image overlay looks up
+its blocks (`remap_positions_for_packed_sequence` wraps the `or_mask_function`), so a text-only sample would
+attend bidirectionally wherever an earlier sample of its row had image tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmtrain.errors import ConfigError
+from vlmtrain.errors import ConfigError, VlmtrainError
 from vlmtrain.model.native.families import Family
 
 
@@ -83,7 +94,9 @@ class NativeVLM(nn.Module):
         cfg = hf.config
         token = getattr(cfg, "image_token_id", None)
         self.image_token_id = int(token if token is not None else cfg.image_token_index)
-        self.always_encode_images = False  # data-parallel dummy images: not yet for native families
+        # set by data-parallel strategies: a batch without images runs a blank image through the tower and
+        # connector (weight 0), so sharded ranks (FSDP2, ZeRO-3) all take part in every tower forward/backward
+        self.always_encode_images = False
         self.vision_cache = None  # the frozen-tower feature cache is a composed-model feature
 
     def _check_partition(self) -> None:
@@ -139,9 +152,23 @@ class NativeVLM(nn.Module):
         (row, position) pairs). `extras`: the family's tensors from the batch. `image_keys` is accepted for the
         shared contract and unused (no feature cache for native towers)."""
         kw = {k: v for k, v in extras.items() if v is not None}
+        if attention_mask is None and position_ids is not None and self.family.bidirectional_images:
+            # a batch without image tokens may come without token_type_ids: no image blocks then
+            types = kw.get("token_type_ids", torch.zeros_like(position_ids))
+            attention_mask = self.packed_block_masks(position_ids, types)
+        if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
+            position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
+                                                       kw.get("image_grid_thw"))
+        blank = None
+        if (pixel_values is None and self.always_encode_images and torch.is_grad_enabled()
+                and self.blank_image_inputs() is not None):
+            # before the LM, as on a rank with images: sharded ranks gather the tower's blocks in the same order
+            blank = self.blank_image_features()
         out = self.hf.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                             position_ids=position_ids, use_cache=False, **kw)
         hidden = out.last_hidden_state
+        if blank is not None:
+            hidden = hidden + 0.0 * blank
         if logits_mask is None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -149,6 +176,97 @@ class NativeVLM(nn.Module):
         if logits_mask.dtype == torch.bool:
             return self.head(hidden[logits_mask])
         return self.head(hidden[logits_mask[:, 0], logits_mask[:, 1]])
+
+    def blank_image_inputs(self) -> dict | None:
+        """Inputs of `hf.model.get_image_features` for one all-zero image of the smallest size the family takes:
+        Qwen-style towers `pixel_values [m², c·t·p²]` + `image_grid_thw [[1, m, m]]` (one merged token), fixed-size
+        towers (Gemma 3's SigLIP) `pixel_values [1, c, size, size]`."""
+        vc = self.hf.config.vision_config
+        if hasattr(vc, "temporal_patch_size"):
+            m, p, t = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
+            return {"pixel_values": torch.zeros(m * m, vc.in_channels * t * p * p),
+                    "image_grid_thw": torch.tensor([[1, m, m]])}
+        if self.model_type == "gemma3":
+            return {"pixel_values": torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size)}
+        return None  # not defined (yet) for this family: sharded strategies are refused for it
+
+    def blank_image_features(self) -> torch.Tensor:
+        """Scalar sum of every tensor the tower + connector give for a blank image (`blank_image_inputs`); times 0
+        it touches each of their parameters without changing the result."""
+        device = self.llm.get_input_embeddings().weight.device
+        inputs = {k: v.to(device) for k, v in self.blank_image_inputs().items()}
+        out = self.hf.model.get_image_features(**inputs, return_dict=True)
+        total = torch.zeros((), device=device)
+        stack = list(out.values())
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                total = total + v.float().sum()
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+        return total
+
+    def packed_mrope_positions(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                               mm_token_type_ids: torch.Tensor | None,
+                               image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """`[4, b, s]` position ids of packed rows for an mRoPE family (see module doc).
+
+        `position_ids [b, s]`: text positions restarting per sample (a new sample starts wherever a position is not
+        its left neighbour + 1, transformers' own rule); `mm_token_type_ids [b, s]` (1 = image token) tells which
+        sample owns which of `image_grid_thw [n_img, 3]`'s rows, taken in order, one per run of image tokens."""
+        if mm_token_type_ids is None:
+            raise VlmtrainError(f"packing {self.model_type}: the batch has no mm_token_type_ids (the processor's "
+                              "modality map), which 3-D mRoPE positions need")
+        rope_index = self.hf.model.get_rope_index
+        out = position_ids.new_zeros((4, *position_ids.shape))
+        out[0] = position_ids
+        first_image = 0
+        for row in range(position_ids.shape[0]):
+            starts = _sample_starts(position_ids[row])
+            for a, e in zip(starts, starts[1:] + [position_ids.shape[1]]):
+                types = mm_token_type_ids[row, a:e]
+                n_images = int(((types == 1) & (_shifted_right(types) != 1)).sum())  # runs of image tokens
+                grids = None
+                if n_images:
+                    grids = image_grid_thw[first_image:first_image + n_images]
+                    first_image += n_images
+                pos, _ = rope_index(input_ids[row:row + 1, a:e], mm_token_type_ids=types[None],
+                                    image_grid_thw=grids)
+                out[1:, row, a:e] = pos[:, 0]
+        return out
+
+    def packed_block_masks(self, position_ids: torch.Tensor, token_type_ids: torch.Tensor) -> dict:
+        """Attention masks of packed rows with bidirectional image blocks, one per layer type, in the form the
+        model's attention implementation takes (transformers' `create_causal_mask`, no packing detection):
+        allowed(q, k) = same sample ∧ (k ≤ q ∨ same image block) [∧ q − k < window for sliding layers].
+
+        `position_ids [b, s]` restart per sample; `token_type_ids [b, s]` (1 = image token). Within one sample row
+        indices and positions differ by a constant, so causal and window tests on indices are the per-sample ones."""
+        from transformers.masking_utils import (and_masks, blockwise_overlay, create_causal_mask,
+                                                find_packed_sequence_indices, sliding_window_overlay)
+
+        text_cfg = self.llm.config
+        sample_ids = find_packed_sequence_indices(position_ids)
+        if sample_ids is None:  # one sample per row
+            sample_ids = torch.zeros_like(position_ids)
+        # image blocks as transformers numbers them (Gemma 3's get_block_sequence_ids_for_mask)
+        is_image = token_type_ids == 1
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        blocks = torch.where(is_image, starts.long().cumsum(1) - 1, -1)
+
+        def same_sample(batch_idx, head_idx, q_idx, kv_idx):
+            return sample_ids[batch_idx, q_idx] == sample_ids[batch_idx, kv_idx]
+
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        shape_probe = torch.empty((*position_ids.shape, 0), dtype=dtype, device=position_ids.device)
+        common = {"config": text_cfg, "inputs_embeds": shape_probe, "attention_mask": None, "past_key_values": None,
+                  "or_mask_function": blockwise_overlay(blocks)}
+        masks = {"full_attention": create_causal_mask(**common, and_mask_function=same_sample)}
+        window = getattr(text_cfg, "sliding_window", None)
+        if window and "sliding_attention" in (getattr(text_cfg, "layer_types", None) or ()):
+            masks["sliding_attention"] = create_causal_mask(
+                **common, and_mask_function=and_masks(same_sample, sliding_window_overlay(window)))
+        return masks
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -158,3 +276,14 @@ class NativeVLM(nn.Module):
         out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                **inputs)
         return out[:, input_ids.shape[1]:]
+
+
+def _sample_starts(positions: torch.Tensor) -> list[int]:
+    """Indices where a packed sample begins in one row's positions `[s]` (position ≠ left neighbour + 1)."""
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten() + 1
+    return [0] + breaks.tolist()
+
+
+def _shifted_right(t: torch.Tensor) -> torch.Tensor:
+    """`[s]` → `[s]`: each element's left neighbour (0 before the first)."""
+    return torch.cat([t.new_zeros(1), t[:-1]])

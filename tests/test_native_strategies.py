@@ -1,0 +1,61 @@
+"""Native families under sharded strategies (torchrun, 2 CPU ranks, gloo): FSDP2 (per decoder block and per vision
+block from `Family.blocks`) and DeepSpeed ZeRO-2/3 equal one process with the same global batch (per-step losses
+and final weights ≤1e-5), on data where every step gives rank 0 two text-only samples and rank 1 two image samples
+— the text-only rank runs a blank image through the sharded tower (`NativeVLM.blank_image_features`), so neither
+rank waits on the other."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import VLMTRAIN
+from native_fixtures import checkpoint
+from shard_fixtures import chat_record, png_bytes, write_shards
+from test_distributed import STEPS, assert_same_run, torchrun
+
+pytestmark = pytest.mark.slow
+
+
+def text_rank_beside_image_rank(out, n: int = 32) -> None:
+    """Shards of 4 records [text, text, 1 image, 2 images]: with `split: stride` and batch 2 per rank, global batch
+    g is shard g, rank 0 gets its two text-only records and rank 1 the two with images."""
+    samples = [(chat_record(i, max(0, i % 4 - 1), turns=1), [png_bytes(10 * i + j) for j in range(max(0, i % 4 - 1))])
+               for i in range(n)]
+    write_shards(out, samples, per_shard=4)
+
+
+def stage(tmp_path, family: str, name: str, **trainer) -> str:
+    cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(tmp_path / "ck", family))},
+           "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 4 if not trainer else 2,
+                    "num_workers": 1, "max_len": 256, "split": "stride", "shuffle_buffer": 1},
+           "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+           "trainer": {"max_steps": STEPS, "save_every_n_steps": 2, "log_every_n_steps": 1, **trainer}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("family,strategies", [("qwen2_5_vl", ("fsdp", "deepspeed_zero3")),
+                                                ("gemma3", ("fsdp", "deepspeed_zero2"))])
+def test_sharded_two_ranks_equal_one_process_with_a_text_only_rank(tmp_path, family, strategies):
+    text_rank_beside_image_rank(tmp_path / "shards")
+    r = subprocess.run([*VLMTRAIN, "fit", "--config", stage(tmp_path, family, "one"), "--out", str(tmp_path / "ref")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for strategy in strategies:
+        r = torchrun(2, "fit", "--config", stage(tmp_path, family, strategy, strategy=strategy),
+                     "--out", str(tmp_path / strategy), timeout=600)
+        assert r.returncode == 0, f"{strategy}: {r.stderr[-3000:]}"
+        assert_same_run(tmp_path / "ref", tmp_path / strategy)
+
+
+def test_sharded_strategy_refused_for_a_family_without_a_blank_image(tmp_path):
+    """LLaVA-NeXT has no blank image defined: fsdp is refused with exit 2 and one line naming the families."""
+    cfg = yaml.safe_load(open(stage(tmp_path, "llava_next", "x", strategy="fsdp")))
+    text_rank_beside_image_rank(tmp_path / "shards", n=4)
+    path = tmp_path / "refused.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([*VLMTRAIN, "fit", "--config", str(path), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "trainer.strategy: fsdp is not available for llava_next" in r.stderr, r.stderr
