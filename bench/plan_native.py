@@ -70,6 +70,9 @@ def write_checkpoint(family: str, out: Path) -> dict:
     cfg, ip, tok, proc_kwargs = tiny_parts(family)
     for k, v in spec["text"].items():
         setattr(cfg.text_config, k, v)
+    types = getattr(cfg.text_config, "layer_types", None)  # per-layer attention kinds: the tiny pattern, repeated
+    if types:
+        cfg.text_config.layer_types = [types[i % len(types)] for i in range(cfg.text_config.num_hidden_layers)]
     for k, v in spec["vision"].items():
         setattr(cfg.vision_config, k, v)
     if family == "gemma3":
@@ -203,7 +206,8 @@ def measure(model: dict, family: str, image_size, fields: dict) -> dict:
 
 
 def _subprocess(model: dict, family: str, image_size, fields: dict) -> dict:
-    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT),
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=path,
                OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     args = [json.dumps(x) for x in (model, family, image_size, fields)]
     r = subprocess.run([sys.executable, "-m", "bench.plan_native", "measure", *args], capture_output=True,
@@ -249,8 +253,15 @@ def rows(only: list[str] | None = None) -> list[dict]:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "measure":
         print(json.dumps(measure(*(json.loads(a) for a in sys.argv[2:]))))
-    elif len(sys.argv) >= 2 and sys.argv[1] == "rows":  # a subset, for development: rows NAME...
-        print(json.dumps(rows(sys.argv[2:] or None)))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "rows":  # the native rows alone (or the named configs)
+        from bench.common import machine, save
+
+        table = rows(sys.argv[2:] or None)
+        errs = [abs(r["error_pct"]) for r in table]
+        print(save("plan-native", {"machine": machine(), "rows": table,
+                                   "headline": {"configs": len(table), "within_5pct": sum(e <= 5 for e in errs),
+                                                "max_abs_error_pct": max(errs)}}, None))
     else:
-        print("usage: part of `python -m bench plan`", file=sys.stderr)
+        print("usage: python -m bench.plan_native rows [CONFIG...]  (also part of `python -m bench plan`)",
+              file=sys.stderr)
         sys.exit(2)
