@@ -7,6 +7,7 @@ import torch
 
 from bench import plan as BP
 from bench import plan_native as BN
+from vlmtrain.cli.plan import parse_image_size
 from vlmtrain.config.model import NativeModelConfig
 from vlmtrain.errors import ConfigError
 from vlmtrain.model import build_model
@@ -24,10 +25,14 @@ RECIPES = {  # recipe → published parameter count (describe --json on the meta
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_native_24gib_recipe_plans_under_24gib(recipe):
+    """Under 24 GiB with one image per sample (Qwen: the worse of the smallest and largest image) and for
+    text-only samples (every position a supervised text token: the largest logits term)."""
     plan = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB)
-    print(f"\n{recipe}: planned peak {plan.peak / GiB:.2f} GiB ({plan.phase}), largest micro-batch "
-          f"{plan.max_micro_batch}; " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.parts.items() if v))
-    assert plan.peak < 24 * GiB and plan.fits
+    text_only = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB, opts=P.PlanOptions(images_per_sample=0))
+    print(f"\n{recipe}: planned peak {plan.peak / GiB:.2f} GiB ({plan.phase}), text-only "
+          f"{text_only.peak / GiB:.2f} GiB, largest micro-batch {plan.max_micro_batch}; "
+          + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.parts.items() if v) + f"; {plan.notes[-1]}")
+    assert plan.peak < 24 * GiB and plan.fits and text_only.peak < 24 * GiB
     assert plan.max_micro_batch >= plan.micro_batch
     # bf16-true: the whole (frozen) base at 2 bytes per published parameter, plus its buffers (rotary inv_freq)
     assert RECIPES[recipe] * 2 <= plan.parts["weights"] < RECIPES[recipe] * 2 * 1.0001
@@ -80,6 +85,10 @@ def test_unplanned_family_and_stage_features_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"native family 'llava_onevision' is not planned yet \(planned: qwen2_vl"):
         P.plan_stage(stage, cfg, 24 * GiB, model=model)
     cfg, model = _meta(tmp_path, "qwen2_5_vl")
+    for bad in ("448", "0x10", "wide"):
+        with pytest.raises(ConfigError, match="--image-size: cannot read"):
+            parse_image_size(bad)
+    assert parse_image_size("448x336") == (448, 336)
     packed = BP.build_stage({"pretrained": "x"}, {"data": {"mode": "pack", "pack_len": 256}})
     with pytest.raises(ConfigError, match="plan: data.mode: pack is not available for native families"):
         P.plan_stage(packed, cfg, 24 * GiB, model=model)

@@ -199,6 +199,7 @@ class Geometry:
     pixel_elements: int = 0  # pixel values per image (0: 3·image_size²; Qwen: patches × 3·2·14²)
     vision_keeps_hidden_states: bool = True  # a frozen tower's forward holds every layer's output (composed)
     llm_mask_always: bool = False  # a [rows, 1, s, s] mask even for one row (Gemma 3: bidirectional image spans)
+    notes: list[str] = field(default_factory=list)  # what the plan assumed about the images (native families)
 
 
 def _lora_targets(names: list[str], pattern: str) -> set[str]:
@@ -884,7 +885,7 @@ def plan_stage(stage, model_cfg, gpu_memory: int, opts: PlanOptions | None = Non
     else:
         geo = read_geometry(model, stage)
     parts, phase = step_parts(geo, stage, stage.data.batch_size, opts)
-    notes = []
+    notes = list(geo.notes)
     strategy = stage.trainer.strategy
     if (strategy == "fsdp" or strategy.startswith("deepspeed")) and opts.world_size == 1:
         notes.append(f"strategy {strategy} planned for 1 rank; pass --world-size N to shard over N GPUs")
@@ -948,17 +949,3 @@ def plan_config(path: str | Path, gpu_memory: int, overrides: list[str] | None =
             built[key] = build_model(mcfg, device="meta").model
         plans.append(plan_stage(stage, mcfg, gpu_memory, opts, model=built[key]))
     return max(plans, key=lambda pl: pl.peak)
-
-
-def format_plan(plan: MemoryPlan) -> str:
-    gb = plan.gpu_memory / GiB
-    lines = [f"stage {plan.stage}: micro-batch {plan.micro_batch} × {plan.seq_len} tokens",
-             f"  {'part':<24} {'GiB':>9}"]
-    for k, v in plan.parts.items():
-        if v:
-            lines.append(f"  {k:<24} {v / GiB:>9.3f}")
-    lines.append(f"  {'peak':<24} {plan.peak / GiB:>9.3f}   (at: {plan.phase})")
-    verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(f"{verdict} in {gb:.2f} GiB; largest micro-batch that fits: {plan.max_micro_batch}")
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)
