@@ -221,7 +221,7 @@ def _live_bytes(m, opt, micro, module) -> int:
             add(t)
     for b in micro:
         for t in b.values():
-            add(t)
+            add(t)  # (native batches also carry a tuple of extra-key names: not a tensor, skipped)
     return sum(seen.values())
 
 
@@ -246,9 +246,13 @@ def measure(model: dict, fields: dict, method: str) -> dict:
         step()
         torch.cuda.synchronize()
         return {"peak": torch.cuda.max_memory_allocated()}
+    return measure_prepared(*_prepare(model, fields, "cpu"))
+
+
+def measure_prepared(m, opt, step, micro, module) -> dict:
+    """The profiler's peak of the second of two `step()`s plus the bytes live before it (see the module doc)."""
     from torch.profiler import ProfilerActivity, profile
 
-    m, opt, step, micro, module = _prepare(model, fields, "cpu")
     step()
     base = _live_bytes(m, opt, micro, module)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -303,6 +307,10 @@ def run(quick: bool = False, out: str | None = None) -> dict:
         rows.append(row)
         print(f"{name:<28} planned {plan['peak'] / 2**20:9.1f} MiB  measured {prof['peak'] / 2**20:9.1f} MiB  "
               f"error {row['error_pct']:+6.1f}%  ({plan['phase']})", file=sys.stderr, flush=True)
+    if not quick:  # native families (bench/plan_native.py): Qwen2.5-VL at several image sizes, Gemma 3 (Q)LoRA
+        from bench.plan_native import rows as native_rows
+
+        rows += native_rows()
     errs = [abs(r["error_pct"]) for r in rows]
     result = {"machine": machine(), "model": model["name"], "params": n_params, "rows": rows,
               "headline": {"configs": len(rows), "within_15pct": sum(e <= 15 for e in errs),

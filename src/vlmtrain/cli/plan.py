@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+
+from vlmtrain.errors import ConfigError
 
 
 def cmd_plan(args) -> int:
-    from vlmtrain.errors import ConfigError
-    from vlmtrain.train.plan import PlanOptions, format_plan, parse_memory, plan_config
+    from vlmtrain.train.plan import PlanOptions, parse_memory, plan_config
 
     gpu = parse_memory(args.gpu_memory)  # before any model is built: a typo fails in milliseconds
     if args.world_size < 1:
@@ -17,13 +19,37 @@ def cmd_plan(args) -> int:
     if not 0 < args.supervised_fraction <= 1:
         raise ConfigError(f"--supervised-fraction: must be in (0, 1], got {args.supervised_fraction}")
     opts = PlanOptions(images_per_sample=args.images_per_sample, world_size=args.world_size,
-                       supervised_fraction=args.supervised_fraction)
+                       supervised_fraction=args.supervised_fraction, image_size=parse_image_size(args.image_size))
     plan = plan_config(args.config, gpu, args.overrides, args.stage, opts)
     if args.json:
         print(json.dumps(plan.to_json()))
     else:
         print(format_plan(plan))
     return 0
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """`448x336` (height × width in pixels) → (448, 336); None stays None (the family's largest image)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*", text)
+    if m is None or min(int(m.group(1)), int(m.group(2))) < 1:
+        raise ConfigError(f"--image-size: cannot read {text!r} (HEIGHTxWIDTH in pixels, e.g. 448x336)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def format_plan(plan) -> str:
+    gb = plan.gpu_memory / 2**30
+    lines = [f"stage {plan.stage}: micro-batch {plan.micro_batch} × {plan.seq_len} tokens",
+             f"  {'part':<24} {'GiB':>9}"]
+    for k, v in plan.parts.items():
+        if v:
+            lines.append(f"  {k:<24} {v / 2**30:>9.3f}")
+    lines.append(f"  {'peak':<24} {plan.peak / 2**30:>9.3f}   (at: {plan.phase})")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"{verdict} in {gb:.2f} GiB; largest micro-batch that fits: {plan.max_micro_batch}")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
 
 
 def add_parser(sub) -> None:
@@ -45,6 +71,10 @@ def add_parser(sub) -> None:
     p.add_argument("--images-per-sample", type=int, default=1, metavar="K",
                    help="images per sample (per packed row with data.mode=pack); image slots are part of "
                         "data.max_len")
+    p.add_argument("--image-size", default=None, metavar="HxW",
+                   help="native families with dynamic resolution (Qwen2-VL/2.5-VL): plan images of this size, "
+                        "height x width in pixels, through the processor's resize rule (default: the largest the "
+                        "processor's max_pixels allows); fixed-size families ignore it")
     p.add_argument("--supervised-fraction", type=float, default=1.0, metavar="F",
                    help="share of the text positions that carry a loss (default 1.0, the worst case); the logits "
                         "are computed at those positions only")

@@ -165,6 +165,8 @@ class StackGeo:
     rotary: bool
     blocks: list[dict[str, LinearSpec]] = field(default_factory=list)  # per block: role → Linear
     norms_train: bool = False
+    qk_norm: bool = False  # RMSNorm over q and k heads (Gemma 3): saves both projections' outputs in fp32
+    post_norms: bool = False  # sandwich norms on the attention and MLP outputs (Gemma 3)
 
 
 @dataclass
@@ -194,6 +196,10 @@ class Geometry:
     connector_module: object  # the meta connector (for tracing connectors without a closed form)
     max_block_params: int  # largest transformer block (FSDP all-gather unit)
     root_params: int  # parameters outside the transformer blocks (FSDP root unit)
+    pixel_elements: int = 0  # pixel values per image (0: 3·image_size²; Qwen: patches × 3·2·14²)
+    vision_keeps_hidden_states: bool = True  # a frozen tower's forward holds every layer's output (composed)
+    llm_mask_always: bool = False  # a [rows, 1, s, s] mask even for one row (Gemma 3: bidirectional image spans)
+    notes: list[str] = field(default_factory=list)  # what the plan assumed about the images (native families)
 
 
 def _lora_targets(names: list[str], pattern: str) -> set[str]:
@@ -251,7 +257,33 @@ def _stack_geo(cfg, layer_module, rotary: bool) -> StackGeo:
 
 
 def read_geometry(model, stage) -> Geometry:
-    """Shapes, parameter counts and per-Linear trainability of `model` (a VLM, usually on meta) under `stage`."""
+    """Shapes, parameter counts and per-Linear trainability of `model` (a composed VLM, usually on meta) under
+    `stage`. Native families: `vlmtrain.train.plan_native.native_geometry`."""
+    from torch import nn
+
+    layers = {}
+    for part in ("llm", "vision"):
+        for name, mod in getattr(model, part).named_modules():
+            if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "layer") and len(mod):
+                layers[part] = mod
+                break
+    llm = _stack_geo(model.llm.config, layers["llm"][0], rotary=True)
+    vis = _stack_geo(model.vision.model.config, layers["vision"][0], rotary=False)
+    n_layers_v = int(model.vision.model.config.num_hidden_layers)
+    fl = model.vision.feature_layer
+    image = dict(vision_used_layers=fl if fl >= 0 else n_layers_v + 1 + fl,
+                 vision_tokens=model.vision.grid ** 2 + model.vision.prefix_tokens,
+                 vision_feature_tokens=model.vision.num_features, image_size=model.vision.image_size,
+                 image_tokens=model.num_image_tokens, connector_name=type(model.connector).registry_name,
+                 connector_module=model.connector)
+    return stacks_geometry(model, stage, llm, vis, layers, image, _LAYER_RE, _ROLES)
+
+
+def stacks_geometry(model, stage, llm: StackGeo, vis: StackGeo, layers: dict, image: dict, layer_re, roles: dict
+                    ) -> Geometry:
+    """The parts of `Geometry` every model kind shares: per-Linear kinds of the blocks (`layer_re` matches a block
+    Linear's name → (part, block index, rest); `roles` maps its leaf name to a role), parameter, LoRA, QLoRA,
+    trainable and buffer counts. `image`: the kind's image fields of `Geometry`."""
     from torch import nn
 
     from vlmtrain.model.builder import count_params
@@ -259,17 +291,6 @@ def read_geometry(model, stage) -> Geometry:
     train = stage.train
     lora_n, lora_t, lora_kinds = lora_param_count(model, stage)
     quantize = stage.lora is not None and stage.lora.quantize == "4bit"
-
-    llm_cfg = model.llm.config
-    vis_cfg = model.vision.model.config
-    layers = {}
-    for part in ("llm", "vision"):
-        for name, mod in getattr(model, part).named_modules():
-            if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "layer") and len(mod):
-                layers[part] = mod
-                break
-    llm = _stack_geo(llm_cfg, layers["llm"][0], rotary=True)
-    vis = _stack_geo(vis_cfg, layers["vision"][0], rotary=False)
     llm.blocks = [dict() for _ in layers["llm"]]
     vis.blocks = [dict() for _ in layers["vision"]]
     head = model.llm.get_output_embeddings()
@@ -287,17 +308,13 @@ def read_geometry(model, stage) -> Geometry:
         q = quantize and part == "llm" and name != head_name
         if q:
             quantized += mod.in_features * mod.out_features
-        m = _LAYER_RE.match(name)
-        role = _ROLES.get(name.rsplit(".", 1)[-1])
+        m = layer_re.match(name)
+        role = roles.get(name.rsplit(".", 1)[-1])
         if m and role:
             stack = llm if m.group(1) == "llm" else vis
             stack.blocks[int(m.group(2))][role] = LinearSpec(mod.in_features, mod.out_features, kind, q)
     llm.norms_train = train.llm is True
     vis.norms_train = train.vision is True
-
-    n_layers_v = int(vis_cfg.num_hidden_layers)
-    fl = model.vision.feature_layer
-    used = fl if fl >= 0 else n_layers_v + 1 + fl
 
     # Trainable parameters per module and the AdamW groups `vlmtrain.train.optim.param_groups` forms
     # (module × {≥2-D weights, 1-D/norm}); LoRA tensors join their module's groups (A/B 2-D, DoRA magnitudes 1-D).
@@ -333,15 +350,15 @@ def read_geometry(model, stage) -> Geometry:
     head_trainable = 0
     if train.llm is True:
         head_trainable = head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)
-        head_trainable += sum(q.numel() for q in model.llm.get_decoder().norm.parameters()) \
-            if hasattr(model.llm.get_decoder(), "norm") else 0
+        dec = model.llm.get_decoder() if hasattr(model.llm, "get_decoder") else model.llm.model  # native: role
+        head_trainable += sum(q.numel() for q in dec.norm.parameters()) if hasattr(dec, "norm") else 0
     block_trainable = [0] * len(layers["llm"])
     for i, blk in enumerate(layers["llm"]):
         if train.llm is True:
             block_trainable[i] = sum(q.numel() for q in blk.parameters())
     if train.llm == "lora":
         for name, kind in lora_kinds.items():
-            m = _LAYER_RE.match(name)
+            m = layer_re.match(name)
             if m and m.group(1) == "llm":
                 mod = model.get_submodule(name)
                 block_trainable[int(m.group(2))] += stage.lora.r * (mod.in_features + mod.out_features) + (
@@ -356,15 +373,11 @@ def read_geometry(model, stage) -> Geometry:
 
     block_params = [sum(p.numel() for p in blk.parameters()) for part in layers.values() for blk in part]
     params = count_params(model)
-    vt = model.vision.grid ** 2 + model.vision.prefix_tokens
     return Geometry(
-        llm=llm, vision=vis, vision_used_layers=used, vision_tokens=vt,
-        vision_feature_tokens=model.vision.num_features, image_size=model.vision.image_size,
-        image_tokens=model.num_image_tokens, vocab=int(head.out_features), params=params, buffers_bytes=buffers,
+        llm=llm, vision=vis, **image, vocab=int(head.out_features), params=params, buffers_bytes=buffers,
         lora_params=lora_n, lora_tensors=lora_t, quantized_params=quantized, trainable=trainable,
         trainable_groups=groups, trainable_tensors=tensors, head_trainable=head_trainable,
         block_trainable=block_trainable, selective_head=bool(getattr(model, "supports_selective_head", False)),
-        connector_name=type(model.connector).registry_name, connector_module=model.connector,
         max_block_params=max(block_params), root_params=params["total"] - sum(block_params))
 
 
@@ -473,6 +486,8 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
     else:
         q_rg, k_rg, v_rg = L(y1, "q").rg, L(y1, "k").rg, L(y1, "v").rg
     attn_rg = q_rg or k_rg or v_rg
+    if attn_rg and stack.qk_norm:  # RMSNorm per head: the q/k projections' outputs in fp32 + rsqrt
+        sv.add(f"qk_norm:{tag}", t * (q_dim + kv_dim) * 4 + t * (stack.heads + stack.kv_heads) * 4)
     if attn_rg:
         impl = stack.attn_impl
         # SDPA/flash save q, k, v, out and an fp32 log-sum-exp; rotary (or autocast's cast) makes q and k new
@@ -492,6 +507,8 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
             if shape.mask and impl == "sdpa":
                 sv.add(f"mask:{tag}", shape.rows * shape.seq * shape.seq * p.act)
     o = L(_T(f"attn_out:{tag}", p.act, attn_rg), "o")
+    if o.rg and stack.post_norms:  # post-attention RMSNorm: its fp32 input + rsqrt
+        sv.add(f"post_attn:{tag}", t * (stack.hidden + 1) * 4)
     h1 = _T(f"h1:{tag}", p.resid, x.rg or o.rg)
 
     # ---- MLP
@@ -520,6 +537,8 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
             if stack.act_saves == 2:  # quick_gelu: x·sigmoid(1.702x) also saves the sigmoid output
                 sv.add(f"sig:{tag}", t * f * p.act)
         d = L(_T(f"act:{tag}", p.act, f1.rg), "fc2")
+    if d.rg and stack.post_norms:
+        sv.add(f"post_mlp:{tag}", t * (stack.hidden + 1) * 4)
     out = _T(f"x{idx + 1}", p.resid, h1.rg or d.rg)
     return sv, out
 
@@ -612,6 +631,7 @@ class PlanOptions:
     world_size: int = 1
     supervised_fraction: float = 1.0  # share of text positions with a loss (1.0: the worst case)
     device: str = "cuda"  # "cuda": + CUDA context, bool dropout masks; "cpu": no context, float dropout noise
+    image_size: tuple[int, int] | None = None  # (height, width) of each image; None: the family's largest
 
 
 @dataclass
@@ -655,7 +675,7 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     rows = 2 * batch if dpo else batch  # DPO scores chosen and rejected rows
     seq = (stage.data.pack_len or stage.data.max_len) if stage.data.mode == "pack" else stage.data.max_len
     n_img = rows * opts.images_per_sample
-    mask = stage.data.mode == "pack" or rows > 1  # one padded row needs no mask; packing always builds one
+    mask = stage.data.mode == "pack" or rows > 1 or geo.llm_mask_always  # one padded row needs none
     llm_shape = StepShape(rows, seq, mask)
     vis_shape = StepShape(n_img, geo.vision_tokens, False)
     lora_r = stage.lora.r if stage.lora else 0
@@ -728,11 +748,12 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
         # embeddings: pre-LN input [n, p, d] (CLIP's pre_layrnorm), the pixels when the patch conv trains
         vis_saved += n_img * geo.vision_tokens * geo.vision.hidden * p.resid
         if train.vision is True:
-            vis_saved += n_img * 3 * geo.image_size**2 * (2 if p.autocast else p.resid)
+            vis_saved += n_img * (geo.pixel_elements or 3 * geo.image_size**2) * (2 if p.autocast else p.resid)
     # A frozen tower with no graph still holds every hidden state while it runs (output_hidden_states=True).
     vis_forward = 0
     if not vis_graph:
-        vis_forward = ((len(geo.vision.blocks) + 1) * n_img * geo.vision_tokens * geo.vision.hidden * p.resid
+        kept = len(geo.vision.blocks) + 1 if geo.vision_keeps_hidden_states else 2  # else: a layer's in and out
+        vis_forward = (kept * n_img * geo.vision_tokens * geo.vision.hidden * p.resid
                        + 2 * n_img * geo.vision_tokens * geo.vision.intermediate * p.act)
 
     # Connector: LLaVA's linear / mlp2x_gelu in closed form (same Linear rule), others traced on meta.
@@ -858,13 +879,13 @@ def plan_stage(stage, model_cfg, gpu_memory: int, opts: PlanOptions | None = Non
     if model is None:
         model = build_model(model_cfg, device="meta").model
     if getattr(model, "kind", "composed") == "native":
-        from vlmtrain.errors import VlmtrainError
+        from vlmtrain.train.plan_native import native_geometry
 
-        raise VlmtrainError(f"plan: native families ({model.model_type}) are not planned yet; "
-                            "`vlmtrain describe` gives their parameters per role")
-    geo = read_geometry(model, stage)
+        geo = native_geometry(model, stage, model_cfg, opts)
+    else:
+        geo = read_geometry(model, stage)
     parts, phase = step_parts(geo, stage, stage.data.batch_size, opts)
-    notes = []
+    notes = list(geo.notes)
     strategy = stage.trainer.strategy
     if (strategy == "fsdp" or strategy.startswith("deepspeed")) and opts.world_size == 1:
         notes.append(f"strategy {strategy} planned for 1 rank; pass --world-size N to shard over N GPUs")
@@ -928,17 +949,3 @@ def plan_config(path: str | Path, gpu_memory: int, overrides: list[str] | None =
             built[key] = build_model(mcfg, device="meta").model
         plans.append(plan_stage(stage, mcfg, gpu_memory, opts, model=built[key]))
     return max(plans, key=lambda pl: pl.peak)
-
-
-def format_plan(plan: MemoryPlan) -> str:
-    gb = plan.gpu_memory / GiB
-    lines = [f"stage {plan.stage}: micro-batch {plan.micro_batch} × {plan.seq_len} tokens",
-             f"  {'part':<24} {'GiB':>9}"]
-    for k, v in plan.parts.items():
-        if v:
-            lines.append(f"  {k:<24} {v / GiB:>9.3f}")
-    lines.append(f"  {'peak':<24} {plan.peak / GiB:>9.3f}   (at: {plan.phase})")
-    verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(f"{verdict} in {gb:.2f} GiB; largest micro-batch that fits: {plan.max_micro_batch}")
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)

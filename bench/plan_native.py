@@ -1,0 +1,267 @@
+"""The memory planner on native transformers VLM families, planned vs measured (part of `python -m bench plan`).
+
+Models: the tiny checkpoints of `vlmtrain.model.native.tiny` (the family's own config class, tokenizer and
+processor) scaled up to ~10M parameters so that the measured peaks are tens of MiB above allocator noise, written
+with `save_pretrained` into a temporary folder and loaded as a user's checkpoint (`pretrained: DIR`).
+
+Measured as `bench.plan` measures composed models (the profiler's allocation running sum over the second of two
+training steps, plus the bytes live before it): the stage's model from `build_model`, QLoRA by `quantize_llm_`,
+LoRA by PEFT's `inject_adapter_in_model` with the stage's regex, gradient checkpointing by the native model's own
+switch (as `fit_stage` does), vlmtrain's `VLMModule.accumulate_lm` and the AdamW `build_optimizer` makes.
+The batch comes from the family's processor (one image of the config's size per row → pixel values, grid, image
+tokens, token-type ids), then text up to `max_len`: the first half of the text unsupervised, the rest supervised,
+row 0 ending in 8 padding positions. The planner gets the same image size and supervised fraction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import ROOT
+
+# Scaled tiny shapes: LM 4 layers × 256 wide (GQA 4/2 heads of 64), towers 4 blocks × 128 wide.
+_TEXT = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 64}
+SCALE = {
+    "qwen2_5_vl": {"text": {**_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                         "mrope_section": [8, 12, 12]}},
+                   "vision": {"depth": 4, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4,
+                              "out_hidden_size": 256, "window_size": 112, "fullatt_block_indexes": [1, 3]},
+                   # 4..400 LM tokens per image (one token = 28×28 px)
+                   "processor": {"min_pixels": 4 * 28 * 28, "max_pixels": 400 * 28 * 28}},
+    "gemma3": {"text": {**_TEXT, "query_pre_attn_scalar": 64, "sliding_window": 128},
+               "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                          "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
+               "mm_tokens_per_image": 64, "processor": {}},
+}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LORA_LLM = {"train": {"vision": False, "connector": False, "llm": "lora"}, "lora": LORA}
+# name → (family, image (height, width), stage fields over an SFT stage)
+CONFIGS = {
+    "qwen-lora-224x224-b2-s512": ("qwen2_5_vl", (224, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "qwen-lora-448x336-b2-s512": ("qwen2_5_vl", (448, 336), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "qwen-lora-560x560-b1-s640": ("qwen2_5_vl", (560, 560), {**LORA_LLM, "data": {"batch_size": 1, "max_len": 640}}),
+    "qwen-sft-ckpt-336x336-b2-s384": ("qwen2_5_vl", (336, 336),
+                                      {"train": {"vision": False, "connector": True, "llm": True},
+                                       "data": {"batch_size": 2, "max_len": 384},
+                                       "trainer": {"grad_checkpointing": True}}),
+    "gemma-lora-b2-s256": ("gemma3", (224, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 256}}),
+    "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
+                                                   "data": {"batch_size": 2, "max_len": 256}}),
+}
+
+
+def write_checkpoint(family: str, out: Path) -> dict:
+    """The scaled tiny checkpoint of `family` in `out`; returns its native model config (a dict)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtrain.model.native.families import FAMILIES
+    from vlmtrain.model.native.processor import build_image_only, save_processor
+    from vlmtrain.model.native.tiny import tiny_parts
+    from vlmtrain.model.native_templates import official_template
+
+    spec = SCALE[family]
+    cfg, ip, tok, proc_kwargs = tiny_parts(family)
+    for k, v in spec["text"].items():
+        setattr(cfg.text_config, k, v)
+    types = getattr(cfg.text_config, "layer_types", None)  # per-layer attention kinds: the tiny pattern, repeated
+    if types:
+        cfg.text_config.layer_types = [types[i % len(types)] for i in range(cfg.text_config.num_hidden_layers)]
+    for k, v in spec["vision"].items():
+        setattr(cfg.vision_config, k, v)
+    if family == "gemma3":
+        cfg.mm_tokens_per_image = spec["mm_tokens_per_image"]
+        ip.size = {"height": spec["vision"]["image_size"], "width": spec["vision"]["image_size"]}
+        proc_kwargs["image_seq_length"] = spec["mm_tokens_per_image"]
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    proc = build_image_only(family, ip, tok, chat_template=official_template(FAMILIES[family].template),
+                            **proc_kwargs)
+    model.save_pretrained(out)
+    save_processor(proc, out)
+    return {"pretrained": str(out), "processor": spec["processor"]}
+
+
+def stage_of(model: dict, fields: dict):
+    from bench.plan import build_stage
+
+    return build_stage(model, fields)
+
+
+def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int, seq: int) -> dict:
+    """One image per row through the family's processor, then text to `seq` tokens (see the module doc)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    h, w = image_size
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family.startswith("qwen") else "<start_of_image>"
+    images = [[img]] if family == "gemma3" else [img]
+    out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)
+    head = out["input_ids"][0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 500, (rows, seq), generator=g)
+    ids[:, :len(head)] = head
+    labels = ids.clone()
+    labels[:, :len(head) + (seq - len(head)) // 2] = -100
+    att = torch.ones(rows, seq, dtype=torch.long)
+    if rows > 1:
+        att[0, -8:] = 0
+        labels[0, -8:] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": att}
+    extras = []
+    for k, v in out.items():
+        if k in ("input_ids", "attention_mask"):
+            continue
+        if k in ("token_type_ids", "mm_token_type_ids"):
+            full = torch.zeros(rows, seq, dtype=v.dtype)
+            full[:, :v.shape[1]] = v[0]
+            v = full
+        else:  # per image: one image per row
+            v = torch.cat([v] * rows)
+        batch[k] = v
+        if k != "pixel_values":
+            extras.append(k)
+    batch["model_extras"] = tuple(extras)
+    return batch
+
+
+def n_image_tokens(batch: dict, image_token_id: int) -> int:
+    return int((batch["input_ids"][0] == image_token_id).sum())
+
+
+def supervised_fraction(batch: dict, n_img: int) -> float:
+    rows, seq = batch["labels"].shape
+    return int((batch["labels"][:, 1:] != -100).sum()) / (rows * (seq - 1 - n_img))
+
+
+def planned(model: dict, family: str, image_size, fields: dict, frac: float) -> dict:
+    from vlmtrain.config.model import NativeModelConfig
+    from vlmtrain.model import build_model
+    from vlmtrain.train.plan import PlanOptions, plan_stage
+
+    mcfg = NativeModelConfig.model_validate(model)
+    meta = build_model(mcfg, device="meta").model
+    pl = plan_stage(stage_of(model, fields), mcfg, 1 << 50,
+                    PlanOptions(device="cpu", supervised_fraction=frac, image_size=tuple(image_size)), model=meta)
+    return {"peak": pl.peak, "parts": pl.parts, "phase": pl.phase}
+
+
+# ---- the measured side (a subprocess) ------------------------------------------------------------------------------
+
+def _prepare(model: dict, family: str, image_size, fields: dict):
+    import torch
+
+    from vlmtrain.config.model import NativeModelConfig
+    from vlmtrain.model import build_model
+    from vlmtrain.train.module import VLMModule
+    from vlmtrain.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    stage = stage_of(model, fields)
+    bundle = build_model(NativeModelConfig.model_validate(model))
+    m = bundle.model.train().requires_grad_(False)
+    if stage.lora is not None and stage.lora.quantize:
+        from vlmtrain.model.quantize import quantize_llm_
+
+        quantize_llm_(m, torch.float32)
+    if stage.lora is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lc = stage.lora
+        inject_adapter_in_model(LoraConfig(target_modules=lc.llm_target, r=lc.r, lora_alpha=lc.alpha,
+                                           lora_dropout=lc.dropout), m)
+        for n, p in m.named_parameters():
+            p.requires_grad_("lora_" in n)
+    for part in ("vision", "connector", "llm"):
+        if getattr(stage.train, part) is True:
+            getattr(m, part).requires_grad_(True)
+    if stage.trainer.grad_checkpointing:
+        m.enable_gradient_checkpointing()
+    module = VLMModule(bundle, stage)
+    opt = build_optimizer(m, stage.optim)
+    batch = make_native_batch(bundle.processor, family, image_size, stage.data.batch_size, stage.data.max_len)
+
+    def step():
+        module.accumulate_lm([batch])
+        params = [p for grp in opt.param_groups for p in grp["params"]]
+        torch.nn.utils.clip_grad_norm_(params, stage.optim.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return m, opt, step, [batch], module
+
+
+def measure(model: dict, family: str, image_size, fields: dict) -> dict:
+    from bench.plan import measure_prepared
+
+    return measure_prepared(*_prepare(model, family, image_size, fields))
+
+
+def _subprocess(model: dict, family: str, image_size, fields: dict) -> dict:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=path,
+               OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    args = [json.dumps(x) for x in (model, family, image_size, fields)]
+    r = subprocess.run([sys.executable, "-m", "bench.plan_native", "measure", *args], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"native measurement subprocess failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def rows(only: list[str] | None = None) -> list[dict]:
+    """Planned vs measured for every native config (or the named ones)."""
+    from vlmtrain.config.model import NativeModelConfig
+    from vlmtrain.model import build_model
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="plan-native-") as tmp:
+        models: dict[str, dict] = {}
+        for name, (family, image_size, fields) in CONFIGS.items():
+            if only and name not in only:
+                continue
+            if family not in models:
+                models[family] = write_checkpoint(family, Path(tmp) / family)
+            model = models[family]
+            bundle = build_model(NativeModelConfig.model_validate(model))
+            stage = stage_of(model, fields)
+            b = make_native_batch(bundle.processor, family, image_size, stage.data.batch_size, stage.data.max_len)
+            n_img = n_image_tokens(b, bundle.model.image_token_id)
+            frac = supervised_fraction(b, n_img)
+            plan = planned(model, family, image_size, fields, frac)
+            prof = _subprocess(model, family, image_size, fields)
+            row = {"config": name, "family": family, "image": list(image_size), "image_tokens": n_img,
+                   "planned": plan["peak"], "phase": plan["phase"], "parts": plan["parts"],
+                   "supervised_fraction": frac, "measured": prof["peak"], "measured_base": prof["base"],
+                   "profiler_end_delta": prof["end_delta"],
+                   "error_pct": 100 * (plan["peak"] - prof["peak"]) / prof["peak"]}
+            out.append(row)
+            print(f"{name:<32} planned {plan['peak'] / 2**20:9.1f} MiB  measured {prof['peak'] / 2**20:9.1f} MiB  "
+                  f"error {row['error_pct']:+6.1f}%  ({plan['phase']}, {n_img} image tokens)", file=sys.stderr,
+                  flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "measure":
+        print(json.dumps(measure(*(json.loads(a) for a in sys.argv[2:]))))
+    elif len(sys.argv) >= 2 and sys.argv[1] == "rows":  # the native rows alone (or the named configs)
+        from bench.common import machine, save
+
+        table = rows(sys.argv[2:] or None)
+        errs = [abs(r["error_pct"]) for r in table]
+        print(save("plan-native", {"machine": machine(), "rows": table,
+                                   "headline": {"configs": len(table), "within_5pct": sum(e <= 5 for e in errs),
+                                                "max_abs_error_pct": max(errs)}}, None))
+    else:
+        print("usage: python -m bench.plan_native rows [CONFIG...]  (also part of `python -m bench plan`)",
+              file=sys.stderr)
+        sys.exit(2)

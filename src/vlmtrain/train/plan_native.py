@@ -1,0 +1,163 @@
+"""Memory-planner geometry of native transformers VLM families (`vlmtrain.model.native`).
+
+`vlmtrain.train.plan` models one training step from a `Geometry`: the LLM's and the vision tower's block stacks,
+per-image token counts, and the connector. This module fills that `Geometry` for a `NativeVLM` built on `meta`,
+so that parameters, gradients, optimizer states, LoRA/QLoRA and gradient checkpointing come from the same code
+as for composed models, and only what differs per family lives here:
+
+- Qwen2-VL / Qwen2.5-VL (dynamic resolution): an image of H×W pixels is resized by the processor's
+  `smart_resize` to multiples of patch·merge (28 px) inside [`min_pixels`, `max_pixels`]; the tower sees
+  (H'/14)·(W'/14) patches of 3·2·14² pixel values (the frame repeated over `temporal_patch_size`), the merger
+  turns each 2×2 group into one LM token. The tower runs every image as one flat sequence and SDPA per chunk
+  (Qwen2.5-VL: 112 px windows in most blocks, whole images in `fullatt_block_indexes`): no s² term and no mask
+  either way, so window and full blocks save the same tensors per token. Qwen2.5-VL's blocks are RMSNorm +
+  SwiGLU, Qwen2-VL's LayerNorm + quick_gelu MLP. Without `--image-size` the plan takes the worse of the smallest
+  (min_pixels) and the largest (max_pixels / 28² LM tokens) image: image tokens count inside `max_len`, so a
+  small image leaves more supervised text positions and a larger logits term.
+- Gemma 3: fixed `mm_tokens_per_image` (256) soft tokens per image from a SigLIP tower at `image_size` (896²:
+  4096 patches), average-pooled by the projector; the image's tokens attend bidirectionally, so transformers
+  always materialises the [rows, 1, s, s] mask; the decoder adds q/k RMSNorms and sandwich norms per layer.
+
+Not planned yet (refused with a message): Qwen3-VL (DeepStack mergers feed several tower layers into the LLM),
+Idefics3/SmolVLM (image splitting into 512² crops + pixel shuffle), LLaVA-OneVision/NeXT/LLaVA (AnyRes tiles,
+feature-layer selection), unlisted families, and what `native_refusals` refuses for training (packing with
+per-sample mRoPE, FSDP/DeepSpeed, compile, DP-SGD).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from vlmtrain.errors import ConfigError
+from vlmtrain.train.plan import _ROLES, Geometry, StackGeo, _stack_geo, stacks_geometry
+
+PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
+
+# Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj) next to the usual ones.
+_NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o"}
+# Block Linears of both roles: llm.model.layers.N…, vision.model.blocks.N… (Qwen),
+# vision.model[.vision_model].encoder.layers.N… (SigLIP; the nesting differs between transformers versions).
+_BLOCK_RE = re.compile(r"^(vision|llm)\.model\.(?:[\w.]*?\.)?(?:layers|blocks)\.(\d+)\.(.+)$")
+
+
+def native_geometry(model, stage, model_cfg, opts) -> Geometry:
+    """`Geometry` of a NativeVLM (usually on meta) under `stage`, for images of `opts.image_size`, or else the
+    worse of the smallest and the largest image the processor makes: image tokens sit inside `max_len`, so a large
+    image grows the tower's share and a small one leaves more text positions whose logits the loss keeps. Raises
+    ConfigError for families and stage features the planner does not model."""
+    from vlmtrain.train.plan import step_parts
+
+    if model.model_type.startswith("qwen") and opts.image_size is None:
+        vc = model.hf.config.vision_config
+        budget = qwen_pixel_budget(model_cfg)
+        unit = vc.patch_size * vc.spatial_merge_size
+        sizes = {"smallest (min_pixels)": (unit, unit), "largest (max_pixels)": None}
+        geos = [_geometry(model, stage, model_cfg, opts, qwen_patches(vc, budget, size), f"the {name} image "
+                          "(the worse of the smallest and the largest; --image-size HxW plans a given size)")
+                for name, size in sizes.items()]
+        return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
+    return _geometry(model, stage, model_cfg, opts)
+
+
+def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: str = "") -> Geometry:
+    from vlmtrain.train.native import native_refusals
+
+    mt = model.model_type
+    if mt not in PLANNED_FAMILIES:
+        raise ConfigError(f"plan: native family {mt!r} is not planned yet (planned: {', '.join(PLANNED_FAMILIES)}); "
+                          "`vlmtrain describe` gives its parameters per role")
+    problems = native_refusals(stage)
+    if problems:
+        raise ConfigError("plan: " + "; ".join(problems))
+    layers = {"llm": model.llm.model.layers, "vision": _block_list(model.vision)}
+    text_cfg = model.llm.config
+    llm = _stack_geo(text_cfg, layers["llm"][0], rotary=True)
+    if mt.startswith("qwen"):
+        vis, image = _qwen(model, model_cfg, opts, layers["vision"][0], patches, how)
+    else:
+        vis, image = _gemma3(model, opts, layers["vision"][0])
+        llm.qk_norm = llm.post_norms = True
+    how = image.pop("how")
+    geo = stacks_geometry(model, stage, llm, vis, layers, image, _BLOCK_RE, _NATIVE_ROLES)
+    geo.vision_keeps_hidden_states = False  # native towers return their last hidden state only
+    geo.llm_mask_always = mt == "gemma3" and opts.images_per_sample > 0
+    geo.notes = [f"{mt}: {opts.images_per_sample} image(s) per sample, {geo.image_tokens} LM tokens each "
+                 f"({geo.vision_tokens} tower patches); {how}"]
+    return geo
+
+
+def _block_list(role):
+    """The tower's block ModuleList (`blocks` in Qwen, `encoder.layers` in SigLIP)."""
+    from torch import nn
+
+    return next(m for n, m in role.named_modules()
+                if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in ("blocks", "layers") and len(m))
+
+
+# ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
+
+def qwen_pixel_budget(model_cfg) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of the processor: transformers' defaults, then the checkpoint folder's
+    preprocessor_config.json (when `pretrained` is a local folder), then the model config's `processor:`."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    size = dict(Qwen2VLImageProcessorPil.size)
+    budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+    src = Path(model_cfg.pretrained) / "preprocessor_config.json" if model_cfg.pretrained else None
+    for layer in (json.loads(src.read_text()) if src is not None and src.is_file() else {}, model_cfg.processor):
+        s = layer.get("size") or {}
+        budget["min_pixels"] = layer.get("min_pixels") or s.get("shortest_edge") or budget["min_pixels"]
+        budget["max_pixels"] = layer.get("max_pixels") or s.get("longest_edge") or budget["max_pixels"]
+    return int(budget["min_pixels"]), int(budget["max_pixels"])
+
+
+def qwen_patches(vc, budget: tuple[int, int], image_size: tuple[int, int] | None) -> int:
+    """Tower patches of one image: (H'/patch)·(W'/patch) after `smart_resize`; without a size, the budget's
+    largest (max_pixels // (patch·merge)² LM tokens, each merge² patches)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    unit = vc.patch_size * vc.spatial_merge_size
+    if image_size is None:
+        return (budget[1] // unit**2) * vc.spatial_merge_size**2
+    h, w = smart_resize(image_size[0], image_size[1], factor=unit, min_pixels=budget[0], max_pixels=budget[1])
+    return (h // vc.patch_size) * (w // vc.patch_size)
+
+
+def _qwen(model, model_cfg, opts, block, patches: int | None, how: str) -> tuple[StackGeo, dict]:
+    """The tower's stack and the image fields for `patches` per image (None: from `opts.image_size`)."""
+    vc = model.hf.config.vision_config
+    v2 = model.model_type == "qwen2_vl"  # Qwen2-VL: embed_dim wide, LayerNorm, fc1 → quick_gelu → fc2
+    hidden = int(vc.embed_dim if v2 else vc.hidden_size)
+    heads = int(vc.num_heads)
+    names = [type(m).__name__.lower() for m in block.modules()]
+    vis = StackGeo(hidden=hidden, intermediate=int(hidden * vc.mlp_ratio if v2 else vc.intermediate_size),
+                   heads=heads, kv_heads=heads, head_dim=hidden // heads,
+                   norm="rms" if any("rms" in n for n in names) else "layer", gated=not v2,
+                   act_saves=2 if str(vc.hidden_act) == "quick_gelu" else 1,
+                   attn_impl=str(getattr(vc, "_attn_implementation", None) or "sdpa"), rotary=True)
+    if patches is None:
+        patches = qwen_patches(vc, qwen_pixel_budget(model_cfg), opts.image_size)
+        how = f"a {opts.image_size[0]}x{opts.image_size[1]} image through the processor's resize"
+    merge = vc.spatial_merge_size**2
+    image = dict(vision_used_layers=len(model.vision.model.blocks), vision_tokens=patches,
+                 vision_feature_tokens=patches, image_size=0, image_tokens=patches // merge,
+                 connector_name=f"native:{model.model_type}", connector_module=model.connector.merger,
+                 pixel_elements=patches * vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, how=how)
+    return vis, image
+
+
+# ---- Gemma 3 --------------------------------------------------------------------------------------------------------
+
+def _gemma3(model, opts, block) -> tuple[StackGeo, dict]:
+    cfg = model.hf.config
+    vc = cfg.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=patches, vision_feature_tokens=patches,
+                 image_size=int(vc.image_size), image_tokens=int(cfg.mm_tokens_per_image),
+                 connector_name="native:gemma3", connector_module=model.connector.projector,
+                 how=f"fixed per image ({vc.image_size}² SigLIP input, average-pooled"
+                     + ("; --image-size is ignored" if opts.image_size else "") + ")")
+    return _stack_geo(vc, block, rotary=False), image
+

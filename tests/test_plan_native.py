@@ -1,0 +1,94 @@
+"""The memory planner on native transformers families (`vlmtrain.train.plan_native`): the two 24 GiB native recipes,
+image tokens against the family's own processor, a whole training step's planned peak against the peak measured
+with PyTorch's profiler, and refusals of what is not planned."""
+
+import pytest
+import torch
+
+from bench import plan as BP
+from bench import plan_native as BN
+from vlmtrain.cli.plan import parse_image_size
+from vlmtrain.config.model import NativeModelConfig
+from vlmtrain.errors import ConfigError
+from vlmtrain.model import build_model
+from vlmtrain.model.native.tiny import write_tiny_checkpoint
+from vlmtrain.train import plan as P
+from vlmtrain.train import plan_native as PN
+from conftest import CONFIGS
+
+GiB = 2**30
+RECIPES = {  # recipe → published parameter count (describe --json on the meta build; docs/native models)
+    "qwen2.5-vl-7b-lora-24gb.yaml": 8_292_166_656,
+    "gemma-3-4b-lora-24gb.yaml": 4_300_079_472,
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_native_24gib_recipe_plans_under_24gib(recipe):
+    """Under 24 GiB with one image per sample (Qwen: the worse of the smallest and largest image) and for
+    text-only samples (every position a supervised text token: the largest logits term)."""
+    plan = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB)
+    text_only = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB, opts=P.PlanOptions(images_per_sample=0))
+    print(f"\n{recipe}: planned peak {plan.peak / GiB:.2f} GiB ({plan.phase}), text-only "
+          f"{text_only.peak / GiB:.2f} GiB, largest micro-batch {plan.max_micro_batch}; "
+          + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.parts.items() if v) + f"; {plan.notes[-1]}")
+    assert plan.peak < 24 * GiB and plan.fits and text_only.peak < 24 * GiB
+    assert plan.max_micro_batch >= plan.micro_batch
+    # bf16-true: the whole (frozen) base at 2 bytes per published parameter, plus its buffers (rotary inv_freq)
+    assert RECIPES[recipe] * 2 <= plan.parts["weights"] < RECIPES[recipe] * 2 * 1.0001
+    assert plan.parts["cuda_context"] == P.CUDA_CONTEXT_BYTES and plan.parts["grads"] > 0
+
+
+def test_qwen_image_tokens_match_the_processor(tmp_path):
+    """The planner's smart_resize rule == the tiny Qwen2.5-VL processor's own image-token count, for sizes below,
+    inside and above its pixel budget; without a size, the budget's worst case."""
+    from PIL import Image
+
+    ckpt = write_tiny_checkpoint("qwen2_5_vl", tmp_path / "q")
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt)})
+    bundle = build_model(cfg)
+    vc = bundle.model.hf.config.vision_config
+    budget = PN.qwen_pixel_budget(cfg)
+    proc = bundle.processor
+    for h, w in [(20, 30), (56, 84), (112, 56), (300, 200), (500, 500)]:
+        out = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[Image.new("RGB", (w, h))],
+                   return_tensors="pt")
+        tokens = int((out["input_ids"] == bundle.model.image_token_id).sum())
+        assert PN.qwen_patches(vc, budget, (h, w)) // 4 == tokens, (h, w)
+        assert PN.qwen_patches(vc, budget, (h, w)) == int(out["image_grid_thw"].prod())
+    assert PN.qwen_patches(vc, budget, None) // 4 == budget[1] // 28**2
+
+
+@pytest.mark.parametrize("name", ["qwen-lora-224x224-b2-s512"])
+def test_planned_peak_matches_measured_step(name, tmp_path):
+    """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
+    allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan."""
+    family, image, fields = BN.CONFIGS[name]
+    model = BN.write_checkpoint(family, tmp_path / family)
+    torch.manual_seed(0)
+    m, opt, step, micro, module = BN._prepare(model, family, image, fields)
+    n_img = BN.n_image_tokens(micro[0], m.image_token_id)
+    measured = BP.measure_prepared(m, opt, step, micro, module)["peak"]
+    planned = BN.planned(model, family, image, fields, BN.supervised_fraction(micro[0], n_img))["peak"]
+    print(f"\n{name}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    assert abs(planned - measured) / measured <= 0.05
+
+
+def _meta(tmp_path, family):
+    cfg = NativeModelConfig.model_validate({"pretrained": str(write_tiny_checkpoint(family, tmp_path / family))})
+    return cfg, build_model(cfg, device="meta").model
+
+
+def test_unplanned_family_and_stage_features_are_refused(tmp_path):
+    stage = BP.build_stage({"pretrained": "x"}, {"train": {"llm": "lora"}, "lora": BN.LORA})
+    cfg, model = _meta(tmp_path, "llava_onevision")
+    with pytest.raises(ConfigError, match=r"native family 'llava_onevision' is not planned yet \(planned: qwen2_vl"):
+        P.plan_stage(stage, cfg, 24 * GiB, model=model)
+    cfg, model = _meta(tmp_path, "qwen2_5_vl")
+    for bad in ("448", "0x10", "wide"):
+        with pytest.raises(ConfigError, match="--image-size: cannot read"):
+            parse_image_size(bad)
+    assert parse_image_size("448x336") == (448, 336)
+    packed = BP.build_stage({"pretrained": "x"}, {"data": {"mode": "pack", "pack_len": 256}})
+    with pytest.raises(ConfigError, match="plan: data.mode: pack is not available for native families"):
+        P.plan_stage(packed, cfg, 24 * GiB, model=model)
