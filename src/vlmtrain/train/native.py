@@ -21,13 +21,13 @@ def native_refusals(stage) -> list[str]:
                         "(single or ddp)")
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
-    if stage.privacy is not None:
-        problems.append("privacy: DP-SGD is not available for native families yet")
     return problems
 
 
 def check_native_stage(stage, bundle) -> None:
-    problems = native_refusals(stage)
+    from vlmtrain.privacy.dp_native import native_dp_refusals
+
+    problems = native_refusals(stage) + native_dp_refusals(stage, bundle.model)
     if problems:
         raise ConfigError(problems)
     if stage.trainer.vision_feature_cache_mb:
