@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, VLMTRAIN
-from native_fixtures import checkpoint
+from native_fixtures import checkpoint, model_config
 from shard_fixtures import cycled_shards
 
 DELTA = 1e-5
@@ -26,12 +26,13 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(root):
-    cycled_shards(root / "shards", 24, per_shard=8)
+    cycled_shards(root / "shards", 6, per_shard=3)
     return root / "shards"
 
 
 def stage_dict(model_dir, shards, connector=True, max_grad_norm=0.05):
-    return {"name": "dp", "preset": "sft", "model": {"pretrained": str(model_dir)},
+    model = model_config(model_dir).model_dump(exclude_none=True, exclude_defaults=True)
+    return {"name": "dp", "preset": "sft", "model": model,
             "train": {"vision": False, "connector": connector, "llm": "lora"},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "data": {"train": [{"path": str(shards)}], "batch_size": 4, "num_workers": 0, "max_len": MAX_LEN},
