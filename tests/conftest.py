@@ -41,3 +41,12 @@ def digit_image():
 
     _, png, _ = next(_digits("eval"))
     return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def builtin_cache(tmp_path_factory):
+    """Builtin datasets made once for the whole session (tests and the subprocesses they start inherit it)."""
+    if "VLMTRAIN_BUILTIN_CACHE" not in os.environ:
+        os.environ["VLMTRAIN_BUILTIN_CACHE"] = str(tmp_path_factory.mktemp("builtin-cache"))
+    yield os.environ["VLMTRAIN_BUILTIN_CACHE"]
+

@@ -39,6 +39,7 @@ def test_demo_recipe_learns_and_exports(tmp_path):
     s = {n: json.loads((out / n / "summary.json").read_text()) for n in ("align", "sft", "dpo")}
     assert s["sft"]["eval_before"]["vqa_exact_match"] < 0.2  # chance is 10%
     assert s["sft"]["eval"]["vqa_exact_match"] >= 0.8
+    assert s["sft"]["eval"]["answer_nll"] < s["sft"]["eval_before"]["answer_nll"]
     assert s["dpo"]["eval"]["vqa_exact_match"] >= s["dpo"]["eval_before"]["vqa_exact_match"]  # DPO does not hurt
     r = subprocess.run([*VLMTRAIN, "export", str(out), "--format", "hf-llava", "--out", str(out / "hf-llava")],
                        capture_output=True, text=True, timeout=300)

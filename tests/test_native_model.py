@@ -262,3 +262,36 @@ def test_processor_overrides_bound_qwen_image_tokens(root):
         tokens[budget] = int(grid.prod()) // 4
         assert int(grid.prod()) * 14 * 14 <= budget  # patches × patch area within the pixel budget
     assert tokens[56 * 56] < tokens[112 * 112]
+
+
+def test_eval_answer_nll_equals_transformers_scoring_of_the_reference(root, tmp_path):
+    """`answer_nll` (held-out, per record: -log p(reference answer tokens) / their count) recomputed from the
+    transformers model's full logits on the reference conversation, averaged over the records."""
+    import itertools
+
+    from vlmtrain.data import builtin
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.loader import parse_sample
+    from vlmtrain.data.shards import iter_shard
+    from vlmtrain.data.writer import write_shards
+    from vlmtrain.train.evaluate import evaluate_native
+    from vlmtrain.train.module import model_extras
+
+    bundle = _bundle(root, "qwen2_5_vl")
+    shards = tmp_path / "eval"
+    write_shards(itertools.islice(builtin._qa("eval"), 3), shards, "builtin:digits-eval", shard_size=10)
+    got = evaluate_native(bundle, str(shards), max_samples=10, max_new_tokens=1)
+    enc = encoder_for(bundle)
+    nlls = []
+    for raw in iter_shard(str(shards / "shard-000000.tar")):
+        rec, images = parse_sample(raw)
+        b = collate([enc(rec, images)], bundle.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = bundle.model.hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                                     attention_mask=b["attention_mask"], **model_extras(b)).logits[0].double()
+        labels = b["labels"][0]
+        pos = (labels[1:] != -100).nonzero()[:, 0]
+        nlls.append(float(-logits[:-1].log_softmax(-1)[pos, labels[1:][pos]].mean()))
+    assert got["eval_samples"] == len(nlls) == 3
+    assert got["answer_nll"] == pytest.approx(sum(nlls) / 3, rel=1e-5)

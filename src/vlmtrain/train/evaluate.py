@@ -56,7 +56,9 @@ def _prompt_ids(tok, prompt_msgs, image_token_id, n_slots) -> list[int]:
 @torch.no_grad()
 def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 8, batch_size: int = 32,
              device: torch.device | str | None = None) -> dict[str, float]:
-    """Returns {"vqa_exact_match", "mc_accuracy" (when choices exist), "eval_samples"}."""
+    """Returns {"vqa_exact_match", "eval_samples"} and, when records carry `meta.choices`, "mc_accuracy" (the right
+    choice has the highest log-likelihood) and "answer_nll" (the right choice's mean per-token negative
+    log-likelihood: a continuous held-out metric that moves before accuracy does)."""
     from vlmtrain.data.inspect import encoder_for
 
     if bundle.native:
@@ -69,6 +71,7 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
     loader = ShardLoader(shards, enc, tok.pad_token_id, batch_size=batch_size, num_workers=0, epochs=1,
                          shuffle_buffer=1, keep_raw=True, max_bad_fraction=1.0, rank=0, world_size=1)
     n = exact = mc_n = mc_right = 0
+    nlls: list[float] = []
     for batch in loader:
         recs = batch["records"][: max_samples - n]
         if not recs:
@@ -98,9 +101,10 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
             b = collate(seqs, tok.pad_token_id)
             logits = m(b["input_ids"].to(device), b["pixel_values"].to(device) if "pixel_values" in b else None,
                        b["attention_mask"].to(device)).logits
-            logps, _ = sequence_logps(logits, b["labels"].to(device))
+            logps, n_tok = sequence_logps(logits, b["labels"].to(device))
             mc_n += 1
             mc_right += int(choices[int(logps.argmax())] == answers[i])
+            nlls += _answer_nll(choices, answers[i], logps, n_tok)
         n += len(recs)
         if n >= max_samples:
             break
@@ -108,7 +112,18 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
     out = {"vqa_exact_match": exact / max(n, 1), "eval_samples": n}
     if mc_n:
         out["mc_accuracy"] = mc_right / mc_n
+    if nlls:
+        out["answer_nll"] = sum(nlls) / len(nlls)
     return out
+
+
+def _answer_nll(choices: list[str], answer: str, logps: torch.Tensor, n_tokens: torch.Tensor) -> list[float]:
+    """Mean per-token negative log-likelihood of the reference answer among the scored choices (logps, n_tokens
+    `[len(choices)]`): one value, or none when the reference is not among the choices (it has no score here)."""
+    if answer not in choices:
+        return []
+    i = choices.index(answer)
+    return [float(-logps[i] / n_tokens[i].clamp(min=1))]
 
 
 class _KeepImages:
@@ -145,6 +160,7 @@ def evaluate_native(bundle, shards: str, max_samples: int = 300, max_new_tokens:
     loader = ShardLoader(shards, _KeepImages(enc), tok.pad_token_id, batch_size=1, num_workers=0, epochs=1,
                          shuffle_buffer=1, keep_raw=True, max_bad_fraction=1.0, rank=0, world_size=1)
     n = exact = mc_n = mc_right = 0
+    nlls: list[float] = []
     for batch in loader:
         if n >= max_samples:
             break
@@ -163,13 +179,16 @@ def evaluate_native(bundle, shards: str, max_samples: int = 300, max_new_tokens:
         b = _to(collate(seqs, tok.pad_token_id), device)
         mask, targets = prediction_mask(b["labels"])
         logits = m(b["input_ids"], b.get("pixel_values"), b["attention_mask"], logits_mask=mask, **model_extras(b))
-        logps, _ = selected_sequence_logps(logits, targets, mask)
+        logps, n_tok = selected_sequence_logps(logits, targets, mask)
         mc_n += 1
         mc_right += int(choices[int(logps.argmax())] == answer)
+        nlls += _answer_nll(choices, answer, logps, n_tok)
     m.train(was_training)
     out = {"vqa_exact_match": exact / max(n, 1), "eval_samples": n}
     if mc_n:
         out["mc_accuracy"] = mc_right / mc_n
+    if nlls:
+        out["answer_nll"] = sum(nlls) / len(nlls)
     return out
 
 

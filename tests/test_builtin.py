@@ -1,0 +1,57 @@
+"""Builtin datasets: made by code, identical wherever they are made, and made once per machine with a cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmtrain.data import builtin
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cache_makes_once_and_copies_identical_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMTRAIN_BUILTIN_CACHE", str(tmp_path / "cache"))
+    first = builtin.prepare_builtin("digits-eval", tmp_path / "a")
+    assert first == tmp_path / "a" / "digits-eval"
+    entries = list((tmp_path / "cache").iterdir())
+    assert [e.name.rsplit("-", 1)[0] for e in entries] == ["digits-eval"]
+
+    def no_making(*_a, **_k):
+        raise AssertionError("made again although the cache holds it")
+
+    monkeypatch.setattr(builtin, "_make_builtin", no_making)
+    second = builtin.prepare_builtin("digits-eval", tmp_path / "b")
+    assert second == tmp_path / "b" / "digits-eval"
+    assert _bytes(second) == _bytes(first) == _bytes(entries[0])
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_cache_is_keyed_by_the_code_that_makes_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMTRAIN_BUILTIN_CACHE", str(tmp_path / "cache"))
+    builtin.prepare_builtin("digits-eval", tmp_path / "a")
+    before = builtin._maker_fingerprint()
+    monkeypatch.setattr(builtin, "_maker_fingerprint", lambda: "changed-code")
+    made = []
+    real = builtin._make_builtin
+    monkeypatch.setattr(builtin, "_make_builtin", lambda name, root: made.append(name) or real(name, root))
+    builtin.prepare_builtin("digits-eval", tmp_path / "b")
+    assert made == ["digits-eval"]
+    names = {p.name for p in (tmp_path / "cache").iterdir()}
+    assert names == {f"digits-eval-{before}", "digits-eval-changed-code"}
+
+
+def test_half_copied_cache_entry_is_not_used(tmp_path, monkeypatch):
+    """A copy killed midway has no manifest under the final name: the dataset is made again, not half-used."""
+    monkeypatch.setenv("VLMTRAIN_BUILTIN_CACHE", str(tmp_path / "cache"))
+    entry = tmp_path / "cache" / f"digits-eval-{builtin._maker_fingerprint()}"
+    entry.mkdir(parents=True)
+    (entry / "shard-000000.tar").write_bytes(b"torn")
+    out = builtin.prepare_builtin("digits-eval", tmp_path / "a")
+    assert builtin._complete(entry) and _bytes(entry) == _bytes(out)
+
+
+def test_unknown_builtin_is_refused_by_name(tmp_path):
+    with pytest.raises(builtin.VlmtrainError, match="unknown builtin dataset 'nope'"):
+        builtin.prepare_builtin("nope", tmp_path)
