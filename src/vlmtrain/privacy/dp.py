@@ -6,7 +6,9 @@ What a DP step is here (Abadi et al. 2016), and which library does each part:
   (Poisson; Opacus' `UniformWithReplacementSampler` over a map-style view of the shards). Batches vary in size and
   may be empty; an empty batch is still a step (noise only), as the accountant assumes;
 - per-sample gradients: Opacus' `GradSampleModule` hooks on the trainable layers (connector linears, LoRA A/B);
-  the loss handed to autograd is Σ_i loss_i (each record's mean token loss), so grad_sample[i] = ∇loss_i;
+  the loss handed to autograd is Σ_i loss_i (each record's mean token loss), so grad_sample[i] = ∇loss_i. Native
+  transformers families' connectors see images or patches, not records: their rows are summed per record
+  (`privacy.dp_native`), so records may carry any number of images there;
 - clip each sample's whole gradient to `max_grad_norm` C, sum, add N(0, σ²C²), divide by the expected batch size
   q·N (Opacus' `DPOptimizer`, with a seeded generator unless `secure_mode`), then the stage's own optimizer;
 - accounting: Opacus' RDP or PRV accountant, fed by the optimizer's step hook; ε at δ is logged during training and
@@ -90,7 +92,7 @@ class DPDataset(Dataset):
     """Every record of the stage's shards, validated once; item j is unit j (a record, or one of a patient's records
     drawn at random). Items are encoded samples with their `id`."""
 
-    def __init__(self, sources, encoder, unit: str = "record"):
+    def __init__(self, sources, encoder, unit: str = "record", one_image: bool = True):
         from vlmtrain.data.loader import image_members, parse_sample
         from vlmtrain.data.schema import RecordError
         from vlmtrain.data.shards import iter_shard
@@ -114,9 +116,10 @@ class DPDataset(Dataset):
                     if "chosen" in enc:
                         raise VlmtrainError(f"{url}: preference records cannot train under DP-SGD (next_token only)")
                     n_img = 0 if enc.get("pixel_values") is None else int(enc["pixel_values"].shape[0])
-                    if n_img != 1:
+                    if one_image and n_img != 1:
                         # The connector's per-sample gradients are per image: they line up with records only when
-                        # every record has exactly one image.
+                        # every record has exactly one image. (Native families sum each record's rows instead:
+                        # privacy.dp_native.)
                         self.skipped["dp_needs_one_image"] += 1
                         continue
                     if rec["id"] in seen:
@@ -187,12 +190,13 @@ def poisson_loader(dataset: DPDataset, plan: DPPlan, pad_token_id: int, num_work
 def per_sample_losses(model, batch: dict, mean: bool = True) -> torch.Tensor:
     """`[b]`: each record's mean (or, `mean=False`, summed) next-token loss over its supervised tokens (logits
     only where supervised)."""
+    from vlmtrain.train.module import model_extras
     from vlmtrain.train.objectives import prediction_mask
 
     labels = batch["labels"]
     mask, targets = prediction_mask(labels)
     logits = model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
-                   batch.get("position_ids"), logits_mask=mask)
+                   batch.get("position_ids"), logits_mask=mask, **model_extras(batch))
     tok = F.cross_entropy(logits.float(), targets, reduction="none")
     rows = mask.nonzero()[:, 0]
     b = labels.shape[0]
@@ -221,6 +225,7 @@ def _module_class():
 
             super().__init__(bundle, stage, loader=None)
             self.plan = plan
+            self.native = bundle.native
             self.sampler_gen = sampler_gen
             seed = stage.privacy.seed if stage.privacy.seed is not None else stage.trainer.seed
             self.noise_gen = None if plan.secure_mode else torch.Generator().manual_seed(seed + 1)
@@ -254,6 +259,10 @@ def _module_class():
                 return {"loss": float("nan"), "supervised_tokens": 0}
             losses = per_sample_losses(self.model, batch)
             self._backward(losses.sum())
+            if self.native:  # a native connector's rows are images/patches, not records
+                from vlmtrain.privacy.dp_native import fold_connector_grad_samples
+
+                fold_connector_grad_samples(self.model, batch)
             return {"loss": float(losses.detach().mean()), "supervised_tokens": supervised_count(batch)}
 
         def training_step(self, window: dict, batch_idx: int):
@@ -271,6 +280,11 @@ def _module_class():
             stats["privacy/epsilon"] = self.epsilon()
             stats["privacy/batch_size"] = len(stats["ids"])
             self.last_stats = stats
+
+        def on_train_start(self) -> None:
+            # Opacus records activations in training mode only; transformers' from_pretrained returns eval-mode
+            # modules (native families) and Lightning keeps the mode a model comes with
+            self.model.train()
 
         def on_train_end(self) -> None:
             self._gsm[0]._close()  # remove Opacus' hooks and grad_sample attributes before export / merging
@@ -314,7 +328,7 @@ def build_dp_training(stage, bundle, encoder, sources, run_dir: Path):
     _quiet_expected_warnings()
     cfg = stage.privacy
     seed = cfg.seed if cfg.seed is not None else stage.trainer.seed
-    ds = DPDataset(sources, encoder, unit=cfg.unit)
+    ds = DPDataset(sources, encoder, unit=cfg.unit, one_image=not bundle.native)
     plan = make_plan(cfg, len(ds), ds.records, stage.data.batch_size, stage.trainer.max_steps)
     loader, gen = poisson_loader(ds, plan, bundle.tokenizer.pad_token_id, stage.data.num_workers, seed)
     module = _module_class()(bundle, stage, plan, gen)

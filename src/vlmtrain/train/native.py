@@ -2,7 +2,8 @@
 
 Each refusal names a feature built for the composed kind that the native kind does not have yet; the scale-out
 work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`; FSDP2 and
-ZeRO-2/3: built for the families with a blank image; DP-SGD and compile: not yet).
+ZeRO-2/3: built for the families with a blank image; DP-SGD: built, `vlmtrain.privacy.dp_native`, which refuses
+what it cannot privatise; compile: not yet).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ def native_refusals(stage) -> list[str]:
         problems.append("data.anyres_pinpoints: native families tile images with their own processor; remove it")
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
-    if stage.privacy is not None:
-        problems.append("privacy: DP-SGD is not available for native families yet")
     return problems
 
 
 def check_native_stage(stage, bundle) -> None:
-    problems = native_refusals(stage)
+    from vlmtrain.privacy.dp_native import native_dp_refusals
+
+    problems = native_refusals(stage) + native_dp_refusals(stage, bundle.model)
     strategy = stage.trainer.strategy
     # sharded ranks must all run the tower every step: a text-only batch runs a blank image (NativeVLM)
     if strategy in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") and bundle.model.blank_image_inputs() is None:
