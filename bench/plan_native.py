@@ -156,7 +156,8 @@ def planned(model: dict, family: str, image_size, fields: dict, frac: float) -> 
 
 # ---- the measured side (a subprocess) ------------------------------------------------------------------------------
 
-def _prepare(model: dict, family: str, image_size, fields: dict):
+def prepare(model: dict, family: str, image_size, fields: dict):
+    """(model, optimizer, step function, micro-batches, module) for the stage, set up as `fit_stage` does."""
     import torch
 
     from vlmtrain.config.model import NativeModelConfig
@@ -202,7 +203,7 @@ def _prepare(model: dict, family: str, image_size, fields: dict):
 def measure(model: dict, family: str, image_size, fields: dict) -> dict:
     from bench.plan import measure_prepared
 
-    return measure_prepared(*_prepare(model, family, image_size, fields))
+    return measure_prepared(*prepare(model, family, image_size, fields))
 
 
 def _subprocess(model: dict, family: str, image_size, fields: dict) -> dict:

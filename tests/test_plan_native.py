@@ -66,7 +66,7 @@ def test_planned_peak_matches_measured_step(name, tmp_path):
     family, image, fields = BN.CONFIGS[name]
     model = BN.write_checkpoint(family, tmp_path / family)
     torch.manual_seed(0)
-    m, opt, step, micro, module = BN._prepare(model, family, image, fields)
+    m, opt, step, micro, module = BN.prepare(model, family, image, fields)
     n_img = BN.n_image_tokens(micro[0], m.image_token_id)
     measured = BP.measure_prepared(m, opt, step, micro, module)["peak"]
     planned = BN.planned(model, family, image, fields, BN.supervised_fraction(micro[0], n_img))["peak"]
