@@ -2,7 +2,8 @@
 
 The model is built on the `meta` device (no weights, no download); every number below comes from its real module
 shapes, the stage's `train` / `lora` / `data` / `trainer` blocks, and a model of what PyTorch keeps alive.
-Units: bytes internally, GiB (2**30 bytes) in `MemoryPlan.to_json()`.
+Units: bytes internally, GiB (2**30 bytes) in `MemoryPlan.to_json()`. Native transformers families (Qwen2-VL,
+Qwen2.5-VL, Gemma 3): the same step model over a geometry from `vlmtrain.train.plan_native`.
 
 What is counted (each a `part` of the plan; parts sum to the peak):
 
