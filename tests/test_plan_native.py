@@ -27,8 +27,10 @@ RECIPES = {  # recipe → published parameter count (describe --json on the meta
 def test_native_24gib_recipe_plans_under_24gib(recipe):
     """Under 24 GiB with one image per sample (Qwen: the worse of the smallest and largest image) and for
     text-only samples (every position a supervised text token: the largest logits term)."""
-    plan = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB)
-    text_only = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB, opts=P.PlanOptions(images_per_sample=0))
+    [(stage, mcfg)] = P.load_plan_stages(CONFIGS / "recipes" / recipe)
+    model = build_model(mcfg, device="meta").model  # built once for both plans
+    plan = P.plan_stage(stage, mcfg, 24 * GiB, model=model)
+    text_only = P.plan_stage(stage, mcfg, 24 * GiB, P.PlanOptions(images_per_sample=0), model=model)
     print(f"\n{recipe}: planned peak {plan.peak / GiB:.2f} GiB ({plan.phase}), text-only "
           f"{text_only.peak / GiB:.2f} GiB, largest micro-batch {plan.max_micro_batch}; "
           + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.parts.items() if v) + f"; {plan.notes[-1]}")
