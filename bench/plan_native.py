@@ -156,7 +156,8 @@ def planned(model: dict, family: str, image_size, fields: dict, frac: float) -> 
 
 # ---- the measured side (a subprocess) ------------------------------------------------------------------------------
 
-def _prepare(model: dict, family: str, image_size, fields: dict):
+def prepare(model: dict, family: str, image_size, fields: dict):
+    """(model, optimizer, step function, micro-batches, module) for the stage, set up as `fit_stage` does."""
     import torch
 
     from vlmtrain.config.model import NativeModelConfig
@@ -202,7 +203,7 @@ def _prepare(model: dict, family: str, image_size, fields: dict):
 def measure(model: dict, family: str, image_size, fields: dict) -> dict:
     from bench.plan import measure_prepared
 
-    return measure_prepared(*_prepare(model, family, image_size, fields))
+    return measure_prepared(*prepare(model, family, image_size, fields))
 
 
 def _subprocess(model: dict, family: str, image_size, fields: dict) -> dict:
@@ -250,6 +251,36 @@ def rows(only: list[str] | None = None) -> list[dict]:
     return out
 
 
+def headline(table: list[dict]) -> dict:
+    errs = [abs(r["error_pct"]) for r in table]
+    return {"configs": len(table), "within_5pct": sum(e <= 5 for e in errs), "max_abs_error_pct": max(errs)}
+
+
+def replan(path: Path) -> dict:
+    """Re-plan saved rows with the current planner (the measured peaks do not depend on it): after a planner
+    change, without re-measuring."""
+    data = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory(prefix="plan-native-") as tmp:
+        models: dict[str, dict] = {}
+        for row in data["rows"]:
+            family, image_size, fields = CONFIGS[row["config"]]
+            if family not in models:
+                models[family] = write_checkpoint(family, Path(tmp) / family)
+            plan = planned(models[family], family, image_size, fields, row["supervised_fraction"])
+            row.update(planned=plan["peak"], phase=plan["phase"], parts=plan["parts"],
+                       error_pct=100 * (plan["peak"] - row["measured"]) / row["measured"])
+    data["headline"] = headline(data["rows"])
+    data["replanned"] = machine_date()
+    path.write_text(json.dumps(data, indent=2))
+    return data
+
+
+def machine_date() -> str:
+    from bench.common import machine
+
+    return machine()["date"]
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "measure":
         print(json.dumps(measure(*(json.loads(a) for a in sys.argv[2:]))))
@@ -257,11 +288,13 @@ if __name__ == "__main__":
         from bench.common import machine, save
 
         table = rows(sys.argv[2:] or None)
-        errs = [abs(r["error_pct"]) for r in table]
-        print(save("plan-native", {"machine": machine(), "rows": table,
-                                   "headline": {"configs": len(table), "within_5pct": sum(e <= 5 for e in errs),
-                                                "max_abs_error_pct": max(errs)}}, None))
+        print(save("plan-native", {"machine": machine(), "rows": table, "headline": headline(table)}, None))
+    elif len(sys.argv) == 2 and sys.argv[1] == "replan":
+        for r in replan(ROOT / "bench" / "results" / "plan-native.json")["rows"]:
+            print(f"{r['config']:<32} planned {r['planned'] / 2**20:9.1f} MiB  measured {r['measured'] / 2**20:9.1f}"
+                  f" MiB  error {r['error_pct']:+6.1f}%  ({r['phase']})")
     else:
-        print("usage: python -m bench.plan_native rows [CONFIG...]  (also part of `python -m bench plan`)",
+        print("usage: python -m bench.plan_native rows [CONFIG...] | replan  (rows are also part of "
+              "`python -m bench plan`)",
               file=sys.stderr)
         sys.exit(2)

@@ -27,8 +27,10 @@ RECIPES = {  # recipe → published parameter count (describe --json on the meta
 def test_native_24gib_recipe_plans_under_24gib(recipe):
     """Under 24 GiB with one image per sample (Qwen: the worse of the smallest and largest image) and for
     text-only samples (every position a supervised text token: the largest logits term)."""
-    plan = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB)
-    text_only = P.plan_config(CONFIGS / "recipes" / recipe, 24 * GiB, opts=P.PlanOptions(images_per_sample=0))
+    [(stage, mcfg)] = P.load_plan_stages(CONFIGS / "recipes" / recipe)
+    model = build_model(mcfg, device="meta").model  # built once for both plans
+    plan = P.plan_stage(stage, mcfg, 24 * GiB, model=model)
+    text_only = P.plan_stage(stage, mcfg, 24 * GiB, P.PlanOptions(images_per_sample=0), model=model)
     print(f"\n{recipe}: planned peak {plan.peak / GiB:.2f} GiB ({plan.phase}), text-only "
           f"{text_only.peak / GiB:.2f} GiB, largest micro-batch {plan.max_micro_batch}; "
           + ", ".join(f"{k} {v / GiB:.2f}" for k, v in plan.parts.items() if v) + f"; {plan.notes[-1]}")
@@ -66,7 +68,7 @@ def test_planned_peak_matches_measured_step(name, tmp_path):
     family, image, fields = BN.CONFIGS[name]
     model = BN.write_checkpoint(family, tmp_path / family)
     torch.manual_seed(0)
-    m, opt, step, micro, module = BN._prepare(model, family, image, fields)
+    m, opt, step, micro, module = BN.prepare(model, family, image, fields)
     n_img = BN.n_image_tokens(micro[0], m.image_token_id)
     measured = BP.measure_prepared(m, opt, step, micro, module)["peak"]
     planned = BN.planned(model, family, image, fields, BN.supervised_fraction(micro[0], n_img))["peak"]
@@ -90,5 +92,5 @@ def test_unplanned_family_and_stage_features_are_refused(tmp_path):
             parse_image_size(bad)
     assert parse_image_size("448x336") == (448, 336)
     packed = BP.build_stage({"pretrained": "x"}, {"data": {"mode": "pack", "pack_len": 256}})
-    with pytest.raises(ConfigError, match="plan: data.mode: pack is not available for native families"):
+    with pytest.raises(ConfigError, match="plan: data.mode: pack is not planned for native families"):
         P.plan_stage(packed, cfg, 24 * GiB, model=model)

@@ -2,13 +2,16 @@
 
 The model is built on the `meta` device (no weights, no download); every number below comes from its real module
 shapes, the stage's `train` / `lora` / `data` / `trainer` blocks, and a model of what PyTorch keeps alive.
-Units: bytes internally, GiB (2**30 bytes) in `MemoryPlan.to_json()`.
+Units: bytes internally, GiB (2**30 bytes) in `MemoryPlan.to_json()`. Native transformers families (Qwen2-VL,
+Qwen2.5-VL, Gemma 3): the same step model over a geometry from `vlmtrain.train.plan_native`.
 
 What is counted (each a `part` of the plan; parts sum to the peak):
 
     weights                 every parameter and buffer of the model, in the precision's dtype
                             (32-true and bf16-mixed: fp32 — Lightning's mixed precision keeps the fp32 module and
                             autocasts; bf16-true: bf16), the 4-bit QLoRA base at `NF4_BYTES_PER_PARAM`
+    batch                   the micro-batch on the device: ids, labels, mask (int64) and the pixel values (in the
+                            parameter dtype; Qwen's dynamic resolution makes them tens of MiB per batch)
     lora                    LoRA adapters r·(in+out) per targeted Linear (+ `out` DoRA magnitudes), counted from the
                             target regexes over the meta model's module names — the same full-match PEFT does
     reference_model         DPO with `reference: copy`: a frozen deep copy of the model
@@ -84,7 +87,7 @@ CUDA_CONTEXT_BYTES = 1 * GiB
 # block, and one fp32 second-level absmax per 256 blocks → 0.5 + 1/64 + 4/(64·256) bytes per weight.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
-PART_NAMES = ("weights", "lora", "reference_model", "grads", "optimizer", "autocast_weight_copies",
+PART_NAMES = ("weights", "batch", "lora", "reference_model", "grads", "optimizer", "autocast_weight_copies",
               "activations", "vision_activations", "logits", "ddp_buckets", "shard_buffers", "cuda_context")
 
 _UNITS = {"": 1, "b": 1,
@@ -701,6 +704,7 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     parts = dict.fromkeys(PART_NAMES, 0)
     parts["weights"] = base_w / shard_w
     parts["lora"] = geo.lora_params * p.param / shard_w
+    parts["batch"] = rows * seq * 3 * 8 + n_img * (geo.pixel_elements or 3 * geo.image_size**2) * p.param
     if dpo and stage.dpo.reference == "copy":
         parts["reference_model"] = base_w + geo.lora_params * p.param
     grads = n_train * p.param / world
