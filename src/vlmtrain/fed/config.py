@@ -21,7 +21,16 @@ class FederatedConfig(BaseModel):
     round_timeout_s: float = Field(900.0, gt=0, description="deadline of one round (sampling and replies)")
     epsilon_budget: float = Field(gt=0, description="each site's lifetime ε on its dataset, over every round of "
                                                     "every run (the site's ledger refuses a round past it)")
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = Field(
+        "fedavg", description="Flower's strategy on the coordinator: fedavg (weighted mean), fedprox (FedAvg + a "
+                              "proximal term μ/2·‖w − w_global‖² in every site's local objective), fedadam (the "
+                              "weighted mean's change applied by a server-side Adam step)")
+    proximal_mu: float = Field(0.0, ge=0, validate_default=True,
+                               description="fedprox: μ of the proximal term (must be > 0)")
+    server_lr: float = Field(0.01, gt=0, description="fedadam: server learning rate η")
+    server_beta_1: float = Field(0.9, ge=0, lt=1, description="fedadam: first-moment decay β₁")
+    server_beta_2: float = Field(0.99, ge=0, lt=1, description="fedadam: second-moment decay β₂")
+    server_tau: float = Field(1e-3, gt=0, description="fedadam: adaptivity τ (added to √v)")
     patients_disjoint: bool = Field(True, description="no patient at two sites: global ε = max over sites "
                                                       "(false: the conservative sum)")
     seed: int = 0
@@ -42,6 +51,22 @@ class FederatedConfig(BaseModel):
             if bad:
                 raise ValueError(f"{site}: negative share for {bad}")
         return v
+
+    @field_validator("proximal_mu")
+    @classmethod
+    def _mu(cls, v, info):
+        if info.data.get("strategy") == "fedprox" and v <= 0:
+            raise ValueError("fedprox needs proximal_mu > 0 (with 0 it is FedAvg)")
+        return v
+
+    def strategy_options(self) -> dict:
+        """Keyword arguments of the Flower strategy (`fed.coordinator.quorum_strategy`)."""
+        if self.strategy == "fedprox":
+            return {"proximal_mu": self.proximal_mu}
+        if self.strategy == "fedadam":
+            return {"eta": self.server_lr, "beta_1": self.server_beta_1, "beta_2": self.server_beta_2,
+                    "tau": self.server_tau}
+        return {}
 
     @property
     def quorum(self) -> int:

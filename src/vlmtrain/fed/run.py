@@ -141,6 +141,7 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
     stage_dict["init_from"] = None
     plan = {"run": run_id(Path(recipe).stem, out), "rounds": fed.rounds, "local_steps": fed.local_steps,
             "stage": stage_dict, "seed": fed.seed, "epsilon_budget": fed.epsilon_budget, "min_sites": fed.quorum,
+            "strategy": {"name": fed.strategy, "options": fed.strategy_options()},
             "round_timeout_s": fed.round_timeout_s, "coordinator_dir": str(coord.resolve()),
             "initial_arrays": str(initial.resolve()), "patients_disjoint": fed.patients_disjoint,
             "sites": {name: str(d.resolve()) for name, d in sites.items()}, "base_model": str(base_model.resolve())}
@@ -170,6 +171,7 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
         net.start_superlink()
         for name, site_dir in plan["sites"].items():
             net.start_site(name, Path(site_dir), Path(plan["base_model"]))
+        net.wait_online(len(plan["sites"]))
         run = net.submit(write_app(out / "deploy" / "app"), plan_path)
         log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}")
         status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)

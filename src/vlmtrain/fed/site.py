@@ -41,6 +41,7 @@ class RoundRequest:
     stage: dict              # the DP stage (validated here as a StageConfig)
     epsilon_budget: float    # the site's lifetime budget on this dataset
     seed: int
+    proximal_mu: float = 0.0  # FedProx: μ of the proximal term μ/2·‖w − w_global‖² (0: plain local DP-SGD)
 
 
 def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -49,6 +50,14 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
         h.update(n.encode())
         h.update(np.ascontiguousarray(arrays[n], dtype=np.float32).tobytes())
     return h.hexdigest()
+
+
+def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> None:
+    """FedProx's term μ/2·‖w − w_global‖² as its gradient μ·(w − w_global), added to each `p.grad` (same shape as
+    p). Added after Opacus privatised the gradient: the term does not read data, so it costs no privacy."""
+    with torch.no_grad():
+        for p, a in zip(params, anchors, strict=True):
+            p.grad.add_(p - a, alpha=mu)
 
 
 def _round_seed(seed: int, site: str, rnd: int) -> int:
@@ -140,6 +149,7 @@ class Site:
         opt = DPOptimizer(build_optimizer(model, stage.optim), noise_multiplier=plan.noise_multiplier,
                           max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch_size,
                           loss_reduction="mean", generator=noise_gen, secure_mode=plan.secure_mode)
+        anchors = [q.detach().clone() for q in trainable] if req.proximal_mu else None  # FedProx's w_global
         losses, empty, it = [], 0, iter(loader)
         for _ in range(req.local_steps):
             try:
@@ -156,7 +166,11 @@ class Site:
                 loss = per_sample_losses(model, batch)
                 loss.sum().backward()
                 losses.append(float(loss.detach().mean()))
-            opt.step()
+            if anchors is None:
+                opt.step()
+            elif opt.pre_step():  # Opacus' clip + noise + average into p.grad (what `opt.step` does first)
+                add_proximal_gradient(trainable, anchors, req.proximal_mu)
+                opt.original_optimizer.step()
             opt.zero_grad(set_to_none=True)
         gsm._close()
         arrays = trainable_arrays(model)
