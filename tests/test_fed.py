@@ -286,3 +286,49 @@ def test_fedprox_without_mu_is_refused_by_the_recipe(tmp_path):
         load_federated(RECIPE, tmp_path, ["federated.strategy=fedprox"])
     fed, _, _ = load_federated(RECIPE, tmp_path, ["federated.strategy=fedprox", "federated.proximal_mu=0.01"])
     assert fed.strategy_options() == {"proximal_mu": 0.01}
+
+
+def test_site_level_dp_clips_each_update_noises_the_mean_and_is_accounted_apart(tmp_path, identity):
+    """Flower's server-side fixed-clipping wrapper through the coordinator: node k's update (+k on every one of N
+    entries, norm k·√N) is clipped to C, so every clipped update is C/√N per entry and so is their unweighted mean;
+    the noise on it has std σ·C/k for the k sites that replied (2 when one is dead). Site-level ε = Opacus' RDP
+    accountant over one q=1 release per aggregated round, reported apart from the patient-level ε."""
+    from opacus.accountants import RDPAccountant
+
+    from vlmtrain.fed.coordinator import federation_summary, run_rounds
+
+    sigma, clip, n = 0.8, 0.5, 40_000
+    dp = {"noise_multiplier": sigma, "clipping_norm": clip, "delta": 1e-5, "target_epsilon": 0.0}
+    init = {"w": np.zeros((200, 200), np.float32)}
+    for dead, replied in (((), 3), ((3,), 2)):
+        plan = _plan(tmp_path / f"dead{len(dead)}", rounds=1, site_dp=dp, sites={"s1": "", "s2": "", "s3": ""})
+        state = run_rounds(FakeGrid(dead=set(dead)), plan, init)
+        moved = state["arrays"]["w"].astype(np.float64) - init["w"]
+        assert abs(moved.mean() - clip / np.sqrt(n)) < 4 * sigma * clip / replied / np.sqrt(n)
+        assert abs(moved.std() / (sigma * clip / replied) - 1) < 0.03
+    plan = _plan(tmp_path / "acc", site_dp=dp, sites={"s1": "", "s2": "", "s3": ""})
+    summary = federation_summary(plan, run_rounds(FakeGrid(), plan, init))
+    acc = RDPAccountant()
+    for _ in range(3):
+        acc.step(noise_multiplier=sigma, sample_rate=1.0)
+    site = summary["privacy"]["site_level"]
+    assert abs(site["epsilon"] - acc.get_epsilon(delta=1e-5)) <= 1e-6 and site["releases"] == 3
+    assert summary["privacy"]["epsilon"] == max(0.1 * k for k in (1, 2, 3))  # patient-level: the sites' own
+
+
+def test_site_level_dp_is_refused_for_a_small_consortium_unless_forced(tmp_path):
+    """3 sites: refused with the σ Opacus plans for the target (printed), unless `force`; never with FedAdam."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from vlmtrain.errors import ConfigError
+    from vlmtrain.fed.run import load_federated
+
+    dp = ["federated.site_dp={target_epsilon: 8, clipping_norm: 0.1}"]
+    sigma = get_noise_multiplier(target_epsilon=8, target_delta=1e-5, sample_rate=1.0, steps=3, accountant="rdp")
+    with pytest.raises(ConfigError, match=re.escape(f"needs σ={sigma:.3f}")):
+        load_federated(RECIPE, tmp_path, dp)
+    fed, _, _ = load_federated(RECIPE, tmp_path, ["federated.site_dp={target_epsilon: 8, clipping_norm: 0.1, "
+                                                  "force: true}"])
+    assert abs(fed.site_dp_noise() - sigma) < 1e-12
+    with pytest.raises(ConfigError, match="federated.site_dp: .*FedAdam"):
+        load_federated(RECIPE, tmp_path, ["federated.strategy=fedadam", dp[0]])

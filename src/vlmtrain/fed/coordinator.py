@@ -70,6 +70,27 @@ def quorum_strategy(min_sites: int, deadline_s: float, name: str = "fedavg", opt
                   min_available_nodes=min_sites, **(options or {}))
 
 
+SITE_WEIGHT = "site-weight"  # site-level DP averages the clipped updates unweighted (coordinator-side metric)
+
+
+def build_strategy(plan: dict):
+    """→ (the strategy the rounds call, the inner Flower strategy whose state is checkpointed). With `site_dp`:
+    Flower's `DifferentialPrivacyServerSideFixedClipping` around it, averaging unweighted (each site's clipped
+    update moves the mean by at most C/k, the sensitivity its noise σ·C/k is calibrated to)."""
+    spec = plan.get("strategy") or {"name": "fedavg", "options": {}}
+    dp = plan.get("site_dp")
+    options = {**spec["options"], **({"weighted_by_key": SITE_WEIGHT} if dp else {})}
+    inner = quorum_strategy(plan["min_sites"], plan["round_timeout_s"], spec["name"], options)
+    if dp is None:
+        return inner, inner
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    outer = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=dp["noise_multiplier"],
+                                                       clipping_norm=dp["clipping_norm"],
+                                                       num_sampled_clients=len(plan.get("sites") or {}) or 1)
+    return outer, inner
+
+
 def strategy_state(strategy) -> dict[str, np.ndarray]:
     """The strategy's own state as arrays named `m_t/<param>`, `v_t/<param>` (empty for FedAvg/FedProx)."""
     return {f"{attr}/{n}": a for attr in STRATEGY_STATE for n, a in (getattr(strategy, attr, None) or {}).items()}
@@ -145,9 +166,8 @@ def run_rounds(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
         arrays = initial
     elif done:
         log.info(f"coordinator: resuming after round {done} from {ckpt.dir}")
-    spec = plan.get("strategy") or {"name": "fedavg", "options": {}}
-    strategy = quorum_strategy(plan["min_sites"], plan["round_timeout_s"], spec["name"], spec["options"])
-    restore_strategy_state(strategy, saved_strategy)
+    strategy, inner = build_strategy(plan)
+    restore_strategy_state(inner, saved_strategy)
     for rnd in range(done + 1, plan["rounds"] + 1):
         t0 = time.time()
         msgs = list(strategy.configure_train(rnd, to_record(arrays), round_config(plan), grid))
@@ -155,8 +175,14 @@ def run_rounds(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
         valid = sorted((m for m in replies if not m.has_error()), key=lambda m: str(m.content["site"]["site"]))
         errors = [str(m.error.reason) for m in replies if m.has_error()]
         entry = {"round": rnd, "sent": len(msgs), "replies": [reply_record(m) for m in valid], "errors": errors}
+        agg = None
         if len(valid) >= plan["min_sites"]:
+            if plan.get("site_dp"):
+                for m in valid:
+                    m.content["metrics"][SITE_WEIGHT] = 1.0
+                strategy.num_sampled_clients = len(valid)  # noise σ·C/k for the k updates actually averaged
             agg, _ = strategy.aggregate_train(rnd, valid)
+        if agg is not None:
             arrays = {n: a.astype(np.float32, copy=False) for n, a in from_record(agg).items()}  # FedAdam: fp64
             entry["aggregated"] = True
         else:
@@ -165,7 +191,7 @@ def run_rounds(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
                         + (f" ({'; '.join(errors)})" if errors else ""))
         entry["seconds"] = time.time() - t0
         history.append(entry)
-        ckpt.save(rnd, arrays, history, plan, strategy_state(strategy))
+        ckpt.save(rnd, arrays, history, plan, strategy_state(inner))
         log.info(f"coordinator: round {rnd}/{plan['rounds']} in {entry['seconds']:.1f}s, "
                  f"{len(valid)}/{len(msgs)} sites, aggregated={entry['aggregated']}")
         if plan.get("stop_after_round") == rnd:  # tests: a coordinator stopped right after a checkpoint
@@ -191,6 +217,12 @@ def federation_summary(plan: dict, state: dict) -> dict:
     per_round = [{r["site"]: r["bytes_up"] for r in h["replies"]} for h in history]
     eps = [s["epsilon"] for s in sites.values()]
     disjoint = plan.get("patients_disjoint", True)
+    privacy = {"sites": sites, "epsilon": (max(eps) if disjoint else sum(eps)) if eps else 0.0,
+               "delta": max((s["delta"] for s in sites.values()), default=None),
+               "composition": "max over patient-disjoint sites" if disjoint else "sum over sites",
+               "unit": plan["stage"]["privacy"]["unit"]}
+    if plan.get("site_dp"):
+        privacy["site_level"] = site_level_privacy(plan["site_dp"], sum(h["aggregated"] for h in history))
     return {
         "status": "completed" if state["round"] == plan["rounds"] and not state.get("stopped") else "stopped",
         "federated": {"rounds": len(history), "rounds_aggregated": sum(h["aggregated"] for h in history),
@@ -198,10 +230,20 @@ def federation_summary(plan: dict, state: dict) -> dict:
                       "payload_bytes_per_site": {r["site"]: r["payload_bytes"] for h in history
                                                  for r in h["replies"]},
                       "round_seconds": [h["seconds"] for h in history], "secure_aggregation": False,
-                      "strategy": (plan.get("strategy") or {"name": "fedavg"})["name"], "min_sites": plan["min_sites"], "local_steps": plan["local_steps"],
+                      "strategy": (plan.get("strategy") or {"name": "fedavg"})["name"],
+                      "site_dp": plan.get("site_dp") is not None, "min_sites": plan["min_sites"], "local_steps": plan["local_steps"],
                       "errors": [e for h in history for e in h["errors"]]},
-        "privacy": {"sites": sites, "epsilon": (max(eps) if disjoint else sum(eps)) if eps else 0.0,
-                    "delta": max((s["delta"] for s in sites.values()), default=None),
-                    "composition": "max over patient-disjoint sites" if disjoint else "sum over sites",
-                    "unit": plan["stage"]["privacy"]["unit"]},
+        "privacy": privacy,
     }
+
+
+def site_level_privacy(dp: dict, releases: int) -> dict:
+    """Site-level (ε, δ) of the released global arrays: one Gaussian release per aggregated round, every site in
+    every round (no sampling amplification), by Opacus' RDP accountant. Apart from, never added to, the
+    patient-level ε: it protects a whole site's contribution, not one patient."""
+    from vlmtrain.fed.ledger import epsilon_of
+
+    eps = epsilon_of([{"noise_multiplier": dp["noise_multiplier"], "sample_rate": 1.0, "steps": releases}],
+                     dp["delta"]) if releases else 0.0
+    return {"epsilon": eps, "delta": dp["delta"], "noise_multiplier": dp["noise_multiplier"],
+            "clipping_norm": dp["clipping_norm"], "releases": releases, "unit": "site"}

@@ -60,6 +60,22 @@ def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor
             p.grad.add_(p - a, alpha=mu)
 
 
+def seeded_dp_dataset(sources, encoder, unit: str, seed: int):
+    """`privacy.dp.DPDataset` whose choice among a sampled patient's records comes from its own `random.Random(seed)`
+    instead of the global `random`: inside a ClientApp process Flower's heartbeat and retry threads draw from the
+    global `random` at timing-dependent moments (`flwr.supercore.heartbeat`, `flwr.supercore.retry`), which made the
+    same round pick different records in different processes (weights up to 7.4e-4 apart, 2026-11-30)."""
+    from vlmtrain.privacy.dp import DPDataset
+
+    class SeededDPDataset(DPDataset):
+        def __getitem__(self, j: int) -> dict:
+            members = self.units[j]
+            return self.encode(members[0] if len(members) == 1 else rng.choice(members))
+
+    rng = random.Random(seed)
+    return SeededDPDataset(sources, encoder, unit=unit)
+
+
 def _round_seed(seed: int, site: str, rnd: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{site}:{rnd}".encode()).digest()[:8], "little") % 2**62
 
@@ -119,15 +135,13 @@ class Site:
         from vlmtrain.data.shards import Source
         from vlmtrain.model.io import load_any
         from vlmtrain.model.lora import apply_lora
-        from vlmtrain.privacy.dp import DPDataset, _quiet_expected_warnings, make_plan, per_sample_losses, \
-            poisson_loader
+        from vlmtrain.privacy.dp import _quiet_expected_warnings, make_plan, per_sample_losses, poisson_loader
         from vlmtrain.train.freeze import apply_stage_trainability
         from vlmtrain.train.optim import build_optimizer
 
         _quiet_expected_warnings()
         cfg = stage.privacy
         seed = _round_seed(req.seed, self.name, req.round)
-        random.seed(seed)  # DPDataset picks a sampled patient's record with the global `random`
         torch.manual_seed(seed)
         bundle = load_any(self.base_model)
         if stage.lora is not None:
@@ -135,7 +149,7 @@ class Site:
         apply_stage_trainability(bundle.model, stage.train)
         load_trainable(bundle.model, global_arrays)
         encoder = encoder_for(bundle, stage.data.max_len, stage.data.caption_prompt, stage.data.anyres_pinpoints)
-        ds = DPDataset([Source(str(self.shards))], encoder, unit=cfg.unit)
+        ds = seeded_dp_dataset([Source(str(self.shards))], encoder, cfg.unit, seed)
         plan = make_plan(cfg, len(ds), ds.records, stage.data.batch_size, req.total_steps)
         planned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                    "steps": req.local_steps}
