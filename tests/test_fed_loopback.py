@@ -1,32 +1,70 @@
 """The federation on Flower's Deployment Engine over 127.0.0.1: SuperLink + 3 SuperNodes started and stopped by the
-test (`vlmtrain fed run`). Checked against independent references: Opacus' accountant for each site's ε, the
-arrays' npy sizes for the bytes on the wire, the model's own parameter list for the allow-list, numpy's weighted
-mean of the sites' kept replies for FedAvg, and a centralised run (`vlmtrain run`) for the held-out loss."""
+test (`vlmtrain fed run`). One shared federation (2 rounds of 2 local steps) carries every check, because each
+federation costs minutes on 2 cores:
+
+    round 1   the site VICTIM's SuperNode and the app processes under it are SIGKILLed by PID while it trains;
+              the round aggregates the other two (quorum 2) and the coordinator stops after its checkpoint
+    round 2   `vlmtrain fed run --resume`: a fresh SuperLink, all three sites (VICTIM restarted, its ledger intact)
+
+Checked against independent references: Opacus' accountant for each site's ε, the arrays' npy sizes for the bytes
+on the wire, the model's own parameter list for the allow-list, numpy's weighted mean of the sites' kept replies for
+FedAvg, a site round recomputed in this process for the resume's bit-exactness, a centralised run (`vlmtrain run`)
+for the held-out loss. In-process checks (coordinator quorum/skip/resume, strategies, ledger) are in test_fed.py."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
+psutil = pytest.importorskip("psutil")
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "recipes" / "medical-federated.yaml"
-ROUNDS, LOCAL = 2, 6
-FAST = [f"federated.rounds={ROUNDS}", f"federated.local_steps={LOCAL}", "public.trainer.max_steps=30"]
+ROUNDS, LOCAL = 2, 2
+SITES = ["hospital-eye-path", "hospital-general", "hospital-radiology"]
+VICTIM = "hospital-eye-path"
+# round_timeout_s bounds a round's wait for a reply that will not come (the killed site's); Flower answers a message
+# to a node whose heartbeat stopped with an error reply before that
+FAST = [f"federated.rounds={ROUNDS}", f"federated.local_steps={LOCAL}", "public.trainer.max_steps=10",
+        "federated.round_timeout_s=600"]
 pytestmark = pytest.mark.slow
 
 
-def vlmtrain(*args, env=None, timeout=900):
+def vlmtrain(*args, env=None, timeout=1800):
     return subprocess.run([sys.executable, "-m", "vlmtrain", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
+
+
+def kill_site_while_training(out: Path, site: str, driver: subprocess.Popen, timeout: float = 1800) -> list[int]:
+    """Wait until `site`'s ClientApp has built its DP dataset (its log says so; training starts next), then SIGKILL
+    the SuperNode and every process under it, each by PID. → the PIDs killed."""
+    pid_file, log = out / "deploy" / "logs" / f"site-{site}.pid", out / "deploy" / "logs" / f"site-{site}.log"
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        if pid_file.is_file() and log.is_file() and "records validated for Poisson sampling" in log.read_text():
+            node = psutil.Process(int(pid_file.read_text()))
+            procs = [node, *node.children(recursive=True)]
+            for p in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    os.kill(p.pid, signal.SIGKILL)
+            return [p.pid for p in procs]
+        if driver.poll() is not None:
+            raise AssertionError(f"the federation ended before {site} trained: {driver.stderr.read()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"{site} never started training within {timeout:.0f}s")
 
 
 @pytest.fixture(scope="module")
@@ -34,45 +72,102 @@ def fed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fed") / "run"
     wire = out.parent / "wire"
     env = dict(os.environ, VLMTRAIN_FED_WIRE_LOG=str(wire))
-    r = vlmtrain("fed", "run", RECIPE, "--out", out, *FAST, env=env)
+    code = ("import sys, json; from vlmtrain.fed.run import run_loopback; "
+            "s = run_loopback(sys.argv[1], sys.argv[2], sys.argv[3:], evaluate=False, "
+            "plan_extra={'stop_after_round': 1}); print(json.dumps(s['status']))")
+    driver = subprocess.Popen([sys.executable, "-c", code, str(RECIPE), str(out), *FAST], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        killed = kill_site_while_training(out, VICTIM, driver)
+        stdout, stderr = driver.communicate(timeout=1800)
+    finally:
+        if driver.poll() is None:  # SIGTERM: the driver stops the SuperLink and SuperNodes it started
+            driver.terminate()
+            driver.wait(timeout=120)
+    assert driver.returncode == 0 and stdout.strip().endswith('"stopped"'), stdout[-2000:] + stderr[-3000:]
+    ckpt = out / "coordinator" / "checkpoint"
+    round1 = json.loads((ckpt / "state.json").read_text())
+    shutil.copy(ckpt / round1["arrays"], out.parent / "round1.npz")  # round 2's checkpoint replaces it
+    r = vlmtrain("fed", "run", RECIPE, "--out", out, "--resume", *FAST, env=env, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out, wire, json.loads((out / "summary.json").read_text())
+    return SimpleNamespace(out=out, wire=wire, summary=json.loads((out / "summary.json").read_text()),
+                           killed=killed, round1=round1, plan=json.loads((out / "coordinator" / "plan.json").read_text()))
+
+
+def kept_reply(out: Path, run: str, site: str, rnd: int) -> dict[str, np.ndarray]:
+    with np.load(out / "sites" / site / "replies" / f"{run}-round{rnd:04d}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def ledger_entries(out: Path, site: str) -> list[dict]:
+    ledger = json.loads((out / "sites" / site / "privacy_ledger.json").read_text())
+    (entries,) = [d["entries"] for d in ledger["datasets"].values()]
+    return entries
 
 
 def test_summary_contract(fed_run):
-    out, _, s = fed_run
+    s = fed_run.summary
     f, p = s["federated"], s["privacy"]
     assert s["status"] == "completed" and s["flower"]["status"].startswith("finished:completed")
-    assert f["rounds"] == ROUNDS == f["rounds_aggregated"]
-    assert sorted(f["sites"]) == sorted(["hospital-radiology", "hospital-general", "hospital-eye-path"])
+    assert f["rounds"] == ROUNDS == f["rounds_aggregated"] and f["strategy"] == "fedavg"
+    assert sorted(f["sites"]) == SITES
     assert f["secure_aggregation"] is False and len(f["bytes_up_per_round"]) == ROUNDS
     assert f["transport"] == {"tls": True, "supernode_auth": True, "host": "127.0.0.1"}
     assert set(p["sites"]) == set(f["sites"]) and p["epsilon"] == max(v["epsilon"] for v in p["sites"].values())
     assert p["delta"] == 1e-5
 
 
+def test_site_killed_mid_round_the_round_aggregates_the_others_nothing_is_left_running(fed_run):
+    """Round 1: VICTIM's SuperNode and its app processes were SIGKILLed while it trained. The round aggregated the two
+    other sites (quorum 2) into exactly their weighted mean; VICTIM charged nothing and kept no reply for round 1;
+    its ledger is whole and holds round 2 only (it rejoined after the restart); no process killed or started by the
+    federation is still running."""
+    out, run = fed_run.out, fed_run.plan["run"]
+    h1, h2 = json.loads((out / "coordinator" / "checkpoint" / "state.json").read_text())["history"]
+    assert h1["sent"] == 3 and [r["site"] for r in h1["replies"]] == [s for s in SITES if s != VICTIM]
+    assert h1["aggregated"] and h2["aggregated"] and sorted(r["site"] for r in h2["replies"]) == SITES
+    assert fed_run.round1["round"] == 1
+    survivors = [(kept_reply(out, run, r["site"], 1), r["metrics"]["num-examples"]) for r in h1["replies"]]
+    with np.load(out.parent / "round1.npz") as z:
+        for k in z.files:
+            by_hand = sum(a[k].astype(np.float64) * n for a, n in survivors) / sum(n for _, n in survivors)
+            np.testing.assert_allclose(z[k], by_hand, rtol=0, atol=1e-6)
+    assert not (out / "sites" / VICTIM / "replies" / f"{run}-round0001.npz").exists()
+    assert [e["round"] for e in ledger_entries(out, VICTIM)] == [2]
+    assert not list((out / "sites" / VICTIM).glob("*.tmp"))
+    for site in SITES:
+        if site != VICTIM:
+            assert [e["round"] for e in ledger_entries(out, site)] == [1, 2]
+    assert len(fed_run.killed) >= 2  # the SuperNode and the ClientApp process it had started
+    for pid in fed_run.killed:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    home = str(out / "deploy")
+    for proc in psutil.process_iter():
+        try:
+            assert not proc.environ().get("FLWR_HOME", "").startswith(home), proc.cmdline()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+
+
 def test_site_epsilon_equals_opacus_accountant_for_its_steps(fed_run):
     """σ from Opacus' get_noise_multiplier for the site's q over rounds × local steps; ε from Opacus' RDP accountant
-    stepped once per DP step of every round."""
+    stepped once per DP step the site ran (VICTIM: round 2 only)."""
     from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
-    out, _, s = fed_run
-    for site, v in s["privacy"]["sites"].items():
-        units = v["units"]
-        q = 16 / units  # dp-sft.data.batch_size / the site's patients
+    for site, v in fed_run.summary["privacy"]["sites"].items():
+        q = 16 / v["units"]  # dp-sft.data.batch_size / the site's patients
         assert abs(v["sample_rate"] - q) < 1e-12
         sigma = get_noise_multiplier(target_epsilon=3.8, target_delta=1e-5, sample_rate=q, steps=ROUNDS * LOCAL,
                                      accountant="rdp")
         assert abs(v["noise_multiplier"] - sigma) < 1e-9
+        steps = LOCAL * (1 if site == VICTIM else ROUNDS)
+        assert v["steps_this_run"] == steps
         acc = RDPAccountant()
-        for _ in range(ROUNDS * LOCAL):
+        for _ in range(steps):
             acc.step(noise_multiplier=sigma, sample_rate=q)
         assert abs(v["epsilon"] - acc.get_epsilon(delta=1e-5)) <= 1e-6
         assert v["epsilon"] <= 3.8 + 1e-6
-        ledger = json.loads((out / "sites" / site / "privacy_ledger.json").read_text())
-        (entries,) = [d["entries"] for d in ledger["datasets"].values()]
-        assert [e["round"] for e in entries] == list(range(1, ROUNDS + 1))
 
 
 def test_wire_carries_only_trainable_tensors_and_allowed_fields(fed_run):
@@ -80,26 +175,24 @@ def test_wire_carries_only_trainable_tensors_and_allowed_fields(fed_run):
     (connector + LoRA), no base weight; config/metric keys are allow-listed; no text, path, record or patient id."""
     from vlmtrain.config.load import validate
     from vlmtrain.config.stage import StageConfig
+    from vlmtrain.data.shards import iter_shard
     from vlmtrain.fed.arrays import ALLOWED_METRICS, ALLOWED_SITE_INFO
     from vlmtrain.fed.run import site_model
 
-    out, wire, s = fed_run
-    plan = json.loads((out / "coordinator" / "plan.json").read_text())
+    out, plan = fed_run.out, fed_run.plan
     model = site_model(Path(plan["base_model"]), validate(StageConfig, plan["stage"])).model
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert all(n.startswith("connector.") or "lora_" in n for n in trainable)
     ids, groups = set(), set()
-    for site in s["federated"]["sites"]:
+    for site in SITES:
         for url in sorted((out / "sites" / site / "shards").glob("*.tar")):
-            from vlmtrain.data.shards import iter_shard
-
             for raw in iter_shard(str(url)):
                 rec = json.loads(raw["json"])
                 ids.add(rec["id"])
                 groups.add(rec["meta"]["patient_group"])
-    dumps = sorted(wire.glob("*.json"))
-    assert len(dumps) == ROUNDS * 3
+    dumps = sorted(fed_run.wire.glob("*.json"))
+    assert len(dumps) == 2 + 3  # round 1 without the killed site, round 2 with all three
     for d in dumps:
         msg = json.loads(d.read_text())
         assert set(msg) == {"arrays", "metrics", "site"}
@@ -124,8 +217,7 @@ def test_bytes_up_equal_the_trainable_tensors(fed_run):
     from vlmtrain.config.stage import StageConfig
     from vlmtrain.fed.run import site_model
 
-    out, wire, s = fed_run
-    plan = json.loads((out / "coordinator" / "plan.json").read_text())
+    s, plan = fed_run.summary, fed_run.plan
     model = site_model(Path(plan["base_model"]), validate(StageConfig, plan["stage"])).model
     expected, payload = 0, 0
     for p in model.parameters():
@@ -134,22 +226,21 @@ def test_bytes_up_equal_the_trainable_tensors(fed_run):
             np.save(buf, np.zeros(tuple(p.shape), np.float32), allow_pickle=False)
             expected += len(buf.getvalue())
             payload += p.numel() * 4
+    assert [len(r) for r in s["federated"]["bytes_up_per_round"]] == [2, 3]
     for per_site in s["federated"]["bytes_up_per_round"]:
-        assert len(per_site) == 3 and set(per_site.values()) == {expected}
+        assert set(per_site.values()) == {expected}
     assert set(s["federated"]["payload_bytes_per_site"].values()) == {payload}
     sent = [sum(a["bytes"] for a in json.loads(d.read_text())["arrays"]["items"].values())
-            for d in wire.glob("*.json")]
+            for d in fed_run.wire.glob("*.json")]
     assert set(sent) == {expected}
 
 
 def test_fedavg_of_the_last_round_is_the_weighted_mean_of_the_sites_replies(fed_run):
     """final.npz = Σ n_k·w_k / Σ n_k over the sites' kept replies (on the sites' disks) of the last round."""
-    out, _, s = fed_run
-    run = json.loads((out / "coordinator" / "plan.json").read_text())["run"]
+    out, run = fed_run.out, fed_run.plan["run"]
     total, acc = 0.0, None
-    for site, v in s["privacy"]["sites"].items():
-        with np.load(out / "sites" / site / "replies" / f"{run}-round{ROUNDS:04d}.npz") as z:
-            arrays = {k: z[k].astype(np.float64) for k in z.files}
+    for site, v in fed_run.summary["privacy"]["sites"].items():
+        arrays = {k: a.astype(np.float64) for k, a in kept_reply(out, run, site, ROUNDS).items()}
         n = float(v["units"])
         acc = {k: a * n for k, a in arrays.items()} if acc is None else {k: acc[k] + a * n for k, a in arrays.items()}
         total += n
@@ -158,9 +249,29 @@ def test_fedavg_of_the_last_round_is_the_weighted_mean_of_the_sites_replies(fed_
             np.testing.assert_allclose(z[k], acc[k] / total, rtol=0, atol=1e-6)
 
 
-def test_privacy_report_verb_reads_the_site_ledger(fed_run):
-    out, _, s = fed_run
-    site = s["federated"]["sites"][0]
+def test_resumed_round_is_bit_exact_with_the_same_round_run_here(fed_run, tmp_path):
+    """The coordinator stopped after round 1 and a new process resumed it. A site's round-2 reply from that
+    resumed federation (fresh SuperLink, SuperNode and ClientApp processes) equals, bit for bit, the same round
+    computed in this process from the round-1 checkpoint with a copy of the site's shards and an empty ledger —
+    what an uninterrupted coordinator would have sent (test_fed.py checks the coordinator's own resume bit-exactly)."""
+    from vlmtrain.fed.site import RoundRequest, Site
+
+    out, plan, site = fed_run.out, fed_run.plan, "hospital-general"
+    shutil.copytree(out / "sites" / site / "shards", tmp_path / site / "shards")
+    with np.load(out.parent / "round1.npz") as z:
+        global_arrays = {k: z[k] for k in z.files if not k.startswith("strategy:")}
+    req = RoundRequest(run="recomputed", round=2, local_steps=LOCAL, total_steps=ROUNDS * LOCAL, stage=plan["stage"],
+                       epsilon_budget=plan["epsilon_budget"], seed=plan["seed"])
+    arrays, _, _ = Site(tmp_path / site, plan["base_model"], name=site).train_round(req, global_arrays)
+    sent = kept_reply(out, plan["run"], site, 2)
+    assert set(arrays) == set(sent)
+    for k in sent:
+        np.testing.assert_array_equal(arrays[k], sent[k], err_msg=k)
+
+
+def test_privacy_report_and_status_verbs(fed_run):
+    out, s = fed_run.out, fed_run.summary
+    site = SITES[1]
     r = vlmtrain("fed", "privacy-report", out / "sites" / site, "--json")
     assert r.returncode == 0, r.stderr
     (rep,) = json.loads(r.stdout).values()
@@ -174,12 +285,10 @@ def test_federated_heldout_loss_within_97_percent_of_centralised_on_the_union(fe
     patients (`medical-cohort`), from the same public model, for the same number of optimizer steps as the
     federation's global model took (rounds × local steps). Held-out loss on `medical-cohort-holdout`, same
     function for both; goal: central_loss / federated_loss ≥ 0.97."""
-    import shutil
-
     from vlmtrain.fed.run import heldout_loss
     from vlmtrain.model.io import load_any
 
-    out, _, s = fed_run
+    out, s = fed_run.out, fed_run.summary
     central = out.parent / "central"
     central.mkdir()
     shutil.copytree(out / "public", central / "public")  # the same base model: the public stage is skipped
@@ -191,41 +300,6 @@ def test_federated_heldout_loss_within_97_percent_of_centralised_on_the_union(fe
     print(f"held-out loss: federated {fed_loss:.4f}, centralised {central_loss:.4f}, "
           f"ratio {central_loss / fed_loss:.4f}")
     assert central_loss / fed_loss >= 0.97
-
-
-def test_coordinator_stopped_and_resumed_ends_with_the_same_weights_and_epsilon(fed_run):
-    """A copy of the federation's inputs (base model, site shards; fresh ledgers): the coordinator stops right after
-    round 1's checkpoint, `--resume` runs round 2; every site's ε equals the uninterrupted run's, no round is charged
-    twice, the final arrays agree to 2e-3 (not bit-exactly: see below)."""
-    import shutil
-
-    out, _, s = fed_run
-    again = out.parent / "again"
-    shutil.copytree(out, again, ignore=shutil.ignore_patterns("deploy", "privacy_ledger.json", "replies"))
-    for done in ("summary.json", "coordinator/summary.json", "coordinator/final.npz", "coordinator/checkpoint"):
-        shutil.rmtree(again / done) if (again / done).is_dir() else (again / done).unlink()
-    code = ("import sys, json; from vlmtrain.fed.run import run_loopback; "
-            "s = run_loopback(sys.argv[1], sys.argv[2], sys.argv[3:], resume=True, evaluate=False, "
-            "plan_extra={'stop_after_round': 1}); print(json.dumps(s['status']))")
-    r = subprocess.run([sys.executable, "-c", code, str(RECIPE), str(again), *FAST], capture_output=True, text=True,
-                       timeout=900, cwd=ROOT)
-    assert r.returncode == 0 and r.stdout.strip().endswith('"stopped"'), r.stdout[-2000:] + r.stderr[-3000:]
-    assert json.loads((again / "coordinator" / "checkpoint" / "state.json").read_text())["round"] == 1
-    r = vlmtrain("fed", "run", RECIPE, "--out", again, "--resume", *FAST)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    resumed = json.loads((again / "summary.json").read_text())
-    for site, v in s["privacy"]["sites"].items():
-        assert abs(resumed["privacy"]["sites"][site]["epsilon"] - v["epsilon"]) <= 1e-9
-        ledger = json.loads((again / "sites" / site / "privacy_ledger.json").read_text())
-        (entries,) = [d["entries"] for d in ledger["datasets"].values()]
-        assert [e["round"] for e in entries] == [1, 2]  # round 1 was not trained (or charged) twice
-    # Not bit-identical: on 2026-11-30 the resumed run's final arrays differed from the uninterrupted run's by up to
-    # 7.4e-4 (LoRA values ~0.1; one DP step moves a weight by ~lr = 1e-3) although every site's sampler and noise are
-    # seeded by (seed, site, round); the source is not found yet (docs/federated.md#not-built). The bound below is
-    # what holds: far below one round's movement of the weights.
-    with np.load(out / "coordinator" / "final.npz") as a, np.load(again / "coordinator" / "final.npz") as b:
-        for k in a.files:
-            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=2e-3)
 
 
 def test_unregistered_site_is_refused_by_the_tls_superlink(tmp_path):

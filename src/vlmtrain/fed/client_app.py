@@ -65,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
                 name=str(context.node_config.get("site-name", "")) or None)
     req = RoundRequest(run=str(cfg["run"]), round=int(cfg["server-round"]), local_steps=int(cfg["local-steps"]),
                        total_steps=int(cfg["total-steps"]), stage=json.loads(str(cfg["stage"])),
-                       epsilon_budget=float(cfg["epsilon-budget"]), seed=int(cfg["seed"]))
+                       epsilon_budget=float(cfg["epsilon-budget"]), seed=int(cfg["seed"]),
+                       proximal_mu=float(cfg.get("proximal-mu", 0.0)))  # FedProx's strategy sends it
     try:
         arrays, metrics, info = site.train_round(req, from_record(msg.content["arrays"]))
     except VlmtrainError as e:

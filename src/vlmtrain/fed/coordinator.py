@@ -1,19 +1,20 @@
 """The coordinator's round loop and its checkpoint; runs inside Flower's ServerApp (`fed.server_app`).
 
-The loop is Flower's own strategy (`flwr.serverapp.strategy.FedAvg`: node sampling, message construction, the
-weighted mean of `aggregate_train`) driven one round at a time, so that every round can be checkpointed:
-`Strategy.start` runs all rounds in one call and keeps its state in memory.
+The loop is Flower's own strategy (`flwr.serverapp.strategy.FedAvg`, `FedProx` or `FedAdam`: node sampling,
+message construction, the weighted mean of `aggregate_train` and FedAdam's server step) driven one round at a time,
+so that every round can be checkpointed: `Strategy.start` runs all rounds in one call and keeps its state in memory.
 
-Quorum with a deadline: Flower's `sample_nodes` waits forever for `min_available_nodes`; `QuorumFedAvg` waits at
+Quorum with a deadline: Flower's `sample_nodes` waits forever for `min_available_nodes`; `quorum_strategy` waits at
 most `round_timeout_s` and then trains with the nodes that are connected; `Grid.send_and_receive(timeout=...)`
 returns the replies that arrived by the deadline. A round with fewer than `min_sites` valid replies is skipped:
 the global arrays stay, and sites that did train have charged their own ledgers (their ε is what they released).
 
-Checkpoint (`COORD/checkpoint/`): `arrays-roundNNNN.npz` (global trainable arrays) and `state.json` (round
-counter, per-round history with bytes and site metrics, the plan's hash), each written to a temporary name and
+Checkpoint (`COORD/checkpoint/`): `arrays-roundNNNN.npz` (global trainable arrays, and the strategy's own state
+under `strategy:` keys: FedAdam's moments m_t, v_t; FedAvg and FedProx have none) and `state.json` (round counter,
+per-round history with bytes and site metrics, the plan's hash), each written to a temporary name and
 `os.replace`d, arrays first: `state.json` names the arrays file it goes with, so a crash between the two leaves
-the previous consistent pair. FedAvg has no state of its own beyond the arrays; the sites' RNG is derived from
-(seed, site, round), so a resumed run repeats exactly the rounds an uninterrupted one would run.
+the previous consistent pair. The sites' RNG is derived from (seed, site, round), so a resumed run repeats exactly
+the rounds an uninterrupted one would run.
 """
 
 from __future__ import annotations
@@ -34,44 +35,83 @@ log = logging.getLogger("vlmtrain.fed")
 
 
 def plan_hash(plan: dict) -> str:
-    keep = {k: plan[k] for k in ("run", "rounds", "local_steps", "stage", "seed", "epsilon_budget")}
+    keep = {k: plan.get(k) for k in ("run", "rounds", "local_steps", "stage", "seed", "epsilon_budget", "strategy")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def quorum_strategy(min_sites: int, deadline_s: float):
-    from flwr.serverapp.strategy import FedAvg
+STRATEGY_PREFIX = "strategy:"  # checkpoint npz keys of the strategy's state (parameter names hold no colon)
+STRATEGY_STATE = ("m_t", "v_t")  # FedAdam's server moments (Flower's FedOpt attributes); FedAvg/FedProx have none
 
-    class QuorumFedAvg(FedAvg):
-        """FedAvg whose node sampling waits for `min_sites` at most `deadline_s`, then takes every connected
-        node (fraction 1.0); fewer than `min_sites` → no messages (the round is skipped)."""
 
+def quorum_strategy(min_sites: int, deadline_s: float, name: str = "fedavg", options: dict | None = None):
+    """Flower's own strategy (`flwr.serverapp.strategy.FedAvg` / `FedProx` / `FedAdam`) with quorum sampling:
+    wait for `min_sites` connected nodes at most `deadline_s`, then train every connected node (fraction 1.0);
+    fewer than `min_sites` → no messages (the round is skipped). The strategy's own `configure_train` still builds
+    the messages, so FedProx's `proximal-mu` and FedAdam's record of the round's global arrays are Flower's."""
+    from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+    base = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[name]
+
+    class Quorum(base):
         def configure_train(self, server_round, arrays, config, grid):
-            from flwr.app import Message, RecordDict
-            from flwr.app.message_type import MessageType
-
             t_end = time.time() + deadline_s
-            while len(nodes := sorted(grid.get_node_ids())) < min_sites and time.time() < t_end:
+            while len(nodes := grid.get_node_ids()) < min_sites and time.time() < t_end:
                 time.sleep(0.5)
             if len(nodes) < min_sites:
                 log.warning(f"round {server_round}: {len(nodes)} sites connected after {deadline_s:.0f}s, "
                             f"quorum {min_sites}: round skipped")
                 return []
-            config["server-round"] = server_round
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-            return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+            # Flower's sampling waits for min_available_nodes and samples max(fraction·n, min_train_nodes): with
+            # both set to the nodes connected now it returns at once with all of them
+            self.min_available_nodes = self.min_train_nodes = len(nodes)
+            return super().configure_train(server_round, arrays, config, grid)
 
-    return QuorumFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites,
-                        min_available_nodes=min_sites)
+    return Quorum(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites,
+                  min_available_nodes=min_sites, **(options or {}))
+
+
+SITE_WEIGHT = "site-weight"  # site-level DP averages the clipped updates unweighted (coordinator-side metric)
+
+
+def build_strategy(plan: dict):
+    """→ (the strategy the rounds call, the inner Flower strategy whose state is checkpointed). With `site_dp`:
+    Flower's `DifferentialPrivacyServerSideFixedClipping` around it, averaging unweighted (each site's clipped
+    update moves the mean by at most C/k, the sensitivity its noise σ·C/k is calibrated to)."""
+    spec = plan.get("strategy") or {"name": "fedavg", "options": {}}
+    dp = plan.get("site_dp")
+    options = {**spec["options"], **({"weighted_by_key": SITE_WEIGHT} if dp else {})}
+    inner = quorum_strategy(plan["min_sites"], plan["round_timeout_s"], spec["name"], options)
+    if dp is None:
+        return inner, inner
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    outer = DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier=dp["noise_multiplier"],
+                                                       clipping_norm=dp["clipping_norm"],
+                                                       num_sampled_clients=len(plan.get("sites") or {}) or 1)
+    return outer, inner
+
+
+def strategy_state(strategy) -> dict[str, np.ndarray]:
+    """The strategy's own state as arrays named `m_t/<param>`, `v_t/<param>` (empty for FedAvg/FedProx)."""
+    return {f"{attr}/{n}": a for attr in STRATEGY_STATE for n, a in (getattr(strategy, attr, None) or {}).items()}
+
+
+def restore_strategy_state(strategy, state: dict[str, np.ndarray]) -> None:
+    for attr in STRATEGY_STATE:
+        part = {k.split("/", 1)[1]: a for k, a in state.items() if k.startswith(attr + "/")}
+        if part:
+            setattr(strategy, attr, part)
 
 
 class Checkpoint:
     def __init__(self, coord_dir: str | Path):
         self.dir = Path(coord_dir) / "checkpoint"
 
-    def load(self, plan: dict) -> tuple[int, dict[str, np.ndarray] | None, list[dict]]:
+    def load(self, plan: dict) -> tuple[int, dict[str, np.ndarray] | None, list[dict], dict[str, np.ndarray]]:
+        """→ (last round done, global arrays, history, strategy state); (0, None, [], {}) with no checkpoint."""
         state_path = self.dir / "state.json"
         if not state_path.is_file():
-            return 0, None, []
+            return 0, None, [], {}
         state = json.loads(state_path.read_text())
         if state["plan_hash"] != plan_hash(plan):
             from vlmtrain.errors import VlmtrainError
@@ -79,15 +119,17 @@ class Checkpoint:
             raise VlmtrainError(f"{state_path}: written for another federation plan ({state['plan_hash']}); "
                                 "resume with the same recipe, or choose another --out")
         with np.load(self.dir / state["arrays"]) as z:
-            arrays = {n: z[n] for n in z.files}
-        return state["round"], arrays, state["history"]
+            arrays = {n: z[n] for n in z.files if not n.startswith(STRATEGY_PREFIX)}
+            strategy = {n.removeprefix(STRATEGY_PREFIX): z[n] for n in z.files if n.startswith(STRATEGY_PREFIX)}
+        return state["round"], arrays, state["history"], strategy
 
-    def save(self, rnd: int, arrays: dict[str, np.ndarray], history: list[dict], plan: dict) -> None:
+    def save(self, rnd: int, arrays: dict[str, np.ndarray], history: list[dict], plan: dict,
+             strategy: dict[str, np.ndarray] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"arrays-round{rnd:04d}.npz"
         tmp = self.dir / f"arrays-round{rnd:04d}.tmp.npz"
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays, **{STRATEGY_PREFIX + k: a for k, a in (strategy or {}).items()})
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / name)
@@ -119,12 +161,13 @@ def run_rounds(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
     """Rounds `state.round + 1 .. plan.rounds`; returns the final state (round, arrays, history)."""
     coord = Path(plan["coordinator_dir"])
     ckpt = Checkpoint(coord)
-    done, arrays, history = ckpt.load(plan)
+    done, arrays, history, saved_strategy = ckpt.load(plan)
     if arrays is None:
         arrays = initial
     elif done:
         log.info(f"coordinator: resuming after round {done} from {ckpt.dir}")
-    strategy = quorum_strategy(plan["min_sites"], plan["round_timeout_s"])
+    strategy, inner = build_strategy(plan)
+    restore_strategy_state(inner, saved_strategy)
     for rnd in range(done + 1, plan["rounds"] + 1):
         t0 = time.time()
         msgs = list(strategy.configure_train(rnd, to_record(arrays), round_config(plan), grid))
@@ -132,9 +175,15 @@ def run_rounds(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
         valid = sorted((m for m in replies if not m.has_error()), key=lambda m: str(m.content["site"]["site"]))
         errors = [str(m.error.reason) for m in replies if m.has_error()]
         entry = {"round": rnd, "sent": len(msgs), "replies": [reply_record(m) for m in valid], "errors": errors}
+        agg = None
         if len(valid) >= plan["min_sites"]:
+            if plan.get("site_dp"):
+                for m in valid:
+                    m.content["metrics"][SITE_WEIGHT] = 1.0
+                strategy.num_sampled_clients = len(valid)  # noise σ·C/k for the k updates actually averaged
             agg, _ = strategy.aggregate_train(rnd, valid)
-            arrays = from_record(agg)
+        if agg is not None:
+            arrays = {n: a.astype(np.float32, copy=False) for n, a in from_record(agg).items()}  # FedAdam: fp64
             entry["aggregated"] = True
         else:
             entry["aggregated"] = False
@@ -142,7 +191,7 @@ def run_rounds(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
                         + (f" ({'; '.join(errors)})" if errors else ""))
         entry["seconds"] = time.time() - t0
         history.append(entry)
-        ckpt.save(rnd, arrays, history, plan)
+        ckpt.save(rnd, arrays, history, plan, strategy_state(inner))
         log.info(f"coordinator: round {rnd}/{plan['rounds']} in {entry['seconds']:.1f}s, "
                  f"{len(valid)}/{len(msgs)} sites, aggregated={entry['aggregated']}")
         if plan.get("stop_after_round") == rnd:  # tests: a coordinator stopped right after a checkpoint
@@ -168,6 +217,12 @@ def federation_summary(plan: dict, state: dict) -> dict:
     per_round = [{r["site"]: r["bytes_up"] for r in h["replies"]} for h in history]
     eps = [s["epsilon"] for s in sites.values()]
     disjoint = plan.get("patients_disjoint", True)
+    privacy = {"sites": sites, "epsilon": (max(eps) if disjoint else sum(eps)) if eps else 0.0,
+               "delta": max((s["delta"] for s in sites.values()), default=None),
+               "composition": "max over patient-disjoint sites" if disjoint else "sum over sites",
+               "unit": plan["stage"]["privacy"]["unit"]}
+    if plan.get("site_dp"):
+        privacy["site_level"] = site_level_privacy(plan["site_dp"], sum(h["aggregated"] for h in history))
     return {
         "status": "completed" if state["round"] == plan["rounds"] and not state.get("stopped") else "stopped",
         "federated": {"rounds": len(history), "rounds_aggregated": sum(h["aggregated"] for h in history),
@@ -175,10 +230,20 @@ def federation_summary(plan: dict, state: dict) -> dict:
                       "payload_bytes_per_site": {r["site"]: r["payload_bytes"] for h in history
                                                  for r in h["replies"]},
                       "round_seconds": [h["seconds"] for h in history], "secure_aggregation": False,
-                      "strategy": "fedavg", "min_sites": plan["min_sites"], "local_steps": plan["local_steps"],
+                      "strategy": (plan.get("strategy") or {"name": "fedavg"})["name"],
+                      "site_dp": plan.get("site_dp") is not None, "min_sites": plan["min_sites"], "local_steps": plan["local_steps"],
                       "errors": [e for h in history for e in h["errors"]]},
-        "privacy": {"sites": sites, "epsilon": (max(eps) if disjoint else sum(eps)) if eps else 0.0,
-                    "delta": max((s["delta"] for s in sites.values()), default=None),
-                    "composition": "max over patient-disjoint sites" if disjoint else "sum over sites",
-                    "unit": plan["stage"]["privacy"]["unit"]},
+        "privacy": privacy,
     }
+
+
+def site_level_privacy(dp: dict, releases: int) -> dict:
+    """Site-level (ε, δ) of the released global arrays: one Gaussian release per aggregated round, every site in
+    every round (no sampling amplification), by Opacus' RDP accountant. Apart from, never added to, the
+    patient-level ε: it protects a whole site's contribution, not one patient."""
+    from vlmtrain.fed.ledger import epsilon_of
+
+    eps = epsilon_of([{"noise_multiplier": dp["noise_multiplier"], "sample_rate": 1.0, "steps": releases}],
+                     dp["delta"]) if releases else 0.0
+    return {"epsilon": eps, "delta": dp["delta"], "noise_multiplier": dp["noise_multiplier"],
+            "clipping_norm": dp["clipping_norm"], "releases": releases, "unit": "site"}

@@ -156,6 +156,17 @@ class Loopback:
         except (ValueError, KeyError):
             raise VlmtrainError(f"flwr supernode ls failed: {r.stdout[-1000:]} {r.stderr[-1000:]}") from None
 
+    def wait_online(self, count: int, timeout: float = 180) -> None:
+        """Until `count` SuperNodes are online at the SuperLink: a run submitted earlier would start round 1 with
+        the quorum only (the coordinator samples the nodes connected when the round starts)."""
+        t_end, online = time.time() + timeout, 0
+        while time.time() < t_end:
+            online = sum(n["status"] == "online" for n in self.nodes())
+            if online >= count:
+                return
+            time.sleep(1)
+        raise VlmtrainError(f"{online} of {count} SuperNodes online after {timeout:.0f}s; see {self.root / 'logs'}")
+
     def _wait_port(self, port: int, name: str, timeout: float = 60) -> None:
         t_end = time.time() + timeout
         while time.time() < t_end:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmtrain.errors import ConfigError, VlmtrainError
-from vlmtrain.fed.config import FederatedConfig
+from vlmtrain.fed.config import MIN_SITES_FOR_SITE_DP, FederatedConfig
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -51,6 +51,13 @@ def load_federated(recipe: str | Path, out: str | Path, overrides: list[str] | N
 
         fed_dict = apply_overrides(fed_dict, fed_overrides, source=str(recipe))
     fed = validate(FederatedConfig, fed_dict, source=str(recipe), prefix="federated")
+    if fed.site_dp is not None and len(fed.sites) < MIN_SITES_FOR_SITE_DP and not fed.site_dp.force:
+        sigma, n = fed.site_dp_noise(), len(fed.sites)
+        raise ConfigError(f"federated.site_dp: {n} sites is a small consortium for site-level DP: ε="
+                          f"{fed.site_dp.target_epsilon:g} at δ={fed.site_dp.delta:g} over {fed.rounds} rounds needs "
+                          f"σ={sigma:.3f}, i.e. noise of std {sigma / n:.3f}×clipping_norm on the mean of {n} updates "
+                          f"each at most 1×clipping_norm; set federated.site_dp.force=true to run anyway",
+                          source=str(recipe))
     stages = resolve_recipe(recipe, out, stage_overrides)
     names = [s.name for s in stages]
     if fed.stage not in names:
@@ -141,6 +148,11 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
     stage_dict["init_from"] = None
     plan = {"run": run_id(Path(recipe).stem, out), "rounds": fed.rounds, "local_steps": fed.local_steps,
             "stage": stage_dict, "seed": fed.seed, "epsilon_budget": fed.epsilon_budget, "min_sites": fed.quorum,
+            "strategy": {"name": fed.strategy, "options": fed.strategy_options()},
+            "site_dp": None if fed.site_dp is None else {"noise_multiplier": fed.site_dp_noise(),
+                                                         "clipping_norm": fed.site_dp.clipping_norm,
+                                                         "delta": fed.site_dp.delta,
+                                                         "target_epsilon": fed.site_dp.target_epsilon},
             "round_timeout_s": fed.round_timeout_s, "coordinator_dir": str(coord.resolve()),
             "initial_arrays": str(initial.resolve()), "patients_disjoint": fed.patients_disjoint,
             "sites": {name: str(d.resolve()) for name, d in sites.items()}, "base_model": str(base_model.resolve())}
@@ -170,6 +182,7 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
         net.start_superlink()
         for name, site_dir in plan["sites"].items():
             net.start_site(name, Path(site_dir), Path(plan["base_model"]))
+        net.wait_online(len(plan["sites"]))
         run = net.submit(write_app(out / "deploy" / "app"), plan_path)
         log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}")
         status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)

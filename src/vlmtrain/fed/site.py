@@ -41,6 +41,7 @@ class RoundRequest:
     stage: dict              # the DP stage (validated here as a StageConfig)
     epsilon_budget: float    # the site's lifetime budget on this dataset
     seed: int
+    proximal_mu: float = 0.0  # FedProx: μ of the proximal term μ/2·‖w − w_global‖² (0: plain local DP-SGD)
 
 
 def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -49,6 +50,30 @@ def arrays_digest(arrays: dict[str, np.ndarray]) -> str:
         h.update(n.encode())
         h.update(np.ascontiguousarray(arrays[n], dtype=np.float32).tobytes())
     return h.hexdigest()
+
+
+def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> None:
+    """FedProx's term μ/2·‖w − w_global‖² as its gradient μ·(w − w_global), added to each `p.grad` (same shape as
+    p). Added after Opacus privatised the gradient: the term does not read data, so it costs no privacy."""
+    with torch.no_grad():
+        for p, a in zip(params, anchors, strict=True):
+            p.grad.add_(p - a, alpha=mu)
+
+
+def seeded_dp_dataset(sources, encoder, unit: str, seed: int):
+    """`privacy.dp.DPDataset` whose choice among a sampled patient's records comes from its own `random.Random(seed)`
+    instead of the global `random`: inside a ClientApp process Flower's heartbeat and retry threads draw from the
+    global `random` at timing-dependent moments (`flwr.supercore.heartbeat`, `flwr.supercore.retry`), which made the
+    same round pick different records in different processes (weights up to 7.4e-4 apart, 2026-11-30)."""
+    from vlmtrain.privacy.dp import DPDataset
+
+    class SeededDPDataset(DPDataset):
+        def __getitem__(self, j: int) -> dict:
+            members = self.units[j]
+            return self.encode(members[0] if len(members) == 1 else rng.choice(members))
+
+    rng = random.Random(seed)
+    return SeededDPDataset(sources, encoder, unit=unit)
 
 
 def _round_seed(seed: int, site: str, rnd: int) -> int:
@@ -110,15 +135,13 @@ class Site:
         from vlmtrain.data.shards import Source
         from vlmtrain.model.io import load_any
         from vlmtrain.model.lora import apply_lora
-        from vlmtrain.privacy.dp import DPDataset, _quiet_expected_warnings, make_plan, per_sample_losses, \
-            poisson_loader
+        from vlmtrain.privacy.dp import _quiet_expected_warnings, make_plan, per_sample_losses, poisson_loader
         from vlmtrain.train.freeze import apply_stage_trainability
         from vlmtrain.train.optim import build_optimizer
 
         _quiet_expected_warnings()
         cfg = stage.privacy
         seed = _round_seed(req.seed, self.name, req.round)
-        random.seed(seed)  # DPDataset picks a sampled patient's record with the global `random`
         torch.manual_seed(seed)
         bundle = load_any(self.base_model)
         if stage.lora is not None:
@@ -126,7 +149,7 @@ class Site:
         apply_stage_trainability(bundle.model, stage.train)
         load_trainable(bundle.model, global_arrays)
         encoder = encoder_for(bundle, stage.data.max_len, stage.data.caption_prompt, stage.data.anyres_pinpoints)
-        ds = DPDataset([Source(str(self.shards))], encoder, unit=cfg.unit)
+        ds = seeded_dp_dataset([Source(str(self.shards))], encoder, cfg.unit, seed)
         plan = make_plan(cfg, len(ds), ds.records, stage.data.batch_size, req.total_steps)
         planned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                    "steps": req.local_steps}
@@ -140,6 +163,7 @@ class Site:
         opt = DPOptimizer(build_optimizer(model, stage.optim), noise_multiplier=plan.noise_multiplier,
                           max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch_size,
                           loss_reduction="mean", generator=noise_gen, secure_mode=plan.secure_mode)
+        anchors = [q.detach().clone() for q in trainable] if req.proximal_mu else None  # FedProx's w_global
         losses, empty, it = [], 0, iter(loader)
         for _ in range(req.local_steps):
             try:
@@ -156,7 +180,11 @@ class Site:
                 loss = per_sample_losses(model, batch)
                 loss.sum().backward()
                 losses.append(float(loss.detach().mean()))
-            opt.step()
+            if anchors is None:
+                opt.step()
+            elif opt.pre_step():  # Opacus' clip + noise + average into p.grad (what `opt.step` does first)
+                add_proximal_gradient(trainable, anchors, req.proximal_mu)
+                opt.original_optimizer.step()
             opt.zero_grad(set_to_none=True)
         gsm._close()
         arrays = trainable_arrays(model)
