@@ -295,3 +295,20 @@ def test_eval_answer_nll_equals_transformers_scoring_of_the_reference(root, tmp_
         nlls.append(float(-logits[:-1].log_softmax(-1)[pos, labels[1:][pos]].mean()))
     assert got["eval_samples"] == len(nlls) == 3
     assert got["answer_nll"] == pytest.approx(sum(nlls) / 3, rel=1e-5)
+
+
+def test_training_starts_in_train_mode_although_from_pretrained_gives_eval_mode(root):
+    """transformers' from_pretrained returns eval-mode modules and Lightning keeps a model's mode: the stage module
+    switches every submodule to training at train start (dropout, transformers' gradient checkpointing and Opacus
+    all read `training`)."""
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.train.module import VLMModule
+    from vlmtrain.train.presets import with_preset
+
+    bundle = _bundle(root, "gemma3")
+    assert not bundle.model.hf.training  # the premise: loaded in eval mode
+    stage = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
+                                               "data": {"train": [{"path": "x"}]}}))
+    VLMModule(bundle, stage).on_train_start()
+    assert all(m.training for m in bundle.model.hf.modules())

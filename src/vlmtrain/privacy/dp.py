@@ -281,11 +281,6 @@ def _module_class():
             stats["privacy/batch_size"] = len(stats["ids"])
             self.last_stats = stats
 
-        def on_train_start(self) -> None:
-            # Opacus records activations in training mode only; transformers' from_pretrained returns eval-mode
-            # modules (native families) and Lightning keeps the mode a model comes with
-            self.model.train()
-
         def on_train_end(self) -> None:
             self._gsm[0]._close()  # remove Opacus' hooks and grad_sample attributes before export / merging
 

@@ -242,6 +242,12 @@ class VLMModule(pl.LightningModule):
         for ref in self._ref:
             ref.to(self.device)
 
+    def on_train_start(self) -> None:
+        # transformers' from_pretrained returns eval-mode modules and Lightning keeps the mode a model comes with:
+        # left so, dropout would be off, transformers' gradient checkpointing (active only while `self.training`)
+        # would silently not run, and Opacus (which records activations in training mode only) would see nothing
+        self.model.train()
+
     def training_step(self, window: dict, batch_idx: int):
         opt = self.optimizers()
         micro = window["micro"]
