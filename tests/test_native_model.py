@@ -209,6 +209,10 @@ def test_native_stage_refuses_what_is_not_built_yet():
     fsdp = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
                                               "data": {"train": [{"path": "x"}]}, "trainer": {"strategy": "fsdp"}}))
     assert native_refusals(fsdp) == []  # sharded strategies: per family at build (tests/test_native_strategies.py)
+    for zero in ("deepspeed_zero2", "deepspeed_zero3"):
+        ds = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
+                                                "data": {"train": [{"path": "x"}]}, "trainer": {"strategy": zero}}))
+        assert [p.split(":")[0] for p in native_refusals(ds)] == ["trainer.strategy"]
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])

@@ -128,6 +128,7 @@ def test_packed_mrope_ids_are_transformers_own_per_sample(root, family):
     assert not torch.equal(ids[1, 0, :len(samples["one"]["input_ids"])], ids[2, 0, :len(samples["one"]["input_ids"])])
 
 
+@pytest.mark.slow  # a Lightning run per family (~20 s each under load)
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
 def test_packed_stage_runs_on_a_native_checkpoint(tmp_path, family):
     """`vlmtrain fit` with `data.mode: pack` on a native checkpoint trains (finite, logged losses; the family folder

@@ -44,7 +44,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family({"vision": {"model": "model.vision_tower"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "gemma3", nested_images=True, bidirectional_images=True,
-                     blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+                     blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
     "idefics3": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
                         "llm": {"model": "model.text_model", "lm_head": "lm_head"}},
                        "smolvlm", nested_images=True,  # SmolVLM checkpoints are model_type idefics3
@@ -55,16 +55,16 @@ FAMILIES: dict[str, Family] = {
                       blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
     "llava": Family({"vision": {"model": "model.vision_tower"},
                      "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
-                    "llava", blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+                    "llava", blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
     "llava_next": Family({"vision": {"model": "model.vision_tower"},
                           "connector": {"projector": "model.multi_modal_projector",
                                         "image_newline": "model.image_newline"}, "llm": _LLM},
-                         "llava_next", blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+                         "llava_next", blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
     "llava_onevision": Family({"vision": {"model": "model.vision_tower"},
                                "connector": {"projector": "model.multi_modal_projector",
                                              "image_newline": "model.image_newline"}, "llm": _LLM},
                               "llava_onevision",
-                              blocks={"vision": "model.vision_model.encoder.layers", "llm": "model.layers"}),
+                              blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
 }
 
 SUPPORTED = tuple(FAMILIES)
