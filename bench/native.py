@@ -57,7 +57,8 @@ def _parity(ours: dict, peer: dict, peer_mask, tokenizer) -> dict:
         for name, only in (("peer_only", peer_mask & ~ours_mask), ("vlmtrain_only", ours_mask & ~peer_mask)):
             toks = ours["input_ids"][only].tolist()
             differ[name] = {"count": len(toks), "tokens": sorted({tokenizer.decode([t]) for t in toks})}
-    return {"differing_supervised_positions": differ,"same_input_ids": same_shape and torch.equal(ours["input_ids"], peer["input_ids"]),
+    return {"differing_supervised_positions": differ,
+            "same_input_ids": same_shape and torch.equal(ours["input_ids"], peer["input_ids"]),
             "same_supervised_positions": same_shape and torch.equal(ours_mask, peer_mask),
             "same_image_grid_thw": torch.equal(ours["image_grid_thw"], peer["image_grid_thw"]),
             "image_tokens_per_image": (ours["image_grid_thw"].prod(1) // 4).tolist(),
