@@ -72,7 +72,7 @@ def _native_bench(name: str, tmp_path) -> tuple[dict, dict]:
     return json.loads(r.stdout.strip().splitlines()[-1]), json.loads(out.read_text())
 
 
-@pytest.mark.slow  # ~3.5 min each on the shared 2-core box under load (two trainers, fp32 + bf16, one process)
+@pytest.mark.slow  # 74 s (sft) and 90 s (dpo) on the shared 2-core box at load ~4, 2026-11-30
 @pytest.mark.parametrize("name", ["sft", "dpo"])
 def test_bench_native_qwen_vs_trl_quick(name, tmp_path):
     """`--family qwen2_5_vl`: the JSON line contract, and both sides doing the same work on a Qwen2.5-VL model
