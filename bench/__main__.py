@@ -1,5 +1,6 @@
 """`python -m bench {data,sft,dpo,anatomy,dp,align,plan,chaos,phi,prep_medical} [--quick]`: results in bench/results/,
-write-up in docs/benchmarks.md."""
+write-up in docs/benchmarks.md. `sft` and `dpo` also take `--family qwen2_5_vl` (a native transformers VLM:
+bench.native)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from bench import anatomy as anatomy_bench
 from bench import data as data_bench
 from bench import dp as dp_bench
 from bench import dpo as dpo_bench
+from bench import native as native_bench
 from bench import sft as sft_bench
 
 BENCHES = {"data": data_bench, "sft": sft_bench, "dpo": dpo_bench, "anatomy": anatomy_bench, "dp": dp_bench,
@@ -20,6 +22,8 @@ BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner v
 BENCHES["chaos"] = __import__("bench.chaos", fromlist=["run"])  # kill/resume at random moments: nothing lost
 BENCHES["phi"] = __import__("bench.phi", fromlist=["run"])  # report PHI recall: vlmtrain vs PII libraries
 BENCHES["prep_medical"] = __import__("bench.prep_medical", fromlist=["run"])  # the gate on 1,000 records
+NATIVE = {"sft": native_bench.run_sft, "dpo": native_bench.run_dpo}  # --family: vs TRL on a native VLM
+NATIVE_FAMILIES = native_bench.FAMILIES
 
 
 def main(argv=None) -> int:
@@ -27,8 +31,16 @@ def main(argv=None) -> int:
     p.add_argument("name", choices=sorted(BENCHES))
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (used by the test suite)")
     p.add_argument("--out", default=None, help="write results JSON here (default: bench/results/<name>.json)")
+    p.add_argument("--family", default=None, choices=NATIVE_FAMILIES,
+                   help="sft/dpo only: compare on a native transformers VLM of this family instead of the composed "
+                        "LLaVA-shaped model")
     args = p.parse_args(argv)
-    result = BENCHES[args.name].run(quick=args.quick, out=args.out)
+    if args.family is not None:
+        if args.name not in NATIVE:
+            p.error(f"--family applies to {' and '.join(NATIVE)} only, not {args.name}")  # exits 2
+        result = NATIVE[args.name](args.family, quick=args.quick, out=args.out)
+    else:
+        result = BENCHES[args.name].run(quick=args.quick, out=args.out)
     print(json.dumps(result["headline"]), flush=True)
     return 0
 

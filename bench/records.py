@@ -33,29 +33,56 @@ PREF_QUESTIONS = ["What digit is this?", "Which handwritten digit does this imag
 PREF_ANSWERS = ["{}", "It looks like {}.", "The digit in the image is {}."]
 
 
+def _png(im8, size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray((im8 * (255 / 16)).astype(np.uint8), "L").resize(size, Image.BILINEAR)
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def digit_pngs() -> list[tuple[bytes, int]]:
     """(PNG bytes, label) for every scikit-learn digit, 28 px RGB."""
-    from PIL import Image
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    out = []
-    for im8, y in zip(d.images, d.target):
-        im = Image.fromarray((im8 * (255 / 16)).astype(np.uint8), "L").resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                                              Image.BILINEAR)
-        buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="PNG")
-        out.append((buf.getvalue(), int(y)))
-    return out
+    return [(_png(im8, (IMAGE_SIZE, IMAGE_SIZE)), int(y)) for im8, y in zip(d.images, d.target)]
 
 
-def chat_samples(n: int, seed: int = 0) -> list[Sample]:
-    """`n` chat records (1–4 exchanges, uniformly), images cycling through the digits."""
-    rng = np.random.default_rng(seed)
+class VariedDigits:
+    """Digit `i` as a PNG of a width and height drawn from `sides` (its own seeded stream, so the records' text
+    is the same as with fixed-size images): for dynamic-resolution processors, whose image-token count follows
+    the image size (Qwen2.5-VL: one token per 28×28 px)."""
+
+    def __init__(self, sides: tuple[int, ...], seed: int = 0):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        self.images, self.labels = d.images, d.target
+        self.sides, self.rng = sides, np.random.default_rng(seed + 1)
+
+    def __call__(self, i: int) -> tuple[bytes, int]:
+        k = i % len(self.labels)
+        w, h = (int(x) for x in self.rng.choice(self.sides, size=2))
+        return _png(self.images[k], (w, h)), int(self.labels[k])
+
+
+def _digit_source(image_sides: tuple[int, ...] | None, seed: int):
+    if image_sides:
+        return VariedDigits(image_sides, seed)
     pngs = digit_pngs()
+    return lambda i: pngs[i % len(pngs)]
+
+
+def chat_samples(n: int, seed: int = 0, image_sides: tuple[int, ...] | None = None) -> list[Sample]:
+    """`n` chat records (1–4 exchanges, uniformly), images cycling through the digits (28 px, or of sizes drawn
+    from `image_sides`)."""
+    rng = np.random.default_rng(seed)
+    digit = _digit_source(image_sides, seed)
     samples = []
     for i in range(n):
-        png, y = pngs[i % len(pngs)]
+        png, y = digit(i)
         msgs = [{"role": "user", "content": [IMAGE_PART, text("What digit is this?")]},
                 {"role": "assistant", "content": [text(WORDS[y])]}]
         for k in rng.choice(len(FOLLOW_UPS), size=int(rng.integers(0, 4)), replace=False):
@@ -65,13 +92,14 @@ def chat_samples(n: int, seed: int = 0) -> list[Sample]:
     return samples
 
 
-def preference_samples(n: int, seed: int = 0) -> list[Sample]:
-    """`n` preference records: right digit chosen, a random wrong one rejected, same question and phrasing."""
+def preference_samples(n: int, seed: int = 0, image_sides: tuple[int, ...] | None = None) -> list[Sample]:
+    """`n` preference records: right digit chosen, a random wrong one rejected, same question and phrasing
+    (images as in `chat_samples`)."""
     rng = np.random.default_rng(seed)
-    pngs = digit_pngs()
+    digit = _digit_source(image_sides, seed)
     samples = []
     for i in range(n):
-        png, y = pngs[i % len(pngs)]
+        png, y = digit(i)
         wrong = (y + int(rng.integers(1, 10))) % 10
         form = PREF_ANSWERS[int(rng.integers(len(PREF_ANSWERS)))]
         q = PREF_QUESTIONS[int(rng.integers(len(PREF_QUESTIONS)))]

@@ -62,23 +62,25 @@ def _metered(base, counts):
     return Metered
 
 
-def sft_trainer(folder, dataset, args: dict):
-    """SFT on connector + LM (vision frozen) with assistant-only loss (TRL's `{% generation %}` masks)."""
+def sft_trainer(folder, dataset, args: dict, *, load_fn=load, freeze: tuple[str, ...] = ("model.vision_tower",)):
+    """SFT on connector + LM (vision frozen) with assistant-only loss (TRL's `{% generation %}` masks).
+    `load_fn(folder, freeze)` → (model, processor); `freeze` names the vision tower's modules."""
     from trl import SFTConfig, SFTTrainer
 
-    model, processor = load(folder, freeze=("model.vision_tower",))
+    model, processor = load_fn(folder, freeze=freeze)
     trainer = _metered(SFTTrainer, _sft_counts)(model=model, args=SFTConfig(**args, assistant_only_loss=True),
                                                 train_dataset=dataset, processing_class=processor)
     trainer.bench_steps = []
     return trainer
 
 
-def dpo_trainer(folder, dataset, args: dict, beta: float):
+def dpo_trainer(folder, dataset, args: dict, beta: float, *, load_fn=load,
+                freeze: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")):
     """DPO on the LM (vision + connector frozen), sigmoid loss, a frozen copy of the start model as reference."""
     from trl import DPOConfig, DPOTrainer
 
-    model, processor = load(folder, freeze=("model.vision_tower", "model.multi_modal_projector"))
-    ref, _ = load(folder)
+    model, processor = load_fn(folder, freeze=freeze)
+    ref, _ = load_fn(folder)
     ref.eval().requires_grad_(False)
     trainer = _metered(DPOTrainer, _dpo_counts)(model=model, ref_model=ref,
                                                 args=DPOConfig(**args, beta=beta, loss_type=["sigmoid"]),

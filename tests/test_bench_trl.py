@@ -62,3 +62,55 @@ def test_bench_dp_quick(tmp_path):
     for side in ("connector/plain", "connector/dp", "lora/plain", "lora/dp"):
         assert full["medians"][side]["samples"] > 0 and full["medians"][side]["steps"] == full["timed_steps"]
     assert full["quick"] and full["privacy"]["delta"] == 1e-5
+
+
+def _native_bench(name: str, tmp_path) -> tuple[dict, dict]:
+    out = tmp_path / f"{name}-native.json"
+    r = subprocess.run([sys.executable, "-m", "bench", name, "--family", "qwen2_5_vl", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), json.loads(out.read_text())
+
+
+@pytest.mark.slow  # 74 s (sft) and 90 s (dpo) on the shared 2-core box at load ~4, 2026-11-30
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_bench_native_qwen_vs_trl_quick(name, tmp_path):
+    """`--family qwen2_5_vl`: the JSON line contract, and both sides doing the same work on a Qwen2.5-VL model
+    whose images get different image-token counts."""
+
+    head, full = _native_bench(name, tmp_path)
+    assert head["vlmtrain_samples_per_s"] > 0 and head["peer_samples_per_s"] > 0
+    assert head["ratio"] == pytest.approx(head["vlmtrain_samples_per_s"] / head["peer_samples_per_s"], rel=1e-12)
+    bf = head["bf16"]
+    assert bf["ratio"] == pytest.approx(bf["vlmtrain_samples_per_s"] / bf["peer_samples_per_s"], rel=1e-12)
+    assert head["peer"].startswith("trl.") and head["family"] == "qwen2_5_vl"
+    work = full["same_work"]
+    assert work["start_weights"]["all_equal"] and work["start_weights"]["tensors"] > 0
+    first = work["first_batch"]
+    assert first["same_input_ids"] and first["same_image_grid_thw"]
+    assert len(set(first["image_tokens_per_image"])) > 1  # dynamic resolution: counts differ across images
+    assert first["differing_supervised_positions"]["vlmtrain_only"]["count"] == 0
+    for side in ("vlmtrain", "trl"):
+        prof = full["profile_first_batch"][side]
+        assert prof["vision_forward_s"] > 0 and prof["lm_forward_s"] > 0
+        assert prof["vision_forward_s"] + prof["lm_forward_s"] < prof["step_s"]
+    assert all(0 <= s < 1 for s in head["data_wait_share"].values())
+    if name == "sft":
+        assert first["same_supervised_positions"]
+        if head["packed_refused"] is None:  # native packing accepted: the packed arms ran
+            assert head["packed_ratio"] == pytest.approx(
+                head["vlmtrain_packed_samples_per_s"] / head["peer_samples_per_s"], rel=1e-12)
+        else:
+            assert head["packed_ratio"] is None and "pack" in head["packed_refused"]
+            assert set(full["runs"]) == {"vlmtrain", "trl", "vlmtrain_bf16", "trl_bf16"}
+    else:
+        # TRL's DPO completions end with the template's newline after <|im_end|>, which it scores too
+        assert set(first["differing_supervised_positions"]["peer_only"]["tokens"]) <= {"\n"}
+
+
+def test_bench_family_only_for_sft_dpo(capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["anatomy", "--family", "qwen2_5_vl"])
+    assert e.value.code == 2 and "--family applies to sft and dpo only" in capsys.readouterr().err
