@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from vlmtrain.train.checkpoint_io import (META, is_sharded, optimizer_state_by_index, optimizer_state_by_name,
-                                          read_checkpoint, resolve_last, swap_into_place)
+                                          read_checkpoint, resolve_last, rotate_directory_in,
+                                          rotate_in)
 
 
 def trained_model():
@@ -66,24 +67,66 @@ def test_optimizer_state_by_index_numbers_parameters_in_group_order():
                    "param_groups": [{"lr": 1, "params": [0]}, {"lr": 2, "params": [1, 2]}]}
 
 
-def test_swap_replaces_files_and_directories_and_resolve_finds_the_survivor(tmp_path):
-    last = tmp_path / "last.ckpt"
+def test_rotation_replaces_files_and_directories_keeps_the_previous_and_resolve_finds_the_survivor(tmp_path):
+    last, prev, tmp = tmp_path / "last.ckpt", tmp_path / "last.ckpt.prev", tmp_path / "last.ckpt.tmp"
     assert resolve_last(last) is None
-    tmp = tmp_path / "last.ckpt.tmp"
     tmp.write_text("one")
-    swap_into_place(tmp, last)
-    assert last.read_text() == "one" and not tmp.exists()
-    tmp.mkdir()  # a sharded checkpoint replaces a single file
+    rotate_in(tmp, last)
+    assert last.read_text() == "one" and not tmp.exists() and not prev.exists()
+    tmp.mkdir()  # a sharded checkpoint replaces a single file (a run resumed under fsdp)
     (tmp / "x.distcp").write_text("two")
-    swap_into_place(tmp, last)
-    assert (last / "x.distcp").read_text() == "two" and not tmp.exists()
-    assert not (tmp_path / "last.ckpt.old").exists()
-    tmp.write_text("three")  # and back
-    swap_into_place(tmp, last)
-    assert last.read_text() == "three"
-    # a kill between the two renames leaves only last.ckpt.old: resume uses it
-    last.rename(tmp_path / "last.ckpt.old")
+    rotate_directory_in(tmp, last)
+    assert (last / "x.distcp").read_text() == "two" and prev.read_text() == "one" and not tmp.exists()
+    tmp.mkdir()  # a directory replaces a directory
+    (tmp / "x.distcp").write_text("three")
+    rotate_directory_in(tmp, last)
+    assert (last / "x.distcp").read_text() == "three" and (prev / "x.distcp").read_text() == "two"
+    tmp.write_text("four")  # and back to a file: the previous directory becomes .prev
+    rotate_in(tmp, last)
+    assert last.read_text() == "four" and (prev / "x.distcp").read_text() == "three"
+    tmp.write_text("five")
+    rotate_in(tmp, last)
+    assert last.read_text() == "five" and prev.read_text() == "four"
+    # a kill between the renames leaves only .prev: resume uses it; (.old: what older versions' swap left)
+    last.unlink()
+    assert resolve_last(last) == prev
+    prev.rename(tmp_path / "last.ckpt.old")
     assert resolve_last(last) == tmp_path / "last.ckpt.old"
+
+
+def test_a_directory_checkpoint_is_verified_against_its_manifest_and_the_previous_one_is_used(tmp_path):
+    """Every file of a sharded checkpoint is listed with its sha256 (`sha256sum -c` format, computed here with
+    hashlib); a changed, truncated or missing shard is named, and resume falls back to `.prev`."""
+    import hashlib
+
+    from vlmtrain.errors import VlmtrainError
+    from vlmtrain.train.checkpoint_io import MANIFEST, check_intact
+
+    model, opt = trained_model()
+    last, prev, tmp = tmp_path / "last.ckpt", tmp_path / "last.ckpt.prev", tmp_path / "last.ckpt.tmp"
+    for _ in range(2):
+        write_dcp(model, opt, tmp)
+        rotate_directory_in(tmp, last)
+    listed = dict(reversed(ln.split("  ")) for ln in (last / MANIFEST).read_text().splitlines())
+    on_disk = {str(f.relative_to(last)) for f in last.rglob("*") if f.name != MANIFEST}
+    assert set(listed) == on_disk and {".metadata", META} <= on_disk
+    for rel, digest in listed.items():
+        assert digest == hashlib.sha256((last / rel).read_bytes()).hexdigest()
+    assert check_intact(last) is None and resolve_last(last) == last
+    shard = next(last.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit
+    assert check_intact(last) == f"{shard}: sha256 differs from {last / MANIFEST} (truncated or corrupted)"
+    with pytest.raises(VlmtrainError, match=f"{shard}: sha256 differs"):
+        read_checkpoint(last)
+    assert resolve_last(last) == prev
+    assert read_checkpoint(prev)["global_step"] == 2
+    shard.unlink()
+    assert check_intact(last) == f"{shard}: missing (listed in {last / MANIFEST})"
+    (prev / META).write_bytes((prev / META).read_bytes()[:10])  # half-copied
+    with pytest.raises(VlmtrainError) as e:
+        resolve_last(last)
+    assert f"{shard}: missing" in str(e.value) and f"{prev / META}: sha256 differs" in str(e.value)
 
 
 def test_by_name_and_by_index_are_inverse_on_torchs_own_state_dict():

@@ -130,6 +130,24 @@ def test_deepspeed_zero_equals_one_process(data, reference, zero):
     assert_same_run(reference, out)
 
 
+def corrupt_checkpoint_directory(ckpt, pattern: str):
+    """Check a checkpoint directory's manifest against the bytes (hashlib), then flip a bit in one of its files
+    (`pattern`): the run after it must resume from `last.ckpt.prev`. Returns that file."""
+    import hashlib
+
+    from vlmtrain.train.checkpoint_io import MANIFEST, check_intact
+
+    listed = dict(reversed(ln.split("  ")) for ln in (ckpt / MANIFEST).read_text().splitlines())
+    assert set(listed) == {str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file() and f.name != MANIFEST}
+    assert all(hashlib.sha256((ckpt / rel).read_bytes()).hexdigest() == d for rel, d in listed.items())
+    assert (ckpt.parent / "last.ckpt.prev" / MANIFEST).is_file()
+    victim = next(ckpt.glob(pattern))
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert check_intact(ckpt) == f"{victim}: sha256 differs from {ckpt / MANIFEST} (truncated or corrupted)"
+    return victim
+
+
 # (strategy at 2 ranks, at 1 process, back at 2 ranks): fsdp writes sharded DCP checkpoints (resharded on load),
 # single/ddp a single file; each leg reads what the previous one wrote
 @pytest.mark.parametrize("legs", [("fsdp", "fsdp", "fsdp"), ("fsdp", "single", "fsdp"), ("ddp", "single", "ddp")],
@@ -148,8 +166,12 @@ def test_resume_across_world_sizes_2_1_2(data, reference, legs):
          subprocess.run([*VLMTRAIN, *middle], capture_output=True, text=True, timeout=300))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_dir() == (legs[1] == "fsdp")
+    if legs[1] == "fsdp":  # its last two checkpoints are both of step 4: the 2-rank leg resumes from the kept one
+        corrupt_checkpoint_directory(out / "checkpoints" / "last.ckpt", "*.distcp")
     r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", legs[2], "data.batch_size=2")
     assert r.returncode == 0, r.stderr[-3000:]
+    if legs[1] == "fsdp":
+        assert f"resuming from {out / 'checkpoints' / 'last.ckpt.prev'} instead" in r.stderr, r.stderr[-3000:]
     assert_same_run(reference, out)
 
 
@@ -163,9 +185,12 @@ def test_deepspeed_resumes_on_the_same_world_size_and_refuses_another(data, refe
     r = torchrun(1, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "deepspeed_zero3",
                  timeout=600)
     assert r.returncode == 1 and "DeepSpeed checkpoint written by 2 ranks, this run has 1" in r.stderr
+    # the first run's last two checkpoints are both of step 2: with one shard corrupted, resume uses the kept one
+    corrupt_checkpoint_directory(out / "checkpoints" / "last.ckpt", "*/*optim_states.pt")
     r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "deepspeed_zero3",
                  "data.batch_size=2", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'last.ckpt.prev'} instead" in r.stderr, r.stderr[-3000:]
     assert_same_run(reference, out)
 
 

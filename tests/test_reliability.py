@@ -197,6 +197,40 @@ def test_a_preemption_signal_waits_for_the_step_boundary_inside_training_and_sto
             signal.signal(s, h)
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """The kernel's view (/proc/PID/status SigCgt): the process has a handler for `sig`."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_preemption_signal_during_start_up_imports_exits_75_not_by_the_default_action(tmp_path, sig):
+    """Sent as soon as the process catches it (long before torch, transformers and Lightning are imported): exit 75,
+    the documented status, with one line saying nothing was trained; no output directory was started."""
+    from vlmtrain.cli.startup import PREEMPTED_EXIT
+    from vlmtrain.train.preempt import PREEMPTED_EXIT as TRAINING_PREEMPTED_EXIT
+
+    assert PREEMPTED_EXIT == TRAINING_PREEMPTED_EXIT == 75
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*VLMTRAIN, "run", str(CONFIGS / "recipes" / "demo.yaml"), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.time() + 60
+    while not _catches(proc.pid, sig):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.002)
+    with open(f"/proc/{proc.pid}/maps") as f:
+        torch_loaded = "libtorch" in f.read()
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    assert not torch_loaded  # the signal came before torch was even loaded (what used to end the run with -15)
+    assert rc == 75, (rc, err[-3000:])
+    assert f"{sig.name} received during start-up (nothing trained yet)" in err
+    assert not out.exists()
+
+
 def test_summary_is_complete_only_with_every_required_field(tmp_path):
     from vlmtrain.train.finalize import is_complete, write_json_atomic
 

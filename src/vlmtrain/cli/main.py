@@ -5,7 +5,12 @@ User errors print one line (`error: ...`) and exit 1; invalid configs exit 2 (on
 
 from __future__ import annotations
 
-import argparse
+# first of all, before any heavy import: a preemption signal during start-up exits 75 like one during training
+from vlmtrain.cli.startup import install_early
+
+install_early()
+
+import argparse  # noqa: E402  (after the early signal handler, on purpose)
 import json
 import logging
 import os

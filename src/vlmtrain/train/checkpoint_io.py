@@ -8,13 +8,18 @@ Two layouts live at `checkpoints/last.ckpt`:
   `read_checkpoint` turns it into the single-file dict, so `single`/`ddp` resume it too (2 → 1 → 2).
 
 Either layout replaces the previous one atomically enough for a kill at any moment: the new checkpoint is written
-beside the old (`last.ckpt.tmp`), then swapped in by renames; `resolve_last` finds the old one if a kill lands
-between the two renames.
+beside the old (`last.ckpt.tmp`), then rotated in by renames (`last.ckpt` → `last.ckpt.prev`, `.tmp` →
+`last.ckpt`); `resolve_last` finds the previous one if a kill lands between the renames.
 
 Single files also survive storage faults: a write that fails (ENOSPC, EIO) leaves the previous checkpoint in place
 and raises one `CheckpointWriteError`; each file's sha256 is stored beside it (`last.ckpt.sha256`) and verified
 before a resume; the previous checkpoint is kept (`last.ckpt.prev`), so a truncated or corrupted `last.ckpt` falls
 back to it, and when neither is intact the error names both files.
+
+Directories (fsdp's DCP, DeepSpeed's per-rank layout) carry a manifest of their files' sha256 (`manifest.sha256`
+inside, `sha256sum -c` format), written by rank 0 once every rank has finished writing; the previous directory is
+kept as `last.ckpt.prev` the same way, and a resume verifies the manifest (a missing, truncated or changed file is
+named) and falls back to the previous directory.
 """
 
 from __future__ import annotations
@@ -65,12 +70,47 @@ def _known_digests(path: Path) -> set[str]:
     return out
 
 
+MANIFEST = "manifest.sha256"
+
+
+def _directory_files(path: Path) -> list[str]:
+    """The files of a checkpoint directory (relative, sorted), its manifest excluded."""
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
+def write_manifest(path: Path) -> None:
+    """`path/manifest.sha256`: one `<sha256>  <relative file>` line per file of the finished directory, on disk."""
+    lines = "".join(f"{file_sha256(path / rel)}  {rel}\n" for rel in _directory_files(path))
+    tmp = path / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+
+
+def _check_directory(path: Path) -> str | None:
+    """Why the checkpoint directory `path` is not intact (the first file that differs from its manifest), or None.
+    A directory without a manifest was written before manifests existed: accepted, as a file without a sidecar."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None
+    for line in manifest.read_text().splitlines():
+        digest, _, rel = line.partition("  ")
+        f = path / rel
+        if not f.is_file():
+            return f"{f}: missing (listed in {manifest})"
+        if file_sha256(f) != digest:
+            return f"{f}: sha256 differs from {manifest} (truncated or corrupted)"
+    return None
+
+
 def check_intact(path: Path) -> str | None:
     """None if the checkpoint at `path` is intact (or carries no checksum: written before checksums), else why not.
-    Directories (sharded layouts) are complete once swapped in; only single files carry a checksum."""
+    A file is checked against its sidecar, a directory (sharded layouts) against its manifest."""
     path = Path(path)
     if path.is_dir():
-        return None
+        return _check_directory(path)
     known = _known_digests(path)
     if not known:
         return None
@@ -80,7 +120,7 @@ def check_intact(path: Path) -> str | None:
 def verify_checkpoint(path: Path) -> None:
     problem = check_intact(path)
     if problem:
-        raise VlmtrainError(f"{path}: {problem}")
+        raise VlmtrainError(problem if Path(path).is_dir() else f"{path}: {problem}")
 
 
 def is_sharded(path: Path) -> bool:
@@ -89,8 +129,9 @@ def is_sharded(path: Path) -> bool:
 
 
 def resolve_last(path: Path) -> Path | None:
-    """The checkpoint to resume from: `path` if intact; else the one a kill left mid-swap (`.old`), else the
-    previous one (`.prev`). None when there is none at all; an error naming every file when none is intact."""
+    """The checkpoint to resume from: `path` if intact; else the one a kill left mid-swap (`.old`: the swap of
+    versions before 2026-11-30 that kept no `.prev` for directories), else the previous one (`.prev`). None when
+    there is none at all; an error naming every file when none is intact."""
     path = Path(path)
     bad = []
     for cand in (path, path.with_name(path.name + ".old"), _previous(path)):
@@ -107,30 +148,29 @@ def resolve_last(path: Path) -> Path | None:
     return None
 
 
-def _rotate_in(tmp: Path, path: Path) -> None:
-    """A finished single-file checkpoint `tmp` (its sidecar written) becomes `path`; `path` becomes `.prev`."""
+def rotate_in(tmp: Path, path: Path) -> None:
+    """A finished checkpoint `tmp` (a file with its sidecar written, or a directory with its manifest) becomes
+    `path`; `path` (with its sidecar) becomes `.prev`, replacing the one before. File and directory may alternate
+    (a run resumed under another strategy changes the layout). Every step is a rename except removing the old
+    `.prev`, so a kill at any moment leaves an intact `path` or `.prev` for `resolve_last`."""
     prev = _previous(path)
-    if path.is_file():
+    if path.exists():
+        if prev.exists() and (prev.is_dir() or path.is_dir()):  # a rename cannot replace a directory
+            remove_path(prev)
         os.replace(path, prev)
         if _sidecar(path).is_file():
             os.replace(_sidecar(path), _sidecar(prev))
-    os.replace(_sidecar(tmp), _sidecar(path))
+        else:  # `path` was a directory: an older file's digest must not stay paired with it
+            _sidecar(prev).unlink(missing_ok=True)
+    if _sidecar(tmp).is_file():
+        os.replace(_sidecar(tmp), _sidecar(path))
     os.replace(tmp, path)
 
 
-def swap_into_place(tmp: Path, path: Path) -> None:
-    """Move a finished checkpoint (file or directory) `tmp` to `path`, replacing what was there."""
-    if path.is_file() and tmp.is_file():
-        os.replace(tmp, path)  # atomic on POSIX: a reader sees the old or the new checkpoint, never half of one
-        return
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        remove_path(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        remove_path(old)
+def rotate_directory_in(tmp: Path, path: Path) -> None:
+    """A checkpoint directory every rank has finished writing: its manifest, then `rotate_in`."""
+    write_manifest(tmp)
+    rotate_in(tmp, path)
 
 
 def remove_path(path: Path) -> None:
@@ -182,6 +222,7 @@ def read_checkpoint(path: Path) -> dict:
     """`checkpoints/last.ckpt` in either layout as Lightning's checkpoint dict."""
     path = Path(path)
     if is_sharded(path):
+        verify_checkpoint(path)
         return read_sharded(path)
     if path.is_dir():
         raise ValueError(f"{path}: a directory but not a DCP checkpoint (DeepSpeed's per-rank layout is read by "
@@ -219,15 +260,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             kept = f"the previous checkpoint {path} is intact" if path.exists() else "no earlier checkpoint exists"
             raise CheckpointWriteError(f"{path}: writing the checkpoint failed ({e.strerror or e}); {kept}") from None
         phases.mark("checkpoint_write")
-        if path.is_dir():  # a sharded checkpoint was here (layout changed): the directory swap
-            os.replace(_sidecar(tmp), _sidecar(path))
-            swap_into_place(tmp, path)
-        else:
-            _rotate_in(tmp, path)
+        rotate_in(tmp, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         path = Path(path)
+        verify_checkpoint(path)
         if is_sharded(path):
             return read_sharded(path)
-        verify_checkpoint(path)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)

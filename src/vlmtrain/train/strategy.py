@@ -118,6 +118,9 @@ def make_strategy(stage, native: bool = False):
                 if not path.is_dir() or not (path / "latest").is_file():
                     raise VlmtrainError(f"{path}: not a DeepSpeed checkpoint; the deepspeed strategies resume their "
                                         "own checkpoints (on any world size), not those of single/ddp/fsdp runs")
+                from vlmtrain.train.checkpoint_io import verify_checkpoint
+
+                verify_checkpoint(path)
                 saved = deepspeed_world_size(path)
                 if saved != self.world_size:
                     # DeepSpeed's own re-partitioning (universal checkpoints) is not exact for vlmtrain: under ZeRO-3
@@ -155,10 +158,12 @@ def _fsdp2_strategy(world: int):
                                                                  get_optimizer_state_dict, set_model_state_dict,
                                                                  set_optimizer_state_dict)
 
-            from vlmtrain.train.checkpoint_io import META, is_sharded, optimizer_state_by_name, read_checkpoint
+            from vlmtrain.train.checkpoint_io import (META, is_sharded, optimizer_state_by_name, read_checkpoint,
+                                                      verify_checkpoint)
 
             path = Path(self.broadcast(str(checkpoint_path)))
             if is_sharded(path):
+                verify_checkpoint(path)
                 ckpt = torch.load(path / META, map_location="cpu", weights_only=False)
                 keys = set(ckpt["vlmtrain"]["trainable_keys"])  # the checkpoint holds trainable tensors only
                 model_sd = {k: v for k, v in get_model_state_dict(self.model).items() if k in keys}
@@ -183,11 +188,12 @@ def _fsdp2_strategy(world: int):
 
 
 def _save_then_swap(strategy, write, filepath) -> None:
-    """Every rank writes its part of a checkpoint directory to `<path>.tmp` via `write(tmp)`; rank 0 swaps it in
-    only after all ranks finished, so a kill mid-save leaves the previous checkpoint whole."""
+    """Every rank writes its part of a checkpoint directory to `<path>.tmp` via `write(tmp)`; rank 0 writes the
+    manifest and swaps it in only after all ranks finished, so a kill mid-save leaves the previous checkpoint whole;
+    the one before stays as `<path>.prev` (the fallback when `<path>` fails its manifest)."""
     from pathlib import Path
 
-    from vlmtrain.train.checkpoint_io import remove_path, swap_into_place
+    from vlmtrain.train.checkpoint_io import remove_path, rotate_directory_in
 
     path = Path(strategy.broadcast(str(filepath)))
     tmp = path.with_name(path.name + ".tmp")
@@ -197,7 +203,7 @@ def _save_then_swap(strategy, write, filepath) -> None:
     write(tmp)
     strategy.barrier("vlmtrain_ckpt_written")
     if strategy.global_rank == 0:
-        swap_into_place(tmp, path)
+        rotate_directory_in(tmp, path)
     strategy.barrier("vlmtrain_ckpt_swapped")
 
 
