@@ -61,3 +61,48 @@ def test_readme_command_table_matches_the_cli():
         assert r.returncode == 0, (cmd, r.stderr[-500:])
         for opt in re.findall(r"--[a-z][a-z-]*", cmd):
             assert opt in r.stdout, (cmd, opt)
+
+
+def _saved_model(tmp_path):
+    from conftest import tiny_bundle
+
+    from vlmtrain.model.io import save_native
+
+    return save_native(tiny_bundle(), tmp_path / "model")
+
+
+def test_export_killed_midway_leaves_the_previous_export_whole_and_a_rerun_replaces_it(tmp_path, monkeypatch):
+    """An export writes a hidden sibling and renames it into place: a failure (or kill) part-way leaves the earlier
+    export untouched and no half folder; the next export replaces the earlier one whole (no stale files)."""
+    from vlmtrain.cli.main import main
+    from vlmtrain.model import io
+
+    src, out = _saved_model(tmp_path), tmp_path / "export"
+    assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "stale.txt").write_text("left by an earlier export")
+    real = io.save_native
+
+    def dies_part_way(bundle, folder):
+        real(bundle, folder)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save_native", dies_part_way)
+    with pytest.raises(OSError):
+        main(["export", str(src), "--format", "vlmtrain", "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "stale.txt"} == first
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    monkeypatch.setattr(io, "save_native", real)
+    assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # stale.txt gone with the replaced folder
+
+    def records_its_folder(bundle, folder):  # as PEFT does: adapter_config.json names OUT/base
+        from pathlib import Path
+
+        folder = real(bundle, folder)
+        (Path(folder) / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(Path(folder) / "base")}))
+        return folder
+
+    monkeypatch.setattr(io, "save_native", records_its_folder)
+    assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
+    assert json.loads((out / "adapter_config.json").read_text()) == {"base_model_name_or_path": str(out / "base")}

@@ -106,6 +106,8 @@ def test_peft_adapter_export_and_merged_export_reproduce_the_trained_model(lora_
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "peft" / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["modules_to_save"] == ["multi_modal_projector"]
+    assert ".peft.export-" not in json.dumps(cfg)  # paths name the final folder, never the staging one
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "peft" / "base")
     with torch.no_grad():
         peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()(

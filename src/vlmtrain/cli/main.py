@@ -14,7 +14,9 @@ import argparse  # noqa: E402  (after the early signal handler, on purpose)
 import json
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from vlmtrain import __version__
 from vlmtrain.cli import data as cli_data
@@ -92,9 +94,49 @@ def _describe_native(args, cfg, bundle) -> int:
 
 
 def cmd_export(args) -> int:
+    """Writes into a hidden sibling of --out and renames it into place when complete: an export killed at any
+    moment leaves either the previous folder or none under --out, never a loadable half (weights without the
+    processor), and running the same command again finishes it."""
+    final = Path(args.out)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        message = _export_into(args, staging)
+        _name_final_folder(staging, final)
+        _swap_in(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(message.replace(str(staging), str(final)))
+    return 0
+
+
+def _name_final_folder(staging: Path, final: Path) -> None:
+    """Paths the libraries record in their JSON files (PEFT's `base_model_name_or_path` = OUT/base) name the
+    folder being written; make them name the folder the export ends up in."""
+    for f in staging.rglob("*.json"):
+        text = f.read_text(encoding="utf-8")
+        if str(staging) in text:
+            f.write_text(text.replace(str(staging), str(final)), encoding="utf-8")
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Rename `staging` to `final`, replacing a previous export whole (no stale files of it survive)."""
+    if final.exists():
+        old = final.parent / f".{final.name}.replaced-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def _export_into(args, out: Path) -> str:
+    """Run the export of `args.format` into `out`; returns the line to print."""
     from vlmtrain.model.io import save_native
     from vlmtrain.train.artifacts import load_model_source
 
+    args = argparse.Namespace(**{**vars(args), "out": str(out)})
     if args.format == "peft":
         from vlmtrain.model.hf_llava import export_peft
         from vlmtrain.train.artifacts import load_lora_stage
@@ -104,12 +146,10 @@ def cmd_export(args) -> int:
             from vlmtrain.model.native.peft_export import export_native_peft
 
             out = export_native_peft(bundle, args.out, base_connector)
-            print(f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base "
-                  f"({bundle.model.model_type})")
-            return 0
+            return (f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base "
+                    f"({bundle.model.model_type})")
         out = export_peft(bundle, args.out, base_connector)
-        print(f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base (Llava)")
-        return 0
+        return f"exported the LoRA adapter of {args.source} to {out}/adapter (PEFT) over {out}/base (Llava)"
     bundle = load_model_source(args.source)
     if bundle.native:
         if args.format == "vlmtrain":
@@ -127,8 +167,7 @@ def cmd_export(args) -> int:
         out = export_llava(bundle, args.out)
     else:
         out = save_native(bundle, args.out)
-    print(f"exported {args.source} as {args.format} to {out}")
-    return 0
+    return f"exported {args.source} as {args.format} to {out}"
 
 
 def cmd_generate(args) -> int:
