@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, VLMTRAIN
+from dp_reference import hand_dp_step
 from native_fixtures import checkpoint, model_config
 from shard_fixtures import cycled_shards
 
@@ -130,8 +131,6 @@ def test_dp_step_equals_hand_computed_dp_sgd(root, shards, tmp_path, family):
     summed, plus N(0, σ²C²) from the same seeded generator, divided by the expected batch size; then AdamW.
     Qwen2.5-VL's merger (RMSNorm `ln_q` via functorch + MLP) and Gemma 3's projector (RMSNorm + the bare
     `mm_input_projection_weight`, functorch over the module) both train, beside LoRA A/B on the LM."""
-    from vlmtrain.train.optim import build_optimizer
-
     stage, plan, module, reference, items, collate = dp_setup(root, shards, family, tmp_path)
     batch, singles = batches(items, collate)
     per_sample = one_at_a_time(reference, singles)
@@ -141,27 +140,10 @@ def test_dp_step_equals_hand_computed_dp_sgd(root, shards, tmp_path, family):
     if family == "gemma3":
         assert "connector.projector.mm_input_projection_weight" in names
 
-    C, sigma = plan.max_grad_norm, plan.noise_multiplier
-    summed = {n: torch.zeros_like(g) for n, g in per_sample[0].items()}
-    factors = []
-    for g in per_sample:
-        norm = torch.sqrt(sum((t.double() ** 2).sum() for t in g.values())).float()
-        factors.append(min(1.0, float(C / (norm + 1e-6))))
-        for n in summed:
-            summed[n] += factors[-1] * g[n]
+    factors = hand_dp_step(reference, per_sample, plan, stage.optim, stage.trainer.seed)
     assert min(factors) < 1.0  # clipping is exercised, not bypassed
-    hand_opt = build_optimizer(reference, stage.optim)
-    gen = torch.Generator().manual_seed(stage.trainer.seed + 1)
     by_param = dict(reference.named_parameters())
-    name_of = {id(p): n for n, p in by_param.items()}
-    expected_grad = {}
-    for group in hand_opt.param_groups:  # the optimizer's parameter order is the order noise is drawn in
-        for p in group["params"]:
-            n = name_of[id(p)]
-            noise = torch.normal(mean=0, std=sigma * C, size=p.shape, generator=gen)
-            expected_grad[n] = (summed[n] + noise) / plan.expected_batch_size
-            p.grad = expected_grad[n].clone()
-    hand_opt.step()
+    expected_grad = {n: by_param[n].grad for n in names}
 
     opt = module.configure_optimizers()["optimizer"]
     module.dp_backward(batch)
