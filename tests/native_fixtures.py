@@ -23,12 +23,7 @@ def checkpoint(root: Path, family: str) -> Path:
 def model_config(path: Path, **extra):
     from vlmtrain.config.model import NativeModelConfig
 
-    chat = {}
-    if "qwen3" in path.name:  # no vendored Qwen3-VL template: the config gives a marked one (Qwen2.5-VL's format)
-        from vlmtrain.model.native_templates import training_template
-
-        chat = {"chat_template": training_template("qwen2_5_vl")}
-    return NativeModelConfig(pretrained=str(path), **chat, **extra)
+    return NativeModelConfig(pretrained=str(path), **extra)
 
 
 def image(w: int, h: int, seed: int = 0):

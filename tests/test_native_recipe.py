@@ -20,10 +20,6 @@ PROMPT = "What digit is this?"
 def _model_yaml(tmp_path, family: str):
     ck = checkpoint(tmp_path / "checkpoints", family)
     cfg = {"pretrained": str(ck)}
-    if family == "qwen3_vl":  # no vendored Qwen3-VL template: the config gives a marked one
-        from vlmtrain.model.native_templates import training_template
-
-        cfg["chat_template"] = training_template("qwen2_5_vl")
     path = tmp_path / f"{family}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -19,10 +19,11 @@ from vlmtrain.model.native_templates import FAMILIES, official_template, trainin
 
 # SHA-256 of each official template's UTF-8 bytes, computed from the upstream copies (see the module's comments):
 # huggingface.js e2e.test.js / chat-template-automap.ts, openvino.genai chat_template_fallback_map.hpp (8433e664e^),
-# transformers' test_processing_llava_onevision.py.
+# transformers' test_processing_llava_onevision.py, TRL 1.16's trl/chat_templates/qwen3_vl.jinja.
 OFFICIAL_SHA256 = {
     "qwen2_vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
     "qwen2_5_vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
+    "qwen3_vl": "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4",
     "gemma3": "7de1c58e208eda46e9c7f86397df37ec49883aeece39fb961e0a6b24088dd3c4",
     "smolvlm": "830005085ddd94cec605b6e21b885b28ffad6e3f82ee6a212c523533e8f04f01",
     "llava_onevision": "fbf77862dcdda46840b6da02767d651eadad3582310e40fed04dc7594a0a80dd",
@@ -35,6 +36,7 @@ OFFICIAL_SHA256 = {
 ASSISTANT_SPAN = {
     "qwen2_vl": lambda t: t + "<|im_end|>",
     "qwen2_5_vl": lambda t: t + "<|im_end|>",
+    "qwen3_vl": lambda t: t + "<|im_end|>\n",
     "gemma3": lambda t: t.strip() + "<end_of_turn>\n",
     "smolvlm": lambda t: t + "<end_of_utterance>",
     "llava_onevision": lambda t: "\n" + t + "<|im_end|>",
@@ -44,6 +46,7 @@ ASSISTANT_SPAN = {
 IMAGE_PLACEHOLDER = {
     "qwen2_vl": "<|image_pad|>",
     "qwen2_5_vl": "<|image_pad|>",
+    "qwen3_vl": "<|image_pad|>",
     "gemma3": "<start_of_image>",
     "smolvlm": "<image>",
     "llava_onevision": "<image>",
@@ -167,7 +170,7 @@ def test_generation_spans_are_exactly_the_assistant_turns(family, conversation):
         assert not any(text in span for text in others)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "gemma3"])
 def test_string_content_is_marked_too(family):
     """Qwen and Gemma 3 templates also render `content` given as a plain string; that branch is marked as well."""
     messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]

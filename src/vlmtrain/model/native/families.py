@@ -40,7 +40,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family({"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.pos_embed"},
                         "connector": {"merger": "model.visual.merger",
                                       "deepstack_merger_list": "model.visual.deepstack_merger_list"},
-                        "llm": _LLM}, "", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+                        "llm": _LLM}, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}),
     "gemma3": Family({"vision": {"model": "model.vision_tower"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "gemma3", nested_images=True, bidirectional_images=True,

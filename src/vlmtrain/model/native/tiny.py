@@ -165,8 +165,7 @@ def write_tiny_checkpoint(model_type: str, out: str | Path, seed: int = 0) -> Pa
     from vlmtrain.model.native_templates import official_template
 
     cfg, ip, tok, proc_kwargs = tiny_parts(model_type)
-    # Qwen3-VL has no vendored official template: its tiny checkpoint carries Qwen2.5-VL's (same chat format)
-    template = official_template(FAMILIES[model_type].template or "qwen2_5_vl")
+    template = official_template(FAMILIES[model_type].template)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
