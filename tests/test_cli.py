@@ -92,9 +92,14 @@ def test_export_killed_midway_leaves_the_previous_export_whole_and_a_rerun_repla
         main(["export", str(src), "--format", "vlmtrain", "--out", str(out)])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "stale.txt"} == first
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a SIGKILLed export's staging folder (its pid no longer runs) is cleared by the next export
+    (tmp_path / f".export.export-{dead.pid}").mkdir()
+    (tmp_path / f".export.export-{dead.pid}" / "config.json").write_text("{}")
     monkeypatch.setattr(io, "save_native", real)
     assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # stale.txt gone with the replaced folder
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
     def records_its_folder(bundle, folder):  # as PEFT does: adapter_config.json names OUT/base
         from pathlib import Path
@@ -106,3 +111,29 @@ def test_export_killed_midway_leaves_the_previous_export_whole_and_a_rerun_repla
     monkeypatch.setattr(io, "save_native", records_its_folder)
     assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
     assert json.loads((out / "adapter_config.json").read_text()) == {"base_model_name_or_path": str(out / "base")}
+
+
+@pytest.mark.slow  # three `vlmtrain export` processes: ~30 s
+def test_export_sigkilled_while_writing_then_rerun_equals_an_uninterrupted_export(tmp_path):
+    import os
+    import signal
+    import time
+
+    src = _saved_model(tmp_path)
+    ref = tmp_path / "ref"
+    cmd = [*VLMTRAIN, "export", str(src), "--format", "vlmtrain", "--out"]
+    assert subprocess.run([*cmd, str(ref)], capture_output=True, timeout=300).returncode == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*cmd, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / f".out.export-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)  # while the export writes its staging folder
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    if out.exists():  # the kill came after the rename: then it is the whole export, never a half folder
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in ref.iterdir()}
+    assert subprocess.run([*cmd, str(out)], capture_output=True, timeout=300).returncode == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in ref.iterdir()}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -99,6 +99,7 @@ def cmd_export(args) -> int:
     processor), and running the same command again finishes it."""
     final = Path(args.out)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_exports(final)
     staging = final.parent / f".{final.name}.export-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -109,6 +110,21 @@ def cmd_export(args) -> int:
         shutil.rmtree(staging, ignore_errors=True)
     print(message.replace(str(staging), str(final)))
     return 0
+
+
+def _remove_dead_exports(final: Path) -> None:
+    """Hidden siblings left by exports to `final` that were killed (`.NAME.export-PID`, `.NAME.replaced-PID` whose
+    process is gone): removed, so retries do not accumulate copies. A live process's folders are left alone."""
+    for sibling in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = sibling.name[len(final.name) + 2:].rpartition("-")
+        if kind not in ("export", "replaced") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(sibling, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _name_final_folder(staging: Path, final: Path) -> None:
