@@ -34,6 +34,12 @@ SCALE = {
                               "out_hidden_size": 256, "window_size": 112, "fullatt_block_indexes": [1, 3]},
                    # 4..400 LM tokens per image (one token = 28×28 px)
                    "processor": {"min_pixels": 4 * 28 * 28, "max_pixels": 400 * 28 * 28}},
+    # Idefics3: 64-px crops of 8-px patches (64 per crop), pixel shuffle ×2 → 16 LM tokens per crop; images up to
+    # 128 px on their longest edge → at most 2 × 2 crops + the global view
+    "idefics3": {"text": _TEXT,
+                 "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
+                 "scale_factor": 2, "crop": 64, "longest_edge": 128, "processor": {}},
     "gemma3": {"text": {**_TEXT, "query_pre_attn_scalar": 64, "sliding_window": 128},
                "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                           "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
@@ -51,6 +57,10 @@ CONFIGS = {
                                        "data": {"batch_size": 2, "max_len": 384},
                                        "trainer": {"grad_checkpointing": True}}),
     "gemma-lora-b2-s256": ("gemma3", (224, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 256}}),
+    "idefics3-lora-96x128-b2-s512": ("idefics3", (96, 128), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "idefics3-sft-conn-128x128-b2-s384": ("idefics3", (128, 128),
+                                          {"train": {"vision": False, "connector": True, "llm": True},
+                                           "data": {"batch_size": 2, "max_len": 384}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -75,6 +85,10 @@ def write_checkpoint(family: str, out: Path) -> dict:
         cfg.text_config.layer_types = [types[i % len(types)] for i in range(cfg.text_config.num_hidden_layers)]
     for k, v in spec["vision"].items():
         setattr(cfg.vision_config, k, v)
+    if family == "idefics3":
+        cfg.scale_factor = spec["scale_factor"]
+        ip.size, ip.max_image_size = {"longest_edge": spec["longest_edge"]}, {"longest_edge": spec["crop"]}
+        proc_kwargs["image_seq_len"] = (spec["crop"] // spec["vision"]["patch_size"]) ** 2 // spec["scale_factor"] ** 2
     if family == "gemma3":
         cfg.mm_tokens_per_image = spec["mm_tokens_per_image"]
         ip.size = {"height": spec["vision"]["image_size"], "width": spec["vision"]["image_size"]}
@@ -102,7 +116,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
 
     h, w = image_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
-    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if family.startswith("qwen") else "<start_of_image>"
+    placeholder = {"idefics3": "<image>", "gemma3": "<start_of_image>"}.get(
+        family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)
     head = out["input_ids"][0]
@@ -288,6 +303,10 @@ if __name__ == "__main__":
         from bench.common import machine, save
 
         table = rows(sys.argv[2:] or None)
+        saved = ROOT / "bench" / "results" / "plan-native.json"
+        if sys.argv[2:] and saved.is_file():  # named configs: replace those rows, keep the others
+            fresh = {r["config"] for r in table}
+            table = [r for r in json.loads(saved.read_text())["rows"] if r["config"] not in fresh] + table
         print(save("plan-native", {"machine": machine(), "rows": table, "headline": headline(table)}, None))
     elif len(sys.argv) == 2 and sys.argv[1] == "replan":
         for r in replan(ROOT / "bench" / "results" / "plan-native.json")["rows"]:

@@ -61,7 +61,28 @@ def test_qwen_image_tokens_match_the_processor(tmp_path):
     assert PN.qwen_patches(vc, budget, None) // 4 == budget[1] // 28**2
 
 
-@pytest.mark.parametrize("name", ["qwen-lora-224x224-b2-s512"])
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_idefics3_crops_and_image_tokens_match_the_processor(family, tmp_path):
+    """Image splitting as the tiny processor does it (crop grid + global view, for images smaller than a crop, wide
+    ones and larger than the longest edge): crops = the processor's pixel_values crops; LM tokens = the processor's
+    expansion of `<image>` (within 1: a tokenizer may merge the "\n\n" before the global view)."""
+    from PIL import Image
+
+    ckpt = write_tiny_checkpoint(family, tmp_path / family)
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt)})
+    bundle = build_model(cfg)
+    meta = build_model(cfg, device="meta").model
+    stage = BP.build_stage({"pretrained": str(ckpt)}, {"train": {"llm": "lora"}, "lora": BN.LORA})
+    for h, w in [(20, 30), (40, 90), (64, 64), (300, 200)]:
+        out = bundle.processor(text=["<image>"], images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions(image_size=(h, w)))
+        assert geo.crops_per_image == out["pixel_values"].shape[1], (h, w)
+        assert 0 <= out["input_ids"].shape[1] - geo.image_tokens <= 1, (h, w)
+    crop, longest = PN.idefics3_budget(meta, cfg)
+    assert PN.native_geometry(meta, stage, cfg, P.PlanOptions()).crops_per_image == (longest // crop) ** 2 + 1
+
+
+@pytest.mark.parametrize("name", ["qwen-lora-224x224-b2-s512", "idefics3-lora-96x128-b2-s512"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan."""
@@ -94,3 +115,19 @@ def test_unplanned_family_and_stage_features_are_refused(tmp_path):
     packed = BP.build_stage({"pretrained": "x"}, {"data": {"mode": "pack", "pack_len": 256}})
     with pytest.raises(ConfigError, match="plan: data.mode: pack is not planned for native families"):
         P.plan_stage(packed, cfg, 24 * GiB, model=model)
+
+
+def test_smolvlm_256m_preset_plans_with_17_crops_per_image(tmp_path):
+    """The real-size SmolVLM-256M preset (meta): a square image becomes 4 × 4 crops of 512² + the global view, 64 LM
+    tokens each (512/16 patches, pixel shuffle ×4), as the checkpoint's processor (longest edge 2048) makes them."""
+    import yaml
+
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "sft", "preset": "sft", "model": str(CONFIGS / "models" /
+                                                                              "smolvlm-256m-native.yaml"),
+                                   "train": {"vision": False, "connector": True, "llm": "lora"}, "lora": BN.LORA,
+                                   "data": {"train": [{"path": "x"}], "batch_size": 2, "max_len": 2048}}))
+    [(stage, mcfg)] = P.load_plan_stages(cfg)
+    plan = P.plan_stage(stage, mcfg, 24 * GiB)
+    assert plan.fits and "17 crops × 1024 tower patches" in plan.notes[-1]
+    assert "1127 LM tokens" in plan.notes[-1]  # 17 × 64 image tokens + the processor's crop markers

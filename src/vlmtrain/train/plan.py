@@ -200,6 +200,7 @@ class Geometry:
     max_block_params: int  # largest transformer block (FSDP all-gather unit)
     root_params: int  # parameters outside the transformer blocks (FSDP root unit)
     pixel_elements: int = 0  # pixel values per image (0: 3·image_size²; Qwen: patches × 3·2·14²)
+    crops_per_image: int = 1  # tower passes per image (Idefics3/SmolVLM image splitting: tiles + the global view)
     vision_keeps_hidden_states: bool = True  # a frozen tower's forward holds every layer's output (composed)
     llm_mask_always: bool = False  # a [rows, 1, s, s] mask even for one row (Gemma 3: bidirectional image spans)
     notes: list[str] = field(default_factory=list)  # what the plan assumed about the images (native families)
@@ -677,7 +678,7 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     dpo = stage.objective == "dpo"
     rows = 2 * batch if dpo else batch  # DPO scores chosen and rejected rows
     seq = (stage.data.pack_len or stage.data.max_len) if stage.data.mode == "pack" else stage.data.max_len
-    n_img = rows * opts.images_per_sample
+    n_img = rows * opts.images_per_sample * geo.crops_per_image  # tower inputs (crops), each vision_tokens long
     mask = stage.data.mode == "pack" or rows > 1 or geo.llm_mask_always  # one padded row needs none
     llm_shape = StepShape(rows, seq, mask)
     vis_shape = StepShape(n_img, geo.vision_tokens, False)

@@ -17,9 +17,13 @@ as for composed models, and only what differs per family lives here:
 - Gemma 3: fixed `mm_tokens_per_image` (256) soft tokens per image from a SigLIP tower at `image_size` (896²:
   4096 patches), average-pooled by the projector; the image's tokens attend bidirectionally, so transformers
   always materialises the [rows, 1, s, s] mask; the decoder adds q/k RMSNorms and sandwich norms per layer.
+- Idefics3 / SmolVLM: image splitting by transformers' own rule (the image scaled to the longest edge, cut into
+  crop-sized tiles + one global view); the SigLIP-style tower runs once per crop (`Geometry.crops_per_image`), the
+  connector (pixel shuffle + projection) gives `(crop / patch)² / scale²` LM tokens per crop, plus the processor's
+  crop markers. Without `--image-size` a square image at the longest edge (the most crops).
 
 Not planned yet (refused with a message): Qwen3-VL (DeepStack mergers feed several tower layers into the LLM),
-Idefics3/SmolVLM (image splitting into 512² crops + pixel shuffle), LLaVA-OneVision/NeXT/LLaVA (AnyRes tiles,
+LLaVA-OneVision/NeXT/LLaVA (AnyRes tiles,
 feature-layer selection), unlisted families, packed rows (built for training, not yet measured for the plan), and
 what `native_refusals` refuses for training.
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 from vlmtrain.errors import ConfigError
 from vlmtrain.train.plan import _ROLES, Geometry, StackGeo, _stack_geo, stacks_geometry
 
-PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
+PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj) next to the usual ones.
 _NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o"}
@@ -79,6 +83,8 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     llm = _stack_geo(text_cfg, layers["llm"][0], rotary=True)
     if mt.startswith("qwen"):
         vis, image = _qwen(model, model_cfg, opts, layers["vision"][0], patches, how)
+    elif mt in ("idefics3", "smolvlm"):
+        vis, image = _idefics3(model, model_cfg, layers["vision"][0], opts.image_size, how)
     else:
         vis, image = _gemma3(model, opts, layers["vision"][0])
         llm.qk_norm = llm.post_norms = True
@@ -86,8 +92,9 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     geo = stacks_geometry(model, stage, llm, vis, layers, image, _BLOCK_RE, _NATIVE_ROLES)
     geo.vision_keeps_hidden_states = False  # native towers return their last hidden state only
     geo.llm_mask_always = mt == "gemma3" and opts.images_per_sample > 0
+    crops = f"{geo.crops_per_image} crops × {geo.vision_tokens}" if geo.crops_per_image > 1 else f"{geo.vision_tokens}"
     geo.notes = [f"{mt}: {opts.images_per_sample} image(s) per sample, {geo.image_tokens} LM tokens each "
-                 f"({geo.vision_tokens} tower patches); {how}"]
+                 f"({crops} tower patches); {how}"]
     return geo
 
 
@@ -99,17 +106,29 @@ def _block_list(role):
                 if isinstance(m, nn.ModuleList) and n.rsplit(".", 1)[-1] in ("blocks", "layers") and len(m))
 
 
+def saved_image_processor(model_cfg) -> dict:
+    """The image processor's saved settings in a local checkpoint folder: `preprocessor_config.json`, or the
+    `image_processor` entry of `processor_config.json` (transformers 5 saves it there); {} for a hub id or none."""
+    folder = Path(model_cfg.pretrained) if model_cfg.pretrained else None
+    if folder is None or not folder.is_dir():
+        return {}
+    if (folder / "preprocessor_config.json").is_file():
+        return json.loads((folder / "preprocessor_config.json").read_text())
+    if (folder / "processor_config.json").is_file():
+        return json.loads((folder / "processor_config.json").read_text()).get("image_processor") or {}
+    return {}
+
+
 # ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
 
 def qwen_pixel_budget(model_cfg) -> tuple[int, int]:
-    """(min_pixels, max_pixels) of the processor: transformers' defaults, then the checkpoint folder's
-    preprocessor_config.json (when `pretrained` is a local folder), then the model config's `processor:`."""
+    """(min_pixels, max_pixels) of the processor: transformers' defaults, then the checkpoint folder's saved image
+    processor (`saved_image_processor`), then the model config's `processor:`."""
     from transformers import Qwen2VLImageProcessorPil
 
     size = dict(Qwen2VLImageProcessorPil.size)
     budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
-    src = Path(model_cfg.pretrained) / "preprocessor_config.json" if model_cfg.pretrained else None
-    for layer in (json.loads(src.read_text()) if src is not None and src.is_file() else {}, model_cfg.processor):
+    for layer in (saved_image_processor(model_cfg), model_cfg.processor):
         s = layer.get("size") or {}
         budget["min_pixels"] = layer.get("min_pixels") or s.get("shortest_edge") or budget["min_pixels"]
         budget["max_pixels"] = layer.get("max_pixels") or s.get("longest_edge") or budget["max_pixels"]
@@ -164,3 +183,51 @@ def _gemma3(model, opts, block) -> tuple[StackGeo, dict]:
                      + ("; --image-size is ignored" if opts.image_size else "") + ")")
     return _stack_geo(vc, block, rotary=False), image
 
+
+
+# ---- Idefics3 / SmolVLM ---------------------------------------------------------------------------------------------
+
+def idefics3_budget(model, model_cfg) -> tuple[int, int]:
+    """(crop side, longest edge) of the image splitting: the checkpoint folder's saved image processor, then the
+    model config's `processor:`; else the tower's input size as the crop and 4 crops per side as the longest edge
+    (Idefics3-8B: 364 / 1456, SmolVLM-256M/500M: 512 / 2048 — transformers' class defaults are Idefics3-8B's)."""
+    crop = int(model.hf.config.vision_config.image_size)
+    longest = 4 * crop
+    for layer in (saved_image_processor(model_cfg), model_cfg.processor):
+        crop = int((layer.get("max_image_size") or {}).get("longest_edge", crop))
+        longest = int((layer.get("size") or {}).get("longest_edge", longest))
+    return crop, longest
+
+
+def idefics3_crops(model, model_cfg, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+    """(crops, rows, cols) for an image of `image_hw`, by transformers' own rule
+    (`Idefics3ImageProcessorPil.get_number_of_image_patches`): the resized image cut into crop-sized tiles plus one
+    global view, or one crop when the image fits in one."""
+    from transformers import Idefics3ImageProcessorPil
+
+    crop, longest = idefics3_budget(model, model_cfg)
+    proc = Idefics3ImageProcessorPil(size={"longest_edge": longest}, max_image_size={"longest_edge": crop})
+    n, rows, cols = proc.get_number_of_image_patches(image_hw[0], image_hw[1])
+    return max(n, 1), rows, cols
+
+
+def _idefics3(model, model_cfg, block, image_hw, how: str) -> tuple[StackGeo, dict]:
+    """SigLIP-style tower run once per crop, pixel shuffle + projection per crop (`image_seq_len` LM tokens), and the
+    processor's text around them: `<fake_token_around_image><row_r_col_c>` per tile, a newline per row, the global
+    view's `<fake_token_around_image><global-img>` and a closing `<fake_token_around_image>`."""
+    cfg = model.hf.config
+    vc = cfg.vision_config
+    crop, longest = idefics3_budget(model, model_cfg)
+    if image_hw is None:  # the processor scales every image up to longest_edge: a square one gives the most crops
+        image_hw = (longest, longest)
+        how = (f"a square image (the processor resizes every image to a {longest}-px longest edge, then cuts "
+               f"{crop}² crops; --image-size HxW plans a given aspect)")
+    crops, rows, cols = idefics3_crops(model, model_cfg, image_hw)
+    patches = (crop // vc.patch_size) ** 2
+    seq_len = patches // cfg.scale_factor**2
+    lm_tokens = seq_len + 3 + (rows * (cols * (seq_len + 2) + 1) if rows else 0)  # Idefics3Processor's count
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=patches, vision_feature_tokens=patches,
+                 image_size=crop, image_tokens=lm_tokens, crops_per_image=crops,
+                 connector_name=f"native:{model.model_type}", connector_module=model.connector.projector,
+                 how=how or f"a {image_hw[0]}x{image_hw[1]} image: {crops} crop(s) of {crop}² by the processor's rule")
+    return _stack_geo(vc, block, rotary=False), image
