@@ -24,7 +24,7 @@ def test_cache_makes_once_and_copies_identical_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(builtin, "_make_builtin", no_making)
     second = builtin.prepare_builtin("digits-eval", tmp_path / "b")
     assert second == tmp_path / "b" / "digits-eval"
-    assert _bytes(second) == _bytes(first) == _bytes(entries[0])
+    assert _bytes(second) == _bytes(first) == _bytes(entries[0] / "digits-eval")
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
@@ -46,10 +46,36 @@ def test_half_copied_cache_entry_is_not_used(tmp_path, monkeypatch):
     """A copy killed midway has no manifest under the final name: the dataset is made again, not half-used."""
     monkeypatch.setenv("VLMTRAIN_BUILTIN_CACHE", str(tmp_path / "cache"))
     entry = tmp_path / "cache" / f"digits-eval-{builtin._maker_fingerprint()}"
-    entry.mkdir(parents=True)
-    (entry / "shard-000000.tar").write_bytes(b"torn")
+    (entry / "digits-eval").mkdir(parents=True)
+    (entry / "digits-eval" / "shard-000000.tar").write_bytes(b"torn")
     out = builtin.prepare_builtin("digits-eval", tmp_path / "a")
-    assert builtin._complete(entry) and _bytes(entry) == _bytes(out)
+    assert builtin._complete(entry / "digits-eval") and _bytes(entry / "digits-eval") == _bytes(out)
+
+
+def test_a_copy_leaves_the_companion_folders_and_prerequisites_making_would_leave(tmp_path, monkeypatch):
+    """medical-samples leaves its -src set and privacy_report.json beside its shards, and the cohorts are made from
+    it: a cache copy of a cohort leaves the same folders in the run's data folder as making it does."""
+    import json
+
+    made = []
+
+    def fake_make(name, root):
+        made.append(name)
+        for folder in [name, *([f"{name}-src"] if name == "base" else [])]:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            (root / folder / "manifest.json").write_text(json.dumps({"samples": 1, "of": folder}))
+        return root / name
+
+    monkeypatch.setenv("VLMTRAIN_BUILTIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(builtin, "_make_builtin", fake_make)
+    monkeypatch.setitem(builtin._COMPANIONS, "base", ("-src",))
+    monkeypatch.setitem(builtin._PREREQUISITES, "derived", ("base",))
+    builtin.prepare_builtin("derived", tmp_path / "a")
+    assert made == ["base", "derived"]
+    builtin.prepare_builtin("derived", tmp_path / "b")
+    assert made == ["base", "derived"]  # the second run copies
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["base", "base-src", "derived"]
+    assert all(_bytes(tmp_path / "a" / f) == _bytes(tmp_path / "b" / f) for f in ("base", "base-src", "derived"))
 
 
 def test_unknown_builtin_is_refused_by_name(tmp_path):

@@ -94,14 +94,26 @@ def prepare_builtin(name: str, root: str | Path) -> Path:
     if _complete(out):
         return out
     cache = os.environ.get("VLMTRAIN_BUILTIN_CACHE")
-    cached = Path(cache) / f"{name}-{_maker_fingerprint()}" if cache else None
-    if cached is not None and _complete(cached):
-        _copy_atomically(cached, out)
-        return out
-    made = _make_builtin(name, Path(root))
-    if cached is not None:
-        _copy_atomically(made, cached)
-    return made
+    if not cache:
+        return _make_builtin(name, Path(root))
+    for needed in _PREREQUISITES.get(name, ()):  # the run folder holds what making it would have left there
+        prepare_builtin(needed, root)
+    entry = Path(cache) / f"{name}-{_maker_fingerprint()}"
+    folders = [f"{name}{suffix}" for suffix in _COMPANIONS.get(name, ())] + [name]  # the shard folder last
+    if not _complete(entry / name):
+        made = _make_builtin(name, Path(root))
+        _store(Path(root), folders, entry)
+        return made
+    for folder in folders:
+        _copy_atomically(entry / folder, Path(root) / folder)
+    return out
+
+
+# What making a builtin leaves in the data folder besides its shards, and which builtins it makes first there: a
+# copy from the cache must leave the same folders (the gate's privacy_report.json of medical-samples, its -src set).
+_COMPANIONS = {"medical-samples": ("-src",)}
+_PREREQUISITES = {"medical-cohort": ("medical-samples",), "medical-cohort-holdout": ("medical-samples",),
+                  "medical-cohort-public": ("medical-samples",)}
 
 
 def _complete(folder: Path) -> bool:
@@ -109,9 +121,32 @@ def _complete(folder: Path) -> bool:
     return man.is_file() and bool(json.loads(man.read_text()).get("samples"))
 
 
+def _store(root: Path, folders: list[str], entry: Path) -> None:
+    """Copy `folders` of `root` into a new cache entry, renamed into place whole: readers see a complete entry or
+    none. An entry another process stored first (same bytes) is kept, and ours dropped."""
+    import shutil
+    import tempfile
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        for folder in folders:
+            shutil.copytree(root / folder, tmp / folder)
+        if entry.exists() and not _complete(entry / folders[-1]):  # an interrupted earlier store
+            shutil.rmtree(entry)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # a complete entry is already there (stored by another process meanwhile): keep it
+            if not _complete(entry / folders[-1]):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _copy_atomically(src: Path, dst: Path) -> None:
-    """Copy a shard folder beside `dst`, then rename it into place: a kill mid-copy leaves no half folder behind
-    a valid name. Plain copies, not hard links: a later rewrite of one side must never change the other."""
+    """Copy a folder of a cache entry beside `dst`, then rename it into place (replacing an interrupted earlier
+    attempt): a kill mid-copy leaves no half folder behind a valid name. Plain copies, not hard links: a later
+    rewrite of one side must never change the other."""
     import shutil
     import tempfile
 
@@ -119,15 +154,9 @@ def _copy_atomically(src: Path, dst: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if _complete(dst):  # another process got there first: its copy is the same bytes
-            return
-        if dst.exists():  # an incomplete earlier attempt (no manifest): replaced whole
+        if dst.exists():
             shutil.rmtree(dst)
-        try:
-            os.replace(tmp, dst)
-        except OSError:
-            if not _complete(dst):  # not a lost race with a complete copy: a real failure
-                raise
+        os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
