@@ -119,12 +119,19 @@ def _remove_dead_exports(final: Path) -> None:
         kind, _, pid = sibling.name[len(final.name) + 2:].rpartition("-")
         if kind not in ("export", "replaced") or not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not _alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 probes without sending; PermissionError: alive, another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _name_final_folder(staging: Path, final: Path) -> None:
