@@ -34,12 +34,25 @@ SCALE = {
                               "out_hidden_size": 256, "window_size": 112, "fullatt_block_indexes": [1, 3]},
                    # 4..400 LM tokens per image (one token = 28×28 px)
                    "processor": {"min_pixels": 4 * 28 * 28, "max_pixels": 400 * 28 * 28}},
+    # Qwen3-VL: 16-px patches (one LM token = 32×32 px), DeepStack mergers after tower blocks 1 and 2
+    "qwen3_vl": {"text": {**_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                       "mrope_section": [8, 12, 12], "mrope_interleaved": True}},
+                 "vision": {"depth": 4, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4,
+                            "out_hidden_size": 256, "num_position_embeddings": 256, "deepstack_visual_indexes": [1, 2]},
+                 # 4..400 LM tokens per image
+                 "processor": {"min_pixels": 4 * 32 * 32, "max_pixels": 400 * 32 * 32}},
     # Idefics3: 64-px crops of 8-px patches (64 per crop), pixel shuffle ×2 → 16 LM tokens per crop; images up to
     # 128 px on their longest edge → at most 2 × 2 crops + the global view
     "idefics3": {"text": _TEXT,
                  "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                             "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
                  "scale_factor": 2, "crop": 64, "longest_edge": 128, "processor": {}},
+    # LLaVA-OneVision: 64-px crops of 8-px patches (64 tower tokens each), AnyRes pinpoints up to 128² → at most
+    # 2 × 2 crops + the base view (anyres_max_9 never scales them down at this size)
+    "llava_onevision": {"text": _TEXT,
+                        "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                                   "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
+                        "pinpoints": [[64, 64], [64, 128], [128, 64], [128, 128]], "processor": {}},
     "gemma3": {"text": {**_TEXT, "query_pre_attn_scalar": 64, "sliding_window": 128},
                "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                           "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
@@ -56,11 +69,20 @@ CONFIGS = {
                                       {"train": {"vision": False, "connector": True, "llm": True},
                                        "data": {"batch_size": 2, "max_len": 384},
                                        "trainer": {"grad_checkpointing": True}}),
+    "qwen3-lora-256x320-b2-s512": ("qwen3_vl", (256, 320), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "qwen3-sft-conn-384x384-b1-s640": ("qwen3_vl", (384, 384),
+                                       {"train": {"vision": False, "connector": True, "llm": True},
+                                        "data": {"batch_size": 1, "max_len": 640}}),
     "gemma-lora-b2-s256": ("gemma3", (224, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 256}}),
     "idefics3-lora-96x128-b2-s512": ("idefics3", (96, 128), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
     "idefics3-sft-conn-128x128-b2-s384": ("idefics3", (128, 128),
                                           {"train": {"vision": False, "connector": True, "llm": True},
                                            "data": {"batch_size": 2, "max_len": 384}}),
+    "onevision-lora-96x128-b2-s512": ("llava_onevision", (96, 128),
+                                      {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "onevision-sft-conn-128x128-b2-s512": ("llava_onevision", (128, 128),
+                                           {"train": {"vision": False, "connector": True, "llm": True},
+                                            "data": {"batch_size": 2, "max_len": 512}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -89,6 +111,11 @@ def write_checkpoint(family: str, out: Path) -> dict:
         cfg.scale_factor = spec["scale_factor"]
         ip.size, ip.max_image_size = {"longest_edge": spec["longest_edge"]}, {"longest_edge": spec["crop"]}
         proc_kwargs["image_seq_len"] = (spec["crop"] // spec["vision"]["patch_size"]) ** 2 // spec["scale_factor"] ** 2
+    if family == "llava_onevision":
+        cfg.image_grid_pinpoints = ip.image_grid_pinpoints = spec["pinpoints"]
+        crop = spec["vision"]["image_size"]
+        ip.size = {"height": crop, "width": crop}
+        proc_kwargs["num_image_tokens"] = (crop // spec["vision"]["patch_size"]) ** 2
     if family == "gemma3":
         cfg.mm_tokens_per_image = spec["mm_tokens_per_image"]
         ip.size = {"height": spec["vision"]["image_size"], "width": spec["vision"]["image_size"]}
@@ -116,7 +143,7 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
 
     h, w = image_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
-    placeholder = {"idefics3": "<image>", "gemma3": "<start_of_image>"}.get(
+    placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)

@@ -316,3 +316,31 @@ def test_training_starts_in_train_mode_although_from_pretrained_gives_eval_mode(
                                                "data": {"train": [{"path": "x"}]}}))
     VLMModule(bundle, stage).on_train_start()
     assert all(m.training for m in bundle.model.hf.modules())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoded_samples_equal_the_processors_own_apply_chat_template(root, family):
+    """Train/serve parity of the tokens and pixels: each record (one image, text only, two images) encodes to the
+    ids and pixel values that the family's processor makes when serving (`apply_chat_template` with the images in
+    the messages). Caught LLaVA-OneVision's two-image sample: flat images gave each image its AnyRes tiles (160
+    tokens) where serving gives one view per image (60 tokens)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    from vlmtrain.data.inspect import encoder_for
+
+    bundle = _bundle(root, family)
+    enc = encoder_for(bundle)
+    # SmolVLM's own apply_chat_template only adds video defaults (it reads the video processor, which needs
+    # torchvision); the base class's is the same for images
+    apply = ProcessorMixin.apply_chat_template if family == "smolvlm" else type(bundle.processor).apply_chat_template
+    for rec, ims in records():
+        ours = enc(rec, ims)
+        it = iter(ims)
+        messages = [{**m, "content": [{**p, "image": next(it)} if p.get("type") == "image" else p
+                                      for p in m["content"]]} for m in rec["messages"]]
+        served = apply(bundle.processor, messages, tokenize=True, return_dict=True, return_tensors="pt")
+        assert ours["input_ids"] == served["input_ids"][0].tolist(), rec["id"]
+        if ims:
+            assert torch.equal(ours["pixel_values"], served["pixel_values"]), rec["id"]
+        else:
+            assert ours["pixel_values"] is None and served.get("pixel_values") is None

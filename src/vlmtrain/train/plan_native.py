@@ -22,10 +22,22 @@ as for composed models, and only what differs per family lives here:
   connector (pixel shuffle + projection) gives `(crop / patch)² / scale²` LM tokens per crop, plus the processor's
   crop markers. Without `--image-size` a square image at the longest edge (the most crops).
 
-Not planned yet (refused with a message): Qwen3-VL (DeepStack mergers feed several tower layers into the LLM),
-LLaVA-OneVision/NeXT/LLaVA (AnyRes tiles,
-feature-layer selection), unlisted families, packed rows (built for training, not yet measured for the plan), and
-what `native_refusals` refuses for training.
+- LLaVA / LLaVA-NeXT / LLaVA-OneVision: a CLIP or SigLIP tower run once per AnyRes crop (transformers'
+  `image_size_to_num_patches`: the image's best grid pinpoint cut into tower-sized tiles + the base view; LLaVA-1.5
+  one crop), up to the feature layer (only that layer's hidden state is captured), a 2-layer GELU projector over
+  every crop's features, then the processor's own LM-token count (`_get_number_of_features`: unpadded grid + a
+  newline per row + the base view; OneVision scales the grid down past `anyres_max_N` tiles). OneVision gives each
+  image of a multi-image sample one crop and its base tokens + a newline, as its processor and model do. Without
+  `--image-size` the worse of the pinpoint with the most crops and the one with the most LM tokens.
+
+- Qwen3-VL: Qwen's dynamic resolution with 16-px patches (32-px LM tokens) and Qwen3-VL's published pixel budget
+  (65,536 … 16,777,216 px) unless the checkpoint says otherwise; LayerNorm + GELU blocks with full attention per
+  image; the merger plus one DeepStack merger per `deepstack_visual_indexes` layer, each over the tower's tokens
+  (their outputs are added to the first decoder layers' hidden states at the image positions, in place of a
+  tensor those layers save anyway); the text decoder's q/k RMSNorms.
+
+Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families, packed rows (built for training, not yet measured for the
+plan), and what `native_refusals` refuses for training.
 """
 
 from __future__ import annotations
@@ -37,10 +49,14 @@ from pathlib import Path
 from vlmtrain.errors import ConfigError
 from vlmtrain.train.plan import _ROLES, Geometry, StackGeo, _stack_geo, stacks_geometry
 
-PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
+LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
+PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES)
 
-# Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj) next to the usual ones.
-_NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o"}
+# Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual ones.
+_NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2"}
+# Qwen3-VL checkpoints' image budget (their preprocessor_config.json: size.shortest_edge / longest_edge, 256² … 4096²
+# px); transformers' class defaults are Qwen2-VL's.
+QWEN3_VL_PIXELS = (65536, 16777216)
 # Block Linears of both roles: llm.model.layers.N…, vision.model.blocks.N… (Qwen),
 # vision.model[.vision_model].encoder.layers.N… (SigLIP; the nesting differs between transformers versions).
 _BLOCK_RE = re.compile(r"^(vision|llm)\.model\.(?:[\w.]*?\.)?(?:layers|blocks)\.(\d+)\.(.+)$")
@@ -55,17 +71,22 @@ def native_geometry(model, stage, model_cfg, opts) -> Geometry:
 
     if model.model_type.startswith("qwen") and opts.image_size is None:
         vc = model.hf.config.vision_config
-        budget = qwen_pixel_budget(model_cfg)
+        budget = qwen_pixel_budget(model_cfg, model.model_type)
         unit = vc.patch_size * vc.spatial_merge_size
         sizes = {"smallest (min_pixels)": (unit, unit), "largest (max_pixels)": None}
         geos = [_geometry(model, stage, model_cfg, opts, qwen_patches(vc, budget, size), f"the {name} image "
                           "(the worse of the smallest and the largest; --image-size HxW plans a given size)")
                 for name, size in sizes.items()]
         return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
+    if model.model_type in ("llava_next", "llava_onevision") and opts.image_size is None:
+        geos = [_geometry(model, stage, model_cfg, opts, image_hw=hw, how=how)
+                for hw, how in anyres_worst_images(model, opts.images_per_sample)]
+        return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
     return _geometry(model, stage, model_cfg, opts)
 
 
-def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: str = "") -> Geometry:
+def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: str = "",
+              image_hw: tuple[int, int] | None = None) -> Geometry:
     from vlmtrain.train.native import native_refusals
 
     mt = model.model_type
@@ -85,12 +106,16 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         vis, image = _qwen(model, model_cfg, opts, layers["vision"][0], patches, how)
     elif mt in ("idefics3", "smolvlm"):
         vis, image = _idefics3(model, model_cfg, layers["vision"][0], opts.image_size, how)
+    elif mt in LLAVA_FAMILIES:
+        vis, image = _llava(model, layers["vision"][0], image_hw or opts.image_size, opts.images_per_sample, how)
     else:
         vis, image = _gemma3(model, opts, layers["vision"][0])
         llm.qk_norm = llm.post_norms = True
+    if mt == "qwen3_vl":
+        llm.qk_norm = True
     how = image.pop("how")
     geo = stacks_geometry(model, stage, llm, vis, layers, image, _BLOCK_RE, _NATIVE_ROLES)
-    geo.vision_keeps_hidden_states = False  # native towers return their last hidden state only
+    geo.vision_keeps_hidden_states = False  # native towers return their last (or selected) hidden state only
     geo.llm_mask_always = mt == "gemma3" and opts.images_per_sample > 0
     crops = f"{geo.crops_per_image} crops × {geo.vision_tokens}" if geo.crops_per_image > 1 else f"{geo.vision_tokens}"
     geo.notes = [f"{mt}: {opts.images_per_sample} image(s) per sample, {geo.image_tokens} LM tokens each "
@@ -121,13 +146,15 @@ def saved_image_processor(model_cfg) -> dict:
 
 # ---- Qwen2-VL / Qwen2.5-VL ------------------------------------------------------------------------------------------
 
-def qwen_pixel_budget(model_cfg) -> tuple[int, int]:
-    """(min_pixels, max_pixels) of the processor: transformers' defaults, then the checkpoint folder's saved image
-    processor (`saved_image_processor`), then the model config's `processor:`."""
+def qwen_pixel_budget(model_cfg, model_type: str = "qwen2_5_vl") -> tuple[int, int]:
+    """(min_pixels, max_pixels) of the processor: transformers' defaults (Qwen3-VL: its checkpoints' budget), then
+    the checkpoint folder's saved image processor (`saved_image_processor`), then the model config's `processor:`."""
     from transformers import Qwen2VLImageProcessorPil
 
     size = dict(Qwen2VLImageProcessorPil.size)
     budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+    if model_type == "qwen3_vl":
+        budget = dict(zip(("min_pixels", "max_pixels"), QWEN3_VL_PIXELS))
     for layer in (saved_image_processor(model_cfg), model_cfg.processor):
         s = layer.get("size") or {}
         budget["min_pixels"] = layer.get("min_pixels") or s.get("shortest_edge") or budget["min_pixels"]
@@ -154,20 +181,41 @@ def _qwen(model, model_cfg, opts, block, patches: int | None, how: str) -> tuple
     hidden = int(vc.embed_dim if v2 else vc.hidden_size)
     heads = int(vc.num_heads)
     names = [type(m).__name__.lower() for m in block.modules()]
+    roles = {_NATIVE_ROLES.get(n.rsplit(".", 1)[-1]) for n, _ in block.named_modules()}
     vis = StackGeo(hidden=hidden, intermediate=int(hidden * vc.mlp_ratio if v2 else vc.intermediate_size),
                    heads=heads, kv_heads=heads, head_dim=hidden // heads,
-                   norm="rms" if any("rms" in n for n in names) else "layer", gated=not v2,
+                   norm="rms" if any("rms" in n for n in names) else "layer", gated=bool(roles & {"gate", "gate_up"}),
                    act_saves=2 if str(vc.hidden_act) == "quick_gelu" else 1,
                    attn_impl=str(getattr(vc, "_attn_implementation", None) or "sdpa"), rotary=True)
     if patches is None:
-        patches = qwen_patches(vc, qwen_pixel_budget(model_cfg), opts.image_size)
+        patches = qwen_patches(vc, qwen_pixel_budget(model_cfg, model.model_type), opts.image_size)
         how = f"a {opts.image_size[0]}x{opts.image_size[1]} image through the processor's resize"
     merge = vc.spatial_merge_size**2
     image = dict(vision_used_layers=len(model.vision.model.blocks), vision_tokens=patches,
                  vision_feature_tokens=patches, image_size=0, image_tokens=patches // merge,
-                 connector_name=f"native:{model.model_type}", connector_module=model.connector.merger,
+                 connector_name=f"native:{model.model_type}", connector_module=_qwen_mergers(model),
                  pixel_elements=patches * vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, how=how)
     return vis, image
+
+
+def _qwen_mergers(model):
+    """The module the planner traces for the connector: the merger, and for Qwen3-VL also each DeepStack merger,
+    every one over the tower's tokens (the DeepStack ones read intermediate layers: same shape, same saved bytes)."""
+    from torch import nn
+
+    deepstack = getattr(model.connector, "deepstack_merger_list", None)
+    if deepstack is None:
+        return model.connector.merger
+
+    class AllMergers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mergers = nn.ModuleList([model.connector.merger, *deepstack])
+
+        def forward(self, x):  # x: [n_img, patches, d_vision] → one [n_img·patches/merge², d_lm] per merger
+            return [m(x) for m in self.mergers]
+
+    return AllMergers()
 
 
 # ---- Gemma 3 --------------------------------------------------------------------------------------------------------
@@ -230,4 +278,91 @@ def _idefics3(model, model_cfg, block, image_hw, how: str) -> tuple[StackGeo, di
                  image_size=crop, image_tokens=lm_tokens, crops_per_image=crops,
                  connector_name=f"native:{model.model_type}", connector_module=model.connector.projector,
                  how=how or f"a {image_hw[0]}x{image_hw[1]} image: {crops} crop(s) of {crop}² by the processor's rule")
+    return _stack_geo(vc, block, rotary=False), image
+
+
+# ---- LLaVA / LLaVA-NeXT / LLaVA-OneVision ---------------------------------------------------------------------------
+
+def _tower_prefix_tokens(model) -> int:
+    """Tokens the tower adds before its patches: CLIP's CLS (1), SigLIP none (0)."""
+    emb = next(m for m in model.vision.modules() if hasattr(m, "patch_embedding"))
+    return 1 if getattr(emb, "class_embedding", None) is not None else 0
+
+
+def llava_crops(model, image_hw: tuple[int, int], images_per_sample: int = 1) -> int:
+    """Tower passes for one image: transformers' own `image_size_to_num_patches` (best grid pinpoint in tower-sized
+    tiles + the base view); LLaVA-1.5 and each image of a multi-image OneVision sample: one."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.hf.config
+    if model.model_type == "llava" or (model.model_type == "llava_onevision" and images_per_sample > 1):
+        return 1
+    return image_size_to_num_patches(list(image_hw), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+
+def llava_image_tokens(model, image_hw: tuple[int, int], images_per_sample: int = 1) -> int:
+    """LM tokens of one image, by the processor's own rule (`LlavaNextProcessor` / `LlavaOnevisionProcessor`
+    `._get_number_of_features`). The rule reads only the grid pinpoints, the crop's patch grid and OneVision's
+    `anyres_max_N` cap, so it runs on a bare processor object holding those: the constructor wants a tokenizer,
+    which a `meta` preset does not have."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaNextProcessor, LlavaOnevisionProcessor
+
+    cfg = model.hf.config
+    vc = cfg.vision_config
+    side = vc.image_size // vc.patch_size
+    prefix = _tower_prefix_tokens(model)
+    drop_cls = 1 if cfg.vision_feature_select_strategy == "default" else 0
+    if model.model_type == "llava":
+        return side * side + prefix - drop_cls
+    if model.model_type == "llava_onevision":
+        if images_per_sample > 1:  # the processor's multi-image rule: the base view + the image_newline
+            return side * side + 1 - drop_cls
+        proc = object.__new__(LlavaOnevisionProcessor)
+        proc.num_image_tokens, proc.vision_aspect_ratio = side * side, cfg.vision_aspect_ratio
+    else:
+        proc = object.__new__(LlavaNextProcessor)
+        proc.patch_size, proc.num_additional_image_tokens = vc.patch_size, prefix
+    proc.image_processor = SimpleNamespace(image_grid_pinpoints=cfg.image_grid_pinpoints)
+    return proc._get_number_of_features(image_hw[0], image_hw[1], vc.image_size, vc.image_size) - drop_cls
+
+
+def anyres_worst_images(model, images_per_sample: int) -> list[tuple[tuple[int, int], str]]:
+    """Image sizes to plan when none is given: the grid pinpoint with the most crops (the tower's worst) and the one
+    with the most LM tokens (the LLM's worst), each with how the plan chose it."""
+    if model.model_type == "llava_onevision" and images_per_sample > 1:
+        side = int(model.hf.config.vision_config.image_size)
+        return [((side, side), "each image of a multi-image sample is one base view + image_newline (the "
+                               "processor's and the model's multi-image rule), whatever its size")]
+    pins = [tuple(int(v) for v in pin) for pin in model.hf.config.image_grid_pinpoints]
+    most_crops = max(pins, key=lambda hw: (llava_crops(model, hw, images_per_sample), hw[0] * hw[1]))
+    most_tokens = max(pins, key=lambda hw: (llava_image_tokens(model, hw, images_per_sample), hw[0] * hw[1]))
+    how = ("the worse of the grid pinpoint with the most crops ({}) and the one with the most LM tokens ({}); "
+           "--image-size HxW plans a given size").format(*("x".join(map(str, hw)) for hw in (most_crops, most_tokens)))
+    return [(hw, f"a {hw[0]}x{hw[1]} image, {how}") for hw in dict.fromkeys((most_crops, most_tokens))]
+
+
+def _llava(model, block, image_hw, images_per_sample: int, how: str) -> tuple[StackGeo, dict]:
+    """The tower's stack up to the feature layer, run once per crop; the 2-layer GELU projector (the planner's
+    `mlp2x_gelu` closed form) over every crop's selected features; the processor's LM-token count per image."""
+    cfg = model.hf.config
+    vc = cfg.vision_config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ConfigError(f"plan: {model.model_type} with a list-valued vision_feature_layer ({layer}) is not "
+                          "planned yet (its projector reads the concatenated layers)")
+    if image_hw is None:  # LLaVA-1.5: one fixed-size crop whatever the image
+        image_hw = (int(vc.image_size), int(vc.image_size))
+    patches = (vc.image_size // vc.patch_size) ** 2
+    prefix = _tower_prefix_tokens(model)
+    n_layers = int(vc.num_hidden_layers)
+    crops = llava_crops(model, image_hw, images_per_sample)
+    image = dict(vision_used_layers=layer if layer >= 0 else n_layers + 1 + layer, vision_tokens=patches + prefix,
+                 vision_feature_tokens=patches + prefix - (cfg.vision_feature_select_strategy == "default"),
+                 image_size=int(vc.image_size), image_tokens=llava_image_tokens(model, image_hw, images_per_sample),
+                 crops_per_image=crops, connector_name="mlp2x_gelu", connector_module=model.connector.projector,
+                 how=how or (f"a {image_hw[0]}x{image_hw[1]} image: {crops} crop(s) of {vc.image_size}² by "
+                             "transformers' AnyRes rule" if model.model_type != "llava"
+                             else f"fixed per image ({vc.image_size}² tower input)"))
     return _stack_geo(vc, block, rotary=False), image

@@ -64,7 +64,9 @@ FAMILIES: dict[str, Family] = {
                                "connector": {"projector": "model.multi_modal_projector",
                                              "image_newline": "model.image_newline"}, "llm": _LLM},
                               "llava_onevision",
-                              blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+                              # nested: a multi-image sample gets one crop per image (the processor's and the
+                              # model's `batch_num_images` rule), as apply_chat_template passes images when serving
+                              nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
 }
 
 SUPPORTED = tuple(FAMILIES)
