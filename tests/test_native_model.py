@@ -206,13 +206,11 @@ def test_native_stage_refuses_what_is_not_built_yet():
     assert not any(p.startswith("data.mode") for p in problems)  # packing is built (tests/test_native_pack.py)
     assert any(p.startswith("trainer.compile") for p in problems)
     assert not any(p.startswith("trainer.strategy") for p in problems)
-    fsdp = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
-                                              "data": {"train": [{"path": "x"}]}, "trainer": {"strategy": "fsdp"}}))
-    assert native_refusals(fsdp) == []  # sharded strategies: per family at build (tests/test_native_strategies.py)
-    for zero in ("deepspeed_zero2", "deepspeed_zero3"):
-        ds = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
-                                                "data": {"train": [{"path": "x"}]}, "trainer": {"strategy": zero}}))
-        assert [p.split(":")[0] for p in native_refusals(ds)] == ["trainer.strategy"]
+    # sharded strategies: per family at build (tests/test_native_strategies.py)
+    for strategy in ("fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        st = validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
+                                                "data": {"train": [{"path": "x"}]}, "trainer": {"strategy": strategy}}))
+        assert native_refusals(st) == [], strategy
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
@@ -344,3 +342,26 @@ def test_encoded_samples_equal_the_processors_own_apply_chat_template(root, fami
             assert torch.equal(ours["pixel_values"], served["pixel_values"]), rec["id"]
         else:
             assert ours["pixel_values"] is None and served.get("pixel_values") is None
+
+
+def test_a_checkpoint_with_another_chat_template_is_warned_about(root, tmp_path, caplog):
+    """vlmtrain trains and exports with the family's official template; a checkpoint folder that ships another one
+    (a fine-tune's own) gets one warning naming both hashes and the `chat_template:` way out. The official
+    one: no warning."""
+    import logging
+    import shutil
+
+    from vlmtrain.model import build_model
+
+    own = tmp_path / "own"
+    shutil.copytree(checkpoint(root, "qwen2_5_vl"), own)
+    with caplog.at_level(logging.WARNING, logger="vlmtrain"):
+        build_model(model_config(own))
+    assert not [r for r in caplog.records if "chat template" in r.getMessage()]
+    (own / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                                             "{% endfor %}")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlmtrain"):
+        build_model(model_config(own))
+    [warning] = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
+    assert "is not the official qwen2_5_vl template" in warning and "set `chat_template:`" in warning

@@ -1,9 +1,9 @@
 """What a stage may ask of a native transformers VLM today, refused up front with one line per reason.
 
 Each refusal names a feature built for the composed kind that the native kind does not have yet; the scale-out
-work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`; FSDP2: built
-for the families with a blank image; DP-SGD: built, `vlmtrain.privacy.dp_native`, which refuses what it cannot
-privatise; DeepSpeed ZeRO-2/3 and compile: not yet).
+work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`; FSDP2 and
+DeepSpeed ZeRO-2/3: built for the families with a blank image; DP-SGD: built, `vlmtrain.privacy.dp_native`, which
+refuses what it cannot privatise; compile: not yet).
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ def native_refusals(stage) -> list[str]:
     problems = []
     if d.anyres_pinpoints:
         problems.append("data.anyres_pinpoints: native families tile images with their own processor; remove it")
-    if tr.strategy.startswith("deepspeed"):
-        # Seen 2026-11-30 on 2-rank Qwen2.5-VL runs with a text-only rank: ZeRO-3 aborts (it gathers parameters module
-        # by module in call order; transformers embeds the tokens before the tower on an image rank, the blank image
-        # runs before the whole transformers call on a text-only rank), and ZeRO-2 runs but drifts from one process
-        # from step 2 (loss Δ 2e-3, weights Δ 1e-2; not yet explained)
-        problems.append(f"trainer.strategy: {tr.strategy} is not available for native families yet (use fsdp or ddp)")
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
     return problems
@@ -33,7 +27,7 @@ def check_native_stage(stage, bundle) -> None:
     problems = native_refusals(stage) + native_dp_refusals(stage, bundle.model)
     strategy = stage.trainer.strategy
     # sharded ranks must all run the tower every step: a text-only batch runs a blank image (NativeVLM)
-    if strategy == "fsdp" and bundle.model.blank_image_inputs() is None:
+    if (strategy == "fsdp" or strategy.startswith("deepspeed")) and bundle.model.blank_image_inputs() is None:
         problems.append(f"trainer.strategy: {strategy} is not available for {bundle.model.model_type} yet "
                         "(no blank image defined for it; the Qwen-VL families and gemma3 have one; "
                         "others: single or ddp)")

@@ -75,12 +75,34 @@ def training_template(cfg: NativeModelConfig, model_type: str, family_template: 
     if family_template:
         from vlmtrain.model.native_templates import training_template as marked
 
+        _warn_if_checkpoint_template_differs(model_type, family_template, processor)
         return marked(family_template)
     own = getattr(processor, "chat_template", None) if processor is not None else None
     if isinstance(own, str) and GENERATION_TAG.search(own):
         return own
     raise ConfigError(f"chat_template: {model_type!r} has no generation-marked template in vlmtrain; set "
                       "`chat_template` to the family's template with {% generation %} marks around assistant text")
+
+
+def _warn_if_checkpoint_template_differs(model_type: str, family_template: str, processor) -> None:
+    """Labels come from vlmtrain's marked copy of the family's official template, and export writes the official
+    one. A checkpoint that ships another template (a fine-tune's own, or Idefics3-8B under SmolVLM's family
+    template) would then be trained and exported with a template it was not served with: say so, once, naming
+    the way to keep the checkpoint's own."""
+    import hashlib
+
+    from vlmtrain.model.native_templates import official_template
+
+    own = getattr(processor, "chat_template", None) if processor is not None else None
+    official = official_template(family_template)
+    if isinstance(own, str) and own.strip() != official.strip():
+        def digest(t: str) -> str:
+            return hashlib.sha256(t.encode()).hexdigest()[:12]
+
+        log.warning(f"{model_type}: the checkpoint's chat template (sha256 {digest(own)}…) is not the official "
+                    f"{family_template} template vlmtrain trains and exports with (sha256 {digest(official)}…); "
+                    "to train with the checkpoint's own, set `chat_template:` in the model config to it with "
+                    "{% generation %} … {% endgeneration %} around assistant text")
 
 
 def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", load_weights: bool = True):

@@ -159,16 +159,24 @@ class NativeVLM(nn.Module):
         if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
             position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
                                                        kw.get("image_grid_thw"))
-        blank = None
+        blank: list[torch.Tensor] = []
+        hook = None
         if (pixel_values is None and self.always_encode_images and torch.is_grad_enabled()
                 and self.blank_image_inputs() is not None):
-            # before the LM, as on a rank with images: sharded ranks gather the tower's blocks in the same order
-            blank = self.blank_image_features()
-        out = self.hf.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                            position_ids=position_ids, use_cache=False, **kw)
+            # Right after the token embedding, where transformers runs the tower on a rank with images: sharded
+            # ranks then touch the embedding, tower, connector and decoder blocks in the same order (ZeRO-3 gathers
+            # each module's parameters when it is called; a mismatch between ranks aborts the collective).
+            hook = self.llm.get_input_embeddings().register_forward_hook(
+                lambda *_: blank.append(self.blank_image_features(input_ids.device)))
+        try:
+            out = self.hf.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                position_ids=position_ids, use_cache=False, **kw)
+        finally:
+            if hook is not None:
+                hook.remove()
         hidden = out.last_hidden_state
-        if blank is not None:
-            hidden = hidden + 0.0 * blank
+        if blank:
+            hidden = hidden + 0.0 * blank[0]
         if logits_mask is None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -190,10 +198,10 @@ class NativeVLM(nn.Module):
             return {"pixel_values": torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size)}
         return None  # not defined (yet) for this family: sharded strategies are refused for it
 
-    def blank_image_features(self) -> torch.Tensor:
+    def blank_image_features(self, device: torch.device) -> torch.Tensor:
         """Scalar sum of every tensor the tower + connector give for a blank image (`blank_image_inputs`); times 0
-        it touches each of their parameters without changing the result."""
-        device = self.llm.get_input_embeddings().weight.device
+        it touches each of their parameters without changing the result. `device` is the batch's: reading it off
+        a weight (`module.weight`) would make ZeRO-3 gather that weight on this rank alone."""
         inputs = {k: v.to(device) for k, v in self.blank_image_inputs().items()}
         out = self.hf.model.get_image_features(**inputs, return_dict=True)
         total = torch.zeros((), device=device)
