@@ -10,6 +10,7 @@ what is tested is everything between the sites' arrays and the coordinator's che
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,14 +210,21 @@ def test_a_site_outside_the_clipping_range_is_refused_and_the_others_are_aggrega
         assert np.abs(state["arrays"][n] - a).max() <= 1e-5
 
 
-def test_secure_aggregation_recipe_validation(tmp_path):
-    import re
+@pytest.mark.parametrize("change, message", [
+    ({}, None),
+    ({"strategy": "fedadam"}, "SecAgg+ runs FedAvg only"),
+    ({"site_dp": {"target_epsilon": 8, "clipping_norm": 0.1, "force": True}}, "SecAgg+ runs FedAvg only"),
+    ({"sites": {"a": {"CT": 0.5}, "b": {"CT": 0.5}}}, "SecAgg+ needs at least 3 sites (2 given)"),
+])
+def test_secure_aggregation_config_validation(change, message):
+    from pydantic import ValidationError
 
-    from vlmtrain.errors import ConfigError
-    from vlmtrain.fed.run import load_federated
+    from vlmtrain.fed.config import FederatedConfig
 
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "medical-federated.yaml"
-    fed, _, _ = load_federated(recipe, tmp_path, ["federated.secure_aggregation=true"])
-    assert fed.secure_aggregation
-    with pytest.raises(ConfigError, match=re.escape("federated.secure_aggregation: ")):
-        load_federated(recipe, tmp_path, ["federated.secure_aggregation=true", "federated.strategy=fedadam"])
+    fed = {"stage": "dp-sft", "rounds": 2, "local_steps": 2, "epsilon_budget": 8.0, "secure_aggregation": True,
+           "sites": {"a": {"CT": 0.3}, "b": {"CT": 0.3}, "c": {"CT": 0.4}}, **change}
+    if message is None:
+        assert FederatedConfig.model_validate(fed).secure_aggregation
+    else:
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            FederatedConfig.model_validate(fed)

@@ -265,7 +265,11 @@ def fit_reply(msg, names: list[str], arrays: dict[str, np.ndarray], metrics: dic
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters([arrays[n] for n in names]),
+    # float64: secaggplus_mod scales and quantises in the arrays' own dtype, and in float32 the ~2**29-level grid
+    # loses ~64 levels to rounding (6.8e-6 off the weighted mean at 41,088 parameters, measured); the values are
+    # the site's float32 arrays exactly, and nothing of them leaves the site unmasked
+    values = [np.asarray(arrays[n], dtype=np.float64) for n in names]
+    res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(values),
                  num_examples=int(metrics["num-examples"]), metrics={**metrics, **info})
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 
