@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -246,11 +245,10 @@ def secagg_summary(plan: dict, state: dict) -> dict:
 
 def parse_fit(msg) -> tuple[dict[str, np.ndarray], dict]:
     """A legacy fit message at the site → (global arrays by name, fit config)."""
+    from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    from flwr.common import parameters_to_ndarrays
-
     names = json.loads(str(fitins.config["array-names"]))
     values = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(values):
@@ -313,8 +311,3 @@ def secagg_mod(msg, context, call_next):
         return secaggplus_mod(msg, context, train_or_raise)
     except SiteRefused as e:
         return e.reply
-
-
-def load_initial(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {n: z[n] for n in z.files}
