@@ -47,7 +47,9 @@ class InProcessGrid:
         from vlmtrain.fed.client_app import app
 
         def over_the_wire(m):  # serialised and parsed as the SuperLink relays it (no object shared by reference)
-            return message_from_proto(message_to_proto(m))
+            out = message_from_proto(message_to_proto(m))
+            out.metadata.__dict__["_message_id"] = out.object_id  # the id the SuperLink gives it
+            return out
 
         replies = []
         for m in messages:
@@ -112,9 +114,13 @@ def _weighted_mean(replies):
 
 
 def test_secagg_round_equals_fedavg_of_the_sites_replies_and_the_coordinator_never_sees_them(tmp_path, identity,
-                                                                                            sites):
+                                                                                            sites, monkeypatch):
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from vlmtrain.fed.client_app import WIRE_LOG_ENV
     from vlmtrain.fed.secagg import run_rounds_secagg, secagg_summary
 
+    monkeypatch.setenv(WIRE_LOG_ENV, str(tmp_path / "wire"))  # every reply as it leaves a site's ClientApp
     grid = InProcessGrid(tmp_path)
     plan = _plan(tmp_path)
     state = run_rounds_secagg(grid, plan, _initial())
@@ -130,9 +136,15 @@ def test_secagg_round_equals_fedavg_of_the_sites_replies_and_the_coordinator_nev
     for reply in grid.received:
         assert not reply.has_error()
         assert all(len(rec) == 0 for rec in reply.content.array_records.values())
-    masked = [r for r in grid.received if any("masked" in k for rec in r.content.config_records.values()
-                                              for k in rec)]
+    masked = [r for r in grid.received if Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]]
     assert len(masked) == 2 * 3
+    logs = [json.loads(p.read_text()) for p in (tmp_path / "wire").glob("*.json")]
+    assert len(logs) == 2 * 4 * 3  # rounds × SecAgg+ exchanges × sites
+    for log in logs:
+        assert all(rec["items"] == {} for rec in log.values() if rec["type"] == "ArrayRecord")
+    vectors = [log[RECORD_KEY_CONFIGS]["items"][Key.MASKED_PARAMETERS] for log in logs
+               if Key.MASKED_PARAMETERS in log.get(RECORD_KEY_CONFIGS, {}).get("items", {})]
+    assert len(vectors) == 2 * 3 and all(set(v[0]) == {"bytes", "sha256"} for v in vectors)
     summary = secagg_summary(plan, state)
     fed = summary["federated"]
     assert fed["secure_aggregation"] is True and fed["rounds_aggregated"] == 2

@@ -44,13 +44,24 @@ def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
                                                          "sha256": hashlib.sha256(a.data).hexdigest()}
                                                      for n, a in rec.items()}}
             else:
-                dump[key] = {"type": kind, "items": {n: v if isinstance(v, (int, float, str, bool)) else repr(v)
-                                                     for n, v in rec.items()}}
+                dump[key] = {"type": kind, "items": {n: wire_value(v) for n, v in rec.items()}}
         site = str(context.node_config.get("site-name", context.node_id))
         path = Path(out) / f"{site}-{reply.metadata.reply_to_message_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dump))
     return reply
+
+
+def wire_value(v):
+    """A config/metric value as the wire log records it: scalars as they are; byte strings (SecAgg+'s keys, shares
+    and masked vectors) as their length and sha256, not their content."""
+    import hashlib
+
+    if isinstance(v, bytes):
+        return {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()}
+    if isinstance(v, list):
+        return [wire_value(x) for x in v]
+    return v if isinstance(v, (int, float, str, bool)) else repr(v)
 
 
 # secagg_mod: Flower's `secaggplus_mod` on SecAgg+ messages only (`fed.secagg`); inside wire_log_mod, so the wire
