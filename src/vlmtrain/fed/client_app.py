@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.fed.arrays import from_record, to_record
+from vlmtrain.fed.secagg import is_secagg, secagg_mod
 
 REFUSED = 601  # Flower error code for a round a site refuses (budget, gate)
 WIRE_LOG_ENV = "VLMTRAIN_FED_WIRE_LOG"
@@ -43,8 +44,7 @@ def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
                                                          "sha256": hashlib.sha256(a.data).hexdigest()}
                                                      for n, a in rec.items()}}
             else:
-                dump[key] = {"type": kind, "items": {n: v if isinstance(v, (int, float, str, bool)) else repr(v)
-                                                     for n, v in rec.items()}}
+                dump[key] = {"type": kind, "items": {n: wire_value(v) for n, v in rec.items()}}
         site = str(context.node_config.get("site-name", context.node_id))
         path = Path(out) / f"{site}-{reply.metadata.reply_to_message_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,26 +52,64 @@ def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[wire_log_mod])
+def wire_value(v):
+    """A config/metric value as the wire log records it: scalars as they are; byte strings (SecAgg+'s keys, shares
+    and masked vectors) as their length and sha256, not their content."""
+    import hashlib
+
+    if isinstance(v, bytes):
+        return {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()}
+    if isinstance(v, list):
+        return [wire_value(x) for x in v]
+    return v if isinstance(v, (int, float, str, bool)) else repr(v)
+
+
+# secagg_mod: Flower's `secaggplus_mod` on SecAgg+ messages only (`fed.secagg`); inside wire_log_mod, so the wire
+# log records what leaves the site (masked vectors, not arrays)
+app = ClientApp(mods=[wire_log_mod, secagg_mod])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from vlmtrain.fed.site import RoundRequest, Site
+    from vlmtrain.fed.site import Site
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = msg.content["config"]
     site = Site(str(context.node_config["site-dir"]), str(context.node_config["base-model"]),
                 name=str(context.node_config.get("site-name", "")) or None)
-    req = RoundRequest(run=str(cfg["run"]), round=int(cfg["server-round"]), local_steps=int(cfg["local-steps"]),
-                       total_steps=int(cfg["total-steps"]), stage=json.loads(str(cfg["stage"])),
-                       epsilon_budget=float(cfg["epsilon-budget"]), seed=int(cfg["seed"]),
-                       proximal_mu=float(cfg.get("proximal-mu", 0.0)))  # FedProx's strategy sends it
+    if is_secagg(msg):
+        return train_secagg(msg, context, site)
+    cfg = msg.content["config"]
     try:
-        arrays, metrics, info = site.train_round(req, from_record(msg.content["arrays"]))
+        arrays, metrics, info = site.train_round(round_request(cfg), from_record(msg.content["arrays"]))
     except VlmtrainError as e:
         # the reason is the library's own message (budget numbers, a missing file of this site); no record data
         return Message(Error(code=REFUSED, reason=f"site {site.name}: {e}"), reply_to=msg)
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
                           "site": ConfigRecord({"site": site.name, **info})})
     return Message(content=content, reply_to=msg)
+
+
+def round_request(cfg):
+    from vlmtrain.fed.site import RoundRequest
+
+    return RoundRequest(run=str(cfg["run"]), round=int(cfg["server-round"]), local_steps=int(cfg["local-steps"]),
+                       total_steps=int(cfg["total-steps"]), stage=json.loads(str(cfg["stage"])),
+                       epsilon_budget=float(cfg["epsilon-budget"]), seed=int(cfg["seed"]),
+                       proximal_mu=float(cfg.get("proximal-mu", 0.0)))  # FedProx's strategy sends it
+
+
+def train_secagg(msg: Message, context: Context, site) -> Message:
+    """SecAgg+'s masked-vector stage: the same `Site.train_round`, replied as the legacy FitRes that
+    `secaggplus_mod` quantises, masks and sends instead of the arrays. Refused (an error reply) when the arrays or
+    the weight are outside what the secure sum can carry (`fed.secagg.check_secagg_bounds`)."""
+    from vlmtrain.fed.secagg import check_secagg_bounds, fit_reply, parse_fit, secagg_state
+
+    try:
+        global_arrays, cfg = parse_fit(msg)
+        arrays, metrics, info = site.train_round(round_request(cfg), global_arrays)
+        sa = secagg_state(context)
+        check_secagg_bounds(arrays, metrics["num-examples"], float(sa["clipping_range"]), float(sa["max_weight"]),
+                            site.name)
+    except VlmtrainError as e:
+        return Message(Error(code=REFUSED, reason=f"site {site.name}: {e}"), reply_to=msg)
+    return fit_reply(msg, list(global_arrays), arrays, metrics, {"site": site.name, **info})

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+MIN_SITES_FOR_SECAGG = 3  # with 2 sites the sum and one's own arrays give the other's
 MIN_SITES_FOR_SITE_DP = 10  # below this, site-level DP's noise on the mean (σ·C/sites) swamps the update
 
 
@@ -49,6 +50,9 @@ class FederatedConfig(BaseModel):
     server_tau: float = Field(1e-3, gt=0, description="fedadam: adaptivity τ (added to √v)")
     site_dp: SiteDPConfig | None = Field(None, description="optional site-level central DP, reported apart from "
                                                           "the patient-level ε (never added to it)")
+    secure_aggregation: bool = Field(
+        False, description="Flower's SecAgg+: the coordinator sees only the weighted sum of the sites' arrays "
+                           "(FedAvg only; needs at least 3 sites)")
     patients_disjoint: bool = Field(True, description="no patient at two sites: global ε = max over sites "
                                                       "(false: the conservative sum)")
     seed: int = 0
@@ -83,6 +87,20 @@ class FederatedConfig(BaseModel):
         if v is not None and info.data.get("strategy") == "fedadam":
             raise ValueError("site-level DP noises the weighted mean; FedAdam's server step on the un-noised mean "
                              "has no calibrated sensitivity (use fedavg or fedprox)")
+        return v
+
+    @field_validator("secure_aggregation")
+    @classmethod
+    def _secagg(cls, v, info):
+        if not v:
+            return v
+        n = len(info.data.get("sites") or {})
+        if n < MIN_SITES_FOR_SECAGG:
+            raise ValueError(f"SecAgg+ needs at least {MIN_SITES_FOR_SECAGG} sites ({n} given): with 2, each site "
+                             "learns the other's arrays from the sum")
+        if info.data.get("strategy") != "fedavg" or info.data.get("site_dp") is not None:
+            raise ValueError("SecAgg+ runs FedAvg only: FedProx, FedAdam and site-level DP are not built on "
+                             "Flower's SecAgg+ path")
         return v
 
     def strategy_options(self) -> dict:

@@ -36,6 +36,8 @@ log = logging.getLogger("vlmtrain.fed")
 
 def plan_hash(plan: dict) -> str:
     keep = {k: plan.get(k) for k in ("run", "rounds", "local_steps", "stage", "seed", "epsilon_budget", "strategy")}
+    if plan.get("secure_aggregation"):  # only when on: plans written before the field keep their hash
+        keep["secure_aggregation"] = True
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

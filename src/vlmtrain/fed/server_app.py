@@ -1,6 +1,7 @@
 """The coordinator's Flower ServerApp: reads the federation plan named by the run config `plan`, runs the rounds
 (`fed.coordinator.run_rounds`), writes `COORD/summary.json` and `COORD/final.npz`. It never loads the base model:
-the plan's `initial_arrays` are the trainable tensors only."""
+the plan's `initial_arrays` are the trainable tensors only. With the plan's `secure_aggregation`, the rounds run
+Flower's SecAgg+ workflow (`fed.secagg.run_rounds_secagg`) instead."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from vlmtrain.fed.coordinator import federation_summary, run_rounds
+    from vlmtrain.fed.secagg import run_rounds_secagg, secagg_summary
     from vlmtrain.fed.ledger import write_json_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -25,9 +27,10 @@ def main(grid: Grid, context: Context) -> None:
     coord = Path(plan["coordinator_dir"])
     with np.load(plan["initial_arrays"]) as z:
         initial = {n: z[n] for n in z.files}
-    state = run_rounds(grid, plan, initial)
+    secure = plan.get("secure_aggregation", False)
+    state = (run_rounds_secagg if secure else run_rounds)(grid, plan, initial)
     if not state["stopped"]:
         tmp = coord / "final.tmp.npz"
         np.savez(tmp, **state["arrays"])
         tmp.replace(coord / "final.npz")
-    write_json_atomic(coord / "summary.json", federation_summary(plan, state))
+    write_json_atomic(coord / "summary.json", (secagg_summary if secure else federation_summary)(plan, state))
