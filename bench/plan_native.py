@@ -65,6 +65,10 @@ CONFIGS = {
     "qwen-lora-224x224-b2-s512": ("qwen2_5_vl", (224, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
     "qwen-lora-448x336-b2-s512": ("qwen2_5_vl", (448, 336), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
     "qwen-lora-560x560-b1-s640": ("qwen2_5_vl", (560, 560), {**LORA_LLM, "data": {"batch_size": 1, "max_len": 640}}),
+    # packed: 4 samples of 256 tokens per 1,024-token row, one 224² image each (64 image tokens)
+    "qwen-lora-pack4-224x224-b1-s1024": ("qwen2_5_vl", (224, 224),
+                                         {**LORA_LLM, "data": {"batch_size": 1, "max_len": 256, "mode": "pack",
+                                                               "pack_len": 1024}}),
     "qwen-sft-ckpt-336x336-b2-s384": ("qwen2_5_vl", (336, 336),
                                       {"train": {"vision": False, "connector": True, "llm": True},
                                        "data": {"batch_size": 2, "max_len": 384},
@@ -135,6 +139,36 @@ def stage_of(model: dict, fields: dict):
     return build_stage(model, fields)
 
 
+def samples_per_row(stage) -> int:
+    """Samples packed into one row: pack_len // max_len when packing, else 1."""
+    d = stage.data
+    return (d.pack_len or d.max_len) // d.max_len if d.mode == "pack" else 1
+
+
+def make_stage_batch(proc, family: str, image_size: tuple[int, int], stage) -> dict:
+    d = stage.data
+    if d.mode == "pack":
+        return make_packed_batch(proc, family, image_size, d.batch_size, d.max_len, samples_per_row(stage))
+    return make_native_batch(proc, family, image_size, d.batch_size, d.max_len)
+
+
+def make_packed_batch(proc, family: str, image_size: tuple[int, int], rows: int, seq: int, per_row: int) -> dict:
+    """`rows` packed rows of `per_row` samples, each sample built as `make_native_batch` builds a row (one image,
+    text to `seq` tokens, half supervised), collated by vlmtrain's own packing collator (`collate_packed`:
+    restarting position ids, no attention mask, per-image and per-token family tensors)."""
+    from vlmtrain.data.batching import collate_packed
+
+    one = make_native_batch(proc, family, image_size, 1, seq)
+    sample = {"input_ids": one["input_ids"][0].tolist(), "labels": one["labels"][0].tolist(),
+              "pixel_values": one["pixel_values"],
+              "image_extras": {k: one[k] for k in one["model_extras"] if k not in ("token_type_ids", "mm_token_type_ids")},
+              "token_extras": {k: one[k][0].tolist() for k in one["model_extras"]
+                               if k in ("token_type_ids", "mm_token_type_ids")}}
+    batch = collate_packed([[sample] * per_row for _ in range(rows)], pad_token_id=0)
+    batch["model_extras"] = tuple(batch.get("model_extras", ()))
+    return batch
+
+
 def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int, seq: int) -> dict:
     """One image per row through the family's processor, then text to `seq` tokens (see the module doc)."""
     import numpy as np
@@ -176,6 +210,7 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
 
 
 def n_image_tokens(batch: dict, image_token_id: int) -> int:
+    """Image tokens in row 0 (all of its packed samples')."""
     return int((batch["input_ids"][0] == image_token_id).sum())
 
 
@@ -191,8 +226,10 @@ def planned(model: dict, family: str, image_size, fields: dict, frac: float) -> 
 
     mcfg = NativeModelConfig.model_validate(model)
     meta = build_model(mcfg, device="meta").model
-    pl = plan_stage(stage_of(model, fields), mcfg, 1 << 50,
-                    PlanOptions(device="cpu", supervised_fraction=frac, image_size=tuple(image_size)), model=meta)
+    stage = stage_of(model, fields)
+    opts = PlanOptions(device="cpu", supervised_fraction=frac, image_size=tuple(image_size),
+                       images_per_sample=samples_per_row(stage))  # packed: the row's images, one per sample
+    pl = plan_stage(stage, mcfg, 1 << 50, opts, model=meta)
     return {"peak": pl.peak, "parts": pl.parts, "phase": pl.phase}
 
 
@@ -230,7 +267,7 @@ def prepare(model: dict, family: str, image_size, fields: dict):
         m.enable_gradient_checkpointing()
     module = VLMModule(bundle, stage)
     opt = build_optimizer(m, stage.optim)
-    batch = make_native_batch(bundle.processor, family, image_size, stage.data.batch_size, stage.data.max_len)
+    batch = make_stage_batch(bundle.processor, family, image_size, stage)
 
     def step():
         module.accumulate_lm([batch])
@@ -276,7 +313,7 @@ def rows(only: list[str] | None = None) -> list[dict]:
             model = models[family]
             bundle = build_model(NativeModelConfig.model_validate(model))
             stage = stage_of(model, fields)
-            b = make_native_batch(bundle.processor, family, image_size, stage.data.batch_size, stage.data.max_len)
+            b = make_stage_batch(bundle.processor, family, image_size, stage)
             n_img = n_image_tokens(b, bundle.model.image_token_id)
             frac = supervised_fraction(b, n_img)
             plan = planned(model, family, image_size, fields, frac)

@@ -35,9 +35,11 @@ as for composed models, and only what differs per family lives here:
   image; the merger plus one DeepStack merger per `deepstack_visual_indexes` layer, each over the tower's tokens
   (their outputs are added to the first decoder layers' hidden states at the image positions, in place of a
   tensor those layers save anyway); the text decoder's q/k RMSNorms.
+- Packed rows (Qwen-VL families): `pack_len` tokens per row holding `--images-per-sample` images in all (the images
+  of every sample packed into the row), transformers' block-diagonal mask from the restarting positions.
 
-Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families, packed rows (built for training, not yet measured for the
-plan), and what `native_refusals` refuses for training.
+Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families, packed rows of the
+other families, and what `native_refusals` refuses for training.
 """
 
 from __future__ import annotations
@@ -94,9 +96,12 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         raise ConfigError(f"plan: native family {mt!r} is not planned yet (planned: {', '.join(PLANNED_FAMILIES)}); "
                           "`vlmtrain describe` gives its parameters per role")
     problems = native_refusals(stage)
-    if stage.data.mode == "pack":  # packed native rows (per-sample mRoPE, own masks) have no measured plan yet
-        problems.append("data.mode: pack is not planned for native families yet (plan the padded stage: "
-                        "data.mode=plain)")
+    if stage.data.mode == "pack" and not mt.startswith("qwen"):
+        # Qwen-VL packed rows are transformers' own (restarting positions → its block-diagonal mask; per-sample mRoPE
+        # ids, [4, b, s] integers); Gemma 3 builds its own masks per layer kind and the other families' packed rows
+        # have no measured plan yet
+        problems.append(f"data.mode: pack is planned for the Qwen-VL families only, not {mt} yet (plan the padded "
+                        "stage: data.mode=plain)")
     if problems:
         raise ConfigError("plan: " + "; ".join(problems))
     layers = {"llm": model.llm.model.layers, "vision": _block_list(model.vision)}
