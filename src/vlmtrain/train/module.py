@@ -105,6 +105,14 @@ class VLMModule(pl.LightningModule):
 
         tr = self.stage.trainer
         self.model.always_encode_images = is_data_parallel(tr.strategy)
+        if tr.strategy == "deepspeed_zero3" and hasattr(self.model, "bare_parameters"):
+            # ZeRO-3 gathers a partitioned parameter when the module holding it is called; a native family's bare
+            # parameter that transformers reads directly (LLaVA-NeXT/OneVision's image_newline) is gathered for the
+            # whole NativeVLM.forward instead (DeepSpeed's own API for parameters used outside their module)
+            import deepspeed
+
+            for param in self.model.bare_parameters():
+                deepspeed.zero.register_external_parameter(self.model, param)
         if tr.vision_feature_cache_mb and self.model.vision_cache is None:
             from vlmtrain.model.vlm import FeatureCache
 

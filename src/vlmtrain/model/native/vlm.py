@@ -185,27 +185,47 @@ class NativeVLM(nn.Module):
             return self.head(hidden[logits_mask])
         return self.head(hidden[logits_mask[:, 0], logits_mask[:, 1]])
 
+    def bare_parameters(self) -> list[nn.Parameter]:
+        """Parameters a role holds directly, not inside a module (LLaVA-NeXT/OneVision's `image_newline`): the
+        transformers forward reads them without calling a module."""
+        return [p for role in (self.vision, self.connector, self.llm) for p in role.parameters(recurse=False)]
+
     def blank_image_inputs(self) -> dict | None:
-        """Inputs of `hf.model.get_image_features` for one all-zero image of the smallest size the family takes:
-        Qwen-style towers `pixel_values [m², c·t·p²]` + `image_grid_thw [[1, m, m]]` (one merged token), fixed-size
-        towers (Gemma 3's SigLIP) `pixel_values [1, c, size, size]`."""
+        """Inputs of `hf.model.get_image_features` for one blank image of the smallest size the family takes:
+        Qwen-style towers `pixel_values [m², c·t·p²]` + `image_grid_thw [[1, m, m]]` (one merged token); fixed-size
+        towers (Gemma 3's SigLIP, LLaVA-1.5's CLIP) `pixel_values [1, c, size, size]`; Idefics3/SmolVLM one crop
+        `[1, 1, c, size, size]` + its pixel mask, filled with 0.5 (an all-zero crop is dropped as padding);
+        LLaVA-NeXT/OneVision a tower-sized image as AnyRes tiles it (`[1, crops, c, size, size]` + `image_sizes`,
+        so the base view, the tiles and `image_newline` all take part)."""
         vc = self.hf.config.vision_config
         if hasattr(vc, "temporal_patch_size"):
             m, p, t = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
             return {"pixel_values": torch.zeros(m * m, vc.in_channels * t * p * p),
                     "image_grid_thw": torch.tensor([[1, m, m]])}
-        if self.model_type == "gemma3":
-            return {"pixel_values": torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size)}
-        return None  # not defined (yet) for this family: sharded strategies are refused for it
+        size, channels = int(getattr(vc, "image_size", 0)), int(getattr(vc, "num_channels", 3))
+        if self.model_type in ("gemma3", "llava"):
+            return {"pixel_values": torch.zeros(1, channels, size, size)}
+        if self.model_type in ("idefics3", "smolvlm"):
+            return {"pixel_values": torch.full((1, 1, channels, size, size), 0.5),
+                    "pixel_attention_mask": torch.ones(1, 1, size, size, dtype=torch.bool)}
+        if self.model_type in ("llava_next", "llava_onevision"):
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            crops = image_size_to_num_patches([size, size], self.hf.config.image_grid_pinpoints, size)
+            return {"pixel_values": torch.zeros(1, crops, channels, size, size),
+                    "image_sizes": torch.tensor([[size, size]])}
+        return None  # not defined for this family (the generic map): sharded strategies are refused for it
 
     def blank_image_features(self, device: torch.device) -> torch.Tensor:
-        """Scalar sum of every tensor the tower + connector give for a blank image (`blank_image_inputs`); times 0
-        it touches each of their parameters without changing the result. `device` is the batch's: reading it off
-        a weight (`module.weight`) would make ZeRO-3 gather that weight on this rank alone."""
+        """Scalar sum of what the tower + connector hand the LM for a blank image (`blank_image_inputs`): the image
+        features (`pooler_output`) and Qwen3-VL's DeepStack features — exactly the tensors a real image feeds the LM,
+        so times 0 it gives the parameters a real image gives a gradient (zero) and no others (the tower's last
+        hidden state would also reach LLaVA's unused top layer). `device` is the batch's: reading it off a weight
+        (`module.weight`) would make ZeRO-3 gather that weight on this rank alone."""
         inputs = {k: v.to(device) for k, v in self.blank_image_inputs().items()}
         out = self.hf.model.get_image_features(**inputs, return_dict=True)
         total = torch.zeros((), device=device)
-        stack = list(out.values())
+        stack = [out.pooler_output, getattr(out, "deepstack_features", None)]
         while stack:
             v = stack.pop()
             if isinstance(v, torch.Tensor):
