@@ -2,8 +2,8 @@
 
 Each refusal names a feature built for the composed kind that the native kind does not have yet; the scale-out
 work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`; FSDP2 and
-DeepSpeed ZeRO-2/3: built for every listed family, each has a blank image; DP-SGD: built, `vlmtrain.privacy.dp_native`, which
-refuses what it cannot privatise; compile: not yet).
+DeepSpeed ZeRO-2/3: built for every listed family, each has a blank image; DP-SGD: built,
+`vlmtrain.privacy.dp_native`, which refuses what it cannot privatise; compile: not yet).
 """
 
 from __future__ import annotations
@@ -37,4 +37,3 @@ def check_native_stage(stage, bundle) -> None:
         import logging
 
         logging.getLogger("vlmtrain.train").info("vision feature cache: off (a composed-model feature)")
-

@@ -29,7 +29,6 @@ as for composed models, and only what differs per family lives here:
   newline per row + the base view; OneVision scales the grid down past `anyres_max_N` tiles). OneVision gives each
   image of a multi-image sample one crop and its base tokens + a newline, as its processor and model do. Without
   `--image-size` the worse of the pinpoint with the most crops and the one with the most LM tokens.
-
 - Qwen3-VL: Qwen's dynamic resolution with 16-px patches (32-px LM tokens) and Qwen3-VL's published pixel budget
   (65,536 … 16,777,216 px) unless the checkpoint says otherwise; LayerNorm + GELU blocks with full attention per
   image; the merger plus one DeepStack merger per `deepstack_visual_indexes` layer, each over the tower's tokens
@@ -69,8 +68,6 @@ def native_geometry(model, stage, model_cfg, opts) -> Geometry:
     worse of the smallest and the largest image the processor makes: image tokens sit inside `max_len`, so a large
     image grows the tower's share and a small one leaves more text positions whose logits the loss keeps. Raises
     ConfigError for families and stage features the planner does not model."""
-    from vlmtrain.train.plan import step_parts
-
     if model.model_type.startswith("qwen") and opts.image_size is None:
         vc = model.hf.config.vision_config
         budget = qwen_pixel_budget(model_cfg, model.model_type)
@@ -79,12 +76,18 @@ def native_geometry(model, stage, model_cfg, opts) -> Geometry:
         geos = [_geometry(model, stage, model_cfg, opts, qwen_patches(vc, budget, size), f"the {name} image "
                           "(the worse of the smallest and the largest; --image-size HxW plans a given size)")
                 for name, size in sizes.items()]
-        return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
+        return _worst(geos, stage, opts)
     if model.model_type in ("llava_next", "llava_onevision") and opts.image_size is None:
-        geos = [_geometry(model, stage, model_cfg, opts, image_hw=hw, how=how)
-                for hw, how in anyres_worst_images(model, opts.images_per_sample)]
-        return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
+        return _worst([_geometry(model, stage, model_cfg, opts, image_hw=hw, how=how)
+                       for hw, how in anyres_worst_images(model, opts.images_per_sample)], stage, opts)
     return _geometry(model, stage, model_cfg, opts)
+
+
+def _worst(geos: list[Geometry], stage, opts) -> Geometry:
+    """The candidate image geometry whose training step peaks highest."""
+    from vlmtrain.train.plan import step_parts
+
+    return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
 
 
 def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: str = "",

@@ -27,6 +27,10 @@ class Family:
     bidirectional_images: bool = False
     # decoder blocks per role, for gradient checkpointing, FSDP2 wrapping and the planner
     blocks: dict[str, str] = field(default_factory=dict)
+    # the image a text-only batch runs on sharded ranks (NativeVLM.blank_image_inputs): "grid" (Qwen's smallest
+    # merged grid), "fixed" (one tower-sized image), "crop" (one Idefics3 crop), "anyres" (a tower-sized image as
+    # AnyRes tiles it); "" = none (sharded strategies refused)
+    blank_image: str = ""
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -34,39 +38,42 @@ _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_p
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
-                       "qwen2_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+                       "qwen2_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}, blank_image="grid"),
     "qwen2_5_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
-                         "qwen2_5_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+                         "qwen2_5_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}, blank_image="grid"),
     "qwen3_vl": Family({"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.pos_embed"},
                         "connector": {"merger": "model.visual.merger",
                                       "deepstack_merger_list": "model.visual.deepstack_merger_list"},
-                        "llm": _LLM}, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}),
+                        "llm": _LLM}, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                       blank_image="grid"),
     "gemma3": Family({"vision": {"model": "model.vision_tower"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "gemma3", nested_images=True, bidirectional_images=True,
-                     blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+                     blocks={"vision": "model.encoder.layers", "llm": "model.layers"}, blank_image="fixed"),
     "idefics3": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
                         "llm": {"model": "model.text_model", "lm_head": "lm_head"}},
                        "smolvlm", nested_images=True,  # SmolVLM checkpoints are model_type idefics3
-                       blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+                       blocks={"vision": "model.encoder.layers", "llm": "model.layers"}, blank_image="crop"),
     "smolvlm": Family({"vision": {"model": "model.vision_model"}, "connector": {"projector": "model.connector"},
                        "llm": {"model": "model.text_model", "lm_head": "lm_head"}},
                       "smolvlm", nested_images=True,
-                      blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+                      blocks={"vision": "model.encoder.layers", "llm": "model.layers"}, blank_image="crop"),
     "llava": Family({"vision": {"model": "model.vision_tower"},
                      "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
-                    "llava", blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+                    "llava", blocks={"vision": "model.encoder.layers", "llm": "model.layers"}, blank_image="fixed"),
     "llava_next": Family({"vision": {"model": "model.vision_tower"},
                           "connector": {"projector": "model.multi_modal_projector",
                                         "image_newline": "model.image_newline"}, "llm": _LLM},
-                         "llava_next", blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+                         "llava_next", blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                         blank_image="anyres"),
     "llava_onevision": Family({"vision": {"model": "model.vision_tower"},
                                "connector": {"projector": "model.multi_modal_projector",
                                              "image_newline": "model.image_newline"}, "llm": _LLM},
                               "llava_onevision",
                               # nested: a multi-image sample gets one crop per image (the processor's and the
                               # model's `batch_num_images` rule), as apply_chat_template passes images when serving
-                              nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"}),
+                              nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                              blank_image="anyres"),
 }
 
 SUPPORTED = tuple(FAMILIES)

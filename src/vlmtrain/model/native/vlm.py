@@ -161,13 +161,14 @@ class NativeVLM(nn.Module):
                                                        kw.get("image_grid_thw"))
         blank: list[torch.Tensor] = []
         hook = None
-        if (pixel_values is None and self.always_encode_images and torch.is_grad_enabled()
-                and self.blank_image_inputs() is not None):
+        blank_inputs = (self.blank_image_inputs() if pixel_values is None and self.always_encode_images
+                        and torch.is_grad_enabled() else None)
+        if blank_inputs is not None:
             # Right after the token embedding, where transformers runs the tower on a rank with images: sharded
             # ranks then touch the embedding, tower, connector and decoder blocks in the same order (ZeRO-3 gathers
             # each module's parameters when it is called; a mismatch between ranks aborts the collective).
             hook = self.llm.get_input_embeddings().register_forward_hook(
-                lambda *_: blank.append(self.blank_image_features(input_ids.device)))
+                lambda *_: blank.append(self.blank_image_features(input_ids.device, blank_inputs)))
         try:
             out = self.hf.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                 position_ids=position_ids, use_cache=False, **kw)
@@ -197,32 +198,33 @@ class NativeVLM(nn.Module):
         `[1, 1, c, size, size]` + its pixel mask, filled with 0.5 (an all-zero crop is dropped as padding);
         LLaVA-NeXT/OneVision a tower-sized image as AnyRes tiles it (`[1, crops, c, size, size]` + `image_sizes`,
         so the base view, the tiles and `image_newline` all take part)."""
+        kind = self.family.blank_image  # Family.blank_image: which of the shapes below the family takes
+        if not kind:
+            return None  # none for this family (the generic map): sharded strategies are refused for it
         vc = self.hf.config.vision_config
-        if hasattr(vc, "temporal_patch_size"):
+        if kind == "grid":
             m, p, t = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
             return {"pixel_values": torch.zeros(m * m, vc.in_channels * t * p * p),
                     "image_grid_thw": torch.tensor([[1, m, m]])}
-        size, channels = int(getattr(vc, "image_size", 0)), int(getattr(vc, "num_channels", 3))
-        if self.model_type in ("gemma3", "llava"):
+        size, channels = int(vc.image_size), int(getattr(vc, "num_channels", 3))
+        if kind == "fixed":
             return {"pixel_values": torch.zeros(1, channels, size, size)}
-        if self.model_type in ("idefics3", "smolvlm"):
+        if kind == "crop":
             return {"pixel_values": torch.full((1, 1, channels, size, size), 0.5),
                     "pixel_attention_mask": torch.ones(1, 1, size, size, dtype=torch.bool)}
-        if self.model_type in ("llava_next", "llava_onevision"):
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-            crops = image_size_to_num_patches([size, size], self.hf.config.image_grid_pinpoints, size)
-            return {"pixel_values": torch.zeros(1, crops, channels, size, size),
-                    "image_sizes": torch.tensor([[size, size]])}
-        return None  # not defined for this family (the generic map): sharded strategies are refused for it
+        crops = image_size_to_num_patches([size, size], self.hf.config.image_grid_pinpoints, size)  # "anyres"
+        return {"pixel_values": torch.zeros(1, crops, channels, size, size), "image_sizes": torch.tensor([[size, size]])}
 
-    def blank_image_features(self, device: torch.device) -> torch.Tensor:
+    def blank_image_features(self, device: torch.device, inputs: dict | None = None) -> torch.Tensor:
         """Scalar sum of what the tower + connector hand the LM for a blank image (`blank_image_inputs`): the image
         features (`pooler_output`) and Qwen3-VL's DeepStack features — exactly the tensors a real image feeds the LM,
         so times 0 it gives the parameters a real image gives a gradient (zero) and no others (the tower's last
         hidden state would also reach LLaVA's unused top layer). `device` is the batch's: reading it off a weight
-        (`module.weight`) would make ZeRO-3 gather that weight on this rank alone."""
-        inputs = {k: v.to(device) for k, v in self.blank_image_inputs().items()}
+        (`module.weight`) would make ZeRO-3 gather that weight on this rank alone. `inputs`: `blank_image_inputs()`
+        when the caller already built them."""
+        inputs = {k: v.to(device) for k, v in (inputs or self.blank_image_inputs()).items()}
         out = self.hf.model.get_image_features(**inputs, return_dict=True)
         total = torch.zeros((), device=device)
         stack = [out.pooler_output, getattr(out, "deepstack_features", None)]
