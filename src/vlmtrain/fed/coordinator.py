@@ -45,6 +45,17 @@ STRATEGY_PREFIX = "strategy:"  # checkpoint npz keys of the strategy's state (pa
 STRATEGY_STATE = ("m_t", "v_t")  # FedAdam's server moments (Flower's FedOpt attributes); FedAvg/FedProx have none
 
 
+def wait_for_quorum(connected, min_sites: int, deadline_s: float, rnd: int) -> int:
+    """Poll `connected()` (the number of connected sites) until it reaches `min_sites` or `deadline_s` passes;
+    returns the last count, with a warning when the round must be skipped (Flower's own sampling waits forever)."""
+    t_end = time.time() + deadline_s
+    while (n := connected()) < min_sites and time.time() < t_end:
+        time.sleep(0.5)
+    if n < min_sites:
+        log.warning(f"round {rnd}: {n} sites connected after {deadline_s:.0f}s, quorum {min_sites}: round skipped")
+    return n
+
+
 def quorum_strategy(min_sites: int, deadline_s: float, name: str = "fedavg", options: dict | None = None):
     """Flower's own strategy (`flwr.serverapp.strategy.FedAvg` / `FedProx` / `FedAdam`) with quorum sampling:
     wait for `min_sites` connected nodes at most `deadline_s`, then train every connected node (fraction 1.0);
@@ -56,16 +67,12 @@ def quorum_strategy(min_sites: int, deadline_s: float, name: str = "fedavg", opt
 
     class Quorum(base):
         def configure_train(self, server_round, arrays, config, grid):
-            t_end = time.time() + deadline_s
-            while len(nodes := grid.get_node_ids()) < min_sites and time.time() < t_end:
-                time.sleep(0.5)
-            if len(nodes) < min_sites:
-                log.warning(f"round {server_round}: {len(nodes)} sites connected after {deadline_s:.0f}s, "
-                            f"quorum {min_sites}: round skipped")
+            n = wait_for_quorum(lambda: len(grid.get_node_ids()), min_sites, deadline_s, server_round)
+            if n < min_sites:
                 return []
             # Flower's sampling waits for min_available_nodes and samples max(fraction·n, min_train_nodes): with
             # both set to the nodes connected now it returns at once with all of them
-            self.min_available_nodes = self.min_train_nodes = len(nodes)
+            self.min_available_nodes = self.min_train_nodes = n
             return super().configure_train(server_round, arrays, config, grid)
 
     return Quorum(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_sites,

@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from vlmtrain.errors import VlmtrainError
-from vlmtrain.fed.coordinator import Checkpoint, round_config
+from vlmtrain.fed.coordinator import Checkpoint, round_config, wait_for_quorum
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -150,12 +150,8 @@ def secagg_strategy(plan: dict, grid: MeteredGrid, names: list[str], arrays: dic
             self.t0 = time.time()
             grid.reset()
             self.entry = {"round": rnd, "sent": 0, "replies": [], "errors": [], "aggregated": False}
-            t_end = time.time() + deadline
-            while client_manager.num_available() < min_sites and time.time() < t_end:
-                time.sleep(0.5)
-            n = client_manager.num_available()
+            n = wait_for_quorum(client_manager.num_available, min_sites, deadline, rnd)
             if n < min_sites:
-                log.warning(f"round {rnd}: {n} sites connected after {deadline:.0f}s, quorum {min_sites}: skipped")
                 return []
             self.min_fit_clients = self.min_available_clients = n  # every connected site, at once
             instructions = super().configure_fit(server_round, parameters, client_manager)
