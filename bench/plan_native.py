@@ -157,13 +157,14 @@ def make_packed_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     text to `seq` tokens, half supervised), collated by vlmtrain's own packing collator (`collate_packed`:
     restarting position ids, no attention mask, per-image and per-token family tensors)."""
     from vlmtrain.data.batching import collate_packed
+    from vlmtrain.data.native_encode import TOKEN_EXTRAS
 
     one = make_native_batch(proc, family, image_size, 1, seq)
     sample = {"input_ids": one["input_ids"][0].tolist(), "labels": one["labels"][0].tolist(),
               "pixel_values": one["pixel_values"],
-              "image_extras": {k: one[k] for k in one["model_extras"] if k not in ("token_type_ids", "mm_token_type_ids")},
+              "image_extras": {k: one[k] for k in one["model_extras"] if k not in TOKEN_EXTRAS},
               "token_extras": {k: one[k][0].tolist() for k in one["model_extras"]
-                               if k in ("token_type_ids", "mm_token_type_ids")}}
+                               if k in TOKEN_EXTRAS}}
     batch = collate_packed([[sample] * per_row for _ in range(rows)], pad_token_id=0)
     batch["model_extras"] = tuple(batch.get("model_extras", ()))
     return batch
@@ -174,6 +175,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     import numpy as np
     import torch
     from PIL import Image
+
+    from vlmtrain.data.native_encode import TOKEN_EXTRAS
 
     h, w = image_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
@@ -196,7 +199,7 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     for k, v in out.items():
         if k in ("input_ids", "attention_mask"):
             continue
-        if k in ("token_type_ids", "mm_token_type_ids"):
+        if k in TOKEN_EXTRAS:
             full = torch.zeros(rows, seq, dtype=v.dtype)
             full[:, :v.shape[1]] = v[0]
             v = full
