@@ -1,15 +1,17 @@
 """The federation on Flower's Deployment Engine over 127.0.0.1: SuperLink + 3 SuperNodes started and stopped by the
-test (`vlmtrain fed run`). One shared federation (2 rounds of 2 local steps) carries every check, because each
-federation costs minutes on 2 cores:
+test (`vlmtrain fed run`), with the recipe's defaults: 3 sites, so Flower's SecAgg+ (the coordinator sees only the
+sum). One shared federation (2 rounds of 2 local steps) carries every check, because each federation costs minutes
+on 2 cores:
 
     round 1   the site VICTIM's SuperNode and the app processes under it are SIGKILLed by PID while it trains;
               the round aggregates the other two (quorum 2) and the coordinator stops after its checkpoint
     round 2   `vlmtrain fed run --resume`: a fresh SuperLink, all three sites (VICTIM restarted, its ledger intact)
 
-Checked against independent references: Opacus' accountant for each site's ε, the arrays' npy sizes for the bytes
-on the wire, the model's own parameter list for the allow-list, numpy's weighted mean of the sites' kept replies for
+Checked against independent references: Opacus' accountant for each site's ε, npy sizes of the model's own
+trainable parameters for the masked vector on the wire and the allow-list, numpy's weighted mean of the sites' kept replies for
 FedAvg, a site round recomputed in this process for the resume's bit-exactness, a centralised run (`vlmtrain run`)
-for the held-out loss. In-process checks (coordinator quorum/skip/resume, strategies, ledger) are in test_fed.py."""
+for the held-out loss. In-process checks (coordinator quorum/skip/resume, strategies, ledger) are in test_fed.py,
+SecAgg+ with every strategy and site-level DP in test_fed_secagg.py."""
 
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ def test_summary_contract(fed_run):
     assert s["status"] == "completed" and s["flower"]["status"].startswith("finished:completed")
     assert f["rounds"] == ROUNDS == f["rounds_aggregated"] and f["strategy"] == "fedavg"
     assert sorted(f["sites"]) == SITES
-    assert f["secure_aggregation"] is False and len(f["bytes_up_per_round"]) == ROUNDS
+    assert f["secure_aggregation"] is True and len(f["bytes_up_per_round"]) == ROUNDS  # SecAgg+: on by default
     assert f["transport"] == {"tls": True, "supernode_auth": True, "host": "127.0.0.1"}
     assert set(p["sites"]) == set(f["sites"]) and p["epsilon"] == max(v["epsilon"] for v in p["sites"].values())
     assert p["delta"] == 1e-5
@@ -170,20 +172,42 @@ def test_site_epsilon_equals_opacus_accountant_for_its_steps(fed_run):
         assert v["epsilon"] <= 3.8 + 1e-6
 
 
-def test_wire_carries_only_trainable_tensors_and_allowed_fields(fed_run):
-    """On the replies as they left each ClientApp: array names are exactly the stage's trainable parameters
-    (connector + LoRA), no base weight; config/metric keys are allow-listed; no text, path, record or patient id."""
+def _npy_bytes(shape, dtype) -> int:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(tuple(shape), dtype), allow_pickle=False)
+    return len(buf.getvalue())
+
+
+def _masked_vector_bytes(plan) -> list[int]:
+    """The npy buffers of SecAgg+'s masked vector for this stage, computed here from the model's own trainable
+    parameters: Flower's weight factor (one int64), then one int64 per trainable value, array by array in name
+    order — and no array for any frozen (base) weight."""
     from vlmtrain.config.load import validate
     from vlmtrain.config.stage import StageConfig
-    from vlmtrain.data.shards import iter_shard
-    from vlmtrain.fed.arrays import ALLOWED_METRICS, ALLOWED_SITE_INFO
     from vlmtrain.fed.run import site_model
 
-    out, plan = fed_run.out, fed_run.plan
     model = site_model(Path(plan["base_model"]), validate(StageConfig, plan["stage"])).model
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert all(n.startswith("connector.") or "lora_" in n for n in trainable)
+    trainable = dict(sorted((n, p) for n, p in model.named_parameters() if p.requires_grad))
+    assert trainable and all(n.startswith("connector.") or "lora_" in n for n in trainable)
+    return [_npy_bytes((1,), np.int64)] + [_npy_bytes(p.shape, np.int64) for p in trainable.values()]
+
+
+# what a SecAgg+ reply may hold (Flower's secaggplus_mod: keys, encrypted shares, node ids, the masked vector;
+# the legacy FitRes beside it: the site's weight, status and its allow-listed numbers)
+SECAGG_KEYS = {"pk1", "pk2", "ctxts", "dsts", "masked_params", "nids", "shares"}
+REPLY_RECORDS = {"secaggplus_configs", "fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"}
+
+
+def test_wire_carries_only_masked_trainable_tensors_and_allowed_fields(fed_run):
+    """On the replies as they left each ClientApp (SecAgg+, on by default with 3 sites): no array at all; the
+    masked vector has exactly the shape of the stage's trainable parameters (connector + LoRA) as int64, nothing of
+    a base weight; the only other values are SecAgg+'s protocol fields and the allow-listed numbers, site name and
+    gate-report hash; no text, path, record or patient id anywhere."""
+    from vlmtrain.data.shards import iter_shard
+    from vlmtrain.fed.arrays import ALLOWED_METRICS, ALLOWED_SITE_INFO
+
+    out, plan = fed_run.out, fed_run.plan
+    vector = _masked_vector_bytes(plan)
     ids, groups = set(), set()
     for site in SITES:
         for url in sorted((out / "sites" / site / "shards").glob("*.tar")):
@@ -192,47 +216,48 @@ def test_wire_carries_only_trainable_tensors_and_allowed_fields(fed_run):
                 ids.add(rec["id"])
                 groups.add(rec["meta"]["patient_group"])
     dumps = sorted(fed_run.wire.glob("*.json"))
-    assert len(dumps) == 2 + 3  # round 1 without the killed site, round 2 with all three
+    masked = 0
     for d in dumps:
         msg = json.loads(d.read_text())
-        assert set(msg) == {"arrays", "metrics", "site"}
-        arrays = msg["arrays"]["items"]
-        assert set(arrays) == set(trainable) and not set(arrays) & frozen
-        for n, a in arrays.items():
-            assert a["dtype"] == "float32" and a["shape"] == list(trainable[n].shape)
-        assert set(msg["metrics"]["items"]) <= ALLOWED_METRICS
-        assert all(isinstance(v, float | int) for v in msg["metrics"]["items"].values())
-        info = msg["site"]["items"]
-        assert set(info) <= ALLOWED_SITE_INFO
-        for v in info.values():
-            assert "/" not in v and v not in ids and v not in groups and len(v) <= 64
+        assert set(msg) <= REPLY_RECORDS and "secaggplus_configs" in msg, set(msg)
+        assert all(rec["items"] == {} for rec in msg.values() if rec["type"] == "ArrayRecord")
+        protocol = msg["secaggplus_configs"]["items"]
+        assert set(protocol) <= SECAGG_KEYS, set(protocol)
+        if "masked_params" in protocol:
+            masked += 1
+            assert [e["bytes"] for e in protocol["masked_params"]] == vector
+            numbers = msg["fitres.metrics"]["items"]
+            assert set(numbers) <= ALLOWED_METRICS | ALLOWED_SITE_INFO
+            assert all(isinstance(v, float | int) for k, v in numbers.items() if k in ALLOWED_METRICS)
+            for k in ALLOWED_SITE_INFO & set(numbers):
+                v = numbers[k]
+                assert "/" not in v and v not in ids and v not in groups and len(v) <= 64
         text = d.read_text()
         assert not any(i in text for i in ids) and not any(g in text for g in groups)
+    assert masked == 2 + 3  # round 1 without the killed site, round 2 with all three
 
 
 def test_bytes_up_equal_the_trainable_tensors(fed_run):
-    """Bytes per site per round as received by the coordinator = the npy buffers of the site's trainable tensors
-    (each tensor's fp32 payload + numpy's header), computed here with numpy from the model's parameter shapes."""
-    from vlmtrain.config.load import validate
-    from vlmtrain.config.stage import StageConfig
-    from vlmtrain.fed.run import site_model
-
-    s, plan = fed_run.summary, fed_run.plan
-    model = site_model(Path(plan["base_model"]), validate(StageConfig, plan["stage"])).model
-    expected, payload = 0, 0
-    for p in model.parameters():
-        if p.requires_grad:
-            buf = io.BytesIO()
-            np.save(buf, np.zeros(tuple(p.shape), np.float32), allow_pickle=False)
-            expected += len(buf.getvalue())
-            payload += p.numel() * 4
-    assert [len(r) for r in s["federated"]["bytes_up_per_round"]] == [2, 3]
-    for per_site in s["federated"]["bytes_up_per_round"]:
-        assert set(per_site.values()) == {expected}
-    assert set(s["federated"]["payload_bytes_per_site"].values()) == {payload}
-    sent = [sum(a["bytes"] for a in json.loads(d.read_text())["arrays"]["items"].values())
-            for d in fed_run.wire.glob("*.json")]
-    assert set(sent) == {expected}
+    """The payload a site uploads per round — SecAgg+'s masked vector as the coordinator received it — is one int64
+    per trainable value plus the weight factor (npy buffers computed here with numpy from the model's parameter
+    shapes); everything a site sent over the round's four exchanges, as the coordinator counted it, equals what the
+    site's own wire log recorded leaving it."""
+    f = fed_run.summary["federated"]
+    vector = sum(_masked_vector_bytes(fed_run.plan))
+    assert set(f["payload_bytes_per_site"].values()) == {vector}
+    assert [len(r) for r in f["bytes_up_per_round"]] == [2, 3]
+    sent: dict[str, int] = {}
+    for d in fed_run.wire.glob("*.json"):
+        site = d.name.rsplit("-", 1)[0]
+        for rec in json.loads(d.read_text()).values():
+            for v in rec["items"].values():
+                for x in (v if isinstance(v, list) else [v]):
+                    sent[site] = sent.get(site, 0) + (x["bytes"] if isinstance(x, dict) else 0)
+    counted = {site: sum(r.get(site, 0) for r in f["bytes_up_per_round"]) for site in SITES}
+    for site in SITES:  # the killed site also sent round 1's keys and shares, in a round it then missed
+        assert sent[site] == counted[site] if site != VICTIM else sent[site] > counted[site], (site, sent, counted)
+    for per_site in f["bytes_up_per_round"]:  # the masked vector + keys and shares (~2 KB for 3 sites)
+        assert all(vector < b < vector + 16_384 for b in per_site.values()), per_site
 
 
 def test_fedavg_of_the_last_round_is_the_weighted_mean_of_the_sites_replies(fed_run):

@@ -7,10 +7,17 @@ never leave the site. `ALLOWED_METRICS` / `ALLOWED_SITE_INFO` are the only other
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from vlmtrain.errors import VlmtrainError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a model is touched: a site's ClientApp is a fresh process per message, and three of
+# SecAgg+'s four exchanges (keys, shares, unmasking) need only numpy and Flower
 
 # numbers a site reports per round; nothing per record, no text
 ALLOWED_METRICS = frozenset({"num-examples", "train_loss", "epsilon", "delta", "noise_multiplier", "sample_rate",
@@ -21,12 +28,16 @@ ALLOWED_SITE_INFO = frozenset({"site", "gate_report_sha256"})
 
 def trainable_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """name → fp32 copy of each parameter with requires_grad (shapes as in the model)."""
+    import torch
+
     return {n: p.detach().to(torch.float32).cpu().numpy().copy()
             for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable(model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
     """Copy `arrays` into the model's trainable parameters; the names must match exactly."""
+    import torch
+
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(arrays):
         missing, extra = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))

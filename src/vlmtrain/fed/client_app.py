@@ -95,21 +95,24 @@ def round_request(cfg):
     return RoundRequest(run=str(cfg["run"]), round=int(cfg["server-round"]), local_steps=int(cfg["local-steps"]),
                        total_steps=int(cfg["total-steps"]), stage=json.loads(str(cfg["stage"])),
                        epsilon_budget=float(cfg["epsilon-budget"]), seed=int(cfg["seed"]),
-                       proximal_mu=float(cfg.get("proximal-mu", 0.0)))  # FedProx's strategy sends it
+                       # FedProx's strategy sends it (Message API: proximal-mu; legacy, under SecAgg+: proximal_mu)
+                       proximal_mu=float(cfg.get("proximal-mu", cfg.get("proximal_mu", 0.0))))
 
 
 def train_secagg(msg: Message, context: Context, site) -> Message:
     """SecAgg+'s masked-vector stage: the same `Site.train_round`, replied as the legacy FitRes that
     `secaggplus_mod` quantises, masks and sends instead of the arrays. Refused (an error reply) when the arrays or
     the weight are outside what the secure sum can carry (`fed.secagg.check_secagg_bounds`)."""
-    from vlmtrain.fed.secagg import check_secagg_bounds, fit_reply, parse_fit, secagg_state
+    from vlmtrain.fed.secagg import check_secagg_bounds, fit_reply, parse_fit, secagg_state, site_clipping_norm
 
     try:
         global_arrays, cfg = parse_fit(msg)
         arrays, metrics, info = site.train_round(round_request(cfg), global_arrays)
         sa = secagg_state(context)
-        check_secagg_bounds(arrays, metrics["num-examples"], float(sa["clipping_range"]), float(sa["max_weight"]),
-                            site.name)
+        # site-level DP averages unweighted (its noise σ·C/k is calibrated to that): every site the same weight,
+        # the largest SecAgg+ carries exactly (weight 1 would divide the quantisation grid by max_weight)
+        weight = float(sa["max_weight"]) if site_clipping_norm(msg) is not None else metrics["num-examples"]
+        check_secagg_bounds(arrays, weight, float(sa["clipping_range"]), float(sa["max_weight"]), site.name)
     except VlmtrainError as e:
         return Message(Error(code=REFUSED, reason=f"site {site.name}: {e}"), reply_to=msg)
-    return fit_reply(msg, list(global_arrays), arrays, metrics, {"site": site.name, **info})
+    return fit_reply(msg, list(global_arrays), arrays, metrics, {"site": site.name, **info}, weight)

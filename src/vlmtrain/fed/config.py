@@ -50,9 +50,10 @@ class FederatedConfig(BaseModel):
     server_tau: float = Field(1e-3, gt=0, description="fedadam: adaptivity τ (added to √v)")
     site_dp: SiteDPConfig | None = Field(None, description="optional site-level central DP, reported apart from "
                                                           "the patient-level ε (never added to it)")
-    secure_aggregation: bool = Field(
-        False, description="Flower's SecAgg+: the coordinator sees only the weighted sum of the sites' arrays "
-                           "(FedAvg only; needs at least 3 sites)")
+    secure_aggregation: bool | None = Field(
+        None, description="Flower's SecAgg+: the coordinator sees only the sum of the sites' arrays, never one "
+                          f"site's. Default (unset): on with {MIN_SITES_FOR_SECAGG} or more sites, off with fewer; "
+                          "`false` turns it off (the coordinator then sees each site's update)")
     patients_disjoint: bool = Field(True, description="no patient at two sites: global ε = max over sites "
                                                       "(false: the conservative sum)")
     seed: int = 0
@@ -92,16 +93,18 @@ class FederatedConfig(BaseModel):
     @field_validator("secure_aggregation")
     @classmethod
     def _secagg(cls, v, info):
-        if not v:
-            return v
         n = len(info.data.get("sites") or {})
-        if n < MIN_SITES_FOR_SECAGG:
+        if v and n < MIN_SITES_FOR_SECAGG:
             raise ValueError(f"SecAgg+ needs at least {MIN_SITES_FOR_SECAGG} sites ({n} given): with 2, each site "
                              "learns the other's arrays from the sum")
-        if info.data.get("strategy") != "fedavg" or info.data.get("site_dp") is not None:
-            raise ValueError("SecAgg+ runs FedAvg only: FedProx, FedAdam and site-level DP are not built on "
-                             "Flower's SecAgg+ path")
         return v
+
+    @property
+    def secure(self) -> bool:
+        """Whether the rounds run SecAgg+: as set, or by default with enough sites."""
+        if self.secure_aggregation is None:
+            return len(self.sites) >= MIN_SITES_FOR_SECAGG
+        return self.secure_aggregation
 
     def strategy_options(self) -> dict:
         """Keyword arguments of the Flower strategy (`fed.coordinator.quorum_strategy`)."""

@@ -155,7 +155,7 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
                                                          "target_epsilon": fed.site_dp.target_epsilon},
             "round_timeout_s": fed.round_timeout_s, "coordinator_dir": str(coord.resolve()),
             "initial_arrays": str(initial.resolve()), "patients_disjoint": fed.patients_disjoint,
-            "secure_aggregation": fed.secure_aggregation,
+            "secure_aggregation": fed.secure,
             "sites": {name: str(d.resolve()) for name, d in sites.items()}, "base_model": str(base_model.resolve())}
     (coord / "plan.json").write_text(json.dumps(plan, indent=1))
     return plan

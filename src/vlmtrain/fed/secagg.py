@@ -17,8 +17,12 @@ before `Strategy.aggregate_fit` (whose weighted mean of identical arrays is that
 outside ±clipping_range would be clipped silently, and a weight above `max_weight` could overflow: the site
 refuses both before sending (`check_secagg_bounds`).
 
-Only FedAvg: FedProx needs the sites' proximal term only (it could be added), FedAdam's server step and site-level
-DP's clipping need each site's update in the clear or a SecAgg-aware clipping (not built).
+Strategies: Flower's legacy FedAvg, FedProx (its `proximal_mu` in every site's fit config) and FedAdam (the server
+step on the unmasked mean, its moments m_t, v_t checkpointed). Site-level central DP runs as Flower's
+`DifferentialPrivacyClientSideFixedClipping` around the strategy: each site clips its own update with Flower's
+`fixedclipping_mod` *before* `secaggplus_mod` masks it (the coordinator cannot clip what it cannot see), weighs it
+equally (the noise σ·C/k is calibrated to an unweighted mean), and the coordinator adds the noise to the unmasked
+mean.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 import numpy as np
 
 from vlmtrain.errors import VlmtrainError
-from vlmtrain.fed.coordinator import Checkpoint, round_config, wait_for_quorum
+from vlmtrain.fed.coordinator import STRATEGY_STATE, Checkpoint, round_config, wait_for_quorum
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -124,23 +128,37 @@ def fit_config(plan: dict, names: list[str], rnd: int) -> dict:
     return {**cfg, "server-round": rnd, "array-names": json.dumps(names)}
 
 
+def legacy_strategy(plan: dict):
+    """Flower's legacy strategy class and its options for the plan's `strategy` (SecAgg+ drives legacy ones)."""
+    from flwr.server.strategy import FedAdam, FedAvg, FedProx
+
+    spec = plan.get("strategy") or {"name": "fedavg", "options": {}}
+    return {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}[spec["name"]], dict(spec["options"])
+
+
 def secagg_strategy(plan: dict, grid: MeteredGrid, names: list[str], arrays: dict[str, np.ndarray], done: int,
-                    history: list[dict], ckpt: Checkpoint):
-    """Flower's legacy FedAvg with quorum sampling, the round offset of a resumed run, and the checkpoint after
-    every round. Workflow round r is federation round done + r."""
+                    history: list[dict], ckpt: Checkpoint, saved: dict[str, np.ndarray]):
+    """Flower's legacy strategy (FedAvg, FedProx or FedAdam) with quorum sampling, the round offset of a resumed
+    run, and the checkpoint after every round; with `site_dp`, inside Flower's client-side-clipping DP wrapper.
+    Workflow round r is federation round done + r. → (the strategy the workflow drives, the inner one)."""
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import FedAvg
 
     min_sites, deadline = plan["min_sites"], plan["round_timeout_s"]
+    base, options = legacy_strategy(plan)
+    if base.__name__ == "FedAdam":  # its server step starts from the resumed global arrays
+        options["initial_parameters"] = ndarrays_to_parameters([arrays[n] for n in names])
 
-    class SecAggFedAvg(FedAvg):
+    class SecAggStrategy(base):
         def __init__(self):
             super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=min_sites,
                              min_evaluate_clients=min_sites, min_available_clients=min_sites,
-                             on_fit_config_fn=lambda r: fit_config(plan, names, done + r))
+                             on_fit_config_fn=lambda r: fit_config(plan, names, done + r), **options)
             self.arrays = arrays
             self.entry: dict | None = None
             self.t0 = 0.0
+            for attr in STRATEGY_STATE:  # FedAdam's moments of a resumed run, in `names` order
+                if any(k.startswith(attr + "/") for k in saved):
+                    setattr(self, attr, [saved[f"{attr}/{n}"] for n in names])
 
         def initialize_parameters(self, client_manager):
             return ndarrays_to_parameters([self.arrays[n] for n in names])
@@ -163,17 +181,23 @@ def secagg_strategy(plan: dict, grid: MeteredGrid, names: list[str], arrays: dic
             self.entry["replies"] = replies
             if len(results) < min_sites:
                 return None, {}
-            agg, metrics = super().aggregate_fit(server_round, results, failures)
+            # the federation's round number: FedAdam's bias correction counts rounds across a resume
+            agg, metrics = super().aggregate_fit(done + server_round, results, failures)
             if agg is not None:
-                self.arrays = {n: a.astype(np.float32, copy=False)
-                               for n, a in zip(names, parameters_to_ndarrays(agg), strict=True)}
                 self.entry["aggregated"] = True
+                if hasattr(self, "current_weights"):  # FedAdam: next round steps from the float32 arrays sent
+                    self.current_weights = [a.astype(np.float32) for a in parameters_to_ndarrays(agg)]
             return agg, metrics
 
         def evaluate(self, server_round, parameters):
+            """Called once a round by DefaultWorkflow with the round's released arrays (after site-level DP's
+            noise, when on): they become the global arrays, then the round's checkpoint is written."""
             if server_round == 0 or self.entry is None:  # the initial arrays: nothing to record
                 return None
             entry, self.entry = self.entry, None
+            if entry["aggregated"]:
+                self.arrays = {n: a.astype(np.float32, copy=False)
+                               for n, a in zip(names, parameters_to_ndarrays(parameters), strict=True)}
             entry["errors"] = list(grid.errors)
             entry["seconds"] = time.time() - self.t0
             entry["secure_aggregation"] = entry["aggregated"]
@@ -181,12 +205,37 @@ def secagg_strategy(plan: dict, grid: MeteredGrid, names: list[str], arrays: dic
                 log.warning(f"round {entry['round']}: {len(entry['replies'])} replies, quorum {min_sites}: not "
                             "aggregated" + (f" ({'; '.join(entry['errors'])})" if entry["errors"] else ""))
             history.append(entry)
-            ckpt.save(entry["round"], self.arrays, history, plan)
+            ckpt.save(entry["round"], self.arrays, history, plan, legacy_state(self, names))
             log.info(f"coordinator (SecAgg+): round {entry['round']}/{plan['rounds']} in {entry['seconds']:.1f}s, "
                      f"{len(entry['replies'])}/{entry['sent']} sites, aggregated={entry['aggregated']}")
             return None
 
-    return SecAggFedAvg()
+    inner = SecAggStrategy()
+    return (inner if plan.get("site_dp") is None else site_dp_wrapper(inner, plan["site_dp"])), inner
+
+
+def legacy_state(strategy, names: list[str]) -> dict[str, np.ndarray]:
+    """A legacy strategy's own state (FedAdam's m_t, v_t: lists in `names` order) named as the Message-API
+    coordinator's checkpoint names it (`m_t/<param>`)."""
+    return {f"{attr}/{n}": a for attr in STRATEGY_STATE for n, a in zip(names, getattr(strategy, attr, None) or [])}
+
+
+def site_dp_wrapper(inner, dp: dict):
+    """Flower's `DifferentialPrivacyClientSideFixedClipping` (the sites clip, `fixedclipping_mod`; the coordinator
+    adds N(0, (σ·C/k)²) to the unmasked mean), with k = the replies actually summed: a site that dropped out does not
+    void the round (Flower's wrapper skips any round with a failure) — the noise is calibrated to the k updates in
+    the mean, as the Message-API path's server-side wrapper is."""
+    from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    class SiteDP(DifferentialPrivacyClientSideFixedClipping):
+        def aggregate_fit(self, server_round, results, failures):
+            if not results:
+                return None, {}
+            self.num_sampled_clients = len(results)
+            return super().aggregate_fit(server_round, results, [])
+
+    return SiteDP(inner, noise_multiplier=dp["noise_multiplier"], clipping_norm=dp["clipping_norm"],
+                  num_sampled_clients=max(1, inner.min_fit_clients))
 
 
 def secagg_reply_record(node_id: int, fitres, grid: MeteredGrid) -> dict:
@@ -209,22 +258,19 @@ def run_rounds_secagg(grid, plan: dict, initial: dict[str, np.ndarray]) -> dict:
     from flwr.server.compat import LegacyContext
     from flwr.server.workflow import DefaultWorkflow
 
-    if plan.get("strategy", {}).get("name", "fedavg") != "fedavg" or plan.get("site_dp"):
-        raise VlmtrainError("secure aggregation runs FedAvg only (FedProx, FedAdam and site-level DP are not built "
-                            "on Flower's SecAgg+ path)")
     ckpt = Checkpoint(plan["coordinator_dir"])
-    done, arrays, history, _ = ckpt.load(plan)
+    done, arrays, history, saved = ckpt.load(plan)
     arrays = initial if arrays is None else arrays
     last = min(plan["rounds"], plan.get("stop_after_round") or plan["rounds"])
     if done >= last:
         return {"round": done, "arrays": arrays, "history": history, "stopped": done < plan["rounds"]}
     names = sorted(arrays)
     metered = MeteredGrid(grid)
-    strategy = secagg_strategy(plan, metered, names, arrays, done, history, ckpt)
+    strategy, inner = secagg_strategy(plan, metered, names, arrays, done, history, ckpt, saved)
     base = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     context = LegacyContext(base, config=ServerConfig(num_rounds=last - done), strategy=strategy)
     DefaultWorkflow(fit_workflow=secagg_workflow(plan))(metered, context)
-    return {"round": last, "arrays": strategy.arrays, "history": history, "stopped": last < plan["rounds"]}
+    return {"round": last, "arrays": inner.arrays, "history": history, "stopped": last < plan["rounds"]}
 
 
 def secagg_summary(plan: dict, state: dict) -> dict:
@@ -252,9 +298,10 @@ def parse_fit(msg) -> tuple[dict[str, np.ndarray], dict]:
     return dict(zip(names, values, strict=True)), dict(fitins.config)
 
 
-def fit_reply(msg, names: list[str], arrays: dict[str, np.ndarray], metrics: dict, info: dict):
-    """The legacy FitRes reply `secaggplus_mod` masks: arrays in `names` order, weight = the site's patients,
-    metrics and site info in the FitRes metrics (the mod keeps them, clears the arrays)."""
+def fit_reply(msg, names: list[str], arrays: dict[str, np.ndarray], metrics: dict, info: dict, weight: float):
+    """The legacy FitRes reply `secaggplus_mod` masks: arrays in `names` order, the site's weight in the mean (its
+    patients; equal weights under site-level DP), metrics and site info in the FitRes metrics (the mod keeps them,
+    clears the arrays)."""
     from flwr.app import Message
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
@@ -264,8 +311,19 @@ def fit_reply(msg, names: list[str], arrays: dict[str, np.ndarray], metrics: dic
     # the site's float32 arrays exactly, and nothing of them leaves the site unmasked
     values = [np.asarray(arrays[n], dtype=np.float64) for n in names]
     res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(values),
-                 num_examples=int(metrics["num-examples"]), metrics={**metrics, **info})
+                 num_examples=int(weight), metrics={**metrics, **info})
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def site_clipping_norm(msg) -> float | None:
+    """The clipping norm Flower's client-side-clipping DP wrapper put in a fit message (None: no site-level DP)."""
+    from flwr.app.message_type import MessageType
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if msg.metadata.message_type != MessageType.TRAIN or "fitins.config" not in msg.content.config_records:
+        return None
+    value = msg.content.config_records["fitins.config"].get(KEY_CLIPPING_NORM)
+    return None if value is None else float(value)
 
 
 def is_secagg(msg) -> bool:
@@ -292,13 +350,14 @@ class SiteRefused(Exception):
 def secagg_mod(msg, context, call_next):
     """Flower's `secaggplus_mod` for SecAgg+ messages; Message-API train messages pass through untouched. A site's
     refusal (an error reply from `train`) leaves the mod as that error reply, unmasked and without content."""
-    from flwr.client.mod import secaggplus_mod
+    from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 
     if not is_secagg(msg):
         return call_next(msg, context)
 
     def train_or_raise(m, c):
-        reply = call_next(m, c)
+        # site-level DP: Flower's fixedclipping_mod clips this site's update here, before secaggplus_mod masks it
+        reply = fixedclipping_mod(m, c, call_next) if site_clipping_norm(m) is not None else call_next(m, c)
         if reply.has_error():
             raise SiteRefused(reply)
         return reply
