@@ -53,12 +53,15 @@ class VLM(nn.Module):
         return feats
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_keys: list | None = None) -> torch.Tensor:
-        """Token embeddings `[b, s, d_lm]` with image features written into the image-token slots."""
+              image_keys: list | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings `[b, s, d_lm]` with image features written into the image-token slots. `image_embeds`
+        (`encode_images`' output `[n_img, t, d_lm]`, in slot order) replaces `pixel_values`: images encoded once and
+        scored in several sequences (one record's multiple-choice answers)."""
         slots = input_ids == self.image_token_id
         embeds = self.llm.get_input_embeddings()(input_ids)
         n_slots = int(slots.sum())
-        n_img = 0 if pixel_values is None else pixel_values.shape[0]
+        source = image_embeds if image_embeds is not None else pixel_values
+        n_img = 0 if source is None else source.shape[0]
         if n_slots != n_img * self.num_image_tokens:
             raise ValueError(
                 f"batch has {n_slots} image-token slots but {n_img} image(s) × {self.num_image_tokens} tokens "
@@ -71,7 +74,9 @@ class VLM(nn.Module):
                                     device=embeds.device)
                 embeds = embeds + 0.0 * self.encode_images(dummy).sum().to(embeds.dtype)
             return embeds
-        feats = self.connector(self.vision_features(pixel_values, image_keys)).to(embeds.dtype)  # [n_img, t, d]
+        if image_embeds is None:
+            image_embeds = self.connector(self.vision_features(pixel_values, image_keys))
+        feats = image_embeds.to(embeds.dtype)  # [n_img, t, d]
         return embeds.masked_scatter(slots.unsqueeze(-1), feats.reshape(-1, feats.shape[-1]))
 
     # Families whose causal-LM head is exactly `lm_head(final hidden state)` (no soft-capping or logit scaling), so
@@ -85,12 +90,13 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                logits_mask: torch.Tensor | None = None, image_keys: list | None = None, **lm_kwargs):
+                logits_mask: torch.Tensor | None = None, image_keys: list | None = None,
+                image_embeds: torch.Tensor | None = None, **lm_kwargs):
         """Returns the LM's output (`.logits [b, s, vocab]`). Loss lives in `vlmtrain.train` (it needs the
         whole accumulated batch's supervised-token count, which one forward cannot know).
 
         Packed rows: pass `position_ids` restarting at 0 for each sample and `attention_mask=None`."""
-        embeds = self.embed(input_ids, pixel_values, image_keys)
+        embeds = self.embed(input_ids, pixel_values, image_keys, image_embeds)
         # No KV cache for training/scoring forwards; transformers also only derives the packed-sequence
         # (block-diagonal) mask from restarting position_ids when there is no cache.
         lm_kwargs.setdefault("use_cache", False)
@@ -111,9 +117,10 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **gen_kwargs) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 image_embeds: torch.Tensor | None = None, **gen_kwargs) -> torch.Tensor:
         """Greedy by default. Returns only the new tokens `[b, n_new]` (left-pad prompts for batched use)."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_embeds=image_embeds)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         gen_kwargs.setdefault("do_sample", False)

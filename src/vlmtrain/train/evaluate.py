@@ -84,7 +84,11 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
         p_ids = [_prompt_ids(tok, p, m.image_token_id, m.num_image_tokens) for p in prompts]
         ids, att = _left_pad(p_ids, tok.pad_token_id)
         pix = pix_all[: sum(counts)].to(device) if pix_all is not None and sum(counts) else None
-        new = m.generate(ids.to(device), pix, attention_mask=att.to(device), max_new_tokens=max_new_tokens)
+        # the batch's images through tower + connector once, for the prompts and every record's choices (the
+        # choices of a record share its images: encoding them per choice cost ~n_choices× the tower's time)
+        feats = m.encode_images(pix) if pix is not None else None  # [n_img, t, d_lm]
+        new = m.generate(ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+                         image_embeds=feats)
         outs = tok.batch_decode(new, skip_special_tokens=True)
         exact += sum(normalize_answer(o) == normalize_answer(a) for o, a in zip(outs, answers))
         for i, r in enumerate(recs):
@@ -95,12 +99,12 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
             for c in choices:
                 msgs = list(prompts[i]) + [{"role": "assistant", "content": [text_part(c)]}]
                 e = encode_messages(tok, msgs, m.image_token_id, m.num_image_tokens)
-                seqs.append({"input_ids": e.input_ids, "labels": e.labels,
-                             "pixel_values": None if pix is None or counts[i] == 0 else
-                             pix_all[offsets[i]: offsets[i] + counts[i]]})
+                seqs.append({"input_ids": e.input_ids, "labels": e.labels})
             b = collate(seqs, tok.pad_token_id)
-            logits = m(b["input_ids"].to(device), b["pixel_values"].to(device) if "pixel_values" in b else None,
-                       b["attention_mask"].to(device)).logits
+            # each choice's sequence holds the record's images in the same slots: its features, once per choice
+            own = None if feats is None or counts[i] == 0 else feats[offsets[i]: offsets[i] + counts[i]]
+            logits = m(b["input_ids"].to(device), None, b["attention_mask"].to(device),
+                       image_embeds=None if own is None else own.repeat(len(choices), 1, 1)).logits
             logps, n_tok = sequence_logps(logits, b["labels"].to(device))
             mc_n += 1
             mc_right += int(choices[int(logps.argmax())] == answers[i])
