@@ -332,3 +332,34 @@ def test_site_level_dp_is_refused_for_a_small_consortium_unless_forced(tmp_path)
     assert abs(fed.site_dp_noise() - sigma) < 1e-12
     with pytest.raises(ConfigError, match="federated.site_dp: .*FedAdam"):
         load_federated(RECIPE, tmp_path, ["federated.strategy=fedadam", dp[0]])
+
+
+def test_multi_host_verbs_refuse_what_they_can_check_before_joining(tmp_path, capsys):
+    """`fed site` refuses a site directory without a passing gate report (before any connection); `fed coordinator`
+    refuses a key list that does not name every site of the recipe (before any stage runs); `fed certs` and
+    `fed site-key` write the files the other two take (a CA that signed the server certificate; an OpenSSH key).
+    In-process through the CLI's own `main` (every refusal happens before `fed site` would exec its SuperNode)."""
+    from cryptography import x509
+
+    from vlmtrain.cli.main import main
+
+    recipe = ROOT / "configs" / "recipes" / "medical-federated.yaml"
+    assert main(["fed", "certs", "--out", str(tmp_path / "certs"), "--host", "127.0.0.1"]) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
+    assert server.issuer == ca.subject
+    assert main(["fed", "site-key", "--out", str(tmp_path / "keys"), "--name", "hospital-general"]) == 0
+    assert (tmp_path / "keys" / "hospital-general.pub").read_text().startswith("ecdsa-sha2-nistp384")
+    (tmp_path / "site" / "shards").mkdir(parents=True)
+    capsys.readouterr()
+    code = main(["fed", "site", "--superlink", "127.0.0.1:1", "--name", "hospital-general",
+                 "--site-dir", str(tmp_path / "site"), "--base-model", str(tmp_path),
+                 "--root-cert", str(tmp_path / "certs" / "ca.crt"),
+                 "--key", str(tmp_path / "keys" / "hospital-general.key")])
+    err = capsys.readouterr().err
+    assert code != 0 and "privacy_report.json" in err and "passed the privacy gate" in err, err
+    code = main(["fed", "coordinator", str(recipe), "--out", str(tmp_path / "coord"), "--tls-dir",
+                 str(tmp_path / "certs"), f"--site-key=hospital-general={tmp_path / 'keys' / 'hospital-general.pub'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no key given for hospital-eye-path, hospital-radiology" in err, err
+    assert not (tmp_path / "coord").exists() or not any((tmp_path / "coord").iterdir())

@@ -5,7 +5,9 @@ on 2 cores:
 
     round 1   the site VICTIM's SuperNode and the app processes under it are SIGKILLed by PID while it trains;
               the round aggregates the other two (quorum 2) and the coordinator stops after its checkpoint
-    round 2   `vlmtrain fed run --resume`: a fresh SuperLink, all three sites (VICTIM restarted, its ledger intact)
+    round 2   resumed with the multi-host commands, on 127.0.0.1: `vlmtrain fed certs`, `fed site-key` per site,
+              `vlmtrain fed coordinator --resume` (a fresh SuperLink with those certificates and keys) and one
+              `vlmtrain fed site` process per site (VICTIM restarted, its ledger intact)
 
 Checked against independent references: Opacus' accountant for each site's ε, npy sizes of the model's own
 trainable parameters for the masked vector on the wire and the allow-list, numpy's weighted mean of the sites' kept replies for
@@ -90,10 +92,52 @@ def fed_run(tmp_path_factory):
     ckpt = out / "coordinator" / "checkpoint"
     round1 = json.loads((ckpt / "state.json").read_text())
     shutil.copy(ckpt / round1["arrays"], out.parent / "round1.npz")  # round 2's checkpoint replaces it
-    r = vlmtrain("fed", "run", RECIPE, "--out", out, "--resume", *FAST, env=env, timeout=1800)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sites = resume_with_coordinator_and_site_verbs(out, env)
     return SimpleNamespace(out=out, wire=wire, summary=json.loads((out / "summary.json").read_text()),
-                           killed=killed, round1=round1, plan=json.loads((out / "coordinator" / "plan.json").read_text()))
+                           killed=killed, round1=round1, plan=json.loads((out / "coordinator" / "plan.json").read_text()),
+                           site_procs=sites)
+
+
+def resume_with_coordinator_and_site_verbs(out: Path, env: dict) -> list[subprocess.Popen]:
+    """Round 2 as docs/federated.md's multi-host steps, every host being 127.0.0.1: certificates, site keys, the
+    coordinator (registers the keys, waits for the sites), then each site's `fed site`. → the site processes,
+    stopped by PID here once the coordinator is done."""
+    keys, certs = out.parent / "keys", out.parent / "certs"
+    assert vlmtrain("fed", "certs", "--out", certs, "--host", "127.0.0.1").returncode == 0
+    for site in SITES:
+        assert vlmtrain("fed", "site-key", "--out", keys, "--name", site).returncode == 0
+    from vlmtrain.fed.deploy import free_port
+
+    port = free_port()
+    coord_log = open(out.parent / "coordinator.log", "w")
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "vlmtrain", "fed", "coordinator", str(RECIPE), "--out", str(out), "--resume",
+         "--host", "127.0.0.1", "--port", str(port), "--tls-dir", str(certs),
+         *[f"--site-key={s}={keys / (s + '.pub')}" for s in SITES], *FAST],
+        stdout=coord_log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    sites = []
+    try:
+        t_end = time.time() + 900
+        while "waiting for 3 sites" not in (out.parent / "coordinator.log").read_text():  # keys registered
+            assert coordinator.poll() is None and time.time() < t_end, (out.parent / "coordinator.log").read_text()
+            time.sleep(1)
+        for site in SITES:
+            sites.append(subprocess.Popen(
+                [sys.executable, "-m", "vlmtrain", "fed", "site", "--superlink", f"127.0.0.1:{port}", "--name", site,
+                 "--site-dir", str(out / "sites" / site), "--base-model", str(out / "public" / "model"),
+                 "--root-cert", str(certs / "ca.crt"), "--key", str(keys / (site + ".key"))],
+                stdout=open(out.parent / f"site-{site}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                start_new_session=True))
+        assert coordinator.wait(timeout=1800) == 0, (out.parent / "coordinator.log").read_text()[-4000:]
+    finally:
+        if coordinator.poll() is None:  # SIGTERM: it stops the SuperLink it started
+            coordinator.terminate()
+            coordinator.wait(timeout=120)
+        for p in sites:  # each site's process group: the SuperNode and the ClientApp processes it started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=60)
+    return sites
 
 
 def kept_reply(out: Path, run: str, site: str, rnd: int) -> dict[str, np.ndarray]:
@@ -141,9 +185,9 @@ def test_site_killed_mid_round_the_round_aggregates_the_others_nothing_is_left_r
         if site != VICTIM:
             assert [e["round"] for e in ledger_entries(out, site)] == [1, 2]
     assert len(fed_run.killed) >= 2  # the SuperNode and the ClientApp process it had started
-    for pid in fed_run.killed:
+    for pid in fed_run.killed + [p.pid for p in fed_run.site_procs]:  # round 2's `fed site` processes: stopped
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    home = str(out / "deploy")
+    home = str(out)  # round 1's SuperNodes: OUT/deploy/flwr-home; round 2's `fed site`: OUT/sites/SITE/flwr-home
     for proc in psutil.process_iter():
         try:
             assert not proc.environ().get("FLWR_HOME", "").startswith(home), proc.cmdline()

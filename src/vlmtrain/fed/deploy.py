@@ -78,13 +78,46 @@ def _bin(name: str) -> str:
     return str(path)
 
 
+def supernode_command(superlink: str, name: str, site_dir: Path, base_model: Path, root_cert: Path | None,
+                      key: Path | None, max_retries: int | None = None) -> list[str]:
+    """`flower-supernode` for one site: its node config names the site's own things (`fed.client_app`), TLS to the
+    SuperLink with the consortium's CA and the site's registered private key (both None: an insecure loopback)."""
+    node_config = f'site-dir="{Path(site_dir).resolve()}" base-model="{Path(base_model).resolve()}" site-name="{name}"'
+    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1", "--port", str(free_port()),
+           "--node-config", node_config]
+    if root_cert is None:
+        cmd += ["--insecure"]
+    else:
+        cmd += ["--root-certificates", str(root_cert), "--auth-supernode-private-key", str(key)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    return cmd
+
+
+TLS_FILES = {"ca": "ca.crt", "cert": "server.pem", "key": "server.key"}  # what `vlmtrain fed certs` writes
+
+
+def tls_from_dir(tls_dir: Path) -> dict[str, Path]:
+    """The SuperLink's CA, certificate and key in `tls_dir` (`vlmtrain fed certs`, or the consortium's PKI)."""
+    paths = {k: Path(tls_dir) / v for k, v in TLS_FILES.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise VlmtrainError(f"--tls-dir {tls_dir}: missing {', '.join(missing)} (make them with `vlmtrain fed certs "
+                            "--out DIR --host HOST`, or put the consortium's CA, server certificate and key there)")
+    return paths
+
+
 @dataclass
 class Loopback:
-    """SuperLink + SuperNodes on 127.0.0.1; `stop()` ends exactly the processes it started (by PID)."""
+    """A SuperLink (on 127.0.0.1 by default) and, for `fed run`, the sites' SuperNodes; `stop()` ends exactly the
+    processes it started (by PID). `fed coordinator` runs only the SuperLink, bound to `host`, with the TLS files of
+    `tls_dir`; the sites connect from their own hosts (`fed site`)."""
 
     root: Path
     port: int = 0
     secure: bool = True  # TLS (a CA and server certificate made here) + SuperNode authentication (registered keys)
+    host: str = "127.0.0.1"
+    tls_dir: Path | None = None  # the SuperLink's TLS files; None: made here for 127.0.0.1
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -105,13 +138,14 @@ class Loopback:
 
     def start_superlink(self) -> None:
         (self.root / "superlink.db").unlink(missing_ok=True)  # a fresh SuperLink; the coordinator keeps the state
-        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [_bin("flower-superlink"), "--host", self.host, "--port", str(self.port),
                "--database", str(self.root / "superlink.db")]
+        # the control connection (`flwr run/ls/log`) stays on this host
         conn = f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
         if self.secure:
             from vlmtrain.fed.certs import make_tls
 
-            self.tls = make_tls(self.root / "certs")
+            self.tls = tls_from_dir(self.tls_dir) if self.tls_dir else make_tls(self.root / "certs")
             cmd += ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
                     "--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth"]
             conn += f'root-certificates = "{self.tls["ca"]}"\n'
@@ -122,31 +156,27 @@ class Loopback:
         (self.home / "config.toml").write_text(conn)
         self._wait_port(self.port, "superlink")
 
+    def register(self, name: str, public_key: Path) -> None:
+        """Register a site's public key at the SuperLink (`flwr supernode register`): only registered keys join."""
+        r = self.flwr("supernode", "register", str(public_key), "loopback", "--name", name, "--format", "json")
+        if r.returncode != 0 or '"success": true' not in r.stdout:
+            raise VlmtrainError(f"flwr supernode register {name} ({public_key}) failed: {r.stdout[-1000:]} "
+                                f"{r.stderr[-1000:]}")
+
     def site_key(self, name: str, register: bool = True) -> Path:
         """A key pair for the site; its public key registered at the SuperLink (`flwr supernode register`)."""
         from vlmtrain.fed.certs import make_site_key
 
         keys = make_site_key(self.root / "site-keys", name)
         if register:
-            r = self.flwr("supernode", "register", str(keys["public"]), "loopback", "--name", name,
-                          "--format", "json")
-            if r.returncode != 0 or '"success": true' not in r.stdout:
-                raise VlmtrainError(f"flwr supernode register {name} failed: {r.stdout[-1000:]} {r.stderr[-1000:]}")
+            self.register(name, keys["public"])
         return keys["private"]
 
     def start_site(self, name: str, site_dir: Path, base_model: Path, register: bool = True,
                    max_retries: int | None = None) -> None:
-        node_config = f'site-dir="{site_dir}" base-model="{base_model}" site-name="{name}"'
-        cmd = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
-               "--port", str(free_port()), "--node-config", node_config]
-        if self.secure:
-            cmd += ["--root-certificates", str(self.tls["ca"]),
-                    "--auth-supernode-private-key", str(self.site_key(name, register))]
-        else:
-            cmd += ["--insecure"]
-        if max_retries is not None:
-            cmd += ["--max-retries", str(max_retries)]
-        self._start(f"site-{name}", cmd)
+        ca, key = (self.tls["ca"], self.site_key(name, register)) if self.secure else (None, None)
+        self._start(f"site-{name}", supernode_command(f"127.0.0.1:{self.port}", name, site_dir, base_model, ca, key,
+                                                      max_retries))
 
     def nodes(self) -> list[dict]:
         """The SuperLink's registered SuperNodes (`flwr supernode ls`)."""

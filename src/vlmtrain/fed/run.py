@@ -116,8 +116,11 @@ def run_id(recipe_name: str, out: Path) -> str:
     return f"{recipe_name}-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}"
 
 
-def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
-    """Central stages, site data, initial arrays and the coordinator's plan (each step once; reused on resume)."""
+def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False,
+            local_sites: bool = True) -> dict:
+    """Central stages, site data, initial arrays and the coordinator's plan (each step once; reused on resume).
+    `local_sites=False` (`fed coordinator`): the sites hold their own data on their own hosts; the plan names them
+    only."""
     from vlmtrain.fed.arrays import trainable_arrays
     from vlmtrain.fed.sites import prepare_sites
     from vlmtrain.train.runner import fit_stage
@@ -136,7 +139,7 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
     if stage.init_from is None:
         raise ConfigError("federated: the federated stage needs a central stage before it (its base model)")
     base_model = Path(stage.init_from)
-    sites = prepare_sites(out / "sites", fed.sites, fed.seed)
+    sites = prepare_sites(out / "sites", fed.sites, fed.seed) if local_sites else {}
     coord = out / "coordinator"
     coord.mkdir(exist_ok=True)
     initial = coord / "initial.npz"
@@ -156,7 +159,8 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
             "round_timeout_s": fed.round_timeout_s, "coordinator_dir": str(coord.resolve()),
             "initial_arrays": str(initial.resolve()), "patients_disjoint": fed.patients_disjoint,
             "secure_aggregation": fed.secure,
-            "sites": {name: str(d.resolve()) for name, d in sites.items()}, "base_model": str(base_model.resolve())}
+            "sites": {name: str(sites[name].resolve()) if name in sites else "" for name in fed.sites},
+            "base_model": str(base_model.resolve())}
     (coord / "plan.json").write_text(json.dumps(plan, indent=1))
     return plan
 
@@ -165,27 +169,66 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
                  plan_extra: dict | None = None, evaluate: bool = True) -> dict:
     """Prepare, start SuperLink + one SuperNode per site on 127.0.0.1, run the federation, stop everything,
     evaluate the released model on the held-out cohort, write OUT/summary.json."""
-    from vlmtrain.fed.deploy import Loopback, write_app
+    from vlmtrain.fed.deploy import Loopback
 
     t0 = time.time()
-    out = Path(out)
     plan = prepare(recipe, out, overrides, resume)
+
+    def start_sites(net):
+        for name, site_dir in plan["sites"].items():
+            net.start_site(name, Path(site_dir), Path(plan["base_model"]))
+
+    return serve(plan, Loopback(Path(out) / "deploy"), start_sites, plan_extra, evaluate, t0)
+
+
+def run_coordinator(recipe: str | Path, out: str | Path, host: str, port: int, tls_dir: str | Path | None,
+                    site_keys: dict[str, Path], overrides: list[str] | None = None, resume: bool = False,
+                    online_timeout_s: float = 600.0, evaluate: bool = True) -> dict:
+    """The coordinator of a multi-host federation (`vlmtrain fed coordinator`): central stages and the plan, a
+    SuperLink bound to host:port with TLS and SuperNode authentication, the sites' public keys registered, then —
+    once every site is online (`vlmtrain fed site` on each site's host) — the run; OUT/summary.json as `fed run`."""
+    from vlmtrain.fed.deploy import Loopback
+
+    t0 = time.time()
+    recipe_sites = list(load_federated(recipe, out, overrides)[0].sites)  # checked before any stage runs
+    unknown, missing = sorted(set(site_keys) - set(recipe_sites)), sorted(set(recipe_sites) - set(site_keys))
+    if unknown or missing:
+        raise ConfigError(f"--site-key: the recipe's sites are {', '.join(recipe_sites)}; "
+                          + "; ".join(([f"no key given for {', '.join(missing)}"] if missing else [])
+                                      + ([f"not in the recipe: {', '.join(unknown)}"] if unknown else [])))
+    plan = prepare(recipe, out, overrides, resume, local_sites=False)
+
+    def register_sites(net):
+        for name, public_key in site_keys.items():
+            net.register(name, Path(public_key))
+        log.info(f"coordinator: SuperLink on {host}:{net.port}; waiting for {len(site_keys)} sites "
+                 "(`vlmtrain fed site` on each site's host)")
+
+    net = Loopback(Path(out) / "deploy", port=port, host=host, tls_dir=Path(tls_dir) if tls_dir else None)
+    return serve(plan, net, register_sites, None, evaluate, t0, online_timeout_s)
+
+
+def serve(plan: dict, net, start_sites, plan_extra: dict | None, evaluate: bool, t0: float,
+          online_timeout_s: float = 180.0) -> dict:
+    """The SuperLink of `net`, the sites (`start_sites(net)`: local SuperNodes, or registered keys of remote ones),
+    the Flower run of the plan, every started process stopped, then the summary (+ held-out evaluation)."""
+    from vlmtrain.fed.deploy import write_app
+
     if plan_extra:
         plan.update(plan_extra)
     coord = Path(plan["coordinator_dir"])
+    out = coord.parent
     plan_path = coord / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
     (coord / "summary.json").unlink(missing_ok=True)
-    net = Loopback(out / "deploy")
     # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         net.start_superlink()
-        for name, site_dir in plan["sites"].items():
-            net.start_site(name, Path(site_dir), Path(plan["base_model"]))
-        net.wait_online(len(plan["sites"]))
-        run = net.submit(write_app(out / "deploy" / "app"), plan_path)
-        log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}")
+        start_sites(net)
+        net.wait_online(len(plan["sites"]), timeout=online_timeout_s)
+        run = net.submit(write_app(net.root / "app"), plan_path)
+        log.info(f"federation: flwr run {run} submitted to the SuperLink on {net.host}:{net.port}")
         status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)
         net.save_run_log(run)
     finally:
@@ -193,10 +236,10 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
         signal.signal(signal.SIGTERM, previous)
     if not (coord / "summary.json").is_file():
         raise VlmtrainError(f"federation run ended ({status}) without a coordinator summary; see "
-                            f"{out / 'deploy' / 'logs'}")
+                            f"{net.root / 'logs'}")
     summary = json.loads((coord / "summary.json").read_text())
     summary["flower"] = {"run_id": run, "status": status}
-    summary["federated"]["transport"] = {"tls": net.secure, "supernode_auth": net.secure, "host": "127.0.0.1"}
+    summary["federated"]["transport"] = {"tls": net.secure, "supernode_auth": net.secure, "host": net.host}
     if evaluate and summary["status"] == "completed":
         summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
     summary["wall_seconds"] = time.time() - t0
