@@ -60,6 +60,25 @@ def stage(tmp_path, family: str, name: str, **trainer) -> str:
 SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """family → a folder with `text_rank_beside_image_rank` shards and the reference run on them, in one process
+    with the global batch (4) of the 2-rank runs: `ref/`. Made once per family for the tests below."""
+    made = {}
+
+    def run(family: str):
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            text_rank_beside_image_rank(root / "shards")
+            r = subprocess.run([*VLMTRAIN, "fit", "--config", stage(root, family, "one"), "--out", str(root / "ref")],
+                               capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            made[family] = root
+        return made[family]
+
+    return run
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, family):
     """What a text-only rank runs instead of an image (`NativeVLM.blank_image_features`, weighted 0) gives gradients
@@ -97,16 +116,13 @@ SHARDED_RUNS = {"qwen2_5_vl": SHARDED, "gemma3": SHARDED, "llava_onevision": ("d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(SHARDED_RUNS))
-def test_sharded_two_ranks_equal_one_process_with_a_text_only_rank(tmp_path, family):
+def test_sharded_two_ranks_equal_one_process_with_a_text_only_rank(one_process, family):
     """FSDP2, ZeRO-2 and ZeRO-3 (every parameter partitioned: persistence threshold 0, so each module's weights are
     gathered when it is called; OneVision's bare `image_newline` for the whole forward, as an external parameter)
     each equal one process. Before the blank image ran inside the transformers call
     (right after the token embedding, where an image rank runs its tower), ZeRO-3 aborted on a collective mismatch
     and ZeRO-2 drifted by 2e-3 from step 2."""
-    text_rank_beside_image_rank(tmp_path / "shards")
-    r = subprocess.run([*VLMTRAIN, "fit", "--config", stage(tmp_path, family, "one"), "--out", str(tmp_path / "ref")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tmp_path = one_process(family)
     zero3 = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
     zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
     (tmp_path / "zero3.json").write_text(json.dumps(zero3))
@@ -133,3 +149,23 @@ def test_sharded_strategy_refused_for_a_family_without_a_blank_image(tmp_path, s
     with pytest.raises(ConfigError, match=f"trainer.strategy: {strategy} is not available for llava_next"):
         check_native_stage(stage_cfg, bundle)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_native_fsdp_resumes_across_world_sizes_2_1_2(one_process, family):
+    """A native family's sharded DCP checkpoint resumes on another world size: 2 fsdp ranks (rank 0 text-only) for 2
+    steps → 1 fsdp process (`--resume`, same global batch) to step 4 → 2 ranks again to step 6 equals the
+    uninterrupted run in one process (per-step losses and final weights ≤1e-5)."""
+    root = one_process(family)
+    cfg, out = stage(root, family, "fsdp", strategy="fsdp"), root / "elastic"  # batch 2 per rank
+    legs = [(2, ["trainer.max_steps=2"]), (1, ["--resume", "data.batch_size=4", "trainer.max_steps=4"]),
+            (2, ["--resume"])]
+    for ranks, extra in legs:
+        args = ["fit", "--config", cfg, "--out", str(out), *extra]
+        # the middle leg: fsdp on a world of one, a plain process (torchrun adds only its launcher)
+        r = torchrun(2, *args, timeout=600) if ranks == 2 else subprocess.run(
+            [*VLMTRAIN, *args], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{ranks} ranks {extra}: {r.stderr[-3000:]}"
+        # a DCP directory with one shard file per rank of the leg that wrote it
+        assert len(list((out / "checkpoints" / "last.ckpt").glob("*.distcp"))) == ranks, extra
+    assert_same_run(root / "ref", out)
