@@ -108,6 +108,50 @@ def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, 
     assert real and blank == real, sorted(real ^ blank)
 
 
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one rank in this process (FSDP2 needs one), removed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["llava_onevision"])
+def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, world_of_one):
+    """OneVision's `image_newline` is a bare parameter of the connector role that transformers reads from its own
+    module. FSDP2 replaces the role's parameter objects; the forward must use the replacement: under FSDP2 (a world
+    of one) its gradient equals the unsharded model's on the same batch. Before `_share_bare_parameters`
+    transformers used the stale object (no gradient reached the sharded one: it never trained under fsdp)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.model import build_model
+    from vlmtrain.train.module import model_extras
+    from vlmtrain.train.strategy import apply_fsdp2
+    from native_fixtures import records
+
+    def image_newline_grad(sharded: bool):
+        bundle = build_model(model_config(checkpoint(tmp_path, family)))
+        m = bundle.model.train()
+        assert [n for n, _ in m.named_parameters() if n.endswith("image_newline")] == ["connector.image_newline"]
+        if sharded:
+            apply_fsdp2(m, init_device_mesh("cpu", (1,)))
+        rec, images = records()[0]
+        b = collate([encoder_for(bundle)(rec, images)], bundle.tokenizer.pad_token_id)
+        m(b["input_ids"], b["pixel_values"], b["attention_mask"], **model_extras(b)).logits.float().sum().backward()
+        grad = m.connector.image_newline.grad
+        return grad.full_tensor() if sharded and grad is not None else grad
+
+    plain, sharded = image_newline_grad(False), image_newline_grad(True)
+    assert plain is not None and float(plain.abs().sum()) > 0
+    assert sharded is not None, "under FSDP2 no gradient reached the role's image_newline"
+    torch.testing.assert_close(sharded, plain, rtol=0, atol=1e-6)
+
+
 # per family: the strategies run against one process (each torchrun run costs ~1 min on 2 CPU cores); the blank-image
 # test above covers every family in-process
 SHARDED_RUNS = {"qwen2_5_vl": SHARDED, "gemma3": SHARDED, "llava_onevision": ("deepspeed_zero3",),
