@@ -108,16 +108,6 @@ def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, 
     assert real and blank == real, sorted(real ^ blank)
 
 
-@pytest.fixture
-def world_of_one():
-    """A gloo process group of one rank in this process (FSDP2 needs one), removed afterwards."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("family", ["llava_onevision"])
 def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, world_of_one):
     """OneVision's `image_newline` is a bare parameter of the connector role that transformers reads from its own

@@ -200,6 +200,25 @@ def optimizer_state_by_name(state: dict, optimizer, model) -> dict:
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
+def load_sharded_optimizer(model, optimizer, index: int, path: Path) -> None:
+    """Optimizer `index`'s state from the DCP checkpoint `path` into `optimizer` (this rank's slices, resharded to
+    this world size). A parameter without state in the checkpoint (it had no gradient before the save: LLaVA's
+    unused top tower layer when the tower trains) gets none here either, as in the run that wrote it — torch's
+    state-dict API gives every parameter a state first, for which DCP would then refuse the load as missing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    key = f"optimizer_{index}"
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = get_optimizer_state_dict(model, optimizer)
+    state["state"] = {name: fields for name, fields in state["state"].items()
+                      if all(f"{key}.state.{name}.{field}" in saved for field in fields)}
+    box = {key: state}
+    dcp.load(box, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=box[key], options=StateDictOptions(strict=False))
+
+
 def read_sharded(path: Path) -> dict:
     """A DCP checkpoint directory as the single-file checkpoint dict (full tensors, index-keyed optimizer states),
     read in this process alone (no process group needed)."""
