@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from vlmtrain.train.checkpoint_io import (META, is_sharded, load_sharded_optimizer, optimizer_state_by_index,
-                                          optimizer_state_by_name, read_checkpoint, resolve_last,
-                                          rotate_directory_in, rotate_in)
+from vlmtrain.train.checkpoint_io import (META, is_sharded, load_full_optimizer, load_sharded_optimizer,
+                                          optimizer_state_by_index, optimizer_state_by_name, read_checkpoint,
+                                          resolve_last, rotate_directory_in, rotate_in)
 
 
 def trained_model():
@@ -67,11 +67,13 @@ def test_optimizer_state_by_index_numbers_parameters_in_group_order():
                    "param_groups": [{"lr": 1, "params": [0]}, {"lr": 2, "params": [1, 2]}]}
 
 
-def test_sharded_optimizer_load_leaves_a_parameter_without_state_without_one(tmp_path, world_of_one):
-    """A trainable parameter that had no gradient before a DCP save (LLaVA's unused top tower layer when the tower
-    trains) has no optimizer state in the checkpoint. Loading under FSDP2 gives the other parameters their saved
-    state (compared with torch's own tensors) and this one none, as in the run that wrote it; before, DCP refused
-    the load (`Missing key in checkpoint state_dict: optimizer_0.state.…unused.weight.step`)."""
+@pytest.mark.parametrize("written_by", ["fsdp", "single"])
+def test_optimizer_load_under_fsdp2_gives_a_parameter_without_state_none(tmp_path, world_of_one, written_by):
+    """A trainable parameter that had no gradient before a save (LLaVA's unused top tower layer when the tower
+    trains) has no optimizer state in the checkpoint — a DCP directory (fsdp) or torch's index-keyed state (single,
+    ddp). Loading it into an FSDP2 model gives the other parameters their saved state (compared with torch's own
+    tensors) and this one none, as in the run that wrote it; before, torch refused either load (DCP: `Missing key in
+    checkpoint state_dict: optimizer_0.state.unused.weight.step`; the full state: `Missing optimizer state`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -85,25 +87,34 @@ def test_sharded_optimizer_load_leaves_a_parameter_without_state_without_one(tmp
         def forward(self, x):
             return self.used(x)
 
-    def build():
-        model = fully_shard(OneUnused(), mesh=init_device_mesh("cpu", (1,)))
+    def build(sharded: bool = True):
+        torch.manual_seed(0)
+        model = OneUnused()
+        if sharded:
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
         return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
-    model, opt = build()
+    model, opt = build(sharded=written_by == "fsdp")
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
-    dcp.save({"optimizer_0": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path / "ck"))
     resumed, resumed_opt = build()
-    load_sharded_optimizer(resumed, resumed_opt, 0, tmp_path / "ck")
+    if written_by == "fsdp":
+        dcp.save({"optimizer_0": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path / "ck"))
+        load_sharded_optimizer(resumed, resumed_opt, 0, tmp_path / "ck")
+    else:
+        load_full_optimizer(resumed, resumed_opt, opt.state_dict())
 
     def by_name(m, o):
         return {n: o.state[p] for n, p in m.named_parameters() if p in o.state}
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
 
     want, got = by_name(model, opt), by_name(resumed, resumed_opt)
     assert sorted(got) == sorted(want) == ["used.bias", "used.weight"]
     for name, state in want.items():
         for field in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got[name][field].full_tensor(), state[field].full_tensor(), rtol=0, atol=0)
+            torch.testing.assert_close(full(got[name][field]), full(state[field]), rtol=0, atol=0)
         assert float(got[name]["step"]) == float(state["step"]) == 1
 
 

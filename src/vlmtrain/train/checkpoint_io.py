@@ -219,6 +219,21 @@ def load_sharded_optimizer(model, optimizer, index: int, path: Path) -> None:
     set_optimizer_state_dict(model, optimizer, optim_state_dict=box[key], options=StateDictOptions(strict=False))
 
 
+def load_full_optimizer(model, optimizer, state: dict) -> None:
+    """torch's index-keyed optimizer state of a single-file checkpoint (full tensors) into `optimizer` of the
+    FSDP2-sharded `model`, each rank keeping its slices. As `load_sharded_optimizer`, a parameter without state in
+    `state` gets none: torch's state-dict API would refuse it, or with strict=False give it the zero state it
+    creates first (a first Adam step then bias-corrected as a second)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, optimizer, model),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, param in enumerate(order):
+        if index not in state["state"]:
+            optimizer.state.pop(param, None)
+
+
 def read_sharded(path: Path) -> dict:
     """A DCP checkpoint directory as the single-file checkpoint dict (full tensors, index-keyed optimizer states),
     read in this process alone (no process group needed)."""
