@@ -50,3 +50,12 @@ def builtin_cache(tmp_path_factory):
         os.environ["VLMTRAIN_BUILTIN_CACHE"] = str(tmp_path_factory.mktemp("builtin-cache"))
     yield os.environ["VLMTRAIN_BUILTIN_CACHE"]
 
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one rank in this process (FSDP2 needs one), removed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

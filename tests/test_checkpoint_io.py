@@ -1,6 +1,6 @@
-"""train.checkpoint_io: the sharded (DCP) checkpoint read back as torch's own single-file layout, and the swap that
-replaces a checkpoint (file or directory) without ever leaving none. The multi-process 2 → 1 → 2 resumes are in
-tests/test_distributed.py."""
+"""train.checkpoint_io: the sharded (DCP) checkpoint read back as torch's own single-file layout or loaded under
+FSDP2, and the swap that replaces a checkpoint (file or directory) without ever leaving none. The multi-process
+2 → 1 → 2 resumes are in tests/test_distributed.py and tests/test_native_strategies.py."""
 
 import errno
 import os
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from vlmtrain.train.checkpoint_io import (META, is_sharded, optimizer_state_by_index, optimizer_state_by_name,
-                                          read_checkpoint, resolve_last, rotate_directory_in,
-                                          rotate_in)
+from vlmtrain.train.checkpoint_io import (META, is_sharded, load_full_optimizer, load_sharded_optimizer,
+                                          optimizer_state_by_index, optimizer_state_by_name, read_checkpoint,
+                                          resolve_last, rotate_directory_in, rotate_in)
 
 
 def trained_model():
@@ -65,6 +65,57 @@ def test_optimizer_state_by_index_numbers_parameters_in_group_order():
     out = optimizer_state_by_index(state)
     assert out == {"state": {2: {"step": 1}, 0: {"step": 2}},
                    "param_groups": [{"lr": 1, "params": [0]}, {"lr": 2, "params": [1, 2]}]}
+
+
+@pytest.mark.parametrize("written_by", ["fsdp", "single"])
+def test_optimizer_load_under_fsdp2_gives_a_parameter_without_state_none(tmp_path, world_of_one, written_by):
+    """A trainable parameter that had no gradient before a save (LLaVA's unused top tower layer when the tower
+    trains) has no optimizer state in the checkpoint — a DCP directory (fsdp) or torch's index-keyed state (single,
+    ddp). Loading it into an FSDP2 model gives the other parameters their saved state (compared with torch's own
+    tensors) and this one none, as in the run that wrote it; before, torch refused either load (DCP: `Missing key in
+    checkpoint state_dict: optimizer_0.state.unused.weight.step`; the full state: `Missing optimizer state`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    class OneUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    def build(sharded: bool = True):
+        torch.manual_seed(0)
+        model = OneUnused()
+        if sharded:
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    model, opt = build(sharded=written_by == "fsdp")
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    resumed, resumed_opt = build()
+    if written_by == "fsdp":
+        dcp.save({"optimizer_0": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path / "ck"))
+        load_sharded_optimizer(resumed, resumed_opt, 0, tmp_path / "ck")
+    else:
+        load_full_optimizer(resumed, resumed_opt, opt.state_dict())
+
+    def by_name(m, o):
+        return {n: o.state[p] for n, p in m.named_parameters() if p in o.state}
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    want, got = by_name(model, opt), by_name(resumed, resumed_opt)
+    assert sorted(got) == sorted(want) == ["used.bias", "used.weight"]
+    for name, state in want.items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(full(got[name][field]), full(state[field]), rtol=0, atol=0)
+        assert float(got[name]["step"]) == float(state["step"]) == 1
 
 
 def test_rotation_replaces_files_and_directories_keeps_the_previous_and_resolve_finds_the_survivor(tmp_path):

@@ -60,6 +60,25 @@ def stage(tmp_path, family: str, name: str, **trainer) -> str:
 SHARDED = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """family → a folder with `text_rank_beside_image_rank` shards and the reference run on them, in one process
+    with the global batch (4) of the 2-rank runs: `ref/`. Made once per family for the tests below."""
+    made = {}
+
+    def run(family: str):
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            text_rank_beside_image_rank(root / "shards")
+            r = subprocess.run([*VLMTRAIN, "fit", "--config", stage(root, family, "one"), "--out", str(root / "ref")],
+                               capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            made[family] = root
+        return made[family]
+
+    return run
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, family):
     """What a text-only rank runs instead of an image (`NativeVLM.blank_image_features`, weighted 0) gives gradients
@@ -89,6 +108,40 @@ def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, 
     assert real and blank == real, sorted(real ^ blank)
 
 
+@pytest.mark.parametrize("family", ["llava_onevision"])
+def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, world_of_one):
+    """OneVision's `image_newline` is a bare parameter of the connector role that transformers reads from its own
+    module. FSDP2 replaces the role's parameter objects; the forward must use the replacement: under FSDP2 (a world
+    of one) its gradient equals the unsharded model's on the same batch. Before `_share_bare_parameters`
+    transformers used the stale object (no gradient reached the sharded one: it never trained under fsdp)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.model import build_model
+    from vlmtrain.train.module import model_extras
+    from vlmtrain.train.strategy import apply_fsdp2
+    from native_fixtures import records
+
+    def image_newline_grad(sharded: bool):
+        bundle = build_model(model_config(checkpoint(tmp_path, family)))
+        m = bundle.model.train()
+        assert [n for n, _ in m.named_parameters() if n.endswith("image_newline")] == ["connector.image_newline"]
+        if sharded:
+            apply_fsdp2(m, init_device_mesh("cpu", (1,)))
+        rec, images = records()[0]
+        b = collate([encoder_for(bundle)(rec, images)], bundle.tokenizer.pad_token_id)
+        m(b["input_ids"], b["pixel_values"], b["attention_mask"], **model_extras(b)).logits.float().sum().backward()
+        grad = m.connector.image_newline.grad
+        return grad.full_tensor() if sharded and grad is not None else grad
+
+    plain, sharded = image_newline_grad(False), image_newline_grad(True)
+    assert plain is not None and float(plain.abs().sum()) > 0
+    assert sharded is not None, "under FSDP2 no gradient reached the role's image_newline"
+    torch.testing.assert_close(sharded, plain, rtol=0, atol=1e-6)
+
+
 # per family: the strategies run against one process (each torchrun run costs ~1 min on 2 CPU cores); the blank-image
 # test above covers every family in-process
 SHARDED_RUNS = {"qwen2_5_vl": SHARDED, "gemma3": SHARDED, "llava_onevision": ("deepspeed_zero3",),
@@ -97,16 +150,13 @@ SHARDED_RUNS = {"qwen2_5_vl": SHARDED, "gemma3": SHARDED, "llava_onevision": ("d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(SHARDED_RUNS))
-def test_sharded_two_ranks_equal_one_process_with_a_text_only_rank(tmp_path, family):
+def test_sharded_two_ranks_equal_one_process_with_a_text_only_rank(one_process, family):
     """FSDP2, ZeRO-2 and ZeRO-3 (every parameter partitioned: persistence threshold 0, so each module's weights are
     gathered when it is called; OneVision's bare `image_newline` for the whole forward, as an external parameter)
     each equal one process. Before the blank image ran inside the transformers call
     (right after the token embedding, where an image rank runs its tower), ZeRO-3 aborted on a collective mismatch
     and ZeRO-2 drifted by 2e-3 from step 2."""
-    text_rank_beside_image_rank(tmp_path / "shards")
-    r = subprocess.run([*VLMTRAIN, "fit", "--config", stage(tmp_path, family, "one"), "--out", str(tmp_path / "ref")],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tmp_path = one_process(family)
     zero3 = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
     zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
     (tmp_path / "zero3.json").write_text(json.dumps(zero3))
@@ -133,3 +183,23 @@ def test_sharded_strategy_refused_for_a_family_without_a_blank_image(tmp_path, s
     with pytest.raises(ConfigError, match=f"trainer.strategy: {strategy} is not available for llava_next"):
         check_native_stage(stage_cfg, bundle)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_native_fsdp_resumes_across_world_sizes_2_1_2(one_process, family):
+    """A native family's sharded DCP checkpoint resumes on another world size: 2 fsdp ranks (rank 0 text-only) for 2
+    steps → 1 fsdp process (`--resume`, same global batch) to step 4 → 2 ranks again to step 6 equals the
+    uninterrupted run in one process (per-step losses and final weights ≤1e-5)."""
+    root = one_process(family)
+    cfg, out = stage(root, family, "fsdp", strategy="fsdp"), root / "elastic"  # batch 2 per rank
+    legs = [(2, ["trainer.max_steps=2"]), (1, ["--resume", "data.batch_size=4", "trainer.max_steps=4"]),
+            (2, ["--resume"])]
+    for ranks, extra in legs:
+        args = ["fit", "--config", cfg, "--out", str(out), *extra]
+        # the middle leg: fsdp on a world of one, a plain process (torchrun adds only its launcher)
+        r = torchrun(2, *args, timeout=600) if ranks == 2 else subprocess.run(
+            [*VLMTRAIN, *args], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{ranks} ranks {extra}: {r.stderr[-3000:]}"
+        # a DCP directory with one shard file per rank of the leg that wrote it
+        assert len(list((out / "checkpoints" / "last.ckpt").glob("*.distcp"))) == ranks, extra
+    assert_same_run(root / "ref", out)

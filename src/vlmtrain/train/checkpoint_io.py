@@ -200,6 +200,41 @@ def optimizer_state_by_name(state: dict, optimizer, model) -> dict:
     return {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
 
 
+def load_sharded_optimizer(model, optimizer, index: int, path: Path) -> None:
+    """Optimizer `index`'s state from the DCP checkpoint `path` into `optimizer` (this rank's slices, resharded to
+    this world size). A parameter without state in the checkpoint (it had no gradient before the save: LLaVA's
+    unused top tower layer when the tower trains) gets none here either, as in the run that wrote it — torch's
+    state-dict API gives every parameter a state first, for which DCP would then refuse the load as missing."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    key = f"optimizer_{index}"
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = get_optimizer_state_dict(model, optimizer)
+    # only a parameter with no saved field at all is left out: a field missing beside others stays a loud DCP error
+    state["state"] = {name: fields for name, fields in state["state"].items()
+                      if any(f"{key}.state.{name}.{field}" in saved for field in fields)}
+    box = {key: state}
+    dcp.load(box, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=box[key], options=StateDictOptions(strict=False))
+
+
+def load_full_optimizer(model, optimizer, state: dict) -> None:
+    """torch's index-keyed optimizer state of a single-file checkpoint (full tensors) into `optimizer` of the
+    FSDP2-sharded `model`, each rank keeping its slices. As `load_sharded_optimizer`, a parameter without state in
+    `state` gets none: torch's state-dict API would refuse it, or with strict=False give it the zero state it
+    creates first (a first Adam step then bias-corrected as a second)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optimizer_state_by_name(state, optimizer, model),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, param in enumerate(order):
+        if index not in state["state"]:
+            optimizer.state.pop(param, None)
+
+
 def read_sharded(path: Path) -> dict:
     """A DCP checkpoint directory as the single-file checkpoint dict (full tensors, index-keyed optimizer states),
     read in this process alone (no process group needed)."""

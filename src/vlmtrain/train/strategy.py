@@ -155,11 +155,10 @@ def _fsdp2_strategy(world: int):
             import torch
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                                 get_optimizer_state_dict, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+                                                                 set_model_state_dict)
 
-            from vlmtrain.train.checkpoint_io import (META, is_sharded, optimizer_state_by_name, read_checkpoint,
-                                                      verify_checkpoint)
+            from vlmtrain.train.checkpoint_io import (META, is_sharded, load_full_optimizer, load_sharded_optimizer,
+                                                      read_checkpoint, verify_checkpoint)
 
             path = Path(self.broadcast(str(checkpoint_path)))
             if is_sharded(path):
@@ -170,9 +169,7 @@ def _fsdp2_strategy(world: int):
                 dcp.load({"state_dict": model_sd}, checkpoint_id=str(path))  # reads this rank's slices
                 set_model_state_dict(self.model, model_sd, options=StateDictOptions(strict=False))
                 for i, opt in enumerate(self.optimizers):
-                    box = {f"optimizer_{i}": get_optimizer_state_dict(self.model, opt)}
-                    dcp.load(box, checkpoint_id=str(path))
-                    set_optimizer_state_dict(self.model, opt, optim_state_dict=box[f"optimizer_{i}"])
+                    load_sharded_optimizer(self.model, opt, i, path)
                 ckpt["state_dict"] = model_sd
                 return ckpt
             # a single-file checkpoint (from a single-process or ddp run): full tensors, index-keyed optimizer
@@ -180,8 +177,7 @@ def _fsdp2_strategy(world: int):
             full = StateDictOptions(full_state_dict=True, strict=False)
             set_model_state_dict(self.model, ckpt["state_dict"], options=full)
             for opt, state in zip(self.optimizers, ckpt["optimizer_states"]):
-                set_optimizer_state_dict(self.model, opt, optimizer_state_by_name(state, opt, self.model),
-                                         options=StateDictOptions(full_state_dict=True))
+                load_full_optimizer(self.model, opt, state)
             return ckpt
 
     return _ShardedFSDP2(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=True)

@@ -87,9 +87,13 @@ class NativeVLM(nn.Module):
         self.vision = RolePart()
         self.connector = RolePart()
         self.llm = LLMRole(hf)
+        self._bare_paths: list[tuple[str, str]] = []  # (path here, path in hf) of each bare parameter
         for role, parts in family.roles.items():
             for local, path in parts.items():
-                getattr(self, role).install(local, _resolve(hf, path))
+                obj = _resolve(hf, path)
+                getattr(self, role).install(local, obj)
+                if isinstance(obj, nn.Parameter):
+                    self._bare_paths.append((f"{role}.{local}", path))
         self._check_partition()
         cfg = hf.config
         token = getattr(cfg, "image_token_id", None)
@@ -151,6 +155,7 @@ class NativeVLM(nn.Module):
         """Logits `[b, s, vocab]` (as `.logits`), or `[n, vocab]` at `logits_mask` (bool `[b, s]`, or `[n, 2]`
         (row, position) pairs). `extras`: the family's tensors from the batch. `image_keys` is accepted for the
         shared contract and unused (no feature cache for native towers)."""
+        self._share_bare_parameters()
         kw = {k: v for k, v in extras.items() if v is not None}
         if attention_mask is None and position_ids is not None and self.family.bidirectional_images:
             # a batch without image tokens may come without token_type_ids: no image blocks then
@@ -185,6 +190,20 @@ class NativeVLM(nn.Module):
         if logits_mask.dtype == torch.bool:
             return self.head(hidden[logits_mask])
         return self.head(hidden[logits_mask[:, 0], logits_mask[:, 1]])
+
+    def _share_bare_parameters(self) -> None:
+        """Point transformers at the role's current object of each bare parameter (`bare_parameters`). FSDP2
+        replaces a module's parameters with new objects (its sharded DTensor; the unsharded tensor during a forward)
+        by setting them on the module that registers them — for a bare parameter that is the role, while
+        transformers reads its own attribute. Without this, OneVision's `image_newline` under fsdp kept its initial
+        value (transformers used the stale object, which no optimizer holds) and a resume of its DCP checkpoint
+        failed on the optimizer state the checkpoint lacked."""
+        for ours, theirs in self._bare_paths:
+            owner, _, leaf = theirs.rpartition(".")
+            holder = _resolve(self.hf, owner) if owner else self.hf
+            current = _resolve(self, ours)
+            if getattr(holder, leaf) is not current:
+                setattr(holder, leaf, current)
 
     def bare_parameters(self) -> list[nn.Parameter]:
         """Parameters a role holds directly, not inside a module (LLaVA-NeXT/OneVision's `image_newline`): the
