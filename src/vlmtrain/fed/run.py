@@ -1,4 +1,6 @@
-"""`vlmtrain fed run RECIPE --out OUT`: the whole federation on one machine (loopback), top to bottom.
+"""`vlmtrain fed run RECIPE --out OUT [--simulation]`: the whole federation on one machine (loopback), top to bottom;
+on Flower's Deployment Engine (a SuperLink and one SuperNode process per site), or with `--simulation` on its
+Simulation Engine (one virtual node per site in Ray actors).
 
     OUT/<stage>/                 stages before the federated one, run centrally (public data → the base model)
     OUT/sites/<SITE>/            each site's gated shards, privacy ledger and kept replies (what stays at a site)
@@ -162,13 +164,20 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
 
 
 def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False,
-                 plan_extra: dict | None = None, evaluate: bool = True) -> dict:
+                 plan_extra: dict | None = None, evaluate: bool = True, simulation: bool = False) -> dict:
     """Prepare, start SuperLink + one SuperNode per site on 127.0.0.1, run the federation, stop everything,
-    evaluate the released model on the held-out cohort, write OUT/summary.json."""
-    from vlmtrain.fed.deploy import Loopback, write_app
+    evaluate the released model on the held-out cohort, write OUT/summary.json. With `simulation`, the same plan,
+    ServerApp and ClientApp run on Flower's Simulation Engine instead (one virtual node per site, `SimulationLink`)."""
+    from vlmtrain.fed.deploy import Loopback, SimulationLink, write_app
 
     t0 = time.time()
     out = Path(out)
+    if simulation:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # before minutes of preparation, not after
+            raise VlmtrainError("--simulation runs Flower's Simulation Engine, which needs Ray: install the fed-sim "
+                                "extra (`pip install -c requirements/constraints-fed.txt -e .[fed-sim]`)")
     plan = prepare(recipe, out, overrides, resume)
     if plan_extra:
         plan.update(plan_extra)
@@ -176,16 +185,21 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
     plan_path = coord / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
     (coord / "summary.json").unlink(missing_ok=True)
-    net = Loopback(out / "deploy")
+    net = (SimulationLink if simulation else Loopback)(out / "deploy")
     # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         net.start_superlink()
-        for name, site_dir in plan["sites"].items():
-            net.start_site(name, Path(site_dir), Path(plan["base_model"]))
-        net.wait_online(len(plan["sites"]))
-        run = net.submit(write_app(out / "deploy" / "app"), plan_path)
-        log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}")
+        app = write_app(out / "deploy" / "app")
+        if simulation:
+            run = net.submit_simulation(app, plan_path, len(plan["sites"]))
+        else:
+            for name, site_dir in plan["sites"].items():
+                net.start_site(name, Path(site_dir), Path(plan["base_model"]))
+            net.wait_online(len(plan["sites"]))
+            run = net.submit(app, plan_path)
+        log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}"
+                 + (" (Simulation Engine)" if simulation else ""))
         status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)
         net.save_run_log(run)
     finally:
@@ -196,7 +210,7 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
                             f"{out / 'deploy' / 'logs'}")
     summary = json.loads((coord / "summary.json").read_text())
     summary["flower"] = {"run_id": run, "status": status}
-    summary["federated"]["transport"] = {"tls": net.secure, "supernode_auth": net.secure, "host": "127.0.0.1"}
+    summary["federated"]["transport"] = transport(net, simulation)
     if evaluate and summary["status"] == "completed":
         summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
     summary["wall_seconds"] = time.time() - t0
@@ -205,6 +219,15 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
 
         write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def transport(net, simulation: bool) -> dict:
+    """How the messages travelled: a deployment over TLS with authenticated SuperNodes, or Flower's Simulation
+    Engine (messages handed to Ray actors in memory on this machine: no network link to encrypt)."""
+    if simulation:
+        return {"engine": "simulation", "backend": "ray", "tls": False, "supernode_auth": False,
+                "host": "127.0.0.1"}
+    return {"engine": "deployment", "tls": net.secure, "supernode_auth": net.secure, "host": "127.0.0.1"}
 
 
 def evaluate_released(plan: dict, arrays_path: Path, data_root: Path) -> dict:
