@@ -11,7 +11,6 @@ mismatched arrays) is an error reply with the reason — which names no record, 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -89,8 +88,9 @@ app = ClientApp(mods=[wire_log_mod, secagg_mod])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from vlmtrain.fed.site import Site
+    from vlmtrain.fed import app_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app_logging()
     node = site_config(context)
     site = Site(str(node["site-dir"]), str(node["base-model"]), name=str(node.get("site-name", "")) or None)
     if is_secagg(msg):

@@ -79,6 +79,37 @@ def _bin(name: str) -> str:
     return str(path)
 
 
+def processes_of(flwr_home: Path) -> list[int]:
+    """PIDs of live processes whose environment has FLWR_HOME=`flwr_home` (each inherited it from a process this
+    federation started). Read from /proc by hand: psutil is a test dependency only."""
+    mark, me, pids = f"FLWR_HOME={flwr_home}".encode(), os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]  # after "(comm)", which may hold spaces
+            if state != "Z" and mark in (d / "environ").read_bytes().split(b"\0"):
+                pids.append(int(d.name))
+        except (OSError, IndexError):  # gone, or not ours to read
+            continue
+    return pids
+
+
+def end_processes_of(flwr_home: Path, grace_s: float = 15) -> None:
+    """SIGTERM, then after `grace_s` SIGKILL, each process of this federation still alive, by PID: Flower starts
+    its SuperExec (and, under the Simulation Engine, the simulation process, which starts Ray's daemons and
+    workers) in sessions of their own, which a process-group signal does not reach."""
+    for pid in processes_of(flwr_home):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    t_end = time.time() + grace_s
+    while (left := processes_of(flwr_home)) and time.time() < t_end:
+        time.sleep(0.5)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @dataclass
 class Loopback:
     """SuperLink + SuperNodes on 127.0.0.1; `stop()` ends exactly the processes it started (by PID)."""
@@ -221,34 +252,10 @@ class Loopback:
 
     def stop(self, name: str | None = None) -> None:
         """SIGTERM the named process (default: every one started here) and its process group. With no name, also
-        every process that still carries this federation's FLWR_HOME: Flower starts its SuperExec (and, under the
-        Simulation Engine, the simulation process and Ray's daemons and workers) in sessions of their own, which
-        the process-group signal does not reach."""
+        every process that still carries this federation's FLWR_HOME (`end_processes_of`)."""
         self._stop_started(name)
         if name is None:
-            for pid in self.leftover_pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            t_end = time.time() + 15
-            while (left := self.leftover_pids()) and time.time() < t_end:
-                time.sleep(0.5)
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-    def leftover_pids(self) -> list[int]:
-        """PIDs of live processes whose environment has this federation's FLWR_HOME (each inherited it from a
-        process started here). Read from /proc by hand: psutil is a test dependency only."""
-        mark, me, pids = f"FLWR_HOME={self.home}".encode(), os.getpid(), []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == me:
-                continue
-            try:
-                if mark in (d / "environ").read_bytes().split(b"\0") and (d / "stat").read_text().split()[2] != "Z":
-                    pids.append(int(d.name))
-            except OSError:  # gone, or not ours to read
-                continue
-        return pids
+            end_processes_of(self.home)
 
     def _stop_started(self, name: str | None) -> None:
         for n in ([name] if name else list(self.procs)):
