@@ -43,11 +43,14 @@ def test_simulation_runs_the_recipe_like_the_deployment(tmp_path):
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
 
+    # the simulation ran in a network namespace whose only interface is loopback (Ray binds every interface)
+    assert json.loads((out / "deploy" / "simulation.json").read_text())["interfaces"] == ["lo"]
+
     s = json.loads((out / "summary.json").read_text())
     f, p = s["federated"], s["privacy"]
     assert s["status"] == "completed" and s["flower"]["status"].startswith("finished:completed")
     assert f["transport"] == {"engine": "simulation", "backend": "ray", "tls": False, "supernode_auth": False,
-                              "host": "127.0.0.1"}
+                              "host": "127.0.0.1", "network_namespace": "loopback only"}
     assert f["rounds"] == 1 == f["rounds_aggregated"] and f["local_steps"] == 1 and f["errors"] == []
     assert sorted(f["sites"]) == SITES and f["strategy"] == "fedavg" and f["min_sites"] == 2
     assert f["secure_aggregation"] is True  # 3 sites: SecAgg+ by default, as in the deployment

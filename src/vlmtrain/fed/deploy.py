@@ -276,10 +276,10 @@ class Loopback:
 @dataclass
 class SimulationLink(Loopback):
     """Flower's Simulation Engine behind the same interface: one SuperLink in simulation mode on 127.0.0.1
-    (`flower-superlink --simulation`, plaintext on loopback: no SuperNode, no network peer), which runs the
-    submitted app in a `flwr-simulation` process; its ClientApps run in Ray actors, one virtual node per site.
-    Ray stays on this machine: `ray.init` from Flower starts a local Ray instance (no dashboard), with usage
-    statistics off (`RAY_USAGE_STATS_ENABLED=0`, `flower_env`)."""
+    (`flower-superlink --simulation`, plaintext: no SuperNode, no network peer), which runs the submitted app in a
+    `flwr-simulation` process; its ClientApps run in Ray actors, one virtual node per site. Flower's `ray.init`
+    starts a local Ray instance (no dashboard; usage statistics off: `flower_env`). Run it inside a private
+    network namespace (`fed.simulate`): Ray 2.55.1 binds all interfaces otherwise."""
 
     secure: bool = False
 

@@ -167,9 +167,8 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
                  plan_extra: dict | None = None, evaluate: bool = True, simulation: bool = False) -> dict:
     """Prepare, start SuperLink + one SuperNode per site on 127.0.0.1, run the federation, stop everything,
     evaluate the released model on the held-out cohort, write OUT/summary.json. With `simulation`, the same plan,
-    ServerApp and ClientApp run on Flower's Simulation Engine instead (one virtual node per site, `SimulationLink`)."""
-    from vlmtrain.fed.deploy import Loopback, SimulationLink, write_app
-
+    ServerApp and ClientApp run on Flower's Simulation Engine instead (one virtual node per site, in a private
+    network namespace: `fed.simulate`)."""
     t0 = time.time()
     out = Path(out)
     if simulation:
@@ -178,6 +177,9 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
         if importlib.util.find_spec("ray") is None:  # before minutes of preparation, not after
             raise VlmtrainError("--simulation runs Flower's Simulation Engine, which needs Ray: install the fed-sim "
                                 "extra (`pip install -c requirements/constraints-fed.txt -e .[fed-sim]`)")
+        from vlmtrain.fed.simulate import check_isolation
+
+        check_isolation()
     plan = prepare(recipe, out, overrides, resume)
     if plan_extra:
         plan.update(plan_extra)
@@ -185,26 +187,14 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
     plan_path = coord / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
     (coord / "summary.json").unlink(missing_ok=True)
-    net = (SimulationLink if simulation else Loopback)(out / "deploy")
-    # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        net.start_superlink()
-        app = write_app(out / "deploy" / "app")
-        if simulation:
-            run = net.submit_simulation(app, plan_path, len(plan["sites"]))
-        else:
-            for name, site_dir in plan["sites"].items():
-                net.start_site(name, Path(site_dir), Path(plan["base_model"]))
-            net.wait_online(len(plan["sites"]))
-            run = net.submit(app, plan_path)
-        log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}"
-                 + (" (Simulation Engine)" if simulation else ""))
-        status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)
-        net.save_run_log(run)
-    finally:
-        net.stop()
-        signal.signal(signal.SIGTERM, previous)
+    timeout = plan["round_timeout_s"] * plan["rounds"] + 300
+    if simulation:
+        from vlmtrain.fed.simulate import simulate_isolated
+
+        run, status = simulate_isolated(out / "deploy", plan_path, len(plan["sites"]), timeout)
+        net = None
+    else:
+        run, status, net = deploy_loopback(plan, plan_path, out / "deploy", timeout)
     if not (coord / "summary.json").is_file():
         raise VlmtrainError(f"federation run ended ({status}) without a coordinator summary; see "
                             f"{out / 'deploy' / 'logs'}")
@@ -221,12 +211,34 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
     return summary
 
 
+def deploy_loopback(plan: dict, plan_path: Path, root: Path, timeout: float):
+    """SuperLink + one SuperNode per site on 127.0.0.1, `flwr run`, wait, stop everything → (run id, status, net)."""
+    from vlmtrain.fed.deploy import Loopback, write_app
+
+    net = Loopback(root)
+    # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        net.start_superlink()
+        for name, site_dir in plan["sites"].items():
+            net.start_site(name, Path(site_dir), Path(plan["base_model"]))
+        net.wait_online(len(plan["sites"]))
+        run = net.submit(write_app(root / "app"), plan_path)
+        log.info(f"federation: flwr run {run} submitted to the loopback SuperLink on 127.0.0.1:{net.port}")
+        status = net.wait(run, timeout=timeout)
+        net.save_run_log(run)
+    finally:
+        net.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return run, status, net
+
+
 def transport(net, simulation: bool) -> dict:
     """How the messages travelled: a deployment over TLS with authenticated SuperNodes, or Flower's Simulation
-    Engine (messages handed to Ray actors in memory on this machine: no network link to encrypt)."""
+    Engine (Ray actors on this machine, in a network namespace that has only loopback: no link to encrypt)."""
     if simulation:
         return {"engine": "simulation", "backend": "ray", "tls": False, "supernode_auth": False,
-                "host": "127.0.0.1"}
+                "host": "127.0.0.1", "network_namespace": "loopback only"}
     return {"engine": "deployment", "tls": net.secure, "supernode_auth": net.secure, "host": "127.0.0.1"}
 
 
