@@ -11,14 +11,15 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# Flower (the `fed` extra) goes in last with its own constraints: five of its pins differ from the main stack's
-# (docs/federated.md#install); requirements/constraints-fed.txt is a freeze of the combined venv.
+# Flower (the `fed` extra, and `fed-sim`: Ray for its Simulation Engine) goes in last with its own constraints: five
+# of its pins differ from the main stack's (docs/federated.md#install); requirements/constraints-fed.txt is a freeze
+# of the combined venv.
 $(STAMP): pyproject.toml requirements/constraints.txt requirements/constraints-fed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[all,dev]"
-	$(PY) -m pip install --quiet -c requirements/constraints-fed.txt -e ".[fed]"
+	$(PY) -m pip install --quiet -c requirements/constraints-fed.txt -e ".[fed,fed-sim]"
 	touch $(STAMP)
 
 # The demo always starts fresh (runs/demo is the demo's own scratch directory).

@@ -158,7 +158,7 @@ def test_summary_contract(fed_run):
     assert f["rounds"] == ROUNDS == f["rounds_aggregated"] and f["strategy"] == "fedavg"
     assert sorted(f["sites"]) == SITES
     assert f["secure_aggregation"] is True and len(f["bytes_up_per_round"]) == ROUNDS  # SecAgg+: on by default
-    assert f["transport"] == {"tls": True, "supernode_auth": True, "host": "127.0.0.1"}
+    assert f["transport"] == {"engine": "deployment", "tls": True, "supernode_auth": True, "host": "127.0.0.1"}
     assert set(p["sites"]) == set(f["sites"]) and p["epsilon"] == max(v["epsilon"] for v in p["sites"].values())
     assert p["delta"] == 1e-5
 

@@ -1,6 +1,7 @@
 """`vlmtrain fed ...`: federated training with Flower (`vlmtrain.fed`).
 
-    vlmtrain fed run RECIPE --out OUT [--resume] [overrides]   the whole federation on 127.0.0.1
+    vlmtrain fed run RECIPE --out OUT [--resume] [--simulation] [overrides]
+                                                               the whole federation on 127.0.0.1
     vlmtrain fed privacy-report SITE_DIR [--json]              a site's ledger: ε per dataset over all runs
     vlmtrain fed status OUT                                    the coordinator's checkpoint: rounds done
 A federation over several hosts (docs/federated.md#a-real-multi-host-deployment):
@@ -21,7 +22,8 @@ from vlmtrain.errors import ConfigError
 def cmd_run(args) -> int:
     from vlmtrain.fed.run import run_loopback
 
-    return _report(run_loopback(args.recipe, args.out, overrides=args.overrides, resume=args.resume), args.out)
+    return _report(run_loopback(args.recipe, args.out, overrides=args.overrides, resume=args.resume,
+                                simulation=args.simulation), args.out)
 
 
 def cmd_coordinator(args) -> int:
@@ -132,6 +134,12 @@ def add_parser(sub) -> None:
     r.add_argument("recipe", metavar="RECIPE", help="federated recipe YAML (with a `federated:` block)")
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--resume", action="store_true", help="continue from the coordinator's last checkpoint")
+    # a flag of `run`, not a verb of its own: a simulation takes the same recipe, overrides, --out and --resume,
+    # prepares the same sites and writes the same summary; only the engine under the ServerApp/ClientApp differs
+    r.add_argument("--simulation", action="store_true",
+                   help="for development: run the sites as virtual nodes on Flower's Simulation Engine (Ray actors "
+                        "in this machine's memory; no TLS, no SuperNode processes) instead of the Deployment Engine "
+                        "(needs the `fed-sim` extra)")
     r.set_defaults(accepts_overrides=True, func=cmd_run)
     pr = verbs.add_parser("privacy-report", help="a site's privacy ledger (ε over every round of every run)")
     pr.add_argument("site_dir", metavar="SITE_DIR")

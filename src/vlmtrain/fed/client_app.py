@@ -1,7 +1,8 @@
 """The site's Flower ClientApp (Message API): one `train` message = one DP round at the site (`fed.site`).
 
 The SuperNode's `--node-config` names the site's own things: `site-dir` (gated shards, ledger, kept replies) and
-`base-model` (the base model on local disk). The message brings the global trainable arrays and the round's
+`base-model` (the base model on local disk). Under Flower's Simulation Engine (`fed run --simulation`) a node has
+only `partition-id`; `site_config` maps it to the plan's sites (`simulation_sites`). The message brings the global trainable arrays and the round's
 request; the reply holds only the allow-listed content (`fed.arrays`): trainable arrays, numeric metrics, the
 site's name and the sha256 of the gate report it trained under. A refused round (budget, missing gate report,
 mismatched arrays) is an error reply with the reason — which names no record, path or patient.
@@ -10,7 +11,7 @@ mismatched arrays) is an error reply with the reason — which names no record, 
 from __future__ import annotations
 
 import json
-import logging
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
@@ -30,7 +31,6 @@ def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
     and sha256 of its serialised buffer. For audits and the allow-list test; off by default."""
     import hashlib
     import os
-    from pathlib import Path
 
     reply = call_next(msg, context)
     out = os.environ.get(WIRE_LOG_ENV)
@@ -45,7 +45,7 @@ def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
                                                      for n, a in rec.items()}}
             else:
                 dump[key] = {"type": kind, "items": {n: wire_value(v) for n, v in rec.items()}}
-        site = str(context.node_config.get("site-name", context.node_id))
+        site = str(site_config(context).get("site-name", context.node_id))
         path = Path(out) / f"{site}-{reply.metadata.reply_to_message_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dump))
@@ -64,6 +64,22 @@ def wire_value(v):
     return v if isinstance(v, (int, float, str, bool)) else repr(v)
 
 
+def simulation_sites(plan: dict) -> list[dict]:
+    """Partition id → the node config a SuperNode of that site would have: the plan's sites in name order."""
+    return [{"site-dir": plan["sites"][name], "base-model": plan["base_model"], "site-name": name}
+            for name in sorted(plan["sites"])]
+
+
+def site_config(context: Context) -> dict:
+    """The site's own settings (`site-dir`, `base-model`, `site-name`): the SuperNode's `--node-config` in a
+    deployment; in a simulation, where Flower gives each virtual node only `partition-id`, the entry of that index
+    in the plan's sites (every simulated site runs on the coordinator's machine, so the plan is on its disk)."""
+    if "site-dir" in context.node_config or "partition-id" not in context.node_config:
+        return dict(context.node_config)
+    plan = json.loads(Path(str(context.run_config["plan"])).read_text())
+    return simulation_sites(plan)[int(context.node_config["partition-id"])]
+
+
 # secagg_mod: Flower's `secaggplus_mod` on SecAgg+ messages only (`fed.secagg`); inside wire_log_mod, so the wire
 # log records what leaves the site (masked vectors, not arrays)
 app = ClientApp(mods=[wire_log_mod, secagg_mod])
@@ -72,10 +88,11 @@ app = ClientApp(mods=[wire_log_mod, secagg_mod])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from vlmtrain.fed.site import Site
+    from vlmtrain.fed import app_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    site = Site(str(context.node_config["site-dir"]), str(context.node_config["base-model"]),
-                name=str(context.node_config.get("site-name", "")) or None)
+    app_logging()
+    node = site_config(context)
+    site = Site(str(node["site-dir"]), str(node["base-model"]), name=str(node.get("site-name", "")) or None)
     if is_secagg(msg):
         return train_secagg(msg, context, site)
     cfg = msg.content["config"]

@@ -9,6 +9,7 @@ crashed, so the run's status is read back with `flwr ls` and the coordinator's o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -105,6 +106,37 @@ def tls_from_dir(tls_dir: Path) -> dict[str, Path]:
         raise VlmtrainError(f"--tls-dir {tls_dir}: missing {', '.join(missing)} (make them with `vlmtrain fed certs "
                             "--out DIR --host HOST`, or put the consortium's CA, server certificate and key there)")
     return paths
+
+
+def processes_of(flwr_home: Path) -> list[int]:
+    """PIDs of live processes whose environment has FLWR_HOME=`flwr_home` (each inherited it from a process this
+    federation started). Read from /proc by hand: psutil is a test dependency only."""
+    mark, me, pids = f"FLWR_HOME={flwr_home}".encode(), os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]  # after "(comm)", which may hold spaces
+            if state != "Z" and mark in (d / "environ").read_bytes().split(b"\0"):
+                pids.append(int(d.name))
+        except (OSError, IndexError):  # gone, or not ours to read
+            continue
+    return pids
+
+
+def end_processes_of(flwr_home: Path, grace_s: float = 15) -> None:
+    """SIGTERM, then after `grace_s` SIGKILL, each process of this federation still alive, by PID: Flower starts
+    its SuperExec (and, under the Simulation Engine, the simulation process, which starts Ray's daemons and
+    workers) in sessions of their own, which a process-group signal does not reach."""
+    for pid in processes_of(flwr_home):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    t_end = time.time() + grace_s
+    while (left := processes_of(flwr_home)) and time.time() < t_end:
+        time.sleep(0.5)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -213,8 +245,9 @@ class Loopback:
         return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
                               cwd=self.root)
 
-    def submit(self, app_dir: Path, plan_path: Path) -> int:
-        r = self.flwr("run", str(app_dir), "loopback", "--run-config", f'plan="{plan_path}"', "--format", "json")
+    def submit(self, app_dir: Path, plan_path: Path, *extra: str) -> int:
+        r = self.flwr("run", str(app_dir), "loopback", "--run-config", f'plan="{plan_path}"', *extra,
+                      "--format", "json")
         try:
             return int(json.loads(r.stdout)["run-id"])
         except (ValueError, KeyError) as e:
@@ -248,6 +281,13 @@ class Loopback:
         return path
 
     def stop(self, name: str | None = None) -> None:
+        """SIGTERM the named process (default: every one started here) and its process group. With no name, also
+        every process that still carries this federation's FLWR_HOME (`end_processes_of`)."""
+        self._stop_started(name)
+        if name is None:
+            end_processes_of(self.home)
+
+    def _stop_started(self, name: str | None) -> None:
         for n in ([name] if name else list(self.procs)):
             p = self.procs.pop(n, None)
             if p is None or p.poll() is not None:
@@ -261,3 +301,28 @@ class Loopback:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
+
+
+@dataclass
+class SimulationLink(Loopback):
+    """Flower's Simulation Engine behind the same interface: one SuperLink in simulation mode on 127.0.0.1
+    (`flower-superlink --simulation`, plaintext: no SuperNode, no network peer), which runs the submitted app in a
+    `flwr-simulation` process; its ClientApps run in Ray actors, one virtual node per site. Flower's `ray.init`
+    starts a local Ray instance (no dashboard; usage statistics off: `flower_env`). Run it inside a private
+    network namespace (`fed.simulate`): Ray 2.55.1 binds all interfaces otherwise."""
+
+    secure: bool = False
+
+    def start_superlink(self) -> None:
+        (self.root / "superlink.db").unlink(missing_ok=True)
+        self._start("superlink", [_bin("flower-superlink"), "--simulation", "--insecure", "--host", "127.0.0.1",
+                                  "--port", str(self.port), "--database", str(self.root / "superlink.db")])
+        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                               f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self._wait_port(self.port, "superlink")
+
+    def submit_simulation(self, app_dir: Path, plan_path: Path, sites: int) -> int:
+        """`flwr run` with one virtual node per site; every node gets a Ray actor of its own (one logical CPU
+        each), so the sites train in parallel and each actor keeps its imports warm between messages."""
+        return self.submit(app_dir, plan_path, "--federation-config",
+                           f"num-supernodes={sites} init-args-num-cpus={sites} client-resources-num-cpus=1")

@@ -1,4 +1,6 @@
-"""`vlmtrain fed run RECIPE --out OUT`: the whole federation on one machine (loopback), top to bottom.
+"""`vlmtrain fed run RECIPE --out OUT [--simulation]`: the whole federation on one machine (loopback), top to bottom;
+on Flower's Deployment Engine (a SuperLink and one SuperNode process per site), or with `--simulation` on its
+Simulation Engine (one virtual node per site in Ray actors).
 
     OUT/<stage>/                 stages before the federated one, run centrally (public data → the base model)
     OUT/sites/<SITE>/            each site's gated shards, privacy ledger and kept replies (what stays at a site)
@@ -166,19 +168,38 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
 
 
 def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | None = None, resume: bool = False,
-                 plan_extra: dict | None = None, evaluate: bool = True) -> dict:
+                 plan_extra: dict | None = None, evaluate: bool = True, simulation: bool = False) -> dict:
     """Prepare, start SuperLink + one SuperNode per site on 127.0.0.1, run the federation, stop everything,
-    evaluate the released model on the held-out cohort, write OUT/summary.json."""
+    evaluate the released model on the held-out cohort, write OUT/summary.json. With `simulation`, the same plan,
+    ServerApp and ClientApp run on Flower's Simulation Engine instead (one virtual node per site, in a private
+    network namespace: `fed.simulate`)."""
     from vlmtrain.fed.deploy import Loopback
 
     t0 = time.time()
+    out = Path(out)
+    if simulation:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # before minutes of preparation, not after
+            raise VlmtrainError("--simulation runs Flower's Simulation Engine, which needs Ray: install the fed-sim "
+                                "extra (`pip install -c requirements/constraints-fed.txt -e .[fed-sim]`)")
+        from vlmtrain.fed.simulate import check_isolation
+
+        check_isolation()
     plan = prepare(recipe, out, overrides, resume)
 
     def start_sites(net):
         for name, site_dir in plan["sites"].items():
             net.start_site(name, Path(site_dir), Path(plan["base_model"]))
 
-    return serve(plan, Loopback(Path(out) / "deploy"), start_sites, plan_extra, evaluate, t0)
+    def launch(plan_path: Path, timeout: float):
+        if simulation:
+            from vlmtrain.fed.simulate import simulate_isolated
+
+            return (*simulate_isolated(out / "deploy", plan_path, len(plan["sites"]), timeout), None)
+        return deploy(plan, plan_path, Loopback(out / "deploy"), start_sites, timeout)
+
+    return serve(plan, launch, plan_extra, evaluate, t0)
 
 
 def run_coordinator(recipe: str | Path, out: str | Path, host: str, port: int, tls_dir: str | Path | None,
@@ -204,16 +225,16 @@ def run_coordinator(recipe: str | Path, out: str | Path, host: str, port: int, t
         log.info(f"coordinator: SuperLink on {host}:{net.port}; waiting for {len(site_keys)} sites "
                  "(`vlmtrain fed site` on each site's host)")
 
-    net = Loopback(Path(out) / "deploy", port=port, host=host, tls_dir=Path(tls_dir) if tls_dir else None)
-    return serve(plan, net, register_sites, None, evaluate, t0, online_timeout_s)
+    def launch(plan_path: Path, timeout: float):
+        net = Loopback(Path(out) / "deploy", port=port, host=host, tls_dir=Path(tls_dir) if tls_dir else None)
+        return deploy(plan, plan_path, net, register_sites, timeout, online_timeout_s)
+
+    return serve(plan, launch, None, evaluate, t0)
 
 
-def serve(plan: dict, net, start_sites, plan_extra: dict | None, evaluate: bool, t0: float,
-          online_timeout_s: float = 180.0) -> dict:
-    """The SuperLink of `net`, the sites (`start_sites(net)`: local SuperNodes, or registered keys of remote ones),
-    the Flower run of the plan, every started process stopped, then the summary (+ held-out evaluation)."""
-    from vlmtrain.fed.deploy import write_app
-
+def serve(plan: dict, launch, plan_extra: dict | None, evaluate: bool, t0: float) -> dict:
+    """Write the plan, `launch(plan_path, timeout)` the federation (→ run id, status, the deployment's processes or
+    None for a simulation), then the summary (+ held-out evaluation) in OUT/summary.json."""
     if plan_extra:
         plan.update(plan_extra)
     coord = Path(plan["coordinator_dir"])
@@ -221,25 +242,13 @@ def serve(plan: dict, net, start_sites, plan_extra: dict | None, evaluate: bool,
     plan_path = coord / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
     (coord / "summary.json").unlink(missing_ok=True)
-    # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        net.start_superlink()
-        start_sites(net)
-        net.wait_online(len(plan["sites"]), timeout=online_timeout_s)
-        run = net.submit(write_app(net.root / "app"), plan_path)
-        log.info(f"federation: flwr run {run} submitted to the SuperLink on {net.host}:{net.port}")
-        status = net.wait(run, timeout=plan["round_timeout_s"] * plan["rounds"] + 300)
-        net.save_run_log(run)
-    finally:
-        net.stop()
-        signal.signal(signal.SIGTERM, previous)
+    run, status, net = launch(plan_path, plan["round_timeout_s"] * plan["rounds"] + 300)
     if not (coord / "summary.json").is_file():
         raise VlmtrainError(f"federation run ended ({status}) without a coordinator summary; see "
-                            f"{net.root / 'logs'}")
+                            f"{out / 'deploy' / 'logs'}")
     summary = json.loads((coord / "summary.json").read_text())
     summary["flower"] = {"run_id": run, "status": status}
-    summary["federated"]["transport"] = {"tls": net.secure, "supernode_auth": net.secure, "host": net.host}
+    summary["federated"]["transport"] = transport(net)
     if evaluate and summary["status"] == "completed":
         summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
     summary["wall_seconds"] = time.time() - t0
@@ -248,6 +257,36 @@ def serve(plan: dict, net, start_sites, plan_extra: dict | None, evaluate: bool,
 
         write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def deploy(plan: dict, plan_path: Path, net, start_sites, timeout: float, online_timeout_s: float = 180.0):
+    """The SuperLink of `net`, the sites (`start_sites(net)`: local SuperNodes, or registered keys of remote ones),
+    `flwr run`, wait, stop every process started here → (run id, status, net)."""
+    from vlmtrain.fed.deploy import write_app
+
+    # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        net.start_superlink()
+        start_sites(net)
+        net.wait_online(len(plan["sites"]), timeout=online_timeout_s)
+        run = net.submit(write_app(net.root / "app"), plan_path)
+        log.info(f"federation: flwr run {run} submitted to the SuperLink on {net.host}:{net.port}")
+        status = net.wait(run, timeout=timeout)
+        net.save_run_log(run)
+    finally:
+        net.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return run, status, net
+
+
+def transport(net) -> dict:
+    """How the messages travelled: a deployment over TLS with authenticated SuperNodes (`net`), or Flower's
+    Simulation Engine (None: Ray actors on this machine, in a network namespace that has only loopback)."""
+    if net is None:
+        return {"engine": "simulation", "backend": "ray", "tls": False, "supernode_auth": False,
+                "host": "127.0.0.1", "network_namespace": "loopback only"}
+    return {"engine": "deployment", "tls": net.secure, "supernode_auth": net.secure, "host": net.host}
 
 
 def evaluate_released(plan: dict, arrays_path: Path, data_root: Path) -> dict:

@@ -6,7 +6,6 @@ Flower's SecAgg+ workflow (`fed.secagg.run_rounds_secagg`) instead."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from vlmtrain.fed import app_logging
     from vlmtrain.fed.coordinator import federation_summary, run_rounds
     from vlmtrain.fed.secagg import run_rounds_secagg, secagg_summary
     from vlmtrain.fed.ledger import write_json_atomic
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app_logging()
     plan = json.loads(Path(str(context.run_config["plan"])).read_text())
     coord = Path(plan["coordinator_dir"])
     with np.load(plan["initial_arrays"]) as z:
