@@ -74,6 +74,7 @@ def make_strategy(stage, native: bool = False):
     if name == "fsdp":
         return _fsdp2_strategy(world), local, nodes
     if name in DEEPSPEED_PRESETS:
+        cpu_deepspeed_accelerator()
         from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
         class _DeepSpeed(DeepSpeedStrategy):
@@ -135,6 +136,15 @@ def make_strategy(stage, native: bool = False):
 
         return _DeepSpeed(config=deepspeed_config(stage), exclude_frozen_parameters=True), local, nodes
     raise ConfigError(f"trainer.strategy: unknown {name!r} (choose from: {', '.join(STRATEGIES)})")
+
+
+def cpu_deepspeed_accelerator() -> None:
+    """Without a GPU, tell DeepSpeed to use its CPU accelerator before it is imported (its auto-detection finds
+    none and warns on every rank)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce (ops/op_builder/cpu/comm.py)
