@@ -158,8 +158,9 @@ def skip_cpu_inference_comm_op() -> None:
     uses torch.distributed collectives (gloo) and never calls it. Compiling it is ~1 min of C++ on a 2-core machine
     at the first DeepSpeed run of every virtual environment, and again whenever another environment rebuilt it
     last (~/.cache/torch_extensions is shared, and the build is keyed to the environment's include paths).
-    `deepspeed.ops.__compatible_ops__` is DeepSpeed's own per-process table of buildable ops (deepspeed/ops/__init__.py: edits
-    persist); marking the op not buildable makes TorchBackend go on without it, as it does where it cannot build.
+    `deepspeed.ops.__compatible_ops__` is DeepSpeed's own per-process table of buildable ops (deepspeed/ops/
+    __init__.py: edits persist); marking the op not buildable makes TorchBackend go on without it, as it does
+    where it cannot build.
     GPU accelerators never build this op, so nothing changes there."""
     from deepspeed.accelerator import get_accelerator
 
