@@ -1,8 +1,9 @@
 import subprocess
+import sys
 
 import pytest
 
-from conftest import TINY, VLMTRAIN
+from conftest import CONFIGS, TINY, VLMTRAIN
 from vlmtrain.config import load_model_config, parse_overrides
 from vlmtrain.errors import ConfigError
 
@@ -59,3 +60,19 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("vision: [unclosed\n")
     r = run_cli("describe", "--config", str(bad))
     assert r.returncode == 2 and "invalid YAML (line" in r.stderr and str(bad) in r.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["describe", "--config", str(TINY), "vision.select=cls_only"],
+    ["run", str(CONFIGS / "recipes" / "demo.yaml"), "--out", "{tmp}/run", "sft.optim.lr=-1"],
+    ["fit", "--config", str(CONFIGS / "recipes" / "demo.yaml"), "--out", "{tmp}/fit"],  # a recipe is no stage
+    ["plan", "--config", str(CONFIGS / "recipes" / "demo.yaml"), "--gpu-memory=abc"],
+], ids=["describe", "run", "fit", "plan"])
+def test_config_errors_exit_2_before_torch_is_imported(argv, tmp_path):
+    """Fast errors: a bad config is reported before torch, transformers or Lightning load (seconds of start-up)."""
+    code = ("import sys; from vlmtrain.cli.main import main; rc = main(sys.argv[1:]); "
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *(a.format(tmp=tmp_path) for a in argv)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.stdout.split("\n")[-2] == "2 []", (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -253,3 +253,25 @@ def test_wandb_logger_runs_offline(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant", "constant_with_warmup"])
+@pytest.mark.parametrize("warmup_ratio, total", [(0.0, 7), (0.03, 100), (0.3, 10), (0.5, 4)])
+def test_schedule_equals_transformers_get_scheduler(schedule, warmup_ratio, total):
+    """train/optim.py writes transformers' four schedules out (importing them costs seconds of start-up): every
+    step's learning rate, bit for bit, and the state_dict a checkpoint stores, against transformers' own."""
+    import math
+
+    from transformers import get_scheduler
+
+    from vlmtrain.config.stage import OptimConfig
+    from vlmtrain.train.optim import build_scheduler
+
+    optim = OptimConfig(lr=3e-4, schedule=schedule, warmup_ratio=warmup_ratio)
+    ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4) for _ in range(2))
+    a = build_scheduler(ours, optim, total)
+    b = get_scheduler(schedule, theirs, num_warmup_steps=math.ceil(warmup_ratio * total), num_training_steps=total)
+    for _ in range(total + 2):
+        assert a.get_last_lr() == b.get_last_lr()
+        ours.step(), theirs.step(), a.step(), b.step()
+    assert a.state_dict() == b.state_dict()

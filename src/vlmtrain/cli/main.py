@@ -29,28 +29,30 @@ from vlmtrain.errors import VlmtrainError
 
 
 def _quiet_libraries() -> None:
+    """Imports neither torch nor transformers (seconds of start-up that a config error or `plan --gpu-memory`
+    typo does not need): transformers takes its verbosity from TRANSFORMERS_VERBOSITY when it is first imported,
+    and DeepSpeed's accelerator is chosen where the deepspeed strategies load it (train.strategy)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:  # main() called in a process that already imported it
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    import torch
-
-    if not torch.cuda.is_available():  # transformers imports deepspeed, which warns when it finds no GPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        hf_logging.set_verbosity_error()
 
 
 # ---- verbs -------------------------------------------------------------------------------------------------------
 
 def cmd_describe(args) -> int:
     from vlmtrain.config import load_model_config
+
+    cfg = load_model_config(args.config, args.overrides)  # a schema error exits 2 before torch loads
     from vlmtrain.model import build_model, count_params
 
-    cfg = load_model_config(args.config, args.overrides)
     bundle = build_model(cfg, device="meta")
     m = bundle.model
     if bundle.native:
@@ -156,7 +158,6 @@ def _swap_in(staging: Path, final: Path) -> None:
 
 def _export_into(args, out: Path) -> str:
     """Run the export of `args.format` into `out`; returns the line to print."""
-    from vlmtrain.model.io import save_native
     from vlmtrain.train.artifacts import load_model_source
 
     args = argparse.Namespace(**{**vars(args), "out": str(out)})
@@ -189,15 +190,18 @@ def _export_into(args, out: Path) -> str:
 
         out = export_llava(bundle, args.out)
     else:
+        from vlmtrain.model.io import save_native
+
         out = save_native(bundle, args.out)
     return f"exported {args.source} as {args.format} to {out}"
 
 
 def cmd_generate(args) -> int:
-    from vlmtrain.model.inference import generate_text, load_image
     from vlmtrain.train.artifacts import load_model_source
 
     bundle = load_model_source(args.source)
+    from vlmtrain.model.inference import generate_text, load_image
+
     images = [load_image(p) for p in args.image]
     print(generate_text(bundle, args.prompt, images, args.max_new_tokens))
     return 0

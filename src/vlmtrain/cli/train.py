@@ -20,20 +20,26 @@ def _prepare_process() -> None:
 def cmd_fit(args) -> int:
     from pathlib import Path
 
-    from vlmtrain.train.runner import fit_stage, load_stage_config
+    from vlmtrain.train.recipe import load_stage_config
 
     overrides = list(args.overrides) + ([f"trainer.strategy={args.strategy}"] if args.strategy else [])
     overrides += [f"trainer.max_steps={args.max_steps}"] if args.max_steps else []
-    stage = load_stage_config(args.config, overrides)
+    stage = load_stage_config(args.config, overrides)  # a config error exits 2 before torch and Lightning load
+    from vlmtrain.train.runner import fit_stage
+
     _prepare_process()
     fit_stage(stage, args.out, args.data_root, resume=args.resume, base_dir=Path(args.config).parent)
     return 0
 
 
 def cmd_run(args) -> int:
-    from vlmtrain.train.runner import run_recipe
+    from vlmtrain.train.recipe import resolve_recipe
 
     overrides = list(args.overrides) + ([f"trainer.strategy={args.strategy}"] if args.strategy else [])
+    # every stage is validated again by run_recipe (cheap); here a config error exits 2 before torch and Lightning load
+    resolve_recipe(args.recipe, args.out, overrides, args.max_steps)
+    from vlmtrain.train.runner import run_recipe
+
     _prepare_process()
     run_recipe(args.recipe, args.out, resume=args.resume, overrides=overrides, max_steps=args.max_steps)
     return 0

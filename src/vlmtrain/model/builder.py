@@ -13,7 +13,7 @@ import torch
 
 from vlmtrain.config.model import ModelConfig
 from vlmtrain.errors import ConfigError
-from vlmtrain.model.connectors import build_connector
+from vlmtrain.model.connectors import build_connector, check_connector
 from vlmtrain.model.hf_parts import has_local_weights, instantiate, make_hf_config
 from vlmtrain.model.tokenizer import build_tokenizer, embedding_rows
 from vlmtrain.model.vision import VisionTower, count_prefix_tokens
@@ -38,18 +38,25 @@ class ModelBundle:
         return self.processor is not None or getattr(self.model, "kind", "composed") == "native"
 
 
-def build_vision(cfg: ModelConfig, load_weights: bool) -> VisionTower:
+def vision_hf_config(cfg: ModelConfig):
+    """The tower's transformers config, once it is known to be a ViT-style tower with the asked feature layer."""
     vcfg = cfg.vision
     hf_cfg = make_hf_config(vcfg, "vision", vision=True)
     for attr in ("image_size", "patch_size", "hidden_size", "num_hidden_layers"):
         if not hasattr(hf_cfg, attr):
             raise ConfigError(f"vision: {hf_cfg.model_type} has no `{attr}`; only ViT-style towers are supported")
-    module = instantiate(hf_cfg, vcfg.pretrained, load_weights, causal_lm=False, field="vision")
-    grid = hf_cfg.image_size // hf_cfg.patch_size
-    prefix = count_prefix_tokens(module, hf_cfg.image_size, grid * grid)
     n = hf_cfg.num_hidden_layers
     if not -n - 1 <= vcfg.feature_layer <= n:
         raise ConfigError(f"vision.feature_layer: {vcfg.feature_layer} out of range for {n} layers (+ embeddings)")
+    return hf_cfg
+
+
+def build_vision(cfg: ModelConfig, load_weights: bool, hf_cfg=None) -> VisionTower:
+    vcfg = cfg.vision
+    hf_cfg = hf_cfg or vision_hf_config(cfg)
+    module = instantiate(hf_cfg, vcfg.pretrained, load_weights, causal_lm=False, field="vision")
+    grid = hf_cfg.image_size // hf_cfg.patch_size
+    prefix = count_prefix_tokens(module, hf_cfg.image_size, grid * grid)
     tower = VisionTower(module, vcfg.feature_layer, vcfg.select, prefix)
     if vcfg.freeze:
         tower.requires_grad_(False)
@@ -94,8 +101,11 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", load_weigh
 
         return build_native(cfg, device, load_weights)
     load_weights = load_weights and str(device) != "meta"
-    tok = tokenizer if tokenizer is not None else _try_tokenizer(cfg, str(device))
+    # every check that needs only configs first: a bad config fails before the tokenizer and the weights are built
+    vision_cfg = vision_hf_config(cfg)
     llm_hf_cfg = make_hf_config(cfg.llm, "llm", vision=False)
+    check_connector(cfg.connector.name, cfg.connector.args)
+    tok = tokenizer if tokenizer is not None else _try_tokenizer(cfg, str(device))
     base_vocab = int(llm_hf_cfg.vocab_size)
     if tok is not None:
         rows = embedding_rows(len(tok), base_vocab, cfg.tokenizer.pad_vocab_to_multiple_of)
@@ -107,7 +117,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", load_weigh
         rows = embedding_rows(base_vocab + 1, base_vocab, cfg.tokenizer.pad_vocab_to_multiple_of)
         image_token_id, special = base_vocab, {}
     with torch.device(device):
-        vision = build_vision(cfg, load_weights)
+        vision = build_vision(cfg, load_weights, vision_cfg)
         llm = build_llm(cfg, rows, special, load_weights)
         connector = build_connector(cfg.connector.name, vision.hidden_size, int(llm.config.hidden_size),
                                     vision.num_features, vision.grid if vision.has_grid else None, cfg.connector.args)

@@ -8,6 +8,7 @@ VLM's attributes (`model.vision`, `model.llm`, ...) where they are, unlike wrapp
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 from torch import nn
@@ -47,6 +48,10 @@ def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    if "peft.tuners.tuners_utils" not in sys.modules:
+        # no module can be a PEFT layer before PEFT's layer classes exist; importing PEFT just to find none costs
+        # ~2 s (it imports bitsandbytes, whose torch.compile'd kernels import torch._inductor)
+        return []
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]

@@ -15,11 +15,12 @@ TINY_SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|a
 def _tiny_corpus() -> list[str]:
     """Offline English text for the tiny BPE: scikit-learn's dataset descriptions plus digit/colour words.
 
-    Byte-level BPE covers every byte, so any text still encodes; the corpus only shapes merges.
+    Byte-level BPE covers every byte, so any text still encodes; the corpus only shapes merges. The files are
+    found without importing scikit-learn (its import, with SciPy's, is seconds of every process's start-up).
     """
-    import sklearn
+    from importlib.util import find_spec
 
-    descr = Path(sklearn.__file__).parent / "datasets" / "descr"
+    descr = Path(find_spec("sklearn").origin).parent / "datasets" / "descr"
     texts = [p.read_text(errors="ignore") for p in sorted(descr.glob("*.rst"))]
     words = "zero one two three four five six seven eight nine ten digit number image picture photo shows what " \
             "which is the a an this of in yes no answer question caption describe handwritten black white"

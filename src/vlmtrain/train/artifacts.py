@@ -54,10 +54,12 @@ def load_checkpoint_model(ckpt: Path):
 
 
 def load_model_source(path: str | Path):
+    path = Path(path)
+    if not path.exists():  # before the model room's imports (torch, transformers): a typo fails at once
+        raise VlmtrainError(f"{path}: no such file or folder")
     from vlmtrain.model.io import NATIVE_CONFIG, load_any
     from vlmtrain.train.checkpoint_io import is_sharded
 
-    path = Path(path)
     if path.suffix == ".ckpt" and (path.is_file() or is_sharded(path)):
         return load_checkpoint_model(path)
     if path.is_dir() and not (path / NATIVE_CONFIG).is_file() and not (path / "config.json").is_file():

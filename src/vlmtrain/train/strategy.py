@@ -74,6 +74,7 @@ def make_strategy(stage, native: bool = False):
     if name == "fsdp":
         return _fsdp2_strategy(world), local, nodes
     if name in DEEPSPEED_PRESETS:
+        cpu_deepspeed_accelerator()
         from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
         class _DeepSpeed(DeepSpeedStrategy):
@@ -89,6 +90,7 @@ def make_strategy(stage, native: bool = False):
 
                 reset_seed()
                 self.set_world_ranks()
+                skip_cpu_inference_comm_op()
                 self._init_deepspeed_distributed()
 
             def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
@@ -134,6 +136,39 @@ def make_strategy(stage, native: bool = False):
 
         return _DeepSpeed(config=deepspeed_config(stage), exclude_frozen_parameters=True), local, nodes
     raise ConfigError(f"trainer.strategy: unknown {name!r} (choose from: {', '.join(STRATEGIES)})")
+
+
+def cpu_deepspeed_accelerator() -> None:
+    """Without a GPU, tell DeepSpeed to use its CPU accelerator before it is imported (its auto-detection finds
+    none and warns on every rank)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce (ops/op_builder/cpu/comm.py)
+
+
+def skip_cpu_inference_comm_op() -> None:
+    """On DeepSpeed's CPU accelerator, do not JIT-compile its shared-memory all-reduce op when the communication
+    backend starts (deepspeed.comm.torch.TorchBackend builds it unconditionally).
+
+    The op serves only `inference_all_reduce` (DeepSpeed-Inference's tensor-parallel all-reduce); ZeRO training
+    uses torch.distributed collectives (gloo) and never calls it. Compiling it is ~1 min of C++ on a 2-core machine
+    at the first DeepSpeed run of every virtual environment, and again whenever another environment rebuilt it
+    last (~/.cache/torch_extensions is shared, and the build is keyed to the environment's include paths).
+    `deepspeed.ops.__compatible_ops__` is DeepSpeed's own per-process table of buildable ops (deepspeed/ops/
+    __init__.py: edits persist); marking the op not buildable makes TorchBackend go on without it, as it does
+    where it cannot build.
+    GPU accelerators never build this op, so nothing changes there."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def _fsdp2_strategy(world: int):

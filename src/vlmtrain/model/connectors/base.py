@@ -45,8 +45,9 @@ class Connector(nn.Module):
         return self.num_features
 
 
-def build_connector(name: str, vision_dim: int, llm_dim: int, num_features: int, grid: int | None, args: dict):
-    """Instantiate a registered connector; bad names/args become ConfigErrors naming `connector.*`."""
+def check_connector(name: str, args: dict) -> type[Connector]:
+    """The registered class for `name`, once its name and argument names are known good (ConfigErrors naming
+    `connector.*` otherwise); needs no dimensions, so a model build checks it before anything costly."""
     if name not in CONNECTORS:
         raise ConfigError(f"connector.name: unknown connector {name!r} (choose from: {', '.join(sorted(CONNECTORS))})")
     cls = CONNECTORS[name]
@@ -56,6 +57,12 @@ def build_connector(name: str, vision_dim: int, llm_dim: int, num_features: int,
     if bad:
         raise ConfigError([f"connector.args.{k}: unknown argument for {name} (allowed: {', '.join(allowed) or 'none'})"
                            for k in bad])
+    return cls
+
+
+def build_connector(name: str, vision_dim: int, llm_dim: int, num_features: int, grid: int | None, args: dict):
+    """Instantiate a registered connector; bad names/args become ConfigErrors naming `connector.*`."""
+    cls = check_connector(name, args)
     if cls.needs_grid and grid is None:
         raise ConfigError(f"connector.name: {name} needs a square patch grid; set vision.select: drop_cls")
     try:
