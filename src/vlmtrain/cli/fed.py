@@ -146,9 +146,9 @@ def add_parser(sub) -> None:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_privacy_report)
     c = verbs.add_parser("coordinator", help="the coordinator of a multi-host federation (SuperLink + the run)",
-                         description="Central stages and the plan, a SuperLink bound to HOST:PORT with TLS and SuperNode "
-                                     "authentication, each site's public key registered; once every site is online "
-                                     "(`vlmtrain fed site` on its host) the run, then OUT/summary.json.")
+                         description="Central stages and the plan, a SuperLink bound to HOST:PORT with TLS and "
+                                     "SuperNode authentication, each site's public key registered; once every site is "
+                                     "online (`vlmtrain fed site` on its host) the run, then OUT/summary.json.")
     c.add_argument("recipe", metavar="RECIPE")
     c.add_argument("--out", required=True, help="run directory (the coordinator's side)")
     c.add_argument("--host", default="0.0.0.0", help="address the SuperLink binds (default: all interfaces)")

@@ -2,10 +2,11 @@
 
 The SuperNode's `--node-config` names the site's own things: `site-dir` (gated shards, ledger, kept replies) and
 `base-model` (the base model on local disk). Under Flower's Simulation Engine (`fed run --simulation`) a node has
-only `partition-id`; `site_config` maps it to the plan's sites (`simulation_sites`). The message brings the global trainable arrays and the round's
-request; the reply holds only the allow-listed content (`fed.arrays`): trainable arrays, numeric metrics, the
-site's name and the sha256 of the gate report it trained under. A refused round (budget, missing gate report,
-mismatched arrays) is an error reply with the reason — which names no record, path or patient.
+only `partition-id`; `site_config` maps it to the plan's sites (`simulation_sites`). The message brings the global
+trainable arrays and the round's request; the reply holds only the allow-listed content (`fed.arrays`): trainable
+arrays, numeric metrics, the site's name and the sha256 of the gate report it trained under. A refused round
+(budget, missing gate report, mismatched arrays) is an error reply with the reason — which names no record, path or
+patient.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def processes_of(flwr_home: Path) -> list[int]:
 def end_processes_of(flwr_home: Path, grace_s: float = 15) -> None:
     """SIGTERM, then after `grace_s` SIGKILL, each process of this federation still alive, by PID: Flower starts
     its SuperExec (and, under the Simulation Engine, the simulation process, which starts Ray's daemons and
-    workers) in sessions of their own, which a process-group signal does not reach."""
+    workers) under new process groups of their own (setsid), which a signal to our group does not reach."""
     for pid in processes_of(flwr_home):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

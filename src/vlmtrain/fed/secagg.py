@@ -5,7 +5,8 @@ In Flower 1.42.0 SecAgg+ exists only on the legacy API: `SecAggPlusWorkflow` nee
 legacy `flwr.server.strategy.Strategy` on `Parameters` (an unnamed list of arrays), and the site-side
 `secaggplus_mod` reads the ClientApp's reply as a legacy `FitRes`. So this mode runs Flower's
 `DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))` over Flower's legacy strategy (`FedAvg`, `FedProx` or
-`FedAdam`) with vlmtrain's pieces added: quorum with a deadline in `configure_fit`, the round's request in the fit config, and
+`FedAdam`) with vlmtrain's pieces added: quorum with a deadline in `configure_fit`, the round's request in the fit
+config, and
 after every round (`evaluate`, which `DefaultWorkflow` calls once per round) the same atomic checkpoint and history
 the Message-API coordinator writes (`fed.coordinator.Checkpoint`), so `--resume` works the same way.
 
