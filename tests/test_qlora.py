@@ -53,6 +53,58 @@ def test_llm_linears_become_nf4_computing_with_the_dequantised_weights():
     assert head.weight.dtype == torch.bfloat16
 
 
+def _nf4(n_in=128, n_out=64):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(n_in, n_out, bias=True)
+    q = bnb.nn.Linear4bit(n_in, n_out, bias=True, compute_dtype=torch.float32, compress_statistics=True,
+                          quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+    return q.to("cpu")
+
+
+def test_one_nf4_layer_in_eval_computes_what_the_merge_assumes_on_every_cpu():
+    """bitsandbytes 0.50.2 on an AVX512-BF16 CPU rewrites an eval-mode layer's weight into a CPU-tiled layout and
+    computes in bf16 (model/quantize.py). The layers quantize_llm_ makes never do: in train and eval mode, with and
+    without grad, their output is `linear(x, dequantize_4bit(W))` in fp32, and their bytes stay put. On a CPU with
+    the fused path, bitsandbytes' own layer is shown to leave it (the cause), and dequantize_ still recovers W."""
+    from vlmtrain.model.quantize import dequantize_, quantize_llm_
+
+    holder = torch.nn.Module()  # quantize_llm_ works on `model.llm`, whose output embedding is not quantised
+    torch.manual_seed(1)
+    holder.llm = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    holder.llm.get_output_embeddings = lambda: None
+    assert quantize_llm_(holder, torch.float32) == 1
+    q = holder.llm[0]
+    w = q.weight
+    packed = w.data.clone()
+    W = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    x = torch.randn(5, 128)
+    ref = torch.nn.functional.linear(x, W, q.bias)
+    for mode in ("train", "eval"):
+        getattr(q, mode)()
+        with torch.no_grad():
+            assert torch.equal(q(x), ref), mode
+        assert torch.equal(q(x.clone().requires_grad_(True)), ref), mode
+    assert torch.equal(w.data, packed) and not getattr(w.quant_state, "packing_format_for_cpu", False)
+    dequantize_(holder)
+    assert torch.equal(holder.llm[0].weight, W)
+
+    if not bnb.functional.has_avx512bf16():
+        return
+    raw = _nf4()  # bitsandbytes' own layer, its default path on this CPU
+    W_raw = bnb.functional.dequantize_4bit(raw.weight.data, raw.weight.quant_state).float()
+    raw.eval()
+    with torch.no_grad():
+        bf16_out = raw(x)
+    assert raw.weight.quant_state.packing_format_for_cpu  # rewritten in place
+    assert (bf16_out - torch.nn.functional.linear(x, W_raw, raw.bias)).abs().max() > 1e-4  # bf16 rounding
+    box = torch.nn.Sequential(raw)
+    dequantize_(box)
+    # the tiling undone; absmax went through bf16 in bitsandbytes' rewrite, so W comes back to bf16 precision
+    torch.testing.assert_close(box[0].weight, W_raw, rtol=1e-2, atol=1e-2)
+
+
 def test_qlora_trains_only_adapters_and_connector():
     from test_train import _samples
 
