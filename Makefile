@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 # CPU machines get the CPU wheel of this exact version; GPU users pre-install the CUDA build (docs/install.md).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# The suite runs on 2 pytest-xdist workers, a test file per worker at a time (module fixtures are built once): on the
+# 2-core CI machine one process alone keeps about 1.1 cores busy (its tests wait on subprocesses, federations and
+# imports), two fill both (DEVELOPERS.md#suite-time). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: setup demo test test-fast clean
 
@@ -29,10 +34,10 @@ demo: $(STAMP)
 	$(VENV)/bin/vlmtrain export runs/demo --format hf-llava --out runs/demo/hf-llava
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs build .pytest_cache

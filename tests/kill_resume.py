@@ -17,6 +17,8 @@ from conftest import VLMTRAIN
 def kill_then_resume_matches(tmp_path, cfg, steps: int, kill_after: int, timeout: int = 900) -> None:
     from safetensors.torch import load_file
 
+    from vlmtrain.train.checkpoint_io import read_checkpoint, resolve_last
+
     data = ["--data-root", str(tmp_path / "data")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = subprocess.run([*VLMTRAIN, "fit", "--config", str(cfg), "--out", str(tmp_path / "ref"), *data],
@@ -33,7 +35,11 @@ def kill_then_resume_matches(tmp_path, cfg, steps: int, kill_after: int, timeout
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "summary.json").exists()
-    ck = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # the checkpoint a resume will take: a kill can land between the renames that rotate a new one in (last.ckpt
+    # is then absent and last.ckpt.prev holds the previous one), which resolve_last recovers
+    last = resolve_last(tmp_path / "killed" / "checkpoints" / "last.ckpt")
+    assert last is not None
+    ck = read_checkpoint(last)
     assert 0 < ck["global_step"] < steps
     res = subprocess.run([*VLMTRAIN, "fit", "--config", str(cfg), "--out", str(tmp_path / "killed"), "--resume",
                           *data], capture_output=True, text=True, timeout=timeout, env=env)
