@@ -1,0 +1,136 @@
+"""The newer native families (Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) against transformers' own classes.
+
+One tiny checkpoint per family per session (`save_pretrained` folders, as a user's download would be). Per family:
+vlmtrain's forward equals transformers' logits exactly on a batch with images, the checkpoint carries the official
+template and labels come from the marked copy's assistant spans, LoRA merges into the same model, and `describe` on
+the family's default config counts what transformers builds from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from native_fixtures import checkpoint, model_config, records
+
+NEW_FAMILIES = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+@pytest.fixture(scope="session")
+def new_family_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("native-new")
+
+
+@pytest.fixture(scope="session")
+def bundles(new_family_root):
+    """family → a builder of a fresh bundle from the session's one tiny checkpoint of that family."""
+    from vlmtrain.model import build_model
+
+    def build(family):
+        return build_model(model_config(checkpoint(new_family_root, family)))
+
+    return build
+
+
+def _batch(bundle):
+    """Padded batch of native_fixtures.records(): one image, text only (two turns), two images."""
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+
+    enc = encoder_for(bundle)
+    samples = [enc(r, ims) for r, ims in records()]
+    return samples, collate(samples, bundle.tokenizer.pad_token_id)
+
+
+def _args(b):
+    from vlmtrain.train.module import model_extras
+
+    return (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_forward_equals_transformers_logits_exactly(bundles, family):
+    bundle = bundles(family)
+    m = bundle.model
+    _, b = _batch(bundle)
+    (ids, pixels, mask), extras = _args(b)
+    assert pixels is not None and int((ids == m.image_token_id).sum()) > 0
+    m.eval()
+    with torch.no_grad():
+        ours = m(ids, pixels, mask, **extras).logits
+        ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, **extras).logits
+    assert m.hf.config.model_type == family
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_checkpoint_carries_the_official_template_and_labels_are_the_assistant_spans(bundles, family):
+    from vlmtrain.model.native.families import FAMILIES
+    from vlmtrain.model.native_templates import official_template, training_template
+
+    bundle = bundles(family)
+    key = FAMILIES[family].template
+    assert key == ("qwen3_vl" if family == "qwen3_vl_moe" else "qwen3_5")
+    assert bundle.processor.chat_template == official_template(key)
+    assert bundle.template == training_template(key)
+    samples, _ = _batch(bundle)
+    tok = bundle.tokenizer
+    for (rec, _), s in zip(records(), samples):
+        # the encoded text is what the official template renders (transformers' own apply_chat_template), with
+        # each image's one placeholder expanded to its grid's tokens by the processor
+        official = tok.apply_chat_template(rec["messages"], chat_template=official_template(key), tokenize=False)
+        assert re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", tok.decode(s["input_ids"])) == official
+        sup = tok.decode([t for t in s["labels"] if t != -100])
+        answers = [p["text"] for m in rec["messages"] if m["role"] == "assistant" for p in m["content"]]
+        think = "<think>\n\n</think>\n\n" if key == "qwen3_5" else ""  # Qwen3.5: the last answer's think block
+        expected = "".join(a + "<|im_end|>\n" for a in answers[:-1]) + think + answers[-1] + "<|im_end|>\n"
+        assert sup == expected
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundles, family):
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora, merge_lora_
+
+    m = bundles(family).model
+    _, b = _batch(bundles(family))
+    args, extras = _args(b)
+    names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
+    assert names and all(n.startswith("llm.model.layers.") for n in names)
+    m.requires_grad_(False)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    m(*args, **extras).logits.float().pow(2).mean().backward()
+    trained = [n for n, p in m.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in n for n in trained)
+    with torch.no_grad():  # one step so that the adapters are not the identity
+        for p in m.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    m.eval()
+    with torch.no_grad():
+        before = m(*args, **extras).logits
+        merge_lora_(m)
+        after = m(*args, **extras).logits
+    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_describe_default_config_total_equals_transformers_count(family, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlmtrain.cli.main import main
+
+    cfg = tmp_path / f"{family}.yaml"
+    cfg.write_text(f"name: {family}\nmodel_type: {family}\nconfig: {{}}\n")
+    assert main(["describe", "--config", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    with torch.device("meta"):
+        hf = AutoModelForImageTextToText.from_config(AutoConfig.for_model(family))
+    p = out["params"]
+    assert p["total"] == sum(t.numel() for t in hf.parameters())
+    assert p["total"] == p["vision"] + p["connector"] + p["llm"] and min(p.values()) > 0
