@@ -134,3 +134,40 @@ def test_describe_default_config_total_equals_transformers_count(family, tmp_pat
     p = out["params"]
     assert p["total"] == sum(t.numel() for t in hf.parameters())
     assert p["total"] == p["vision"] + p["connector"] + p["llm"] and min(p.values()) > 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_packing_is_refused_for_linear_attention_with_one_line(new_family_root, tmp_path, family, capsys):
+    """transformers' CPU Gated DeltaNet ignores packed-sample boundaries (its state and convolution window run over
+    the whole row), so `vlmtrain fit` with `data.mode: pack` stops before any data is read: exit 2, one line."""
+    import yaml
+
+    from vlmtrain.cli.main import main
+
+    cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(new_family_root, family))},
+           "data": {"train": [{"path": str(tmp_path / "no-shards")}], "mode": "pack", "num_workers": 0},
+           "trainer": {"max_steps": 1}}
+    path = tmp_path / "pack.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: data.mode: pack is refused for {family}: its Gated DeltaNet (linear attention) layers "
+                      "carry a recurrent state and a convolution window across packed samples; use data.mode: plain "
+                      "or group"]
+
+
+def test_packing_refusal_follows_the_family_row_and_linear_attention_layers():
+    """The packing refusal is data: the family row's reason, or any LM with linear-attention layers (a generic-map
+    family); Transformer-only families keep packing (their isolation: tests/test_native_pack.py)."""
+    from types import SimpleNamespace
+
+    from vlmtrain.model.native.families import FAMILIES, Family
+    from vlmtrain.train.native import packing_refusal
+
+    full = SimpleNamespace(layer_types=["full_attention"] * 2)
+    hybrid = SimpleNamespace(layer_types=["linear_attention", "full_attention"])
+    assert packing_refusal(FAMILIES["qwen3_5"], hybrid) == FAMILIES["qwen3_5"].no_packing != ""
+    assert packing_refusal(FAMILIES["qwen3_5_moe"], hybrid) == FAMILIES["qwen3_5"].no_packing
+    assert packing_refusal(FAMILIES["qwen3_vl_moe"], full) == ""
+    assert packing_refusal(FAMILIES["qwen3_vl"], SimpleNamespace()) == ""
+    assert "linear-attention" in packing_refusal(Family({}, ""), hybrid)
