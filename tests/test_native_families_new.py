@@ -171,3 +171,96 @@ def test_packing_refusal_follows_the_family_row_and_linear_attention_layers():
     assert packing_refusal(FAMILIES["qwen3_vl_moe"], full) == ""
     assert packing_refusal(FAMILIES["qwen3_vl"], SimpleNamespace()) == ""
     assert "linear-attention" in packing_refusal(Family({}, ""), hybrid)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_router_aux_loss_equals_transformers_and_enters_the_objective(bundles, family):
+    """The router load-balancing loss vlmtrain adds is transformers' own `aux_loss` for the same (padded, image)
+    batch, and one LM step's objective is transformers' own MoE training loss, CE mean + coef·aux: same gradients."""
+    from types import SimpleNamespace
+
+    from vlmtrain.train.module import VLMModule
+
+    bundle = bundles(family)
+    m = bundle.model
+    coef = m.hf.config.text_config.router_aux_loss_coef
+    assert m.router_aux_loss_coef == coef > 0
+    _, b = _batch(bundle)
+    (ids, pixels, mask), extras = _args(b)
+    m.train()  # dropout is 0 in these configs; training mode is where the objective runs
+    ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=b["labels"],
+               output_router_logits=True, **extras)
+    logits, aux = m(ids, pixels, mask, router_aux=True, **extras)
+    assert torch.equal(logits.logits, ref.logits)
+    assert torch.equal(aux, ref.aux_loss) and aux > 0
+
+    m.zero_grad()
+    ref.loss.backward()  # transformers: mean CE over the shifted labels + coef · aux_loss
+    want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    module = VLMModule(bundle, SimpleNamespace(objective="next_token", dpo=SimpleNamespace(reference="copy")))
+    stats = module.accumulate_lm([b])
+    assert stats["moe/router_aux_loss"] == pytest.approx(float(ref.aux_loss.detach()), rel=1e-6)
+    got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any("mlp.gate" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    # without the router loss the router's gradient differs: the term really is in the objective
+    m.zero_grad()
+    m.router_aux_loss_coef = 0.0
+    module.accumulate_lm([b])
+    gate = next(n for n in want if n.endswith("mlp.gate.weight"))
+    assert not torch.allclose(dict(m.named_parameters())[gate].grad, want[gate], rtol=1e-4, atol=1e-6)
+    m.eval()
+
+
+def test_stage_overrides_the_router_loss_weight_and_dense_families_refuse_it():
+    from types import SimpleNamespace
+
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.model.native.families import FAMILIES
+    from vlmtrain.train.native import configure_router_aux, family_refusals
+    from vlmtrain.train.presets import with_preset
+
+    def stage(**trainer):
+        return validate(StageConfig, with_preset({"name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"},
+                                                  "data": {"train": [{"path": "x"}]}, "trainer": trainer}))
+
+    moe = SimpleNamespace(family=FAMILIES["qwen3_5_moe"], model_type="qwen3_5_moe", router_aux_loss_coef=0.001,
+                          llm=SimpleNamespace(config=SimpleNamespace()))
+    dense = SimpleNamespace(family=FAMILIES["qwen3_vl"], model_type="qwen3_vl", router_aux_loss_coef=0.0,
+                            llm=SimpleNamespace(config=SimpleNamespace()))
+    configure_router_aux(stage(), moe)
+    assert moe.router_aux_loss_coef == 0.001  # null: the checkpoint config's weight
+    configure_router_aux(stage(router_aux_loss_coef=0.02), moe)
+    assert moe.router_aux_loss_coef == 0.02
+    assert family_refusals(stage(router_aux_loss_coef=0.02), moe) == []
+    assert [p.split(":")[0] for p in family_refusals(stage(router_aux_loss_coef=0.02), dense)] == \
+        ["trainer.router_aux_loss_coef"]
+
+
+def test_moe_sft_stage_runs_and_logs_the_router_loss(new_family_root, tmp_path):
+    """`vlmtrain fit` of a Qwen3.5-MoE checkpoint with a stage weight for the router loss trains, and each logged step
+    carries the (unweighted) router loss `moe/router_aux_loss` next to a finite LM loss."""
+    import math
+
+    import yaml
+
+    from shard_fixtures import cycled_shards
+    from vlmtrain.cli.main import main
+
+    cycled_shards(tmp_path / "shards", 8, per_shard=8)
+    cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(new_family_root, "qwen3_5_moe"))},
+           "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 2, "num_workers": 0},
+           "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+           "trainer": {"max_steps": 2, "log_every_n_steps": 1, "save_every_n_steps": 10,
+                       "router_aux_loss_coef": 0.01}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(rows) == 2
+    for r in rows:
+        # Switch loss with top-2 routing: 2 when perfectly balanced, at most 2·n_experts
+        assert math.isfinite(r["loss"]) and 0 < r["moe/router_aux_loss"] < 8

@@ -159,6 +159,9 @@ class TrainerConfig(_Strict):
     vision_feature_cache_mb: int = Field(0, ge=0, description="keep a frozen vision tower's outputs per image "
                                                                  "(CPU, this budget) and reuse them in later epochs; "
                                                                  "0 = off (the align preset turns it on)")
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="mixture-of-experts families: weight of the "
+                                               "router load-balancing loss in the objective (null: the checkpoint "
+                                               "config's router_aux_loss_coef; 0: off)")
     log_sample_ids: bool = Field(False, description="write sample_ids.jsonl: the record ids of every step")
     wandb: bool = False
     wandb_project: str = "vlmtrain"

@@ -169,15 +169,31 @@ class VLMModule(pl.LightningModule):
         if n_global == 0:
             raise VlmtrainError("a training step has no supervised tokens (every label masked)")
         scale = self._world() / n_global
-        loss_total = 0.0
+        coef = getattr(self.model, "router_aux_loss_coef", 0.0)  # MoE families (NativeVLM); 0 = no router loss
+        loss_total = aux_total = 0.0
         for i, b in enumerate(micro):
-            mask, targets = prediction_mask(b["labels"])
-            loss_sum = selected_token_loss_sum(self.model(*_model_inputs(b), logits_mask=mask,
-                                                          image_keys=b.get("image_keys"), **model_extras(b)),
-                                               targets)
-            self._backward(loss_sum * scale, last=i == len(micro) - 1)
+            loss_sum, aux = self._lm_loss(b, router_aux=coef > 0)
+            loss = loss_sum * scale
+            if aux is not None:
+                # transformers adds coef·aux to each forward's mean loss and gradient accumulation averages those:
+                # 1/k per micro-batch here, and DDP's gradient average takes the mean over ranks
+                loss = loss + coef * aux / len(micro)
+                aux_total += float(aux.detach())
+            self._backward(loss, last=i == len(micro) - 1)
             loss_total += float(loss_sum.detach())
-        return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
+        stats = {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
+        if coef > 0:
+            stats["moe/router_aux_loss"] = self._all_sum(aux_total) / (len(micro) * self._world())
+        return stats
+
+    def _lm_loss(self, b: dict, router_aux: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed next-token loss of one micro-batch over its supervised tokens, and (`router_aux`) the MoE router's
+        load-balancing loss of the same forward (unweighted scalar), else None."""
+        mask, targets = prediction_mask(b["labels"])
+        out = self.model(*_model_inputs(b), logits_mask=mask, image_keys=b.get("image_keys"), **model_extras(b),
+                         **({"router_aux": True} if router_aux else {}))
+        logits, aux = out if router_aux else (out, None)
+        return selected_token_loss_sum(logits, targets), aux
 
     def _pairs(self, b: dict) -> int:
         return b["pairs"] if b.get("shared_prompt") else b["input_ids"].shape[0] // 2

@@ -39,7 +39,16 @@ def family_refusals(stage, model) -> list[str]:
     reason = packing_refusal(model.family, model.llm.config) if stage.data.mode == "pack" else ""
     if reason:
         problems.append(f"data.mode: pack is refused for {model.model_type}: {reason}")
+    if stage.trainer.router_aux_loss_coef is not None and not model.family.router_aux_loss:
+        problems.append(f"trainer.router_aux_loss_coef: {model.model_type} has no mixture-of-experts router "
+                        "loss in vlmtrain's objective; remove it")
     return problems
+
+
+def configure_router_aux(stage, model) -> None:
+    """The stage's weight of the MoE router loss over the checkpoint config's (`trainer.router_aux_loss_coef`)."""
+    if stage.trainer.router_aux_loss_coef is not None and model.family.router_aux_loss:
+        model.router_aux_loss_coef = float(stage.trainer.router_aux_loss_coef)
 
 
 def check_native_stage(stage, bundle) -> None:
@@ -54,6 +63,7 @@ def check_native_stage(stage, bundle) -> None:
                         "listed family has one; use single or ddp)")
     if problems:
         raise ConfigError(problems)
+    configure_router_aux(stage, bundle.model)
     if stage.trainer.vision_feature_cache_mb:
         import logging
 
