@@ -100,6 +100,13 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundles, family)
     args, extras = _args(b)
     names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
     assert names and all(n.startswith("llm.model.layers.") for n in names)
+    # the default targets reach both of Qwen3.5's token mixers: Gated DeltaNet (layer 0) and attention (layer 1)
+    def mixer(layer: int) -> list[str]:  # adapted projections of the layer's token mixer (attention or DeltaNet)
+        return sorted(n.rsplit(".", 1)[1] for n in names if n.startswith(f"llm.model.layers.{layer}.") and "attn." in n)
+
+    if family.startswith("qwen3_5"):
+        assert mixer(0) == ["in_proj_a", "in_proj_b", "in_proj_qkv", "in_proj_z", "out_proj"]
+    assert mixer(1) == ["k_proj", "o_proj", "q_proj", "v_proj"]
     m.requires_grad_(False)
     for n, p in m.named_parameters():
         p.requires_grad_("lora_" in n)

@@ -33,7 +33,9 @@ class LoRAConfig(_Strict):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    llm_target: str = Field(r"llm\.model\.layers\.\d+\..*(q|k|v|o|gate|up|down)_proj",
+    # attention and MLP projections, and the projections of linear-attention token mixers (Qwen3.5's Gated
+    # DeltaNet: in_proj_qkv/z/b/a, out_proj), which a Transformer-only pattern would leave without adapters
+    llm_target: str = Field(r"llm\.model\.layers\.\d+\..*((q|k|v|o|gate|up|down)_proj|in_proj_(qkv|z|b|a)|out_proj)",
                             description="regex (full match) of LLM linear layers that get adapters")
     vision_target: str = Field(r"vision\.model\..*layers\.\d+\..*(q|k|v|out)_proj",
                                description="regex for the vision tower (used when train.vision is 'lora')")
