@@ -107,6 +107,9 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundles, family)
     if family.startswith("qwen3_5"):
         assert mixer(0) == ["in_proj_a", "in_proj_b", "in_proj_qkv", "in_proj_z", "out_proj"]
     assert mixer(1) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # MoE: the fused expert tensors get adapters too (PEFT target_parameters), so the merge below covers them
+    experts = {n.split(".")[-1] for n in names if ".mlp.experts." in n}
+    assert experts == ({"gate_up_proj", "down_proj"} if family.endswith("moe") else set())
     m.requires_grad_(False)
     for n, p in m.named_parameters():
         p.requires_grad_("lora_" in n)
@@ -271,3 +274,53 @@ def test_moe_sft_stage_runs_and_logs_the_router_loss(new_family_root, tmp_path):
     for r in rows:
         # Switch loss with top-2 routing: 2 when perfectly balanced, at most 2·n_experts
         assert math.isfinite(r["loss"]) and 0 < r["moe/router_aux_loss"] < 8
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_expert_lora_trains_and_exports_as_a_peft_adapter_transformers_loads(bundles, family, tmp_path):
+    """Fused experts `[E, 2·I, H]` / `[E, H, I]` get PEFT ParamWrapper adapters; after a step, the PEFT export
+    (`target_parameters` in transformers' names) loaded by PEFT over transformers' own model gives vlmtrain's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora
+    from vlmtrain.model.native.peft_export import export_native_peft
+
+    bundle = bundles(family)
+    m = bundle.model
+    _, b = _batch(bundle)
+    args, extras = _args(b)
+    names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
+    assert {n for n in names if ".experts." in n} == {f"llm.model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                                      for p in ("gate_up_proj", "down_proj")}
+    m.requires_grad_(False)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    m(*args, **extras).logits.float().pow(2).mean().backward()
+    expert_grads = [n for n, p in m.named_parameters() if p.grad is not None and ".experts." in n]
+    assert len(expert_grads) == 2 * 2 * 2  # layers × fused tensors × (lora_A, lora_B)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    m.eval()
+    with torch.no_grad():
+        ours = m(*args, **extras).logits
+    out = export_native_peft(bundle, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(out / "base"),
+                                           out / "adapter").eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=args[0], pixel_values=args[1], attention_mask=args[2], **extras).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_on_fused_experts_is_refused_with_the_way_out(bundles):
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.errors import ConfigError
+    from vlmtrain.model.lora import apply_lora
+
+    m = bundles("qwen3_vl_moe").model
+    with pytest.raises(ConfigError, match="llm_target_parameters: ''"):
+        apply_lora(m, LoRAConfig(r=4, dora=True), llm=True, vision=False)
+    assert len(apply_lora(m, LoRAConfig(r=4, dora=True, llm_target_parameters=""), llm=True, vision=False)) == 8

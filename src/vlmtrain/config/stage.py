@@ -37,6 +37,12 @@ class LoRAConfig(_Strict):
     # DeltaNet: in_proj_qkv/z/b/a, out_proj), which a Transformer-only pattern would leave without adapters
     llm_target: str = Field(r"llm\.model\.layers\.\d+\..*((q|k|v|o|gate|up|down)_proj|in_proj_(qkv|z|b|a)|out_proj)",
                             description="regex (full match) of LLM linear layers that get adapters")
+    llm_target_parameters: str = Field(r"llm\.model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)",
+                                       description="regex (full match) of LLM parameters outside linear layers that "
+                                                   "get adapters through PEFT's target_parameters: the fused 3-D "
+                                                   "expert tensors of mixture-of-experts LMs (matches nothing in "
+                                                   "dense ones; no dropout: PEFT's parameter adapters take "
+                                                   "none); '' = none")
     vision_target: str = Field(r"vision\.model\..*layers\.\d+\..*(q|k|v|out)_proj",
                                description="regex for the vision tower (used when train.vision is 'lora')")
     dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
