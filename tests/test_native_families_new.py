@@ -200,9 +200,15 @@ def test_router_aux_loss_equals_transformers_and_enters_the_objective(bundles, f
     m.train()  # dropout is 0 in these configs; training mode is where the objective runs
     ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=b["labels"],
                output_router_logits=True, **extras)
-    logits, aux = m(ids, pixels, mask, router_aux=True, **extras)
+    logits, router = m(ids, pixels, mask, router_aux=True, **extras)
     assert torch.equal(logits.logits, ref.logits)
-    assert torch.equal(aux, ref.aux_loss) and aux > 0
+    assert torch.equal(router.aux, ref.aux_loss) and router.aux > 0
+    # per-expert token slots, counted here from transformers' own router logits: top-2 of each real token, per layer
+    keep = mask.reshape(-1).bool()
+    want_counts = sum(torch.bincount(r[keep].topk(2, dim=-1).indices.reshape(-1), minlength=4)
+                      for r in ref.router_logits)
+    assert router.expert_tokens.tolist() == want_counts.tolist()
+    assert sum(want_counts.tolist()) == len(ref.router_logits) * 2 * int(keep.sum())
 
     m.zero_grad()
     ref.loss.backward()  # transformers: mean CE over the shifted labels + coef · aux_loss
@@ -211,6 +217,7 @@ def test_router_aux_loss_equals_transformers_and_enters_the_objective(bundles, f
     module = VLMModule(bundle, SimpleNamespace(objective="next_token", dpo=SimpleNamespace(reference="copy")))
     stats = module.accumulate_lm([b])
     assert stats["moe/router_aux_loss"] == pytest.approx(float(ref.aux_loss.detach()), rel=1e-6)
+    assert stats["moe/expert_tokens"] == want_counts.tolist()
     got = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys() and any("mlp.gate" in n for n in got)
     for n in want:
@@ -252,7 +259,7 @@ def test_stage_overrides_the_router_loss_weight_and_dense_families_refuse_it():
 
 def test_moe_sft_stage_runs_and_logs_the_router_loss(new_family_root, tmp_path):
     """`vlmtrain fit` of a Qwen3.5-MoE checkpoint with a stage weight for the router loss trains, and each logged step
-    carries the (unweighted) router loss `moe/router_aux_loss` next to a finite LM loss."""
+    carries the (unweighted) router loss `moe/router_aux_loss` and per-expert token counts next to a finite LM loss."""
     import math
 
     import yaml
@@ -274,6 +281,8 @@ def test_moe_sft_stage_runs_and_logs_the_router_loss(new_family_root, tmp_path):
     for r in rows:
         # Switch loss with top-2 routing: 2 when perfectly balanced, at most 2·n_experts
         assert math.isfinite(r["loss"]) and 0 < r["moe/router_aux_loss"] < 8
+        # per-expert token slots of the step: 4 experts, each token of the 2 MoE layers goes to 2 of them
+        assert len(r["moe/expert_tokens"]) == 4 and sum(r["moe/expert_tokens"]) % 4 == 0
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
@@ -324,3 +333,35 @@ def test_dora_on_fused_experts_is_refused_with_the_way_out(bundles):
     with pytest.raises(ConfigError, match="llm_target_parameters: ''"):
         apply_lora(m, LoRAConfig(r=4, dora=True), llm=True, vision=False)
     assert len(apply_lora(m, LoRAConfig(r=4, dora=True, llm_target_parameters=""), llm=True, vision=False)) == 8
+
+
+def test_qlora_over_both_token_mixers_and_experts_merges_to_the_same_model(bundles):
+    """Qwen3.5-MoE QLoRA: the LM's linear layers (attention, Gated DeltaNet, shared expert) as NF4, adapters on them
+    and on the fused experts (kept in full precision); after a step, dequantise + merge gives the same logits."""
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora, merge_lora_
+    from vlmtrain.model.quantize import dequantize_, quantize_llm_
+
+    bundle = bundles("qwen3_5_moe")
+    m = bundle.model
+    _, b = _batch(bundle)
+    args, extras = _args(b)
+    assert quantize_llm_(m, torch.float32) > 0
+    names = apply_lora(m, LoRAConfig(r=4, quantize="4bit"), llm=True, vision=False)
+    assert any(".linear_attn.in_proj_qkv" in n for n in names) and any(".experts." in n for n in names)
+    m.requires_grad_(False)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    m(*args, **extras).logits.float().pow(2).mean().backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    m.eval()
+    with torch.no_grad():
+        before = m(*args, **extras).logits
+        dequantize_(m)
+        merge_lora_(m)
+        after = m(*args, **extras).logits
+    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

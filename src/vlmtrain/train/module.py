@@ -171,24 +171,34 @@ class VLMModule(pl.LightningModule):
         scale = self._world() / n_global
         coef = getattr(self.model, "router_aux_loss_coef", 0.0)  # MoE families (NativeVLM); 0 = no router loss
         loss_total = aux_total = 0.0
+        expert_tokens = None
         for i, b in enumerate(micro):
-            loss_sum, aux = self._lm_loss(b, router_aux=coef > 0)
+            loss_sum, router = self._lm_loss(b, router_aux=coef > 0)
             loss = loss_sum * scale
-            if aux is not None:
+            if router is not None:
                 # transformers adds coef·aux to each forward's mean loss and gradient accumulation averages those:
                 # 1/k per micro-batch here, and DDP's gradient average takes the mean over ranks
-                loss = loss + coef * aux / len(micro)
-                aux_total += float(aux.detach())
+                loss = loss + coef * router.aux / len(micro)
+                aux_total += float(router.aux.detach())
+                expert_tokens = router.expert_tokens if expert_tokens is None else expert_tokens + router.expert_tokens
             self._backward(loss, last=i == len(micro) - 1)
             loss_total += float(loss_sum.detach())
         stats = {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
-        if coef > 0:
+        if expert_tokens is not None:
             stats["moe/router_aux_loss"] = self._all_sum(aux_total) / (len(micro) * self._world())
+            stats["moe/expert_tokens"] = [int(c) for c in self._all_sum_tensor(expert_tokens).tolist()]
         return stats
 
-    def _lm_loss(self, b: dict, router_aux: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Summed next-token loss of one micro-batch over its supervised tokens, and (`router_aux`) the MoE router's
-        load-balancing loss of the same forward (unweighted scalar), else None."""
+    def _all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of `t` over ranks (a copy; `t` itself on one rank)."""
+        t = t.detach().clone()
+        if self._world() > 1:
+            dist.all_reduce(t)
+        return t
+
+    def _lm_loss(self, b: dict, router_aux: bool):
+        """Summed next-token loss of one micro-batch over its supervised tokens, and (`router_aux`) what the MoE
+        routers of the same forward report (`RouterLoss`: load-balancing loss, per-expert token counts), else None."""
         mask, targets = prediction_mask(b["labels"])
         out = self.model(*_model_inputs(b), logits_mask=mask, image_keys=b.get("image_keys"), **model_extras(b),
                          **({"router_aux": True} if router_aux else {}))

@@ -102,7 +102,9 @@ class Recorder(pl.Callback):
                          f"{row['samples_per_s']:.1f} samples/s | {row['tokens_per_s']:.0f} tok/s{extra} | "
                          f"ETA {_fmt_eta(eta)}")
             if trainer.logger is not None:
-                trainer.logger.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+                # scalars only: per-expert token counts (a list) go to metrics.jsonl, not to the logger
+                trainer.logger.log_metrics({f"train/{k}": v for k, v in row.items()
+                                            if k != "step" and not isinstance(v, list)}, step=step)
             self._write(row)
             self.window = {"samples": 0, "tokens": 0, "supervised": 0.0, "loss": 0.0, "n": 0}
             self.t_last = time.time()

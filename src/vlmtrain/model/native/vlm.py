@@ -26,11 +26,20 @@ attend bidirectionally wherever an earlier sample of its row had image tokens.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from vlmtrain.errors import ConfigError, VlmtrainError
 from vlmtrain.model.native.families import Family
+
+
+class RouterLoss(NamedTuple):
+    """What one forward of a mixture-of-experts LM tells the objective about its routers."""
+
+    aux: torch.Tensor  # scalar: the load-balancing loss, unweighted (transformers' `aux_loss`)
+    expert_tokens: torch.Tensor  # [n_experts] token slots routed to each expert, summed over MoE layers (no padding)
 
 
 class RolePart(nn.Module):
@@ -162,7 +171,7 @@ class NativeVLM(nn.Module):
         """Logits `[b, s, vocab]` (as `.logits`), or `[n, vocab]` at `logits_mask` (bool `[b, s]`, or `[n, 2]`
         (row, position) pairs). `extras`: the family's tensors from the batch. `image_keys` is accepted for the
         shared contract and unused (no feature cache for native towers). `router_aux` (MoE families): return
-        `(logits, aux)` with the router load-balancing loss (scalar) of this forward, unweighted (`router_aux_loss`)."""
+        `(logits, RouterLoss)`: the router load-balancing loss of this forward and its per-expert token counts."""
         self._share_bare_parameters()
         kw = {k: v for k, v in extras.items() if v is not None}
         if router_aux:
@@ -195,7 +204,9 @@ class NativeVLM(nn.Module):
             hidden = hidden + 0.0 * blank[0]
         logits = self._logits(hidden, logits_mask)
         if router_aux:
-            return logits, self.router_aux_loss(out.router_logits, attention_mask)
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+            return logits, RouterLoss(self.router_aux_loss(out.router_logits, mask),
+                                      self.expert_tokens(out.router_logits, mask))
         return logits
 
     def _logits(self, hidden: torch.Tensor, logits_mask: torch.Tensor | None):
@@ -208,7 +219,7 @@ class NativeVLM(nn.Module):
             return self.head(hidden[logits_mask])
         return self.head(hidden[logits_mask[:, 0], logits_mask[:, 1]])
 
-    def router_aux_loss(self, router_logits: tuple, attention_mask) -> torch.Tensor:
+    def router_aux_loss(self, router_logits: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Switch-style load-balancing loss (scalar) of one forward: the family's own `load_balancing_loss_func` on
         the per-layer router logits (each `[b·s, n_experts]`), with the batch's `attention_mask [b, s]` excluding
         padding — the call transformers' `*ForConditionalGeneration.forward` makes. Packed rows (no padding mask)
@@ -217,8 +228,21 @@ class NativeVLM(nn.Module):
 
         balance = sys.modules[type(self.hf).__module__].load_balancing_loss_func
         cfg = self.llm.config
-        mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
-        return balance(tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, mask)
+        return balance(tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
+
+    def expert_tokens(self, router_logits: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`[n_experts]` top-k token slots each expert received, summed over the MoE layers' router logits (each
+        `[b·s, n_experts]`; padding excluded by `attention_mask [b, s]`), for the step's log."""
+        cfg = self.llm.config
+        counts = torch.zeros(cfg.num_experts, device=router_logits[0].device)
+        keep = None if attention_mask is None else attention_mask.reshape(-1, 1).bool()
+        with torch.no_grad():
+            for layer in router_logits:
+                chosen = layer.topk(cfg.num_experts_per_tok, dim=-1).indices  # [b·s, k]
+                if keep is not None:
+                    chosen = chosen[keep.expand_as(chosen)]
+                counts += torch.bincount(chosen.reshape(-1), minlength=cfg.num_experts).to(counts.dtype)
+        return counts
 
     def _share_bare_parameters(self) -> None:
         """Point transformers at the role's current object of each bare parameter (`bare_parameters`). FSDP2
