@@ -365,3 +365,49 @@ def test_qlora_over_both_token_mixers_and_experts_merges_to_the_same_model(bundl
         after = m(*args, **extras).logits
     assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_dpo_policy_gets_the_router_loss_too(bundles):
+    """DPO on an MoE family: the step's gradient is the DPO gradient plus coef · ∇(transformers' own `aux_loss` of
+    the policy's forward on the same padded pair batch), the way TRL's DPO adds the router loss."""
+    from types import SimpleNamespace
+
+    from native_fixtures import IMG, assistant, image, user
+    from vlmtrain.data.batching import collate_preference
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.train.module import VLMModule, model_extras
+
+    bundle = bundles("qwen3_vl_moe")
+    m = bundle.model
+    enc = encoder_for(bundle)
+    prefs = [({"id": "p1", "kind": "preference", "prompt": [user(IMG, "which digit")],
+               "chosen": [assistant("seven")], "rejected": [assistant("one two three")]}, [image(40, 30, 4)]),
+             ({"id": "p2", "kind": "preference", "prompt": [user("say a word")],
+               "chosen": [assistant("yes")], "rejected": [assistant("no no")]}, [])]
+    b = collate_preference([enc(r, ims) for r, ims in prefs], bundle.tokenizer.pad_token_id)
+    stage = SimpleNamespace(objective="dpo", dpo=SimpleNamespace(reference="copy", beta=0.1, loss_type="sigmoid",
+                                                                 label_smoothing=0.0))
+    module = VLMModule(bundle, stage)
+    m.train()
+
+    def grads(coef: float) -> tuple[dict, dict]:
+        m.zero_grad()
+        m.router_aux_loss_coef = coef
+        stats = module.accumulate_dpo([b])
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, stats
+
+    with_aux, stats = grads(m.hf.config.text_config.router_aux_loss_coef)
+    without, plain = grads(0.0)
+    assert "moe/router_aux_loss" in stats and "moe/router_aux_loss" not in plain
+    m.zero_grad()
+    coef = m.hf.config.text_config.router_aux_loss_coef
+    aux = m.hf(input_ids=b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"],
+               output_router_logits=True, **model_extras(b)).aux_loss
+    assert stats["moe/router_aux_loss"] == pytest.approx(float(aux.detach()), rel=1e-6)
+    (coef * aux).backward()
+    params = dict(m.named_parameters())
+    assert with_aux.keys() == without.keys() and any(params[n].grad is not None for n in with_aux)
+    for n in with_aux:  # parameters after the routers (final norm, head) get the same gradient either way
+        extra = params[n].grad if params[n].grad is not None else torch.zeros_like(with_aux[n])
+        torch.testing.assert_close(with_aux[n] - without[n], extra, rtol=1e-3, atol=1e-7, msg=n)
+    m.eval()

@@ -184,10 +184,15 @@ class VLMModule(pl.LightningModule):
             self._backward(loss, last=i == len(micro) - 1)
             loss_total += float(loss_sum.detach())
         stats = {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
-        if expert_tokens is not None:
-            stats["moe/router_aux_loss"] = self._all_sum(aux_total) / (len(micro) * self._world())
-            stats["moe/expert_tokens"] = [int(c) for c in self._all_sum_tensor(expert_tokens).tolist()]
-        return stats
+        return stats | self._router_stats(aux_total, expert_tokens, len(micro))
+
+    def _router_stats(self, aux_total: float, expert_tokens: torch.Tensor | None, k: int) -> dict:
+        """A step's MoE log (none for dense models): the router loss averaged over its k micro-batches and the ranks,
+        and the token slots per expert summed over them."""
+        if expert_tokens is None:
+            return {}
+        return {"moe/router_aux_loss": self._all_sum(aux_total) / (k * self._world()),
+                "moe/expert_tokens": [int(c) for c in self._all_sum_tensor(expert_tokens).tolist()]}
 
     def _all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of `t` over ranks (a copy; `t` itself on one rank)."""
@@ -223,32 +228,48 @@ class VLMModule(pl.LightningModule):
     def _dpo_inputs(self, b: dict) -> tuple:
         return self._shared_inputs(b) if b.get("shared_prompt") else _model_inputs(b)
 
-    def _pair_logps(self, model, b: dict, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_logps(self, model, b: dict, inputs: tuple,
+                    routers: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs and supervised-token counts `[2b]` (chosen rows first), for either batch layout;
-        `inputs` from `_dpo_inputs(b)` (built once, shared by the policy and the reference)."""
+        `inputs` from `_dpo_inputs(b)` (built once, shared by the policy and the reference). `routers`: a list that
+        gets the forward's `RouterLoss` (MoE policy, `NativeVLM.forward(router_aux=True)`)."""
+        kw = {"router_aux": True} if routers is not None else {}
+
+        def run(**args):
+            out = model(*inputs, **args, **kw)
+            if routers is None:
+                return out
+            routers.append(out[1])
+            return out[0]
+
         if b.get("shared_prompt"):
             from vlmtrain.train.dpo import indexed_sequence_logps
 
-            logits = model(*inputs, logits_mask=b["logits_index"])
+            logits = run(logits_mask=b["logits_index"])
             return indexed_sequence_logps(logits, b["targets"], b["seq_index"], 2 * b["pairs"])
         mask, targets = prediction_mask(b["labels"])
-        return selected_sequence_logps(model(*inputs, logits_mask=mask, **model_extras(b)), targets, mask)
+        return selected_sequence_logps(run(logits_mask=mask, **model_extras(b)), targets, mask)
 
     def accumulate_dpo(self, micro: list[dict]) -> dict:
         d = self.stage.dpo
         pairs_global = self._all_sum(sum(self._pairs(b) for b in micro))
         scale = self._world() / pairs_global
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
+        coef = getattr(self.model, "router_aux_loss_coef", 0.0)  # MoE families: the policy's router loss joins in
+        routers: list | None = [] if coef > 0 else None
         for i, b in enumerate(micro):
             inputs = self._dpo_inputs(b)
-            logps, ntok = self._pair_logps(self.model, b, inputs)
+            logps, ntok = self._pair_logps(self.model, b, inputs, routers)
             ref_logps = self._reference_logps(inputs, b)
             pc, pr = logps.chunk(2)
             rc, rr = ref_logps.chunk(2)
             nc, nr = ntok.chunk(2)
             out = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing,
                            chosen_n_tokens=nc, rejected_n_tokens=nr)
-            self._backward(out.losses.sum() * scale, last=i == len(micro) - 1)
+            loss = out.losses.sum() * scale
+            if routers:  # as in the LM objective (and TRL's DPO): coef·aux per forward, averaged over the window
+                loss = loss + coef * routers[-1].aux / len(micro)
+            self._backward(loss, last=i == len(micro) - 1)
             sums["loss"] += float(out.losses.detach().sum())
             sums["chosen"] += float(out.chosen_rewards.sum())
             sums["rejected"] += float(out.rejected_rewards.sum())
@@ -256,7 +277,14 @@ class VLMModule(pl.LightningModule):
         tot = {k: self._all_sum(v) / pairs_global for k, v in sums.items()}
         return {"loss": tot["loss"], "rewards/chosen": tot["chosen"], "rewards/rejected": tot["rejected"],
                 "rewards/margins": tot["chosen"] - tot["rejected"], "rewards/accuracies": tot["correct"],
-                "pairs": pairs_global}
+                "pairs": pairs_global} | self._moe_window_stats(routers, len(micro))
+
+    def _moe_window_stats(self, routers: list | None, k: int) -> dict:
+        """`_router_stats` of the RouterLoss of each of a window's k micro-batches (none for dense models)."""
+        if not routers:
+            return {}
+        aux_total = sum(float(r.aux.detach()) for r in routers)
+        return self._router_stats(aux_total, sum(r.expert_tokens for r in routers), k)
 
     @torch.no_grad()
     def _reference_logps(self, inputs: tuple, b: dict) -> torch.Tensor:

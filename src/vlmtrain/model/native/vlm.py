@@ -204,7 +204,8 @@ class NativeVLM(nn.Module):
             hidden = hidden + 0.0 * blank[0]
         logits = self._logits(hidden, logits_mask)
         if router_aux:
-            mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+            # a padding mask [b, s]; packed rows (None, per-layer masks) and shared-prompt DPO rows (4-D) have none
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
             return logits, RouterLoss(self.router_aux_loss(out.router_logits, mask),
                                       self.expert_tokens(out.router_logits, mask))
         return logits
