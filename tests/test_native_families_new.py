@@ -255,6 +255,13 @@ def test_stage_overrides_the_router_loss_weight_and_dense_families_refuse_it():
     assert family_refusals(stage(router_aux_loss_coef=0.02), moe) == []
     assert [p.split(":")[0] for p in family_refusals(stage(router_aux_loss_coef=0.02), dense)] == \
         ["trainer.router_aux_loss_coef"]
+    # DP-SGD: the router loss is not a sum of per-record losses
+    private = validate(StageConfig, with_preset({
+        "name": "s", "preset": "sft", "model": {"pretrained": "/nowhere"}, "data": {"train": [{"path": "x"}]},
+        "train": {"connector": False, "llm": "lora"}, "lora": {"r": 4},
+        "privacy": {"noise_multiplier": 1.0, "delta": 1e-5}}))
+    assert [p.split(":")[0] for p in family_refusals(private, moe)] == ["privacy"]
+    assert family_refusals(private, dense) == []
 
 
 def test_moe_sft_stage_runs_and_logs_the_router_loss(new_family_root, tmp_path):

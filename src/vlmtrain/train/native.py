@@ -39,6 +39,11 @@ def family_refusals(stage, model) -> list[str]:
     reason = packing_refusal(model.family, model.llm.config) if stage.data.mode == "pack" else ""
     if reason:
         problems.append(f"data.mode: pack is refused for {model.model_type}: {reason}")
+    if stage.privacy is not None and model.family.router_aux_loss:
+        # the router loss is one term over every token's routing in the batch (not a sum of per-record losses), and
+        # per-record gradients of PEFT's fused-expert adapters are not verified under Opacus
+        problems.append(f"privacy: DP-SGD is not available for {model.model_type} (mixture of experts): its router "
+                        "load-balancing loss couples the records of a batch; train it without privacy")
     if stage.trainer.router_aux_loss_coef is not None and not model.family.router_aux_loss:
         problems.append(f"trainer.router_aux_loss_coef: {model.model_type} has no mixture-of-experts router "
                         "loss in vlmtrain's objective; remove it")
