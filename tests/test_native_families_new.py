@@ -418,3 +418,38 @@ def test_dpo_policy_gets_the_router_loss_too(bundles):
         extra = params[n].grad if params[n].grad is not None else torch.zeros_like(with_aux[n])
         torch.testing.assert_close(with_aux[n] - without[n], extra, rtol=1e-3, atol=1e-7, msg=n)
     m.eval()
+
+
+def _packed_vs_alone(bundle) -> list[float]:
+    """Max |logit difference| of each sample of test_native_pack's packed rows (3 and 4 samples, 0-2 images each)
+    against the same sample run alone."""
+    from test_native_pack import ROWS, _logits, _records
+    from vlmtrain.data.batching import collate, collate_packed
+    from vlmtrain.data.inspect import encoder_for
+
+    enc, pad = encoder_for(bundle), bundle.tokenizer.pad_token_id
+    samples = {r["id"]: enc(r, ims) for r, ims in _records()}
+    bundle.model.eval()
+    logits = _logits(bundle.model, collate_packed([[samples[i] for i in row] for row in ROWS], pad), None)
+    diffs = []
+    for r, row in enumerate(ROWS):
+        start = 0
+        for sid in row:
+            alone = collate([samples[sid]], pad)
+            want = _logits(bundle.model, alone, alone["attention_mask"])[0]
+            diffs.append(float((logits[r, start:start + want.shape[0]] - want).abs().max()))
+            start += want.shape[0]
+    return diffs
+
+
+def test_qwen3_vl_moe_packed_rows_keep_samples_apart(bundles):
+    """Qwen3-VL-MoE packs (Transformer layers only): each packed sample's logits equal it alone (≤1e-5)."""
+    assert max(_packed_vs_alone(bundles("qwen3_vl_moe"))) <= 1e-5
+
+
+def test_qwen3_5_packed_rows_leak_which_is_why_packing_is_refused(bundles):
+    """The reason for the refusal, measured: in a packed Qwen3.5 row the first sample is exact and later ones are
+    not (the Gated DeltaNet state and convolution window carry over). If transformers ever isolates them on CPU,
+    this fails and the refusal (Family.no_packing) can go."""
+    diffs = _packed_vs_alone(bundles("qwen3_5"))
+    assert diffs[0] <= 1e-5 and max(diffs[1:]) > 1e-3
