@@ -170,45 +170,41 @@ class VLMModule(pl.LightningModule):
             raise VlmtrainError("a training step has no supervised tokens (every label masked)")
         scale = self._world() / n_global
         coef = getattr(self.model, "router_aux_loss_coef", 0.0)  # MoE families (NativeVLM); 0 = no router loss
-        loss_total = aux_total = 0.0
-        expert_tokens = None
+        routers: list | None = [] if coef > 0 else None
+        loss_total = 0.0
         for i, b in enumerate(micro):
-            loss_sum, router = self._lm_loss(b, router_aux=coef > 0)
+            loss_sum = self._lm_loss(b, routers)
             loss = loss_sum * scale
-            if router is not None:
+            if routers:
                 # transformers adds coef·aux to each forward's mean loss and gradient accumulation averages those:
                 # 1/k per micro-batch here, and DDP's gradient average takes the mean over ranks
-                loss = loss + coef * router.aux / len(micro)
-                aux_total += float(router.aux.detach())
-                expert_tokens = router.expert_tokens if expert_tokens is None else expert_tokens + router.expert_tokens
+                loss = loss + coef * routers[-1].aux / len(micro)
             self._backward(loss, last=i == len(micro) - 1)
             loss_total += float(loss_sum.detach())
         stats = {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
-        return stats | self._router_stats(aux_total, expert_tokens, len(micro))
+        return stats | self._moe_window_stats(routers, len(micro))
 
-    def _router_stats(self, aux_total: float, expert_tokens: torch.Tensor | None, k: int) -> dict:
-        """A step's MoE log (none for dense models): the router loss averaged over its k micro-batches and the ranks,
-        and the token slots per expert summed over them."""
-        if expert_tokens is None:
-            return {}
-        return {"moe/router_aux_loss": self._all_sum(aux_total) / (k * self._world()),
-                "moe/expert_tokens": [int(c) for c in self._all_sum_tensor(expert_tokens).tolist()]}
-
-    def _all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum of `t` over ranks (a copy; `t` itself on one rank)."""
-        t = t.detach().clone()
-        if self._world() > 1:
-            dist.all_reduce(t)
-        return t
-
-    def _lm_loss(self, b: dict, router_aux: bool):
-        """Summed next-token loss of one micro-batch over its supervised tokens, and (`router_aux`) what the MoE
-        routers of the same forward report (`RouterLoss`: load-balancing loss, per-expert token counts), else None."""
+    def _lm_loss(self, b: dict, routers: list | None) -> torch.Tensor:
+        """Summed next-token loss of one micro-batch over its supervised tokens; `routers`: a list that gets the
+        forward's `RouterLoss` (MoE model, `NativeVLM.forward(router_aux=True)`: load-balancing loss, token counts)."""
         mask, targets = prediction_mask(b["labels"])
         out = self.model(*_model_inputs(b), logits_mask=mask, image_keys=b.get("image_keys"), **model_extras(b),
-                         **({"router_aux": True} if router_aux else {}))
-        logits, aux = out if router_aux else (out, None)
-        return selected_token_loss_sum(logits, targets), aux
+                         **({"router_aux": True} if routers is not None else {}))
+        if routers is not None:
+            out, router = out
+            routers.append(router)
+        return selected_token_loss_sum(out, targets)
+
+    def _moe_window_stats(self, routers: list | None, k: int) -> dict:
+        """A step's MoE log from the `RouterLoss` of each of its k micro-batches (none for dense models): the router
+        loss averaged over micro-batches and ranks, and the token slots per expert summed over them."""
+        if not routers:
+            return {}
+        aux = self._all_sum(sum(float(r.aux.detach()) for r in routers)) / (k * self._world())
+        tokens = sum(r.expert_tokens for r in routers).detach().clone()
+        if self._world() > 1:
+            dist.all_reduce(tokens)
+        return {"moe/router_aux_loss": aux, "moe/expert_tokens": [int(c) for c in tokens.tolist()]}
 
     def _pairs(self, b: dict) -> int:
         return b["pairs"] if b.get("shared_prompt") else b["input_ids"].shape[0] // 2
@@ -278,13 +274,6 @@ class VLMModule(pl.LightningModule):
         return {"loss": tot["loss"], "rewards/chosen": tot["chosen"], "rewards/rejected": tot["rejected"],
                 "rewards/margins": tot["chosen"] - tot["rejected"], "rewards/accuracies": tot["correct"],
                 "pairs": pairs_global} | self._moe_window_stats(routers, len(micro))
-
-    def _moe_window_stats(self, routers: list | None, k: int) -> dict:
-        """`_router_stats` of the RouterLoss of each of a window's k micro-batches (none for dense models)."""
-        if not routers:
-            return {}
-        aux_total = sum(float(r.aux.detach()) for r in routers)
-        return self._router_stats(aux_total, sum(r.expert_tokens for r in routers), k)
 
     @torch.no_grad()
     def _reference_logps(self, inputs: tuple, b: dict) -> torch.Tensor:
