@@ -453,3 +453,26 @@ def test_qwen3_5_packed_rows_leak_which_is_why_packing_is_refused(bundles):
     this fails and the refusal (Family.no_packing) can go."""
     diffs = _packed_vs_alone(bundles("qwen3_5"))
     assert diffs[0] <= 1e-5 and max(diffs[1:]) > 1e-3
+
+
+def test_trainable_table_says_how_many_expert_parameters_train(bundles):
+    """LoRA on an MoE LM: the llm row counts the expert adapters among its trainable parameters (PEFT's lora_A
+    `[r·E, in]` / lora_B `[out, r·E]` per fused tensor); full fine-tuning counts the fused tensors themselves."""
+    from types import SimpleNamespace
+
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora
+    from vlmtrain.train.freeze import apply_stage_trainability
+
+    m = bundles("qwen3_vl_moe").model
+    cfg = m.llm.config
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    full = apply_stage_trainability(m, SimpleNamespace(vision=False, connector=False, llm=True))
+    assert full["llm"]["experts_trainable"] == cfg.num_hidden_layers * e * (2 * i * h + h * i)
+    assert "experts_trainable" not in full["vision"]
+    apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
+    table = apply_stage_trainability(m, SimpleNamespace(vision=False, connector=False, llm="lora"))
+    r = 4 * e  # PEFT's ParamWrapper: one rank-r pair per expert, stacked
+    per_layer = (r * h + 2 * i * r) + (r * i + h * r)  # gate_up_proj [E, 2I, H], down_proj [E, H, I]
+    assert table["llm"]["experts_trainable"] == cfg.num_hidden_layers * per_layer
+    assert 0 < table["llm"]["experts_trainable"] < table["llm"]["trainable"]
