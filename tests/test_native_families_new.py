@@ -14,9 +14,7 @@ import re
 import pytest
 import torch
 
-from native_fixtures import checkpoint, model_config, records
-
-NEW_FAMILIES = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+from native_fixtures import NEW_FAMILIES, checkpoint, model_config, records
 
 
 @pytest.fixture(scope="session")
