@@ -19,11 +19,13 @@ from vlmtrain.model.native_templates import FAMILIES, official_template, trainin
 
 # SHA-256 of each official template's UTF-8 bytes, computed from the upstream copies (see the module's comments):
 # huggingface.js e2e.test.js / chat-template-automap.ts, openvino.genai chat_template_fallback_map.hpp (8433e664e^),
-# transformers' test_processing_llava_onevision.py, TRL 1.16's trl/chat_templates/qwen3_vl.jinja.
+# transformers' test_processing_llava_onevision.py, TRL 1.16's trl/chat_templates/qwen3_vl.jinja, TRL's
+# trl/chat_templates/qwen3_5_think.jinja at f2cd57710ae345ea6428ae95363267fcf38a3dc8 (= xinference's "qwen3.5").
 OFFICIAL_SHA256 = {
     "qwen2_vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
     "qwen2_5_vl": "a0bc6f6fc7a29a80017a433e8f03a1cc1236e838a944a2d034295a60c4f2fddb",
     "qwen3_vl": "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4",
+    "qwen3_5": "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
     "gemma3": "7de1c58e208eda46e9c7f86397df37ec49883aeece39fb961e0a6b24088dd3c4",
     "smolvlm": "830005085ddd94cec605b6e21b885b28ffad6e3f82ee6a212c523533e8f04f01",
     "llava_onevision": "fbf77862dcdda46840b6da02767d651eadad3582310e40fed04dc7594a0a80dd",
@@ -37,6 +39,7 @@ ASSISTANT_SPAN = {
     "qwen2_vl": lambda t: t + "<|im_end|>",
     "qwen2_5_vl": lambda t: t + "<|im_end|>",
     "qwen3_vl": lambda t: t + "<|im_end|>\n",
+    "qwen3_5": lambda t: t + "<|im_end|>\n",
     "gemma3": lambda t: t.strip() + "<end_of_turn>\n",
     "smolvlm": lambda t: t + "<end_of_utterance>",
     "llava_onevision": lambda t: "\n" + t + "<|im_end|>",
@@ -47,12 +50,30 @@ IMAGE_PLACEHOLDER = {
     "qwen2_vl": "<|image_pad|>",
     "qwen2_5_vl": "<|image_pad|>",
     "qwen3_vl": "<|image_pad|>",
+    "qwen3_5": "<|image_pad|>",
     "gemma3": "<start_of_image>",
     "smolvlm": "<image>",
     "llava_onevision": "<image>",
     "llava_next": "<image>",
     "llava": "<image>",
 }
+# Qwen3.5 renders an (empty) think block before the text of assistant turns after the last user query, and none
+# before earlier ones (their reasoning is dropped from the history)
+THINK_AFTER_LAST_QUERY = {"qwen3_5": "<think>\n\n</think>\n\n"}
+# Qwen3.5's official assistant branch prints header and text in one expression; the marked copy prints the header
+# first, on its own (a generation block cannot start inside the `if` and end after it). Undoing that, written out:
+HOISTED_HEADER = {"qwen3_5": (
+    """        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<think>\\n' + reasoning_content + '\\n</think>\\n\\n' + content }}
+        {%- else %}
+            {{- content }}
+        {%- endif %}""",
+    """        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content + '\\n</think>\\n\\n' + content }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}""")}
 RENDER_KWARGS = {"bos_token": "<bos>", "eos_token": "</s>"}
 
 
@@ -119,10 +140,27 @@ _GUARDED = re.compile(
     re.S,
 )
 _TAG = re.compile(r"\{%-? (?:generation|endgeneration) -?%\}")
+_TAG_LINE = re.compile(r"^[ \t]*\{%-? (?:generation|endgeneration) -?%\}\n", re.M)  # a tag on a line of its own
 
 
-def _strip_marks(template: str) -> str:
-    return _TAG.sub("", _GUARDED.sub(lambda m: m.group("p"), template))
+def _strip_marks(template: str, family: str = "") -> str:
+    out = _TAG.sub("", _TAG_LINE.sub("", _GUARDED.sub(lambda m: m.group("p"), template)))
+    if family in HOISTED_HEADER:
+        hoisted, official = HOISTED_HEADER[family]
+        out = out.replace(hoisted, official)
+    return out
+
+
+def _expected_spans(family: str, messages: list[dict]) -> list[str]:
+    """The generation span of each assistant turn, from ASSISTANT_SPAN (+ Qwen3.5's think block where it renders)."""
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            text = m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
+            prefix = THINK_AFTER_LAST_QUERY.get(family, "") if i > last_user else ""
+            spans.append(prefix + ASSISTANT_SPAN[family](text))
+    return spans
 
 
 def test_every_family_has_a_pinned_upstream_hash():
@@ -139,7 +177,7 @@ def test_removing_the_marks_gives_back_the_official_template(family):
     official, training = official_template(family), training_template(family)
     assert training != official or family == "llava"  # llava ships its own marks and renders no end-of-turn
     # The official templates of llava and llava_onevision already carry generation tags; the others carry none.
-    assert _strip_marks(training) == _strip_marks(official)
+    assert _strip_marks(training, family) == _strip_marks(official)
     if family not in ("llava", "llava_onevision"):
         assert _strip_marks(official) == official
 
@@ -162,22 +200,21 @@ def test_generation_spans_are_exactly_the_assistant_turns(family, conversation):
     messages = CONVERSATIONS[conversation]
     rendered, indices = _render(training_template(family), messages, add_generation_prompt=False)
     spans = [rendered[a:b] for a, b in _merged(indices)]
-    replies = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
-    assert spans == [ASSISTANT_SPAN[family](r) for r in replies]
+    assert spans == _expected_spans(family, messages)
     others = [p["text"] for m in messages if m["role"] != "assistant" for p in m["content"] if p["type"] == "text"]
     for span in spans:
         assert IMAGE_PLACEHOLDER[family] not in span
         assert not any(text in span for text in others)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
 def test_string_content_is_marked_too(family):
     """Qwen and Gemma 3 templates also render `content` given as a plain string; that branch is marked as well."""
     messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
     official, _ = _render(official_template(family), messages, add_generation_prompt=False)
     rendered, indices = _render(training_template(family), messages, add_generation_prompt=False)
     assert rendered == official
-    assert [rendered[a:b] for a, b in _merged(indices)] == [ASSISTANT_SPAN[family]("Hello.")]
+    assert [rendered[a:b] for a, b in _merged(indices)] == _expected_spans(family, messages)
 
 
 def test_a_changed_vendored_template_fails_loudly(monkeypatch):
@@ -194,3 +231,33 @@ def test_unknown_family_is_refused_with_the_supported_list():
     assert all(family in str(err.value) for family in FAMILIES)
     with pytest.raises(ValueError):
         official_template("paligemma")
+
+
+QWEN3_5_REASONING_AND_TOOLS = [
+    [{"role": "system", "content": [_text("Be brief.")]},
+     {"role": "user", "content": [_text("Hi")]},
+     {"role": "assistant", "content": [_text("<think>\nhm\n</think>\n\nHello")]},
+     {"role": "user", "content": [IMAGE, _text("and this?")]},
+     {"role": "assistant", "content": [_text("A dog.")], "reasoning_content": "It has four legs."}],
+    [{"role": "user", "content": [_text("Weather in Paris?")]},
+     {"role": "assistant", "content": [_text("Checking.")],
+      "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+     {"role": "tool", "content": [_text("12 C, rain")]},
+     {"role": "assistant", "content": [_text("12 C and rain.")]}],
+]
+
+
+@pytest.mark.parametrize("messages", QWEN3_5_REASONING_AND_TOOLS)
+def test_qwen3_5_reasoning_and_tool_calls_render_like_the_official_template(messages):
+    """Qwen3.5's branches the shared conversations do not reach: reasoning (in the text or `reasoning_content`), a
+    tool call and a tool turn. The marked copy renders the official text; each span starts after the role header
+    and ends with the turn's `<|im_end|>\n`."""
+    official, _ = _render(official_template("qwen3_5"), messages, add_generation_prompt=False)
+    rendered, indices = _render(training_template("qwen3_5"), messages, add_generation_prompt=False)
+    assert rendered == official
+    spans = [rendered[a:b] for a, b in _merged(indices)]
+    assert len(spans) == sum(m["role"] == "assistant" for m in messages)
+    for span in spans:
+        assert not span.startswith("<|im_start|>") and span.endswith("<|im_end|>\n")
+        assert "<|im_start|>" not in span and "<tool_response>" not in span
+    assert rendered.endswith("<|im_start|>assistant\n" + spans[-1])

@@ -33,8 +33,16 @@ class LoRAConfig(_Strict):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    llm_target: str = Field(r"llm\.model\.layers\.\d+\..*(q|k|v|o|gate|up|down)_proj",
+    # attention and MLP projections, and the projections of linear-attention token mixers (Qwen3.5's Gated
+    # DeltaNet: in_proj_qkv/z/b/a, out_proj), which a Transformer-only pattern would leave without adapters
+    llm_target: str = Field(r"llm\.model\.layers\.\d+\..*((q|k|v|o|gate|up|down)_proj|in_proj_(qkv|z|b|a)|out_proj)",
                             description="regex (full match) of LLM linear layers that get adapters")
+    llm_target_parameters: str = Field(r"llm\.model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)",
+                                       description="regex (full match) of LLM parameters outside linear layers that "
+                                                   "get adapters through PEFT's target_parameters: the fused 3-D "
+                                                   "expert tensors of mixture-of-experts LMs (matches nothing in "
+                                                   "dense ones; no dropout: PEFT's parameter adapters take "
+                                                   "none); '' = none")
     vision_target: str = Field(r"vision\.model\..*layers\.\d+\..*(q|k|v|out)_proj",
                                description="regex for the vision tower (used when train.vision is 'lora')")
     dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
@@ -159,6 +167,9 @@ class TrainerConfig(_Strict):
     vision_feature_cache_mb: int = Field(0, ge=0, description="keep a frozen vision tower's outputs per image "
                                                                  "(CPU, this budget) and reuse them in later epochs; "
                                                                  "0 = off (the align preset turns it on)")
+    router_aux_loss_coef: float | None = Field(None, ge=0, description="mixture-of-experts families: weight of the "
+                                               "router load-balancing loss in the objective (null: the checkpoint "
+                                               "config's router_aux_loss_coef; 0: off)")
     log_sample_ids: bool = Field(False, description="write sample_ids.jsonl: the record ids of every step")
     wandb: bool = False
     wandb_project: str = "vlmtrain"

@@ -25,16 +25,27 @@ def target_names(model: nn.Module, regex: str) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(regex, n)]
 
 
-def peft_config(lora_cfg, regex: str):
+def target_parameter_names(model: nn.Module, regex: str) -> list[str]:
+    """Names of parameters matching `regex` (full match) that no linear layer owns (fused 3-D expert tensors such
+    as `llm.model.layers.N.mlp.experts.gate_up_proj [E, 2·I, H]`), in the model's parameter order."""
+    if not regex:
+        return []
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    return [n for n, p in model.named_parameters() if id(p) not in linear and re.fullmatch(regex, n)]
+
+
+def peft_config(lora_cfg, regex: str | list, parameters: list[str] | None = None, dropout: float | None = None):
+    """PEFT's LoraConfig: linear layers by `regex`, plus `parameters` (full names) through `target_parameters`."""
     from peft import LoraConfig
 
-    return LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=regex,
-                      use_dora=lora_cfg.dora, bias="none")
+    return LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+                      lora_dropout=lora_cfg.dropout if dropout is None else dropout, target_modules=regex,
+                      target_parameters=parameters or None, use_dora=lora_cfg.dora, bias="none")
 
 
 def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]:
-    """Inject adapters; returns the targeted module names. Adapter init draws from the torch RNG (seeded by the
-    stage), so a resumed run rebuilds the same starting adapters before loading the checkpoint."""
+    """Inject adapters; returns the targeted module and parameter names. Adapter init draws from the torch RNG
+    (seeded by the stage), so a resumed run rebuilds the same starting adapters before loading the checkpoint."""
     from peft import inject_adapter_in_model
 
     regex = lora_regex(lora_cfg, llm, vision)
@@ -43,8 +54,26 @@ def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]
         raise ConfigError(f"lora.llm_target: {lora_cfg.llm_target!r} matches no linear layer of the LLM")
     if vision and not any(n.startswith("vision.") for n in names):
         raise ConfigError(f"lora.vision_target: {lora_cfg.vision_target!r} matches no linear layer of the tower")
+    parameters = target_parameter_names(model, lora_cfg.llm_target_parameters) if llm else []
+    if parameters and lora_cfg.dora:
+        raise ConfigError("lora.dora: PEFT's adapters on fused expert parameters (lora.llm_target_parameters) do not "
+                          "support DoRA; set dora: false, or llm_target_parameters: '' to adapt no experts")
     inject_adapter_in_model(peft_config(lora_cfg, regex), model)
-    return names
+    if parameters:
+        _inject_parameter_adapters(model, lora_cfg, parameters)
+    return names + parameters
+
+
+def _inject_parameter_adapters(model: nn.Module, lora_cfg, parameters: list[str]) -> None:
+    """Adapters on fused parameters, into the same adapter ("default") as the linear ones. A second pass because
+    PEFT's ParamWrapper refuses dropout: these adapters train without it, the linear ones keep `lora.dropout`."""
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    with warnings.catch_warnings():  # "Already found a `peft_config`": intended, one adapter injected in two passes
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(peft_config(lora_cfg, [], parameters, dropout=0.0), model)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -77,6 +106,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_lora_(model: nn.Module) -> int:
     """Fold adapters into their base weights and put the plain base layers back; returns layers merged."""
     layers = lora_layers(model)
+    wrappers = {name for name, _ in layers}
     for name, m in layers:
         if _over_4bit(m):
             # a QLoRA layer whose NF4 base was dequantised (model.quantize.dequantize_): PEFT's merge would
@@ -89,6 +119,10 @@ def merge_lora_(model: nn.Module) -> int:
         else:
             m.merge()
         parent_name, _, child = name.rpartition(".")
+        if parent_name in wrappers:
+            # PEFT nests one ParamWrapper per targeted parameter of a module (fused experts: gate_up_proj inside
+            # down_proj's wrapper); each merges its own delta, and the outermost puts back the innermost base
+            continue
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, m.get_base_layer())
     return len(layers)
@@ -104,8 +138,9 @@ def _over_4bit(layer: nn.Module) -> bool:
 
 
 def base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict as if it had no adapters (`q_proj.base_layer.weight` → `q_proj.weight`)."""
-    return {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if "lora_" not in k}
+    """The module's state dict as if it had no adapters (`q_proj.base_layer.weight` → `q_proj.weight`; nested
+    wrappers of fused experts: `experts.base_layer.base_layer.down_proj` → `experts.down_proj`)."""
+    return {re.sub(r"(\.base_layer)+\.", ".", k): v for k, v in module.state_dict().items() if "lora_" not in k}
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

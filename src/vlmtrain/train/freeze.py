@@ -11,20 +11,25 @@ MODULES = ("vision", "connector", "llm")
 
 
 def trainable_table(model) -> dict[str, dict[str, int]]:
-    """Per module: trainable and frozen parameter counts (tied tensors counted once)."""
+    """Per module: trainable and frozen parameter counts (tied tensors counted once); a mixture-of-experts LM's row
+    also says how many of its trainable parameters are in the experts (`experts_trainable`: the fused expert tensors
+    or their adapters)."""
     seen: set[int] = set()
     table = {}
     for name in MODULES:
         t = f = 0
-        for p in getattr(model, name).parameters():
+        experts: int | None = None
+        for pname, p in getattr(model, name).named_parameters():
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            if ".experts." in f".{pname}":
+                experts = (experts or 0) + (p.numel() if p.requires_grad else 0)
             if p.requires_grad:
                 t += p.numel()
             else:
                 f += p.numel()
-        table[name] = {"trainable": t, "frozen": f}
+        table[name] = {"trainable": t, "frozen": f} | ({"experts_trainable": experts} if experts is not None else {})
     return table
 
 
@@ -64,6 +69,8 @@ def apply_stage_trainability(model, train) -> dict[str, dict[str, int]]:
     for name in MODULES:
         r = table[name]
         lines.append(f"  {name:<10} {r['mode']:<7} {r['trainable']:>14,d} {r['frozen']:>14,d}")
+        if "experts_trainable" in r:
+            lines.append(f"    {'experts':<15} {r['experts_trainable']:>14,d}")
     tot_t = sum(table[n]["trainable"] for n in MODULES)
     tot_f = sum(table[n]["frozen"] for n in MODULES)
     lines.append(f"  {'total':<10} {'':<7} {tot_t:>14,d} {tot_f:>14,d}")

@@ -169,15 +169,42 @@ class VLMModule(pl.LightningModule):
         if n_global == 0:
             raise VlmtrainError("a training step has no supervised tokens (every label masked)")
         scale = self._world() / n_global
+        coef = getattr(self.model, "router_aux_loss_coef", 0.0)  # MoE families (NativeVLM); 0 = no router loss
+        routers: list | None = [] if coef > 0 else None
         loss_total = 0.0
         for i, b in enumerate(micro):
-            mask, targets = prediction_mask(b["labels"])
-            loss_sum = selected_token_loss_sum(self.model(*_model_inputs(b), logits_mask=mask,
-                                                          image_keys=b.get("image_keys"), **model_extras(b)),
-                                               targets)
-            self._backward(loss_sum * scale, last=i == len(micro) - 1)
+            loss_sum = self._lm_loss(b, routers)
+            loss = loss_sum * scale
+            if routers:
+                # transformers adds coef·aux to each forward's mean loss and gradient accumulation averages those:
+                # 1/k per micro-batch here, and DDP's gradient average takes the mean over ranks
+                loss = loss + coef * routers[-1].aux / len(micro)
+            self._backward(loss, last=i == len(micro) - 1)
             loss_total += float(loss_sum.detach())
-        return {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
+        stats = {"loss": self._all_sum(loss_total) / n_global, "supervised_tokens": n_local}
+        return stats | self._moe_window_stats(routers, len(micro))
+
+    def _lm_loss(self, b: dict, routers: list | None) -> torch.Tensor:
+        """Summed next-token loss of one micro-batch over its supervised tokens; `routers`: a list that gets the
+        forward's `RouterLoss` (MoE model, `NativeVLM.forward(router_aux=True)`: load-balancing loss, token counts)."""
+        mask, targets = prediction_mask(b["labels"])
+        out = self.model(*_model_inputs(b), logits_mask=mask, image_keys=b.get("image_keys"), **model_extras(b),
+                         **({"router_aux": True} if routers is not None else {}))
+        if routers is not None:
+            out, router = out
+            routers.append(router)
+        return selected_token_loss_sum(out, targets)
+
+    def _moe_window_stats(self, routers: list | None, k: int) -> dict:
+        """A step's MoE log from the `RouterLoss` of each of its k micro-batches (none for dense models): the router
+        loss averaged over micro-batches and ranks, and the token slots per expert summed over them."""
+        if not routers:
+            return {}
+        aux = self._all_sum(sum(float(r.aux.detach()) for r in routers)) / (k * self._world())
+        tokens = sum(r.expert_tokens for r in routers).detach().clone()
+        if self._world() > 1:
+            dist.all_reduce(tokens)
+        return {"moe/router_aux_loss": aux, "moe/expert_tokens": [int(c) for c in tokens.tolist()]}
 
     def _pairs(self, b: dict) -> int:
         return b["pairs"] if b.get("shared_prompt") else b["input_ids"].shape[0] // 2
@@ -197,32 +224,48 @@ class VLMModule(pl.LightningModule):
     def _dpo_inputs(self, b: dict) -> tuple:
         return self._shared_inputs(b) if b.get("shared_prompt") else _model_inputs(b)
 
-    def _pair_logps(self, model, b: dict, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_logps(self, model, b: dict, inputs: tuple,
+                    routers: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probs and supervised-token counts `[2b]` (chosen rows first), for either batch layout;
-        `inputs` from `_dpo_inputs(b)` (built once, shared by the policy and the reference)."""
+        `inputs` from `_dpo_inputs(b)` (built once, shared by the policy and the reference). `routers`: a list that
+        gets the forward's `RouterLoss` (MoE policy, `NativeVLM.forward(router_aux=True)`)."""
+        kw = {"router_aux": True} if routers is not None else {}
+
+        def run(**args):
+            out = model(*inputs, **args, **kw)
+            if routers is None:
+                return out
+            routers.append(out[1])
+            return out[0]
+
         if b.get("shared_prompt"):
             from vlmtrain.train.dpo import indexed_sequence_logps
 
-            logits = model(*inputs, logits_mask=b["logits_index"])
+            logits = run(logits_mask=b["logits_index"])
             return indexed_sequence_logps(logits, b["targets"], b["seq_index"], 2 * b["pairs"])
         mask, targets = prediction_mask(b["labels"])
-        return selected_sequence_logps(model(*inputs, logits_mask=mask, **model_extras(b)), targets, mask)
+        return selected_sequence_logps(run(logits_mask=mask, **model_extras(b)), targets, mask)
 
     def accumulate_dpo(self, micro: list[dict]) -> dict:
         d = self.stage.dpo
         pairs_global = self._all_sum(sum(self._pairs(b) for b in micro))
         scale = self._world() / pairs_global
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
+        coef = getattr(self.model, "router_aux_loss_coef", 0.0)  # MoE families: the policy's router loss joins in
+        routers: list | None = [] if coef > 0 else None
         for i, b in enumerate(micro):
             inputs = self._dpo_inputs(b)
-            logps, ntok = self._pair_logps(self.model, b, inputs)
+            logps, ntok = self._pair_logps(self.model, b, inputs, routers)
             ref_logps = self._reference_logps(inputs, b)
             pc, pr = logps.chunk(2)
             rc, rr = ref_logps.chunk(2)
             nc, nr = ntok.chunk(2)
             out = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing,
                            chosen_n_tokens=nc, rejected_n_tokens=nr)
-            self._backward(out.losses.sum() * scale, last=i == len(micro) - 1)
+            loss = out.losses.sum() * scale
+            if routers:  # as in the LM objective (and TRL's DPO): coef·aux per forward, averaged over the window
+                loss = loss + coef * routers[-1].aux / len(micro)
+            self._backward(loss, last=i == len(micro) - 1)
             sums["loss"] += float(out.losses.detach().sum())
             sums["chosen"] += float(out.chosen_rewards.sum())
             sums["rejected"] += float(out.rejected_rewards.sum())
@@ -230,7 +273,7 @@ class VLMModule(pl.LightningModule):
         tot = {k: self._all_sum(v) / pairs_global for k, v in sums.items()}
         return {"loss": tot["loss"], "rewards/chosen": tot["chosen"], "rewards/rejected": tot["rejected"],
                 "rewards/margins": tot["chosen"] - tot["rejected"], "rewards/accuracies": tot["correct"],
-                "pairs": pairs_global}
+                "pairs": pairs_global} | self._moe_window_stats(routers, len(micro))
 
     @torch.no_grad()
     def _reference_logps(self, inputs: tuple, b: dict) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """What a stage may ask of a native transformers VLM today, refused up front with one line per reason.
 
 Each refusal names a feature built for the composed kind that the native kind does not have yet; the scale-out
-work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`; FSDP2 and
+work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`, except for
+families whose rows it cannot keep apart (`family_refusals`); FSDP2 and
 DeepSpeed ZeRO-2/3: built for every listed family, each has a blank image; DP-SGD: built,
 `vlmtrain.privacy.dp_native`, which refuses what it cannot privatise; compile: not yet).
 """
@@ -21,10 +22,44 @@ def native_refusals(stage) -> list[str]:
     return problems
 
 
+def packing_refusal(family, text_config) -> str:
+    """Why packed rows would mix this model's samples ("" when they do not): the family row's reason, else any LM with
+    linear-attention layers (a generic-map family), whose recurrent state the restarting position ids do not reset."""
+    if family.no_packing:
+        return family.no_packing
+    if "linear_attention" in (getattr(text_config, "layer_types", None) or ()):
+        return ("its linear-attention layers carry a recurrent state across packed samples; "
+                "use data.mode: plain or group")
+    return ""
+
+
+def family_refusals(stage, model) -> list[str]:
+    """What the stage asks of this family (the built NativeVLM `model`) that it cannot do, one line per reason."""
+    problems = []
+    reason = packing_refusal(model.family, model.llm.config) if stage.data.mode == "pack" else ""
+    if reason:
+        problems.append(f"data.mode: pack is refused for {model.model_type}: {reason}")
+    if stage.privacy is not None and model.family.router_aux_loss:
+        # the router loss is one term over every token's routing in the batch (not a sum of per-record losses), and
+        # per-record gradients of PEFT's fused-expert adapters are not verified under Opacus
+        problems.append(f"privacy: DP-SGD is not available for {model.model_type} (mixture of experts): its router "
+                        "load-balancing loss couples the records of a batch; train it without privacy")
+    if stage.trainer.router_aux_loss_coef is not None and not model.family.router_aux_loss:
+        problems.append(f"trainer.router_aux_loss_coef: {model.model_type} has no mixture-of-experts router "
+                        "loss in vlmtrain's objective; remove it")
+    return problems
+
+
+def configure_router_aux(stage, model) -> None:
+    """The stage's weight of the MoE router loss over the checkpoint config's (`trainer.router_aux_loss_coef`)."""
+    if stage.trainer.router_aux_loss_coef is not None and model.family.router_aux_loss:
+        model.router_aux_loss_coef = float(stage.trainer.router_aux_loss_coef)
+
+
 def check_native_stage(stage, bundle) -> None:
     from vlmtrain.privacy.dp_native import native_dp_refusals
 
-    problems = native_refusals(stage) + native_dp_refusals(stage, bundle.model)
+    problems = native_refusals(stage) + family_refusals(stage, bundle.model) + native_dp_refusals(stage, bundle.model)
     strategy = stage.trainer.strategy
     # sharded ranks must all run the tower every step: a text-only batch runs a blank image (NativeVLM)
     if (strategy == "fsdp" or strategy.startswith("deepspeed")) and bundle.model.blank_image_inputs() is None:
@@ -33,6 +68,7 @@ def check_native_stage(stage, bundle) -> None:
                         "listed family has one; use single or ddp)")
     if problems:
         raise ConfigError(problems)
+    configure_router_aux(stage, bundle.model)
     if stage.trainer.vision_feature_cache_mb:
         import logging
 

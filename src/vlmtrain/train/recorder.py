@@ -87,7 +87,7 @@ class Recorder(pl.Callback):
             loss = w["loss"] / w["n"] if w["n"] else float("nan")
             row = {"step": step, "loss": loss, "lr": st["lr"], "grad_norm": st["grad_norm"],
                    "samples_per_s": w["samples"] / dt, "tokens_per_s": w["tokens"] / dt, "seconds": dt}
-            row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/"))})
+            row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/", "moe/"))})
             self.totals["samples"] += w["samples"]
             self.totals["tokens"] += w["tokens"]
             self.totals["train_seconds"] += dt
@@ -102,7 +102,9 @@ class Recorder(pl.Callback):
                          f"{row['samples_per_s']:.1f} samples/s | {row['tokens_per_s']:.0f} tok/s{extra} | "
                          f"ETA {_fmt_eta(eta)}")
             if trainer.logger is not None:
-                trainer.logger.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+                # scalars only: per-expert token counts (a list) go to metrics.jsonl, not to the logger
+                trainer.logger.log_metrics({f"train/{k}": v for k, v in row.items()
+                                            if k != "step" and not isinstance(v, list)}, step=step)
             self._write(row)
             self.window = {"samples": 0, "tokens": 0, "supervised": 0.0, "loss": 0.0, "n": 0}
             self.t_last = time.time()

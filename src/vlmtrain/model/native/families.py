@@ -31,21 +31,44 @@ class Family:
     # merged grid), "fixed" (one tower-sized image), "crop" (one Idefics3 crop), "anyres" (a tower-sized image as
     # AnyRes tiles it); "" = none (sharded strategies refused)
     blank_image: str = ""
+    # why `data.mode: pack` is refused for this family ("" = packed rows keep samples apart)
+    no_packing: str = ""
+    # the LM is a mixture of experts whose router load-balancing loss joins the training objective, as in the
+    # family's own `*ForConditionalGeneration.forward` (`load_balancing_loss_func` of its modeling module)
+    router_aux_loss: bool = False
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
                 "model.blocks": "model.visual.blocks"}
+
+_QWEN3_VL_ROLES = {"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.pos_embed"},
+                   "connector": {"merger": "model.visual.merger",
+                                 "deepstack_merger_list": "model.visual.deepstack_merger_list"},
+                   "llm": _LLM}
+# Qwen3.5 (dense and MoE): Qwen3-VL's tower without DeepStack mergers; its merger is the connector
+_QWEN3_5_ROLES = {"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.pos_embed"},
+                  "connector": {"merger": "model.visual.merger"}, "llm": _LLM}
+# transformers 5.23's CPU path of the Gated DeltaNet runs its causal convolution and recurrent state over the whole
+# row: position_ids restarts do not reset them, and the cu_seqlens / seq_idx that would are taken only by the
+# flash-linear-attention and causal-conv1d GPU kernels (measured: a packed second sample's logits 0.03-0.04 off)
+_LINEAR_ATTENTION_PACKING = ("its Gated DeltaNet (linear attention) layers carry a recurrent state and a "
+                             "convolution window across packed samples; use data.mode: plain or group")
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
                        "qwen2_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}, blank_image="grid"),
     "qwen2_5_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
                          "qwen2_5_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}, blank_image="grid"),
-    "qwen3_vl": Family({"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.pos_embed"},
-                        "connector": {"merger": "model.visual.merger",
-                                      "deepstack_merger_list": "model.visual.deepstack_merger_list"},
-                        "llm": _LLM}, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"},
+    "qwen3_vl": Family(_QWEN3_VL_ROLES, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"},
                        blank_image="grid"),
+    # Qwen3-VL-MoE: the Qwen3-VL tree (same tower, DeepStack mergers and decoder layout; experts inside each layer's
+    # mlp) and the same official template (Qwen3-VL-30B-A3B/235B-A22B-Instruct ship Qwen3-VL's bytes)
+    "qwen3_vl_moe": Family(_QWEN3_VL_ROLES, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                           blank_image="grid", router_aux_loss=True),
+    "qwen3_5": Family(_QWEN3_5_ROLES, "qwen3_5", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                      blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING),
+    "qwen3_5_moe": Family(_QWEN3_5_ROLES, "qwen3_5", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                          blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING, router_aux_loss=True),
     "gemma3": Family({"vision": {"model": "model.vision_tower"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "gemma3", nested_images=True, bidirectional_images=True,

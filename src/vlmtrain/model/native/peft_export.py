@@ -10,6 +10,7 @@ containers and the transformers model hold the same objects), so no per-family n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from vlmtrain.errors import VlmtrainError
@@ -26,7 +27,7 @@ def _base_state(m, base_connector) -> dict:
     for k, v in m.hf.state_dict().items():
         if "lora_" in k:
             continue
-        state[k.replace(".base_layer.", ".")] = v.detach().cpu().clone()
+        state[_unwrapped(k)] = v.detach().cpu().clone()
     if base_connector is not None:
         for k, v in base_connector.state_dict().items():
             head, _, rest = k.partition(".")
@@ -62,8 +63,9 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
 
     first = layers[0][1]
     adapter = first.lora_A["default"]
+    modules, parameters = _targets(layers, ours_to_hf)
     cfg = LoraConfig(r=adapter.out_features, lora_alpha=first.lora_alpha["default"], lora_dropout=0.0,
-                     target_modules=sorted(ours_to_hf.values()),
+                     target_modules=modules, target_parameters=parameters or None,
                      use_dora=bool(first.use_dora.get("default", False)),
                      modules_to_save=connector_paths if base_connector is not None else None)
     peft_model = get_peft_model(AutoModelForImageTextToText.from_pretrained(out / "base"), cfg)
@@ -77,6 +79,27 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
             state[f"{m.family.roles['connector'][head]}.{rest}"] = v.detach().cpu().clone()
     save_peft_adapter(peft_model, state, out / "adapter")
     return out
+
+
+def _unwrapped(key: str) -> str:
+    """A state-dict key without PEFT's wrappers: `q_proj.base_layer.weight` → `q_proj.weight`; fused experts nest
+    one wrapper per adapted parameter (`experts.base_layer.base_layer.down_proj` → `experts.down_proj`)."""
+    return re.sub(r"(\.base_layer)+\.", ".", key)
+
+
+def _targets(layers, ours_to_hf: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) in transformers' names. A wrapper of a fused parameter (PEFT's
+    ParamWrapper, `.parameter_name`) sits at its module's path plus one `.base_layer` per wrapper around it; PEFT
+    nests the wrappers of one module in its own fixed order, so the rebuilt adapters get the same names."""
+    modules, parameters = [], []
+    for name, layer in layers:
+        hf_name = ours_to_hf[name]
+        if hasattr(layer, "parameter_name"):
+            owner = re.sub(r"(\.base_layer)+$", "", hf_name)
+            parameters.append(f"{owner}.{layer.parameter_name}")
+        else:
+            modules.append(hf_name)
+    return sorted(modules), sorted(parameters)
 
 
 def _module_paths(root, paths) -> list[str]:

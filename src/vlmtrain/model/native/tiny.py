@@ -30,7 +30,11 @@ _IDEFICS_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fa
                      "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
-                 "llava_next", "llava")
+                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# Qwen3-VL's tower (patch 16, learned position table, mRoPE interleaved) is shared by these
+_QWEN3_TOWER = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# MoE text configs: 4 experts, top-2, every layer sparse (as the published Qwen MoE checkpoints)
+_MOE = {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}
 
 
 def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, extra: dict | None = None):
@@ -56,12 +60,13 @@ def _ids(tok, **tokens) -> dict[str, int]:
 def _qwen(model_type: str):
     from transformers import AutoConfig, Qwen2VLImageProcessorPil
 
-    tok = _tokenizer(_QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>")
+    specials = _QWEN_SPECIALS + (["<think>", "</think>"] if model_type.startswith("qwen3_5") else [])
+    tok = _tokenizer(specials, None, "<|im_end|>", "<|endoftext|>")
     ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
     text = {**_TEXT, "vocab_size": _vocab(tok), "bos_token_id": None, "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}}
-    patch = 16 if model_type == "qwen3_vl" else 14
+    patch = 16 if model_type in _QWEN3_TOWER else 14
     vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
               "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2}
     if model_type == "qwen2_5_vl":
@@ -69,14 +74,40 @@ def _qwen(model_type: str):
     if model_type == "qwen2_vl":
         vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2, "patch_size": patch,
                   "spatial_merge_size": 2, "temporal_patch_size": 2}
-    if model_type == "qwen3_vl":
-        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+    if model_type in _QWEN3_TOWER:
+        vision.update(num_position_embeddings=64)
         text["rope_parameters"]["mrope_interleaved"] = True
+    if model_type in ("qwen3_vl", "qwen3_vl_moe"):
+        vision.update(deepstack_visual_indexes=[0])
+    if model_type == "qwen3_vl_moe":
+        text.update(_MOE, decoder_sparse_step=1)
+    if model_type.startswith("qwen3_5"):
+        text.update(_qwen3_5_text(model_type))
+    if model_type == "qwen3_5_moe":
+        del text["intermediate_size"]  # its text config has no dense MLP width (every layer is sparse)
     cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision, **ids)
     unit = patch * 2  # one merged image token covers unit × unit pixels
     ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                   size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit})
     return cfg, ip, tok, {}
+
+
+def _qwen3_5_text(model_type: str) -> dict:
+    """Text-config fields of a tiny Qwen3.5: one Gated DeltaNet layer, then one full-attention layer.
+
+    `layer_types` must be given: the default comes from `full_attention_interval=4`, which makes both of two layers
+    linear attention, and transformers' cache then has no attention layer to read the sequence length from."""
+    fields = {
+        # Qwen3.5 rotates a quarter of head_dim 256 (mRoPE 11/11/10 pairs); at head_dim 16 half: 4 pairs 2/1/1
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5,
+                            "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    }
+    if model_type == "qwen3_5_moe":
+        fields.update(_MOE, shared_expert_intermediate_size=32)
+    return fields
 
 
 def _gemma3():

@@ -26,11 +26,20 @@ attend bidirectionally wherever an earlier sample of its row had image tokens.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from vlmtrain.errors import ConfigError, VlmtrainError
 from vlmtrain.model.native.families import Family
+
+
+class RouterLoss(NamedTuple):
+    """What one forward of a mixture-of-experts LM tells the objective about its routers."""
+
+    aux: torch.Tensor  # scalar: the load-balancing loss, unweighted (transformers' `aux_loss`)
+    expert_tokens: torch.Tensor  # [n_experts] token slots routed to each expert, summed over MoE layers (no padding)
 
 
 class RolePart(nn.Module):
@@ -102,6 +111,12 @@ class NativeVLM(nn.Module):
         # connector (weight 0), so sharded ranks (FSDP2, ZeRO-3) all take part in every tower forward/backward
         self.always_encode_images = False
         self.vision_cache = None  # the frozen-tower feature cache is a composed-model feature
+        # weight of the router load-balancing loss in the training objective (MoE families, Family.router_aux_loss):
+        # the checkpoint config's `router_aux_loss_coef`, as transformers' own forward adds it; a stage may override
+        # it (`trainer.router_aux_loss_coef`, 0 = off). 0 for dense families.
+        text_cfg = hf.config.get_text_config()
+        self.router_aux_loss_coef = float(getattr(text_cfg, "router_aux_loss_coef", 0.0) or 0.0) \
+            if family.router_aux_loss else 0.0
 
     def _check_partition(self) -> None:
         """Every parameter and buffer of the transformers model belongs to exactly one role."""
@@ -151,12 +166,16 @@ class NativeVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                logits_mask: torch.Tensor | None = None, image_keys: list | None = None, **extras):
+                logits_mask: torch.Tensor | None = None, image_keys: list | None = None, router_aux: bool = False,
+                **extras):
         """Logits `[b, s, vocab]` (as `.logits`), or `[n, vocab]` at `logits_mask` (bool `[b, s]`, or `[n, 2]`
         (row, position) pairs). `extras`: the family's tensors from the batch. `image_keys` is accepted for the
-        shared contract and unused (no feature cache for native towers)."""
+        shared contract and unused (no feature cache for native towers). `router_aux` (MoE families): return
+        `(logits, RouterLoss)`: the router load-balancing loss of this forward and its per-expert token counts."""
         self._share_bare_parameters()
         kw = {k: v for k, v in extras.items() if v is not None}
+        if router_aux:
+            kw["output_router_logits"] = True
         if attention_mask is None and position_ids is not None and self.family.bidirectional_images:
             # a batch without image tokens may come without token_type_ids: no image blocks then
             types = kw.get("token_type_ids", torch.zeros_like(position_ids))
@@ -183,6 +202,16 @@ class NativeVLM(nn.Module):
         hidden = out.last_hidden_state
         if blank:
             hidden = hidden + 0.0 * blank[0]
+        logits = self._logits(hidden, logits_mask)
+        if router_aux:
+            # a padding mask [b, s]; packed rows (None, per-layer masks) and shared-prompt DPO rows (4-D) have none
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            return logits, RouterLoss(self.router_aux_loss(out.router_logits, mask),
+                                      self.expert_tokens(out.router_logits, mask))
+        return logits
+
+    def _logits(self, hidden: torch.Tensor, logits_mask: torch.Tensor | None):
+        """Hidden states `[b, s, d]` → `.logits [b, s, vocab]`, or `[n, vocab]` at `logits_mask` (see forward)."""
         if logits_mask is None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -190,6 +219,31 @@ class NativeVLM(nn.Module):
         if logits_mask.dtype == torch.bool:
             return self.head(hidden[logits_mask])
         return self.head(hidden[logits_mask[:, 0], logits_mask[:, 1]])
+
+    def router_aux_loss(self, router_logits: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Switch-style load-balancing loss (scalar) of one forward: the family's own `load_balancing_loss_func` on
+        the per-layer router logits (each `[b·s, n_experts]`), with the batch's `attention_mask [b, s]` excluding
+        padding — the call transformers' `*ForConditionalGeneration.forward` makes. Packed rows (no padding mask)
+        count every position, as transformers does without a mask."""
+        import sys
+
+        balance = sys.modules[type(self.hf).__module__].load_balancing_loss_func
+        cfg = self.llm.config
+        return balance(tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
+
+    def expert_tokens(self, router_logits: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`[n_experts]` top-k token slots each expert received, summed over the MoE layers' router logits (each
+        `[b·s, n_experts]`; padding excluded by `attention_mask [b, s]`), for the step's log."""
+        cfg = self.llm.config
+        counts = torch.zeros(cfg.num_experts, device=router_logits[0].device)
+        keep = None if attention_mask is None else attention_mask.reshape(-1, 1).bool()
+        with torch.no_grad():
+            for layer in router_logits:
+                chosen = layer.topk(cfg.num_experts_per_tok, dim=-1).indices  # [b·s, k]
+                if keep is not None:
+                    chosen = chosen[keep.expand_as(chosen)]
+                counts += torch.bincount(chosen.reshape(-1), minlength=cfg.num_experts).to(counts.dtype)
+        return counts
 
     def _share_bare_parameters(self) -> None:
         """Point transformers at the role's current object of each bare parameter (`bare_parameters`). FSDP2
