@@ -8,7 +8,7 @@ import numpy as np
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision", "llava_next",
             "llava")
-# tested in tests/test_native_families_new.py (one shared checkpoint each) rather than in every FAMILIES test
+# tested in tests/test_native_hybrid_moe.py (one shared checkpoint each) rather than in every FAMILIES test
 NEW_FAMILIES = ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
