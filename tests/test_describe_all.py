@@ -133,6 +133,20 @@ def test_describe_cli_failure_is_one_error_line(key, says, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: model_type {key!r}: ") and says in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("config, says", [
+    ("model_type: qwen2_vl\nconfig: {text_config: {hidden_size: 63}}",
+     "model_type 'qwen2_vl': transformers cannot build it from this config (ZeroDivisionError"),
+    ("model_type: gemma3\nconfig: {vision_config: 5}",
+     "model_type 'gemma3': transformers rejects this config (StrictDataclassFieldValidationError")])
+def test_config_transformers_refuses_is_one_line(config, says, tmp_path, capsys):
+    from vlmtrain.cli.main import main
+
+    (tmp_path / "bad.yaml").write_text(config + "\n")
+    assert main(["describe", "--config", str(tmp_path / "bad.yaml"), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {says}"), err
+
+
 def test_describe_text_says_unknown_image_tokens_for_a_family_without_rule(tmp_path, capsys):
     from vlmtrain.cli.main import main
 
@@ -220,6 +234,12 @@ def test_image_token_rules_equal_the_processors_own_count():
         ip = T.GotOcr2ImageProcessorPil(size={"height": 448, "width": 448}, crop_to_patches=crop, max_patches=12)
         checked[f"internvl crop_to_patches={crop}"] = (rule("internvl"),
                                                        _from_processor(build_image_only("internvl", ip, tok)))
+    # a 224-px tower: 2x2 tiles + a thumbnail of 64 tokens each (the pixel-shuffled grid), whatever the config's
+    # image_seq_length says
+    small = AutoConfig.for_model("internvl", vision_config={"image_size": 224})
+    ip = T.GotOcr2ImageProcessorPil(size={"height": 224, "width": 224})
+    checked["internvl 224"] = (_from_config(small)[0],
+                               _from_processor(build_image_only("internvl", ip, tok, image_seq_length=64)))
     tok.image_token = "<|image|>"
     mllama = build_image_only("mllama", T.MllamaImageProcessorPil(), tok)
     ids = mllama(text="<|image|>hello", images=[[Image.new("RGB", (448, 448))]])["input_ids"][0]
@@ -228,5 +248,5 @@ def test_image_token_rules_equal_the_processors_own_count():
     for mt in ("idefics3", "smolvlm"):
         cfg, ip, tiny_tok, kwargs = tiny_parts(mt)
         checked[mt] = (_from_config(cfg)[0], build_image_only(mt, ip, tiny_tok, **kwargs).image_seq_len)
-    assert all(ours == theirs for ours, theirs in checked.values()), checked
+    assert all(ours == theirs for ours, theirs in checked.values()), {k: v for k, v in checked.items() if v[0] != v[1]}
     assert set(RULES) <= {k.split()[0] for k in checked}  # every rule describe has is checked here

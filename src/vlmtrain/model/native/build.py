@@ -39,7 +39,7 @@ def _hf_config(cfg: NativeModelConfig):
         fields = {k: v for k, v in cfg.config.items() if k != "model_type"}
         try:
             return AutoConfig.for_model(mt, **fields)
-        except (ValueError, TypeError, AttributeError, KeyError) as e:
+        except Exception as e:  # transformers' validation (ValueError, TypeError, huggingface_hub's strict fields)
             raise ConfigError(f"model_type {mt!r}: transformers rejects this config ({_one_line(e)})") from None
     _refuse_remote_code(cfg.pretrained)
     try:
@@ -81,8 +81,8 @@ def _refuse_remote_code(pretrained) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    """`Type: first line of the message`, at most 160 characters."""
-    first = (str(e).strip().splitlines() or [""])[0].strip().rstrip(".")
+    """`Type: the message's first two lines`, on one line, at most 160 characters."""
+    first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]).rstrip(".")
     text = f"{type(e).__name__}: {first}" if first else type(e).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
@@ -123,12 +123,10 @@ def _instantiate(cfg: NativeModelConfig, hf_cfg, device, load_weights: bool):
             return AutoModelForImageTextToText.from_config(hf_cfg)
     except ImportError as e:
         raise ConfigError(_missing_package(e, hf_cfg)) from None
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
+    except Exception as e:  # the model's own __init__ on this config (None fields, sizes that do not divide, ...)
+        if isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
             raise ConfigError(f"model_type {hf_cfg.model_type!r}: AutoModelForImageTextToText does not take "
                               f"{type(hf_cfg).__name__}") from None
-        raise ConfigError(_cannot_build(e, hf_cfg)) from None
-    except (TypeError, AttributeError, KeyError, IndexError) as e:
         raise ConfigError(_cannot_build(e, hf_cfg)) from None
 
 

@@ -68,7 +68,7 @@ def _anyres(cfg) -> tuple[int, str]:
     tokens = proc._get_number_of_features(REFERENCE_SIDE, REFERENCE_SIDE, side, side)
     if strategy == "default":
         tokens -= 1
-    return tokens, f"{_ONE_IMAGE} (AnyRes views of {side}x{side})"
+    return tokens, f"{_ONE_IMAGE}: AnyRes views of {side}x{side}"
 
 
 def _side(value) -> int:
@@ -77,13 +77,18 @@ def _side(value) -> int:
 
 
 def _internvl(cfg) -> tuple[int, str]:
-    # InternVLProcessor: `<img>` + `<IMG_CONTEXT>` × image_seq_length per tile + `</img>`; a tile-sized image is one
-    # tile whether or not the processor crops to patches
-    side = _side(cfg.vision_config.image_size)
-    tokens = 2 + int(cfg.image_seq_length)
-    if side == REFERENCE_SIDE:
-        return tokens, f"{_ONE_IMAGE} (one tile; larger images add {cfg.image_seq_length} per tile)"
-    return tokens, f"per image as one {side}x{side} tile (crop_to_patches adds {cfg.image_seq_length} per tile)"
+    """InternVLProcessor: `<img>` + `<IMG_CONTEXT>` per feature of each tile + `</img>`. Features per tile: the tower's
+    grid after the pixel shuffle (as get_image_features makes them; the checkpoints' processors set image_seq_length
+    to it). Tiles: the processor crops to patches by default (its images_kwargs), so the tiles of a 448×448 image
+    come from transformers' own GotOcr2 tiling at the tower's size (one tile for a 448-px tower)."""
+    from transformers import GotOcr2ImageProcessorPil
+
+    v = cfg.vision_config
+    side = _side(v.image_size)
+    per_tile = int((side // _side(v.patch_size)) ** 2 * cfg.downsample_ratio ** 2)
+    tiling = GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True)
+    tiles = tiling.get_number_of_image_patches(REFERENCE_SIDE, REFERENCE_SIDE, {})
+    return 2 + per_tile * tiles, f"{_ONE_IMAGE}: {tiles} tile(s) of {side}x{side}, {per_tile} tokens each"
 
 
 def _mllama(cfg) -> tuple[int, str]:
