@@ -150,9 +150,9 @@ def test_config_transformers_refuses_is_one_line(config, says, tmp_path, capsys)
 def test_describe_text_says_unknown_image_tokens_for_a_family_without_rule(tmp_path, capsys):
     from vlmtrain.cli.main import main
 
-    assert main(["describe", "--config", str(_config(tmp_path, "paligemma"))]) == 0
+    assert main(["describe", "--config", str(_config(tmp_path, "mistral3"))]) == 0
     out = capsys.readouterr().out
-    assert "image tokens: unknown (no vlmtrain rule for model_type 'paligemma'" in out
+    assert "image tokens: unknown (no vlmtrain rule for model_type 'mistral3'" in out
 
 
 def test_remote_code_folder_is_one_line_not_a_prompt(tmp_path, capsys):
@@ -216,10 +216,22 @@ def test_image_token_rules_equal_the_processors_own_count():
         return tokens
 
     checked = {}
-    for mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
+    for mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe"):
         v = AutoConfig.for_model(mt).vision_config
-        ip = T.Qwen2VLImageProcessorPil(patch_size=v.patch_size, merge_size=v.spatial_merge_size)
+        cls = T.Glm4vImageProcessorPil if mt.startswith("glm") else T.Qwen2VLImageProcessorPil
+        ip = cls(patch_size=v.patch_size, merge_size=v.spatial_merge_size)
         checked[mt] = (rule(mt), _from_processor(build_image_only(mt, ip, tok)))
+    # PaliGemma's processor writes the image_seq_length its checkpoint's image processor carries, which must be the
+    # features the model makes per image: counted on meta (no weights, no compute)
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    pg = AutoConfig.for_model("paligemma")
+    with torch.device("meta"):
+        side = pg.vision_config.image_size
+        feats = AutoModelForImageTextToText.from_config(pg).model.get_image_features(
+            pixel_values=torch.empty(1, 3, side, side)).pooler_output
+    checked["paligemma"] = (rule("paligemma"), feats.shape[1])
     checked["gemma3"] = (rule("gemma3"), _from_processor(build_image_only("gemma3", T.Gemma3ImageProcessorPil(), tok)))
     clip = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
     llava = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}

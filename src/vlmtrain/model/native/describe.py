@@ -2,12 +2,13 @@
 
 With the family's processor at hand (a local checkpoint), its own count for one 448×448 image
 (`_get_num_multimodal_tokens`). On `meta` without processor files, the family's rule from the config for that
-image, for the families whose rule was checked against their processor: Qwen2/2.5/3-VL, Qwen3-VL-MoE, Qwen3.5
-(dense and MoE) `(448 / (patch × merge))²`; Gemma 3 `mm_tokens_per_image`; Idefics3/SmolVLM one crop
-`(image_size / patch)² / scale²`; LLaVA the tower's grid; LLaVA-NeXT/-OneVision transformers' AnyRes count;
-InternVL `<img>` + `image_seq_length` per tile + `</img>`; Mllama one `<|image|>` token (its tiles enter through
-cross-attention). Any other model type: unknown (None) — a rule guessed from another family's config fields would
-print a number that is not the family's (Pixtral merges patches, GOT-OCR2 compresses them, ...).
+image, for the model types whose rule was checked against their transformers processor (or, for PaliGemma, the
+model's own feature count; tests/test_describe_all.py): Qwen2/2.5/3-VL, Qwen3-VL-MoE, Qwen3.5 (dense and MoE),
+GLM-4.1V/4.5V `(448 / (patch × merge))²`; Gemma 3 `mm_tokens_per_image`; PaliGemma and LLaVA the tower's grid;
+LLaVA-NeXT/-OneVision transformers' AnyRes count; Idefics3/SmolVLM one crop `(image_size / patch)² / scale²`;
+InternVL `<img>` + the pixel-shuffled grid per tile + `</img>`; Mllama one `<|image|>` token (its tiles enter
+through cross-attention). Any other model type: unknown (None) — a rule guessed from another family's config
+fields would print a number that is not the family's (Pixtral merges patches, GOT-OCR2 compresses them, ...).
 """
 
 from __future__ import annotations
@@ -91,13 +92,21 @@ def _internvl(cfg) -> tuple[int, str]:
     return 2 + per_tile * tiles, f"{_ONE_IMAGE}: {tiles} tile(s) of {side}x{side}, {per_tile} tokens each"
 
 
+def _paligemma(cfg) -> tuple[int, str]:
+    # the image is resized to the tower's size and every patch is a token (no pooling): what get_image_features
+    # returns per image, and the image_seq_length the checkpoints' processors write
+    v = cfg.vision_config
+    return (v.image_size // v.patch_size) ** 2, "fixed per image (the tower's patch grid)"
+
+
 def _mllama(cfg) -> tuple[int, str]:
     return 1, "one <|image|> token per image (its tiles enter through cross-attention)"
 
 
 RULES: dict[str, Callable] = {
     "qwen2_vl": _qwen, "qwen2_5_vl": _qwen, "qwen3_vl": _qwen, "qwen3_vl_moe": _qwen, "qwen3_5": _qwen,
-    "qwen3_5_moe": _qwen,
+    "qwen3_5_moe": _qwen, "glm4v": _qwen, "glm4v_moe": _qwen,  # GLM-4.1V/4.5V: Qwen2-VL's smart_resize and merge
+    "paligemma": _paligemma,
     "gemma3": _gemma3,
     "idefics3": _idefics3, "smolvlm": _idefics3,
     "llava": _llava, "llava_next": _anyres, "llava_onevision": _anyres,
