@@ -262,3 +262,16 @@ def test_image_token_rules_equal_the_processors_own_count():
         checked[mt] = (_from_config(cfg)[0], build_image_only(mt, ip, tiny_tok, **kwargs).image_seq_len)
     assert all(ours == theirs for ours, theirs in checked.values()), {k: v for k, v in checked.items() if v[0] != v[1]}
     assert set(RULES) <= {k.split()[0] for k in checked}  # every rule describe has is checked here
+
+
+def test_remote_code_part_of_a_composed_model_is_one_line_not_a_prompt(tmp_path):
+    from types import SimpleNamespace
+
+    from vlmtrain.errors import ConfigError
+    from vlmtrain.model.hf_parts import make_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "intern_vit_6b",
+                                                      "auto_map": {"AutoConfig": "configuration_intern_vit.X"}}))
+    with pytest.raises(ConfigError) as e:
+        make_hf_config(SimpleNamespace(config=None, pretrained=str(tmp_path)), "vision", vision=True)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value) and "is a remote-code checkpoint" in str(e.value)
