@@ -118,8 +118,8 @@ RULES: dict[str, Callable] = {
 def _from_config(cfg) -> tuple[int | None, str]:
     rule = RULES.get(cfg.model_type)
     if rule is None:
-        return None, (f"no vlmtrain rule for model_type {cfg.model_type!r}; give `pretrained:` a local checkpoint "
-                      "folder and its processor counts them")
+        return None, (f"no vlmtrain rule for model_type {cfg.model_type!r}; the processor of a local `pretrained:` "
+                      "checkpoint counts them")
     try:
         return rule(cfg)
     except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:  # a config the rule cannot read
