@@ -60,7 +60,8 @@ def _check_error(key, message, built):
     raise AssertionError(f"{key}: an error the walk does not know: {message}")
 
 
-@pytest.mark.slow
+# 11.1 s on the 2-core box (2026-12-07, first imports of torch and transformers' modeling modules included): not
+# marked slow, so `make test-fast` keeps the contract too
 def test_describe_walks_every_image_text_to_text_key(tmp_path, monkeypatch, capsys):
     import torch
     from transformers import AutoConfig
