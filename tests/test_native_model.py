@@ -124,12 +124,15 @@ def test_over_length_record_is_rejected_not_truncated(root):
     assert e.value.reason == "over_length"
 
 
-def test_unknown_family_is_refused_naming_the_supported_ones():
+def test_unknown_family_is_refused_naming_what_its_model_has():
     from vlmtrain.errors import ConfigError
     from vlmtrain.model.native.families import family_for
 
-    with pytest.raises(ConfigError, match="qwen2_5_vl.*gemma3"):
-        family_for("not_a_vlm", torch.nn.Linear(1, 1))
+    odd = torch.nn.Module()
+    odd.model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(1, 1), "decoder": torch.nn.Linear(1, 1)})
+    with pytest.raises(ConfigError, match=r"^model_type 'not_a_vlm': no native family map in vlmtrain and its parts "
+                                          r"are not at model\.vision_tower\|.* \(Module has model\.\{encoder, decoder\}\)$"):
+        family_for("not_a_vlm", odd)
 
 
 def test_dynamic_resolution_gives_each_image_its_own_token_count(root):

@@ -91,7 +91,7 @@ def _describe_native(args, cfg, bundle) -> int:
         paths = ", ".join(m.family.roles[role].values())
         print(f"  {role:<10} {p[role]:>16,d}  {paths}")
     print(f"  total      {p['total']:>16,d}  ({p['total'] / 1e9:.3f} B)")
-    print(f"  image tokens: {tokens} ({how})")
+    print(f"  image tokens: {tokens} ({how})" if tokens is not None else f"  image tokens: unknown ({how})")
     return 0
 
 
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "parameters per module and image tokens per image.")
     d.add_argument("--config", required=True, help="model YAML, or a stage/recipe YAML with a `model:` section")
     d.add_argument("--json", action="store_true",
-                   help='print {"params": {"vision","connector","llm","total"}, "image_tokens"} as one JSON line')
+                   help='print {"params": {"vision","connector","llm","total"}, "image_tokens"} as one JSON line '
+                        '(image_tokens null where vlmtrain has no rule for the family and no processor)')
     d.set_defaults(accepts_overrides=True)
     d.set_defaults(func=cmd_describe)
 

@@ -57,8 +57,12 @@ def make_hf_config(part_cfg, field: str, vision: bool):
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(part_cfg.pretrained)
-    except OSError as e:
+        # trust_remote_code=False: transformers raises for remote code instead of asking "run the custom code? [y/N]"
+        cfg = AutoConfig.from_pretrained(part_cfg.pretrained, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        if "custom code" in str(e):
+            raise ConfigError(f"{field}.pretrained: {part_cfg.pretrained} is a remote-code checkpoint; vlmtrain "
+                              "builds transformers' own classes only") from None
         raise VlmtrainError(
             f"{field}.pretrained: cannot read config of {part_cfg.pretrained!r} offline "
             f"({str(e).splitlines()[0]}); give an inline `config` or a local folder"

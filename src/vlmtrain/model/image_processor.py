@@ -16,8 +16,9 @@ def build_image_processor(cfg, vision_config):
         from transformers import AutoImageProcessor
 
         try:
-            proc = AutoImageProcessor.from_pretrained(src, **cfg.image_processor.kwargs)
-        except OSError as e:
+            # trust_remote_code=False: no "run the custom code?" prompt (transformers raises ValueError instead)
+            proc = AutoImageProcessor.from_pretrained(src, trust_remote_code=False, **cfg.image_processor.kwargs)
+        except (OSError, ValueError) as e:
             raise VlmtrainError(f"image_processor: cannot load {src!r} ({str(e).splitlines()[0]})") from None
         return proc
     size = int(vision_config.image_size)

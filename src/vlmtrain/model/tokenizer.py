@@ -66,7 +66,7 @@ def build_tokenizer(cfg):
 
         src = tcfg.pretrained or cfg.llm.pretrained
         try:
-            tok = AutoTokenizer.from_pretrained(src)
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)  # no "run the custom code?" prompt
         except (OSError, ValueError) as e:
             raise VlmtrainError(f"tokenizer: cannot load {src!r} offline ({str(e).splitlines()[0]})") from None
     if cfg.image_token not in tok.get_vocab():

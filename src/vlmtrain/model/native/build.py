@@ -37,15 +37,74 @@ def _hf_config(cfg: NativeModelConfig):
         if mt not in CONFIG_MAPPING:
             raise ConfigError(f"model_type: unknown transformers model_type {mt!r}")
         fields = {k: v for k, v in cfg.config.items() if k != "model_type"}
-        return AutoConfig.for_model(mt, **fields)
+        try:
+            return AutoConfig.for_model(mt, **fields)
+        except Exception as e:  # transformers' validation (ValueError, TypeError, huggingface_hub's strict fields)
+            raise ConfigError(f"model_type {mt!r}: transformers rejects this config ({_one_line(e)})") from None
+    _refuse_remote_code(cfg.pretrained)
     try:
-        hf_cfg = AutoConfig.from_pretrained(cfg.pretrained)
+        # never transformers' interactive "run the custom code? [y/N]" prompt: remote code is refused above, and
+        # for a Hub id that turns out to carry it, False makes transformers raise instead of asking
+        hf_cfg = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        if "custom code" in str(e):
+            raise ConfigError(f"pretrained: {cfg.pretrained} is a remote-code checkpoint; vlmtrain builds "
+                              "transformers' own classes only (use the family's transformers-format checkpoint, "
+                              "often the one named -hf)") from None
         raise VlmtrainError(f"pretrained: cannot read the config of {cfg.pretrained!r} offline "
                             f"({str(e).splitlines()[0]}); give a local folder, or `model_type` + `config`") from None
     if cfg.model_type and cfg.model_type != hf_cfg.model_type:
         raise ConfigError(f"model_type: {cfg.model_type!r} but {cfg.pretrained} is {hf_cfg.model_type!r}")
     return hf_cfg
+
+
+def _refuse_remote_code(pretrained) -> None:
+    """A local folder whose config.json names its own code (`auto_map`) for a model_type transformers does not
+    know: one line instead of transformers' prompt. (An `auto_map` beside a model_type transformers has is
+    ignored: transformers' own class is built, as `trust_remote_code=False` does.)"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = Path(str(pretrained)) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with it
+    mt, auto_map = data.get("model_type"), data.get("auto_map")
+    if auto_map and mt not in CONFIG_MAPPING:
+        entry = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else None
+        named = f" (config.json auto_map: {entry})" if isinstance(entry, str) else ""
+        raise ConfigError(f"pretrained: {pretrained} is a remote-code checkpoint, model_type {mt!r}{named}; "
+                          "vlmtrain builds transformers' own classes only (use the family's transformers-format "
+                          "checkpoint, often the one named -hf)")
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: the message's first two lines`, on one line, at most 160 characters."""
+    first = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]).rstrip(".")
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _failing_frame(e: BaseException) -> str:
+    """`file.py:line` of the innermost frame of the traceback (where transformers gave up)."""
+    import traceback
+
+    tb = traceback.extract_tb(e.__traceback__)
+    return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "?"
+
+
+def _missing_package(e: ImportError, hf_cfg) -> str:
+    """One line for an optional dependency a part of the model needs (timm for TimmWrapperModel towers)."""
+    m = re.search(r"(\w+) requires the (\w+) library", str(e))
+    part, package = (m.group(1), m.group(2)) if m else (None, getattr(e, "name", None) or "a package")
+    if part and part.startswith("Timm") and getattr(hf_cfg, "vision_config", None) is not None:
+        where = f"its vision tower ({part})"  # fast_vlm, perception_lm, gemma3n: timm image encoders
+    else:
+        where = f"its {part}" if part else "it"
+    return (f"model_type {hf_cfg.model_type!r}: {where} needs {package}, which is not installed "
+            f"(pip install {package})")
 
 
 def _instantiate(cfg: NativeModelConfig, hf_cfg, device, load_weights: bool):
@@ -55,14 +114,26 @@ def _instantiate(cfg: NativeModelConfig, hf_cfg, device, load_weights: bool):
         try:
             # fp32 master weights: the stage's precision (bf16-mixed / bf16-true) decides compute dtypes
             return AutoModelForImageTextToText.from_pretrained(cfg.pretrained, config=hf_cfg, dtype=torch.float32)
+        except ImportError as e:
+            raise ConfigError(_missing_package(e, hf_cfg)) from None
         except (OSError, ValueError) as e:
             raise VlmtrainError(f"pretrained: cannot load {cfg.pretrained!r} ({str(e).splitlines()[0]})") from None
     try:
         with torch.device(device):
             return AutoModelForImageTextToText.from_config(hf_cfg)
-    except ValueError as e:
-        raise ConfigError(f"model_type {hf_cfg.model_type!r}: not an image-text-to-text model transformers can "
-                          f"build ({str(e).splitlines()[0]})") from None
+    except ImportError as e:
+        raise ConfigError(_missing_package(e, hf_cfg)) from None
+    except Exception as e:  # the model's own __init__ on this config (None fields, sizes that do not divide, ...)
+        if isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
+            raise ConfigError(f"model_type {hf_cfg.model_type!r}: AutoModelForImageTextToText does not take "
+                              f"{type(hf_cfg).__name__}") from None
+        raise ConfigError(_cannot_build(e, hf_cfg)) from None
+
+
+def _cannot_build(e: BaseException, hf_cfg) -> str:
+    """Default configs that leave required fields None, or whose parts disagree (transformers' own failure)."""
+    return (f"model_type {hf_cfg.model_type!r}: transformers cannot build it from this config ({_one_line(e)}, "
+            f"{_failing_frame(e)}); set its fields under `config:` or use `pretrained:`")
 
 
 def training_template(cfg: NativeModelConfig, model_type: str, family_template: str, processor) -> str:

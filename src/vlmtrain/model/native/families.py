@@ -130,8 +130,18 @@ def family_for(model_type: str, hf_model=None) -> tuple[Family, bool]:
         return FAMILIES[model_type], True
     roles = generic_roles(hf_model) if hf_model is not None else None
     if roles is None:
-        raise ConfigError(f"model_type {model_type!r}: not a supported native family "
-                          f"(supported: {', '.join(SUPPORTED)}) and its parts do not have the usual names "
-                          "(vision_tower/vision_model/visual, multi_modal_projector/connector, "
-                          "language_model/text_model)")
+        raise ConfigError(f"model_type {model_type!r}: no native family map in vlmtrain and its parts are not at "
+                          f"model.{'|'.join(_VISION_NAMES)} / model.{'|'.join(_CONNECTOR_NAMES)} / "
+                          f"model.{'|'.join(_LLM_NAMES)} + lm_head{_has(hf_model)}")
     return Family(roles, template="", blocks={"llm": "model.layers"}), False
+
+
+def _has(hf_model) -> str:
+    """` (ItsClass has: a, b, c)`: the parts the model does have, where the generic rule looked for them."""
+    if hf_model is None:
+        return ""
+    inner = getattr(hf_model, "model", None)
+    where, root = ("model.", inner) if inner is not None and hasattr(inner, "named_children") else ("", hf_model)
+    names = [n for n, _ in root.named_children()]
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f" ({type(hf_model).__name__} has {where}{{{shown}}})" if names else f" ({type(hf_model).__name__})"

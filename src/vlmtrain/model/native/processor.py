@@ -13,7 +13,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
-from vlmtrain.errors import VlmtrainError
+from vlmtrain.errors import ConfigError, VlmtrainError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def processor_class(model_type: str):
 
     name = PROCESSOR_MAPPING_NAMES.get(model_type)
     if name is None:
-        raise VlmtrainError(f"model_type {model_type!r}: transformers has no processor class for it")
+        raise ConfigError(f"model_type {model_type!r}: transformers has no processor class for it; vlmtrain needs "
+                          "one to train (describe works on meta)")
     return getattr(transformers, name)
 
 
@@ -88,23 +89,46 @@ def load_processor(src: str | Path, model_type: str, overrides: dict | None = No
 
     overrides = dict(overrides or {})
     try:
-        proc = AutoProcessor.from_pretrained(src, **overrides)
+        # trust_remote_code=False: transformers' own classes, never its interactive "run the custom code?" prompt
+        proc = AutoProcessor.from_pretrained(src, trust_remote_code=False, **overrides)
     except (AttributeError, ImportError, ValueError, TypeError) as e:
         # the video half needs torchvision (see module doc); anything else is a real error
         if "video" not in str(e).lower() and "torchvision" not in str(e).lower() and \
                 "_extra_content" not in str(e):
-            raise VlmtrainError(f"{src}: cannot load the processor ({type(e).__name__}: {e})") from None
+            raise VlmtrainError(f"{src}: cannot load the processor ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
         try:
-            tok = AutoTokenizer.from_pretrained(src)
-            ip = AutoImageProcessor.from_pretrained(src, **overrides)
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
+            ip = AutoImageProcessor.from_pretrained(src, trust_remote_code=False, **overrides)
+            template = tok.chat_template if isinstance(tok.chat_template, str) else None
+            proc = build_image_only(model_type, ip, tok, chat_template=_saved_template(src) or template,
+                                    **_saved_kwargs(src))
         except OSError as e2:
             raise VlmtrainError(f"{src}: cannot load tokenizer/image processor ({e2})") from None
-        template = tok.chat_template if isinstance(tok.chat_template, str) else None
-        proc = build_image_only(model_type, ip, tok, chat_template=_saved_template(src) or template,
-                                **_saved_kwargs(src))
+        except (ImportError, ValueError) as e2:
+            if "torchvision" not in str(e2).lower():
+                raise VlmtrainError(f"{src}: cannot load the processor ({type(e2).__name__}: "
+                                    f"{str(e2).splitlines()[0]})") from None
+            raise ConfigError(_needs_torchvision(src, model_type, e2)) from None
     except OSError as e:
         raise VlmtrainError(f"{src}: cannot load the processor offline ({str(e).splitlines()[0]})") from None
     return proc
+
+
+def _needs_torchvision(src, model_type: str, e: Exception) -> str:
+    """One line naming the part that exists only for torchvision (the image processor, or the processor itself)."""
+    import re
+
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    m = re.search(r"(\w+Processor) requires the Torchvision library", str(e), re.IGNORECASE)
+    if m:
+        part = f"its processor ({m.group(1)}) requires torchvision"
+    else:
+        names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
+        name = names.get("torchvision") if isinstance(names, dict) else None
+        part = f"its image processor{f' ({name})' if name else ''} exists only for torchvision"
+    return f"pretrained: {src}: model_type {model_type!r}: {part}, which is not installed (pip install torchvision)"
 
 
 def _saved_template(src) -> str | None:
