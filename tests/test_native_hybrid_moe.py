@@ -49,6 +49,21 @@ def _args(b):
     return (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
 
 
+def _adapter_step(m, args, extras) -> list[str]:
+    """One sign-SGD step of the adapters only (so they are not the identity), then eval mode. → names with a grad."""
+    m.requires_grad_(False)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    m(*args, **extras).logits.float().pow(2).mean().backward()
+    trained = [n for n, p in m.named_parameters() if p.grad is not None]
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    m.eval()
+    return trained
+
+
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_forward_equals_transformers_logits_exactly(bundles, family):
     bundle = bundles(family)
@@ -108,17 +123,8 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundles, family)
     # MoE: the fused expert tensors get adapters too (PEFT target_parameters), so the merge below covers them
     experts = {n.split(".")[-1] for n in names if ".mlp.experts." in n}
     assert experts == ({"gate_up_proj", "down_proj"} if family.endswith("moe") else set())
-    m.requires_grad_(False)
-    for n, p in m.named_parameters():
-        p.requires_grad_("lora_" in n)
-    m(*args, **extras).logits.float().pow(2).mean().backward()
-    trained = [n for n, p in m.named_parameters() if p.grad is not None]
+    trained = _adapter_step(m, args, extras)
     assert trained and all("lora_" in n for n in trained)
-    with torch.no_grad():  # one step so that the adapters are not the identity
-        for p in m.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    m.eval()
     with torch.no_grad():
         before = m(*args, **extras).logits
         merge_lora_(m)
@@ -308,17 +314,8 @@ def test_expert_lora_trains_and_exports_as_a_peft_adapter_transformers_loads(bun
     names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
     assert {n for n in names if ".experts." in n} == {f"llm.model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
                                                       for p in ("gate_up_proj", "down_proj")}
-    m.requires_grad_(False)
-    for n, p in m.named_parameters():
-        p.requires_grad_("lora_" in n)
-    m(*args, **extras).logits.float().pow(2).mean().backward()
-    expert_grads = [n for n, p in m.named_parameters() if p.grad is not None and ".experts." in n]
+    expert_grads = [n for n in _adapter_step(m, args, extras) if ".experts." in n]
     assert len(expert_grads) == 2 * 2 * 2  # layers × fused tensors × (lora_A, lora_B)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    m.eval()
     with torch.no_grad():
         ours = m(*args, **extras).logits
     out = export_native_peft(bundle, tmp_path / "peft")
@@ -354,15 +351,7 @@ def test_qlora_over_both_token_mixers_and_experts_merges_to_the_same_model(bundl
     assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit"), llm=True, vision=False)
     assert any(".linear_attn.in_proj_qkv" in n for n in names) and any(".experts." in n for n in names)
-    m.requires_grad_(False)
-    for n, p in m.named_parameters():
-        p.requires_grad_("lora_" in n)
-    m(*args, **extras).logits.float().pow(2).mean().backward()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    m.eval()
+    _adapter_step(m, args, extras)
     with torch.no_grad():
         before = m(*args, **extras).logits
         dequantize_(m)
