@@ -78,4 +78,5 @@ def pytest_configure(config):
     path = Path(choice)
     if not path.is_file():
         raise pytest.UsageError(f"--file-budget: no such file {path}")
-    config.pluginmanager.register(FileBudget(json.loads(path.read_text()), config.getoption("--file-times")), "vlmtrain-file-budget")
+    budget = FileBudget(json.loads(path.read_text()), config.getoption("--file-times"))
+    config.pluginmanager.register(budget, "vlmtrain-file-budget")

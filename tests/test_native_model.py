@@ -130,8 +130,9 @@ def test_unknown_family_is_refused_naming_what_its_model_has():
 
     odd = torch.nn.Module()
     odd.model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(1, 1), "decoder": torch.nn.Linear(1, 1)})
-    with pytest.raises(ConfigError, match=r"^model_type 'not_a_vlm': no native family map in vlmtrain and its parts "
-                                          r"are not at model\.vision_tower\|.* \(Module has model\.\{encoder, decoder\}\)$"):
+    expected = (r"^model_type 'not_a_vlm': no native family map in vlmtrain and its parts are not at "
+                r"model\.vision_tower\|.* \(Module has model\.\{encoder, decoder\}\)$")
+    with pytest.raises(ConfigError, match=expected):
         family_for("not_a_vlm", odd)
 
 

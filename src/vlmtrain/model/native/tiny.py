@@ -65,7 +65,8 @@ def _qwen(model_type: str):
     ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
     text = {**_TEXT, "vocab_size": _vocab(tok), "bos_token_id": None, "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}}
+            "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}}
     patch = 16 if model_type in _QWEN3_TOWER else 14
     vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
               "patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2}
