@@ -1,4 +1,4 @@
-"""Llama 3.2 Vision (`mllama`) against transformers' own model and processor.
+"""Llama 3.2 Vision (`mllama`) and InternVL (`internvl`) against transformers' own model and processor.
 
 One tiny checkpoint per session (a `save_pretrained` folder, as a user's download would be; its cross-attention
 gates are non-zero, as in a trained checkpoint, so the images really reach the LM). What is checked: vlmtrain's
@@ -6,6 +6,10 @@ forward equals transformers' logits exactly on a batch with images; the collator
 processor builds; text-only samples in a batch with images get their own (empty) image rows and equal their forward
 alone; the official template + assistant-span labels with a fixed date; LoRA and QLoRA merges; describe's total;
 packing and DP-SGD refused with one line.
+
+InternVL (one tiny checkpoint per session, no chat template in it: none is vendored): forward on tile-indexed pixels
+equals transformers' exactly, labels from the configured template's assistant spans, the exit-2 line without one,
+LoRA on both towers merges, describe's total, packed rows keep samples apart.
 """
 
 from __future__ import annotations
@@ -227,3 +231,140 @@ def test_dp_sgd_is_refused_for_mllama():
         "privacy": {"noise_multiplier": 1.0, "delta": 1e-5}}))
     model = SimpleNamespace(family=FAMILIES["mllama"], model_type="mllama", llm=SimpleNamespace(config=None))
     assert [p.split(":")[0] for p in family_refusals(private, model)] == ["privacy"]
+
+
+# ---- InternVL --------------------------------------------------------------------------------------------------------
+
+# A user's template for the tests (the ChatML layout of InternVL's Qwen-based checkpoints, written here; not an official
+# copy, which vlmtrain does not vendor for InternVL): each assistant turn's text and <|im_end|> marked.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+    "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def internvl_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native-internvl")
+    checkpoint(root, "internvl")
+    return root
+
+
+@pytest.fixture
+def internvl(internvl_root):
+    from vlmtrain.model import build_model
+
+    return build_model(model_config(checkpoint(internvl_root, "internvl"), chat_template=INTERNVL_TEMPLATE))
+
+
+def _internvl_batch(bundle):
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+
+    enc = encoder_for(bundle)
+    samples = [enc(r, ims) for r, ims in records()]
+    return samples, collate(samples, bundle.tokenizer.pad_token_id)
+
+
+def test_internvl_forward_on_tile_indexed_pixels_equals_transformers_exactly(internvl):
+    """`pixel_values` hold every image's tiles (`crop_to_patches`: a grid + a thumbnail), concatenated over the
+    batch; each tile becomes `image_seq_length` tokens, and the logits are transformers' own."""
+    m = internvl.model
+    _, b = _internvl_batch(internvl)
+    (ids, pixels, mask), extras = _args(b)
+    ip = internvl.processor.image_processor
+    tiles = sum(int(ip(images=[im], return_tensors="pt")["num_patches"].sum()) for _, ims in records() for im in ims)
+    assert pixels.shape[0] == tiles > 3  # more tiles than images
+    assert int((ids == m.image_token_id).sum()) == 4 * tiles
+    m.eval()
+    with torch.no_grad():
+        ours = m(ids, pixels, mask, **extras).logits
+        ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, **extras).logits
+    assert torch.equal(ours, ref)
+
+
+def test_internvl_labels_are_the_assistant_spans_of_the_configured_template(internvl):
+    import re
+
+    assert internvl.template == INTERNVL_TEMPLATE
+    samples, _ = _internvl_batch(internvl)
+    tok = internvl.tokenizer
+    for (rec, _), s in zip(records(), samples):
+        rendered = tok.apply_chat_template(rec["messages"], chat_template=INTERNVL_TEMPLATE, tokenize=False)
+        # the processor wraps each image's placeholder as <img> + <IMG_CONTEXT> × (4 × tiles) + </img>
+        assert re.sub(r"<img>(<IMG_CONTEXT>)+</img>", "<IMG_CONTEXT>", tok.decode(s["input_ids"])) == rendered
+        answers = [p["text"] for m in rec["messages"] if m["role"] == "assistant" for p in m["content"]]
+        assert tok.decode([t for t in s["labels"] if t != -100]) == "".join(a + "<|im_end|>" for a in answers)
+
+
+def test_internvl_without_a_chat_template_is_refused_with_one_line(internvl_root, tmp_path, capsys):
+    """No official InternVL template is vendored (none verifiable offline): without `chat_template:` (and a checkpoint
+    whose template has no generation marks) `vlmtrain fit` stops with exit 2 and one line."""
+    import yaml
+
+    from vlmtrain.cli.main import main
+
+    cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(internvl_root, "internvl"))},
+           "data": {"train": [{"path": str(tmp_path / "no-shards")}], "num_workers": 0}, "trainer": {"max_steps": 1}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: chat_template: 'internvl' has no official template vendored in vlmtrain and the "
+                      "checkpoint carries none with {% generation %} marks; set `chat_template:` in the model config "
+                      "to the checkpoint's template with {% generation %} marks around assistant text"]
+
+
+def test_internvl_lora_reaches_both_towers_and_merges_to_the_same_model(internvl):
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora, merge_lora_
+
+    m = internvl.model
+    _, b = _internvl_batch(internvl)
+    args, extras = _args(b)
+    names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=True)
+    # the split tower puts InternViT's `encoder.layer.N` at vision.model.layers.N (the default vision regex)
+    assert {n.rsplit(".", 1)[1] for n in names if n.startswith("vision.model.layers.0.")} == \
+        {"q_proj", "k_proj", "v_proj"}
+    assert any(n.startswith("llm.model.layers.1.self_attn.") for n in names)
+    m.requires_grad_(False)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    m(*args, **extras).logits.float().pow(2).mean().backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    m.eval()
+    with torch.no_grad():
+        before = m(*args, **extras).logits
+        merge_lora_(m)
+        after = m(*args, **extras).logits
+    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_internvl_describe_default_config_total_equals_transformers_count(tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlmtrain.cli.main import main
+
+    cfg = tmp_path / "internvl.yaml"
+    cfg.write_text("name: internvl\nmodel_type: internvl\nconfig: {}\n")
+    assert main(["describe", "--config", str(cfg), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip())
+    with torch.device("meta"):
+        hf = AutoModelForImageTextToText.from_config(AutoConfig.for_model("internvl"))
+    p = out["params"]
+    assert p["total"] == sum(t.numel() for t in hf.parameters())
+    assert p["total"] == p["vision"] + p["connector"] + p["llm"] and min(p.values()) > 0
+
+
+def test_internvl_packed_rows_keep_samples_apart(internvl):
+    """test_native_pack's packed rows (3 and 4 samples, 0-2 images each): each packed sample's logits equal it alone."""
+    from test_native_hybrid_moe import _packed_vs_alone
+
+    assert max(_packed_vs_alone(internvl)) <= 1e-5

@@ -116,6 +116,16 @@ FAMILIES: dict[str, Family] = {
                      no_packing=_CROSS_ATTENTION_PACKING, batch_aligned_images=True,
                      # the template's own fallback date: without it a text-only turn renders today's date
                      template_kwargs={"date_string": "26 Jul 2024"}),
+    # InternVL (the transformers-converted `-hf` checkpoints): the tower's blocks are `encoder.layer`, so the tower is
+    # split as Qwen's is, to sit at `vision.model.layers.N` for the default vision LoRA regex. Tile-indexed
+    # `pixel_values [Σ tiles, c, h, w]`: the model encodes every tile and scatters the features in order, so tiles
+    # concatenate over the batch. No official template is vendored (no verifiable copy of the checkpoints' file was
+    # found offline): `chat_template:` in the model config, or a checkpoint template with generation marks.
+    "internvl": Family({"vision": {"model.embeddings": "model.vision_tower.embeddings",
+                                   "model.layers": "model.vision_tower.encoder.layer",
+                                   "model.layernorm": "model.vision_tower.layernorm"},
+                        "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                       "", blocks={"vision": "model.layers", "llm": "model.layers"}),
 }
 
 SUPPORTED = tuple(FAMILIES)
