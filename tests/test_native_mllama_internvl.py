@@ -368,3 +368,30 @@ def test_internvl_packed_rows_keep_samples_apart(internvl):
     from test_native_hybrid_moe import _packed_vs_alone
 
     assert max(_packed_vs_alone(internvl)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["mllama", "internvl"])
+def test_sft_stage_runs_on_mixed_image_and_text_batches(mllama_root, internvl_root, tmp_path, family):
+    """`vlmtrain fit` (SFT, 2 steps, batches of 0/1/2-image records side by side) trains each family: finite losses
+    logged. InternVL takes the test's template through `model.chat_template`."""
+    import math
+
+    import yaml
+
+    from shard_fixtures import cycled_shards
+    from vlmtrain.cli.main import main
+
+    cycled_shards(tmp_path / "shards", 6, per_shard=6)
+    root = mllama_root if family == "mllama" else internvl_root
+    model = {"pretrained": str(checkpoint(root, family))}
+    if family == "internvl":
+        model["chat_template"] = INTERNVL_TEMPLATE
+    cfg = {"name": "sft", "preset": "sft", "model": model,
+           "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 3, "num_workers": 0},
+           "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+           "trainer": {"max_steps": 2, "log_every_n_steps": 1, "save_every_n_steps": 10}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
