@@ -31,6 +31,9 @@ OFFICIAL_SHA256 = {
     "llava_onevision": "fbf77862dcdda46840b6da02767d651eadad3582310e40fed04dc7594a0a80dd",
     "llava_next": "ac1751256d0e7c19dcbac63d0feebee11bf81b86015276d08ee8b1f9ba0a42bc",
     "llava": "6fef09c05345e88b9f85e80bcb3491003332050750586568bdf91cfa81965d0c",
+    # huggingface.js e2e.test.js "meta-llama/Llama-3.2-11B-Vision-Instruct" at fe42e68017ffc76d09922ea8f9b38a6964345710
+    # (= ollama's library/llama3.2-vision:latest GGUF template in chat-template-automap.ts, same commit)
+    "mllama": "53ff0dc467531d098a8bdd2ba38a3b2c157c9a90e96e16a0a79aa86476d47eea",
 }
 
 # What an assistant turn with text T looks like inside the generation marks, written out by hand per family from
@@ -45,6 +48,7 @@ ASSISTANT_SPAN = {
     "llava_onevision": lambda t: "\n" + t + "<|im_end|>",
     "llava_next": lambda t: " " + t + "<\\s> ",
     "llava": lambda t: t + " ",
+    "mllama": lambda t: t + "<|eot_id|>",
 }
 IMAGE_PLACEHOLDER = {
     "qwen2_vl": "<|image_pad|>",
@@ -56,6 +60,7 @@ IMAGE_PLACEHOLDER = {
     "llava_onevision": "<image>",
     "llava_next": "<image>",
     "llava": "<image>",
+    "mllama": "<|image|>",
 }
 # Qwen3.5 renders an (empty) think block before the text of assistant turns after the last user query, and none
 # before earlier ones (their reasoning is dropped from the history)
@@ -207,7 +212,7 @@ def test_generation_spans_are_exactly_the_assistant_turns(family, conversation):
         assert not any(text in span for text in others)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "mllama"])
 def test_string_content_is_marked_too(family):
     """Qwen and Gemma 3 templates also render `content` given as a plain string; that branch is marked as well."""
     messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
@@ -261,3 +266,20 @@ def test_qwen3_5_reasoning_and_tool_calls_render_like_the_official_template(mess
         assert not span.startswith("<|im_start|>") and span.endswith("<|im_end|>\n")
         assert "<|im_start|>" not in span and "<tool_response>" not in span
     assert rendered.endswith("<|im_start|>assistant\n" + spans[-1])
+
+
+def test_mllama_date_line_is_fixed_by_the_family_row():
+    """Llama 3.2 Vision's template writes `Today Date: ` + today into every conversation without an image; the family
+    row passes the template's own fallback date, so the training text is the same on every day."""
+    from vlmtrain.model.native.families import FAMILIES as ROWS
+
+    kwargs = ROWS["mllama"].template_kwargs
+    assert kwargs == {"date_string": "26 Jul 2024"}
+    text_only = CONVERSATIONS["text_only"]
+    rendered, _ = render_jinja_template([text_only], chat_template=training_template("mllama"), **RENDER_KWARGS,
+                                        **kwargs)
+    assert "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" in rendered[0]
+    # with an image and no system message the template writes no system block, so no date either
+    with_image, _ = render_jinja_template([CONVERSATIONS["single_turn_image"]],
+                                          chat_template=training_template("mllama"), **RENDER_KWARGS)
+    assert "Today Date" not in with_image[0]

@@ -64,9 +64,50 @@ def _add_token_extras(batch: dict, samples: list[dict], s_max: int) -> None:
         batch["model_extras"] = sorted(set(batch.get("model_extras", [])) | set(keys))
 
 
+# Image tensors that are also per token: `[1, s, images, tiles]` (Mllama); their image axis is dim 2, not dim 1
+SEQ_IMAGE_EXTRAS = ("cross_attention_mask",)
+
+
+def _aligned_row(ref: torch.Tensor, key: str, n_tokens: int) -> torch.Tensor:
+    """A text-only sample's row of a batch-aligned image tensor: no image slots (cat_padded pads them with 0,
+    transformers' own padding: pixels 0, `aspect_ratio_ids` 0 = no image, masks 0)."""
+    shape = [1, *ref.shape[1:]]
+    if key in SEQ_IMAGE_EXTRAS:
+        shape[1], shape[2] = n_tokens, 0
+    else:
+        shape[1] = 0
+    return ref.new_zeros(shape)
+
+
+def _add_aligned_pixels(batch: dict, samples: list[dict]) -> None:
+    """Batch-aligned families (Family.batch_aligned_images): one row per sample of `pixel_values` and of every image
+    tensor, text-only samples included, padded to the batch's most images and (`cross_attention_mask`) its length."""
+    ref = next(x for x in samples if x.get("pixel_values") is not None)
+    keys = sorted(ref["image_extras"])
+
+    def rows(key: str) -> list[torch.Tensor]:
+        def own(x):
+            return x["pixel_values"] if key == "pixel_values" else x["image_extras"][key]
+
+        return [own(x) if x.get("pixel_values") is not None else _aligned_row(own(ref), key, len(x["input_ids"]))
+                for x in samples]
+
+    batch["pixel_values"] = cat_padded(rows("pixel_values"))
+    for k in keys:
+        batch[k] = cat_padded(rows(k))
+    if "aspect_ratio_mask" in batch:
+        # transformers' processor marks tile 0 of every image slot, padding slots too (its `build_aspect_ratio_mask`:
+        # the original implementation padded aspect ratios with (1, 1)); real images always have tile 0
+        batch["aspect_ratio_mask"][:, :, 0] = 1
+    if keys:
+        batch["model_extras"] = sorted(set(batch.get("model_extras", [])) | set(keys))
+
+
 def _add_pixels(batch: dict, samples: list[dict]) -> None:
     pix = [x["pixel_values"] for x in samples if x.get("pixel_values") is not None]
-    if pix:
+    if pix and any(x.get("batch_aligned") for x in samples):
+        _add_aligned_pixels(batch, samples)
+    elif pix:
         batch["pixel_values"] = cat_padded(pix)
         # per-image family tensors of native models (`image_grid_thw`, `image_sizes`, `pixel_attention_mask`)
         keys = sorted({k for x in samples if x.get("pixel_values") is not None for k in x.get("image_extras", {})})
@@ -151,7 +192,9 @@ def collate_preference(samples: list[dict], pad_token_id: int) -> dict:
     """DPO batch: rows `[0, b)` are the chosen sequences, `[b, 2b)` the rejected ones; each side carries the
     prompt's images, so pixel_values hold the images twice in that order."""
     def side(x: dict, name: str) -> dict:
-        return {**x[name], "pixel_values": x.get("pixel_values"), "image_extras": x.get("image_extras", {})}
+        aligned = {"batch_aligned": True} if x.get("batch_aligned") else {}
+        return {**x[name], "pixel_values": x.get("pixel_values"), "image_extras": x.get("image_extras", {}),
+                **aligned}
 
     chosen = [side(x, "chosen") for x in samples]
     rejected = [side(x, "rejected") for x in samples]
@@ -179,7 +222,10 @@ def collate_preference_shared(samples: list[dict], pad_token_id: int, image_toke
     Scoring uses explicit (row, position) → target pairs, since the first rejected token is predicted from the last
     prefix position, not from its left neighbour in the row:
         logits_index `[n, 2]`, targets `[n]`, seq_index `[n]` (pair i's chosen = i, rejected = b + i).
-    Returns None when a pair has image tokens outside its shared prefix (the caller uses `collate_preference`)."""
+    Returns None when a pair has image tokens outside its shared prefix, or the family's image tensors are per row
+    (Family.batch_aligned_images): the caller uses `collate_preference`."""
+    if any(x.get("batch_aligned") for x in samples):
+        return None  # per-row image tensors (Mllama's cross_attention_mask) follow each sequence: classic layout
     b = len(samples)
     rows, pos, spans = [], [], []
     for x in samples:

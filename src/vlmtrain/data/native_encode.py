@@ -63,6 +63,10 @@ class NativeSampleEncoder:
     caption_prompt: str = ""
     nested_images: bool = False  # processors that take one image list per text (Idefics3, Gemma 3)
     processor_kwargs: dict = field(default_factory=dict)
+    # fixed template variables (Family.template_kwargs), e.g. Mllama's `date_string`: the same text every day
+    template_kwargs: dict = field(default_factory=dict)
+    # give text-only samples their rows of the image tensors (Family.batch_aligned_images), done by the collator
+    batch_aligned_images: bool = False
 
     @property
     def tokenizer(self):
@@ -70,7 +74,7 @@ class NativeSampleEncoder:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt, **self.template_kwargs)
 
     def process(self, text: str, images: list) -> dict:
         """The processor on one rendered text: input ids `[1, s]` and the family's tensors."""
@@ -99,7 +103,7 @@ class NativeSampleEncoder:
         tok = self.tokenizer
         try:
             t = tok.apply_chat_template(messages, chat_template=self.template, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
+                                        return_assistant_tokens_mask=True, **self.template_kwargs)
         except Exception as e:  # a template error on a malformed conversation (Jinja raises its own types)
             raise RecordError("malformed_turns", f"chat template: {e}") from None
         ids_text, mask_text = list(t["input_ids"]), list(t["assistant_masks"])
@@ -116,7 +120,10 @@ class NativeSampleEncoder:
             raise RecordError("mask_unbuildable", str(e)) from None
         if any(i == self.image_token_id and lab != IGNORE for i, lab in zip(ids, labels)):
             raise RecordError("mask_unbuildable", "image token inside an assistant span")
-        return {"input_ids": ids, "labels": labels, **self.split_outputs(out, len(ids))}
+        sample = {"input_ids": ids, "labels": labels, **self.split_outputs(out, len(ids))}
+        if self.batch_aligned_images:
+            sample["batch_aligned"] = True  # read by batching._add_pixels
+        return sample
 
     def __call__(self, record: dict, images: list) -> dict:
         """Chat/caption → {"id", "input_ids", "labels", "pixel_values", "image_extras", "token_extras"};
@@ -125,7 +132,9 @@ class NativeSampleEncoder:
         if isinstance(msgs, tuple):
             sides = {name: self.encode_conversation(m, images) for name, m in zip(("chosen", "rejected"), msgs)}
             first = sides["chosen"]
+            aligned = {"batch_aligned": True} if self.batch_aligned_images else {}
             return {"id": record["id"], "pixel_values": first["pixel_values"], "image_extras": first["image_extras"],
+                    **aligned,
                     **{name: {"input_ids": s["input_ids"], "labels": s["labels"], "token_extras": s["token_extras"]}
                        for name, s in sides.items()}}
         return {"id": record["id"], **self.encode_conversation(msgs, images)}

@@ -411,6 +411,134 @@ _QWEN3_5 = r"""{%- set image_count = namespace(value=0) %}
     {%- endif %}
 {%- endif %}"""
 
+# --- meta-llama/Llama-3.2-11B-Vision-Instruct (also -90B-Vision-Instruct): chat_template.json ---------------------------
+# Copied from huggingface/huggingface.js packages/jinja/test/e2e.test.js, entry "meta-llama/Llama-3.2-11B-Vision-Instruct"
+# (commit fe42e68017ffc76d09922ea8f9b38a6964345710, 2026-08-21); byte-identical to the GGUF template of ollama's
+# library/llama3.2-vision:latest (packages/ollama-utils/src/chat-template-automap.ts, same commit). It ends with a
+# newline, and one line (`{% set image_ns = ... %}`) carries trailing spaces in the original: both are kept.
+# Without `date_string` it renders today's date (`strftime_now`) into every text-only conversation's system block;
+# the family row passes the template's own fallback date (Family.template_kwargs).
+_MLLAMA = r"""{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+    {%- set user_supplied_system_message = true %}
+{%- else %}
+    {%- set system_message = "" %}
+    {%- set user_supplied_system_message = false %}
+{%- endif %}
+
+{#- Find out if there are any images #}
+{% set image_ns = namespace(has_images=false) %}      
+{%- for message in messages %}
+    {%- for content in message['content'] %}
+        {%- if content['type'] == 'image' %}
+            {%- set image_ns.has_images = true %}
+        {%- endif %}
+    {%- endfor %}
+{%- endfor %}
+
+{#- System message if there are no images, or if the user supplied one #}
+{%- if user_supplied_system_message or not image_ns.has_images %}
+    {{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+    {%- if tools is not none %}
+        {{- "Environment: ipython\n" }}
+    {%- endif %}
+    {{- "Cutting Knowledge Date: December 2023\n" }}
+    {{- "Today Date: " + date_string + "\n\n" }}
+    {%- if tools is not none and not tools_in_user_message %}
+        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+        {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+        {{- "Do not use variables.\n\n" }}
+        {%- for t in tools %}
+            {{- t | tojson(indent=4) }}
+            {{- "\n\n" }}
+        {%- endfor %}
+    {%- endif %}
+    {{- system_message }}
+    {{- "<|eot_id|>" }}
+{%- endif %}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
+        {%- if message['content'] is string %}
+            {{- message['content'] }}
+        {%- else %}
+            {%- for content in message['content'] %}
+                {%- if content['type'] == 'image' %}
+                    {{- '<|image|>' }}
+                {%- elif content['type'] == 'text' %}
+                    {{- content['text'] }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
 _OFFICIAL: dict[str, str] = {
     "qwen2_vl": _QWEN2_VL,
     "qwen2_5_vl": _QWEN2_VL,
@@ -421,6 +549,7 @@ _OFFICIAL: dict[str, str] = {
     "llava_onevision": _LLAVA_ONEVISION,
     "llava_next": _LLAVA_NEXT,
     "llava": _LLAVA,
+    "mllama": _MLLAMA,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_OFFICIAL)
@@ -549,6 +678,15 @@ def _qwen3_5_training(official: str) -> str:
     return out[:end] + "        {%- endgeneration %}\n" + out[end:]
 
 
+def _mllama_training(official: str) -> str:
+    # The plain-message branch's content (string or parts) through `{{- '<|eot_id|>' }}`; the header
+    # `<|start_header_id|>assistant<|end_header_id|>\n\n` before it stays unmarked. The branch serves every role, so
+    # the piece is guarded. The tool-call branch is not marked (vlmtrain records carry no tool calls).
+    piece = _span(official, "{%- if message['content'] is string %}\n            {{- message['content'] }}",
+                  "{{- '<|eot_id|>' }}")
+    return _replace_once(official, piece, _guarded(piece, trim=True))
+
+
 _TRAINING_EDITS = {
     "qwen2_vl": _qwen2_vl_training,
     "qwen2_5_vl": _qwen2_vl_training,
@@ -559,6 +697,7 @@ _TRAINING_EDITS = {
     "llava_onevision": _llava_onevision_training,
     "llava_next": _llava_next_training,
     "llava": _llava_training,
+    "mllama": _mllama_training,
 }
 
 

@@ -44,6 +44,11 @@ def family_refusals(stage, model) -> list[str]:
         # per-record gradients of PEFT's fused-expert adapters are not verified under Opacus
         problems.append(f"privacy: DP-SGD is not available for {model.model_type} (mixture of experts): its router "
                         "load-balancing loss couples the records of a batch; train it without privacy")
+    if stage.privacy is not None and model.family.batch_aligned_images:
+        # the cross-attention k/v projections (LoRA targets) take the image states as `[b·images·tiles, ...]`, so
+        # Opacus would read tiles as records; per-record gradients for them are not built
+        problems.append(f"privacy: DP-SGD is not available for {model.model_type}: its cross-attention layers see "
+                        "image tiles, not records, as rows; train it without privacy")
     if stage.trainer.router_aux_loss_coef is not None and not model.family.router_aux_loss:
         problems.append(f"trainer.router_aux_loss_coef: {model.model_type} has no mixture-of-experts router "
                         "loss in vlmtrain's objective; remove it")

@@ -151,8 +151,9 @@ def training_template(cfg: NativeModelConfig, model_type: str, family_template: 
     own = getattr(processor, "chat_template", None) if processor is not None else None
     if isinstance(own, str) and GENERATION_TAG.search(own):
         return own
-    raise ConfigError(f"chat_template: {model_type!r} has no generation-marked template in vlmtrain; set "
-                      "`chat_template` to the family's template with {% generation %} marks around assistant text")
+    raise ConfigError(f"chat_template: {model_type!r} has no official template vendored in vlmtrain and the "
+                      "checkpoint carries none with {% generation %} marks; set `chat_template:` in the model config "
+                      "to the checkpoint's template with {% generation %} marks around assistant text")
 
 
 def _warn_if_checkpoint_template_differs(model_type: str, family_template: str, processor) -> None:

@@ -36,6 +36,11 @@ class Family:
     # the LM is a mixture of experts whose router load-balancing loss joins the training objective, as in the
     # family's own `*ForConditionalGeneration.forward` (`load_balancing_loss_func` of its modeling module)
     router_aux_loss: bool = False
+    # every sample of a batch needs its own row of the image tensors, text-only ones included (Mllama's
+    # `pixel_values [b, images, tiles, ...]`, `aspect_ratio_*`, `cross_attention_mask [b, s, images, tiles]`)
+    batch_aligned_images: bool = False
+    # fixed variables for the chat template, so the rendered training text does not depend on the day it runs
+    template_kwargs: dict = field(default_factory=dict)
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -53,6 +58,12 @@ _QWEN3_5_ROLES = {"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.po
 # flash-linear-attention and causal-conv1d GPU kernels (measured: a packed second sample's logits 0.03-0.04 off)
 _LINEAR_ATTENTION_PACKING = ("its Gated DeltaNet (linear attention) layers carry a recurrent state and a "
                              "convolution window across packed samples; use data.mode: plain or group")
+
+# Mllama's image states reach the LM through cross-attention from a per-row `cross_attention_mask [b, s, images,
+# tiles]`: packed samples of a row would share one image axis, and a token's fully masked row attends to every image
+# of the row (transformers' `_prepare_cross_attention_mask` un-masks such rows), so images would leak across samples
+_CROSS_ATTENTION_PACKING = ("its cross-attention image states are per row, not per sample, so packed samples would "
+                            "attend to each other's images; use data.mode: plain or group")
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
@@ -97,6 +108,24 @@ FAMILIES: dict[str, Family] = {
                               # model's `batch_num_images` rule), as apply_chat_template passes images when serving
                               nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
                               blank_image="anyres"),
+    # Llama 3.2 Vision: the cross-attention decoder layers sit in the LM's `layers` list (every 5th), so they are
+    # in the llm role; one `<|image|>` token per image, the tiles enter through cross-attention.
+    "mllama": Family({"vision": {"model": "model.vision_model"},
+                      "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                     "mllama", nested_images=True, blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
+                     no_packing=_CROSS_ATTENTION_PACKING, batch_aligned_images=True,
+                     # the template's own fallback date: without it a text-only turn renders today's date
+                     template_kwargs={"date_string": "26 Jul 2024"}),
+    # InternVL (the transformers-converted `-hf` checkpoints): the tower's blocks are `encoder.layer`, so the tower is
+    # split as Qwen's is, to sit at `vision.model.layers.N` for the default vision LoRA regex. Tile-indexed
+    # `pixel_values [Σ tiles, c, h, w]`: the model encodes every tile and scatters the features in order, so tiles
+    # concatenate over the batch. No official template is vendored (no verifiable copy of the checkpoints' file was
+    # found offline): `chat_template:` in the model config, or a checkpoint template with generation marks.
+    "internvl": Family({"vision": {"model.embeddings": "model.vision_tower.embeddings",
+                                   "model.layers": "model.vision_tower.encoder.layer",
+                                   "model.layernorm": "model.vision_tower.layernorm"},
+                        "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                       "", blocks={"vision": "model.layers", "llm": "model.layers"}),
 }
 
 SUPPORTED = tuple(FAMILIES)

@@ -29,8 +29,12 @@ _GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"
 _IDEFICS_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
                      "<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)]
 
+_MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                    "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
+
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
-                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl")
+_INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 # Qwen3-VL's tower (patch 16, learned position table, mRoPE interleaved) is shared by these
 _QWEN3_TOWER = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 # MoE text configs: 4 experts, top-2, every layer sparse (as the published Qwen MoE checkpoints)
@@ -176,6 +180,55 @@ def _llava(model_type: str):
     return cfg, ip, tok, {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
 
 
+def _mllama():
+    """Llama 3.2 Vision: 3 LM layers, the middle one cross-attention; a 2-layer tower + 1 gated global layer, 32 px
+    tiles (4 per image), `vision_output_dim` = hidden × (the 2 intermediate layers + the last)."""
+    from transformers import AutoConfig, MllamaImageProcessorPil
+
+    tok = _tokenizer(_MLLAMA_SPECIALS, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
+                     extra={"image_token": "<|image|>"})
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 4096, "cross_attention_layers": [1],
+            "vocab_size": _vocab(tok), "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_global_layers": 1,
+              "attention_heads": 2, "image_size": 32, "patch_size": 8, "max_num_tiles": 4,
+              "intermediate_layers_indices": [0, 1], "vision_output_dim": 96}
+    cfg = AutoConfig.for_model("mllama", text_config=text, vision_config=vision,
+                               **_ids(tok, image_token_index="<|image|>"))
+    ip = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=4)
+    return cfg, ip, tok, {}
+
+
+def _internvl():
+    """InternVL with a Qwen2 LM; 32 px tiles of 8 px patches, pixel shuffle 0.5 → 4 tokens per tile; an image is cut
+    into up to 4 tiles (+ a thumbnail when it has more than one), as the checkpoints' `crop_to_patches` does."""
+    from transformers import AutoConfig, GotOcr2ImageProcessorPil
+
+    # the processor reads these names (and their `_id`s) from the tokenizer
+    tok = _tokenizer(_INTERNVL_SPECIALS, None, "<|im_end|>", "<|endoftext|>",
+                     extra={"start_image_token": "<img>", "end_image_token": "</img>",
+                            "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    text = {**_TEXT, "model_type": "qwen2", "vocab_size": _vocab(tok), "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+    vision = {**_VIT, "image_size": [32, 32], "patch_size": [8, 8]}
+    cfg = AutoConfig.for_model("internvl", text_config=text, vision_config=vision, downsample_ratio=0.5,
+                               image_seq_length=4, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                               **_ids(tok, image_token_id="<IMG_CONTEXT>"))
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                  max_patches=4)
+    return cfg, ip, tok, {"image_seq_length": 4}
+
+
+def _open_gates(model) -> None:
+    """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
+    a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                p.fill_(0.5)
+
+
 def tiny_parts(model_type: str):
     """(config, image processor, tokenizer, processor kwargs) of a tiny model of the family."""
     if model_type.startswith("qwen"):
@@ -186,6 +239,10 @@ def tiny_parts(model_type: str):
         return _idefics3(model_type)
     if model_type in ("llava", "llava_next", "llava_onevision"):
         return _llava(model_type)
+    if model_type == "mllama":
+        return _mllama()
+    if model_type == "internvl":
+        return _internvl()
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 
@@ -197,9 +254,12 @@ def write_tiny_checkpoint(model_type: str, out: str | Path, seed: int = 0) -> Pa
     from vlmtrain.model.native_templates import official_template
 
     cfg, ip, tok, proc_kwargs = tiny_parts(model_type)
-    template = official_template(FAMILIES[model_type].template)
+    key = FAMILIES[model_type].template
+    template = official_template(key) if key else None  # none vendored (InternVL): the config gives one
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(cfg)
+    if model_type == "mllama":
+        _open_gates(model)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = cfg.get_text_config().eos_token_id
     proc = build_image_only(model_type, ip, tok, chat_template=template, **proc_kwargs)

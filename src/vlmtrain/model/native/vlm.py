@@ -185,6 +185,7 @@ class NativeVLM(nn.Module):
                                                        kw.get("image_grid_thw"))
         blank: list[torch.Tensor] = []
         hook = None
+        text_rows = self._zero_text_only_image_states(pixel_values, kw.get("aspect_ratio_ids"))
         blank_inputs = (self.blank_image_inputs() if pixel_values is None and self.always_encode_images
                         and torch.is_grad_enabled() else None)
         if blank_inputs is not None:
@@ -199,6 +200,8 @@ class NativeVLM(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
+            if text_rows is not None:
+                text_rows.remove()
         hidden = out.last_hidden_state
         if blank:
             hidden = hidden + 0.0 * blank[0]
@@ -209,6 +212,26 @@ class NativeVLM(nn.Module):
             return logits, RouterLoss(self.router_aux_loss(out.router_logits, mask),
                                       self.expert_tokens(out.router_logits, mask))
         return logits
+
+    def _zero_text_only_image_states(self, pixel_values, aspect_ratio_ids):
+        """Batch-aligned families (Mllama): a hook that zeroes the projected image states of rows without an image
+        (all `aspect_ratio_ids` 0, the padding id), or None when every row has one.
+
+        Why: such a row's tokens have fully masked cross-attention rows, which transformers un-masks
+        (`_prepare_cross_attention_mask`), so they would attend to the padding image's states; alone, the same
+        sample skips the cross-attention layers. With zero states the bias-free k/v projections give zero values,
+        the attention adds exactly 0 and the MLP branch is masked: the row equals the sample alone. Rows with an
+        image are untouched, so a batch where every sample has images is transformers' own forward."""
+        if not self.family.batch_aligned_images or pixel_values is None or aspect_ratio_ids is None:
+            return None
+        has_image = (aspect_ratio_ids != 0).any(dim=-1)
+        if bool(has_image.all()):
+            return None
+
+        def zero_rows(_module, _inputs, out):
+            return out * has_image.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+
+        return self.hf.model.multi_modal_projector.register_forward_hook(zero_rows)
 
     def _logits(self, hidden: torch.Tensor, logits_mask: torch.Tensor | None):
         """Hidden states `[b, s, d]` → `.logits [b, s, vocab]`, or `[n, vocab]` at `logits_mask` (see forward)."""
