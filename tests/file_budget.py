@@ -4,7 +4,7 @@ Every test file has a budget in seconds in `tests/suite_budget.json` (`files`), 
 the 2-core CI machine with headroom for load (DEVELOPERS.md, "Suite time"); a file not listed gets `default_s`. A
 file's time is the sum of its tests' setup, call and teardown, so a module-scoped fixture counts where it is built
 and a session-scoped one (a tiny checkpoint per family) in the first file that asks for it. When a file goes over
-its budget the session fails and the summary names the file, its seconds and its budget: a slow new test shows up
+its budget the pytest run fails and the summary names the file, its seconds and its budget: a slow new test shows up
 in the submission that adds it. Running a subset (`-k`, `-m "not slow"`, one file) only lowers the sums.
 
 `--file-budget=PATH` reads another table; `--file-budget=off` (or `VLMTRAIN_FILE_BUDGET=off`) turns the check off.

@@ -55,3 +55,37 @@ def records() -> list[tuple[dict, list]]:
         ({"id": "two", "kind": "chat", "messages": [user(IMG, IMG, "compare them"), assistant("the same")]},
          [image(64, 64, 2), image(30, 50, 3)]),
     ]
+
+
+def adapter_step(m, args, extras) -> list[str]:
+    """One sign-SGD step of the adapters only (so they are not the identity), then eval mode. → names with a grad."""
+    import torch
+
+    m.requires_grad_(False)
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    m(*args, **extras).logits.float().pow(2).mean().backward()
+    trained = [n for n, p in m.named_parameters() if p.grad is not None]
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad.sign()
+    m.eval()
+    return trained
+
+
+def assert_merge_keeps_logits(m, args, extras, dequantize: bool = False) -> None:
+    """The trained adapters merged (over the dequantised NF4 base when `dequantize`) give the same logits."""
+    import torch
+
+    from vlmtrain.model.lora import merge_lora_
+    from vlmtrain.model.quantize import dequantize_
+
+    with torch.no_grad():
+        before = m(*args, **extras).logits
+        if dequantize:
+            dequantize_(m)
+        merge_lora_(m)
+        after = m(*args, **extras).logits
+    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

@@ -9,8 +9,8 @@ import time
 def test_sleeps():
     time.sleep(0.4)
 
-def test_quick():
-    pass
+def test_quick():  # instant: the file's time is the sum of its tests
+    assert 1 + 1 == 2
 """
 
 

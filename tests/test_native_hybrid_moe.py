@@ -1,9 +1,10 @@
 """The newer native families (Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) against transformers' own classes.
 
-One tiny checkpoint per family per session (`save_pretrained` folders, as a user's download would be). Per family:
+One tiny checkpoint per family per pytest run (`save_pretrained` folders, as a user's download would be). Per family:
 vlmtrain's forward equals transformers' logits exactly on a batch with images, the checkpoint carries the official
-template and labels come from the marked copy's assistant spans, LoRA merges into the same model, and `describe` on
-the family's default config counts what transformers builds from it.
+template and labels come from the marked copy's assistant spans, and LoRA merges into the same model. `describe` on
+each family's default config is checked against transformers' count by the whole-mapping walk
+(tests/test_describe_all.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import pytest
 import torch
 
-from native_fixtures import NEW_FAMILIES, checkpoint, model_config, records
+from native_fixtures import NEW_FAMILIES, adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
 
 
 @pytest.fixture(scope="session")
@@ -47,21 +48,6 @@ def _args(b):
     from vlmtrain.train.module import model_extras
 
     return (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
-
-
-def _adapter_step(m, args, extras) -> list[str]:
-    """One sign-SGD step of the adapters only (so they are not the identity), then eval mode. → names with a grad."""
-    m.requires_grad_(False)
-    for n, p in m.named_parameters():
-        p.requires_grad_("lora_" in n)
-    m(*args, **extras).logits.float().pow(2).mean().backward()
-    trained = [n for n, p in m.named_parameters() if p.grad is not None]
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    m.eval()
-    return trained
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -106,7 +92,7 @@ def test_checkpoint_carries_the_official_template_and_labels_are_the_assistant_s
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundles, family):
     from vlmtrain.config.stage import LoRAConfig
-    from vlmtrain.model.lora import apply_lora, merge_lora_
+    from vlmtrain.model.lora import apply_lora
 
     m = bundles(family).model
     _, b = _batch(bundles(family))
@@ -123,31 +109,9 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundles, family)
     # MoE: the fused expert tensors get adapters too (PEFT target_parameters), so the merge below covers them
     experts = {n.split(".")[-1] for n in names if ".mlp.experts." in n}
     assert experts == ({"gate_up_proj", "down_proj"} if family.endswith("moe") else set())
-    trained = _adapter_step(m, args, extras)
+    trained = adapter_step(m, args, extras)
     assert trained and all("lora_" in n for n in trained)
-    with torch.no_grad():
-        before = m(*args, **extras).logits
-        merge_lora_(m)
-        after = m(*args, **extras).logits
-    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("family", NEW_FAMILIES)
-def test_describe_default_config_total_equals_transformers_count(family, tmp_path, capsys):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from vlmtrain.cli.main import main
-
-    cfg = tmp_path / f"{family}.yaml"
-    cfg.write_text(f"name: {family}\nmodel_type: {family}\nconfig: {{}}\n")
-    assert main(["describe", "--config", str(cfg), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip())
-    with torch.device("meta"):
-        hf = AutoModelForImageTextToText.from_config(AutoConfig.for_model(family))
-    p = out["params"]
-    assert p["total"] == sum(t.numel() for t in hf.parameters())
-    assert p["total"] == p["vision"] + p["connector"] + p["llm"] and min(p.values()) > 0
+    assert_merge_keeps_logits(m, args, extras)
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
@@ -314,7 +278,7 @@ def test_expert_lora_trains_and_exports_as_a_peft_adapter_transformers_loads(bun
     names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
     assert {n for n in names if ".experts." in n} == {f"llm.model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
                                                       for p in ("gate_up_proj", "down_proj")}
-    expert_grads = [n for n in _adapter_step(m, args, extras) if ".experts." in n]
+    expert_grads = [n for n in adapter_step(m, args, extras) if ".experts." in n]
     assert len(expert_grads) == 2 * 2 * 2  # layers × fused tensors × (lora_A, lora_B)
     with torch.no_grad():
         ours = m(*args, **extras).logits
@@ -341,8 +305,8 @@ def test_qlora_over_both_token_mixers_and_experts_merges_to_the_same_model(bundl
     """Qwen3.5-MoE QLoRA: the LM's linear layers (attention, Gated DeltaNet, shared expert) as NF4, adapters on them
     and on the fused experts (kept in full precision); after a step, dequantise + merge gives the same logits."""
     from vlmtrain.config.stage import LoRAConfig
-    from vlmtrain.model.lora import apply_lora, merge_lora_
-    from vlmtrain.model.quantize import dequantize_, quantize_llm_
+    from vlmtrain.model.lora import apply_lora
+    from vlmtrain.model.quantize import quantize_llm_
 
     bundle = bundles("qwen3_5_moe")
     m = bundle.model
@@ -351,14 +315,8 @@ def test_qlora_over_both_token_mixers_and_experts_merges_to_the_same_model(bundl
     assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit"), llm=True, vision=False)
     assert any(".linear_attn.in_proj_qkv" in n for n in names) and any(".experts." in n for n in names)
-    _adapter_step(m, args, extras)
-    with torch.no_grad():
-        before = m(*args, **extras).logits
-        dequantize_(m)
-        merge_lora_(m)
-        after = m(*args, **extras).logits
-    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    adapter_step(m, args, extras)
+    assert_merge_keeps_logits(m, args, extras, dequantize=True)
 
 
 def test_dpo_policy_gets_the_router_loss_too(bundles):

@@ -1,15 +1,16 @@
 """Llama 3.2 Vision (`mllama`) and InternVL (`internvl`) against transformers' own model and processor.
 
-One tiny checkpoint per session (a `save_pretrained` folder, as a user's download would be; its cross-attention
+One tiny checkpoint per pytest run (a `save_pretrained` folder, as a user's download would be; its cross-attention
 gates are non-zero, as in a trained checkpoint, so the images really reach the LM). What is checked: vlmtrain's
 forward equals transformers' logits exactly on a batch with images; the collator builds the batch transformers'
 processor builds; text-only samples in a batch with images get their own (empty) image rows and equal their forward
-alone; the official template + assistant-span labels with a fixed date; LoRA and QLoRA merges; describe's total;
+alone; the official template + assistant-span labels with a fixed date; LoRA and QLoRA merges;
 packing and DP-SGD refused with one line.
 
-InternVL (one tiny checkpoint per session, no chat template in it: none is vendored): forward on tile-indexed pixels
+InternVL (one tiny checkpoint per pytest run, no chat template in it: none is vendored): forward on tile-indexed pixels
 equals transformers' exactly, labels from the configured template's assistant spans, the exit-2 line without one,
-LoRA on both towers merges, describe's total, packed rows keep samples apart.
+LoRA on both towers merges, packed rows keep samples apart. `describe` on both default configs: the
+whole-mapping walk (tests/test_describe_all.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import pytest
 import torch
 
-from native_fixtures import checkpoint, model_config, records
+from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
 
 EXTRAS = ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
@@ -142,8 +143,8 @@ def test_checkpoint_carries_the_official_template_and_labels_are_the_assistant_s
 
 def _step_then_merge_equal(m, b, quantize: bool):
     from vlmtrain.config.stage import LoRAConfig
-    from vlmtrain.model.lora import apply_lora, merge_lora_
-    from vlmtrain.model.quantize import dequantize_, quantize_llm_
+    from vlmtrain.model.lora import apply_lora
+    from vlmtrain.model.quantize import quantize_llm_
 
     args, extras = _args(b)
     if quantize:
@@ -152,25 +153,9 @@ def _step_then_merge_equal(m, b, quantize: bool):
     # the default LM targets reach the cross-attention layer (layer 1) as well as the self-attention layers
     assert {n.rsplit(".", 1)[1] for n in names if n.startswith("llm.model.layers.1.cross_attn.")} == \
         {"q_proj", "k_proj", "v_proj", "o_proj"}
-    m.requires_grad_(False)
-    for n, p in m.named_parameters():
-        p.requires_grad_("lora_" in n)
-    m(*args, **extras).logits.float().pow(2).mean().backward()
-    trained = [n for n, p in m.named_parameters() if p.grad is not None]
+    trained = adapter_step(m, args, extras)
     assert any(".cross_attn." in n for n in trained) and all("lora_" in n for n in trained)
-    with torch.no_grad():  # one step so that the adapters are not the identity
-        for p in m.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    m.eval()
-    with torch.no_grad():
-        before = m(*args, **extras).logits
-        if quantize:
-            dequantize_(m)
-        merge_lora_(m)
-        after = m(*args, **extras).logits
-    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert_merge_keeps_logits(m, args, extras, dequantize=quantize)
 
 
 def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundle):
@@ -179,22 +164,6 @@ def test_lora_trains_adapters_only_and_merges_to_the_same_model(bundle):
 
 def test_qlora_merges_to_the_same_model(bundle):
     _step_then_merge_equal(bundle.model, _image_batch(bundle), quantize=True)
-
-
-def test_describe_default_config_total_equals_transformers_count(tmp_path, capsys):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from vlmtrain.cli.main import main
-
-    cfg = tmp_path / "mllama.yaml"
-    cfg.write_text("name: mllama\nmodel_type: mllama\nconfig: {}\n")
-    assert main(["describe", "--config", str(cfg), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip())
-    with torch.device("meta"):
-        hf = AutoModelForImageTextToText.from_config(AutoConfig.for_model("mllama"))
-    p = out["params"]
-    assert p["total"] == sum(t.numel() for t in hf.parameters())
-    assert p["total"] == p["vision"] + p["connector"] + p["llm"] and min(p.values()) > 0
 
 
 def test_packing_is_refused_with_one_line(mllama_root, tmp_path, capsys):
@@ -320,7 +289,7 @@ def test_internvl_without_a_chat_template_is_refused_with_one_line(internvl_root
 
 def test_internvl_lora_reaches_both_towers_and_merges_to_the_same_model(internvl):
     from vlmtrain.config.stage import LoRAConfig
-    from vlmtrain.model.lora import apply_lora, merge_lora_
+    from vlmtrain.model.lora import apply_lora
 
     m = internvl.model
     _, b = _internvl_batch(internvl)
@@ -330,37 +299,8 @@ def test_internvl_lora_reaches_both_towers_and_merges_to_the_same_model(internvl
     assert {n.rsplit(".", 1)[1] for n in names if n.startswith("vision.model.layers.0.")} == \
         {"q_proj", "k_proj", "v_proj"}
     assert any(n.startswith("llm.model.layers.1.self_attn.") for n in names)
-    m.requires_grad_(False)
-    for n, p in m.named_parameters():
-        p.requires_grad_("lora_" in n)
-    m(*args, **extras).logits.float().pow(2).mean().backward()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.grad is not None:
-                p -= 0.05 * p.grad.sign()
-    m.eval()
-    with torch.no_grad():
-        before = m(*args, **extras).logits
-        merge_lora_(m)
-        after = m(*args, **extras).logits
-    assert not any(hasattr(mod, "lora_A") for mod in m.hf.modules())
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
-
-
-def test_internvl_describe_default_config_total_equals_transformers_count(tmp_path, capsys):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from vlmtrain.cli.main import main
-
-    cfg = tmp_path / "internvl.yaml"
-    cfg.write_text("name: internvl\nmodel_type: internvl\nconfig: {}\n")
-    assert main(["describe", "--config", str(cfg), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip())
-    with torch.device("meta"):
-        hf = AutoModelForImageTextToText.from_config(AutoConfig.for_model("internvl"))
-    p = out["params"]
-    assert p["total"] == sum(t.numel() for t in hf.parameters())
-    assert p["total"] == p["vision"] + p["connector"] + p["llm"] and min(p.values()) > 0
+    adapter_step(m, args, extras)
+    assert_merge_keeps_logits(m, args, extras)
 
 
 def test_internvl_packed_rows_keep_samples_apart(internvl):
