@@ -167,3 +167,73 @@ def test_dpo_loss_and_gradients_equal_the_two_row_layout(family, root):
     assert ga.keys() == gb.keys() and len(ga) > 5
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava"])
+def test_eager_attention_takes_the_same_rows(root, name):
+    """Eager attention adds the mask to the scores: create_causal_mask gives it the additive form."""
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.model import build_model
+
+    bundle = build_model(model_config(checkpoint(root, name)))
+    m = bundle.model.eval().double()
+    m.hf.set_attn_implementation("eager")
+    assert m.llm.config._attn_implementation == "eager"
+    groups = _groups(encoder_for(bundle), k=2)
+    with torch.no_grad():
+        got, _ = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
+        want = torch.stack([_alone_logp(m, g[j], _image_inputs(g[0])) for j in range(2) for g in groups])
+    # eager attention takes its softmax in float32 even for float64 scores (transformers' eager_attention_forward),
+    # so the two shapes differ at float32 rounding here (measured ≤1.2e-7)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def _dpo_stage(path, share: bool):
+    from vlmtrain.config.load import validate
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.train.presets import with_preset
+
+    return validate(StageConfig, with_preset({"name": "dpo", "preset": "dpo", "model": {"pretrained": str(path)},
+                                              "data": {"train": [{"builtin": "digits-pref"}]},
+                                              "dpo": {"share_prompt": share}}))
+
+
+def test_dpo_stage_puts_pairs_in_shared_rows_unless_switched_off(family, root):
+    """`dpo.share_prompt` (default on) reaches the loader through the stage check, the model and its encoder."""
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.loader import LoaderConfig, _SlotPipeline
+    from vlmtrain.train.native import configure_shared_prefix
+
+    name, bundle, _ = family
+    m = bundle.model
+    try:
+        for share in (True, False):
+            configure_shared_prefix(_dpo_stage(checkpoint(root, name), share), m)
+            enc = encoder_for(bundle)
+            assert enc.shared_prefix_rows is share
+            pipe = _SlotPipeline([], [], enc, LoaderConfig(), bundle.tokenizer.pad_token_id, 0, 1, None)
+            batch = pipe._collate(_pref_samples(enc))
+            assert batch["preference"] and ("segments" in batch) is share and bool(batch.get("shared_prompt")) is share
+    finally:
+        m.dpo_shared_prefix = False
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe", "mllama"])
+def test_families_that_cannot_share_a_prefix_keep_two_rows_and_say_why(name):
+    from types import SimpleNamespace
+
+    from vlmtrain.model.native.families import FAMILIES as ROWS
+    from vlmtrain.train.native import configure_shared_prefix, shared_prefix_refusal
+
+    model = SimpleNamespace(family=ROWS[name], llm=SimpleNamespace(config=SimpleNamespace()), model_type=name)
+    reason = shared_prefix_refusal(model)
+    assert reason == ROWS[name].shared_prefix and ("linear attention" in reason or "cross_attention_mask" in reason)
+    configure_shared_prefix(SimpleNamespace(objective="dpo", dpo=SimpleNamespace(share_prompt=True)), model)
+    assert model.dpo_shared_prefix is False
+    # an unlisted family is judged by its LM: linear-attention layers or a mask-less attention keep two rows
+    generic = SimpleNamespace(family=ROWS["qwen2_vl"], llm=SimpleNamespace(config=SimpleNamespace(
+        layer_types=["linear_attention", "full_attention"])))
+    assert "recurrent state" in shared_prefix_refusal(generic)
+    flash = SimpleNamespace(family=ROWS["qwen2_vl"], llm=SimpleNamespace(config=SimpleNamespace(
+        _attn_implementation="flash_attention_2")))
+    assert "flash_attention_2" in shared_prefix_refusal(flash)

@@ -117,6 +117,9 @@ class NativeVLM(nn.Module):
         text_cfg = hf.config.get_text_config()
         self.router_aux_loss_coef = float(getattr(text_cfg, "router_aux_loss_coef", 0.0) or 0.0) \
             if family.router_aux_loss else 0.0
+        # DPO batches in shared-prefix rows (`collate_preference_prefix`): set per stage by
+        # `vlmtrain.train.native.configure_shared_prefix`, read by the encoder (`encoder_for`)
+        self.dpo_shared_prefix = False
 
     def _check_partition(self) -> None:
         """Every parameter and buffer of the transformers model belongs to exactly one role."""
@@ -211,8 +214,11 @@ class NativeVLM(nn.Module):
             hidden = hidden + 0.0 * blank[0]
         logits = self._logits(hidden, logits_mask)
         if router_aux:
-            # a padding mask [b, s]; packed rows (None, per-layer masks) and shared-prompt DPO rows (4-D) have none
+            # a padding mask [b, s]; packed rows (None, per-layer masks) have none, shared-prefix rows mark their
+            # padding in `segments` (-1)
             mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            if segments is not None:
+                mask = (segments >= 0).long()
             return logits, RouterLoss(self.router_aux_loss(out.router_logits, mask),
                                       self.expert_tokens(out.router_logits, mask))
         return logits
