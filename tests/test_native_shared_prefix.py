@@ -38,7 +38,7 @@ def family(request, root):
 def _alone_logp(model, s: dict, images: dict) -> torch.Tensor:
     """Summed log-prob of one encoded sequence's supervised tokens by transformers' own full forward, alone."""
     ids = torch.tensor([s["input_ids"]])
-    kw = {**_double(images), **{k: torch.tensor([v]) for k, v in s.get("token_extras", {}).items()}}
+    kw = {**_cast(images, model), **{k: torch.tensor([v]) for k, v in s.get("token_extras", {}).items()}}
     logits = model.hf(input_ids=ids, **kw).logits[0, :-1]
     tgt = torch.tensor(s["labels"][1:])
     keep = tgt != -100
@@ -50,13 +50,14 @@ def _image_inputs(sample: dict) -> dict:
         else {}
 
 
-def _double(tree):
-    """Floating tensors of an input (dict, list, tensor) in float64, the rest unchanged."""
+def _cast(tree, model):
+    """Floating tensors of an input (dict, list, tensor) in the model's dtype, the rest unchanged."""
+    dtype = model.llm.get_input_embeddings().weight.dtype
     if isinstance(tree, dict):
-        return {k: _double(v) for k, v in tree.items()}
+        return {k: _cast(v, model) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_double(v) for v in tree]
-    return tree.double() if isinstance(tree, torch.Tensor) and tree.is_floating_point() else tree
+        return [_cast(v, model) for v in tree]
+    return tree.to(dtype) if isinstance(tree, torch.Tensor) and tree.is_floating_point() else tree
 
 
 def _groups(enc, k: int = 3):
@@ -77,7 +78,7 @@ def _score_rows(model, groups: list[list[dict]], pad: int) -> tuple[torch.Tensor
 
     keys = tuple(sorted({k for g in groups for s in g for k in s["token_extras"]}))
     rows = shared_prefix_rows(groups, [common_prefix_len(g, keys) for g in groups], pad)
-    firsts = _double(collate([g[0] for g in groups], pad))  # the images once, in row order
+    firsts = _cast(collate([g[0] for g in groups], pad), model)  # the images once, in row order
     images = {k: firsts[k] for k in firsts.get("model_extras", []) if k not in TOKEN_EXTRAS}
     logits = model(rows["input_ids"], firsts.get("pixel_values"), None, rows["position_ids"],
                    logits_mask=rows["logits_index"], segments=rows["segments"], **images, **rows["token_extras"])
@@ -237,3 +238,22 @@ def test_families_that_cannot_share_a_prefix_keep_two_rows_and_say_why(name):
     flash = SimpleNamespace(family=ROWS["qwen2_vl"], llm=SimpleNamespace(config=SimpleNamespace(
         _attn_implementation="flash_attention_2")))
     assert "flash_attention_2" in shared_prefix_refusal(flash)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl_moe", "internvl"])
+def test_the_other_listed_families_score_continuations_as_alone(root, name):
+    """The mixture-of-experts Qwen3-VL (experts route each token alone: the row changes no routing) and InternVL
+    (tile-indexed images, a Qwen2 LM) on shared-prefix rows, k = 2. The MoE runs in float32: its experts' grouped
+    matmul takes no float64."""
+    from test_native_mllama_internvl import INTERNVL_TEMPLATE
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.model import build_model
+
+    extra = {"chat_template": INTERNVL_TEMPLATE} if name == "internvl" else {}
+    bundle = build_model(model_config(checkpoint(root, name), **extra))
+    m = bundle.model.eval() if name == "qwen3_vl_moe" else bundle.model.eval().double()
+    groups = _groups(encoder_for(bundle), k=2)
+    with torch.no_grad():
+        got, _ = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
+        want = torch.stack([_alone_logp(m, g[j], _image_inputs(g[0])) for j in range(2) for g in groups])
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=1e-5 if name == "qwen3_vl_moe" else 1e-9)
