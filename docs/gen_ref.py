@@ -6,10 +6,11 @@
 - `reference/config.md`: every pydantic model of the config schemas (`vlmtrain.config.*`, the recipe's
   `federated:` block, the privacy-gate policy): one table per model with each field's type, default and description.
 
-Hand-written because no maintained plugin renders argparse sub-parser trees and pydantic v2 field tables without
-importing things of its own (mkdocs-click is for click; the argparse plugins render one parser per page directive and
-lag argparse's private API). Only the standard library, pydantic and the two light vlmtrain packages are imported:
-`build_parser()` and the config schemas load no torch (their modules keep heavy imports inside the commands).
+Hand-written (about 150 lines) because the plugins that exist do something else: mkdocs-click documents click
+commands, mkdocs-argparse is a 0.0.1 release from 2024, and griffe-pydantic renders pydantic models as API entries
+(one heading per field) rather than the table of YAML keys, defaults and bounds that a config author reads. Only the
+standard library, pydantic and two light vlmtrain packages are imported: `build_parser()` and the config schemas load
+no torch (the commands keep their heavy imports inside them), so the hook adds well under a second to a build.
 """
 
 from __future__ import annotations
@@ -126,15 +127,28 @@ def cli_pages() -> dict[str, str]:
 
 
 def _type_name(annotation: Any, models: set[type]) -> str:
-    """A readable type, linking the models documented on the page: `DataConfig`, `list[DatasetRef]`, ..."""
+    """A readable type, linking the models documented on the page: `DataConfig`, `list[DatasetRef]`, `'a' | 'b'`.
+    Annotated metadata (pydantic's discriminators, constraints) is dropped: constraints get their own column."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0], models)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a, models) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a, models) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "None"
+    if annotation is typing.Any:
+        return "Any"
     if isinstance(annotation, type) and annotation in models:
         return f"[{annotation.__name__}](#{annotation.__name__.lower()})"
-    if isinstance(annotation, type):
-        return annotation.__name__
-    text = repr(annotation).replace("typing.", "")
-    for m in sorted(models, key=lambda m: -len(f"{m.__module__}.{m.__qualname__}")):
-        text = text.replace(f"{m.__module__}.{m.__qualname__}", f"[{m.__name__}](#{m.__name__.lower()})")
-    return text.replace("NoneType", "None")
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _default(field: Any) -> str:
@@ -145,7 +159,7 @@ def _default(field: Any) -> str:
             value = field.default_factory()
         except TypeError:  # a factory that wants the validated data
             return "computed"
-        return f"`{value!r}`" if not hasattr(value, "model_dump") else "defaults below"
+        return f"`{value!r}`" if not hasattr(value, "model_dump") else "its defaults"
     if field.default is PydanticUndefined:
         return "**required**"
     return f"`{field.default!r}`"
@@ -182,7 +196,9 @@ def _model_section(cls: type, models: set[type]) -> list[str]:
 def _schema_modules() -> list[Any]:
     import vlmtrain.config as cfg
 
-    names = [f"vlmtrain.config.{m.name}" for m in pkgutil.iter_modules(cfg.__path__)]
+    first = {"stage": 0, "model": 1}  # what users write most: stage and recipe files, then model files
+    found = sorted((m.name for m in pkgutil.iter_modules(cfg.__path__)), key=lambda n: (first.get(n, 2), n))
+    names = [f"vlmtrain.config.{n}" for n in found]
     return [importlib.import_module(n) for n in (*names, *EXTRA_SCHEMA_MODULES)]
 
 
