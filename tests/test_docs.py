@@ -55,8 +55,9 @@ def prose_lines(path):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    # No --quiet: it hides the warnings that --strict counts, and a broken link would then build.
     out = tmp_path_factory.mktemp("site")
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-f", str(ROOT / "mkdocs.yml"),
+    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"),
                         "-d", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
