@@ -94,7 +94,7 @@ def _ours(trl_seen, rewards: RewardSet, caller="vlmtrain"):
 
 CASES = [  # (sync rewards, async rewards): None = the function does not apply to that completion
     ([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 2.0], [None, None, None, None, 1.0, None, 0.5, None]),  # group 0: no spread
-    ([0.0, 1.0, None, 3.0, 2.0, None, 2.0, 2.0], [1.0, None, None, -1.0, 0.0, None, 0.0, 0.0]),  # row 2, 5: unscorable
+    ([0.0, 1.0, None, 3.0, 2.0, None, 2.0, 2.0], [1.0, None, None, -1.0, 0.0, None, 0.0, 0.0]),  # 2, 5: unscorable
     ([0.3, -1.2, 0.8, 2.5, 0.1, 0.1, 0.1, 0.1], [0.7, 0.7, 0.2, None, None, None, None, None]),  # group 1: no spread
 ]
 
@@ -255,7 +255,8 @@ def test_module_in_working_directory_is_found(tmp_path, monkeypatch):
     ({"fn": "accuracyy"}, "grpo.rewards[0].fn: unknown reward 'accuracyy'; give 'package.module:function' or one of"),
     ({"fn": "vlmtrain.train.grpo.reward_fns:SHIPPED"}, "is dict, not a function"),
     ({"fn": ":f"}, "is not 'package.module:function'"),
-    ({"fn": "length_penalty", "args": {"max_len": 3}}, "grpo.rewards[0].args: length_penalty has no parameter 'max_len'"),
+    ({"fn": "length_penalty", "args": {"max_len": 3}},
+     "grpo.rewards[0].args: length_penalty has no parameter 'max_len'"),
 ])
 def test_bad_reward_paths_are_one_config_error(spec, message):
     with pytest.raises(ConfigError) as e:

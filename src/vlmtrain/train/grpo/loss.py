@@ -129,7 +129,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     return GRPOLossOutput(loss=loss, metrics=metrics)
 
 
-def mask_truncated(mask: torch.Tensor, completion_ids: list[list[int]], stop_ids: set[int] | list[int]) -> torch.Tensor:
+def mask_truncated(mask: torch.Tensor, completion_ids: list[list[int]],
+                   stop_ids: set[int] | list[int]) -> torch.Tensor:
     """`mask` `[b, t]` with the rows of truncated completions zeroed: those whose last token is not a stop token
     (end of turn / EOS) or padding, i.e. that ran into `max_completion_length` (`mask_truncated_completions`; DAPO:
     a cut-off answer should neither be rewarded nor punished for its ending)."""

@@ -85,7 +85,8 @@ def accuracy(completions: list, answer: list | None = None, solution: list | Non
 
 
 def choice_letter(text: str) -> str | None:
-    """The option letter a text picks: "B", "(B)", "B.", "B) because…", "The answer is B" (capitals only: a lower-case "a" is an article), or None."""
+    """The option letter a text picks: "B", "(B)", "B.", "B) because…", "The answer is B" (capitals only: a
+    lower-case "a" is an article), or None."""
     s = extract_answer(text)
     m = _LETTER.match(s)
     if m:

@@ -61,7 +61,8 @@ def collate_groups(prompts: list[list[int]], completions: list[list[list[int]]],
         raise ValueError("need one non-empty prompt per group of completions")
     if image_token_id is not None and any(image_token_id in c for g in completions for c in g):
         raise ValueError("a completion contains the image token; image slots belong in the prompt")
-    built = [_row(p, g, i, sum(len(x) for x in completions[:i])) for i, (p, g) in enumerate(zip(prompts, completions))]
+    starts = [sum(len(g) for g in completions[:i]) for i in range(len(completions))]  # first completion index
+    built = [_row(p, g, i, k0) for i, (p, g, k0) in enumerate(zip(prompts, completions, starts))]
     r, s = len(built), max(len(b[0]) for b in built)
     input_ids = torch.full((r, s), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((r, s), dtype=torch.long)
