@@ -156,13 +156,14 @@ def test_mask_truncated_matches_trl(trl_trainer):
 
 
 def test_dynamic_sampling_drops_zero_spread_groups():
-    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 2.0, 2.0, math.nan, 2.0])
+    nan = math.nan
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 2.0, 2.0, nan, 2.0, 1.0, nan, nan, nan])
     keep = groups_with_spread(rewards, G)
-    assert keep.tolist() == [False, True, False]  # NaN (unscorable) does not count as spread
-    ids = torch.arange(12)
+    assert keep.tolist() == [False, True, False, False]  # NaN (unscorable) does not count as spread
+    ids = torch.arange(16)
     (kept,) = keep_groups(keep, G, ids)
     assert kept.tolist() == [4, 5, 6, 7]
-    assert group_advantages(rewards, G).zero_spread.tolist() == [True, False, True]
+    assert group_advantages(rewards, G).zero_spread.tolist() == [True, False, True, False]  # as TRL's metric
 
 
 def test_group_advantages_by_hand():

@@ -104,3 +104,20 @@ def test_layout_refuses_image_tokens_in_completions(setup):
     bad = [[[vlm.image_token_id]] + groups[0][1:], groups[1]]
     with pytest.raises(ValueError, match="image slots belong in the prompt"):
         collate_groups(prompts, bad, 0, vlm.image_token_id)
+
+
+def test_features_encoded_for_generation_serve_the_loss(setup):
+    """`image_embeds` (encoded once, e.g. for sampling) give the same log-probs as the pixels, with no tower run."""
+    vlm, prompts, pixels, groups = setup
+    rows = collate_groups(prompts, groups, pad_token_id=0)
+    with torch.no_grad():
+        feats = vlm.encode_images(pixels)
+        seen = []
+        hook = vlm.vision.register_forward_hook(lambda m, args, out: seen.append(1))
+        try:
+            a, _ = group_token_logps(vlm, rows, image_embeds=feats)
+        finally:
+            hook.remove()
+        b, _ = group_token_logps(vlm, rows, pixels)
+    assert not seen
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -84,8 +84,10 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 
 def groups_with_spread(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     """`[groups]` bool: groups whose rewards differ (DAPO's dynamic sampling keeps only these; a group where every
-    completion earned the same reward has all-zero advantages and only dilutes the batch)."""
-    return ~group_advantages(rewards, num_generations, "none").zero_spread
+    completion earned the same reward has all-zero advantages and only dilutes the batch). A group with fewer than
+    two scorable completions has no spread either (its std is NaN)."""
+    std = nanstd(rewards.view(-1, num_generations), dim=1)
+    return std > 1e-8  # the tolerance of torch.isclose(std, 0), TRL's zero-spread test; NaN compares False
 
 
 def keep_groups(keep: torch.Tensor, num_generations: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
