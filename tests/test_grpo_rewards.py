@@ -238,6 +238,45 @@ def test_registry_short_names_paths_args_and_weights():
     torch.testing.assert_close(out, torch.tensor([[1.0, -0.5, 0.0], [0.0, -1.0, -1.0]]))
 
 
+BARRIER: dict = {}
+
+
+async def ping(prompts, completions, **kwargs):
+    BARRIER["ping"].set()
+    await asyncio.wait_for(BARRIER["pong"].wait(), 5)  # only returns if pong runs at the same time
+    return [1.0] * len(prompts)
+
+
+async def pong(prompts, completions, **kwargs):
+    BARRIER["pong"].set()
+    await asyncio.wait_for(BARRIER["ping"].wait(), 5)
+    return [2.0] * len(prompts)
+
+
+class Logging:  # a callable object, as TRL allows
+    def __call__(self, prompts, completions, log_extra, log_metric, **kwargs):
+        log_extra("verdict", ["ok"] * len(prompts))
+        log_metric("custom/score", 0.5)
+        return [0.0] * len(prompts)
+
+
+LOGGING = Logging()
+
+
+def test_async_rewards_run_concurrently_and_logging_hooks_collect():
+    rs = load_rewards([{"fn": "test_grpo_rewards:ping"}, {"fn": "test_grpo_rewards:pong"},
+                       {"fn": "test_grpo_rewards:LOGGING"}])
+    BARRIER.update(ping=asyncio.Event(), pong=asyncio.Event())
+    assert rs.score(["p"] * 2, ["c"] * 2).tolist() == [[1.0, 2.0, 0.0]] * 2
+    assert rs.extra_columns == {"verdict": ["ok", "ok"]} and rs.logged_metrics == {"custom/score": [0.5]}
+
+    async def from_a_running_loop():  # a notebook: scoring is called while an event loop runs
+        BARRIER.update(ping=asyncio.Event(), pong=asyncio.Event())
+        return rs.score(["p"], ["c"]).tolist()
+
+    assert asyncio.run(from_a_running_loop()) == [[1.0, 2.0, 0.0]]
+
+
 def test_module_in_working_directory_is_found(tmp_path, monkeypatch):
     (tmp_path / "my_rewards_cwd.py").write_text(textwrap.dedent("""
         async def shout(prompts, completions, **kwargs):
