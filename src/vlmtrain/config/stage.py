@@ -6,9 +6,10 @@ A stage is data, not a subclass: what trains, the objective, learning-rate group
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlmtrain.config.model import AnyModelConfig
 
@@ -92,6 +93,66 @@ class DPOConfig(_Strict):
     reference: Literal["copy", "adapters_off"] = Field(
         "copy", description="copy: a frozen copy of the starting model; adapters_off: the policy with its LoRA "
                             "adapters disabled (LoRA stages; no second model in memory)")
+
+
+# the rewards vlmtrain ships (vlmtrain.train.grpo.reward_fns.SHIPPED), named here so a misspelt one is refused before
+# anything heavy loads
+REWARD_NAMES: tuple[str, ...] = ("accuracy", "multiple_choice", "think_answer_format", "box_iou", "length_penalty")
+_REWARD_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+class RewardRef(_Strict):
+    """One reward function of a GRPO stage, called as TRL calls it: `f(prompts, completions, **columns)`."""
+
+    fn: str = Field(description="'package.module:function' (imported from the working directory or PYTHONPATH) "
+                                f"or a shipped reward: {', '.join(REWARD_NAMES)}")
+    weight: float = Field(1.0, allow_inf_nan=False, description="weight in the summed reward")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments bound to the function")
+
+    @field_validator("fn")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if ":" in v and not _REWARD_PATH.fullmatch(v):
+            raise ValueError(f"{v!r} is not 'package.module:function'")
+        if ":" not in v and v not in REWARD_NAMES:
+            raise ValueError(f"unknown reward {v!r}; give 'package.module:function' or one of "
+                             f"{', '.join(REWARD_NAMES)}")
+        return v
+
+
+class GRPOConfig(_Strict):
+    """Online RL with group-relative advantages (GRPO and its variants); defaults are TRL 1.16's `GRPOConfig`'s.
+    Only the losses and rewards are built so far (docs/grpo.md): no stage runs this objective yet."""
+
+    num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt (a group)")
+    max_completion_length: int = Field(512, ge=1, description="tokens per completion at most")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "gspo"] = Field(
+        "dapo", description="grpo: sequence means; dr_grpo: constant normaliser; dapo: token mean; gspo: "
+                            "sequence-level importance ratio")
+    beta: float = Field(0.0, ge=0, description="weight of the k3 KL to the reference (0: no reference model)")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="clip range below (and above, without epsilon_high)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip range (DAPO's clip-higher)")
+    num_iterations: int = Field(1, ge=1, description="optimizer passes over each generated batch")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's or the batch's reward std, or not at all")
+    mask_truncated_completions: bool = Field(False, description="completions cut at max_completion_length "
+                                                                "do not count in the loss")
+    rewards: list[RewardRef] = Field(min_length=1, description="reward functions and weights")
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _bool_scale(cls, v):
+        return {True: "group", False: "none"}.get(v, v) if isinstance(v, bool) else v  # TRL accepts booleans
+
+    @model_validator(mode="after")
+    def _clip(self):
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError(f"epsilon_high ({self.epsilon_high}) is below epsilon ({self.epsilon}); clip-higher "
+                             "only widens the upper edge")
+        return self
 
 
 class OptimConfig(_Strict):
@@ -188,6 +249,7 @@ class StageConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    grpo: GRPOConfig | None = Field(None, description="GRPO settings (validated; no stage runs GRPO yet)")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     privacy: PrivacyConfig | None = Field(None, description="DP-SGD (Opacus) for this stage")
@@ -212,6 +274,9 @@ class StageConfig(_Strict):
             raise ValueError("data.mode: packing is not supported with the dpo objective")
         if self.trainer.compile and self.trainer.strategy not in ("auto", "single", "ddp"):
             raise ValueError(f"trainer.compile: tested with single and ddp; not with {self.trainer.strategy}")
+        if self.grpo is not None:  # refused rather than silently ignored by a next_token or dpo run
+            raise ValueError("grpo: no stage runs the GRPO objective yet (its losses and rewards are built, the "
+                             "generation loop is not; see docs/grpo.md); remove this section")
         if self.privacy is not None:
             _check_dp(self)
         return self
