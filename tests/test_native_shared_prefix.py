@@ -35,14 +35,20 @@ def family(request, root):
     return request.param, bundle, encoder_for(bundle)
 
 
-def _alone_logp(model, s: dict, images: dict) -> torch.Tensor:
-    """Summed log-prob of one encoded sequence's supervised tokens by transformers' own full forward, alone."""
+def _alone_tokens(model, s: dict, images: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index in the sequence, log-prob) of each supervised token of one encoded sequence, by transformers' own full
+    forward on that sequence alone."""
     ids = torch.tensor([s["input_ids"]])
     kw = {**_cast(images, model), **{k: torch.tensor([v]) for k, v in s.get("token_extras", {}).items()}}
     logits = model.hf(input_ids=ids, **kw).logits[0, :-1]
     tgt = torch.tensor(s["labels"][1:])
     keep = tgt != -100
-    return logits[keep].log_softmax(-1).gather(-1, tgt[keep][:, None]).sum()
+    return keep.nonzero().flatten() + 1, logits[keep].log_softmax(-1).gather(-1, tgt[keep][:, None]).squeeze(-1)
+
+
+def _alone_logp(model, s: dict, images: dict) -> torch.Tensor:
+    """Summed log-prob of one encoded sequence's supervised tokens (`_alone_tokens`)."""
+    return _alone_tokens(model, s, images)[1].sum()
 
 
 def _image_inputs(sample: dict) -> dict:
@@ -82,6 +88,7 @@ def _score_rows(model, groups: list[list[dict]], pad: int) -> tuple[torch.Tensor
     images = {k: firsts[k] for k in firsts.get("model_extras", []) if k not in TOKEN_EXTRAS}
     logits = model(rows["input_ids"], firsts.get("pixel_values"), None, rows["position_ids"],
                    logits_mask=rows["logits_index"], segments=rows["segments"], **images, **rows["token_extras"])
+    rows["token_logps"] = logits.log_softmax(-1).gather(-1, rows["targets"][:, None]).squeeze(-1)  # [n]
     return indexed_sequence_logps(logits, rows["targets"], rows["seq_index"], rows["n_seq"])[0], rows
 
 
@@ -96,10 +103,14 @@ def test_each_continuation_scores_as_the_sequence_alone(family):
     groups = _groups(enc)
     with torch.no_grad():
         got, rows = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
-        want = torch.stack([_alone_logp(m, g[j], _image_inputs(g[0])) for j in range(3) for g in groups])
+        alone = [_alone_tokens(m, g[j], _image_inputs(g[0])) for j in range(3) for g in groups]
     assert int((rows["segments"] == 0).sum()) > 3 * 8  # the prompts are shared, not only their first tokens
     assert rows["input_ids"].shape[1] < max(sum(len(s["input_ids"]) for s in g) for g in groups)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got, torch.stack([lp.sum() for _, lp in alone]), rtol=0, atol=1e-9)
+    for seq, (where, lp) in enumerate(alone):  # per token too (GRPO's per-token ratios), in sequence order
+        mine = rows["seq_index"] == seq
+        assert torch.equal(rows["token_index"][mine], where)
+        torch.testing.assert_close(rows["token_logps"][mine], lp, rtol=0, atol=1e-9)
 
 
 def test_gemma3_sliding_window_counts_positions_not_row_indices(root):

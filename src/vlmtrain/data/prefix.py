@@ -13,7 +13,8 @@ DPO puts a pair's chosen and rejected answers after one prompt (k = 2); GRPO put
 - explicit scoring positions: token `t` of sequence j is predicted at the row position of its token `t - 1`, which for
   a continuation's first token is the last prefix position, not its left neighbour in the row:
   `logits_index [n, 2]` (row, position), `targets [n]`, `seq_index [n]` (sequence j of row i is `j * b + i`, so for
-  DPO `logps.chunk(2)` gives chosen, rejected; for GRPO `.view(G, b)` gives one row of completions per prompt).
+  DPO `logps.chunk(2)` gives chosen, rejected; for GRPO `.view(G, b).T` gives one row of completions per prompt) and
+  `token_index [n]` (the target's index in its own sequence, for per-token log-probs).
 
 Hand-written: the layouts in TRL and ms-swift repeat the prompt per sequence; no library builds these rows.
 """
@@ -45,7 +46,8 @@ def shared_prefix_rows(groups: list[list[dict]], prefix_lens: list[int], pad_tok
 
     groups[i][j]: `{"input_ids": [s_j], "labels": [s_j], "token_extras": {key: [s_j]}}` (extras optional); every group
     has the same k ≥ 1. Returns input_ids / position_ids / segments `[b, s_max]`, each per-token extra `[b, s_max]`
-    (padded with 0, under `token_extras`), logits_index `[n, 2]`, targets `[n]`, seq_index `[n]`, `n_seq` = k·b and
+    (padded with 0, under `token_extras`), logits_index `[n, 2]`, targets `[n]`, seq_index `[n]`, token_index `[n]`,
+    `n_seq` = k·b and
     `token_count` (the tokens of the k·b sequences laid out one per row, for throughput accounting)."""
     b, k = len(groups), len(groups[0])
     if any(len(g) != k for g in groups):
@@ -58,7 +60,7 @@ def shared_prefix_rows(groups: list[list[dict]], prefix_lens: list[int], pad_tok
     position_ids = torch.zeros((b, s_max), dtype=torch.long)
     segments = torch.full((b, s_max), -1, dtype=torch.long)
     extras = {key: torch.zeros((b, s_max), dtype=torch.long) for key in keys}
-    index, targets, seq = [], [], []
+    index, targets, seq, tok = [], [], [], []
     for i, r in enumerate(rows):
         m = len(r["ids"])
         input_ids[i, :m] = torch.tensor(r["ids"])
@@ -73,10 +75,11 @@ def shared_prefix_rows(groups: list[list[dict]], prefix_lens: list[int], pad_tok
                     index.append((i, where[t - 1]))
                     targets.append(labels[t])
                     seq.append(j * b + i)
+                    tok.append(t)
     return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "token_extras": extras,
             "logits_index": torch.tensor(index, dtype=torch.long).reshape(-1, 2),
             "targets": torch.tensor(targets, dtype=torch.long), "seq_index": torch.tensor(seq, dtype=torch.long),
-            "n_seq": k * b, "token_count": sum(len(x["input_ids"]) for g in groups for x in g)}
+            "token_index": torch.tensor(tok, dtype=torch.long), "n_seq": k * b, "token_count": sum(len(x["input_ids"]) for g in groups for x in g)}
 
 
 def _row(group: list[dict], n: int, keys: list[str]) -> dict:
