@@ -33,6 +33,38 @@ def packing_refusal(family, text_config) -> str:
     return ""
 
 
+def shared_prefix_refusal(model) -> str:
+    """Why this NativeVLM's DPO pairs keep two full rows instead of shared-prefix rows ("" when they need not): the
+    family row's reason, else an LM with linear-attention layers (a generic-map family: its recurrent state runs
+    from one continuation into the next), else an attention implementation that takes no custom mask."""
+    from vlmtrain.model.native.shared_prefix import MASKED_IMPLEMENTATIONS
+
+    cfg = model.llm.config
+    if model.family.shared_prefix:
+        return model.family.shared_prefix
+    if "linear_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return "its linear-attention layers carry a recurrent state from one continuation into the next"
+    impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    if impl not in MASKED_IMPLEMENTATIONS:
+        return f"its attention implementation {impl} takes no custom mask"
+    return ""
+
+
+def configure_shared_prefix(stage, model) -> None:
+    """DPO with `dpo.share_prompt` (the default): chosen and rejected in one shared-prefix row per pair where the
+    family allows it (`shared_prefix_refusal`), else two full rows, said once in the log."""
+    if stage.objective != "dpo" or not stage.dpo.share_prompt:
+        model.dpo_shared_prefix = False
+        return
+    reason = shared_prefix_refusal(model)
+    model.dpo_shared_prefix = not reason
+    if reason:
+        import logging
+
+        logging.getLogger("vlmtrain.train").info("dpo.share_prompt: two rows per pair for %s: %s", model.model_type,
+                                                 reason)
+
+
 def family_refusals(stage, model) -> list[str]:
     """What the stage asks of this family (the built NativeVLM `model`) that it cannot do, one line per reason."""
     problems = []
@@ -74,6 +106,7 @@ def check_native_stage(stage, bundle) -> None:
     if problems:
         raise ConfigError(problems)
     configure_router_aux(stage, bundle.model)
+    configure_shared_prefix(stage, bundle.model)
     if stage.trainer.vision_feature_cache_mb:
         import logging
 
