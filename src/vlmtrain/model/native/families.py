@@ -41,6 +41,15 @@ class Family:
     batch_aligned_images: bool = False
     # fixed variables for the chat template, so the rendered training text does not depend on the day it runs
     template_kwargs: dict = field(default_factory=dict)
+    # parts beside vision / connector / llm that no stage trains (Gemma 4's audio tower): role → {local: path}, as
+    # `roles`. Frozen at build (no gradient ever: data-parallel wrappers then skip them) and listed as frozen rows of
+    # the trainable table; counted by `describe`.
+    frozen_roles: dict[str, dict[str, str]] = field(default_factory=dict)
+    # which per-token tensor marks bidirectional image blocks (`bidirectional_images`), and on which layer types
+    # the blocks apply: Gemma 3 `token_type_ids` on every layer, Gemma 4 `mm_token_type_ids` on sliding layers
+    # only (its `create_masks_for_vision_model`: full-attention layers stay causal)
+    image_block_key: str = "token_type_ids"
+    image_blocks_sliding_only: bool = False
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -127,6 +136,18 @@ FAMILIES: dict[str, Family] = {
                         "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                        "", blocks={"vision": "model.layers", "llm": "model.layers"}),
 }
+
+# Gemma 4 (transformers 5.23 `Gemma4ForConditionalGeneration`): SigLIP-like tower with a spatial pooler, the
+# `embed_vision` projection as the connector, a Gemma LM with per-layer inputs. Image tokens attend bidirectionally
+# within their image on sliding layers when the text config says `use_bidirectional_attention: vision`. The audio
+# tower and its projection are a frozen role. Default configs carry neither tower (a path that is None is skipped).
+# No official template is vendored: `chat_template:` with generation marks is required (see native_templates.py).
+FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
+                             "connector": {"embed_vision": "model.embed_vision"}, "llm": _LLM},
+                            "", nested_images=True, bidirectional_images=True,
+                            blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                            frozen_roles={"audio": {"model": "model.audio_tower", "embed_audio": "model.embed_audio"}},
+                            image_block_key="mm_token_type_ids", image_blocks_sliding_only=True)
 
 SUPPORTED = tuple(FAMILIES)
 

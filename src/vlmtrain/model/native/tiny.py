@@ -33,7 +33,11 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
                     "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
-                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl")
+                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4")
+# Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
+# token names from the tokenizer; it refuses a tokenizer without the audio ones)
+_GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
+                    "<audio|>", "<|audio|>", "<|video|>"]
 _INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 # Qwen3-VL's tower (patch 16, learned position table, mRoPE interleaved) is shared by these
 _QWEN3_TOWER = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
@@ -220,6 +224,34 @@ def _internvl():
     return cfg, ip, tok, {"image_seq_length": 4}
 
 
+def _gemma4():
+    """Gemma 4: a sliding then a full-attention layer (full layers use `global_head_dim`), per-layer inputs of width
+    8, images bidirectional on sliding layers (`use_bidirectional_attention: vision`); a 2-layer tower of 8 px patches
+    pooled 2×2 (at most 70 soft tokens = 280 patches per image, the processor's smallest budget); a 1-layer audio
+    tower (the frozen role) and the audio feature extractor the processor requires."""
+    from transformers import AutoConfig, Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    tok = _tokenizer(_GEMMA4_SPECIALS, "<bos>", "<eos>", "<pad>",
+                     extra={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                            "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
+    text = {**_TEXT, "vocab_size": _vocab(tok), "vocab_size_per_layer_input": _vocab(tok),
+            "hidden_size_per_layer_input": 8, "sliding_window": 64, "global_head_dim": 32,
+            "layer_types": ["sliding_attention", "full_attention"], "use_bidirectional_attention": "vision",
+            "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<turn|>")]}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16, "patch_size": 8, "pooling_kernel_size": 2,
+              "position_embedding_size": 64}
+    audio = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "subsampling_conv_channels": [8, 4],
+             "output_proj_dims": 32}
+    cfg = AutoConfig.for_model("gemma4", text_config=text, vision_config=vision, audio_config=audio,
+                               **_ids(tok, boi_token_id="<|image>", eoi_token_id="<image|>", image_token_id="<|image|>",
+                                      boa_token_id="<|audio>", eoa_token_index="<audio|>", audio_token_id="<|audio|>",
+                                      video_token_id="<|video|>"))
+    ip = Gemma4ImageProcessorPil(patch_size=8, max_soft_tokens=70, pooling_kernel_size=2)
+    return cfg, ip, tok, {"feature_extractor": Gemma4AudioFeatureExtractor(), "image_seq_length": 70}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -243,6 +275,8 @@ def tiny_parts(model_type: str):
         return _mllama()
     if model_type == "internvl":
         return _internvl()
+    if model_type == "gemma4":
+        return _gemma4()
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 
@@ -255,7 +289,7 @@ def write_tiny_checkpoint(model_type: str, out: str | Path, seed: int = 0) -> Pa
 
     cfg, ip, tok, proc_kwargs = tiny_parts(model_type)
     key = FAMILIES[model_type].template
-    template = official_template(key) if key else None  # none vendored (InternVL): the config gives one
+    template = official_template(key) if key else None  # none vendored (InternVL, Gemma 4): the config gives one
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(cfg)
     if model_type == "mllama":

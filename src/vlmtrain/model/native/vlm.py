@@ -97,13 +97,20 @@ class NativeVLM(nn.Module):
         self.connector = RolePart()
         self.llm = LLMRole(hf)
         self._bare_paths: list[tuple[str, str]] = []  # (path here, path in hf) of each bare parameter
-        for role, parts in family.roles.items():
+        for role in family.frozen_roles:
+            self.add_module(role, RolePart())
+        for role, parts in {**family.roles, **family.frozen_roles}.items():
             for local, path in parts.items():
                 obj = _resolve(hf, path)
+                if obj is None:  # a part the config leaves out (Gemma 4 without a vision or audio tower)
+                    continue
                 getattr(self, role).install(local, obj)
                 if isinstance(obj, nn.Parameter):
                     self._bare_paths.append((f"{role}.{local}", path))
         self._check_partition()
+        for role in family.frozen_roles:
+            # frozen for good: never trained by a stage, so DDP/FSDP see no parameter without a gradient
+            getattr(self, role).requires_grad_(False)
         cfg = hf.config
         token = getattr(cfg, "image_token_id", None)
         self.image_token_id = int(token if token is not None else cfg.image_token_index)
@@ -126,7 +133,7 @@ class NativeVLM(nn.Module):
         want_p = ids(self.hf.named_parameters(remove_duplicate=True))
         want_b = ids(self.hf.named_buffers(remove_duplicate=True))
         seen_p: dict[int, str] = {}
-        for role in ("vision", "connector", "llm"):
+        for role in ("vision", "connector", "llm", *self.family.frozen_roles):
             for n, p in getattr(self, role).named_parameters(remove_duplicate=True):
                 if id(p) in seen_p and seen_p[id(p)] != role:
                     raise ConfigError(f"native family map of {self.model_type}: `{n}` is in two roles")
@@ -178,7 +185,7 @@ class NativeVLM(nn.Module):
             kw["output_router_logits"] = True
         if attention_mask is None and position_ids is not None and self.family.bidirectional_images:
             # a batch without image tokens may come without token_type_ids: no image blocks then
-            types = kw.get("token_type_ids", torch.zeros_like(position_ids))
+            types = kw.get(self.family.image_block_key, torch.zeros_like(position_ids))
             attention_mask = self.packed_block_masks(position_ids, types)
         if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
             position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
@@ -372,6 +379,8 @@ class NativeVLM(nn.Module):
                                                 find_packed_sequence_indices, sliding_window_overlay)
 
         text_cfg = self.llm.config
+        if self.family.image_blocks_sliding_only and getattr(text_cfg, "use_bidirectional_attention", None) != "vision":
+            token_type_ids = torch.zeros_like(token_type_ids)  # Gemma 4 sizes whose images attend causally
         sample_ids = find_packed_sequence_indices(position_ids)
         if sample_ids is None:  # one sample per row
             sample_ids = torch.zeros_like(position_ids)
@@ -385,13 +394,15 @@ class NativeVLM(nn.Module):
 
         dtype = self.llm.get_input_embeddings().weight.dtype
         shape_probe = torch.empty((*position_ids.shape, 0), dtype=dtype, device=position_ids.device)
-        common = {"config": text_cfg, "inputs_embeds": shape_probe, "attention_mask": None, "past_key_values": None,
-                  "or_mask_function": blockwise_overlay(blocks)}
-        masks = {"full_attention": create_causal_mask(**common, and_mask_function=same_sample)}
+        common = {"config": text_cfg, "inputs_embeds": shape_probe, "attention_mask": None, "past_key_values": None}
+        overlay = {"or_mask_function": blockwise_overlay(blocks)}
+        # Gemma 4 keeps its full-attention layers causal (image blocks on sliding layers only)
+        full_overlay = {} if self.family.image_blocks_sliding_only else overlay
+        masks = {"full_attention": create_causal_mask(**common, **full_overlay, and_mask_function=same_sample)}
         window = getattr(text_cfg, "sliding_window", None)
         if window and "sliding_attention" in (getattr(text_cfg, "layer_types", None) or ()):
             masks["sliding_attention"] = create_causal_mask(
-                **common, and_mask_function=and_masks(same_sample, sliding_window_overlay(window)))
+                **common, **overlay, and_mask_function=and_masks(same_sample, sliding_window_overlay(window)))
         return masks
 
     @torch.no_grad()
