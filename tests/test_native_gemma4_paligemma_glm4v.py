@@ -4,8 +4,12 @@ One tiny `save_pretrained` checkpoint per family per pytest run (module-scoped).
 image samples equals transformers' logits exactly; labels are the configured template's assistant spans (no official
 template is vendored, so `chat_template:` is required, one exit-2 line otherwise); the audio tower is a frozen role
 (frozen at build, a frozen row of the trainable table, counted by describe); packed rows keep samples apart (image
-blocks bidirectional on sliding layers only); LoRA and QLoRA merge to the same logits. `describe` totals of the default
-configs: the whole-mapping walk (tests/test_describe_all.py).
+blocks bidirectional on sliding layers only); LoRA and QLoRA merge to the same logits.
+
+PaliGemma (no chat template exists): samples are PaliGemmaProcessor(suffix=)'s own prefix + suffix, labels the suffix
+only; the prefix's logits do not depend on the answer (it never enters the bidirectional block); forward equals
+transformers' exactly; chat_template: and packing refused with one line; LoRA merges; an SFT stage trains.
+`describe` totals of the default configs: the whole-mapping walk (tests/test_describe_all.py).
 """
 
 from __future__ import annotations
@@ -151,3 +155,153 @@ def test_gemma4_lora_on_both_towers_merges_to_the_same_model(gemma4, quantize):
     trained = adapter_step(m, args, extras)
     assert trained and all("lora_" in n for n in trained)
     assert_merge_keeps_logits(m, args, extras, dequantize=quantize)
+
+
+# ---- PaliGemma ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paligemma_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native-paligemma")
+    checkpoint(root, "paligemma")
+    return root
+
+
+@pytest.fixture
+def paligemma(paligemma_root):
+    from vlmtrain.model import build_model
+
+    return build_model(model_config(checkpoint(paligemma_root, "paligemma")))
+
+
+def _image_records():
+    """The shared records PaliGemma takes: one user turn with its images and one answer (one and two images)."""
+    return [(r, ims) for r, ims in records() if ims]
+
+
+def _paligemma_batch(bundle):
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+
+    enc = encoder_for(bundle)
+    samples = [enc(r, ims) for r, ims in _image_records()]
+    return enc, samples, collate(samples, bundle.tokenizer.pad_token_id)
+
+
+def test_paligemma_samples_are_the_processors_prefix_and_suffix(paligemma):
+    """No chat template: each sample is exactly what PaliGemmaProcessor(suffix=) builds for fine-tuning (image tokens +
+    <bos> + prompt + newline, then answer + <eos> with token_type_ids 1), and the labels are the suffix alone."""
+    from vlmtrain.data.schema import RecordError
+
+    assert paligemma.template is None
+    enc, samples, _ = _paligemma_batch(paligemma)
+    proc, tok = paligemma.processor, paligemma.tokenizer
+    for (rec, ims), s in zip(_image_records(), samples):
+        prompt = rec["messages"][0]["content"][-1]["text"]
+        answer = rec["messages"][1]["content"][0]["text"]
+        ref = proc(text=["<image>" * len(ims) + prompt], images=[ims], suffix=[answer], return_tensors="pt")
+        assert s["input_ids"] == ref["input_ids"][0].tolist()
+        assert s["labels"] == ref["labels"][0].tolist()
+        types = s["token_extras"]["token_type_ids"]
+        assert types == ref["token_type_ids"][0].tolist()
+        assert [t for t, y in zip(s["input_ids"], types) if y == 1] == [t for t in s["labels"] if t != -100]
+        assert tok.decode([t for t in s["labels"] if t != -100]) == answer + "<eos>"
+        assert tok.decode(s["input_ids"]).endswith(f"<bos>{prompt}\n{answer}<eos>")
+    with pytest.raises(RecordError, match="malformed_turns"):  # text only, two exchanges: no template joins them
+        enc(*records()[1])
+
+
+def test_paligemma_answer_never_reaches_the_bidirectional_prefix(paligemma):
+    """The prefix attends bidirectionally, the suffix causally: the prefix's logits are the same whatever the answer,
+    and equal those of the generation prompt alone (the answer is not in the prefix block)."""
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+
+    m, enc = paligemma.model, encoder_for(paligemma)
+    rec, ims = _image_records()[0]
+    other = {**rec, "messages": [rec["messages"][0], {"role": "assistant",
+                                                      "content": [{"type": "text", "text": "nine nine"}]}]}
+    m.eval()
+    logits = []
+    for r in (rec, other):
+        b = collate([enc(r, ims)], paligemma.tokenizer.pad_token_id)
+        (ids, pixels, mask), extras = _args(b)
+        with torch.no_grad():
+            logits.append(m(ids, pixels, mask, **extras).logits[0])
+    prompt = enc.prompt_inputs(rec["messages"][:1], ims)
+    with torch.no_grad():
+        alone = m(prompt["input_ids"], prompt["pixel_values"], prompt["attention_mask"],
+                  token_type_ids=prompt["token_type_ids"]).logits[0]
+    n = alone.shape[0]
+    assert torch.equal(logits[0][:n], logits[1][:n])
+    torch.testing.assert_close(logits[0][:n], alone, rtol=0, atol=1e-5)
+    # control: with the answer in the bidirectional block (all token_type_ids 0) the prefix would see it
+    b = collate([enc(rec, ims)], paligemma.tokenizer.pad_token_id)
+    (ids, pixels, mask), extras = _args(b)
+    with torch.no_grad():
+        leaky = m(ids, pixels, mask, token_type_ids=torch.zeros_like(extras["token_type_ids"])).logits[0]
+    assert float((leaky[:n] - alone).abs().max()) > 1e-4
+
+
+def test_paligemma_forward_equals_transformers_logits_exactly(paligemma):
+    m = paligemma.model
+    _, _, b = _paligemma_batch(paligemma)
+    (ids, pixels, mask), extras = _args(b)
+    assert set(extras) == {"token_type_ids"} and pixels.shape[0] == 3
+    m.eval()
+    with torch.no_grad():
+        ours = m(ids, pixels, mask, **extras).logits
+        ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, **extras).logits
+    assert torch.equal(ours, ref)
+
+
+def test_paligemma_refuses_a_chat_template_and_packing_with_one_line(paligemma_root):
+    from vlmtrain.errors import ConfigError
+    from vlmtrain.model import build_model
+    from vlmtrain.model.native.families import FAMILIES
+
+    with pytest.raises(ConfigError) as e:
+        build_model(model_config(checkpoint(paligemma_root, "paligemma"), chat_template=GEMMA4_TEMPLATE))
+    assert len(str(e.value).splitlines()) == 1 and "has no chat template" in str(e.value)
+    assert "prompts would attend to each other" in FAMILIES["paligemma"].no_packing
+
+
+def test_paligemma_lora_merges_to_the_same_model(paligemma):
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora
+
+    m = paligemma.model
+    _, _, b = _paligemma_batch(paligemma)
+    args, extras = _args(b)
+    names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=True)
+    assert any(n.startswith("llm.model.layers.1.self_attn.") for n in names)
+    assert any(n.startswith("vision.") for n in names)
+    trained = adapter_step(m, args, extras)
+    assert trained and all("lora_" in n for n in trained)
+    assert_merge_keeps_logits(m, args, extras)
+
+
+def test_paligemma_sft_stage_trains(paligemma_root, tmp_path):
+    """`vlmtrain fit` (SFT, 2 steps, batches of 1- and 2-image records): finite losses logged, weights moved."""
+    import json
+    import math
+
+    import yaml
+
+    from shard_fixtures import chat_record, png_bytes, write_shards
+    from vlmtrain.cli.main import main
+
+    write_shards(tmp_path / "shards", [(chat_record(i, 1 + i % 2), [png_bytes(10 * i + j) for j in range(1 + i % 2)])
+                                       for i in range(6)], per_shard=6)
+    cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(paligemma_root, "paligemma"))},
+           "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 3, "num_workers": 0},
+           "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+           "trainer": {"max_steps": 2, "log_every_n_steps": 1, "save_every_n_steps": 10}}
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    stage = json.loads((tmp_path / "run" / "stage.json").read_text())
+    assert stage["weights_sha256"]["start"]["llm"] != stage["weights_sha256"]["end"]["llm"]
+

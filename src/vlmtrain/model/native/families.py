@@ -50,6 +50,9 @@ class Family:
     # only (its `create_masks_for_vision_model`: full-attention layers stay causal)
     image_block_key: str = "token_type_ids"
     image_blocks_sliding_only: bool = False
+    # no chat template: samples are the processor's prefix (user turn) + suffix (answer) with `token_type_ids` 1 on
+    # the suffix (PaliGemma; `vlmtrain.data.native_encode.PrefixSuffixEncoder`)
+    prefix_suffix: bool = False
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -73,6 +76,11 @@ _LINEAR_ATTENTION_PACKING = ("its Gated DeltaNet (linear attention) layers carry
 # of the row (transformers' `_prepare_cross_attention_mask` un-masks such rows), so images would leak across samples
 _CROSS_ATTENTION_PACKING = ("its cross-attention image states are per row, not per sample, so packed samples would "
                             "attend to each other's images; use data.mode: plain or group")
+
+# PaliGemma's mask makes every token with token_type_ids 0 one bidirectional block per row: packed samples' prefixes
+# would attend to each other
+_PREFIX_PACKING = ("its prefix block (token_type_ids 0) is one bidirectional block per row, so packed samples' "
+                   "prompts would attend to each other; use data.mode: plain or group")
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
@@ -148,6 +156,14 @@ FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
                             blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
                             frozen_roles={"audio": {"model": "model.audio_tower", "embed_audio": "model.embed_audio"}},
                             image_block_key="mm_token_type_ids", image_blocks_sliding_only=True)
+
+# PaliGemma (1 and 2): a SigLIP tower, a linear projector and a Gemma LM whose prefix (image tokens + prompt,
+# token_type_ids 0) attends bidirectionally and whose suffix (the answer) is causal. It has no chat template (the
+# checkpoints ship none): samples are encoded as prefix + suffix, as PaliGemmaProcessor(suffix=) does.
+FAMILIES["paligemma"] = Family({"vision": {"model": "model.vision_tower"},
+                                "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                               "", blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                               blank_image="fixed", prefix_suffix=True, no_packing=_PREFIX_PACKING)
 
 SUPPORTED = tuple(FAMILIES)
 

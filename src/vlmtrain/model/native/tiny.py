@@ -33,7 +33,7 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
                     "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
-                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4")
+                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4", "paligemma")
 # Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
 # token names from the tokenizer; it refuses a tokenizer without the audio ones)
 _GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
@@ -252,6 +252,22 @@ def _gemma4():
     return cfg, ip, tok, {"feature_extractor": Gemma4AudioFeatureExtractor(), "image_seq_length": 70}
 
 
+def _paligemma():
+    """PaliGemma: a Gemma LM, a SigLIP tower of 32 px images in 8 px patches (16 image tokens, every patch a token),
+    its linear projector; the processor's `<image>` token and its `token_type_ids` for prefix / suffix."""
+    from transformers import AutoConfig, SiglipImageProcessorPil
+
+    tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>", extra={"image_token": "<image>"})
+    text = {**_TEXT, "model_type": "gemma", "vocab_size": _vocab(tok), "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {**_VIT, "model_type": "siglip_vision_model", "projection_dim": 64}
+    cfg = AutoConfig.for_model("paligemma", text_config=text, vision_config=vision, projection_dim=64, hidden_size=64,
+                               vocab_size=_vocab(tok), **_ids(tok, image_token_index="<image>"))
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16  # PaliGemmaProcessor reads the image-token count from its image processor
+    return cfg, ip, tok, {}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -277,6 +293,8 @@ def tiny_parts(model_type: str):
         return _internvl()
     if model_type == "gemma4":
         return _gemma4()
+    if model_type == "paligemma":
+        return _paligemma()
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 
