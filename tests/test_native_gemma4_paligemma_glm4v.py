@@ -9,7 +9,11 @@ blocks bidirectional on sliding layers only); LoRA and QLoRA merge to the same l
 PaliGemma (no chat template exists): samples are PaliGemmaProcessor(suffix=)'s own prefix + suffix, labels the suffix
 only; the prefix's logits do not depend on the answer (it never enters the bidirectional block); forward equals
 transformers' exactly; chat_template: and packing refused with one line; LoRA merges; an SFT stage trains.
-`describe` totals of the default configs: the whole-mapping walk (tests/test_describe_all.py).
+
+GLM-4.1V / GLM-4.5V (no verbatim template offline: `chat_template:` required): forward equals transformers' exactly,
+labels the configured template's assistant spans, packed rows keep samples apart, LoRA merges, GLM-4.5V's router loss
+equals transformers' `aux_loss`. `describe` totals of the default configs: the whole-mapping walk
+(tests/test_describe_all.py).
 """
 
 from __future__ import annotations
@@ -305,3 +309,100 @@ def test_paligemma_sft_stage_trains(paligemma_root, tmp_path):
     stage = json.loads((tmp_path / "run" / "stage.json").read_text())
     assert stage["weights_sha256"]["start"]["llm"] != stage["weights_sha256"]["end"]["llm"]
 
+
+# ---- GLM-4.1V / GLM-4.5V -----------------------------------------------------------------------------------------
+
+# A user's template for the tests, in GLM-4.1V's layout (`[gMASK]<sop>`, `<|role|>\n`, images wrapped in
+# <|begin_of_image|>…<|end_of_image|>); not an official copy (none vendored): each assistant turn's text marked.
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+    "{% endfor %}{% endgeneration %}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "{{ '<|begin_of_image|><|image|><|end_of_image|>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def glm4v_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("native-glm4v")
+
+
+def _glm4v(root, family: str):
+    from vlmtrain.model import build_model
+
+    return build_model(model_config(checkpoint(root, family), chat_template=GLM4V_TEMPLATE))
+
+
+@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
+def test_glm4v_forward_equals_transformers_logits_exactly(glm4v_root, family):
+    """The image processor is transformers' PIL one (no torchvision); logits on 0/1/2-image samples are transformers'
+    own, and the labels are the configured template's assistant spans."""
+    import re
+
+    from transformers import Glm4vImageProcessorPil
+
+    bundle = _glm4v(glm4v_root, family)
+    assert type(bundle.processor.image_processor) is Glm4vImageProcessorPil
+    m = bundle.model
+    samples, b = _encoded(bundle)
+    (ids, pixels, mask), extras = _args(b)
+    assert set(extras) == {"image_grid_thw", "mm_token_type_ids"}
+    assert int((ids == m.image_token_id).sum()) == int(extras["image_grid_thw"].prod(-1).sum()) // 4
+    m.eval()
+    with torch.no_grad():
+        ours = m(ids, pixels, mask, **extras).logits
+        ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, **extras).logits
+    assert torch.equal(ours, ref)
+    tok = bundle.tokenizer
+    for (rec, _), s in zip(records(), samples):
+        rendered = tok.apply_chat_template(rec["messages"], chat_template=GLM4V_TEMPLATE, tokenize=False)
+        assert re.sub(r"(<\|image\|>)+", "<|image|>", tok.decode(s["input_ids"])) == rendered
+        answers = [p["text"] for m in rec["messages"] if m["role"] == "assistant" for p in m["content"]]
+        assert tok.decode([t for t in s["labels"] if t != -100]) == "".join(answers)
+
+
+def test_glm4v_without_a_chat_template_is_refused_with_one_line(glm4v_root):
+    from vlmtrain.errors import ConfigError
+    from vlmtrain.model import build_model
+
+    with pytest.raises(ConfigError) as e:
+        build_model(model_config(checkpoint(glm4v_root, "glm4v")))
+    assert len(str(e.value).splitlines()) == 1
+    assert str(e.value).startswith("chat_template: 'glm4v' has no official template vendored in vlmtrain")
+
+
+def test_glm4v_packed_rows_keep_samples_apart_and_lora_merges(glm4v_root):
+    """Packed rows (3 and 4 samples; mRoPE positions per sample) equal each sample alone; LoRA on the LM and the
+    connector's merger merges to the same logits."""
+    from test_native_hybrid_moe import _packed_vs_alone
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import apply_lora
+
+    bundle = _glm4v(glm4v_root, "glm4v")
+    assert max(_packed_vs_alone(bundle)) <= 1e-5
+    m = bundle.model
+    _, b = _encoded(bundle)
+    args, extras = _args(b)
+    names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
+    assert any(n.startswith("llm.model.layers.1.self_attn.") for n in names)
+    trained = adapter_step(m, args, extras)
+    assert trained and all("lora_" in n for n in trained)
+    assert_merge_keeps_logits(m, args, extras)
+
+
+def test_glm4v_moe_router_loss_equals_transformers_aux_loss(glm4v_root):
+    """GLM-4.5V's experts are `num_local_experts` (`n_routed_experts`): the router loss vlmtrain adds is transformers'
+    own `aux_loss` for the same padded image batch, weighted by the config's `router_aux_loss_coef`."""
+    bundle = _glm4v(glm4v_root, "glm4v_moe")
+    m = bundle.model
+    assert m.router_aux_loss_coef == m.hf.config.text_config.router_aux_loss_coef > 0
+    _, b = _encoded(bundle)
+    (ids, pixels, mask), extras = _args(b)
+    m.eval()
+    with torch.no_grad():
+        ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, output_router_logits=True, **extras)
+        logits, router = m(ids, pixels, mask, router_aux=True, **extras)
+    assert torch.equal(logits.logits, ref.logits)
+    assert torch.equal(router.aux, ref.aux_loss) and router.aux > 0
+    # one MoE layer (the first is dense), top-2 of 4 experts for every real token
+    assert router.expert_tokens.shape == (4,) and int(router.expert_tokens.sum()) == 2 * int(mask.sum())

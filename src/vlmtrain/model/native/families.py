@@ -165,6 +165,19 @@ FAMILIES["paligemma"] = Family({"vision": {"model": "model.vision_tower"},
                                "", blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
                                blank_image="fixed", prefix_suffix=True, no_packing=_PREFIX_PACKING)
 
+# GLM-4.1V (`glm4v`) and GLM-4.5V (`glm4v_moe`): a Qwen2-VL-style tower (patch embedding, learned position table,
+# post-conv norm, blocks) whose `downsample` conv and `merger` hand tokens to the LM; mRoPE positions from its own
+# `get_rope_index`. No verbatim template was found offline (only a copy with blank lines stripped): `chat_template:`
+# with generation marks is required.
+_GLM4V_ROLES = {"vision": {f"model.{n}": f"model.visual.{n}" for n in
+                           ("embeddings", "patch_embed", "rotary_pos_emb", "post_conv_layernorm", "blocks",
+                            "post_layernorm")},
+                "connector": {"downsample": "model.visual.downsample", "merger": "model.visual.merger"}, "llm": _LLM}
+FAMILIES["glm4v"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                           blank_image="grid")
+FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                               blank_image="grid", router_aux_loss=True)
+
 SUPPORTED = tuple(FAMILIES)
 
 _VISION_NAMES = ("vision_tower", "vision_model", "visual")

@@ -33,7 +33,8 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
                     "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
-                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4", "paligemma")
+                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4", "paligemma", "glm4v",
+                 "glm4v_moe")
 # Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
 # token names from the tokenizer; it refuses a tokenizer without the audio ones)
 _GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
@@ -268,6 +269,37 @@ def _paligemma():
     return cfg, ip, tok, {}
 
 
+_GLM4V_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
+                   "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
+
+
+def _glm4v(model_type: str):
+    """GLM-4.1V / 4.5V: a 2-layer tower of 8 px patches (2×2 merged by its downsample conv: one token per 16×16 px),
+    rotary on half of head_dim 16 (mRoPE 2/1/1 pairs, as the checkpoints' 0.5 factor); the MoE LM has one dense layer
+    then one of 4 routed experts (top 2) + a shared expert."""
+    from transformers import AutoConfig, Glm4vImageProcessorPil
+
+    tok = _tokenizer(_GLM4V_SPECIALS, None, "<|user|>", "<|endoftext|>",
+                     extra={"image_token": "<|image|>", "video_token": "<|video|>"})
+    text = {**_TEXT, "vocab_size": _vocab(tok), "eos_token_id": [tok.convert_tokens_to_ids("<|endoftext|>"),
+                                                                tok.eos_token_id], "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                "mrope_section": [2, 1, 1]}}
+    if model_type == "glm4v_moe":
+        text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=1, topk_group=1)
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "patch_size": 8, "image_size": 32, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                               **_ids(tok, image_token_id="<|image|>", video_token_id="<|video|>",
+                                      image_start_token_id="<|begin_of_image|>", image_end_token_id="<|end_of_image|>",
+                                      video_start_token_id="<|begin_of_video|>", video_end_token_id="<|end_of_video|>"))
+    unit = 16  # one merged token covers 16 × 16 px
+    ip = Glm4vImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit})
+    return cfg, ip, tok, {}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -295,6 +327,8 @@ def tiny_parts(model_type: str):
         return _gemma4()
     if model_type == "paligemma":
         return _paligemma()
+    if model_type.startswith("glm4v"):
+        return _glm4v(model_type)
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 

@@ -258,21 +258,27 @@ class NativeVLM(nn.Module):
         import sys
 
         balance = sys.modules[type(self.hf).__module__].load_balancing_loss_func
+        return balance(tuple(router_logits), self._experts(), self.llm.config.num_experts_per_tok, attention_mask)
+
+    def _experts(self) -> int:
+        """Routed experts per MoE layer, as the family's forward reads them (GLM-4.5V's text config names them
+        `n_routed_experts` / `num_local_experts`, Qwen's `num_experts`)."""
         cfg = self.llm.config
-        return balance(tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
+        n = getattr(cfg, "num_experts", None)
+        return int(n if n is not None else cfg.num_local_experts)
 
     def expert_tokens(self, router_logits: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """`[n_experts]` top-k token slots each expert received, summed over the MoE layers' router logits (each
         `[b·s, n_experts]`; padding excluded by `attention_mask [b, s]`), for the step's log."""
-        cfg = self.llm.config
-        counts = torch.zeros(cfg.num_experts, device=router_logits[0].device)
+        cfg, n_experts = self.llm.config, self._experts()
+        counts = torch.zeros(n_experts, device=router_logits[0].device)
         keep = None if attention_mask is None else attention_mask.reshape(-1, 1).bool()
         with torch.no_grad():
             for layer in router_logits:
                 chosen = layer.topk(cfg.num_experts_per_tok, dim=-1).indices  # [b·s, k]
                 if keep is not None:
                     chosen = chosen[keep.expand_as(chosen)]
-                counts += torch.bincount(chosen.reshape(-1), minlength=cfg.num_experts).to(counts.dtype)
+                counts += torch.bincount(chosen.reshape(-1), minlength=n_experts).to(counts.dtype)
         return counts
 
     def _share_bare_parameters(self) -> None:
