@@ -148,13 +148,12 @@ def test_gemma4_lora_on_both_towers_merges_to_the_same_model(gemma4, quantize):
     args, extras = _args(b)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
-    # the tower's projections are `Gemma4ClippableLinear` wrappers around `.linear`: the default vision regex
-    # (ending at `_proj`) does not reach them, a `lora.vision_target` naming `.linear` does
-    cfg = LoRAConfig(r=4, quantize="4bit" if quantize else None,
-                     vision_target=r"vision\.model\..*layers\.\d+\..*(q|k|v|o)_proj\.linear")
-    names = apply_lora(m, cfg, llm=True, vision=not quantize)
+    # the tower's projections are `Gemma4ClippableLinear` wrappers around `.linear`: the family's vision regex
+    # (Family.vision_lora_target) replaces the default one, which ends at `_proj`
+    names = apply_lora(m, LoRAConfig(r=4, quantize="4bit" if quantize else None), llm=True, vision=not quantize)
     assert any(n.startswith("llm.model.layers.1.self_attn.") for n in names)
-    assert quantize or any(n.startswith("vision.") for n in names)
+    assert quantize or {n.rsplit(".", 2)[1] for n in names if n.startswith("vision.model.encoder.layers.0.")} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert not any(n.startswith("audio.") for n in names)
     trained = adapter_step(m, args, extras)
     assert trained and all("lora_" in n for n in trained)

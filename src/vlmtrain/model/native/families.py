@@ -53,6 +53,9 @@ class Family:
     # no chat template: samples are the processor's prefix (user turn) + suffix (answer) with `token_type_ids` 1 on
     # the suffix (PaliGemma; `vlmtrain.data.native_encode.PrefixSuffixEncoder`)
     prefix_suffix: bool = False
+    # the family's default vision LoRA regex where the stage's `lora.vision_target` is left at its default ("" = that
+    # default reaches the tower's projections)
+    vision_lora_target: str = ""
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -155,7 +158,9 @@ FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
                             "", nested_images=True, bidirectional_images=True,
                             blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
                             frozen_roles={"audio": {"model": "model.audio_tower", "embed_audio": "model.embed_audio"}},
-                            image_block_key="mm_token_type_ids", image_blocks_sliding_only=True)
+                            image_block_key="mm_token_type_ids", image_blocks_sliding_only=True,
+                            # the tower's projections are Gemma4ClippableLinear wrappers around `.linear`
+                            vision_lora_target=r"vision\.model\..*layers\.\d+\..*(q|k|v|o)_proj\.linear")
 
 # PaliGemma (1 and 2): a SigLIP tower, a linear projector and a Gemma LM whose prefix (image tokens + prompt,
 # token_type_ids 0) attends bidirectionally and whose suffix (the answer) is causal. It has no chat template (the
