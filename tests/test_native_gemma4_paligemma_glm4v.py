@@ -129,6 +129,28 @@ def test_gemma4_audio_tower_is_a_frozen_role_in_the_trainable_table(gemma4):
     assert counts["total"] == sum(p.numel() for p in m.hf.parameters())  # transformers' own count, audio included
 
 
+def test_gemma4_describe_of_the_folder_needs_no_template_and_shows_the_frozen_audio_row(gemma4_root, tmp_path,
+                                                                                          capsys):
+    """`describe` never renders a conversation: the folder is described without `chat_template:`; the audio role is
+    its own row, said frozen, and the roles sum to transformers' parameter count."""
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtrain.cli.main import main
+
+    folder = checkpoint(gemma4_root, "gemma4")
+    path = tmp_path / "m.yaml"
+    path.write_text(f"pretrained: {folder}\n")
+    assert main(["describe", "--config", str(path)]) == 0
+    audio = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("audio")]
+    assert len(audio) == 1 and audio[0].endswith("model.audio_tower, model.embed_audio  (frozen: no stage trains it)")
+    assert main(["describe", "--config", str(path), "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["params"]
+    want = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(folder).parameters())
+    assert params["total"] == want == sum(v for k, v in params.items() if k != "total") and params["audio"] > 0
+
+
 def test_gemma4_packed_rows_keep_samples_apart(gemma4):
     """test_native_pack's packed rows (3 and 4 samples, 0-2 images each): each packed sample's logits equal it alone,
     with image blocks bidirectional on the sliding layer and the full-attention layer causal (as transformers)."""

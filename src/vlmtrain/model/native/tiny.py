@@ -33,8 +33,8 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
                     "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
-                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4", "paligemma", "glm4v",
-                 "glm4v_moe")
+                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4",
+                 "paligemma", "glm4v", "glm4v_moe")
 # Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
 # token names from the tokenizer; it refuses a tokenizer without the audio ones)
 _GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
@@ -258,7 +258,8 @@ def _paligemma():
     its linear projector; the processor's `<image>` token and its `token_type_ids` for prefix / suffix."""
     from transformers import AutoConfig, SiglipImageProcessorPil
 
-    tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>", extra={"image_token": "<image>"})
+    tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>",
+                     extra={"image_token": "<image>"})
     text = {**_TEXT, "model_type": "gemma", "vocab_size": _vocab(tok), "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     vision = {**_VIT, "model_type": "siglip_vision_model", "projection_dim": 64}
