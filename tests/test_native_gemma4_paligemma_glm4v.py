@@ -427,3 +427,38 @@ def test_glm4v_moe_router_loss_equals_transformers_aux_loss(glm4v_root):
     assert torch.equal(router.aux, ref.aux_loss) and router.aux > 0
     # one MoE layer (the first is dense), top-2 of 4 experts for every real token
     assert router.expert_tokens.shape == (4,) and int(router.expert_tokens.sum()) == 2 * int(mask.sum())
+
+
+def test_glm4v_peft_export_loads_over_transformers_and_glm4v_moe_is_refused(glm4v_root, tmp_path):
+    """GLM-4.1V: the PEFT export (base folder + adapter) loads with PeftModel over transformers' model and gives the
+    merged model's logits. GLM-4.5V: PEFT would rewrite its shared-expert gate/up targets into fused-expert ones when
+    loading (its v4->v5 MoE conversion), so the export stops with one line instead of writing an adapter that would
+    not load as trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.errors import VlmtrainError
+    from vlmtrain.model.lora import apply_lora, merge_lora_
+    from vlmtrain.model.native.peft_export import export_native_peft
+
+    for family in ("glm4v", "glm4v_moe"):
+        bundle = _glm4v(glm4v_root, family)
+        m = bundle.model
+        _, b = _encoded(bundle)
+        args, extras = _args(b)
+        apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
+        adapter_step(m, args, extras)
+        if family == "glm4v_moe":
+            with pytest.raises(VlmtrainError) as e:
+                export_native_peft(bundle, tmp_path / family)
+            assert len(str(e.value).splitlines()) == 1 and "use --format hf" in str(e.value)
+            continue
+        export_native_peft(bundle, tmp_path / family)
+        pm = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tmp_path / family / "base"),
+                                       tmp_path / family / "adapter").eval()
+        with torch.no_grad():
+            merge_lora_(m)
+            want = m(*args, **extras).logits
+            got = pm(input_ids=args[0], pixel_values=args[1], attention_mask=args[2], **extras).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
