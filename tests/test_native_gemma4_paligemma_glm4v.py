@@ -419,14 +419,25 @@ def test_glm4v_moe_router_loss_equals_transformers_aux_loss(glm4v_root):
     assert m.router_aux_loss_coef == m.hf.config.text_config.router_aux_loss_coef > 0
     _, b = _encoded(bundle)
     (ids, pixels, mask), extras = _args(b)
+    # a trained checkpoint's score-correction bias, so the experts chosen differ from the router logits' top-k
+    routers = [r for r in m.hf.modules() if hasattr(r, "e_score_correction_bias")]
+    assert len(routers) == 1  # one MoE layer: the first is dense
+    routers[0].e_score_correction_bias.copy_(torch.tensor([2.0, 0.0, 0.0, 2.0]))
+    seen = []
+    hook = routers[0].register_forward_hook(lambda _m, _i, out: seen.append(out[2]))  # the router's own choice
     m.eval()
     with torch.no_grad():
         ref = m.hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, output_router_logits=True, **extras)
         logits, router = m(ids, pixels, mask, router_aux=True, **extras)
+    hook.remove()
     assert torch.equal(logits.logits, ref.logits)
     assert torch.equal(router.aux, ref.aux_loss) and router.aux > 0
-    # one MoE layer (the first is dense), top-2 of 4 experts for every real token
-    assert router.expert_tokens.shape == (4,) and int(router.expert_tokens.sum()) == 2 * int(mask.sum())
+    # per-expert token slots == the experts the router really chose for the real tokens (top-2 of 4)
+    want = torch.bincount(seen[0][mask.reshape(-1).bool()].reshape(-1), minlength=4)
+    assert router.expert_tokens.tolist() == want.tolist() and want[0] + want[3] == 2 * int(mask.sum())
+    logits_top2 = torch.bincount(ref.router_logits[0][mask.reshape(-1).bool()].topk(2, -1).indices.reshape(-1),
+                                 minlength=4)
+    assert logits_top2.tolist() != want.tolist()  # the bias changed the choice: the logits' top-k would be wrong
 
 
 def test_glm4v_peft_export_loads_over_transformers_and_glm4v_moe_is_refused(glm4v_root, tmp_path):

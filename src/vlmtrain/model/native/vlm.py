@@ -270,16 +270,32 @@ class NativeVLM(nn.Module):
     def expert_tokens(self, router_logits: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """`[n_experts]` top-k token slots each expert received, summed over the MoE layers' router logits (each
         `[b·s, n_experts]`; padding excluded by `attention_mask [b, s]`), for the step's log."""
-        cfg, n_experts = self.llm.config, self._experts()
+        n_experts = self._experts()
         counts = torch.zeros(n_experts, device=router_logits[0].device)
         keep = None if attention_mask is None else attention_mask.reshape(-1, 1).bool()
+        biased = [r for r in self.hf.modules() if hasattr(r, "e_score_correction_bias")]  # in layer order
         with torch.no_grad():
-            for layer in router_logits:
-                chosen = layer.topk(cfg.num_experts_per_tok, dim=-1).indices  # [b·s, k]
+            for i, layer in enumerate(router_logits):
+                chosen = self._routed(layer, biased[i] if len(biased) == len(router_logits) else None)  # [b·s, k]
                 if keep is not None:
                     chosen = chosen[keep.expand_as(chosen)]
                 counts += torch.bincount(chosen.reshape(-1), minlength=n_experts).to(counts.dtype)
         return counts
+
+    def _routed(self, logits: torch.Tensor, router) -> torch.Tensor:
+        """`[b·s, k]` experts each token is sent to, from one layer's router logits `[b·s, n_experts]`: their top-k
+        (softmax routers: Qwen), or for a sigmoid router with a score-correction bias and expert groups (GLM-4.5V,
+        DeepSeek-style `*TopkRouter`) the selection its forward makes — sigmoid + bias, the best `topk_group` groups
+        by their two best scores, top-k within them (re-stated here: the router's forward needs hidden states)."""
+        k = self.llm.config.num_experts_per_tok
+        if router is None:
+            return logits.topk(k, dim=-1).indices
+        scores = logits.float().sigmoid() + router.e_score_correction_bias
+        grouped = scores.view(scores.shape[0], router.num_group, -1)  # [b·s, groups, experts per group]
+        best_groups = grouped.topk(2, dim=-1)[0].sum(-1).topk(router.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, best_groups, True)
+        scores = scores.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape_as(scores), float("-inf"))
+        return scores.topk(k, dim=-1, sorted=False).indices
 
     def _share_bare_parameters(self) -> None:
         """Point transformers at the role's current object of each bare parameter (`bare_parameters`). FSDP2
