@@ -87,9 +87,9 @@ def _describe_native(args, cfg, bundle) -> int:
         return 0
     p = result["params"]
     print(f"model {cfg.name}  ({args.config})  native {m.model_type}")
-    for role in ("vision", "connector", "llm"):
-        paths = ", ".join(m.family.roles[role].values())
-        print(f"  {role:<10} {p[role]:>16,d}  {paths}")
+    for role, parts in {**m.family.roles, **m.family.frozen_roles}.items():
+        frozen = "  (frozen: no stage trains it)" if role in m.family.frozen_roles else ""
+        print(f"  {role:<10} {p[role]:>16,d}  {', '.join(parts.values())}{frozen}")
     print(f"  total      {p['total']:>16,d}  ({p['total'] / 1e9:.3f} B)")
     print(f"  image tokens: {tokens} ({how})" if tokens is not None else f"  image tokens: unknown ({how})")
     return 0

@@ -15,9 +15,10 @@ def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
 
     m = bundle.model
     if bundle.native:  # the family's processor expands images and makes the family tensors
-        from vlmtrain.data.native_encode import NativeSampleEncoder
+        from vlmtrain.data.native_encode import NativeSampleEncoder, PrefixSuffixEncoder
 
-        return NativeSampleEncoder(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
+        cls = PrefixSuffixEncoder if m.family.prefix_suffix else NativeSampleEncoder  # PaliGemma: no chat template
+        return cls(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
                                    caption_prompt=caption_prompt, nested_images=m.family.nested_images,
                                    template_kwargs=dict(m.family.template_kwargs),
                                    batch_aligned_images=m.family.batch_aligned_images,

@@ -148,4 +148,60 @@ class NativeSampleEncoder:
         return {k: v for k, v in out.items() if v is not None}
 
 
-__all__ = ["NativeSampleEncoder", "align_labels"]
+def _text_of(message: dict) -> str:
+    """A message's text parts joined by single spaces (its image parts left out)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content.strip()
+    return " ".join(p["text"].strip() for p in content if p.get("type") == "text" and p["text"].strip())
+
+
+def _image_parts(message: dict) -> int:
+    content = message["content"]
+    return 0 if isinstance(content, str) else sum(1 for p in content if p.get("type") == "image")
+
+
+@dataclass
+class PrefixSuffixEncoder(NativeSampleEncoder):
+    """PaliGemma: no chat template exists; a sample is a prefix and a suffix, as `PaliGemmaProcessor(suffix=)` builds
+    them for fine-tuning: `<image>`×n + `<bos>` + the user's text + `\n` (the prefix, token_type_ids 0, attended
+    bidirectionally by the model) then the answer + `<eos>` (the suffix, token_type_ids 1, causal). Labels are the
+    processor's own: the suffix tokens only. So the answer never sits in the bidirectional prefix, where every
+    prefix token would see it.
+
+    A record is one user turn (its images and text) and one assistant answer; a system turn, more turns or a
+    sample without an image (the processor takes none) is rejected with a reason."""
+
+    def _prefix(self, messages: list[dict], images: list) -> str:
+        users = [m for m in messages if m["role"] == "user"]
+        if [m["role"] for m in messages] not in (["user"], ["user", "assistant"]):
+            raise RecordError("malformed_turns", "paligemma takes one user turn (the prefix) and one answer (the "
+                                                 "suffix); it has no chat template for other turns")
+        if not images:
+            raise RecordError("malformed_turns", "paligemma needs an image in every sample (its processor takes "
+                                                 "none without)")
+        if _image_parts(users[0]) != len(images):
+            raise RecordError("image_slot_mismatch", f"{_image_parts(users[0])} image parts, {len(images)} images")
+        return self.processor.image_token * len(images) + _text_of(users[0])
+
+    def encode_conversation(self, messages: list[dict], images: list) -> dict:
+        prefix = self._prefix(messages, images)
+        answer = _text_of(messages[-1]) if messages[-1]["role"] == "assistant" else ""
+        if not answer:
+            raise RecordError("mask_unbuildable", "no answer text to supervise")
+        out = dict(self.processor(text=[prefix], images=[images], suffix=[answer], return_tensors="pt",
+                                  **self.processor_kwargs))
+        labels = out.pop("labels")[0].tolist()
+        ids = out["input_ids"][0].tolist()
+        if len(ids) > self.max_len:
+            raise RecordError("over_length", f"{len(ids)} tokens > max_len {self.max_len}")
+        return {"input_ids": ids, "labels": labels, **self.split_outputs(out, len(ids))}
+
+    def prompt_inputs(self, messages: list[dict], images: list) -> dict:
+        """The prefix alone (token_type_ids 0): what generation continues from."""
+        out = self.processor(text=[self._prefix(messages, images)], images=[images], return_tensors="pt",
+                             **self.processor_kwargs)
+        return {k: v for k, v in out.items() if v is not None and k != "labels"}
+
+
+__all__ = ["NativeSampleEncoder", "PrefixSuffixEncoder", "align_labels"]

@@ -134,7 +134,8 @@ def count_params(model: VLM) -> dict[str, int]:
     """Parameters per module (shared/tied tensors counted once), as `describe` prints them."""
     seen: set[int] = set()
     out = {}
-    for name in ("vision", "connector", "llm"):
+    frozen = tuple(getattr(getattr(model, "family", None), "frozen_roles", None) or ())  # Gemma 4's audio tower
+    for name in ("vision", "connector", "llm", *frozen):
         n = 0
         for p in getattr(model, name).parameters():
             if id(p) not in seen:

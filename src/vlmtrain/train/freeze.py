@@ -16,7 +16,7 @@ def trainable_table(model) -> dict[str, dict[str, int]]:
     or their adapters)."""
     seen: set[int] = set()
     table = {}
-    for name in MODULES:
+    for name in (*MODULES, *frozen_roles(model)):
         t = f = 0
         experts: int | None = None
         for pname, p in getattr(model, name).named_parameters():
@@ -31,6 +31,13 @@ def trainable_table(model) -> dict[str, dict[str, int]]:
                 f += p.numel()
         table[name] = {"trainable": t, "frozen": f} | ({"experts_trainable": experts} if experts is not None else {})
     return table
+
+
+def frozen_roles(model) -> tuple[str, ...]:
+    """Roles beside vision / connector / llm that no stage trains (a native family's `frozen_roles`, e.g. Gemma 4's
+    audio tower): frozen at build, shown as frozen rows of the trainable table."""
+    family = getattr(model, "family", None)
+    return tuple(getattr(family, "frozen_roles", None) or ())
 
 
 def _is_adapter(param_name: str) -> bool:
@@ -63,16 +70,21 @@ def apply_stage_trainability(model, train) -> dict[str, dict[str, int]]:
             problems.append(f"train.{name}: set to train but has no trainable parameters")
         if not want and row["trainable"] > 0:
             problems.append(f"train.{name}: set frozen but {row['trainable']:,} parameters would train")
+    for name in frozen_roles(model):
+        if table[name]["trainable"]:
+            problems.append(f"{name}: a frozen role of this family, but {table[name]['trainable']:,} parameters "
+                            "would train")
+        table[name]["mode"] = "frozen"
     if problems:
         raise ConfigError(problems)
     lines = ["trainable parameters:", f"  {'module':<10} {'mode':<7} {'trainable':>14} {'frozen':>14}"]
-    for name in MODULES:
+    for name in table:
         r = table[name]
         lines.append(f"  {name:<10} {r['mode']:<7} {r['trainable']:>14,d} {r['frozen']:>14,d}")
         if "experts_trainable" in r:
             lines.append(f"    {'experts':<15} {r['experts_trainable']:>14,d}")
-    tot_t = sum(table[n]["trainable"] for n in MODULES)
-    tot_f = sum(table[n]["frozen"] for n in MODULES)
+    tot_t = sum(r["trainable"] for r in table.values())
+    tot_f = sum(r["frozen"] for r in table.values())
     lines.append(f"  {'total':<10} {'':<7} {tot_t:>14,d} {tot_f:>14,d}")
     log.info("\n".join(lines))
     return table

@@ -195,7 +195,18 @@ def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", loa
     elif str(device) != "meta":
         raise VlmtrainError(f"{cfg.name}: a native model needs its processor files (`pretrained:` folder) "
                             "to train; `model_type` + `config` alone only describe/plan on meta")
-    template = training_template(cfg, hf_cfg.model_type, family.template, processor) if processor else None
+    if family.prefix_suffix and cfg.chat_template:
+        raise ConfigError(f"chat_template: {hf_cfg.model_type!r} has no chat template; its samples are a prefix (the "
+                          "user turn) and a suffix (the answer), as its processor builds them; remove chat_template")
+    template = None
+    if processor and not family.prefix_suffix:
+        try:
+            template = training_template(cfg, hf_cfg.model_type, family.template, processor)
+        except ConfigError:
+            if str(device) != "meta":
+                raise
+            # describe / plan on meta never render a conversation: a family that needs `chat_template:` (InternVL,
+            # Gemma 4, GLM-4V) is still described from its checkpoint folder without one
     return ModelBundle(model, processor.tokenizer if processor else None,
                        processor.image_processor if processor else None, cfg, processor=processor,
                        template=template)

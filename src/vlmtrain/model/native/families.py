@@ -45,6 +45,21 @@ class Family:
     # `vlmtrain.data.prefix`) cannot score this family's sequences as they score alone ("" = they can; DPO then
     # runs two full rows per pair)
     shared_prefix: str = ""
+    # parts beside vision / connector / llm that no stage trains (Gemma 4's audio tower): role → {local: path}, as
+    # `roles`. Frozen at build (no gradient ever: data-parallel wrappers then skip them) and listed as frozen rows of
+    # the trainable table; counted by `describe`.
+    frozen_roles: dict[str, dict[str, str]] = field(default_factory=dict)
+    # which per-token tensor marks bidirectional image blocks (`bidirectional_images`), and on which layer types
+    # the blocks apply: Gemma 3 `token_type_ids` on every layer, Gemma 4 `mm_token_type_ids` on sliding layers
+    # only (its `create_masks_for_vision_model`: full-attention layers stay causal)
+    image_block_key: str = "token_type_ids"
+    image_blocks_sliding_only: bool = False
+    # no chat template: samples are the processor's prefix (user turn) + suffix (answer) with `token_type_ids` 1 on
+    # the suffix (PaliGemma; `vlmtrain.data.native_encode.PrefixSuffixEncoder`)
+    prefix_suffix: bool = False
+    # the family's default vision LoRA regex where the stage's `lora.vision_target` is left at its default ("" = that
+    # default reaches the tower's projections)
+    vision_lora_target: str = ""
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -75,6 +90,17 @@ _CROSS_ATTENTION_PACKING = ("its cross-attention image states are per row, not p
 _CROSS_ATTENTION_PREFIX = ("its images enter through a per-row, per-token cross_attention_mask, which the "
                            "shared-prefix layout does not build")
 
+# PaliGemma's mask makes every token with token_type_ids 0 one bidirectional block per row: packed samples' prefixes
+# would attend to each other
+_PREFIX_PACKING = ("its prefix block (token_type_ids 0) is one bidirectional block per row, so packed samples' "
+                   "prompts would attend to each other; use data.mode: plain or group")
+
+# families whose shared-prefix rows have not been checked against each sequence scored alone: Gemma 4 keys its image
+# blocks on `mm_token_type_ids` (sliding layers only), PaliGemma's prompt is one bidirectional block, GLM-4V's mRoPE
+# ids come from its own `get_rope_index`; until a test shows equality they keep two rows per pair
+_UNCHECKED_PREFIX = ("its shared-prefix rows are not yet tested equal to each sequence scored alone; DPO keeps two "
+                     "rows per pair")
+
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
                        "qwen2_vl", blocks={"vision": "model.blocks", "llm": "model.layers"}, blank_image="grid"),
@@ -85,7 +111,8 @@ FAMILIES: dict[str, Family] = {
     # Qwen3-VL-MoE: the Qwen3-VL tree (same tower, DeepStack mergers and decoder layout; experts inside each layer's
     # mlp) and the same official template (Qwen3-VL-30B-A3B/235B-A22B-Instruct ship Qwen3-VL's bytes)
     "qwen3_vl_moe": Family(_QWEN3_VL_ROLES, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                           blank_image="grid", router_aux_loss=True),
+                           blank_image="grid", router_aux_loss=True,
+                               shared_prefix=_UNCHECKED_PREFIX),
     "qwen3_5": Family(_QWEN3_5_ROLES, "qwen3_5", blocks={"vision": "model.blocks", "llm": "model.layers"},
                       blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING,
                       shared_prefix=_LINEAR_ATTENTION_PREFIX),
@@ -140,6 +167,44 @@ FAMILIES: dict[str, Family] = {
                         "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                        "", blocks={"vision": "model.layers", "llm": "model.layers"}),
 }
+
+# Gemma 4 (transformers 5.23 `Gemma4ForConditionalGeneration`): SigLIP-like tower with a spatial pooler, the
+# `embed_vision` projection as the connector, a Gemma LM with per-layer inputs. Image tokens attend bidirectionally
+# within their image on sliding layers when the text config says `use_bidirectional_attention: vision`. The audio
+# tower and its projection are a frozen role. Default configs carry neither tower (a path that is None is skipped).
+# No official template is vendored: `chat_template:` with generation marks is required (see native_templates.py).
+FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
+                             "connector": {"embed_vision": "model.embed_vision"}, "llm": _LLM},
+                            "", nested_images=True, bidirectional_images=True,
+                            blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                            frozen_roles={"audio": {"model": "model.audio_tower", "embed_audio": "model.embed_audio"}},
+                            image_block_key="mm_token_type_ids", image_blocks_sliding_only=True,
+                            # the tower's projections are Gemma4ClippableLinear wrappers around `.linear`
+                            vision_lora_target=r"vision\.model\..*layers\.\d+\..*(q|k|v|o)_proj\.linear",
+                            shared_prefix=_UNCHECKED_PREFIX)
+
+# PaliGemma (1 and 2): a SigLIP tower, a linear projector and a Gemma LM whose prefix (image tokens + prompt,
+# token_type_ids 0) attends bidirectionally and whose suffix (the answer) is causal. It has no chat template (the
+# checkpoints ship none): samples are encoded as prefix + suffix, as PaliGemmaProcessor(suffix=) does.
+FAMILIES["paligemma"] = Family({"vision": {"model": "model.vision_tower"},
+                                "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                               "", blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                               blank_image="fixed", prefix_suffix=True, no_packing=_PREFIX_PACKING,
+                               shared_prefix=_UNCHECKED_PREFIX)
+
+# GLM-4.1V (`glm4v`) and GLM-4.5V (`glm4v_moe`): a Qwen2-VL-style tower (patch embedding, learned position table,
+# post-conv norm, blocks) whose `downsample` conv and `merger` hand tokens to the LM; mRoPE positions from its own
+# `get_rope_index`. No verbatim template was found offline (only a copy with blank lines stripped): `chat_template:`
+# with generation marks is required.
+_GLM4V_ROLES = {"vision": {f"model.{n}": f"model.visual.{n}" for n in
+                           ("embeddings", "patch_embed", "rotary_pos_emb", "post_conv_layernorm", "blocks",
+                            "post_layernorm")},
+                "connector": {"downsample": "model.visual.downsample", "merger": "model.visual.merger"}, "llm": _LLM}
+FAMILIES["glm4v"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                           blank_image="grid", shared_prefix=_UNCHECKED_PREFIX)
+FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
+                               blank_image="grid", router_aux_loss=True,
+                               shared_prefix=_UNCHECKED_PREFIX)
 
 SUPPORTED = tuple(FAMILIES)
 

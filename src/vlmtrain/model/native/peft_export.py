@@ -69,6 +69,7 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
                      use_dora=bool(first.use_dora.get("default", False)),
                      modules_to_save=connector_paths if base_connector is not None else None)
     peft_model = get_peft_model(AutoModelForImageTextToText.from_pretrained(out / "base"), cfg)
+    _check_peft_kept_targets(peft_model.peft_config["default"], parameters, m.model_type)
     state = {}
     for k, v in adapter_state_dict(m).items():
         module, _, leaf = k.partition(".lora_")
@@ -79,6 +80,18 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
             state[f"{m.family.roles['connector'][head]}.{rest}"] = v.detach().cpu().clone()
     save_peft_adapter(peft_model, state, out / "adapter")
     return out
+
+
+def _check_peft_kept_targets(loaded, parameters: list[str], model_type: str) -> None:
+    """PEFT rewrites some configs when it wraps a transformers v5 model (`transformers_weight_conversion`: for
+    model types whose MoE layout changed from v4, `gate_proj` / `up_proj` targets are read as the old per-expert
+    names and mapped onto the fused `gate_up_proj` with doubled rank — GLM-4.5V's shared-expert projections trip it).
+    Such an adapter would not load as trained, wherever it is loaded: refuse instead of writing it."""
+    added = sorted(set(loaded.target_parameters or ()) - set(parameters))
+    if added or loaded.rank_pattern:
+        raise VlmtrainError(f"export --format peft: PEFT rewrites the adapter targets of {model_type} when it loads "
+                            f"them (its transformers v4->v5 MoE conversion adds {added[:2] or 'a rank pattern'}), so "
+                            "the adapter would not load as trained; use --format hf (merged)")
 
 
 def _unwrapped(key: str) -> str:

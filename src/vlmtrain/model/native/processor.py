@@ -79,7 +79,11 @@ def save_processor(proc, out: str | Path) -> None:
     proc.image_processor.save_pretrained(out)
     if isinstance(proc.chat_template, str):
         (out / "chat_template.jinja").write_text(proc.chat_template)
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": name, **_init_kwargs(proc)},
+    # other sub-processors (Gemma 4's audio `feature_extractor`) nested by name, as transformers' own
+    # processor_config.json nests them; `preprocessor_config.json` already holds the image processor
+    nested = {a: json.loads(getattr(proc, a).to_json_string()) for a in proc.get_attributes()
+              if a not in ("tokenizer", "image_processor", "video_processor") and getattr(proc, a, None) is not None}
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": name, **_init_kwargs(proc), **nested},
                                                           indent=2))
 
 
@@ -144,10 +148,18 @@ def _saved_template(src) -> str | None:
 
 
 def _saved_kwargs(src) -> dict:
+    """The processor's saved constructor arguments; a nested feature extractor (Gemma 4's audio one) is rebuilt
+    from its dict with the class it names (`feature_extractor_type`)."""
     import json
+
+    import transformers
 
     p = Path(src) / "processor_config.json"
     if not p.is_file():
         return {}
     data = json.loads(p.read_text())
-    return {k: v for k, v in data.items() if k not in ("processor_class", "auto_map")}
+    out = {k: v for k, v in data.items() if k not in ("processor_class", "auto_map")}
+    fe = out.get("feature_extractor")
+    if isinstance(fe, dict) and isinstance(fe.get("feature_extractor_type"), str):
+        out["feature_extractor"] = getattr(transformers, fe["feature_extractor_type"]).from_dict(fe)
+    return out

@@ -33,7 +33,12 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
                     "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>", "<|image|>"]
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
-                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl")
+                 "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4",
+                 "paligemma", "glm4v", "glm4v_moe")
+# Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
+# token names from the tokenizer; it refuses a tokenizer without the audio ones)
+_GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
+                    "<audio|>", "<|audio|>", "<|video|>"]
 _INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 # Qwen3-VL's tower (patch 16, learned position table, mRoPE interleaved) is shared by these
 _QWEN3_TOWER = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
@@ -220,6 +225,82 @@ def _internvl():
     return cfg, ip, tok, {"image_seq_length": 4}
 
 
+def _gemma4():
+    """Gemma 4: a sliding then a full-attention layer (full layers use `global_head_dim`), per-layer inputs of width
+    8, images bidirectional on sliding layers (`use_bidirectional_attention: vision`); a 2-layer tower of 8 px patches
+    pooled 2×2 (at most 70 soft tokens = 280 patches per image, the processor's smallest budget); a 1-layer audio
+    tower (the frozen role) and the audio feature extractor the processor requires."""
+    from transformers import AutoConfig, Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    tok = _tokenizer(_GEMMA4_SPECIALS, "<bos>", "<eos>", "<pad>",
+                     extra={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                            "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
+    text = {**_TEXT, "vocab_size": _vocab(tok), "vocab_size_per_layer_input": _vocab(tok),
+            "hidden_size_per_layer_input": 8, "sliding_window": 64, "global_head_dim": 32,
+            "layer_types": ["sliding_attention", "full_attention"], "use_bidirectional_attention": "vision",
+            "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<turn|>")]}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16, "patch_size": 8, "pooling_kernel_size": 2,
+              "position_embedding_size": 64}
+    audio = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "subsampling_conv_channels": [8, 4],
+             "output_proj_dims": 32}
+    cfg = AutoConfig.for_model("gemma4", text_config=text, vision_config=vision, audio_config=audio,
+                               **_ids(tok, boi_token_id="<|image>", eoi_token_id="<image|>", image_token_id="<|image|>",
+                                      boa_token_id="<|audio>", eoa_token_index="<audio|>", audio_token_id="<|audio|>",
+                                      video_token_id="<|video|>"))
+    ip = Gemma4ImageProcessorPil(patch_size=8, max_soft_tokens=70, pooling_kernel_size=2)
+    return cfg, ip, tok, {"feature_extractor": Gemma4AudioFeatureExtractor(), "image_seq_length": 70}
+
+
+def _paligemma():
+    """PaliGemma: a Gemma LM, a SigLIP tower of 32 px images in 8 px patches (16 image tokens, every patch a token),
+    its linear projector; the processor's `<image>` token and its `token_type_ids` for prefix / suffix."""
+    from transformers import AutoConfig, SiglipImageProcessorPil
+
+    tok = _tokenizer(["<pad>", "<eos>", "<bos>", "<image>"], "<bos>", "<eos>", "<pad>",
+                     extra={"image_token": "<image>"})
+    text = {**_TEXT, "model_type": "gemma", "vocab_size": _vocab(tok), "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {**_VIT, "model_type": "siglip_vision_model", "projection_dim": 64}
+    cfg = AutoConfig.for_model("paligemma", text_config=text, vision_config=vision, projection_dim=64, hidden_size=64,
+                               vocab_size=_vocab(tok), **_ids(tok, image_token_index="<image>"))
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16  # PaliGemmaProcessor reads the image-token count from its image processor
+    return cfg, ip, tok, {}
+
+
+_GLM4V_SPECIALS = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|begin_of_image|>",
+                   "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>", "<|video|>"]
+
+
+def _glm4v(model_type: str):
+    """GLM-4.1V / 4.5V: a 2-layer tower of 8 px patches (2×2 merged by its downsample conv: one token per 16×16 px),
+    rotary on half of head_dim 16 (mRoPE 2/1/1 pairs, as the checkpoints' 0.5 factor); the MoE LM has one dense layer
+    then one of 4 routed experts (top 2) + a shared expert."""
+    from transformers import AutoConfig, Glm4vImageProcessorPil
+
+    tok = _tokenizer(_GLM4V_SPECIALS, None, "<|user|>", "<|endoftext|>",
+                     extra={"image_token": "<|image|>", "video_token": "<|video|>"})
+    text = {**_TEXT, "vocab_size": _vocab(tok), "eos_token_id": [tok.convert_tokens_to_ids("<|endoftext|>"),
+                                                                tok.eos_token_id], "pad_token_id": tok.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                "mrope_section": [2, 1, 1]}}
+    if model_type == "glm4v_moe":
+        text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=1, topk_group=1)
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "patch_size": 8, "image_size": 32, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    cfg = AutoConfig.for_model(model_type, text_config=text, vision_config=vision,
+                               **_ids(tok, image_token_id="<|image|>", video_token_id="<|video|>",
+                                      image_start_token_id="<|begin_of_image|>", image_end_token_id="<|end_of_image|>",
+                                      video_start_token_id="<|begin_of_video|>", video_end_token_id="<|end_of_video|>"))
+    unit = 16  # one merged token covers 16 × 16 px
+    ip = Glm4vImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
+                                size={"shortest_edge": 4 * unit * unit, "longest_edge": 16 * unit * unit})
+    return cfg, ip, tok, {}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -243,6 +324,12 @@ def tiny_parts(model_type: str):
         return _mllama()
     if model_type == "internvl":
         return _internvl()
+    if model_type == "gemma4":
+        return _gemma4()
+    if model_type == "paligemma":
+        return _paligemma()
+    if model_type.startswith("glm4v"):
+        return _glm4v(model_type)
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 
@@ -255,7 +342,7 @@ def write_tiny_checkpoint(model_type: str, out: str | Path, seed: int = 0) -> Pa
 
     cfg, ip, tok, proc_kwargs = tiny_parts(model_type)
     key = FAMILIES[model_type].template
-    template = official_template(key) if key else None  # none vendored (InternVL): the config gives one
+    template = official_template(key) if key else None  # none vendored (InternVL, Gemma 4): the config gives one
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(cfg)
     if model_type == "mllama":

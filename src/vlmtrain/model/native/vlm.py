@@ -97,13 +97,20 @@ class NativeVLM(nn.Module):
         self.connector = RolePart()
         self.llm = LLMRole(hf)
         self._bare_paths: list[tuple[str, str]] = []  # (path here, path in hf) of each bare parameter
-        for role, parts in family.roles.items():
+        for role in family.frozen_roles:
+            self.add_module(role, RolePart())
+        for role, parts in {**family.roles, **family.frozen_roles}.items():
             for local, path in parts.items():
                 obj = _resolve(hf, path)
+                if obj is None:  # a part the config leaves out (Gemma 4 without a vision or audio tower)
+                    continue
                 getattr(self, role).install(local, obj)
                 if isinstance(obj, nn.Parameter):
                     self._bare_paths.append((f"{role}.{local}", path))
         self._check_partition()
+        for role in family.frozen_roles:
+            # frozen for good: never trained by a stage, so DDP/FSDP see no parameter without a gradient
+            getattr(self, role).requires_grad_(False)
         cfg = hf.config
         token = getattr(cfg, "image_token_id", None)
         self.image_token_id = int(token if token is not None else cfg.image_token_index)
@@ -129,7 +136,7 @@ class NativeVLM(nn.Module):
         want_p = ids(self.hf.named_parameters(remove_duplicate=True))
         want_b = ids(self.hf.named_buffers(remove_duplicate=True))
         seen_p: dict[int, str] = {}
-        for role in ("vision", "connector", "llm"):
+        for role in ("vision", "connector", "llm", *self.family.frozen_roles):
             for n, p in getattr(self, role).named_parameters(remove_duplicate=True):
                 if id(p) in seen_p and seen_p[id(p)] != role:
                     raise ConfigError(f"native family map of {self.model_type}: `{n}` is in two roles")
@@ -185,7 +192,7 @@ class NativeVLM(nn.Module):
             attention_mask, position_ids = self._shared_prefix_inputs(input_ids, segments, position_ids, kw)
         if attention_mask is None and position_ids is not None and self.family.bidirectional_images:
             # a batch without image tokens may come without token_type_ids: no image blocks then
-            types = kw.get("token_type_ids", torch.zeros_like(position_ids))
+            types = kw.get(self.family.image_block_key, torch.zeros_like(position_ids))
             attention_mask = self.packed_block_masks(position_ids, types)
         if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
             position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
@@ -276,22 +283,44 @@ class NativeVLM(nn.Module):
         import sys
 
         balance = sys.modules[type(self.hf).__module__].load_balancing_loss_func
+        return balance(tuple(router_logits), self._experts(), self.llm.config.num_experts_per_tok, attention_mask)
+
+    def _experts(self) -> int:
+        """Routed experts per MoE layer, as the family's forward reads them (GLM-4.5V's text config names them
+        `n_routed_experts` / `num_local_experts`, Qwen's `num_experts`)."""
         cfg = self.llm.config
-        return balance(tuple(router_logits), cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
+        n = getattr(cfg, "num_experts", None)
+        return int(n if n is not None else cfg.num_local_experts)
 
     def expert_tokens(self, router_logits: tuple, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """`[n_experts]` top-k token slots each expert received, summed over the MoE layers' router logits (each
         `[b·s, n_experts]`; padding excluded by `attention_mask [b, s]`), for the step's log."""
-        cfg = self.llm.config
-        counts = torch.zeros(cfg.num_experts, device=router_logits[0].device)
+        n_experts = self._experts()
+        counts = torch.zeros(n_experts, device=router_logits[0].device)
         keep = None if attention_mask is None else attention_mask.reshape(-1, 1).bool()
+        biased = [r for r in self.hf.modules() if hasattr(r, "e_score_correction_bias")]  # in layer order
         with torch.no_grad():
-            for layer in router_logits:
-                chosen = layer.topk(cfg.num_experts_per_tok, dim=-1).indices  # [b·s, k]
+            for i, layer in enumerate(router_logits):
+                chosen = self._routed(layer, biased[i] if len(biased) == len(router_logits) else None)  # [b·s, k]
                 if keep is not None:
                     chosen = chosen[keep.expand_as(chosen)]
-                counts += torch.bincount(chosen.reshape(-1), minlength=cfg.num_experts).to(counts.dtype)
+                counts += torch.bincount(chosen.reshape(-1), minlength=n_experts).to(counts.dtype)
         return counts
+
+    def _routed(self, logits: torch.Tensor, router) -> torch.Tensor:
+        """`[b·s, k]` experts each token is sent to, from one layer's router logits `[b·s, n_experts]`: their top-k
+        (softmax routers: Qwen), or for a sigmoid router with a score-correction bias and expert groups (GLM-4.5V,
+        DeepSeek-style `*TopkRouter`) the selection its forward makes — sigmoid + bias, the best `topk_group` groups
+        by their two best scores, top-k within them (re-stated here: the router's forward needs hidden states)."""
+        k = self.llm.config.num_experts_per_tok
+        if router is None:
+            return logits.topk(k, dim=-1).indices
+        scores = logits.float().sigmoid() + router.e_score_correction_bias
+        grouped = scores.view(scores.shape[0], router.num_group, -1)  # [b·s, groups, experts per group]
+        best_groups = grouped.topk(2, dim=-1)[0].sum(-1).topk(router.topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, best_groups, True)
+        scores = scores.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape_as(scores), float("-inf"))
+        return scores.topk(k, dim=-1, sorted=False).indices
 
     def _share_bare_parameters(self) -> None:
         """Point transformers at the role's current object of each bare parameter (`bare_parameters`). FSDP2
@@ -397,6 +426,8 @@ class NativeVLM(nn.Module):
                                                 find_packed_sequence_indices, sliding_window_overlay)
 
         text_cfg = self.llm.config
+        if self.family.image_blocks_sliding_only and getattr(text_cfg, "use_bidirectional_attention", None) != "vision":
+            token_type_ids = torch.zeros_like(token_type_ids)  # Gemma 4 sizes whose images attend causally
         sample_ids = find_packed_sequence_indices(position_ids)
         if sample_ids is None:  # one sample per row
             sample_ids = torch.zeros_like(position_ids)
@@ -410,13 +441,15 @@ class NativeVLM(nn.Module):
 
         dtype = self.llm.get_input_embeddings().weight.dtype
         shape_probe = torch.empty((*position_ids.shape, 0), dtype=dtype, device=position_ids.device)
-        common = {"config": text_cfg, "inputs_embeds": shape_probe, "attention_mask": None, "past_key_values": None,
-                  "or_mask_function": blockwise_overlay(blocks)}
-        masks = {"full_attention": create_causal_mask(**common, and_mask_function=same_sample)}
+        common = {"config": text_cfg, "inputs_embeds": shape_probe, "attention_mask": None, "past_key_values": None}
+        overlay = {"or_mask_function": blockwise_overlay(blocks)}
+        # Gemma 4 keeps its full-attention layers causal (image blocks on sliding layers only)
+        full_overlay = {} if self.family.image_blocks_sliding_only else overlay
+        masks = {"full_attention": create_causal_mask(**common, **full_overlay, and_mask_function=same_sample)}
         window = getattr(text_cfg, "sliding_window", None)
         if window and "sliding_attention" in (getattr(text_cfg, "layer_types", None) or ()):
             masks["sliding_attention"] = create_causal_mask(
-                **common, and_mask_function=and_masks(same_sample, sliding_window_overlay(window)))
+                **common, **overlay, and_mask_function=and_masks(same_sample, sliding_window_overlay(window)))
         return masks
 
     @torch.no_grad()
