@@ -111,8 +111,7 @@ FAMILIES: dict[str, Family] = {
     # Qwen3-VL-MoE: the Qwen3-VL tree (same tower, DeepStack mergers and decoder layout; experts inside each layer's
     # mlp) and the same official template (Qwen3-VL-30B-A3B/235B-A22B-Instruct ship Qwen3-VL's bytes)
     "qwen3_vl_moe": Family(_QWEN3_VL_ROLES, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                           blank_image="grid", router_aux_loss=True,
-                               shared_prefix=_UNCHECKED_PREFIX),
+                           blank_image="grid", router_aux_loss=True),
     "qwen3_5": Family(_QWEN3_5_ROLES, "qwen3_5", blocks={"vision": "model.blocks", "llm": "model.layers"},
                       blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING,
                       shared_prefix=_LINEAR_ATTENTION_PREFIX),
