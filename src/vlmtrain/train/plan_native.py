@@ -83,6 +83,14 @@ def native_geometry(model, stage, model_cfg, opts) -> Geometry:
     return _geometry(model, stage, model_cfg, opts)
 
 
+def plan_refusal(model_type: str) -> str:
+    """Why the planner does not model this family ("" when it does)."""
+    if model_type in PLANNED_FAMILIES:
+        return ""
+    return (f"plan: native family {model_type!r} is not planned yet (planned: {', '.join(PLANNED_FAMILIES)}); "
+            "`vlmtrain describe` gives its parameters per role")
+
+
 def _worst(geos: list[Geometry], stage, opts) -> Geometry:
     """The candidate image geometry whose training step peaks highest."""
     from vlmtrain.train.plan import step_parts
@@ -95,9 +103,8 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     from vlmtrain.train.native import native_refusals
 
     mt = model.model_type
-    if mt not in PLANNED_FAMILIES:
-        raise ConfigError(f"plan: native family {mt!r} is not planned yet (planned: {', '.join(PLANNED_FAMILIES)}); "
-                          "`vlmtrain describe` gives its parameters per role")
+    if plan_refusal(mt):
+        raise ConfigError(plan_refusal(mt))
     problems = native_refusals(stage)
     if stage.data.mode == "pack" and not mt.startswith("qwen"):
         # Qwen-VL packed rows are transformers' own (restarting positions → its block-diagonal mask; per-sample mRoPE
