@@ -143,6 +143,7 @@ NEWER = {
     "llama-3.2-11b-vision": ("meta-llama/Llama-3.2-11B-Vision", "mllama", "total", "10.7"),
     "qwen3.5-9b": ("Qwen/Qwen3.5-9B", "qwen3_5", "llm", "8.95"),
     "qwen3.5-35b-a3b": ("Qwen/Qwen3.5-35B-A3B", "qwen3_5_moe", "total", "35"),
+    "internvl3.5-8b": ("OpenGVLab/InternVL3_5-8B-HF", "internvl", "total", "8.5"),
 }
 
 
