@@ -108,12 +108,18 @@ def test_listed_family_row_agrees_with_the_run_checks(mt, rows, tmp_path):
         assert c["dp_sgd"].ok and c["dp_sgd"].note == f"LoRA only: {full}", mt
     else:
         assert not c["dp_sgd"].ok and c["dp_sgd"].note == lora_only, mt
-    try:
-        plan_config(_stage_file(tmp_path, "plan", model), 80 * 2**30)
-        planned = ""
-    except ConfigError as e:
-        planned = str(e)
-    assert (c["plan"].ok, c["plan"].note) == (not planned, planned), mt
+    def plan(**fields) -> str:
+        try:
+            plan_config(_stage_file(tmp_path, "plan", model, **fields), 80 * 2**30)
+        except ConfigError as e:
+            return str(e)
+        return ""
+
+    planned, lora = plan(), plan(train={"llm": "lora"}, lora={"r": 4})
+    if planned:
+        assert (c["plan"].ok, c["plan"].note) == (False, planned), mt
+    else:  # planned; a LoRA stage too unless the cell names its condition
+        assert c["plan"].ok and ("not planned yet" in lora) == ("fused expert" in c["plan"].note), (mt, lora)
     # the family row's own data: a family without a vendored template needs `chat_template:`; bare connector
     # parameters limit PEFT export; an MoE family's experts take adapters and stay out of NF4
     fam = FAMILIES[mt]

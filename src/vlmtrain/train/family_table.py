@@ -12,7 +12,8 @@ is a second list of capabilities: each key is built on `meta` exactly as `vlmtra
   injects; DoRA is refused on fused experts); QLoRA: `quantize_targets` (what `quantize_llm_` turns into NF4);
 - packing, FSDP2, ZeRO-3, DP-SGD: a stage asking for it through `check_native_stage` (DP-SGD first with the
   connector training, then LoRA only);
-- plan: the planner's family check (`plan_refusal`); export: `hf` always, `peft` unless the connector holds a bare
+- plan: the planner's family check (`plan_refusal`; for MoE families, LoRA on fused experts is not planned);
+  export: `hf` always, `peft` unless the connector holds a bare
   parameter (`bare_connector_parameters`, what `export_native_peft` refuses for a trained connector).
 
 A cell is `Cell(ok, note)`: ok with a note is a condition (e.g. LoRA only), not ok names the refusal. The default
@@ -101,7 +102,7 @@ def family_row(model_type: str) -> FamilyRow:
     m = bundle.model
     row = FamilyRow(model_type, "listed" if FAMILIES.get(model_type) is m.family else "generic")
     row.cells = {"stages": _stages(cfg, bundle), **_adapters(m), **_strategies(bundle), "dp_sgd": _dp(bundle),
-                 "plan": _plan(model_type), "export": _export(m)}
+                 "plan": _plan(m), "export": _export(m)}
     return row
 
 
@@ -173,11 +174,20 @@ def _dp(bundle) -> Cell:
     return Cell(True, f"LoRA only: {full}") if not lora_only else Cell(False, lora_only)
 
 
-def _plan(model_type: str) -> Cell:
-    """The planner's family check (`plan_refusal`, what `vlmtrain plan` refuses before modelling a step)."""
+def _plan(m) -> Cell:
+    """The planner's family check (`plan_refusal`, what `vlmtrain plan` refuses before modelling a step), and its
+    condition for LoRA stages of MoE families: adapters on fused expert tensors are not planned."""
+    from vlmtrain.config.stage import LoRAConfig
+    from vlmtrain.model.lora import target_parameter_names
     from vlmtrain.train.plan_native import plan_refusal
 
-    return _cell(plan_refusal(model_type))
+    refused = plan_refusal(m.model_type)
+    if refused:
+        return Cell(False, refused)
+    if target_parameter_names(m, LoRAConfig().llm_target_parameters):
+        return Cell(True, "LoRA stages with adapters on the fused expert tensors (the default "
+                          "lora.llm_target_parameters) are not planned yet; lora.llm_target_parameters: '' plans them")
+    return Cell(True)
 
 
 def _export(m) -> Cell:
