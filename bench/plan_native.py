@@ -41,6 +41,24 @@ SCALE = {
                             "out_hidden_size": 256, "num_position_embeddings": 256, "deepstack_visual_indexes": [1, 2]},
                  # 4..400 LM tokens per image
                  "processor": {"min_pixels": 4 * 32 * 32, "max_pixels": 400 * 32 * 32}},
+    # Qwen3.5 (hybrid): the tiny pattern linear / full attention repeated over 4 layers; Gated DeltaNet 2 key / 4
+    # value heads of 64, causal conv 4; a quarter of head_dim 64 rotated (mRoPE 3/3/2 pairs); Qwen3-VL's tower
+    # without DeepStack
+    "qwen3_5": {"text": {**_TEXT, "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+                         "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_conv_kernel_dim": 4,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                             "mrope_section": [3, 3, 2], "mrope_interleaved": True}},
+                "vision": {"depth": 4, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4,
+                           "out_hidden_size": 256, "num_position_embeddings": 256},
+                "processor": {"min_pixels": 4 * 32 * 32, "max_pixels": 400 * 32 * 32}},
+    # Qwen3-VL-MoE: every layer 8 experts of width 128, top-2 (router loss at the config's 0.001); Qwen3-VL's tower
+    "qwen3_vl_moe": {"text": {**_TEXT, "moe_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
+                              "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                  "mrope_section": [8, 12, 12], "mrope_interleaved": True}},
+                     "vision": {"depth": 4, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4,
+                                "out_hidden_size": 256, "num_position_embeddings": 256,
+                                "deepstack_visual_indexes": [1, 2]},
+                     "processor": {"min_pixels": 4 * 32 * 32, "max_pixels": 400 * 32 * 32}},
     # Idefics3: 64-px crops of 8-px patches (64 per crop), pixel shuffle ×2 → 16 LM tokens per crop; images up to
     # 128 px on their longest edge → at most 2 × 2 crops + the global view
     "idefics3": {"text": _TEXT,
@@ -87,6 +105,17 @@ CONFIGS = {
     "onevision-sft-conn-128x128-b2-s512": ("llava_onevision", (128, 128),
                                            {"train": {"vision": False, "connector": True, "llm": True},
                                             "data": {"batch_size": 2, "max_len": 512}}),
+    "qwen35-lora-256x256-b2-s512": ("qwen3_5", (256, 256), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "qwen35-sft-conn-256x256-b1-s640": ("qwen3_5", (256, 256),
+                                        {"train": {"vision": False, "connector": True, "llm": True},
+                                         "data": {"batch_size": 1, "max_len": 640}}),
+    "qwen3moe-sft-conn-256x256-b2-s384": ("qwen3_vl_moe", (256, 256),
+                                          {"train": {"vision": False, "connector": True, "llm": True},
+                                           "data": {"batch_size": 2, "max_len": 384}}),
+    # LoRA on the linear layers (attention); the fused experts stay frozen (llm_target_parameters: '')
+    "qwen3moe-lora-256x256-b2-s512": ("qwen3_vl_moe", (256, 256),
+                                      {"train": LORA_LLM["train"], "lora": {**LORA, "llm_target_parameters": ""},
+                                       "data": {"batch_size": 2, "max_len": 512}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }

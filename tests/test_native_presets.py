@@ -133,3 +133,38 @@ def test_smolvlm_split_matches_the_hand_count():
         counts[_role(ROLE_PREFIXES["idefics3"], n)] += p.numel()
     assert counts == {"vision": vision, "connector": connector, "llm": lm}
     assert vision + connector + lm == 256_484_928
+
+
+# Presets of the newer families: `vlmtrain describe --json` (the CLI's own function) against the published figure at
+# the precision it is published in, and against transformers' own model built from the same YAML on meta. Sources in
+# each YAML's header; "llm" where the published figure is the language model's (Qwen3.5-9B's model card, its GGUF).
+NEWER = {
+    "qwen3-vl-30b-a3b": ("Qwen/Qwen3-VL-30B-A3B-Instruct", "qwen3_vl_moe", "total", "31.07"),
+    "llama-3.2-11b-vision": ("meta-llama/Llama-3.2-11B-Vision", "mllama", "total", "10.7"),
+    "qwen3.5-9b": ("Qwen/Qwen3.5-9B", "qwen3_5", "llm", "8.95"),
+    "qwen3.5-35b-a3b": ("Qwen/Qwen3.5-35B-A3B", "qwen3_5_moe", "total", "35"),
+    "internvl3.5-8b": ("OpenGVLab/InternVL3_5-8B-HF", "internvl", "total", "8.5"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEWER))
+def test_newer_family_preset_describes_as_published(name, capsys):
+    import json
+    import re
+
+    from vlmtrain.cli.main import main
+
+    pretrained, model_type, part, published = NEWER[name]
+    preset = _load(name)
+    assert (preset["name"], preset["pretrained"], preset["model_type"]) == (name, pretrained, model_type)
+    assert main(["describe", "--config", str(MODELS / f"{name}.yaml"), "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["params"]
+    decimals = len(published.partition(".")[2])
+    assert f"{params[part] / 1e9:.{decimals}f}" == published, (name, params)
+    config = AutoConfig.for_model(model_type, **preset["config"])
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    # the count the YAML's header states is the one it builds
+    stated = re.search(r"Built on `meta`:\s*([\d,]+\d)", (MODELS / f"{name}.yaml").read_text())
+    assert stated and int(stated.group(1).replace(",", "")) == params["total"], name

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vlmtrain import __version__
 from vlmtrain.cli import data as cli_data
+from vlmtrain.cli import families as cli_families
 from vlmtrain.cli import fed as cli_fed
 from vlmtrain.cli import plan as cli_plan
 from vlmtrain.cli import prep
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_data.add_parser(sub)
     cli_train.add_parsers(sub)
     cli_plan.add_parser(sub)
+    cli_families.add_parser(sub)
 
     prep.add_parser(sub)
     cli_privacy.add_parser(sub)

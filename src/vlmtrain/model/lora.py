@@ -43,7 +43,7 @@ def peft_config(lora_cfg, regex: str | list, parameters: list[str] | None = None
                       target_parameters=parameters or None, use_dora=lora_cfg.dora, bias="none")
 
 
-def _family_vision_target(model: nn.Module, lora_cfg):
+def with_family_vision_target(model: nn.Module, lora_cfg):
     """`lora_cfg` with the native family's own vision regex (`Family.vision_lora_target`) where the config leaves
     `vision_target` at its default: Gemma 4's tower wraps each projection's `nn.Linear` as `.linear`, which the
     default regex (ending at `_proj`) does not reach. A vision_target the config sets is kept."""
@@ -58,7 +58,7 @@ def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]
     (seeded by the stage), so a resumed run rebuilds the same starting adapters before loading the checkpoint."""
     from peft import inject_adapter_in_model
 
-    lora_cfg = _family_vision_target(model, lora_cfg)
+    lora_cfg = with_family_vision_target(model, lora_cfg)
     regex = lora_regex(lora_cfg, llm, vision)
     names = target_names(model, regex)
     if llm and not any(n.startswith("llm.") for n in names):

@@ -36,12 +36,18 @@ def _bnb():
     return bnb
 
 
+def quantize_targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name under `model.llm`, layer) of what QLoRA quantises: every `nn.Linear` of the LLM except the LM head.
+    Parameters outside linear layers (embeddings, norms, fused 3-D expert tensors) keep their precision."""
+    head = model.llm.get_output_embeddings()
+    return [(n, m) for n, m in model.llm.named_modules() if type(m) is nn.Linear and m is not head]
+
+
 def quantize_llm_(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Replace every `nn.Linear` of `model.llm` except the LM head by an NF4 `Linear4bit` (frozen) computing in
     `compute_dtype`; returns the number of layers quantised."""
     bnb = _bnb()
-    head = model.llm.get_output_embeddings()
-    targets = [(n, m) for n, m in model.llm.named_modules() if type(m) is nn.Linear and m is not head]
+    targets = quantize_targets(model)
     for name, lin in targets:
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                               compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",

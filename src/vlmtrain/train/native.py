@@ -3,7 +3,7 @@
 Each refusal names a feature built for the composed kind that the native kind does not have yet; the scale-out
 work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`, except for
 families whose rows it cannot keep apart (`family_refusals`); FSDP2 and
-DeepSpeed ZeRO-2/3: built for every listed family, each has a blank image; DP-SGD: built,
+DeepSpeed ZeRO-2/3: built for the families with a blank image (`Family.blank_image`); DP-SGD: built,
 `vlmtrain.privacy.dp_native`, which refuses what it cannot privatise; compile: not yet).
 """
 
@@ -101,8 +101,8 @@ def check_native_stage(stage, bundle) -> None:
     # sharded ranks must all run the tower every step: a text-only batch runs a blank image (NativeVLM)
     if (strategy == "fsdp" or strategy.startswith("deepspeed")) and bundle.model.blank_image_inputs() is None:
         problems.append(f"trainer.strategy: {strategy} is not available for {bundle.model.model_type} yet "
-                        "(no blank image defined for it, which sharded ranks run on text-only batches; every "
-                        "listed family has one; use single or ddp)")
+                        "(no blank image defined for it, which sharded ranks run on text-only batches; use "
+                        "single or ddp)")
     if problems:
         raise ConfigError(problems)
     configure_router_aux(stage, bundle.model)

@@ -170,6 +170,10 @@ class StackGeo:
     norms_train: bool = False
     qk_norm: bool = False  # RMSNorm over q and k heads (Gemma 3): saves both projections' outputs in fp32
     post_norms: bool = False  # sandwich norms on the attention and MLP outputs (Gemma 3)
+    # token mixers and MLPs without a closed form here (Gated DeltaNet layers, mixture-of-experts MLPs), traced on
+    # meta per block kind: an object with `kind(idx, part)` and `saved(kind, shape, x_rg, p)`
+    # (`vlmtrain.train.plan_native.TracedLayers`); None: every block is the closed-form transformer block
+    traced: object = None
 
 
 @dataclass
@@ -203,6 +207,7 @@ class Geometry:
     crops_per_image: int = 1  # tower passes per image (Idefics3/SmolVLM image splitting: tiles + the global view)
     vision_keeps_hidden_states: bool = True  # a frozen tower's forward holds every layer's output (composed)
     llm_mask_always: bool = False  # a [rows, 1, s, s] mask even for one row (Gemma 3: bidirectional image spans)
+    router_logits: int = 0  # per token: router logits the MoE load-balancing loss reads (Σ experts over MoE layers)
     notes: list[str] = field(default_factory=list)  # what the plan assumed about the images (native families)
 
 
@@ -253,7 +258,8 @@ def _stack_geo(cfg, layer_module, rotary: bool) -> StackGeo:
     roles = {_ROLES.get(n.rsplit(".", 1)[-1]) for n, _ in layer_module.named_modules()}
     norm_names = [type(m).__name__.lower() for m in layer_module.modules()]
     act = str(getattr(cfg, "hidden_act", "silu"))
-    return StackGeo(hidden=hidden, intermediate=int(cfg.intermediate_size), heads=heads,
+    # mixture-of-experts text configs may have no dense width (plan_native sets the routed one)
+    return StackGeo(hidden=hidden, intermediate=int(getattr(cfg, "intermediate_size", None) or 0), heads=heads,
                     kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=head_dim,
                     norm="rms" if any("rms" in n for n in norm_names) else "layer",
                     gated=bool(roles & {"gate", "gate_up"}), act_saves=2 if act == "quick_gelu" else 1,
@@ -475,15 +481,58 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
     sv = Saved()
     lin = stack.blocks[idx]
     t = shape.rows * shape.seq
-    f = stack.intermediate
-    q_dim, kv_dim = stack.heads * stack.head_dim, stack.kv_heads * stack.head_dim
     tag = f"{idx}"
 
     def L(x_, role, out_name=None):
         return _linear(sv, x_, lin[role], f"{role}{tag}", t, p, lora_r, lora_dropout, device, out_name)
 
-    # ---- attention
+    # ---- attention (or a traced token mixer)
     y1 = _norm(sv, x, stack, f"n1.{tag}", t, p)
+    mixer = stack.traced.kind(idx, "mixer") if stack.traced is not None else None
+    if mixer is not None:
+        o = _traced_part(sv, stack, mixer, y1, lin, shape, p, lora_r, lora_dropout, device, tag)
+    else:
+        o = _attention(sv, stack, y1, lin, shape, p, L, tag)
+    if o.rg and stack.post_norms:  # post-attention RMSNorm: its fp32 input + rsqrt
+        sv.add(f"post_attn:{tag}", t * (stack.hidden + 1) * 4)
+    h1 = _T(f"h1:{tag}", p.resid, x.rg or o.rg)
+
+    # ---- MLP (or a traced mixture of experts)
+    y2 = _norm(sv, h1, stack, f"n2.{tag}", t, p)
+    moe = stack.traced.kind(idx, "mlp") if stack.traced is not None else None
+    if moe is not None:
+        d = _traced_part(sv, stack, moe, y2, lin, shape, p, lora_r, lora_dropout, device, tag)
+    else:
+        d = _mlp(sv, stack, y2, lin, t, p, L, tag)
+    if d.rg and stack.post_norms:
+        sv.add(f"post_mlp:{tag}", t * (stack.hidden + 1) * 4)
+    out = _T(f"x{idx + 1}", p.resid, h1.rg or d.rg)
+    return sv, out
+
+
+def _traced_part(sv: Saved, stack: StackGeo, kind: str, x: _T, lin: dict, shape: StepShape, p: Precision,
+                 lora_r: int, lora_dropout: float, device: str, tag: str) -> _T:
+    """A token mixer or MLP traced on meta (`StackGeo.traced`): autograd's saved tensors for input `x`, with the
+    stage's full-training parameters requiring grad (their Linears' inputs included), plus what the trace cannot
+    see: each LoRA adapter's own saved tensors and autocast's bf16 copies of frozen weights (`_linear` on the
+    part's Linears; `x` feeds its input projections, the others get the part's inner tensor)."""
+    t = shape.rows * shape.seq
+    specs = {role: spec for role, spec in lin.items() if role in stack.traced.roles(kind)}
+    adapters = any(s.kind in ("lora", "dora") for s in specs.values())
+    x_rg = x.rg or adapters
+    sv.add(f"{kind}:{tag}", stack.traced.saved(kind, shape, x_rg, p))
+    for role, spec in specs.items():
+        if spec.kind != "full":  # a trained weight's input is in the trace already
+            inner = x if role in stack.traced.INPUT_ROLES else _T(f"{kind}_in:{role}{tag}", p.act, x_rg)
+            _linear(sv, inner, spec, f"{role}{tag}", t, p, lora_r, lora_dropout, device)
+    trains = stack.traced.trains(kind) or any(s.kind != "frozen" for s in specs.values())
+    return _T(f"{kind}_out:{tag}", p.act, x_rg or trains)
+
+
+def _attention(sv: Saved, stack: StackGeo, y1: _T, lin: dict, shape: StepShape, p: Precision, L, tag: str) -> _T:
+    """Self-attention's saved tensors (projections through `L`, SDPA/eager, the output projection) → its output."""
+    t = shape.rows * shape.seq
+    q_dim, kv_dim = stack.heads * stack.head_dim, stack.kv_heads * stack.head_dim
     if "qkv" in lin:
         qkv = L(y1, "qkv")
         q_rg = k_rg = v_rg = qkv.rg
@@ -492,6 +541,10 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
     attn_rg = q_rg or k_rg or v_rg
     if attn_rg and stack.qk_norm:  # RMSNorm per head: the q/k projections' outputs in fp32 + rsqrt
         sv.add(f"qk_norm:{tag}", t * (q_dim + kv_dim) * 4 + t * (stack.heads + stack.kv_heads) * 4)
+    if attn_rg and "q" in lin and lin["q"].n_out == 2 * q_dim:
+        # gated attention (Qwen3.5): q_proj also yields a gate; output·sigmoid(gate) saves the sigmoid's output
+        # (the attention output it multiplies is saved below)
+        sv.add(f"attn_gate:{tag}", t * q_dim * p.act)
     if attn_rg:
         impl = stack.attn_impl
         # SDPA/flash save q, k, v, out and an fp32 log-sum-exp; rotary (or autocast's cast) makes q and k new
@@ -510,13 +563,12 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
             sv.add(f"lse:{tag}", shape.rows * stack.heads * shape.seq * 4)
             if shape.mask and impl == "sdpa":
                 sv.add(f"mask:{tag}", shape.rows * shape.seq * shape.seq * p.act)
-    o = L(_T(f"attn_out:{tag}", p.act, attn_rg), "o")
-    if o.rg and stack.post_norms:  # post-attention RMSNorm: its fp32 input + rsqrt
-        sv.add(f"post_attn:{tag}", t * (stack.hidden + 1) * 4)
-    h1 = _T(f"h1:{tag}", p.resid, x.rg or o.rg)
+    return L(_T(f"attn_out:{tag}", p.act, attn_rg), "o")
 
-    # ---- MLP
-    y2 = _norm(sv, h1, stack, f"n2.{tag}", t, p)
+
+def _mlp(sv: Saved, stack: StackGeo, y2: _T, lin: dict, t: int, p: Precision, L, tag: str) -> _T:
+    """The MLP's saved tensors (gated SwiGLU/GeGLU or fc1 → act → fc2) → its output."""
+    f = stack.intermediate
     if stack.gated:
         if "gate_up" in lin:  # fused: gate and up are views of one [t, 2f] tensor
             gu = L(y2, "gate_up", out_name=f"gu:{tag}")
@@ -541,10 +593,7 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
             if stack.act_saves == 2:  # quick_gelu: x·sigmoid(1.702x) also saves the sigmoid output
                 sv.add(f"sig:{tag}", t * f * p.act)
         d = L(_T(f"act:{tag}", p.act, f1.rg), "fc2")
-    if d.rg and stack.post_norms:
-        sv.add(f"post_mlp:{tag}", t * (stack.hidden + 1) * 4)
-    out = _T(f"x{idx + 1}", p.resid, h1.rg or d.rg)
-    return sv, out
+    return d
 
 
 def block_backward_temp(stack: StackGeo, shape: StepShape, p: Precision) -> int:
@@ -821,7 +870,10 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     g_blocks = sum(geo.block_trainable) * p.param / world
     g_block0 = geo.block_trainable[0] * p.param / world if geo.block_trainable else 0
     g_below_llm = (geo.trainable["vision"] + geo.trainable["connector"]) * p.param / world
-    act_llm = a.saved + top.total("act") + mask_bool
+    # MoE router loss: every MoE layer's [t, experts] logits are kept to the end of the forward and the loss's
+    # softmax over their concatenation is saved for its backward (fp32)
+    router = t * geo.router_logits * (p.act + 4)
+    act_llm = a.saved + top.total("act") + mask_bool + router
     wc_llm = a.wcopy + top.total("wcopy")
     vis_act = vis_saved + conn_saved
 

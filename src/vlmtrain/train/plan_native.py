@@ -34,11 +34,17 @@ as for composed models, and only what differs per family lives here:
   image; the merger plus one DeepStack merger per `deepstack_visual_indexes` layer, each over the tower's tokens
   (their outputs are added to the first decoder layers' hidden states at the image positions, in place of a
   tensor those layers save anyway); the text decoder's q/k RMSNorms.
+- Qwen3-VL-MoE and Qwen3.5 (dense and MoE): Qwen3-VL's tower and budget (Qwen3.5 without DeepStack); decoder
+  blocks with a Gated DeltaNet token mixer (Qwen3.5's linear-attention layers) or an expert MLP are traced on meta
+  (`TracedLayers`), the gated full-attention layers keep the closed form (+ the gate's sigmoid); all experts'
+  parameters count in weights / gradients / AdamW states, each token's top-k experts in the activations; the MoE
+  router loss holds every layer's router logits to the end of the forward.
 - Packed rows (Qwen-VL families): `pack_len` tokens per row holding `--images-per-sample` images in all (the images
   of every sample packed into the row), transformers' block-diagonal mask from the restarting positions.
 
-Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families, packed rows of the
-other families, and what `native_refusals` refuses for training.
+Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and InternVL /
+Mllama, packed rows of the other families (and of Qwen3.5, which training refuses), LoRA on fused expert tensors,
+and what `native_refusals` refuses for training.
 """
 
 from __future__ import annotations
@@ -51,10 +57,14 @@ from vlmtrain.errors import ConfigError
 from vlmtrain.train.plan import _ROLES, Geometry, StackGeo, _stack_geo, stacks_geometry
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
-PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES)
+# Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
+QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES)
 
-# Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual ones.
-_NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2"}
+# Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
+# ones, and of the Gated DeltaNet token mixer (its out_proj is "o" already)
+_NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2",
+                 "in_proj_qkv": "in_qkv", "in_proj_z": "in_z", "in_proj_b": "in_b", "in_proj_a": "in_a"}
 # Qwen3-VL checkpoints' image budget (their preprocessor_config.json: size.shortest_edge / longest_edge, 256² … 4096²
 # px); transformers' class defaults are Qwen2-VL's.
 QWEN3_VL_PIXELS = (65536, 16777216)
@@ -83,6 +93,118 @@ def native_geometry(model, stage, model_cfg, opts) -> Geometry:
     return _geometry(model, stage, model_cfg, opts)
 
 
+def _hybrid_and_experts(model, stage, llm: StackGeo, layers) -> None:
+    """Qwen3.5 / Qwen3-VL-MoE decoders: their Gated DeltaNet mixers and expert MLPs are traced (`TracedLayers`); a
+    block's backward excess is sized by the routed width (k experts × their width per token); the router logits
+    the load-balancing loss reads are held to the end of the forward (`Geometry.router_logits`)."""
+    traced = TracedLayers(layers, stage)
+    if not traced.any():
+        return
+    llm.traced = traced
+    cfg = model.llm.config
+    if any(k["mlp"] for k in traced.kinds):
+        llm.intermediate = max(llm.intermediate, int(cfg.num_experts_per_tok) * int(cfg.moe_intermediate_size),
+                               int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0))
+
+
+def _expert_adapters(model, stage) -> list[str]:
+    from vlmtrain.model.lora import target_parameter_names
+
+    return target_parameter_names(model, stage.lora.llm_target_parameters)
+
+
+def router_logits_per_token(model, stage) -> int:
+    """Router logits per token the MoE load-balancing loss keeps (Σ experts over the MoE layers), 0 when off."""
+    coef = stage.trainer.router_aux_loss_coef
+    coef = getattr(model, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if not model.family.router_aux_loss or not coef:
+        return 0
+    moe = sum(1 for layer in model.llm.model.layers if hasattr(getattr(layer, "mlp", None), "experts"))
+    return moe * int(model.llm.config.num_experts)
+
+
+class TracedLayers:
+    """Saved bytes of the decoder's Gated DeltaNet token mixers (Qwen3.5's `linear_attn`: projections, causal conv,
+    the chunked delta rule of transformers' CPU path, the gated norm) and mixture-of-experts MLPs (router, the
+    experts of each token's top k through transformers' `grouped_mm` path, a shared expert), read by running one
+    such module on the meta device under `saved_tensors_hooks` as `_trace_connector` does: autograd's own saved
+    tensors, no memory, no compute. Both are linear in the rows, so two traces (1 and 2 rows) per sequence length
+    give every micro-batch. The stage's full-training parameters require grad in the trace; LoRA adapters and
+    autocast copies are added by `plan._traced_part`. transformers' grouped_mm has a bf16-only meta kernel, so
+    expert MLPs are traced in bf16 and their bf16 tensors counted at 4 bytes for an fp32 step."""
+
+    ROLES = {"linear_attention": {"in_qkv", "in_z", "in_b", "in_a", "o"}, "moe": {"gate", "up", "down"}}
+    INPUT_ROLES = {"in_qkv", "in_z", "in_b", "in_a", "gate", "up"}  # Linears that read the module's input
+
+    def __init__(self, layers, stage):
+        self.kinds = [{"mixer": "linear_attention" if hasattr(layer, "linear_attn") else None,
+                       "mlp": "moe" if hasattr(getattr(layer, "mlp", None), "experts") else None} for layer in layers]
+        self.modules = {}
+        for layer, k in zip(layers, self.kinds):
+            if k["mixer"]:
+                self.modules.setdefault(k["mixer"], layer.linear_attn)
+            if k["mlp"]:
+                self.modules.setdefault(k["mlp"], layer.mlp)
+        self.full = stage.train.llm is True
+        self.hidden = int(layers[0].input_layernorm.weight.shape[0])
+        self._cache: dict = {}
+
+    def any(self) -> bool:
+        return bool(self.modules)
+
+    def kind(self, idx: int, part: str) -> str | None:
+        return self.kinds[idx][part]
+
+    def roles(self, kind: str) -> set[str]:
+        return self.ROLES[kind]
+
+    def trains(self, kind: str) -> bool:
+        return self.full
+
+    def saved(self, kind: str, shape, x_rg: bool, p) -> int:
+        """Bytes one `kind` module saves for `shape.rows` rows of `shape.seq` tokens."""
+        if not (x_rg or self.full):
+            return 0
+        key = (kind, shape.seq, shape.mask, x_rg, p.act)
+        if key not in self._cache:
+            self._cache[key] = tuple(self._trace(kind, rows, shape.seq, shape.mask, x_rg, p) for rows in (1, 2))
+        one, two = self._cache[key]
+        return one + (two - one) * (shape.rows - 1)
+
+    def _trace(self, kind: str, rows: int, seq: int, mask: bool, x_rg: bool, p) -> int:
+        import copy
+
+        import torch
+
+        dtype = torch.float32 if p.act == 4 and kind != "moe" else torch.bfloat16
+        widen = 2 if p.act == 4 and dtype == torch.bfloat16 else 1
+        mod = copy.deepcopy(self.modules[kind]).to(device="meta", dtype=dtype).requires_grad_(self.full).train()
+        params = {q.untyped_storage()._cdata for q in mod.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st._cdata not in params:
+                seen[st._cdata] = st.nbytes() * (widen if t.dtype == torch.bfloat16 else 1)
+            return t
+
+        x = torch.empty(rows, seq, self.hidden, device="meta", dtype=dtype, requires_grad=x_rg)
+        kw = {}
+        if kind == "linear_attention" and mask:  # padded rows: the mixer zeroes padding positions first
+            kw["attention_mask"] = torch.ones(rows, seq, dtype=torch.long, device="meta")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mod(x, **kw)
+        return sum(seen.values())
+
+
+def plan_refusal(model_type: str) -> str:
+    """Why the planner does not model this family ("" when it does)."""
+    if model_type in PLANNED_FAMILIES:
+        return ""
+    return (f"plan: native family {model_type!r} is not planned yet (planned: {', '.join(PLANNED_FAMILIES)}); "
+            "`vlmtrain describe` gives its parameters per role")
+
+
 def _worst(geos: list[Geometry], stage, opts) -> Geometry:
     """The candidate image geometry whose training step peaks highest."""
     from vlmtrain.train.plan import step_parts
@@ -95,10 +217,17 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     from vlmtrain.train.native import native_refusals
 
     mt = model.model_type
-    if mt not in PLANNED_FAMILIES:
-        raise ConfigError(f"plan: native family {mt!r} is not planned yet (planned: {', '.join(PLANNED_FAMILIES)}); "
-                          "`vlmtrain describe` gives its parameters per role")
+    if plan_refusal(mt):
+        raise ConfigError(plan_refusal(mt))
+    from vlmtrain.train.native import packing_refusal
+
     problems = native_refusals(stage)
+    if stage.data.mode == "pack" and packing_refusal(model.family, model.llm.config):
+        problems.append(f"data.mode: pack is refused for {mt}: {packing_refusal(model.family, model.llm.config)}")
+    if stage.lora is not None and stage.train.llm == "lora" and _expert_adapters(model, stage):
+        problems.append("lora.llm_target_parameters: adapters on fused expert tensors (PEFT's target_parameters) "
+                        "are not planned yet; plan with lora.llm_target_parameters='' (adapters on the linear "
+                        "layers only)")
     if stage.data.mode == "pack" and not mt.startswith("qwen"):
         # Qwen-VL packed rows are transformers' own (restarting positions → its block-diagonal mask; per-sample mRoPE
         # ids, [4, b, s] integers); Gemma 3 builds its own masks per layer kind and the other families' packed rows
@@ -119,12 +248,14 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     else:
         vis, image = _gemma3(model, opts, layers["vision"][0])
         llm.qk_norm = llm.post_norms = True
-    if mt == "qwen3_vl":
+    if mt in QWEN3_FAMILIES:
         llm.qk_norm = True
+        _hybrid_and_experts(model, stage, llm, layers["llm"])
     how = image.pop("how")
     geo = stacks_geometry(model, stage, llm, vis, layers, image, _BLOCK_RE, _NATIVE_ROLES)
     geo.vision_keeps_hidden_states = False  # native towers return their last (or selected) hidden state only
     geo.llm_mask_always = mt == "gemma3" and opts.images_per_sample > 0
+    geo.router_logits = router_logits_per_token(model, stage)
     crops = f"{geo.crops_per_image} crops × {geo.vision_tokens}" if geo.crops_per_image > 1 else f"{geo.vision_tokens}"
     geo.notes = [f"{mt}: {opts.images_per_sample} image(s) per sample, {geo.image_tokens} LM tokens each "
                  f"({crops} tower patches); {how}"]
@@ -161,7 +292,7 @@ def qwen_pixel_budget(model_cfg, model_type: str = "qwen2_5_vl") -> tuple[int, i
 
     size = dict(Qwen2VLImageProcessorPil.size)
     budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
-    if model_type == "qwen3_vl":
+    if model_type in QWEN3_FAMILIES:
         budget = dict(zip(("min_pixels", "max_pixels"), QWEN3_VL_PIXELS))
     for layer in (saved_image_processor(model_cfg), model_cfg.processor):
         s = layer.get("size") or {}

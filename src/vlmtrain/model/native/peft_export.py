@@ -50,7 +50,7 @@ def export_native_peft(bundle, out: str | Path, base_connector=None) -> Path:
     names = _hf_names(m)
     ours_to_hf = {n: names[id(mod)] for n, mod in layers}
     connector_paths = _module_paths(m.hf, m.family.roles["connector"].values())
-    if base_connector is not None and any(not hasattr(_get(m.hf, p), "parameters") for p in connector_paths):
+    if base_connector is not None and bare_connector_parameters(m):
         raise VlmtrainError("export --format peft: this family's connector includes a bare parameter that PEFT's "
                             "modules_to_save cannot carry; use --format hf (merged)")
     out = Path(out)
@@ -113,6 +113,14 @@ def _targets(layers, ours_to_hf: dict[str, str]) -> tuple[list[str], list[str]]:
         else:
             modules.append(hf_name)
     return sorted(modules), sorted(parameters)
+
+
+def bare_connector_parameters(m) -> list[str]:
+    """transformers paths of the connector's bare parameters (LLaVA-NeXT's `image_newline`): PEFT's
+    `modules_to_save` carries modules only, so a stage that trained them exports merged (`--format hf`)."""
+    # a path whose object is None (Gemma 4's default config has no vision tower, so no `embed_vision`) holds nothing
+    return [p for p in _module_paths(m.hf, m.family.roles["connector"].values())
+            if _get(m.hf, p) is not None and not hasattr(_get(m.hf, p), "parameters")]
 
 
 def _module_paths(root, paths) -> list[str]:

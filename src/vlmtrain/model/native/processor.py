@@ -119,6 +119,16 @@ def load_processor(src: str | Path, model_type: str, overrides: dict | None = No
     return proc
 
 
+def torchvision_only_image_processor(model_type: str) -> str | None:
+    """The family's image processor class when transformers has it for torchvision only (no PIL variant)."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    if isinstance(names, dict) and "pil" not in names and names.get("torchvision"):
+        return names["torchvision"]
+    return None
+
+
 def _needs_torchvision(src, model_type: str, e: Exception) -> str:
     """One line naming the part that exists only for torchvision (the image processor, or the processor itself)."""
     import re
