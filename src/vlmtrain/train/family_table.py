@@ -24,7 +24,6 @@ answer depends on the config (linear-attention layers, bare connector parameters
 from __future__ import annotations
 
 import textwrap
-
 from dataclasses import asdict, dataclass, field
 
 from vlmtrain.errors import ConfigError
