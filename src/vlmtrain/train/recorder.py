@@ -87,7 +87,7 @@ class Recorder(pl.Callback):
             loss = w["loss"] / w["n"] if w["n"] else float("nan")
             row = {"step": step, "loss": loss, "lr": st["lr"], "grad_norm": st["grad_norm"],
                    "samples_per_s": w["samples"] / dt, "tokens_per_s": w["tokens"] / dt, "seconds": dt}
-            row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/", "moe/"))})
+            row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/", "moe/", "rl/"))})
             self.totals["samples"] += w["samples"]
             self.totals["tokens"] += w["tokens"]
             self.totals["train_seconds"] += dt
