@@ -253,9 +253,9 @@ def serve(plan: dict, launch, plan_extra: dict | None, evaluate: bool, t0: float
         summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
     summary["wall_seconds"] = time.time() - t0
     if summary["status"] == "completed":
-        from vlmtrain.fed.ledger import write_json_atomic
+        from vlmtrain.atomic import write_json
 
-        write_json_atomic(out / "summary.json", summary)
+        write_json(out / "summary.json", summary, indent=1)
     return summary
 
 

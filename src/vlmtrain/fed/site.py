@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmtrain import atomic
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.fed.arrays import load_trainable, trainable_arrays
 from vlmtrain.fed.ledger import Ledger
@@ -120,9 +121,8 @@ class Site:
         entry.update(run=req.run, round=req.round, input_sha256=digest, metrics=metrics)
         path = self._kept_path(req.run, req.round)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)  # the kept reply first: a ledger entry always has its reply on disk
+        with atomic.replacing(path, "wb") as f:  # the kept reply first: a ledger entry always has its reply on disk
+            np.savez(f, **arrays)
         # the ledger's ε after this round (== eps_after of the check, over the same history)
         metrics["epsilon"] = self.ledger.charge(key, entry, stage.privacy.delta, stage.privacy.accountant)
         return arrays, metrics, {"gate_report_sha256": gate_sha}
