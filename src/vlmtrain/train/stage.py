@@ -18,6 +18,8 @@ Where another objective or caller plugs in (override in a subclass, keep the pha
 
 from __future__ import annotations
 
+# Lightning (and `train.preempt`, which needs it) is imported inside the phases that use it: the federated site
+# subclasses StageRun and its ClientApp process should not pay for Lightning's import.
 import hashlib
 import json
 import logging
@@ -32,7 +34,7 @@ from vlmtrain.config.load import validate
 from vlmtrain.config.model import ModelConfig, NativeModelConfig, is_native_config
 from vlmtrain.config.stage import StageConfig
 from vlmtrain.errors import VlmtrainError
-from vlmtrain.train import phases, preempt
+from vlmtrain.train import phases
 from vlmtrain.train.finalize import record_final_eval, training_figures
 from vlmtrain.train.lock import lock_run_dir
 
@@ -338,6 +340,7 @@ class StageRun:
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        from vlmtrain.train import preempt
         from vlmtrain.train.checkpoint_io import AtomicCheckpointIO
         from vlmtrain.train.recorder import Recorder
         from vlmtrain.train.strategy import make_strategy
@@ -369,6 +372,7 @@ class StageRun:
         """Phase fit: train (from the last intact checkpoint with --resume) to max_steps, then write the final
         checkpoint. A preemption signal stops at the next step boundary, after a checkpoint."""
         from vlmtrain.data.loader import stop_receivers
+        from vlmtrain.train import preempt
         from vlmtrain.train.checkpoint_io import resolve_last
 
         resume_from = resolve_last(self.ckpt) if self.resume else None
