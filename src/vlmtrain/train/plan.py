@@ -287,7 +287,10 @@ def stacks_geometry(model, stage, llm: StackGeo, vis: StackGeo, layers: dict, im
                     ) -> Geometry:
     """The parts of `Geometry` every model kind shares: per-Linear kinds of the blocks (`layer_re` matches a block
     Linear's name → (part, block index, rest); `roles` maps its leaf name to a role), parameter, LoRA, QLoRA,
-    trainable and buffer counts. `image`: the kind's image fields of `Geometry`."""
+    trainable and buffer counts. `image`: the kind's image fields of `Geometry`.
+
+    Long because it is one walk over the model's modules and parameters whose counts feed each other (a Linear's
+    kind decides its block spec, the LoRA/QLoRA counts and the AdamW groups); split, the walks would repeat."""
     from torch import nn
 
     from vlmtrain.model.builder import count_params
@@ -672,7 +675,11 @@ def step_parts(geo: Geometry, stage, batch: int, opts: PlanOptions) -> tuple[dic
 def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str, dict[str, int]]:
     """Memory parts (bytes) at each candidate peak moment of one training step: loss (end of forward, inside the
     loss), head_backward, backward (top decoder block), backward_bottom (first decoder block), backward_vision
-    (connector and tower), optimizer, and vision_forward (a frozen tower's forward)."""
+    (connector and tower), optimizer, and vision_forward (a frozen tower's forward).
+
+    Long because it is one memory model: the static parts, the activations and the candidate moments share a few
+    dozen intermediate sizes, and each moment reads as one line next to the term it adds; split, every helper
+    would take and return most of them."""
     tr = stage.trainer
     p = PRECISIONS[tr.precision]
     dpo = stage.objective == "dpo"
