@@ -94,7 +94,8 @@ class Recorder(pl.Callback):
             self.last_loss = row["loss"]
             rate = (step - self.start_step) / max(now - self.t_start, 1e-9)
             eta = (self.max_steps - step) / max(rate, 1e-9)
-            extra = "".join(f" | {k.split('/')[1]} {v:.3f}" for k, v in row.items() if k.startswith("rewards/"))
+            extra = "".join(f" | {k.split('/')[1]} {v:.3f}" for k, v in row.items()
+                            if k.startswith("rewards/") and not k.endswith("/std"))
             if "privacy/epsilon" in row:
                 extra += f" | ε {row['privacy/epsilon']:.3f}"
             if self.is_zero:

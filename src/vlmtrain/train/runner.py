@@ -29,8 +29,11 @@ def fit_stage(stage: StageConfig, run_dir: str | Path, data_root: str | Path | N
               base_dir: str | Path = ".", parent: dict | None = None) -> dict:
     """Train one stage into `run_dir` (or finish it, with `resume`); holds the directory's lock while it runs.
     The phases, in order, are `train.stage.StageRun`'s."""
+    run_class = StageRun
+    if stage.objective == "grpo":  # generate-then-score inside fit: the objective's own module, data and summary
+        from vlmtrain.train.grpo.stage import GRPOStageRun as run_class
     with holding_lock(run_dir):
-        return StageRun(stage, run_dir, data_root, resume, base_dir, parent).run()
+        return run_class(stage, run_dir, data_root, resume, base_dir, parent).run()
 
 
 def run_recipe(path: str | Path, out: str | Path, resume: bool = False, overrides: list[str] | None = None,
