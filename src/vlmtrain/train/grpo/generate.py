@@ -8,7 +8,8 @@ The prompts are left-padded into one batch; their image features (`vlm.encode_im
 the caller) are repeated for the G copies of each prompt, so the vision tower and connector run once per group
 while transformers' `generate` samples all r × G continuations in one batched loop with a KV cache
 (`VLM.generate`). The same features then serve the loss forward (`scoring.group_token_logps(image_embeds=...)`).
-Sampling draws from torch's global generator: a seeded run repeats its completions.
+Sampling draws from torch's global generator: a seeded run repeats its completions. The image token is never
+sampled (a completion has no image to fill it with).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def sample_groups(vlm, prompts: list[list[int]], image_embeds: torch.Tensor | No
     out = vlm.generate(ids.repeat_interleave(G, 0).to(dev), attention_mask=att.repeat_interleave(G, 0).to(dev),
                        max_new_tokens=settings.max_completion_length, image_embeds=feats, do_sample=True,
                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                       eos_token_id=list(stop_ids), pad_token_id=pad_token_id)
+                       eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
+                       suppress_tokens=[vlm.image_token_id])  # image slots belong to prompts, never completions
     stop = set(stop_ids)
     rows = [cut_at_stop(r, stop) for r in out.tolist()]
     return [rows[i * G:(i + 1) * G] for i in range(len(prompts))]
