@@ -141,8 +141,16 @@ def test_one_step_gradient_equals_a_hand_assembled_step(loss_type):
             p.add_(0.02 * torch.randn_like(p))
     batch, xs = _batch(bundle)
     _make_stopping_likely(vlm, xs, module.stop_ids[0])
+    seen = []  # images through the vision tower during the step: generation, reference and loss forward
+    hooks = [tower.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+             for tower in (vlm.vision, module._ref[0].vision)]
     torch.manual_seed(7)
-    stats = module.accumulate({"micro": [batch]})
+    try:
+        stats = module.accumulate({"micro": [batch]})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sum(seen) == 3  # 1 + 2 images, each encoded once for its G = 3 completions (frozen tower and connector)
     trainable = [(n, p) for n, p in vlm.named_parameters() if p.requires_grad]
     ours = {n: p.grad.clone() for n, p in trainable}
     vlm.zero_grad(set_to_none=True)
