@@ -96,3 +96,15 @@ def test_shipped_reward_names_match_the_registry():
                               {"fn": "length_penalty", "args": {"max_length": 64, "cache": 16}}])
     rs = load_rewards(cfg.rewards)
     assert rs.names == ["accuracy", "length_penalty"] and rs.weights.tolist() == [2.0, 1.0]
+
+
+def test_native_families_refuse_grpo_with_its_reason():
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.train.native import native_refusals
+    from vlmtrain.train.presets import with_preset
+
+    stage = StageConfig(**with_preset({"name": "g", "preset": "grpo", "data": {"train": [{"builtin": "digits-qa"}]},
+                                       "rewards": [{"fn": "accuracy"}]}))
+    assert native_refusals(stage) == ["objective: grpo runs for composed models so far; native families need "
+                                      "shared-prefix group rows (mRoPE positions, bidirectional image blocks), not "
+                                      "built yet"]

@@ -1,6 +1,7 @@
-"""The grpo stage for composed VLMs: prompt records from chat shards, one GRPO step's gradient against a hand-assembled
-one (the same seeded sampling done per completion by transformers' `generate`, each completion scored alone, the
-advantages and the clipped objective written out by hand), and a 2-step `vlmtrain fit` that writes the rl block."""
+"""The grpo stage for composed VLMs: prompt records from chat shards, one GRPO step's gradient against a
+hand-assembled one (the same seeded sampling done per completion by transformers' `generate`, each completion scored
+alone, the advantages and the clipped objective written out by hand), the adapters-off reference of a LoRA stage,
+and a 2-step `vlmtrain fit` that writes the rl block."""
 
 import copy
 import json
@@ -70,21 +71,22 @@ def _batch(bundle, n_prompts=2):
     from vlmtrain.data.prompts import PromptEncoder
 
     enc = PromptEncoder(encoder_for(bundle, 128), 5)
-    xs = [enc(chat_record(i, n_images=1 + i % 2), [decode_image(png_bytes(10 * i + j), "r") for j in range(1 + i % 2)])
-          for i in range(n_prompts)]
+    images = lambda i: [decode_image(png_bytes(10 * i + j), "r") for j in range(1 + i % 2)]  # noqa: E731
+    xs = [enc(chat_record(i, n_images=1 + i % 2), images(i)) for i in range(n_prompts)]
     b = collate(xs, bundle.tokenizer.pad_token_id)
     b.update(columns=[x["columns"] for x in xs], prompts=[x["prompt"] for x in xs], ids=[x["id"] for x in xs])
     return b, xs
 
 
-def _stage(loss_type, **grpo):
+def _stage(loss_type, fields=None, **grpo):
     from vlmtrain.config.stage import StageConfig
     from vlmtrain.train.presets import with_preset
 
     return StageConfig(**with_preset({
         "name": "g", "preset": "grpo", "data": {"train": [{"builtin": "digits-qa"}]},
         "grpo": {"num_generations": 3, "max_completion_length": 5, "beta": 0.04, "loss_type": loss_type,
-                 "temperature": 0.9, "top_k": 50, "rewards": [{"fn": "test_grpo_stage:char_reward"}], **grpo}}))
+                 "temperature": 0.9, "top_k": 50, "rewards": [{"fn": "test_grpo_stage:char_reward"}], **grpo},
+        **(fields or {})}))
 
 
 def _hand_generate(vlm, xs, G, seed, stop):
@@ -228,3 +230,36 @@ def test_fit_two_steps_writes_rl_block_metrics_and_completions(tmp_path):
     # over-long prompts were counted and never trained on
     long_ids = {f"r{i}" for i in range(12) if i % 3 == 0}
     assert summary["skipped"].get("over_length", 0) >= 1 and not {c["id"] for c in comps} & long_ids
+
+
+def test_lora_stage_reference_is_the_policy_with_adapters_off():
+    """A LoRA grpo stage loads no second model: its reference log-probs are the base model's (a copy taken before the
+    adapters were added, each completion scored alone), and only adapter weights get gradients."""
+    from vlmtrain.model.lora import apply_lora
+    from vlmtrain.train.freeze import apply_stage_trainability
+    from vlmtrain.train.grpo.module import GRPOModule
+
+    bundle = tiny_bundle(TINY)
+    base = copy.deepcopy(bundle.model).eval()
+    stage = _stage("dapo", {"train": {"llm": "lora"}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    apply_lora(bundle.model, stage.lora, llm=True, vision=False)
+    apply_stage_trainability(bundle.model, stage.train)
+    with torch.no_grad():  # adapters that change the policy (LoRA's B starts at zero)
+        for n, p in bundle.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    module = GRPOModule(bundle, stage)
+    assert module.reference == "adapters_off" and module._ref == []
+    batch, xs = _batch(bundle)
+    torch.manual_seed(3)
+    stats = module.accumulate({"micro": [batch]})
+    ro, G = module.rollouts[0], 3
+    comps = [ro["rows"].targets[ro["rows"].out_index[:, 0] == k].tolist() for k in range(2 * G)]
+    for k, c in enumerate(comps):
+        x = xs[k // G]
+        with torch.no_grad():
+            expected = _alone_logps(base, x["input_ids"], x["pixel_values"], c)
+        torch.testing.assert_close(ro["ref"][k, :len(c)], expected, atol=1e-5, rtol=0)
+    assert stats["rl/kl"] > 0  # the adapted policy differs from its reference
+    grads = {n for n, p in bundle.model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)

@@ -116,9 +116,9 @@ class GRPOModule(VLMModule):
                                       columns=_columns(b["columns"], G), state=RewardState(step, max_steps))
         total = weighted_rewards(per_func, self.rewards.weights)
         adv = group_advantages(total, G, self.cfg.scale_rewards)
-        rows = _rows_to(collate_groups(prompts, groups, self.pad_id, m.image_token_id), dev)
-        t = int(rows.lengths.max())
-        mask = torch.arange(t)[None] < rows.lengths[:, None]
+        cpu_rows = collate_groups(prompts, groups, self.pad_id, m.image_token_id)
+        mask = torch.arange(int(cpu_rows.lengths.max()))[None] < cpu_rows.lengths[:, None]  # [r*G, t]
+        rows = _rows_to(cpu_rows, dev)
         truncated = torch.tensor([c[-1] not in self.stop_ids for c in flat])
         if self.cfg.mask_truncated_completions:
             mask = mask_truncated(mask, flat, self.stop_ids)
