@@ -7,8 +7,9 @@ Model: bench.qwen_model's ~23M-parameter Qwen2.5-VL-shaped checkpoint (`save_pre
 (bench.trl_native). Same records (bench.records with digit images of 56–168 px per side, so 4–36 image tokens per
 image, and 1–4 exchanges or varied answer phrasings), batch 4, max length 256, AdamW at a constant LR, 2 dataloader
 workers, fp32 and CPU/GPU bf16 autocast (TRL's `bf16=True`; fp32 weights on both sides). SFT trains merger + LM
-(tower frozen), DPO the LM (tower + merger frozen; both sides two rows per pair: vlmtrain refuses the shared-prompt
-layout for native families). Sides are interleaved over repeats; medians. Same-work checks: both sides start from
+(tower frozen), DPO the LM (tower + merger frozen; vlmtrain as shipped, one shared-prefix row per pair — prompt and
+image computed once —, and with `dpo.share_prompt: false`, two rows per pair as TRL). Sides are interleaved over
+repeats; medians. Same-work checks: both sides start from
 the same weights (every tensor equal by name) and the first batch has the same token ids and supervised positions.
 
 Packing: run automatically once train/native.py stops refusing `data.mode: pack` for native families; until then
@@ -177,11 +178,14 @@ def run_dpo(family: str, quick: bool = False, out: str | None = None) -> dict:
         ck = qwen_model.write_checkpoint(tmp / "checkpoint", quick=quick)
         shards = records.write(samples, tmp / "shards")
         dataset = records.trl_dpo_dataset(samples)
-        dpo = {"dpo": {"beta": BETA, "loss_type": "sigmoid", "share_prompt": False}}
+        dpo = {"dpo": {"beta": BETA, "loss_type": "sigmoid", "share_prompt": True}}
+        two_rows = {"dpo": {"beta": BETA, "loss_type": "sigmoid", "share_prompt": False}}
         kw = dict(model={"pretrained": str(ck)}, batch=BATCH, mode="plain", workers=WORKERS, max_len=MAX_LEN,
                   lr=DPO_LR, steps=warmup + timed)
         stages = {"fp32": vlm_side.stage_config("dpo", "dpo", shards, **kw, extra=dpo),
-                  "bf16": vlm_side.stage_config("dpo", "dpo", shards, **kw, extra={**dpo, **BF16})}
+                  "bf16": vlm_side.stage_config("dpo", "dpo", shards, **kw, extra={**dpo, **BF16}),
+                  # the same stage in two rows per pair: what the shared-prefix layout is worth on its own
+                  "two_rows": vlm_side.stage_config("dpo", "dpo", shards, **kw, extra=two_rows)}
         bundle = vlm_side.start_bundle(stages["fp32"])
         start, params = module_hashes(bundle.model), count_params(bundle.model)
         table = vlm_side.record_table(bundle, samples, MAX_LEN)
@@ -193,7 +197,14 @@ def run_dpo(family: str, quick: bool = False, out: str | None = None) -> dict:
         ours_batch = vlm_side.encode_batch(bundle, samples[:BATCH], MAX_LEN)
         checks = {"start_weights": _same_start(bundle, probe.model),
                   "first_batch": _parity(ours_batch, peer_batch, peer_batch["completion_mask"], tokenizer)}
-        profile = _profile(bundle, stages["fp32"], ours_batch, probe, peer_batch)
+        shared_batch = vlm_side.encode_batch(bundle, samples[:BATCH], MAX_LEN, shared_prompt=True)
+        checks["shared_rows_first_batch"] = {"rows": int(shared_batch["input_ids"].shape[0]),
+                                             "row_len": int(shared_batch["input_ids"].shape[1]),
+                                             "two_row_tokens": int(ours_batch["attention_mask"].sum()),
+                                             "shared_row_tokens": int((shared_batch["segments"] >= 0).sum()),
+                                             "scored": int(shared_batch["targets"].numel())}
+        profile = _profile(bundle, stages["fp32"], shared_batch, probe, peer_batch)
+        profile["vlmtrain_two_rows"] = _profile(bundle, stages["two_rows"], ours_batch, probe, peer_batch)["vlmtrain"]
         del probe, bundle
         sides = {}
         for p in ("fp32", "bf16"):
@@ -201,11 +212,15 @@ def run_dpo(family: str, quick: bool = False, out: str | None = None) -> dict:
             sides["vlmtrain" + sfx] = _ours(stages[p], tmp, table, start, warmup, timed)
             sides["trl" + sfx] = _peer(lambda a=args[p]: trl_native.dpo_trainer(ck, dataset, a, BETA, template), warmup,
                                        timed)
+            if p == "fp32":
+                sides["vlmtrain_two_rows"] = _ours(stages["two_rows"], tmp, table, start, warmup, timed)
         runs = interleaved(sides, repeats)
     med = medians(runs)
     rate = {k: v["samples_per_s"] for k, v in med.items()}
     headline = {"ratio": rate["vlmtrain"] / rate["trl"], "vlmtrain_samples_per_s": rate["vlmtrain"],
                 "peer_samples_per_s": rate["trl"], "unit": "preference pairs", "family": family,
+                "two_rows_ratio": rate["vlmtrain_two_rows"] / rate["trl"],
+                "vlmtrain_two_rows_samples_per_s": rate["vlmtrain_two_rows"],
                 "peer": "trl.DPOTrainer " + _trl_version(),
                 "bf16": {"ratio": rate["vlmtrain_bf16"] / rate["trl_bf16"],
                          "vlmtrain_samples_per_s": rate["vlmtrain_bf16"], "peer_samples_per_s": rate["trl_bf16"]},

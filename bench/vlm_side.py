@@ -88,7 +88,7 @@ def run(stage, workdir: Path, table: dict[str, dict]) -> tuple[list[dict], dict]
 
 def encode_batch(bundle, samples, max_len: int, shared_prompt: bool = False) -> dict:
     """The padded batch the plain loader would make of `samples` (chat or preference records; preference records in
-    the shared-prompt layout with `shared_prompt`)."""
+    the shared-prompt layout with `shared_prompt`: a native family's shared-prefix rows for a native model)."""
     from vlmtrain.data.batching import collate, collate_preference
     from vlmtrain.data.encode import decode_image
     from vlmtrain.data.inspect import encoder_for
@@ -97,9 +97,10 @@ def encode_batch(bundle, samples, max_len: int, shared_prompt: bool = False) -> 
     xs = [enc(s.record, [decode_image(d, s.record["id"]) for _, d in s.images]) for s in samples]
     pad = bundle.tokenizer.pad_token_id
     if "chosen" in xs[0] and shared_prompt:
-        from vlmtrain.data.batching import collate_preference_shared
+        from vlmtrain.data.batching import collate_preference_prefix, collate_preference_shared
 
-        return collate_preference_shared(xs, pad, bundle.model.image_token_id)
+        shared = collate_preference_prefix if bundle.native else collate_preference_shared
+        return shared(xs, pad, bundle.model.image_token_id)
     return collate_preference(xs, pad) if "chosen" in xs[0] else collate(xs, pad)
 
 

@@ -106,6 +106,12 @@ def test_bench_native_qwen_vs_trl_quick(name, tmp_path):
     else:
         # TRL's DPO completions end with the template's newline after <|im_end|>, which it scores too
         assert set(first["differing_supervised_positions"]["peer_only"]["tokens"]) <= {"\n"}
+        # vlmtrain as shipped: one shared-prefix row per pair, scoring the same tokens as its two-row layout
+        shared = work["shared_rows_first_batch"]
+        assert shared["rows"] == full["pairs_per_step"] and shared["shared_row_tokens"] < shared["two_row_tokens"]
+        assert shared["scored"] == first["vlmtrain_supervised"]
+        assert head["two_rows_ratio"] == pytest.approx(
+            head["vlmtrain_two_rows_samples_per_s"] / head["peer_samples_per_s"], rel=1e-12)
 
 
 def test_bench_family_only_for_sft_dpo(capsys):

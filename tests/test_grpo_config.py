@@ -105,6 +105,5 @@ def test_native_families_refuse_grpo_with_its_reason():
 
     stage = StageConfig(**with_preset({"name": "g", "preset": "grpo", "data": {"train": [{"builtin": "digits-qa"}]},
                                        "rewards": [{"fn": "accuracy"}]}))
-    assert native_refusals(stage) == ["objective: grpo runs for composed models so far; native families need "
-                                      "shared-prefix group rows (mRoPE positions, bidirectional image blocks), not "
-                                      "built yet"]
+    assert native_refusals(stage) == ["objective: grpo runs for composed models so far; native generation and "
+                                      "group scoring on shared-prefix rows are not wired into it yet"]

@@ -88,7 +88,8 @@ class DPOConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     share_prompt: bool = Field(True, description="one row per pair: the prompt (and its images) computed once, "
                                                  "chosen and rejected answers after it under a custom mask "
-                                                 "(needs sdpa or eager attention)")
+                                                 "(needs sdpa or eager attention; native families where "
+                                                 "Family.shared_prefix gives a reason keep two rows)")
     reference: Literal["copy", "adapters_off"] = Field(
         "copy", description="copy: a frozen copy of the starting model; adapters_off: the policy with its LoRA "
                             "adapters disabled (LoRA stages; no second model in memory)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from vlmtrain.data.chat import IGNORE
+from vlmtrain.data.prefix import common_prefix_len, segment_attention_mask, shared_prefix_rows
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict:
@@ -201,79 +202,73 @@ def collate_preference(samples: list[dict], pad_token_id: int) -> dict:
     return collate(chosen + rejected, pad_token_id)
 
 
-def _common_prefix(a: list[int], b: list[int], la: list[int], lb: list[int]) -> int:
-    n = 0
-    for x, y, u, v in zip(a, b, la, lb):
-        if x != y or u != v:
-            break
-        n += 1
-    return n
+def _pair_groups(samples: list[dict], image_token_id: int,
+                 token_keys: tuple[str, ...] = ()) -> tuple[list[list[dict]], list[int]] | None:
+    """Each pair as a shared-prefix group [chosen, rejected] and its shared prefix length (the longest common prefix
+    of the two encoded sequences: prompt, images, template, and any identical first answer tokens); None when a
+    pair has image tokens outside it."""
+    groups, lens = [], []
+    for x in samples:
+        pair = [x["chosen"], x["rejected"]]
+        n = common_prefix_len(pair, token_keys)
+        if any(image_token_id in s["input_ids"][n:] for s in pair):
+            return None
+        groups.append(pair)
+        lens.append(n)
+    return groups, lens
 
 
-def collate_preference_shared(samples: list[dict], pad_token_id: int, image_token_id: int) -> dict:
-    """DPO batch with the prompt computed once per pair: row i is `[shared prefix | chosen rest | rejected rest]`.
+def _shared_pair_batch(rows: dict, b: int) -> dict:
+    return {"input_ids": rows["input_ids"], "position_ids": rows["position_ids"],
+            "logits_index": rows["logits_index"], "targets": rows["targets"], "seq_index": rows["seq_index"],
+            "pairs": b, "shared_prompt": True,
+            # what the classic layout would have cost, for throughput accounting
+            "token_count": rows["token_count"]}
 
-    The shared prefix is the longest common prefix of the two encoded sequences (prompt, images, template; also any
-    identical first answer tokens). Position ids restart at the prefix length for the rejected rest, and a custom
-    mask `attention_mask [b, 1, s, s]` (bool, True = may attend) is causal except that the
-    rejected rest never sees the chosen rest — so every token sees exactly the context it has in its own sequence.
-    The images are in the prefix, once (the classic layout carries them twice).
 
-    Scoring uses explicit (row, position) → target pairs, since the first rejected token is predicted from the last
-    prefix position, not from its left neighbour in the row:
-        logits_index `[n, 2]`, targets `[n]`, seq_index `[n]` (pair i's chosen = i, rejected = b + i).
+def collate_preference_shared(samples: list[dict], pad_token_id: int, image_token_id: int) -> dict | None:
+    """DPO batch of a composed model with the prompt computed once per pair: row i is
+    `[shared prefix | chosen rest | rejected rest]` (`vlmtrain.data.prefix`, k = 2).
+
+    Position ids restart at the prefix length for the rejected rest, and a custom mask `attention_mask [b, 1, s, s]`
+    (bool, True = may attend) is causal except that the rejected rest never sees the chosen rest — so every token
+    sees exactly the context it has in its own sequence. The images are in the prefix, once (the classic layout
+    carries them twice). Scoring uses explicit (row, position) → target pairs: logits_index `[n, 2]`, targets `[n]`,
+    seq_index `[n]` (pair i's chosen = i, rejected = b + i).
     Returns None when a pair has image tokens outside its shared prefix, or the family's image tensors are per row
     (Family.batch_aligned_images): the caller uses `collate_preference`."""
     if any(x.get("batch_aligned") for x in samples):
         return None  # per-row image tensors (Mllama's cross_attention_mask) follow each sequence: classic layout
-    b = len(samples)
-    rows, pos, spans = [], [], []
-    for x in samples:
-        c, r = x["chosen"]["input_ids"], x["rejected"]["input_ids"]
-        lc, lr = x["chosen"]["labels"], x["rejected"]["labels"]
-        n = _common_prefix(c, r, lc, lr)
-        if image_token_id in c[n:] or image_token_id in r[n:]:
-            return None
-        rows.append(list(c) + list(r[n:]))
-        pos.append(list(range(len(c))) + list(range(n, len(r))))
-        spans.append((n, len(c), len(r)))
-    s_max = max(len(x) for x in rows)
-    input_ids = torch.full((b, s_max), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((b, s_max), dtype=torch.long)
-    allowed = torch.zeros((b, s_max, s_max), dtype=torch.bool)
-    causal = torch.ones((s_max, s_max), dtype=torch.bool).tril()
-    index, targets, seq = [], [], []
-    for i, (row, p, (n, len_c, len_r)) in enumerate(zip(rows, pos, spans)):
-        m = len(row)
-        input_ids[i, :m] = torch.tensor(row)
-        position_ids[i, :m] = torch.tensor(p)
-        allowed[i, :m, :m] = causal[:m, :m]
-        allowed[i, len_c:m, n:len_c] = False  # rejected rest ⟂ chosen rest
-        allowed[i, m:, :].fill_(False)
-        allowed[i, range(m, s_max), range(m, s_max)] = True  # padding rows see themselves (no all-masked row)
-        x = samples[i]
-        lc, lr = x["chosen"]["labels"], x["rejected"]["labels"]
-        for t in range(1, len_c):  # chosen token t, predicted at row position t - 1
-            if lc[t] != IGNORE:
-                index.append((i, t - 1))
-                targets.append(lc[t])
-                seq.append(i)
-
-        def at(t: int) -> int:  # row position of rejected token t
-            return t if t < n else len_c + (t - n)
-
-        for t in range(1, len_r):
-            if lr[t] != IGNORE:
-                index.append((i, at(t - 1)))
-                targets.append(lr[t])
-                seq.append(b + i)
-    batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": allowed[:, None],
-             "logits_index": torch.tensor(index, dtype=torch.long).reshape(-1, 2),
-             "targets": torch.tensor(targets, dtype=torch.long), "seq_index": torch.tensor(seq, dtype=torch.long),
-             "pairs": b, "shared_prompt": True,
-             # what the classic layout would have cost, for throughput accounting
-             "token_count": sum(len(x["chosen"]["input_ids"]) + len(x["rejected"]["input_ids"]) for x in samples)}
+    pairs = _pair_groups(samples, image_token_id)
+    if pairs is None:
+        return None
+    rows = shared_prefix_rows(*pairs, pad_token_id)
+    batch = _shared_pair_batch(rows, len(samples))
+    batch["attention_mask"] = segment_attention_mask(rows["segments"])
     _add_pixels(batch, samples)
+    return batch
+
+
+def collate_preference_prefix(samples: list[dict], pad_token_id: int, image_token_id: int) -> dict | None:
+    """DPO batch of a native family in shared-prefix rows (`vlmtrain.data.prefix`, k = 2): the layout of
+    `collate_preference_shared`, but the model builds the mask itself from `segments [b, s]` (a model_extra), since
+    it depends on the family (Gemma 3's bidirectional image blocks, sliding windows, Qwen's 3-D mRoPE ids continuing
+    the prefix: `vlmtrain.model.native.shared_prefix`). Per-token family tensors (`token_type_ids`,
+    `mm_token_type_ids`) follow the row; the images and their tensors appear once. None when a pair has image tokens
+    outside its shared prefix or the images are per row (the caller uses `collate_preference`)."""
+    if any(x.get("batch_aligned") for x in samples):
+        return None
+    keys = tuple(sorted({k for x in samples for side in ("chosen", "rejected")
+                         for k in x[side].get("token_extras", {})}))
+    pairs = _pair_groups(samples, image_token_id, keys)
+    if pairs is None:
+        return None
+    rows = shared_prefix_rows(*pairs, pad_token_id)
+    batch = _shared_pair_batch(rows, len(samples))
+    batch["segments"] = rows["segments"]
+    batch.update(rows["token_extras"])
+    _add_pixels(batch, samples)
+    batch["model_extras"] = sorted(set(batch.get("model_extras", [])) | set(keys) | {"segments"})
     return batch
 
 

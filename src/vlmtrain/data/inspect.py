@@ -20,7 +20,8 @@ def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
         return NativeSampleEncoder(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
                                    caption_prompt=caption_prompt, nested_images=m.family.nested_images,
                                    template_kwargs=dict(m.family.template_kwargs),
-                                   batch_aligned_images=m.family.batch_aligned_images)
+                                   batch_aligned_images=m.family.batch_aligned_images,
+                                   shared_prefix_rows=getattr(m, "dpo_shared_prefix", False))
     tiler = AnyResTiler(anyres_pinpoints, m.vision.image_size) if anyres_pinpoints else None
     return SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens,
                          max_len=max_len, caption_prompt=caption_prompt, tiler=tiler)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlmtrain.data.batching import (collate, collate_packed, collate_preference, collate_preference_shared,
-                                    pack_rows, sample_length)
+from vlmtrain.data.batching import (collate, collate_packed, collate_preference, collate_preference_prefix,
+                                    collate_preference_shared, pack_rows, sample_length)
 from vlmtrain.data.encode import decode_image
 from vlmtrain.data.schema import IMAGE_EXTS, RecordError, validate_record
 from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world, iter_shard
@@ -219,6 +219,8 @@ class _SlotPipeline:
             batch = None
             if prefs and c.share_prompt_image_token is not None:
                 batch = collate_preference_shared(samples, self.pad_id, c.share_prompt_image_token)
+            elif prefs and getattr(self.encoder, "shared_prefix_rows", False):  # a native family's encoder
+                batch = collate_preference_prefix(samples, self.pad_id, self.encoder.image_token_id)
             if batch is None:
                 batch = (collate_preference if prefs else collate)(samples, self.pad_id)
             batch["preference"] = bool(prefs)

@@ -67,6 +67,9 @@ class NativeSampleEncoder:
     template_kwargs: dict = field(default_factory=dict)
     # give text-only samples their rows of the image tensors (Family.batch_aligned_images), done by the collator
     batch_aligned_images: bool = False
+    # preference batches in shared-prefix rows (`collate_preference_prefix`; the DPO stage decides, see
+    # vlmtrain.train.native.configure_shared_prefix), read by the loader
+    shared_prefix_rows: bool = False
 
     @property
     def tokenizer(self):

@@ -200,8 +200,9 @@ def dpo_loss(
 def selected_sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
                                                                                                        torch.Tensor]:
     """`sequence_logps` from logits computed only at the predicting positions (`VLM.forward(logits_mask=mask)`):
-    logits `[n, v]`, targets `[n]`, mask `[b, s]` → (logps `[b]`, n_tokens `[b]`)."""
-    tok = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # [n]
+    logits `[n, v]`, targets `[n]`, mask `[b, s]` → (logps `[b]`, n_tokens `[b]`); fp32, or fp64 for fp64 logits."""
+    tok = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    tok = tok.gather(-1, targets[:, None]).squeeze(-1)  # [n]
     rows = mask.nonzero()[:, 0]
     logps = torch.zeros(mask.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
     return logps, mask.sum(-1)
@@ -209,9 +210,10 @@ def selected_sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: t
 
 def indexed_sequence_logps(logits: torch.Tensor, targets: torch.Tensor, seq_index: torch.Tensor,
                            n_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed log-probs from logits at explicit positions (the shared-prompt DPO layout,
-    `collate_preference_shared`): logits `[n, v]`, targets `[n]`, seq_index `[n]` → (logps `[n_seq]`,
-    n_tokens `[n_seq]`)."""
-    tok = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # [n]
+    """Per-sequence summed log-probs from logits at explicit positions (shared-prefix rows, `vlmtrain.data.prefix`:
+    DPO's `collate_preference_shared` / `collate_preference_prefix`): logits `[n, v]`, targets `[n]`, seq_index
+    `[n]` → (logps `[n_seq]`, n_tokens `[n_seq]`); fp32, or fp64 for fp64 logits."""
+    tok = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    tok = tok.gather(-1, targets[:, None]).squeeze(-1)  # [n]
     logps = torch.zeros(n_seq, dtype=tok.dtype, device=tok.device).index_add(0, seq_index, tok)
     return logps, torch.bincount(seq_index, minlength=n_seq)

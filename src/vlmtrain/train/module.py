@@ -210,7 +210,10 @@ class VLMModule(pl.LightningModule):
         return b["pairs"] if b.get("shared_prompt") else b["input_ids"].shape[0] // 2
 
     def _shared_inputs(self, b: dict) -> tuple:
-        """Model inputs of a shared-prompt DPO batch, its 4D mask in the form the attention kernel takes."""
+        """Model inputs of a shared-prompt DPO batch, its 4D mask in the form the attention kernel takes. A native
+        family's rows (`collate_preference_prefix`) carry `segments` instead: the model builds its own masks."""
+        if "segments" in b:
+            return b["input_ids"], b.get("pixel_values"), None, b["position_ids"]
         mask = b["attention_mask"]
         impl = getattr(self.model.llm.config, "_attn_implementation", "sdpa")
         if impl == "eager":  # eager adds the mask to the scores: additive float, blocked = dtype minimum
@@ -241,7 +244,7 @@ class VLMModule(pl.LightningModule):
         if b.get("shared_prompt"):
             from vlmtrain.train.dpo import indexed_sequence_logps
 
-            logits = run(logits_mask=b["logits_index"])
+            logits = run(logits_mask=b["logits_index"], **model_extras(b))
             return indexed_sequence_logps(logits, b["targets"], b["seq_index"], 2 * b["pairs"])
         mask, targets = prediction_mask(b["labels"])
         return selected_sequence_logps(run(logits_mask=mask, **model_extras(b)), targets, mask)

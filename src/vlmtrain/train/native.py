@@ -20,8 +20,8 @@ def native_refusals(stage) -> list[str]:
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
     if stage.objective == "grpo":
-        problems.append("objective: grpo runs for composed models so far; native families need shared-prefix "
-                        "group rows (mRoPE positions, bidirectional image blocks), not built yet")
+        problems.append("objective: grpo runs for composed models so far; native generation and group scoring "
+                        "on shared-prefix rows are not wired into it yet")
     return problems
 
 
@@ -34,6 +34,38 @@ def packing_refusal(family, text_config) -> str:
         return ("its linear-attention layers carry a recurrent state across packed samples; "
                 "use data.mode: plain or group")
     return ""
+
+
+def shared_prefix_refusal(model) -> str:
+    """Why this NativeVLM's DPO pairs keep two full rows instead of shared-prefix rows ("" when they need not): the
+    family row's reason, else an LM with linear-attention layers (a generic-map family: its recurrent state runs
+    from one continuation into the next), else an attention implementation that takes no custom mask."""
+    from vlmtrain.model.native.shared_prefix import MASKED_IMPLEMENTATIONS
+
+    cfg = model.llm.config
+    if model.family.shared_prefix:
+        return model.family.shared_prefix
+    if "linear_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return "its linear-attention layers carry a recurrent state from one continuation into the next"
+    impl = getattr(cfg, "_attn_implementation", None) or "sdpa"
+    if impl not in MASKED_IMPLEMENTATIONS:
+        return f"its attention implementation {impl} takes no custom mask"
+    return ""
+
+
+def configure_shared_prefix(stage, model) -> None:
+    """DPO with `dpo.share_prompt` (the default): chosen and rejected in one shared-prefix row per pair where the
+    family allows it (`shared_prefix_refusal`), else two full rows, said once in the log."""
+    if stage.objective != "dpo" or not stage.dpo.share_prompt:
+        model.dpo_shared_prefix = False
+        return
+    reason = shared_prefix_refusal(model)
+    model.dpo_shared_prefix = not reason
+    if reason:
+        import logging
+
+        logging.getLogger("vlmtrain.train").info("dpo.share_prompt: two rows per pair for %s: %s", model.model_type,
+                                                 reason)
 
 
 def family_refusals(stage, model) -> list[str]:
@@ -77,6 +109,7 @@ def check_native_stage(stage, bundle) -> None:
     if problems:
         raise ConfigError(problems)
     configure_router_aux(stage, bundle.model)
+    configure_shared_prefix(stage, bundle.model)
     if stage.trainer.vision_feature_cache_mb:
         import logging
 

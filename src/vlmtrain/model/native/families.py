@@ -41,6 +41,10 @@ class Family:
     batch_aligned_images: bool = False
     # fixed variables for the chat template, so the rendered training text does not depend on the day it runs
     template_kwargs: dict = field(default_factory=dict)
+    # why shared-prefix rows (a prompt once, DPO's chosen and rejected / GRPO's completions after it under one mask,
+    # `vlmtrain.data.prefix`) cannot score this family's sequences as they score alone ("" = they can; DPO then
+    # runs two full rows per pair)
+    shared_prefix: str = ""
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -58,12 +62,18 @@ _QWEN3_5_ROLES = {"vision": {**_QWEN_VISION, "model.pos_embed": "model.visual.po
 # flash-linear-attention and causal-conv1d GPU kernels (measured: a packed second sample's logits 0.03-0.04 off)
 _LINEAR_ATTENTION_PACKING = ("its Gated DeltaNet (linear attention) layers carry a recurrent state and a "
                              "convolution window across packed samples; use data.mode: plain or group")
+# the same state runs along a shared-prefix row, through one continuation into the next: no mask stops it
+_LINEAR_ATTENTION_PREFIX = ("its Gated DeltaNet (linear attention) layers carry a recurrent state along the row, "
+                            "so a continuation would see the one before it")
 
 # Mllama's image states reach the LM through cross-attention from a per-row `cross_attention_mask [b, s, images,
 # tiles]`: packed samples of a row would share one image axis, and a token's fully masked row attends to every image
 # of the row (transformers' `_prepare_cross_attention_mask` un-masks such rows), so images would leak across samples
 _CROSS_ATTENTION_PACKING = ("its cross-attention image states are per row, not per sample, so packed samples would "
                             "attend to each other's images; use data.mode: plain or group")
+# its image tensors are per row and per token (`cross_attention_mask [b, s, images, tiles]`), built for whole rows
+_CROSS_ATTENTION_PREFIX = ("its images enter through a per-row, per-token cross_attention_mask, which the "
+                           "shared-prefix layout does not build")
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
@@ -77,9 +87,11 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl_moe": Family(_QWEN3_VL_ROLES, "qwen3_vl", blocks={"vision": "model.blocks", "llm": "model.layers"},
                            blank_image="grid", router_aux_loss=True),
     "qwen3_5": Family(_QWEN3_5_ROLES, "qwen3_5", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                      blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING),
+                      blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING,
+                      shared_prefix=_LINEAR_ATTENTION_PREFIX),
     "qwen3_5_moe": Family(_QWEN3_5_ROLES, "qwen3_5", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                          blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING, router_aux_loss=True),
+                          blank_image="grid", no_packing=_LINEAR_ATTENTION_PACKING, router_aux_loss=True,
+                          shared_prefix=_LINEAR_ATTENTION_PREFIX),
     "gemma3": Family({"vision": {"model": "model.vision_tower"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "gemma3", nested_images=True, bidirectional_images=True,
@@ -114,6 +126,7 @@ FAMILIES: dict[str, Family] = {
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "mllama", nested_images=True, blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
                      no_packing=_CROSS_ATTENTION_PACKING, batch_aligned_images=True,
+                     shared_prefix=_CROSS_ATTENTION_PREFIX,
                      # the template's own fallback date: without it a text-only turn renders today's date
                      template_kwargs={"date_string": "26 Jul 2024"}),
     # InternVL (the transformers-converted `-hf` checkpoints): the tower's blocks are `encoder.layer`, so the tower is

@@ -117,6 +117,9 @@ class NativeVLM(nn.Module):
         text_cfg = hf.config.get_text_config()
         self.router_aux_loss_coef = float(getattr(text_cfg, "router_aux_loss_coef", 0.0) or 0.0) \
             if family.router_aux_loss else 0.0
+        # DPO batches in shared-prefix rows (`collate_preference_prefix`): set per stage by
+        # `vlmtrain.train.native.configure_shared_prefix`, read by the encoder (`encoder_for`)
+        self.dpo_shared_prefix = False
 
     def _check_partition(self) -> None:
         """Every parameter and buffer of the transformers model belongs to exactly one role."""
@@ -167,15 +170,19 @@ class NativeVLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 logits_mask: torch.Tensor | None = None, image_keys: list | None = None, router_aux: bool = False,
-                **extras):
+                segments: torch.Tensor | None = None, **extras):
         """Logits `[b, s, vocab]` (as `.logits`), or `[n, vocab]` at `logits_mask` (bool `[b, s]`, or `[n, 2]`
         (row, position) pairs). `extras`: the family's tensors from the batch. `image_keys` is accepted for the
         shared contract and unused (no feature cache for native towers). `router_aux` (MoE families): return
-        `(logits, RouterLoss)`: the router load-balancing loss of this forward and its per-expert token counts."""
+        `(logits, RouterLoss)`: the router load-balancing loss of this forward and its per-expert token counts.
+        `segments [b, s]`: shared-prefix rows (`vlmtrain.data.prefix`; `attention_mask` None, `position_ids [b, s]`
+        continuing the prefix): the masks and mRoPE ids are built here (`shared_prefix`)."""
         self._share_bare_parameters()
         kw = {k: v for k, v in extras.items() if v is not None}
         if router_aux:
             kw["output_router_logits"] = True
+        if segments is not None:
+            attention_mask, position_ids = self._shared_prefix_inputs(input_ids, segments, position_ids, kw)
         if attention_mask is None and position_ids is not None and self.family.bidirectional_images:
             # a batch without image tokens may come without token_type_ids: no image blocks then
             types = kw.get("token_type_ids", torch.zeros_like(position_ids))
@@ -207,11 +214,29 @@ class NativeVLM(nn.Module):
             hidden = hidden + 0.0 * blank[0]
         logits = self._logits(hidden, logits_mask)
         if router_aux:
-            # a padding mask [b, s]; packed rows (None, per-layer masks) and shared-prompt DPO rows (4-D) have none
+            # a padding mask [b, s]; packed rows (None, per-layer masks) have none, shared-prefix rows mark their
+            # padding in `segments` (-1)
             mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+            if segments is not None:
+                mask = (segments >= 0).long()
             return logits, RouterLoss(self.router_aux_loss(out.router_logits, mask),
                                       self.expert_tokens(out.router_logits, mask))
         return logits
+
+    def _shared_prefix_inputs(self, input_ids: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor,
+                              kw: dict) -> tuple:
+        """(attention mask(s), position ids) of shared-prefix rows: `[4, b, s]` ids for mRoPE families."""
+        from vlmtrain.model.native.shared_prefix import shared_prefix_masks, shared_prefix_mrope_positions
+
+        if self.family.shared_prefix:
+            raise VlmtrainError(f"shared-prefix rows are not available for {self.model_type}: "
+                                f"{self.family.shared_prefix}")
+        masks = shared_prefix_masks(self, segments, position_ids, kw.get("token_type_ids"))
+        if hasattr(self.hf.model, "get_rope_index"):
+            position_ids = shared_prefix_mrope_positions(self.hf.model.get_rope_index, input_ids, segments,
+                                                         position_ids, kw.get("mm_token_type_ids"),
+                                                         kw.get("image_grid_thw"))
+        return masks, position_ids
 
     def _zero_text_only_image_states(self, pixel_values, aspect_ratio_ids):
         """Batch-aligned families (Mllama): a hook that zeroes the projected image states of rows without an image
