@@ -107,3 +107,23 @@ def test_native_families_refuse_grpo_with_its_reason():
                                        "rewards": [{"fn": "accuracy"}]}))
     assert native_refusals(stage) == ["objective: grpo runs for composed models so far; native generation and "
                                       "group scoring on shared-prefix rows are not wired into it yet"]
+
+
+def test_memory_plan_counts_a_group_row_per_prompt():
+    """`vlmtrain plan` sizes a grpo step's loss forward as one row per prompt holding its G completions (the
+    activations grow with G) and says what it leaves out."""
+    from conftest import TINY
+    from vlmtrain.config import load_model_config
+    from vlmtrain.config.stage import StageConfig
+    from vlmtrain.train.plan import plan_stage
+    from vlmtrain.train.presets import with_preset
+
+    def plan(G):
+        stage = StageConfig(**with_preset({"name": "g", "preset": "grpo", "data": {"train": [{"builtin": "x"}]},
+                                           "rewards": [{"fn": "accuracy"}],
+                                           "grpo": {"num_generations": G, "max_completion_length": 64}}))
+        return plan_stage(stage, load_model_config(TINY), 24 * 2**30)
+
+    small, large = plan(2), plan(8)
+    assert large.parts["activations"] > small.parts["activations"]
+    assert any("generation's KV cache" in n for n in large.notes)

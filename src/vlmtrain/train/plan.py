@@ -685,6 +685,8 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     dpo = stage.objective == "dpo"
     rows = 2 * batch if dpo else batch  # DPO scores chosen and rejected rows
     seq = (stage.data.pack_len or stage.data.max_len) if stage.data.mode == "pack" else stage.data.max_len
+    if stage.objective == "grpo":  # one row per prompt: the prompt (room left for a completion), then G completions
+        seq += (stage.grpo.num_generations - 1) * stage.grpo.max_completion_length
     n_img = rows * opts.images_per_sample * geo.crops_per_image  # tower inputs (crops), each vision_tokens long
     mask = stage.data.mode == "pack" or rows > 1 or geo.llm_mask_always  # one padded row needs none
     llm_shape = StepShape(rows, seq, mask)
@@ -903,6 +905,9 @@ def plan_stage(stage, model_cfg, gpu_memory: int, opts: PlanOptions | None = Non
         notes.append(f"strategy {strategy} planned for 1 rank; pass --world-size N to shard over N GPUs")
     if stage.objective == "dpo":
         notes.append("DPO: logits term assumes every position is supervised (upper bound)")
+    if stage.objective == "grpo":
+        notes.append("GRPO: the loss forward is planned (a row per prompt with its G completions); generation's KV "
+                     "cache and a frozen reference copy (beta > 0 without LoRA) are not in this plan")
     d = stage.data
     return MemoryPlan(stage=stage.name, micro_batch=d.batch_size,
                       seq_len=(d.pack_len or d.max_len) if d.mode == "pack" else d.max_len,
