@@ -232,7 +232,8 @@ def test_a_preemption_signal_during_start_up_imports_exits_75_not_by_the_default
 
 
 def test_summary_is_complete_only_with_every_required_field(tmp_path):
-    from vlmtrain.train.finalize import is_complete, write_json_atomic
+    from vlmtrain.atomic import write_json as write_json_atomic
+    from vlmtrain.train.finalize import is_complete
 
     path = tmp_path / "summary.json"
     assert not is_complete(path)

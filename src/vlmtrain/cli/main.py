@@ -148,13 +148,9 @@ def _name_final_folder(staging: Path, final: Path) -> None:
 
 def _swap_in(staging: Path, final: Path) -> None:
     """Rename `staging` to `final`, replacing a previous export whole (no stale files of it survive)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.replaced-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+    from vlmtrain.atomic import swap_dir
+
+    swap_dir(staging, final)
 
 
 def _export_into(args, out: Path) -> str:

@@ -62,7 +62,7 @@ STRATEGY_HELP = ("distribution for every stage (launch with torchrun for more th
 
 def add_parsers(sub) -> None:
     f = sub.add_parser("fit", help="train one stage", description="Train one stage config into --out.")
-    f.add_argument("--config", required=True, help="stage YAML (preset: align | pretrain | sft | dpo)")
+    f.add_argument("--config", required=True, help="stage YAML (preset: align | pretrain | sft | dpo | grpo)")
     f.add_argument("--out", required=True, help="run directory of the stage")
     f.add_argument("--resume", action="store_true", help="continue from --out's checkpoints/last.ckpt")
     f.add_argument("--data-root", default=None, help="where builtin datasets are prepared (default: OUT/../data)")

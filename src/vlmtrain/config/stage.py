@@ -122,7 +122,8 @@ class RewardRef(_Strict):
 
 class GRPOConfig(_Strict):
     """Online RL with group-relative advantages (GRPO and its variants); defaults are TRL 1.16's `GRPOConfig`'s.
-    Only the losses and rewards are built so far (docs/grpo.md): no stage runs this objective yet."""
+    The `grpo` objective runs it for composed models (docs/grpo.md); `data.batch_size` counts prompts, each
+    completed `num_generations` times."""
 
     num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt (a group)")
     max_completion_length: int = Field(512, ge=1, description="tokens per completion at most")
@@ -141,6 +142,8 @@ class GRPOConfig(_Strict):
     mask_truncated_completions: bool = Field(False, description="completions cut at max_completion_length "
                                                                 "do not count in the loss")
     rewards: list[RewardRef] = Field(min_length=1, description="reward functions and weights")
+    log_completions_every: int = Field(10, ge=0, description="every this many steps, write the step's prompts, "
+                                                             "completions and rewards to completions.jsonl (0: off)")
 
     @field_validator("scale_rewards", mode="before")
     @classmethod
@@ -240,20 +243,33 @@ class TrainerConfig(_Strict):
 
 class StageConfig(_Strict):
     name: str
-    preset: Literal["align", "pretrain", "sft", "dpo"] | None = None
+    preset: Literal["align", "pretrain", "sft", "dpo", "grpo"] | None = None
     model: AnyModelConfig | str | None = Field(None, description="model YAML path or inline (first stage only)")
     init_from: str | None = Field(None, description="a model folder to start from (set by recipes)")
-    objective: Literal["next_token", "dpo"] = "next_token"
+    objective: Literal["next_token", "dpo", "grpo"] = "next_token"
     train: TrainSet = Field(default_factory=TrainSet)
     lora: LoRAConfig | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
-    grpo: GRPOConfig | None = Field(None, description="GRPO settings (validated; no stage runs GRPO yet)")
+    grpo: GRPOConfig | None = Field(None, description="GRPO settings (the grpo objective)")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     privacy: PrivacyConfig | None = Field(None, description="DP-SGD (Opacus) for this stage")
     audit: AuditConfig | None = Field(None, description="canaries and held-out data for `vlmtrain privacy audit`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_rewards(cls, data):
+        """`rewards:` at the stage's top level (the short recipe form) belongs to the grpo section."""
+        if isinstance(data, dict) and "rewards" in data:
+            data = dict(data)
+            grpo = dict(data.get("grpo") or {})
+            if "rewards" in grpo:
+                raise ValueError("rewards: given both at the stage level and in grpo.rewards; keep one")
+            grpo["rewards"] = data.pop("rewards")
+            data["grpo"] = grpo
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -274,12 +290,28 @@ class StageConfig(_Strict):
             raise ValueError("data.mode: packing is not supported with the dpo objective")
         if self.trainer.compile and self.trainer.strategy not in ("auto", "single", "ddp"):
             raise ValueError(f"trainer.compile: tested with single and ddp; not with {self.trainer.strategy}")
-        if self.grpo is not None:  # refused rather than silently ignored by a next_token or dpo run
-            raise ValueError("grpo: no stage runs the GRPO objective yet (its losses and rewards are built, the "
-                             "generation loop is not; see docs/grpo.md); remove this section")
         if self.privacy is not None:
             _check_dp(self)
+        _check_grpo(self)
         return self
+
+
+def _check_grpo(stage: "StageConfig") -> None:
+    """The grpo section and the grpo objective come together; what the GRPO stage does not run is refused."""
+    if stage.objective != "grpo":
+        if stage.grpo is not None:  # refused rather than silently ignored by a next_token or dpo run
+            raise ValueError(f"grpo: given but the objective is {stage.objective}; use preset: grpo (or "
+                             "objective: grpo) or remove this section")
+        return
+    if stage.grpo is None:
+        raise ValueError("grpo: the grpo objective needs a grpo section with at least one reward "
+                         "(grpo: {rewards: [{fn: accuracy}]})")
+    if stage.data.mode != "plain":
+        raise ValueError(f"data.mode: {stage.data.mode} is not supported with the grpo objective (prompts are "
+                         "completed and scored per group); use mode: plain")
+    if stage.trainer.strategy not in ("auto", "single"):
+        raise ValueError(f"trainer.strategy: the grpo objective runs in one process so far, not "
+                         f"{stage.trainer.strategy}")
 
 
 def _check_dp(stage: "StageConfig") -> None:
@@ -302,6 +334,10 @@ def _check_dp(stage: "StageConfig") -> None:
     if stage.train.vision:
         raise ValueError("train.vision: must be false under DP-SGD — Opacus has no per-sample gradients for the "
                          "vision tower's embeddings (CLIP's class/patch/position embeddings)")
+    if stage.objective == "grpo":
+        raise ValueError("privacy: DP-SGD is refused for the grpo objective: a completion's advantage depends on "
+                         "the rewards of its whole group, so clipping one record's gradient does not bound its "
+                         "influence, and the accountant's guarantee would not hold")
     if stage.objective != "next_token":
         raise ValueError("objective: DP-SGD supports next_token only (DPO pairs are not built for per-record "
                          "clipping)")

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from vlmtrain import atomic
 from vlmtrain.data.schema import IMAGE_PART, Sample, text
 from vlmtrain.errors import VlmtrainError
 
@@ -148,17 +149,9 @@ def _copy_atomically(src: Path, dst: Path) -> None:
     attempt): a kill mid-copy leaves no half folder behind a valid name. Plain copies, not hard links: a later
     rewrite of one side must never change the other."""
     import shutil
-    import tempfile
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic.staged_dir(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _maker_fingerprint() -> str:

@@ -225,6 +225,9 @@ class _SlotPipeline:
                 batch = (collate_preference if prefs else collate)(samples, self.pad_id)
             batch["preference"] = bool(prefs)
         batch["ids"] = [x["id"] for x in samples]
+        if "columns" in samples[0]:  # GRPO prompts (data.prompts): reward columns and the prompt messages
+            batch["columns"] = [x["columns"] for x in samples]
+            batch["prompts"] = [x["prompt"] for x in samples]
         if c.keep_raw:
             batch["records"] = [x["record"] for x in samples]
         return batch

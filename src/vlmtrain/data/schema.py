@@ -8,7 +8,8 @@ A shard sample is a group of tar members sharing a key (WebDataset convention; k
 
 Record kinds (field `kind`):
 
-- `chat`:       {"id", "kind": "chat", "messages": [Message, ...]}
+- `chat`:       {"id", "kind": "chat", "messages": [Message, ...]}   (ends with an assistant turn, unless it carries
+                its ground truth as an `answer` / `solution` field: a GRPO prompt, `data.prompts`)
 - `preference`: {"id", "kind": "preference", "prompt": [Message, ...], "chosen": [Message, ...],
                  "rejected": [Message, ...]}   (chosen/rejected are the assistant turn(s) that follow the prompt)
 - `caption`:    {"id", "kind": "caption", "caption": str}   (exactly one image)
@@ -103,7 +104,9 @@ def validate_record(rec: Any, n_images: int) -> dict:
         raise RecordError("missing_field", "id: missing or not a string")
     kind = rec.get("kind")
     if kind == "chat":
-        slots = _check_messages(rec.get("messages"), "messages", need_assistant=True)
+        # a GRPO prompt record may carry its ground truth as a field instead of a final assistant turn
+        has_truth = any(rec.get(k) is not None for k in ("answer", "solution"))
+        slots = _check_messages(rec.get("messages"), "messages", need_assistant=not has_truth)
     elif kind == "preference":
         slots = _check_messages(rec.get("prompt"), "prompt", need_assistant=False)
         for side in ("chosen", "rejected"):

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
-from vlmtrain import __version__
+from vlmtrain import __version__, atomic
 from vlmtrain.data.chat import MaskError
 from vlmtrain.data.encode import record_messages, record_token_length
 from vlmtrain.data.formats.base import Reject
@@ -202,9 +202,7 @@ class ShardSetWriter:
             self._shards = None
         self._rejects.close()
         manifest = self.manifest(extra)
-        tmp = self.out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / "manifest.json")
+        atomic.write_text(self.out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         return manifest
 
     def manifest(self, extra: dict | None = None) -> dict:

@@ -12,7 +12,7 @@ the global arrays stay, and sites that did train have charged their own ledgers 
 Checkpoint (`COORD/checkpoint/`): `arrays-roundNNNN.npz` (global trainable arrays, and the strategy's own state
 under `strategy:` keys: FedAdam's moments m_t, v_t; FedAvg and FedProx have none) and `state.json` (round counter,
 per-round history with bytes and site metrics, the plan's hash), each written to a temporary name and
-`os.replace`d, arrays first: `state.json` names the arrays file it goes with, so a crash between the two leaves
+`os.replace`d (`vlmtrain.atomic`), arrays first: `state.json` names the arrays file it goes with, so a crash between the two leaves
 the previous consistent pair. The sites' RNG is derived from (seed, site, round), so a resumed run repeats exactly
 the rounds an uninterrupted one would run.
 """
@@ -22,14 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from vlmtrain import atomic
 from vlmtrain.fed.arrays import from_record, payload_bytes, to_record, wire_bytes
-from vlmtrain.fed.ledger import write_json_atomic
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -136,14 +135,10 @@ class Checkpoint:
              strategy: dict[str, np.ndarray] | None = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"arrays-round{rnd:04d}.npz"
-        tmp = self.dir / f"arrays-round{rnd:04d}.tmp.npz"
-        with open(tmp, "wb") as f:
+        with atomic.replacing(self.dir / name, "wb") as f:
             np.savez(f, **arrays, **{STRATEGY_PREFIX + k: a for k, a in (strategy or {}).items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / name)
-        write_json_atomic(self.dir / "state.json", {"round": rnd, "arrays": name, "history": history,
-                                                    "plan_hash": plan_hash(plan)})
+        atomic.write_json(self.dir / "state.json", {"round": rnd, "arrays": name, "history": history,
+                                                    "plan_hash": plan_hash(plan)}, indent=1)
         for old in self.dir.glob("arrays-round*.npz"):  # earlier rounds' arrays: state.json no longer names them
             if old.name != name:
                 old.unlink()

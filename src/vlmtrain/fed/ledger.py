@@ -5,7 +5,7 @@ accountant's history lives in `SITE/privacy_ledger.json`, keyed by the dataset (
 Opacus' accountant over the whole history (RDP composes by adding the (σ, q, steps) terms). A round that would
 push ε past the site's budget is refused before any gradient is computed.
 
-The file is replaced atomically (write a temporary file, fsync, `os.replace`): a site killed mid-write keeps the
+The file is replaced atomically (`vlmtrain.atomic`: a temporary file, fsync, `os.replace`): a site killed mid-write keeps the
 previous ledger, never a torn one. A round is charged after its training finishes and before its reply is sent; a
 site killed before the charge has released nothing.
 """
@@ -13,9 +13,9 @@ site killed before the charge has released nothing.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from vlmtrain.atomic import write_json
 from vlmtrain.errors import VlmtrainError
 
 FORMAT = "vlmtrain-fed-ledger/1"
@@ -34,15 +34,6 @@ def epsilon_of(entries: list[dict], delta: float, accountant: str = "rdp") -> fl
     acc = create_accountant(accountant)
     acc.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
     return float(acc.get_epsilon(delta=delta))
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Ledger:
@@ -83,5 +74,5 @@ class Ledger:
                                 f"{ds['accountant']}; this run asks δ={delta} with {accountant}")
         ds["entries"].append(dict(entry))
         ds["entries"][-1]["epsilon_after"] = epsilon_of(ds["entries"], delta, accountant)
-        write_json_atomic(self.path, data)
+        write_json(self.path, data, indent=1)
         return ds["entries"][-1]["epsilon_after"]

@@ -78,19 +78,14 @@ def load_federated(recipe: str | Path, out: str | Path, overrides: list[str] | N
 
 
 def site_model(base_model: Path, stage):
-    """The base model with the stage's LoRA and trainability applied (seeded: the same on every call)."""
-    import torch
+    """The base model with the stage's LoRA and trainability applied (seeded: the same on every call): the start
+    model and trainability phases of a site's round."""
+    from vlmtrain.fed.site import SiteRound
 
-    from vlmtrain.model.io import load_any
-    from vlmtrain.model.lora import apply_lora
-    from vlmtrain.train.freeze import apply_stage_trainability
-
-    torch.manual_seed(stage.trainer.seed)
-    bundle = load_any(base_model)
-    if stage.lora is not None:
-        apply_lora(bundle.model, stage.lora, llm=stage.train.llm == "lora", vision=stage.train.vision == "lora")
-    apply_stage_trainability(bundle.model, stage.train)
-    return bundle
+    run = SiteRound(stage, base_model, stage.trainer.seed)
+    run.start_model()
+    run.trainability()
+    return run.bundle
 
 
 def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
@@ -253,9 +248,9 @@ def serve(plan: dict, launch, plan_extra: dict | None, evaluate: bool, t0: float
         summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
     summary["wall_seconds"] = time.time() - t0
     if summary["status"] == "completed":
-        from vlmtrain.fed.ledger import write_json_atomic
+        from vlmtrain.atomic import write_json
 
-        write_json_atomic(out / "summary.json", summary)
+        write_json(out / "summary.json", summary, indent=1)
     return summary
 
 

@@ -17,10 +17,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from vlmtrain import atomic
     from vlmtrain.fed import app_logging
     from vlmtrain.fed.coordinator import federation_summary, run_rounds
     from vlmtrain.fed.secagg import run_rounds_secagg, secagg_summary
-    from vlmtrain.fed.ledger import write_json_atomic
 
     app_logging()
     plan = json.loads(Path(str(context.run_config["plan"])).read_text())
@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     secure = plan.get("secure_aggregation", False)
     state = (run_rounds_secagg if secure else run_rounds)(grid, plan, initial)
     if not state["stopped"]:
-        tmp = coord / "final.tmp.npz"
-        np.savez(tmp, **state["arrays"])
-        tmp.replace(coord / "final.npz")
-    write_json_atomic(coord / "summary.json", (secagg_summary if secure else federation_summary)(plan, state))
+        with atomic.replacing(coord / "final.npz", "wb") as f:
+            np.savez(f, **state["arrays"])
+    atomic.write_json(coord / "summary.json", (secagg_summary if secure else federation_summary)(plan, state),
+                      indent=1)

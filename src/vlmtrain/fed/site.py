@@ -1,9 +1,9 @@
 """One site's round: the stage's DP-SGD for `local_steps` steps on the site's own gated shards.
 
-The round is an ordinary DP stage step loop (the pieces of `vlmtrain.privacy.dp`: the map-style view, Opacus'
-Poisson sampler, `GradSampleModule`, `DPOptimizer`, the per-sample loss), started from the global trainable arrays
-and without Lightning: a ClientApp process lives for one message, and Lightning's Trainer setup would cost more
-than the handful of local steps.
+The round is an ordinary DP stage: `StageRun`'s start-model, trainability and data phases (`SiteRound`), started
+from the global trainable arrays, then the stage's `DPModule` (Opacus' `GradSampleModule` and `DPOptimizer`, the
+per-sample loss) stepped by a short loop instead of Lightning's Trainer: a ClientApp process lives for one
+message, and the Trainer's setup would cost more than the handful of local steps.
 
 Order of one round (why): gate report checked → budget checked against the ledger (refuse before any gradient) →
 train → charge the ledger → keep the reply on the site's disk → reply. A repeated request for the same (run,
@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmtrain import atomic
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.fed.arrays import load_trainable, trainable_arrays
 from vlmtrain.fed.ledger import Ledger
 from vlmtrain.fed.sites import check_gate_report, dataset_key
+from vlmtrain.train.stage import StageRun
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -102,6 +104,8 @@ class Site:
         key = dataset_key(self.shards)
         stage_dict = dict(req.stage)
         stage_dict["data"] = {**stage_dict["data"], "train": [{"path": str(self.shards)}]}  # this site's own data
+        for part in ("eval", "audit"):  # a round neither evaluates nor audits (the coordinator evaluates the release)
+            stage_dict.pop(part, None)
         stage = validate(StageConfig, stage_dict, prefix="stage")
         if stage.privacy is None:
             raise VlmtrainError("stage.privacy: a federated site trains only under DP-SGD")
@@ -120,81 +124,96 @@ class Site:
         entry.update(run=req.run, round=req.round, input_sha256=digest, metrics=metrics)
         path = self._kept_path(req.run, req.round)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)  # the kept reply first: a ledger entry always has its reply on disk
+        with atomic.replacing(path, "wb") as f:  # the kept reply first: a ledger entry always has its reply on disk
+            np.savez(f, **arrays)
         # the ledger's ε after this round (== eps_after of the check, over the same history)
         metrics["epsilon"] = self.ledger.charge(key, entry, stage.privacy.delta, stage.privacy.accountant)
         return arrays, metrics, {"gate_report_sha256": gate_sha}
 
     def _train(self, stage, req: RoundRequest, global_arrays, key: str):
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        from vlmtrain.data.inspect import encoder_for
-        from vlmtrain.data.shards import Source
-        from vlmtrain.model.io import load_any
-        from vlmtrain.model.lora import apply_lora
-        from vlmtrain.privacy.dp import _quiet_expected_warnings, make_plan, per_sample_losses, poisson_loader
-        from vlmtrain.train.freeze import apply_stage_trainability
-        from vlmtrain.train.optim import build_optimizer
+        from vlmtrain.privacy.dp import _quiet_expected_warnings
 
         _quiet_expected_warnings()
         cfg = stage.privacy
-        seed = _round_seed(req.seed, self.name, req.round)
-        torch.manual_seed(seed)
-        bundle = load_any(self.base_model)
-        if stage.lora is not None:
-            apply_lora(bundle.model, stage.lora, llm=stage.train.llm == "lora", vision=stage.train.vision == "lora")
-        apply_stage_trainability(bundle.model, stage.train)
-        load_trainable(bundle.model, global_arrays)
-        encoder = encoder_for(bundle, stage.data.max_len, stage.data.caption_prompt, stage.data.anyres_pinpoints)
-        ds = seeded_dp_dataset([Source(str(self.shards))], encoder, cfg.unit, seed)
-        plan = make_plan(cfg, len(ds), ds.records, stage.data.batch_size, req.total_steps)
-        planned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                   "steps": req.local_steps}
-        eps_after = self.ledger.check(key, planned, cfg.delta, req.epsilon_budget, cfg.accountant)
-        loader, _ = poisson_loader(ds, plan, bundle.tokenizer.pad_token_id, 0, seed)
-        model = bundle.model
-        model.train()
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        noise_gen = None if plan.secure_mode else torch.Generator().manual_seed(seed + 1)
-        opt = DPOptimizer(build_optimizer(model, stage.optim), noise_multiplier=plan.noise_multiplier,
-                          max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch_size,
-                          loss_reduction="mean", generator=noise_gen, secure_mode=plan.secure_mode)
-        anchors = [q.detach().clone() for q in trainable] if req.proximal_mu else None  # FedProx's w_global
-        losses, empty, it = [], 0, iter(loader)
-        for _ in range(req.local_steps):
-            try:
-                window = next(it)
-            except StopIteration:  # one pass of the sampler is len(ds)/batch draws; start another
-                it = iter(loader)
-                window = next(it)
-            batch = window["micro"][0]
-            if not batch["ids"]:  # an empty Poisson batch is still a step: noise only (privacy.dp.dp_backward)
-                empty += 1
-                for q in trainable:
-                    q.grad_sample = torch.zeros((0, *q.shape), dtype=q.dtype)
-            else:
-                loss = per_sample_losses(model, batch)
-                loss.sum().backward()
-                losses.append(float(loss.detach().mean()))
-            if anchors is None:
-                opt.step()
-            elif opt.pre_step():  # Opacus' clip + noise + average into p.grad (what `opt.step` does first)
-                add_proximal_gradient(trainable, anchors, req.proximal_mu)
-                opt.original_optimizer.step()
-            opt.zero_grad(set_to_none=True)
-        gsm._close()
-        arrays = trainable_arrays(model)
+        planned: dict = {}
+
+        def check_budget(plan) -> float:  # before any gradient: refuse a round the site's budget cannot pay
+            planned.update(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                           steps=req.local_steps)
+            return self.ledger.check(key, planned, cfg.delta, req.epsilon_budget, cfg.accountant)
+
+        run = SiteRound(stage, self.base_model, _round_seed(req.seed, self.name, req.round), req.total_steps,
+                        check_budget)
+        run.start_model()
+        run.trainability()
+        load_trainable(run.bundle.model, global_arrays)
+        run.data()
+        losses, empty = local_dp_steps(run.module, run.train_data, req.local_steps, req.proximal_mu)
+        plan = run.plan
         metrics = {"num-examples": float(plan.units), "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "delta": float(cfg.delta), "noise_multiplier": float(plan.noise_multiplier),
                    "sample_rate": float(plan.sample_rate), "steps": float(req.local_steps),
-                   "round": float(req.round), "batches_empty": float(empty), "epsilon": eps_after}
+                   "round": float(req.round), "batches_empty": float(empty), "epsilon": run.eps_after}
         log.info(f"site {self.name}: round {req.round}: {req.local_steps} DP steps on {plan.units} {plan.unit}s, "
                  f"σ={plan.noise_multiplier:.4g}, q={plan.sample_rate:.4g}, loss {metrics['train_loss']:.4f}")
-        return arrays, metrics, dict(planned)
+        return trainable_arrays(run.bundle.model), metrics, dict(planned)
+
+
+class SiteRound(StageRun):
+    """A site's round as the first phases of a `StageRun`: start model (the site's base model, seeded per round),
+    trainability, data. Its training data is the site's own DP view: the patient choice from the round's generator
+    (`seeded_dp_dataset`), σ planned over the whole federation's steps, the budget checked (`check_budget(plan)`
+    → ε after the round) before the Poisson loader and the `DPModule` are built."""
+
+    def __init__(self, stage, base_model: Path, seed: int, total_steps: int | None = None, check_budget=None):
+        super().__init__(stage, init_from=base_model)
+        self.seed, self.total_steps, self.check_budget = seed, total_steps, check_budget
+
+    def seed_rng(self) -> None:
+        """torch's generator from the round's seed (62 bits: beyond what Lightning's seed_everything accepts)."""
+        torch.manual_seed(self.seed)
+
+    def training_data(self) -> tuple:
+        from vlmtrain.privacy.dp import make_plan, poisson_loader
+        from vlmtrain.train.dp_module import DPModule
+
+        cfg = self.stage.privacy
+        ds = seeded_dp_dataset(self.train_sources, self.encoder, cfg.unit, self.seed)
+        self.plan = make_plan(cfg, len(ds), ds.records, self.stage.data.batch_size, self.total_steps)
+        self.eps_after = self.check_budget(self.plan)
+        loader, gen = poisson_loader(ds, self.plan, self.bundle.tokenizer.pad_token_id, 0, self.seed)
+        self.module = DPModule(self.bundle, self.stage, self.plan, gen, noise_seed=self.seed + 1)
+        return ds, loader
+
+
+def local_dp_steps(module, loader, steps: int, proximal_mu: float = 0.0) -> tuple[list[float], int]:
+    """`steps` DP-SGD steps of a `DPModule` over the Poisson batches of `loader`, without a Trainer (module doc:
+    why); the sampler starts another pass when one ends. FedProx (`proximal_mu` > 0) adds its term to the
+    privatised gradient. → (mean loss of each non-empty batch, number of empty batches)."""
+    module.model.train()
+    opt = module.make_dp_optimizer()
+    anchors = [q.detach().clone() for q in module.trainable] if proximal_mu else None  # FedProx's w_global
+    losses, empty, it = [], 0, iter(loader)
+    for _ in range(steps):
+        try:
+            window = next(it)
+        except StopIteration:  # one pass of the sampler is len(ds)/batch draws; start another
+            it = iter(loader)
+            window = next(it)
+        batch = window["micro"][0]
+        stats = module.dp_backward(batch)  # an empty Poisson batch is still a step: noise only
+        if batch["ids"]:
+            losses.append(stats["loss"])
+        else:
+            empty += 1
+        if anchors is None:
+            opt.step()
+        elif opt.pre_step():  # Opacus' clip + noise + average into p.grad (what `opt.step` does first)
+            add_proximal_gradient(module.trainable, anchors, proximal_mu)
+            opt.original_optimizer.step()
+        opt.zero_grad(set_to_none=True)
+    module.close_hooks()
+    return losses, empty
 
 
 def site_report(site_dir: str | Path) -> dict:

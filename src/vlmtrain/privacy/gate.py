@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vlmtrain import __version__
+from vlmtrain import __version__, atomic
 from vlmtrain.data.formats.base import Reject, assign_id, ordered_map
 from vlmtrain.data.schema import IMAGE_PART, RecordError, Sample, text
 from vlmtrain.data.writer import ShardSetWriter, check_out_dir, prepare_out_dir
@@ -533,9 +533,7 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "vlmtrain_version": __version__,
         }
-        tmp = out / (REPORT_NAME + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out / REPORT_NAME)
+        atomic.write_text(out / REPORT_NAME, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         manifest = w.close({"inputs": [str(records)], "images_dir": str(base),
                             "options": {"shard_size": shard_size, "shard_bytes": shard_bytes, "ids": ids,
                                         "limit": limit},

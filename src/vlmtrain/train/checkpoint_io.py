@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vlmtrain import atomic
 from vlmtrain.train import phases
 
 from vlmtrain.errors import VlmtrainError
@@ -81,12 +82,7 @@ def _directory_files(path: Path) -> list[str]:
 def write_manifest(path: Path) -> None:
     """`path/manifest.sha256`: one `<sha256>  <relative file>` line per file of the finished directory, on disk."""
     lines = "".join(f"{file_sha256(path / rel)}  {rel}\n" for rel in _directory_files(path))
-    tmp = path / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
+    atomic.write_text(path / MANIFEST, lines)
 
 
 def _check_directory(path: Path) -> str | None:

@@ -15,6 +15,7 @@ import torch
 from vlmtrain.data.batching import collate
 from vlmtrain.data.chat import encode_messages
 from vlmtrain.data.loader import ShardLoader
+from vlmtrain.data.prompts import generation_prompt_ids
 from vlmtrain.data.schema import text as text_part
 from vlmtrain.train.dpo import sequence_logps
 
@@ -46,11 +47,7 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _prompt_ids(tok, prompt_msgs, image_token_id, n_slots) -> list[int]:
-    text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    out = []
-    for t in tok(text, add_special_tokens=False)["input_ids"]:
-        out.extend([t] * n_slots if t == image_token_id else [t])
-    return out
+    return generation_prompt_ids(tok, prompt_msgs, image_token_id, n_slots)  # the prompt GRPO generation sees too
 
 
 @torch.no_grad()

@@ -2,27 +2,17 @@
 run directory when the process that trained the stage died before writing it.
 
 A stage is complete exactly when `summary.json` is complete (`is_complete`): it is the last file a stage writes,
-through a temporary file and a rename, so a kill at any moment leaves either no summary or a complete one.
+through a temporary file and a rename (`vlmtrain.atomic`), so a kill at any moment leaves either no summary or a complete one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from vlmtrain.atomic import write_text
+
 REQUIRED = ("final_loss", "steps", "samples_per_s", "tokens_per_s", "skipped")
-
-
-def write_json_atomic(path: Path, obj, **dump_kw) -> None:
-    """`path` holds the old content or the new one, never part of either (temporary file + fsync + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, **dump_kw))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(summary_path: Path) -> bool:
@@ -51,10 +41,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def totals_from_metrics(rows: list[dict], upto_step: int) -> dict:

@@ -302,10 +302,16 @@ class VLMModule(pl.LightningModule):
         # would silently not run, and Opacus (which records activations in training mode only) would see nothing
         self.model.train()
 
+    def accumulate(self, window: dict) -> dict:
+        """The objective's backward over one step's window of micro-batches; returns the step's stats (`loss` and
+        what the recorder logs). Another objective (GRPO: `train.grpo.module`) overrides this."""
+        micro = window["micro"]
+        return self.accumulate_dpo(micro) if self.stage.objective == "dpo" else self.accumulate_lm(micro)
+
     def training_step(self, window: dict, batch_idx: int):
         opt = self.optimizers()
         micro = window["micro"]
-        stats = self.accumulate_dpo(micro) if self.stage.objective == "dpo" else self.accumulate_lm(micro)
+        stats = self.accumulate(window)
         if self.stage.trainer.strategy.startswith("deepspeed"):
             opt.step()  # the engine clips (config gradient_clipping) and steps its partitioned optimizer
             norm = self.trainer.strategy.model.get_global_grad_norm()

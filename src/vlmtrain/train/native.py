@@ -19,6 +19,9 @@ def native_refusals(stage) -> list[str]:
         problems.append("data.anyres_pinpoints: native families tile images with their own processor; remove it")
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
+    if stage.objective == "grpo":
+        problems.append("objective: grpo runs for composed models so far; native generation and group scoring "
+                        "on shared-prefix rows are not wired into it yet")
     return problems
 
 

@@ -293,7 +293,10 @@ def stacks_geometry(model, stage, llm: StackGeo, vis: StackGeo, layers: dict, im
                     ) -> Geometry:
     """The parts of `Geometry` every model kind shares: per-Linear kinds of the blocks (`layer_re` matches a block
     Linear's name → (part, block index, rest); `roles` maps its leaf name to a role), parameter, LoRA, QLoRA,
-    trainable and buffer counts. `image`: the kind's image fields of `Geometry`."""
+    trainable and buffer counts. `image`: the kind's image fields of `Geometry`.
+
+    Long because it is one walk over the model's modules and parameters whose counts feed each other (a Linear's
+    kind decides its block spec, the LoRA/QLoRA counts and the AdamW groups); split, the walks would repeat."""
     from torch import nn
 
     from vlmtrain.model.builder import count_params
@@ -721,12 +724,18 @@ def step_parts(geo: Geometry, stage, batch: int, opts: PlanOptions) -> tuple[dic
 def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str, dict[str, int]]:
     """Memory parts (bytes) at each candidate peak moment of one training step: loss (end of forward, inside the
     loss), head_backward, backward (top decoder block), backward_bottom (first decoder block), backward_vision
-    (connector and tower), optimizer, and vision_forward (a frozen tower's forward)."""
+    (connector and tower), optimizer, and vision_forward (a frozen tower's forward).
+
+    Long because it is one memory model: the static parts, the activations and the candidate moments share a few
+    dozen intermediate sizes, and each moment reads as one line next to the term it adds; split, every helper
+    would take and return most of them."""
     tr = stage.trainer
     p = PRECISIONS[tr.precision]
     dpo = stage.objective == "dpo"
     rows = 2 * batch if dpo else batch  # DPO scores chosen and rejected rows
     seq = (stage.data.pack_len or stage.data.max_len) if stage.data.mode == "pack" else stage.data.max_len
+    if stage.objective == "grpo":  # one row per prompt: the prompt (room left for a completion), then G completions
+        seq += (stage.grpo.num_generations - 1) * stage.grpo.max_completion_length
     n_img = rows * opts.images_per_sample * geo.crops_per_image  # tower inputs (crops), each vision_tokens long
     mask = stage.data.mode == "pack" or rows > 1 or geo.llm_mask_always  # one padded row needs none
     llm_shape = StepShape(rows, seq, mask)
@@ -948,6 +957,9 @@ def plan_stage(stage, model_cfg, gpu_memory: int, opts: PlanOptions | None = Non
         notes.append(f"strategy {strategy} planned for 1 rank; pass --world-size N to shard over N GPUs")
     if stage.objective == "dpo":
         notes.append("DPO: logits term assumes every position is supervised (upper bound)")
+    if stage.objective == "grpo":
+        notes.append("GRPO: the loss forward is planned (a row per prompt with its G completions); generation's KV "
+                     "cache and a frozen reference copy (beta > 0 without LoRA) are not in this plan")
     d = stage.data
     return MemoryPlan(stage=stage.name, micro_batch=d.batch_size,
                       seq_len=(d.pack_len or d.max_len) if d.mode == "pack" else d.max_len,

@@ -1,4 +1,4 @@
-"""The four stage presets. A stage's own fields override these (deep merge), so a preset is only a default.
+"""The stage presets. A stage's own fields override these (deep merge), so a preset is only a default.
 
 Learning rates follow LLaVA-1.5 (align 1e-3 on the projector; SFT 2e-5), ShareGPT4V-style full pretraining
 (vision tower at a 10× lower rate), and TRL's DPO default scale (5e-7 for 7B; tiny configs override).
@@ -28,6 +28,14 @@ PRESETS: dict[str, dict] = {
         "train": {"vision": False, "connector": False, "llm": True},
         "optim": {"lr": 5e-7, "schedule": "cosine", "warmup_ratio": 0.1},
         "dpo": {"beta": 0.1, "loss_type": "sigmoid", "reference": "copy"},
+    },
+    # TRL 1.16's GRPOConfig defaults (lr 1e-6, linear decay, no warmup); the stage adds `grpo: {rewards: ...}`.
+    # Every step is logged: a GRPO step is slow (generation) and its reward curve is the thing to watch.
+    "grpo": {
+        "objective": "grpo",
+        "train": {"vision": False, "connector": False, "llm": True},
+        "optim": {"lr": 1e-6, "schedule": "linear", "warmup_ratio": 0.0},
+        "trainer": {"log_every_n_steps": 1},
     },
 }
 

@@ -87,14 +87,15 @@ class Recorder(pl.Callback):
             loss = w["loss"] / w["n"] if w["n"] else float("nan")
             row = {"step": step, "loss": loss, "lr": st["lr"], "grad_norm": st["grad_norm"],
                    "samples_per_s": w["samples"] / dt, "tokens_per_s": w["tokens"] / dt, "seconds": dt}
-            row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/", "moe/"))})
+            row.update({k: v for k, v in st.items() if k.startswith(("rewards/", "privacy/", "moe/", "rl/"))})
             self.totals["samples"] += w["samples"]
             self.totals["tokens"] += w["tokens"]
             self.totals["train_seconds"] += dt
             self.last_loss = row["loss"]
             rate = (step - self.start_step) / max(now - self.t_start, 1e-9)
             eta = (self.max_steps - step) / max(rate, 1e-9)
-            extra = "".join(f" | {k.split('/')[1]} {v:.3f}" for k, v in row.items() if k.startswith("rewards/"))
+            extra = "".join(f" | {k.split('/')[1]} {v:.3f}" for k, v in row.items()
+                            if k.startswith("rewards/") and not k.endswith("/std"))
             if "privacy/epsilon" in row:
                 extra += f" | ε {row['privacy/epsilon']:.3f}"
             if self.is_zero:

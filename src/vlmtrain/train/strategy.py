@@ -74,68 +74,74 @@ def make_strategy(stage, native: bool = False):
     if name == "fsdp":
         return _fsdp2_strategy(world), local, nodes
     if name in DEEPSPEED_PRESETS:
-        cpu_deepspeed_accelerator()
-        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-        class _DeepSpeed(DeepSpeedStrategy):
-            """Lightning's DeepSpeed strategy minus its CUDA-only check: DeepSpeed itself runs ZeRO on the CPU
-            accelerator (gloo), so tests run the production engine."""
-
-            def setup_environment(self) -> None:
-                DDPStrategy.setup_environment(self)
-
-            def setup_distributed(self) -> None:
-                # the parent validates CUDA device indices; CPU devices have none
-                from lightning.fabric.utilities.seed import reset_seed
-
-                reset_seed()
-                self.set_world_ranks()
-                skip_cpu_inference_comm_op()
-                self._init_deepspeed_distributed()
-
-            def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-                # as the parent, but with the local rank as device_rank: a CPU device has no index, and DeepSpeed
-                # reads a missing one as "not distributed" (world size 1)
-                import argparse
-
-                import deepspeed
-
-                engine, opt, _, _ = deepspeed.initialize(
-                    args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-                    model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
-                    lr_scheduler=lr_scheduler, dist_init_required=False)
-                return engine, opt
-
-            def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-                # DeepSpeed writes into the directory in place; write beside it and swap (as the fsdp strategy)
-                _save_then_swap(self, lambda tmp: super(_DeepSpeed, self).save_checkpoint(checkpoint, tmp,
-                                                                                         storage_options), filepath)
-
-            def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-                from pathlib import Path
-
-                from vlmtrain.errors import VlmtrainError
-
-                path = Path(self.broadcast(str(checkpoint_path)))
-                if not path.is_dir() or not (path / "latest").is_file():
-                    raise VlmtrainError(f"{path}: not a DeepSpeed checkpoint; the deepspeed strategies resume their "
-                                        "own checkpoints (on any world size), not those of single/ddp/fsdp runs")
-                from vlmtrain.train.checkpoint_io import verify_checkpoint
-
-                verify_checkpoint(path)
-                saved = deepspeed_world_size(path)
-                if saved != self.world_size:
-                    # DeepSpeed's own re-partitioning (universal checkpoints) is not exact for vlmtrain: under ZeRO-3
-                    # it overwrites every param group's hyperparameters with group 0's (per-module LR, no-decay
-                    # groups), and under ZeRO-1/2 it needs Megatron's universal_checkpoint_info. Refuse, not drift.
-                    raise VlmtrainError(
-                        f"{path}: DeepSpeed checkpoint written by {saved} ranks, this run has {self.world_size}; "
-                        "DeepSpeed checkpoints resume on the same world size only (fsdp, ddp and single resume on "
-                        "any world size)")
-                return super().load_checkpoint(path, weights_only)
-
-        return _DeepSpeed(config=deepspeed_config(stage), exclude_frozen_parameters=True), local, nodes
+        return _deepspeed_strategy(stage), local, nodes
     raise ConfigError(f"trainer.strategy: unknown {name!r} (choose from: {', '.join(STRATEGIES)})")
+
+
+def _deepspeed_strategy(stage):
+    """Lightning's DeepSpeed strategy for a `deepspeed_*` preset, made to run on CPU too and to checkpoint
+    atomically; its checkpoints resume on the same world size only (explained where it refuses)."""
+    cpu_deepspeed_accelerator()
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    class _DeepSpeed(DeepSpeedStrategy):
+        """Lightning's DeepSpeed strategy minus its CUDA-only check: DeepSpeed itself runs ZeRO on the CPU
+        accelerator (gloo), so tests run the production engine."""
+
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self) -> None:
+            # the parent validates CUDA device indices; CPU devices have none
+            from lightning.fabric.utilities.seed import reset_seed
+
+            reset_seed()
+            self.set_world_ranks()
+            skip_cpu_inference_comm_op()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+            # as the parent, but with the local rank as device_rank: a CPU device has no index, and DeepSpeed
+            # reads a missing one as "not distributed" (world size 1)
+            import argparse
+
+            import deepspeed
+
+            engine, opt, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+                model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
+                lr_scheduler=lr_scheduler, dist_init_required=False)
+            return engine, opt
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            # DeepSpeed writes into the directory in place; write beside it and swap (as the fsdp strategy)
+            _save_then_swap(self, lambda tmp: super(_DeepSpeed, self).save_checkpoint(checkpoint, tmp,
+                                                                                     storage_options), filepath)
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+            from pathlib import Path
+
+            from vlmtrain.errors import VlmtrainError
+
+            path = Path(self.broadcast(str(checkpoint_path)))
+            if not path.is_dir() or not (path / "latest").is_file():
+                raise VlmtrainError(f"{path}: not a DeepSpeed checkpoint; the deepspeed strategies resume their "
+                                    "own checkpoints (on any world size), not those of single/ddp/fsdp runs")
+            from vlmtrain.train.checkpoint_io import verify_checkpoint
+
+            verify_checkpoint(path)
+            saved = deepspeed_world_size(path)
+            if saved != self.world_size:
+                # DeepSpeed's own re-partitioning (universal checkpoints) is not exact for vlmtrain: under ZeRO-3
+                # it overwrites every param group's hyperparameters with group 0's (per-module LR, no-decay
+                # groups), and under ZeRO-1/2 it needs Megatron's universal_checkpoint_info. Refuse, not drift.
+                raise VlmtrainError(
+                    f"{path}: DeepSpeed checkpoint written by {saved} ranks, this run has {self.world_size}; "
+                    "DeepSpeed checkpoints resume on the same world size only (fsdp, ddp and single resume on "
+                    "any world size)")
+            return super().load_checkpoint(path, weights_only)
+
+    return _DeepSpeed(config=deepspeed_config(stage), exclude_frozen_parameters=True)
 
 
 def cpu_deepspeed_accelerator() -> None:

@@ -96,16 +96,22 @@ def attention_mask_for(vlm, allowed: torch.Tensor) -> torch.Tensor:
 
 
 def group_token_logps(vlm, rows: GroupRows, pixel_values: torch.Tensor | None = None,
-                      image_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      image_embeds: torch.Tensor | None = None, return_entropy: bool = False):
     """Per-token log-probs `[r*G, t]` (float32; 0 past each completion's end) and the completion mask `[r*G, t]`
     of the grouped rows, in one forward of `vlm` (differentiable). `pixel_values` holds each group's images once,
-    in row order; or pass `image_embeds` (`vlm.encode_images` output) to reuse features encoded for generation."""
+    in row order; or pass `image_embeds` (`vlm.encode_images` output) to reuse features encoded for generation.
+    With `return_entropy`, also the entropy of each predicting distribution `[r*G, t]` (detached; for logging)."""
     dev = rows.input_ids.device
     logits = vlm(rows.input_ids, pixel_values, attention_mask=attention_mask_for(vlm, rows.allowed),
                  position_ids=rows.position_ids, logits_mask=rows.logits_index, image_embeds=image_embeds)
-    tok = logits.float().log_softmax(-1).gather(-1, rows.targets.to(dev)[:, None]).squeeze(-1)  # [n]
+    logp_all = logits.float().log_softmax(-1)  # [n, v]
+    tok = logp_all.gather(-1, rows.targets.to(dev)[:, None]).squeeze(-1)  # [n]
     n, t = rows.lengths.numel(), int(rows.lengths.max()) if rows.lengths.numel() else 0
-    logps = torch.zeros(n, t, dtype=tok.dtype, device=dev).index_put(
-        (rows.out_index[:, 0].to(dev), rows.out_index[:, 1].to(dev)), tok)
+    index = (rows.out_index[:, 0].to(dev), rows.out_index[:, 1].to(dev))
+    logps = torch.zeros(n, t, dtype=tok.dtype, device=dev).index_put(index, tok)
     mask = torch.arange(t, device=dev)[None] < rows.lengths.to(dev)[:, None]
-    return logps, mask
+    if not return_entropy:
+        return logps, mask
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)  # [n]
+    return logps, mask, torch.zeros(n, t, dtype=ent.dtype, device=dev).index_put(index, ent)

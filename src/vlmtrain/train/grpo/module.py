@@ -1,0 +1,238 @@
+"""The GRPO objective for composed VLMs: each optimizer step samples G completions per prompt, scores them with the
+stage's reward functions, turns the rewards into group-relative advantages and trains on the clipped objective.
+
+One step over a window of micro-batches of prompts (`data.batch_size` prompts each):
+
+    rollout (per micro-batch, no grad):
+        images → vlm.encode_images once per prompt            features [n_img, t, d]
+        sample_groups: r prompts × G completions (KV cache)   the features repeated per completion, not re-encoded
+        rewards [r*G, k] → weighted sum → advantages [r*G]    (advantages.py; TRL's formulas)
+        collate_groups: one row per prompt, its G completions after it
+        old log-probs [r*G, t] (num_iterations > 1), reference log-probs (beta > 0)
+    loss (per micro-batch, with grad):
+        group_token_logps (prompt and images once per group) → grpo_loss → backward
+
+With `num_iterations` = n the data yields each window n times (`RepeatWindows`); iteration 0 generates and the
+later ones reuse its rollouts (old log-probs from iteration 0, clipping against them), as TRL's buffer does.
+The reference is the policy with its LoRA adapters off for LoRA stages (as DPO's `adapters_off`), else a frozen
+copy of the starting model; `beta: 0` loads none.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vlmtrain.data.prompts import end_of_turn_ids
+from vlmtrain.train.grpo.advantages import group_advantages, reward_metrics, weighted_rewards
+from vlmtrain.train.grpo.generate import SamplingSettings, sample_groups
+from vlmtrain.train.grpo.loss import grpo_loss, mask_truncated
+from vlmtrain.train.grpo.rewards import RewardState, load_rewards
+from vlmtrain.train.grpo.scoring import GroupRows, collate_groups, group_token_logps
+from vlmtrain.train.module import VLMModule
+
+
+class RepeatWindows:
+    """Each window of `windows` (`StepWindows`) `n` times, marked `iteration` 0..n-1 (`num_iterations`)."""
+
+    def __init__(self, windows, n: int):
+        self.windows, self.n = windows, n
+
+    def __iter__(self):
+        for window in self.windows:
+            for i in range(self.n):
+                yield {**window, "iteration": i}
+
+
+def _rows_to(rows: GroupRows, device) -> GroupRows:
+    return dataclasses.replace(rows, **{f.name: getattr(rows, f.name).to(device) for f in dataclasses.fields(rows)})
+
+
+def _prompt_lists(b: dict) -> list[list[int]]:
+    """The prompts of a right-padded prompt batch as token lists."""
+    lengths = b["attention_mask"].sum(1).tolist()
+    return [row[:n] for row, n in zip(b["input_ids"].tolist(), lengths)]
+
+
+def _columns(cols: list[dict], G: int) -> dict[str, list]:
+    """Per-prompt reward columns → one list per column with each prompt's value repeated for its G completions
+    (None where a record lacks the column), TRL's layout."""
+    names = sorted({k for c in cols for k in c})
+    return {k: [c.get(k) for c in cols for _ in range(G)] for k in names}
+
+
+class GRPOModule(VLMModule):
+    """`VLMModule` with the GRPO objective (module docstring). `completions_path`: where the sampled completions
+    of every `grpo.log_completions_every`-th step go (completions.jsonl in the run directory)."""
+
+    def __init__(self, bundle, stage, loader=None, completions_path: str | Path | None = None):
+        super().__init__(bundle, stage, loader)
+        g = stage.grpo
+        self.cfg = g
+        self.rewards = load_rewards(g.rewards)
+        self.settings = SamplingSettings(g.temperature, g.top_p, g.top_k, g.max_completion_length)
+        self.tokenizer = bundle.tokenizer
+        self.pad_id = bundle.tokenizer.pad_token_id
+        self.stop_ids = end_of_turn_ids(bundle.tokenizer, bundle.model.image_token_id)
+        self.completions_path = Path(completions_path) if completions_path else None
+        self.rollouts: list[dict] | None = None
+        # images frozen (tower, connector, no tower adapters): features from generation serve every forward
+        self.frozen_images = not (stage.train.vision or stage.train.connector)
+        self.reference = None
+        if g.beta > 0:
+            self.reference = "adapters_off" if stage.train.llm == "lora" else "copy"
+            if self.reference == "copy":
+                self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+
+    # ---- rollout ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, b: dict) -> dict:
+        """Generate, reward and score one micro-batch of prompts (no grad): everything the loss passes need."""
+        m, G, dev = self.model, self.cfg.num_generations, self.device
+        prompts = _prompt_lists(b)
+        pix = b.get("pixel_values")
+        pix = pix.to(dev) if pix is not None else None
+        t0 = time.perf_counter()
+        was_training = m.training
+        m.eval()  # sample from the policy without dropout
+        try:
+            feats = m.encode_images(pix) if pix is not None else None  # once per prompt's image
+            groups = sample_groups(m, prompts, feats, G, self.settings, self.pad_id, self.stop_ids)
+        finally:
+            m.train(was_training)
+        gen_seconds = time.perf_counter() - t0
+        flat = [c for g in groups for c in g]
+        texts = self.tokenizer.batch_decode(flat, skip_special_tokens=True)
+        prompt_msgs = [p for p in b["prompts"] for _ in range(G)]
+        completions = [[{"role": "assistant", "content": t}] for t in texts]  # TRL's conversational form
+        step = self.global_step if self._trainer is not None else 0
+        max_steps = self.stage.trainer.max_steps
+        per_func = self.rewards.score(prompt_msgs, completions, completion_ids=flat,
+                                      columns=_columns(b["columns"], G), state=RewardState(step, max_steps))
+        total = weighted_rewards(per_func, self.rewards.weights)
+        adv = group_advantages(total, G, self.cfg.scale_rewards)
+        cpu_rows = collate_groups(prompts, groups, self.pad_id, m.image_token_id)
+        mask = torch.arange(int(cpu_rows.lengths.max()))[None] < cpu_rows.lengths[:, None]  # [r*G, t]
+        rows = _rows_to(cpu_rows, dev)
+        truncated = torch.tensor([c[-1] not in self.stop_ids for c in flat])
+        if self.cfg.mask_truncated_completions:
+            mask = mask_truncated(mask, flat, self.stop_ids)
+        ro = {"rows": rows, "pix": pix, "feats": feats if self.frozen_images else None, "mask": mask.to(dev),
+              "advantages": adv.advantages.to(dev), "zero_spread": adv.zero_spread_fraction, "per_func": per_func,
+              "total": total, "texts": texts, "prompts": prompts, "ids": b["ids"], "truncated": truncated,
+              "gen_seconds": gen_seconds, "old": None, "ref": None,
+              "tokens": sum(len(p) for p in prompts) + sum(len(c) for c in flat)}
+        if self.cfg.num_iterations > 1:  # the sampling policy's log-probs, for the ratio in later iterations
+            ro["old"] = self._logps(m, ro)[0]
+        if self.reference is not None:
+            ro["ref"] = self._reference_token_logps(ro)
+        return ro
+
+    def _logps(self, model, ro: dict, entropy: bool = False):
+        """Per-token log-probs `[r*G, t]` of a rollout's completions under `model`, prompt and images once per
+        group; the generation's image features when the images are frozen, else the pixels."""
+        feats = ro["feats"]
+        return group_token_logps(model, ro["rows"], pixel_values=None if feats is not None else ro["pix"],
+                                 image_embeds=feats, return_entropy=entropy)
+
+    @torch.no_grad()
+    def _reference_token_logps(self, ro: dict) -> torch.Tensor:
+        if self.reference == "copy":
+            return self._logps(self._ref[0], ro)[0]
+        from vlmtrain.model.lora import set_adapters_enabled
+
+        set_adapters_enabled(self.model, False)
+        try:
+            return self._logps(self.model, ro)[0]
+        finally:
+            set_adapters_enabled(self.model, True)
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def accumulate(self, window: dict) -> dict:
+        """Rollouts (iteration 0) or the kept ones (later iterations), then the loss and backward of each
+        micro-batch. The loss over a window: dapo's token mean over all its completion tokens (`num_items`);
+        the other reductions averaged over the micro-batches (TRL's division by accumulation steps)."""
+        micro = window["micro"]
+        if window.get("iteration", 0) == 0 or self.rollouts is None:
+            self.rollouts = [self.rollout(b) for b in micro]
+            self._log_completions()
+        else:
+            for ro in self.rollouts:
+                ro["gen_seconds"] = 0.0
+        t0 = time.perf_counter()
+        k = len(self.rollouts)
+        n_items = float(sum(ro["mask"].sum() for ro in self.rollouts))
+        loss_total, sums = 0.0, {}
+        for i, ro in enumerate(self.rollouts):
+            logps, _, ent = self._logps(self.model, ro, entropy=True)
+            g = self.cfg
+            out = grpo_loss(logps, ro["old"], ro["ref"], ro["advantages"], ro["mask"], loss_type=g.loss_type,
+                            epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
+                            max_completion_length=g.max_completion_length, num_items=n_items, entropies=ent)
+            loss = out.loss if g.loss_type == "dapo" else out.loss / k
+            self._backward(loss, last=i == k - 1)
+            loss_total += float(loss.detach())
+            for name, v in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(v) / k
+        for b, ro in zip(micro, self.rollouts):
+            b["token_count"] = ro["tokens"]  # prompt + completion tokens: the step's tokens/s
+        return {"loss": loss_total} | self._rl_stats(sums, time.perf_counter() - t0)
+
+    def _rl_stats(self, loss_metrics: dict, train_seconds: float) -> dict:
+        """The step's RL metrics (TRL's, under `rl/`; per-function rewards under `rewards/<name>/mean|std`)."""
+        ros = self.rollouts
+        per_func = torch.cat([ro["per_func"] for ro in ros])
+        rm = reward_metrics(per_func, self.rewards.weights, self.rewards.names)
+        lengths = torch.cat([ro["rows"].lengths.cpu() for ro in ros]).float()
+        gen = sum(ro["gen_seconds"] for ro in ros)
+        stats = {k: v for k, v in rm.items() if k.startswith("rewards/")}
+        stats |= {"rl/reward": rm["reward"], "rl/reward_std": rm["reward_std"],
+                  "rl/zero_spread_fraction": sum(ro["zero_spread"] for ro in ros) / len(ros),
+                  "rl/completion_len_mean": float(lengths.mean()),
+                  "rl/completion_clipped_fraction": float(torch.cat([ro["truncated"] for ro in ros]).float().mean()),
+                  "rl/generate_seconds": gen, "rl/train_seconds": train_seconds,
+                  "rl/generate_share": gen / max(gen + train_seconds, 1e-9)}
+        stats |= {f"rl/{k}": v for k, v in loss_metrics.items()}
+        return stats
+
+    # ---- completions.jsonl -----------------------------------------------------------------------------------
+    def _log_completions(self) -> None:
+        """Every `log_completions_every` steps (and at step 1), the step's prompts, completions and rewards."""
+        every, path = self.cfg.log_completions_every, self.completions_path
+        step = (self.global_step if self._trainer is not None else 0) + 1  # the step being trained
+        if not every or path is None or not (step == 1 or step % every == 0):
+            return
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        G, names = self.cfg.num_generations, self.rewards.names
+        with path.open("a") as f:
+            for ro in self.rollouts:
+                image = self.model.image_token_id
+                prompts = self.tokenizer.batch_decode([_one_slot_per_image(p, image) for p in ro["prompts"]])
+                for j, text in enumerate(ro["texts"]):
+                    rewards = {n: _num(ro["per_func"][j, i]) for i, n in enumerate(names)}
+                    f.write(json.dumps({"step": step, "id": ro["ids"][j // G], "prompt": prompts[j // G],
+                                        "completion": text, "rewards": rewards, "reward": _num(ro["total"][j]),
+                                        "advantage": float(ro["advantages"][j])}) + "\n")
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.completions_path is not None and self.trainer.is_global_zero:
+            from vlmtrain.train.recorder import truncate_metrics
+
+            truncate_metrics(self.completions_path, self.global_step)  # a resumed run logs those steps again
+
+
+def _num(x: torch.Tensor) -> float | None:
+    v = float(x)
+    return None if v != v else v  # NaN (no function scored it) is not JSON
+
+
+def _one_slot_per_image(ids: list[int], image_token_id: int) -> list[int]:
+    """Prompt ids with each run of image slots cut to one image token (a readable prompt in completions.jsonl)."""
+    return [t for i, t in enumerate(ids) if not (t == image_token_id and i and ids[i - 1] == image_token_id)]

@@ -1,0 +1,65 @@
+"""The grpo stage: `StageRun`'s phases with GRPO's data, module and summary plugged into its objective-specific
+methods (no phase copied):
+
+- `training_data`: the stage's encoder wrapped as a prompt encoder (`data.prompts.PromptEncoder`: prompts with
+  their reward columns, `over_length` rejected with room for `max_completion_length`), the loader's windows each
+  repeated `num_iterations` times (`RepeatWindows`);
+- `build_module`: `GRPOModule`, writing completions.jsonl into the run directory;
+- `objective_summary`: the `rl` block of summary.json, from the steps metrics.jsonl holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmtrain.train.stage import StageRun
+
+# summary.json's rl block: (key, metrics.jsonl column), each the mean over the logged steps
+_RL_MEANS = (("reward_mean", "rl/reward"), ("reward_std", "rl/reward_std"), ("kl", "rl/kl"),
+             ("entropy", "rl/entropy"), ("completion_len_mean", "rl/completion_len_mean"),
+             ("completion_clipped_fraction", "rl/completion_clipped_fraction"),
+             ("zero_spread_fraction", "rl/zero_spread_fraction"), ("clip_ratio_region", "rl/clip_ratio/region_mean"))
+
+
+def rl_summary(metrics_path: Path) -> dict:
+    """The stage's RL figures from metrics.jsonl: means over the logged steps (None for a metric never logged,
+    e.g. `kl` with beta 0), the reward of the first and last logged steps' quarter (the learning curve's ends),
+    each reward function's mean, and the share of time spent generating."""
+    from vlmtrain.train.finalize import read_metrics
+
+    rows = [r for r in read_metrics(metrics_path) if r.get("rl/reward") is not None]
+    mean = lambda key, rs=rows: (sum(r[key] for r in rs if r.get(key) is not None)  # noqa: E731
+                                 / max(1, sum(r.get(key) is not None for r in rs))
+                                 if any(r.get(key) is not None for r in rs) else None)
+    out = {name: mean(col) for name, col in _RL_MEANS}
+    q = max(1, len(rows) // 4)
+    out["reward_first_quarter"] = mean("rl/reward", rows[:q]) if rows else None
+    out["reward_last_quarter"] = mean("rl/reward", rows[-q:]) if rows else None
+    gen = sum(r.get("rl/generate_seconds") or 0.0 for r in rows)
+    train = sum(r.get("rl/train_seconds") or 0.0 for r in rows)
+    out["generate_time_share"] = gen / (gen + train) if gen + train > 0 else None
+    funcs = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    out["rewards"] = {f: mean(f"rewards/{f}/mean") for f in funcs}
+    out["steps_logged"] = len(rows)
+    return out
+
+
+class GRPOStageRun(StageRun):
+    """A stage with the grpo objective (module docstring)."""
+
+    def training_data(self) -> tuple:
+        from vlmtrain.data.prompts import PromptEncoder
+        from vlmtrain.train.grpo.module import RepeatWindows
+
+        g = self.stage.grpo
+        self.encoder = PromptEncoder(self.encoder, g.max_completion_length)
+        loader, windows = super().training_data()
+        return loader, (RepeatWindows(windows, g.num_iterations) if g.num_iterations > 1 else windows)
+
+    def build_module(self):
+        from vlmtrain.train.grpo.module import GRPOModule
+
+        return GRPOModule(self.bundle, self.stage, self.loader, self.run_dir / "completions.jsonl")
+
+    def objective_summary(self, summary: dict, fig: dict) -> None:
+        summary["rl"] = rl_summary(self.run_dir / "metrics.jsonl")
