@@ -364,3 +364,54 @@ def test_builtin_sample_set_is_made_and_reused(tmp_path):
     assert prepare_medical_builtin(tmp_path) == out and (out / "manifest.json").stat().st_mtime_ns == stamp
     recs = [parse_sample(raw)[0] for raw in iter_shard(str(next(out.glob("shard-*.tar"))))]
     assert {r["meta"]["modality"] for r in recs} == {"CT", "MR", "CR", "OP", "SM"}
+
+
+# ---- workers -----------------------------------------------------------------------------------------------
+
+def test_a_failing_worker_is_one_error_line_naming_the_record(tmp_path, monkeypatch, capsys):
+    """A library that raises on one record (injected into the face scan, which runs inside the worker threads)
+    refuses that record as gate_error with its id, prints one line naming it, and the other records are kept."""
+    import threading
+
+    from vlmtrain.privacy import pixels
+
+    real, seen = pixels.find_faces, []
+
+    def flaky(rgb):
+        seen.append(threading.current_thread().name)
+        if int(rgb[0, 0, 0]) == 77:  # the one poisoned image
+            raise RuntimeError("native library failed on Jane Roe")  # a message that quotes a value
+        return real(rgb)
+
+    monkeypatch.setattr(pixels, "find_faces", flaky)
+    src = Src(tmp_path / "src")
+    for i in range(6):
+        src.add(f"r{i}", _png(color=(77 if i == 3 else 20 + i, 90, 90), size=(32, 32)), modality="CR",
+                body_part="CHEST")
+    _, rep, rejects, kept = src.run(tmp_path / "out", {**BASE_POLICY, "ocr_burned_in": False}, workers=2)
+    assert sorted(kept) == ["r0", "r1", "r2", "r4", "r5"]
+    assert rejects == {"r3": {"id": "r3", "reason": "gate_error", "line": 4,
+                              "detail": "record: RuntimeError while checking it (refused, not passed)"}}
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error on record" in ln]
+    assert err == ["prep medical: error on record r3 (line 4): record: RuntimeError while checking it (refused, "
+                   "not passed)"]
+    assert "Jane" not in (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert rep["rejected_by_reason"] == {"gate_error": 1}
+    assert all(n.startswith("prep") for n in seen)  # the scans ran in the worker threads
+
+
+def test_native_libraries_are_imported_before_workers_start(monkeypatch):
+    """Gate() loads cv2 (with cv2.data), the face model and Tesseract's bindings in the calling thread."""
+    import sys
+
+    from vlmtrain.privacy import gate as gate_mod
+    from vlmtrain.privacy import pixels
+
+    calls = []
+    monkeypatch.setattr(pixels, "warm_up", lambda faces, ocr: calls.append((faces, ocr)))
+    gate_mod.Gate(Policy.model_validate(BASE_POLICY), ROOT, b"k")
+    assert calls == [(True, pixels.ocr_available())]
+    monkeypatch.undo()
+    pixels.warm_up(faces=True, ocr=True)
+    assert "cv2" in sys.modules and hasattr(sys.modules["cv2"], "data")
+    assert pixels._local.cascades  # this (main) thread's face model is loaded

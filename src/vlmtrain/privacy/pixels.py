@@ -81,6 +81,26 @@ def find_faces(rgb: np.ndarray) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
+_warm_lock = threading.Lock()
+
+
+def warm_up(faces: bool, ocr: bool) -> None:
+    """Import every native library the checks use, once, in the calling (main) thread, before worker threads
+    start. Two threads importing cv2 at the same moment can each see a half-initialised module (`module 'cv2'
+    has no attribute 'data'`, seen in 1 of 3 cold runs with 2 workers); Python's import lock does not cover cv2's
+    own bootstrap, which re-imports itself. Loading this thread's face model also checks that its file loads."""
+    with _warm_lock:
+        import cv2
+
+        _ = cv2.data.haarcascades, cv2.CascadeClassifier, cv2.cvtColor
+        if faces:
+            _cascades()
+        if ocr and ocr_available():
+            import pytesseract
+
+            pytesseract.get_tesseract_version()
+
+
 def ocr_available() -> bool:
     try:
         import pytesseract  # noqa: F401
