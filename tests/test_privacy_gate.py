@@ -415,3 +415,23 @@ def test_native_libraries_are_imported_before_workers_start(monkeypatch):
     pixels.warm_up(faces=True, ocr=True)
     assert "cv2" in sys.modules and hasattr(sys.modules["cv2"], "data")
     assert pixels._local.cascades  # this (main) thread's face model is loaded
+
+
+def test_staff_names_and_geography_never_reach_a_shard_member(tmp_path):
+    """Credentialed staff, sign-off lines, a cue-less name, towns and ZIP codes in every order: the shard bytes
+    hold none of them (whole tar members are searched), the eponyms stay, and keep_zip3 leaves 973** only."""
+    report = ("Known Parkinson disease and Bell palsy. Co-signed: Maribel Okafor RN. Technologist: Ana Ruiz "
+              "RT(R). Desmond Castellanos confirmed the line. Lives in Quarry Bend, Oregon 97355; prior address "
+              "ZIP 44966, Fenwick, NC and CEDAR HOLLOW OH 44109-2231.")
+    leaks = [b"Okafor", b"Maribel", b"Ruiz", b"Castellanos", b"Quarry", b"97355", b"44966", b"Fenwick",
+             b"CEDAR", b"44109"]
+    for keep_zip3 in (False, True):
+        src = Src(tmp_path / f"src{keep_zip3}")
+        src.add("r1", _png(size=(32, 32)), report=report, modality="CR", body_part="CHEST")
+        out = tmp_path / f"out{keep_zip3}"
+        _, _, rejects, kept = src.run(out, {**BASE_POLICY, "phi": {"keep_zip3": keep_zip3}})
+        assert not rejects and set(kept) == {"r1"}
+        blob = b"".join(open(t, "rb").read() for t in out.glob("shard-*.tar"))
+        assert not [w for w in leaks if w in blob]
+        assert b"Parkinson disease" in blob and b"Bell palsy" in blob and b"Oregon" in blob
+        assert (b"973**" in blob) == keep_zip3

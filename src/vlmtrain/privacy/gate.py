@@ -162,7 +162,8 @@ class Gate:
         from vlmtrain.privacy import pixels
 
         self.policy, self.base, self.secret, self.ids = policy, Path(base), secret, ids
-        self.scrubber = PhiScrubber(reject_unparsed_labels=policy.phi.reject_unparsed_labels)
+        self.scrubber = PhiScrubber(reject_unparsed_labels=policy.phi.reject_unparsed_labels,
+                                    keep_zip3=policy.phi.keep_zip3)
         self.ocr = policy.ocr_burned_in and pixels.ocr_available()
         # native libraries are imported here, in the main thread, before any worker thread exists
         pixels.warm_up(faces=policy.reject_faces, ocr=self.ocr)
