@@ -353,7 +353,7 @@ class Gate:
         rgb = _rgb(png)
         if self.policy.reject_faces and photo:
             t0 = time.perf_counter()
-            faces = pixels.find_faces(rgb)
+            faces = pixels.face_check(rgb)
             self._count("face_scanned", time.perf_counter() - t0)
             if faces:
                 self._count("face_found")
@@ -538,8 +538,7 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
                              "seconds": {k: round(v, 2) for k, v in sorted(gate.pixel_seconds.items())},
                              "ocr": "tesseract " + (pixels.tesseract_version() or "missing")
                              if policy.ocr_burned_in else "off by policy",
-                             "faces": "OpenCV Haar cascades frontalface_alt2 + frontalface_default"
-                             if policy.reject_faces else "off by policy"},
+                             "faces": pixels.FACE_DETECTOR if policy.reject_faces else "off by policy"},
             "reasons": {**REASONS, **{r: "see vlmtrain.data.schema.REASONS" for r in WRITER_REASONS}},
             "decisions": w.decisions,
             "patient_group_secret": secret_source,
