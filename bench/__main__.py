@@ -22,6 +22,7 @@ BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner v
 BENCHES["chaos"] = __import__("bench.chaos", fromlist=["run"])  # kill/resume at random moments: nothing lost
 BENCHES["phi"] = __import__("bench.phi", fromlist=["run"])  # report PHI recall: vlmtrain vs PII libraries
 BENCHES["faces"] = __import__("bench.faces", fromlist=["run"])  # face check: LFW vs medical images
+BENCHES["ocr"] = __import__("bench.ocr", fromlist=["run"])  # burned-in PHI on noisy pixels: recall grid
 BENCHES["prep_medical"] = __import__("bench.prep_medical", fromlist=["run"])  # the gate on 1,000 records
 NATIVE = {"sft": native_bench.run_sft, "dpo": native_bench.run_dpo}  # --family: vs TRL on a native VLM
 NATIVE_FAMILIES = native_bench.FAMILIES
