@@ -10,10 +10,11 @@ Faces: OpenCV's Haar cascades that ship inside `opencv-python-headless` (no down
 in it or both face cascades found it (`find_faces` says why: Haar boxes alone fire on radiograph texture). Images are scaled so the long side is at most
 `FACE_MAX_SIDE` pixels first (cost), which keeps faces down to about 4% of the long side.
 
-Text: Debian's `tesseract-ocr` through `pytesseract`, run once on the grey image turned dark-on-light (radiology
-overlays are usually light on a dark image; Tesseract reads dark on light best), upscaled up to
-`OCR_MAX_UPSCALE` times so small overlay text nears the height Tesseract expects. `ocr_available()` says whether the binary is there; the gate refuses every record when
-it is not (it never passes pixels it could not read).
+Text: Debian's `tesseract-ocr` through `pytesseract`, run on two views of the image (`ocr_views`): the grey image,
+denoised first when it is noisy, turned dark-on-light (radiology overlays are usually light on a dark image;
+Tesseract reads dark on light best) and upscaled up to `OCR_MAX_UPSCALE` times so small overlay text nears the
+height Tesseract expects; and its white top-hat binarised with Otsu's threshold. `ocr_available()` says whether
+the binary is there; the gate refuses every record when it is not (it never passes pixels it could not read).
 """
 
 from __future__ import annotations
