@@ -1,6 +1,6 @@
-"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan,chaos,phi,faces,ocr,prep_medical} [--quick]`: results in bench/results/,
-write-up in docs/benchmarks.md. `sft` and `dpo` also take `--family qwen2_5_vl` (a native transformers VLM:
-bench.native)."""
+"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan,chaos,phi,faces,ocr,prep_medical} [--quick]`: results in
+bench/results/, write-up in docs/benchmarks.md. `sft` and `dpo` also take `--family qwen2_5_vl` (a native
+transformers VLM: bench.native)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,9 @@
   detector sees the head's outline) and its `astronaut` photograph (colour);
 - no faces: every image in pydicom's test files and the `pydicom-data` package that decodes (CT, MR, CR, US, NM,
   RT, SEG, secondary captures, JPEG/J2K variants), rendered to PNG bytes the way the gate renders a DICOM;
-  scikit-image's medical samples (retina, microaneurysms, IHC, cells, the Shepp-Logan phantom); twelve synthetic grey
-  images with noise and texture; and two photographs without a person (scikit-image's `coffee` and `chelsea`); and LFW's 100 non-face crops.
+  scikit-image's medical samples (retina, microaneurysms, IHC, cells, the Shepp-Logan phantom); twelve synthetic
+  grey images with noise and texture; two photographs without a person (scikit-image's `coffee` and `chelsea`);
+  and LFW's 100 non-face crops.
 
 Each image goes through `pixels.face_check` exactly as the gate calls it (PNG bytes decoded to RGB). Reported:
 recall on faces, false faces per set, ms per image.
