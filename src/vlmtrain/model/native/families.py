@@ -205,6 +205,16 @@ FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks
                                blank_image="grid", router_aux_loss=True,
                                shared_prefix=_UNCHECKED_PREFIX)
 
+# Mistral 3 (Mistral-Small-3.1/3.2, `Mistral3ForConditionalGeneration`): a Pixtral tower (2D RoPE over each image's
+# own patch grid, any aspect ratio), the projector with its patch merger, a Mistral LM. The processor is transformers'
+# PixtralProcessor over its PIL image processor (`processor.pil_sibling_processor`: no torchvision). No verbatim
+# official template was found offline (the checkpoints' Jinja sits in their hub repos and in a transformers test file
+# not shipped with the package; it renders today's date): `chat_template:` with generation marks is required.
+FAMILIES["mistral3"] = Family({"vision": {"model": "model.vision_tower"},
+                               "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                              "", blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
+                              shared_prefix=_UNCHECKED_PREFIX)
+
 SUPPORTED = tuple(FAMILIES)
 
 _VISION_NAMES = ("vision_tower", "vision_model", "visual")

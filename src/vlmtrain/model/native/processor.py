@@ -33,6 +33,51 @@ def image_only(cls):
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
+# Processors that transformers 5.23 marks `requires torchvision` only because their module imports a helper from the
+# torchvision image processor's module, where the PIL image processor's module has the same function (same code):
+# model_type → (model package, processor module, the torchvision module it imports, the PIL module that replaces it).
+# Mistral 3: `processing_pixtral` imports `get_resize_output_image_size` for `_get_num_multimodal_tokens`.
+_PIL_SIBLINGS = {"mistral3": ("pixtral", "processing_pixtral", "image_processing_pixtral",
+                              "image_processing_pil_pixtral")}
+
+
+@lru_cache(maxsize=None)
+def pil_sibling_processor(model_type: str):
+    """transformers' own processor module of `model_type` (`_PIL_SIBLINGS`), executed with its torchvision-only
+    import served by the PIL image processor's module → the module. Nothing of the processor is rewritten: the
+    file is transformers' installed source; only the sibling import resolves to the PIL twin of the helper."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    pkg, proc_mod, tv_mod, pil_mod = _PIL_SIBLINGS[model_type]
+    base = f"transformers.models.{pkg}"
+    pil = importlib.import_module(f"{base}.{pil_mod}")
+    shim = types.ModuleType(f"{base}.{tv_mod}")
+    shim.__dict__.update({k: v for k, v in vars(pil).items() if not k.startswith("__")})
+    name = f"{base}.{proc_mod}"
+    spec = importlib.util.spec_from_file_location(name, str(Path(pil.__file__).with_name(f"{proc_mod}.py")))
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get(shim.__name__)
+    sys.modules[shim.__name__] = shim
+    sys.modules[name] = module  # auto_docstring reads the class's source file through its module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop(shim.__name__, None)
+        else:
+            sys.modules[shim.__name__] = saved
+    return module
+
+
+def _torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
 def processor_class(model_type: str):
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
@@ -41,6 +86,8 @@ def processor_class(model_type: str):
     if name is None:
         raise ConfigError(f"model_type {model_type!r}: transformers has no processor class for it; vlmtrain needs "
                           "one to train (describe works on meta)")
+    if model_type in _PIL_SIBLINGS and not _torchvision_available():
+        return getattr(pil_sibling_processor(model_type), name)
     return getattr(transformers, name)
 
 
@@ -168,7 +215,9 @@ def _saved_kwargs(src) -> dict:
     if not p.is_file():
         return {}
     data = json.loads(p.read_text())
-    out = {k: v for k, v in data.items() if k not in ("processor_class", "auto_map")}
+    # sub-processors are passed as objects; a `save_pretrained` processor_config.json may nest their dicts too
+    out = {k: v for k, v in data.items() if k not in ("processor_class", "auto_map", "image_processor", "tokenizer",
+                                                      "video_processor")}
     fe = out.get("feature_extractor")
     if isinstance(fe, dict) and isinstance(fe.get("feature_extractor_type"), str):
         out["feature_extractor"] = getattr(transformers, fe["feature_extractor_type"]).from_dict(fe)

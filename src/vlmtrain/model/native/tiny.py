@@ -34,7 +34,7 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
                  "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4",
-                 "paligemma", "glm4v", "glm4v_moe")
+                 "paligemma", "glm4v", "glm4v_moe", "mistral3")
 # Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
 # token names from the tokenizer; it refuses a tokenizer without the audio ones)
 _GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
@@ -301,6 +301,29 @@ def _glm4v(model_type: str):
     return cfg, ip, tok, {}
 
 
+# Mistral 3's tokenizer specials (Tekken): turn markers and the three image tokens PixtralProcessor reads
+_MISTRAL3_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                      "[IMG_BREAK]", "[IMG_END]"]
+
+
+def _mistral3():
+    """Mistral 3 (Mistral-Small-3.1): a 2-layer Pixtral tower of 8 px patches (2D RoPE over the image's own grid),
+    the patch merger (2×2 patches → one token: 16×16 px) and a Mistral LM; images keep their aspect ratio, longest
+    edge 64 px, each row of tokens closed by [IMG_BREAK] and the image by [IMG_END]."""
+    from transformers import AutoConfig, PixtralImageProcessorPil
+
+    tok = _tokenizer(_MISTRAL3_SPECIALS, "<s>", "</s>", "<unk>")
+    text = {**_TEXT, "model_type": "mistral", "vocab_size": _vocab(tok), "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "sliding_window": None}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "head_dim": 16, "image_size": 64, "patch_size": 8}
+    cfg = AutoConfig.for_model("mistral3", text_config=text, vision_config=vision, spatial_merge_size=2,
+                               vision_feature_layer=-1, **_ids(tok, image_token_index="[IMG]"))
+    # the processor passes patch_size × spatial_merge_size (16) to the image processor, as the checkpoints do
+    ip = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 16, "width": 16})
+    return cfg, ip, tok, {"patch_size": 8, "spatial_merge_size": 2}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -330,6 +353,8 @@ def tiny_parts(model_type: str):
         return _paligemma()
     if model_type.startswith("glm4v"):
         return _glm4v(model_type)
+    if model_type == "mistral3":
+        return _mistral3()
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 
