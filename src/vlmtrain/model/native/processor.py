@@ -136,7 +136,7 @@ def save_processor(proc, out: str | Path) -> None:
 
 def load_processor(src: str | Path, model_type: str, overrides: dict | None = None):
     """The checkpoint's processor with `overrides` (e.g. `max_pixels`) applied to its image processor."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     overrides = dict(overrides or {})
     try:
@@ -150,7 +150,7 @@ def load_processor(src: str | Path, model_type: str, overrides: dict | None = No
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
         try:
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-            ip = AutoImageProcessor.from_pretrained(src, trust_remote_code=False, **overrides)
+            ip = _image_processor(src, model_type, overrides)
             template = tok.chat_template if isinstance(tok.chat_template, str) else None
             proc = build_image_only(model_type, ip, tok, chat_template=_saved_template(src) or template,
                                     **_saved_kwargs(src))
@@ -166,10 +166,27 @@ def load_processor(src: str | Path, model_type: str, overrides: dict | None = No
     return proc
 
 
+def _image_processor(src, model_type: str, overrides: dict):
+    """The checkpoint's image processor: vlmtrain's port where transformers has only a torchvision class and
+    torchvision is missing (`image_processors.PORTED`), else transformers' own through `AutoImageProcessor`."""
+    from transformers import AutoImageProcessor
+
+    from vlmtrain.model.native.image_processors import PORTED, ports
+
+    if model_type in PORTED and not _torchvision_available():
+        return ports()[model_type].from_pretrained(src, **overrides)
+    return AutoImageProcessor.from_pretrained(src, trust_remote_code=False, **overrides)
+
+
 def torchvision_only_image_processor(model_type: str) -> str | None:
-    """The family's image processor class when transformers has it for torchvision only (no PIL variant)."""
+    """The family's image processor class when transformers has it for torchvision only (no PIL variant) and
+    vlmtrain has no port of it (`image_processors.PORTED`)."""
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
+    from vlmtrain.model.native.image_processors import PORTED
+
+    if model_type in PORTED:
+        return None
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
     if isinstance(names, dict) and "pil" not in names and names.get("torchvision"):
         return names["torchvision"]

@@ -34,7 +34,7 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
                  "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4",
-                 "paligemma", "glm4v", "glm4v_moe", "mistral3")
+                 "paligemma", "glm4v", "glm4v_moe", "mistral3", "llama4")
 # Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
 # token names from the tokenizer; it refuses a tokenizer without the audio ones)
 _GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
@@ -324,6 +324,36 @@ def _mistral3():
     return cfg, ip, tok, {"patch_size": 8, "spatial_merge_size": 2}
 
 
+_LLAMA4_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", "<|header_start|>",
+                    "<|header_end|>", "<|eot|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                    "<|tile_x_separator|>", "<|tile_y_separator|>"]
+
+
+def _llama4():
+    """Llama 4 (Scout/Maverick layout): a chunked-attention MoE layer (4 routed experts, top-1, + the shared expert)
+    then a full-attention dense NoPE layer, chunks of 16 tokens so packed rows cross chunk borders; a 2-layer tower
+    of 8 px patches on 32 px tiles, pixel shuffle 0.5 (4 `<|patch|>` tokens per tile), up to 4 tiles + a global
+    tile per image."""
+    from transformers import AutoConfig
+
+    from vlmtrain.model.native.image_processors.llama4 import Llama4ImageProcessorPil
+
+    tok = _tokenizer(_LLAMA4_SPECIALS, "<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>")
+    text = {**_TEXT, "vocab_size": _vocab(tok), "intermediate_size_mlp": 128, "num_local_experts": 4,
+            "num_experts_per_tok": 1, "moe_layers": [0], "no_rope_layers": [1, 0], "attention_chunk_size": 16,
+            "floor_scale": 16, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<|end_of_text|>")]}
+    # intermediate_size is 4 × hidden: the pixel-shuffle MLP takes the 2×2-shuffled features (as the checkpoints)
+    vision = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8, "pixel_shuffle_ratio": 0.5, "vision_output_dim": 64,
+              "projector_input_dim": 64, "projector_output_dim": 64}
+    cfg = AutoConfig.for_model("llama4", text_config=text, vision_config=vision,
+                               **_ids(tok, image_token_index="<|patch|>", boi_token_index="<|image_start|>",
+                                      eoi_token_index="<|image_end|>"))
+    ip = Llama4ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4)
+    return cfg, ip, tok, {"patch_size": 8, "pixel_shuffle_ratio": 0.5}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -355,6 +385,8 @@ def tiny_parts(model_type: str):
         return _glm4v(model_type)
     if model_type == "mistral3":
         return _mistral3()
+    if model_type == "llama4":
+        return _llama4()
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 
