@@ -49,18 +49,41 @@ def test_llama4_port_equals_the_torchvision_processor(ref, i):
     assert np.array_equal(out["pixel_values"].float().numpy(), ref[f"llama4/{i}/pixel_values"])
 
 
-def test_llama4_port_loads_a_published_folder_without_torchvision(tmp_path):
+@pytest.mark.parametrize("model_type, saved", [
+    ("llama4", {"image_processor_type": "Llama4ImageProcessor", "size": {"height": 32, "width": 32},
+                "max_patches": 4, "processor_class": "Llama4Processor"}),
+    ("lfm2_vl", {"image_processor_type": "Lfm2VlImageProcessor", "tile_size": 32, "encoder_patch_size": 8,
+                 "max_tiles": 4, "processor_class": "Lfm2VlProcessor"})])
+def test_port_loads_a_published_folder_without_torchvision(model_type, saved, tmp_path):
     """A checkpoint's `preprocessor_config.json` naming the torchvision class loads as the port through
     `load_processor`'s image-processor step, and the port saves under the original's name."""
-    from vlmtrain.model.native.image_processors.llama4 import Llama4ImageProcessorPil
+    from vlmtrain.model.native.image_processors import ports
     from vlmtrain.model.native.processor import _image_processor, torchvision_only_image_processor
 
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("the port is used where torchvision is missing")
-    cfg = {"image_processor_type": "Llama4ImageProcessor", "size": {"height": 32, "width": 32}, "max_patches": 4,
-           "processor_class": "Llama4Processor"}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
-    ip = _image_processor(tmp_path, "llama4", {})
-    assert type(ip) is Llama4ImageProcessorPil and ip.max_patches == 4 and ip.size["height"] == 32
-    assert json.loads(ip.to_json_string())["image_processor_type"] == "Llama4ImageProcessor"
-    assert torchvision_only_image_processor("llama4") is None  # describe / families no longer refuse it
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    ip = _image_processor(tmp_path, model_type, {})
+    assert type(ip) is ports()[model_type]
+    assert all(getattr(ip, k) == v for k, v in saved.items() if k not in ("image_processor_type", "processor_class"))
+    assert json.loads(ip.to_json_string())["image_processor_type"] == saved["image_processor_type"]
+    assert torchvision_only_image_processor(model_type) is None  # describe / families no longer refuse it
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_lfm2_vl_port_equals_the_torchvision_processor(ref, i):
+    """Tiles (grid + thumbnail for large images), padded patches, masks, spatial shapes and the grid, exactly; on
+    the grey image both raise the same error (the original does not convert to RGB unless asked)."""
+    from vlmtrain.model.native.image_processors.lfm2_vl import Lfm2VlImageProcessorPil
+
+    if f"lfm2_vl/{i}/error" in ref:
+        with pytest.raises(RuntimeError) as e:
+            _run(Lfm2VlImageProcessorPil, ref, "lfm2_vl", i)
+        assert str(e.value).splitlines()[0] == str(ref[f"lfm2_vl/{i}/error"])
+        return
+    out = _run(Lfm2VlImageProcessorPil, ref, "lfm2_vl", i)
+    for key in ("pixel_values", "pixel_attention_mask", "spatial_shapes", "image_rows", "image_cols", "image_sizes"):
+        want = ref[f"lfm2_vl/{i}/{key}"]
+        got = np.asarray(out[key])
+        assert got.shape == want.shape and np.array_equal(got, want), key
+    assert ref["lfm2_vl/1/pixel_values"].shape[0] == 3  # the fixture splits: 1×2 tiles + a thumbnail

@@ -244,6 +244,20 @@ FAMILIES["llama4"] = Family({"vision": {"model": "vision_model"},
                             hidden_from="language_model.model",
                             expert_lora_target=r"llm\.model\.layers\.\d+\.feed_forward\.experts\.(gate_up_proj|down_proj)")
 
+# LFM2-VL: a SigLIP2 NaFlex tower (`pixel_attention_mask`, `spatial_shapes` per tile), the pixel-unshuffle projector
+# as the connector, an LFM2 LM whose gated short-convolution layers run their causal conv window along the whole
+# row (transformers 5.23's CPU path takes no per-sample boundaries), so packed samples would see the tokens before
+# them; packing is refused (measured in tests/test_native_lfm2_vl.py). The image processor is vlmtrain's port of the
+# torchvision-only original (`image_processors.lfm2_vl`).
+_CONV_PACKING = ("its LFM2 short-convolution layers run their convolution window across packed samples; use "
+                 "data.mode: plain or group")
+_CONV_PREFIX = ("its LFM2 short-convolution layers run along the row, so a continuation would see the end of the one "
+                "before it")
+FAMILIES["lfm2_vl"] = Family({"vision": {"model": "model.vision_tower"},
+                              "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                             "", nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                             no_packing=_CONV_PACKING, shared_prefix=_CONV_PREFIX)
+
 SUPPORTED = tuple(FAMILIES)
 
 _VISION_NAMES = ("vision_tower", "vision_model", "visual")

@@ -34,7 +34,7 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
                  "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4",
-                 "paligemma", "glm4v", "glm4v_moe", "mistral3", "llama4")
+                 "paligemma", "glm4v", "glm4v_moe", "mistral3", "llama4", "lfm2_vl")
 # Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
 # token names from the tokenizer; it refuses a tokenizer without the audio ones)
 _GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
@@ -354,6 +354,34 @@ def _llama4():
     return cfg, ip, tok, {"patch_size": 8, "pixel_shuffle_ratio": 0.5}
 
 
+_LFM2_VL_SPECIALS = ["<|startoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<image>", "<|image_start|>",
+                     "<|image_end|>", "<|img_thumbnail|>"] + \
+    [f"<|img_row_{r}_col_{c}|>" for r in range(1, 5) for c in range(1, 5)]
+
+
+def _lfm2_vl():
+    """LFM2-VL: an LFM2 LM of one gated short-convolution layer (kernel 3) then one attention layer; a 2-layer SigLIP2
+    NaFlex tower of 8 px patches, pixel unshuffle 2 (a 16×16 px region per token) and the MLP projector; 32 px tiles
+    (2-4 per large image + a thumbnail), 4-16 tokens per single-tile image."""
+    from transformers import AutoConfig
+
+    from vlmtrain.model.native.image_processors.lfm2_vl import Lfm2VlImageProcessorPil
+
+    tok = _tokenizer(_LFM2_VL_SPECIALS, "<|startoftext|>", "<|im_end|>", "<|pad|>",
+                     extra={"image_token": "<image>", "image_start_token": "<|image_start|>",
+                            "image_end_token": "<|image_end|>", "image_thumbnail_token": "<|img_thumbnail|>"})
+    text = {**_TEXT, "vocab_size": _vocab(tok), "layer_types": ["conv", "full_attention"], "conv_L_cache": 3,
+            "block_ff_dim": 128, "block_auto_adjust_ff_dim": False, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "patch_size": 8, "num_patches": 16, "vision_use_head": False}
+    cfg = AutoConfig.for_model("lfm2_vl", text_config=text, vision_config=vision, downsample_factor=2,
+                               projector_hidden_size=64, **_ids(tok, image_token_id="<image>"))
+    ip = Lfm2VlImageProcessorPil(encoder_patch_size=8, downsample_factor=2, tile_size=32, min_image_tokens=4,
+                                 max_image_tokens=16, min_tiles=2, max_tiles=4)
+    return cfg, ip, tok, {}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -387,6 +415,8 @@ def tiny_parts(model_type: str):
         return _mistral3()
     if model_type == "llama4":
         return _llama4()
+    if model_type == "lfm2_vl":
+        return _lfm2_vl()
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 def ports() -> dict:
     """model_type → the port's class (imported on use: these import transformers' image utilities)."""
+    from vlmtrain.model.native.image_processors.lfm2_vl import Lfm2VlImageProcessorPil
     from vlmtrain.model.native.image_processors.llama4 import Llama4ImageProcessorPil
 
-    return {"llama4": Llama4ImageProcessorPil}
+    return {"llama4": Llama4ImageProcessorPil, "lfm2_vl": Lfm2VlImageProcessorPil}
 
 
-PORTED = ("llama4",)
+PORTED = ("llama4", "lfm2_vl")

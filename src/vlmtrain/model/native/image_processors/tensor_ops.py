@@ -51,24 +51,26 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: int = 2, antial
     return x.reshape(*lead, c, *size)
 
 
-def normalize(image: torch.Tensor, mean, std) -> torch.Tensor:
-    """`(image - mean) / std` per channel in the image's dtype (torchvision's `normalize_image`, not in place)."""
+def normalize(image: torch.Tensor, mean, std, inplace: bool = False) -> torch.Tensor:
+    """`(image - mean) / std` per channel in the image's dtype (torchvision's `normalize_image`). In place, a
+    1-channel image against 3-channel statistics raises as the original does (no silent broadcast to 3 channels)."""
     mean = torch.as_tensor(mean, dtype=image.dtype)
     std = torch.as_tensor(std, dtype=image.dtype)
     mean = mean.view(-1, 1, 1) if mean.ndim == 1 else mean
     std = std.view(-1, 1, 1) if std.ndim == 1 else std
-    return image.sub(mean).div_(std)
+    return (image.sub_(mean) if inplace else image.sub(mean)).div_(std)
 
 
 def rescale_and_normalize(images: torch.Tensor, do_rescale: bool, rescale_factor: float, do_normalize: bool,
                           image_mean, image_std) -> torch.Tensor:
     """transformers' `TorchvisionBackend.rescale_and_normalize`: rescale folded into mean/std, in float32."""
+    inplace = images.dtype != torch.float32  # the original normalises its float copy in place
     if do_rescale and do_normalize:
         mean = torch.tensor(image_mean) * (1.0 / rescale_factor)
         std = torch.tensor(image_std) * (1.0 / rescale_factor)
-        return normalize(images.to(torch.float32), mean, std)
+        return normalize(images.to(torch.float32), mean, std, inplace)
     if do_normalize:
-        return normalize(images.to(torch.float32), image_mean, image_std)
+        return normalize(images.to(torch.float32), image_mean, image_std, inplace)
     if do_rescale:
         return images * rescale_factor
     return images
