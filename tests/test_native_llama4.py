@@ -108,7 +108,6 @@ def test_packing_is_refused_and_the_control_measures_why(bundle):
 
 
 def test_pack_mode_stage_is_refused_with_one_line(bundle):
-    from vlmtrain.errors import ConfigError
     from vlmtrain.train.family_table import refusal, stage
 
     why = refusal(stage("sft", data={"mode": "pack"}), bundle)
