@@ -95,7 +95,9 @@ class NativeSampleEncoder:
             if k in TOKEN_EXTRAS:
                 res["token_extras"][k] = v[0].tolist()
             elif k == "pixel_values":
-                res["pixel_values"] = v
+                # Llama 4's processor normalises in bfloat16: held as float32 (exact) like every other family's, so
+                # batches mix and the stage's precision decides the tower's dtype
+                res["pixel_values"] = v.float() if str(getattr(v, "dtype", "")) == "torch.bfloat16" else v
             else:
                 res["image_extras"][k] = v
         if res["pixel_values"] is None:

@@ -60,6 +60,13 @@ class Family:
     # the family's default vision LoRA regex where the stage's `lora.vision_target` is left at its default ("" = that
     # default reaches the tower's projections)
     vision_lora_target: str = ""
+    # where the decoder's hidden states come from when the model has no `.model` returning them (Llama 4: the
+    # top-level forward runs its own `language_model`, a whole causal LM): the decoder module's path; its output is
+    # read off a forward hook of the top-level forward ("" = `hf.model(...)` returns them)
+    hidden_from: str = ""
+    # the family's default regex of fused expert tensors for PEFT `target_parameters`, where the stage leaves
+    # `lora.llm_target_parameters` at its default ("" = that default, `...mlp.experts.(gate_up_proj|down_proj)`)
+    expert_lora_target: str = ""
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -204,6 +211,52 @@ FAMILIES["glm4v"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "
 FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
                                blank_image="grid", router_aux_loss=True,
                                shared_prefix=_UNCHECKED_PREFIX)
+
+# Mistral 3 (Mistral-Small-3.1/3.2, `Mistral3ForConditionalGeneration`): a Pixtral tower (2D RoPE over each image's
+# own patch grid, any aspect ratio), the projector with its patch merger, a Mistral LM. The processor is transformers'
+# PixtralProcessor over its PIL image processor (`processor.pil_sibling_processor`: no torchvision). No verbatim
+# official template was found offline (the checkpoints' Jinja sits in their hub repos and in a transformers test file
+# not shipped with the package; it renders today's date): `chat_template:` with generation marks is required.
+FAMILIES["mistral3"] = Family({"vision": {"model": "model.vision_tower"},
+                               "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                              "", blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
+                              shared_prefix=_UNCHECKED_PREFIX)
+
+# transformers 5.23's Llama 4 scales the queries of its NoPE (full-attention) layers by a temperature computed from
+# the row index (`torch.arange` over the row), not from position_ids: in a packed row every sample after the first
+# gets the scales of its offset (measured: 7e-4 to 1.7e-3 off alone). Its chunked attention does follow per-sample
+# positions (packed == alone with the temperature off, tests/test_native_llama4.py).
+_NOPE_TEMPERATURE_PACKING = ("its NoPE layers scale attention by a temperature taken from the row index, not the "
+                             "sample's positions, so packed samples after the first would be scaled as if they "
+                             "continued the one before; use data.mode: plain or group")
+
+# Llama 4 (Scout / Maverick): the top-level model holds the tower (`vision_model`), the projector and a whole causal
+# LM (`language_model`, a Llama4ForCausalLM with its own `.model` and `.lm_head`), so the LM role points inside it and
+# NativeVLM reads the decoder's hidden states off it (`Family.hidden_from`). Routed experts are fused 3-D tensors
+# (`gate_up_proj [E, h, 2i]`, `down_proj [E, i, h]`); transformers' Llama 4 forward adds no router load-balancing
+# loss, so none joins the objective. The image processor is vlmtrain's port of the torchvision-only original
+# (`image_processors.llama4`).
+FAMILIES["llama4"] = Family({"vision": {"model": "vision_model"},
+                             "connector": {"projector": "multi_modal_projector"},
+                             "llm": {"model": "language_model.model", "lm_head": "language_model.lm_head"}},
+                            "", blocks={"vision": "model.model.layers", "llm": "model.layers"},
+                            no_packing=_NOPE_TEMPERATURE_PACKING, shared_prefix=_UNCHECKED_PREFIX,
+                            hidden_from="language_model.model",
+                            expert_lora_target=r"llm\.model\.layers\.\d+\.feed_forward\.experts\.(gate_up_proj|down_proj)")
+
+# LFM2-VL: a SigLIP2 NaFlex tower (`pixel_attention_mask`, `spatial_shapes` per tile), the pixel-unshuffle projector
+# as the connector, an LFM2 LM whose gated short-convolution layers run their causal conv window along the whole
+# row (transformers 5.23's CPU path takes no per-sample boundaries), so packed samples would see the tokens before
+# them; packing is refused (measured in tests/test_native_lfm2_vl.py). The image processor is vlmtrain's port of the
+# torchvision-only original (`image_processors.lfm2_vl`).
+_CONV_PACKING = ("its LFM2 short-convolution layers run their convolution window across packed samples; use "
+                 "data.mode: plain or group")
+_CONV_PREFIX = ("its LFM2 short-convolution layers run along the row, so a continuation would see the end of the one "
+                "before it")
+FAMILIES["lfm2_vl"] = Family({"vision": {"model": "model.vision_tower"},
+                              "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                             "", nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                             no_packing=_CONV_PACKING, shared_prefix=_CONV_PREFIX)
 
 SUPPORTED = tuple(FAMILIES)
 

@@ -165,7 +165,7 @@ class NativeVLM(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[..., d]` → logits `[..., vocab]`: the LM head plus the family's final soft-capping (Gemma)."""
-        logits = self.hf.lm_head(hidden)
+        logits = self.hf.get_output_embeddings()(hidden)  # lm_head (Llama 4's sits inside its language_model)
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -194,7 +194,7 @@ class NativeVLM(nn.Module):
             # a batch without image tokens may come without token_type_ids: no image blocks then
             types = kw.get(self.family.image_block_key, torch.zeros_like(position_ids))
             attention_mask = self.packed_block_masks(position_ids, types)
-        if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
+        if position_ids is not None and position_ids.dim() == 2 and self._rope_index() is not None:
             position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
                                                        kw.get("image_grid_thw"))
         blank: list[torch.Tensor] = []
@@ -209,14 +209,13 @@ class NativeVLM(nn.Module):
             hook = self.llm.get_input_embeddings().register_forward_hook(
                 lambda *_: blank.append(self.blank_image_features(input_ids.device, blank_inputs)))
         try:
-            out = self.hf.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                position_ids=position_ids, use_cache=False, **kw)
+            hidden, out = self._body(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                     position_ids=position_ids, use_cache=False, **kw)
         finally:
             if hook is not None:
                 hook.remove()
             if text_rows is not None:
                 text_rows.remove()
-        hidden = out.last_hidden_state
         if blank:
             hidden = hidden + 0.0 * blank[0]
         logits = self._logits(hidden, logits_mask)
@@ -230,6 +229,28 @@ class NativeVLM(nn.Module):
                                       self.expert_tokens(out.router_logits, mask))
         return logits
 
+    def _rope_index(self):
+        """The family's `get_rope_index` (mRoPE families), or None."""
+        return getattr(getattr(self.hf, "model", None), "get_rope_index", None)
+
+    def _body(self, **inputs) -> tuple[torch.Tensor, object]:
+        """(decoder hidden states `[b, s, d]`, transformers' output) of one forward without the LM head: the family's
+        `hf.model`, or, for a model whose top-level forward runs a whole causal LM (`Family.hidden_from`, Llama 4),
+        that forward with the decoder's output read off a hook; its own head then runs on one position only
+        (`logits_to_keep=1`), and vlmtrain's `head` makes the logits it needs from the hidden states."""
+        if not self.family.hidden_from:
+            out = self.hf.model(**inputs)
+            return out.last_hidden_state, out
+        seen: list[torch.Tensor] = []
+        decoder = _resolve(self.hf, self.family.hidden_from)
+        hook = decoder.register_forward_hook(lambda _m, _i, o: seen.append(o.last_hidden_state if hasattr(
+            o, "last_hidden_state") else o[0]))
+        try:
+            out = self.hf(**inputs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return seen[-1], out
+
     def _shared_prefix_inputs(self, input_ids: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor,
                               kw: dict) -> tuple:
         """(attention mask(s), position ids) of shared-prefix rows: `[4, b, s]` ids for mRoPE families."""
@@ -239,8 +260,8 @@ class NativeVLM(nn.Module):
             raise VlmtrainError(f"shared-prefix rows are not available for {self.model_type}: "
                                 f"{self.family.shared_prefix}")
         masks = shared_prefix_masks(self, segments, position_ids, kw.get("token_type_ids"))
-        if hasattr(self.hf.model, "get_rope_index"):
-            position_ids = shared_prefix_mrope_positions(self.hf.model.get_rope_index, input_ids, segments,
+        if self._rope_index() is not None:
+            position_ids = shared_prefix_mrope_positions(self._rope_index(), input_ids, segments,
                                                          position_ids, kw.get("mm_token_type_ids"),
                                                          kw.get("image_grid_thw"))
         return masks, position_ids
