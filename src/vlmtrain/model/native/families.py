@@ -60,6 +60,9 @@ class Family:
     # the family's default vision LoRA regex where the stage's `lora.vision_target` is left at its default ("" = that
     # default reaches the tower's projections)
     vision_lora_target: str = ""
+    # the LM's first text position where vlmtrain passes position ids itself (shared-prefix rows): PaliGemma's are
+    # 1-indexed (its model adds 1 to the positions it builds)
+    position_offset: int = 0
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -94,12 +97,6 @@ _CROSS_ATTENTION_PREFIX = ("its images enter through a per-row, per-token cross_
 # would attend to each other
 _PREFIX_PACKING = ("its prefix block (token_type_ids 0) is one bidirectional block per row, so packed samples' "
                    "prompts would attend to each other; use data.mode: plain or group")
-
-# families whose shared-prefix rows have not been checked against each sequence scored alone: Gemma 4 keys its image
-# blocks on `mm_token_type_ids` (sliding layers only), PaliGemma's prompt is one bidirectional block, GLM-4V's mRoPE
-# ids come from its own `get_rope_index`; until a test shows equality they keep two rows per pair
-_UNCHECKED_PREFIX = ("its shared-prefix rows are not yet tested equal to each sequence scored alone; DPO keeps two "
-                     "rows per pair")
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
@@ -179,8 +176,7 @@ FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
                             frozen_roles={"audio": {"model": "model.audio_tower", "embed_audio": "model.embed_audio"}},
                             image_block_key="mm_token_type_ids", image_blocks_sliding_only=True,
                             # the tower's projections are Gemma4ClippableLinear wrappers around `.linear`
-                            vision_lora_target=r"vision\.model\..*layers\.\d+\..*(q|k|v|o)_proj\.linear",
-                            shared_prefix=_UNCHECKED_PREFIX)
+                            vision_lora_target=r"vision\.model\..*layers\.\d+\..*(q|k|v|o)_proj\.linear")
 
 # PaliGemma (1 and 2): a SigLIP tower, a linear projector and a Gemma LM whose prefix (image tokens + prompt,
 # token_type_ids 0) attends bidirectionally and whose suffix (the answer) is causal. It has no chat template (the
@@ -188,8 +184,7 @@ FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
 FAMILIES["paligemma"] = Family({"vision": {"model": "model.vision_tower"},
                                 "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                                "", blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
-                               blank_image="fixed", prefix_suffix=True, no_packing=_PREFIX_PACKING,
-                               shared_prefix=_UNCHECKED_PREFIX)
+                               blank_image="fixed", prefix_suffix=True, no_packing=_PREFIX_PACKING, position_offset=1)
 
 # GLM-4.1V (`glm4v`) and GLM-4.5V (`glm4v_moe`): a Qwen2-VL-style tower (patch embedding, learned position table,
 # post-conv norm, blocks) whose `downsample` conv and `merger` hand tokens to the LM; mRoPE positions from its own
@@ -200,10 +195,9 @@ _GLM4V_ROLES = {"vision": {f"model.{n}": f"model.visual.{n}" for n in
                             "post_layernorm")},
                 "connector": {"downsample": "model.visual.downsample", "merger": "model.visual.merger"}, "llm": _LLM}
 FAMILIES["glm4v"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                           blank_image="grid", shared_prefix=_UNCHECKED_PREFIX)
+                           blank_image="grid")
 FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                               blank_image="grid", router_aux_loss=True,
-                               shared_prefix=_UNCHECKED_PREFIX)
+                               blank_image="grid", router_aux_loss=True)
 
 SUPPORTED = tuple(FAMILIES)
 

@@ -238,7 +238,8 @@ class NativeVLM(nn.Module):
         if self.family.shared_prefix:
             raise VlmtrainError(f"shared-prefix rows are not available for {self.model_type}: "
                                 f"{self.family.shared_prefix}")
-        masks = shared_prefix_masks(self, segments, position_ids, kw.get("token_type_ids"))
+        masks = shared_prefix_masks(self, segments, position_ids, kw.get(self.family.image_block_key))
+        position_ids = position_ids + self.family.position_offset  # PaliGemma's positions start at 1
         if hasattr(self.hf.model, "get_rope_index"):
             position_ids = shared_prefix_mrope_positions(self.hf.model.get_rope_index, input_ids, segments,
                                                          position_ids, kw.get("mm_token_type_ids"),
