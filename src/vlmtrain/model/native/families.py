@@ -29,7 +29,8 @@ class Family:
     blocks: dict[str, str] = field(default_factory=dict)
     # the image a text-only batch runs on sharded ranks (NativeVLM.blank_image_inputs): "grid" (Qwen's smallest
     # merged grid), "fixed" (one tower-sized image), "crop" (one Idefics3 crop), "anyres" (a tower-sized image as
-    # AnyRes tiles it); "" = none (sharded strategies refused)
+    # AnyRes tiles it), "patches" (Gemma 4: the patches of one pooled soft token), "aligned" (Mllama: a padding image
+    # slot per row through the forward, so its cross-attention layers run); "" = none (sharded strategies refused)
     blank_image: str = ""
     # why `data.mode: pack` is refused for this family ("" = packed rows keep samples apart)
     no_packing: str = ""
@@ -63,6 +64,10 @@ class Family:
     # the LM's first text position where vlmtrain passes position ids itself (shared-prefix rows): PaliGemma's are
     # 1-indexed (its model adds 1 to the positions it builds)
     position_offset: int = 0
+    # the LM module (under the llm role) after which the family's forward runs the tower, where a text-only batch runs
+    # its blank image ("" = the token embedding); Gemma 4 embeds its per-layer inputs first, so ZeRO-3 would gather
+    # `embed_tokens_per_layer` on an image rank while a text-only rank gathers the tower
+    blank_image_after: str = ""
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -148,7 +153,7 @@ FAMILIES: dict[str, Family] = {
     "mllama": Family({"vision": {"model": "model.vision_model"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "mllama", nested_images=True, blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
-                     no_packing=_CROSS_ATTENTION_PACKING, batch_aligned_images=True,
+                     no_packing=_CROSS_ATTENTION_PACKING, batch_aligned_images=True, blank_image="aligned",
                      shared_prefix=_CROSS_ATTENTION_PREFIX,
                      # the template's own fallback date: without it a text-only turn renders today's date
                      template_kwargs={"date_string": "26 Jul 2024"}),
@@ -161,7 +166,7 @@ FAMILIES: dict[str, Family] = {
                                    "model.layers": "model.vision_tower.encoder.layer",
                                    "model.layernorm": "model.vision_tower.layernorm"},
                         "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
-                       "", blocks={"vision": "model.layers", "llm": "model.layers"}),
+                       "", blocks={"vision": "model.layers", "llm": "model.layers"}, blank_image="fixed"),
 }
 
 # Gemma 4 (transformers 5.23 `Gemma4ForConditionalGeneration`): SigLIP-like tower with a spatial pooler, the
@@ -172,7 +177,8 @@ FAMILIES: dict[str, Family] = {
 FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
                              "connector": {"embed_vision": "model.embed_vision"}, "llm": _LLM},
                             "", nested_images=True, bidirectional_images=True,
-                            blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                            blocks={"vision": "model.encoder.layers", "llm": "model.layers"}, blank_image="patches",
+                            blank_image_after="model.embed_tokens_per_layer",
                             frozen_roles={"audio": {"model": "model.audio_tower", "embed_audio": "model.embed_audio"}},
                             image_block_key="mm_token_type_ids", image_blocks_sliding_only=True,
                             # the tower's projections are Gemma4ClippableLinear wrappers around `.linear`
