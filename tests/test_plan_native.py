@@ -130,7 +130,9 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
 @pytest.mark.parametrize("name", ["qwen-lora-pack4-224x224-b1-s1024", "qwen3-lora-256x320-b2-s512",
                                   "idefics3-lora-96x128-b2-s512", "onevision-lora-96x128-b2-s512",
                                   # Gated DeltaNet layers (Qwen3.5) and expert MLPs (Qwen3-VL-MoE): traced blocks
-                                  "qwen35-lora-256x256-b2-s512", "qwen3moe-sft-conn-256x256-b2-s384"])
+                                  "qwen35-lora-256x256-b2-s512", "qwen3moe-sft-conn-256x256-b2-s384",
+                                  # GLM-4.1V: its own resize rule, sandwich norms, the downsample conv connector
+                                  "glm4v-lora-224x224-b2-s512"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -144,6 +146,26 @@ def test_planned_peak_matches_measured_step(name, tmp_path):
     planned = BN.planned(model, family, image, fields, BN.supervised_fraction(micro[0], n_img))["peak"]
     print(f"\n{name}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(planned - measured) / measured <= 0.05
+
+
+def test_glm4v_image_tokens_match_the_processor(tmp_path):
+    """GLM-4.1V's resize rule (an image counts as `temporal_patch_size` frames against the budget) == the tiny
+    processor's own image-token count, below, inside and above its budget; without a size, the budget's largest."""
+    from PIL import Image
+
+    ckpt = write_tiny_checkpoint("glm4v", tmp_path / "g")
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
+                                            "chat_template": BN.SCALE["glm4v"]["chat_template"]})
+    bundle = build_model(cfg)
+    vc = bundle.model.hf.config.vision_config
+    budget = PN.qwen_pixel_budget(cfg, "glm4v")
+    for h, w in [(20, 30), (48, 64), (64, 32), (96, 80), (300, 200)]:
+        out = bundle.processor(text=["<|begin_of_image|><|image|><|end_of_image|>"],
+                               images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        tokens = int((out["input_ids"] == bundle.model.image_token_id).sum())
+        patches = PN.qwen_patches(vc, budget, (h, w), glm=True)
+        assert patches == int(out["image_grid_thw"].prod()) == 4 * tokens, (h, w)
+    assert PN.qwen_patches(vc, budget, None, glm=True) // 4 == budget[1] // 2 // (2 * vc.patch_size) ** 2
 
 
 def _meta(tmp_path, family):
