@@ -95,7 +95,7 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
     from vlmtrain.data.inspect import encoder_for
     from vlmtrain.data.loader import image_members, parse_sample
     from vlmtrain.data.shards import Source, iter_shard
-    from vlmtrain.privacy.audit import _encoded, _losses
+    from vlmtrain.train.audit import _encoded, _losses
 
     encoder = encoder_for(bundle, 192)
     items = []

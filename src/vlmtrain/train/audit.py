@@ -138,7 +138,7 @@ def _encoded(encoder, items: list[tuple[dict, list]]) -> list[dict]:
 @torch.no_grad()
 def _losses(model, pad_id: int, encs: list[dict], batch_size: int = 32, mean: bool = True) -> list[float]:
     from vlmtrain.data.batching import collate
-    from vlmtrain.privacy.dp import per_sample_losses
+    from vlmtrain.train.dp import per_sample_losses
 
     out: list[float] = []
     for i in range(0, len(encs), batch_size):
