@@ -288,8 +288,8 @@ def evaluate_released(plan: dict, arrays_path: Path, data_root: Path) -> dict:
     """Held-out loss of the base model and of base + federated arrays, on `medical-cohort-holdout`."""
     from vlmtrain.config.load import validate
     from vlmtrain.config.stage import StageConfig
-    from vlmtrain.data.builtin import prepare_builtin
     from vlmtrain.fed.arrays import load_trainable
+    from vlmtrain.train.sources import prepare_builtin
 
     stage = validate(StageConfig, plan["stage"], prefix="stage")  # data.train is not read here
     holdout = prepare_builtin("medical-cohort-holdout", data_root)

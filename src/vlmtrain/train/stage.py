@@ -76,8 +76,8 @@ def resolve_model(ref, base_dir: Path) -> ModelConfig | NativeModelConfig:
 
 def data_sources(refs, data_root: Path):
     """`data.train` / `eval.data` entries → `Source`s; builtin datasets are prepared under `data_root` first."""
-    from vlmtrain.data.builtin import prepare_builtin
     from vlmtrain.data.shards import Source
+    from vlmtrain.train.sources import prepare_builtin
 
     out = []
     for r in refs:
