@@ -184,7 +184,7 @@ def test_sharded_strategy_refused_for_a_family_without_a_blank_image(tmp_path, s
     from vlmtrain.errors import ConfigError
     from vlmtrain.model import build_model
     from vlmtrain.train.native import check_native_stage
-    from vlmtrain.train.plan import load_plan_stages
+    from vlmtrain.plan import load_plan_stages
 
     [(stage_cfg, model_cfg)] = load_plan_stages(stage(tmp_path, "llava_next", "x", strategy=strategy))
     bundle = build_model(model_cfg)
