@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 from vlmtrain import __version__, atomic
 from vlmtrain.data.chat import MaskError
 from vlmtrain.data.encode import record_messages, record_token_length
-from vlmtrain.data.formats.base import Reject
+from vlmtrain.data.formats.items import Reject
 from vlmtrain.data.schema import RecordError, Sample, validate_record
 from vlmtrain.errors import VlmtrainError
 

@@ -276,7 +276,7 @@ def stacks_geometry(model, stage, llm: StackGeo, vis: StackGeo, layers: dict, im
     kind decides its block spec, the LoRA/QLoRA counts and the AdamW groups); split, the walks would repeat."""
     from torch import nn
 
-    from vlmtrain.model.builder import count_params
+    from vlmtrain.model.bundle import count_params
 
     train = stage.train
     lora_n, lora_t, lora_kinds = lora_param_count(model, stage)
