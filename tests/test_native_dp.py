@@ -52,7 +52,7 @@ def make_stage(d):
 
 def dp_setup(root, shards, family, tmp_path, **kw):
     """(stage, plan, DP module, plain-autograd copy of the model without Opacus hooks, encoded items, collate)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
     from vlmtrain.train.dp import build_dp_training, poisson_collate
     from vlmtrain.train.freeze import apply_stage_trainability

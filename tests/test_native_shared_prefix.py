@@ -27,7 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, root):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, request.param)))
@@ -116,7 +116,7 @@ def test_each_continuation_scores_as_the_sequence_alone(family):
 def test_gemma3_sliding_window_counts_positions_not_row_indices(root):
     """With a window shorter than the rows, the second continuation's window must end where its own sequence's
     would (its row indices run further right than its positions)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, "gemma3")))
@@ -184,7 +184,7 @@ def test_dpo_loss_and_gradients_equal_the_two_row_layout(family, root):
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava"])
 def test_eager_attention_takes_the_same_rows(root, name):
     """Eager attention adds the mask to the scores: create_causal_mask gives it the additive form."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, name)))
@@ -212,7 +212,7 @@ def _dpo_stage(path, share: bool):
 
 def test_dpo_stage_puts_pairs_in_shared_rows_unless_switched_off(family, root):
     """`dpo.share_prompt` (default on) reaches the loader through the stage check, the model and its encoder."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import LoaderConfig, _SlotPipeline
     from vlmtrain.train.native import configure_shared_prefix
 
@@ -257,7 +257,7 @@ def test_the_other_listed_families_score_continuations_as_alone(root, name):
     (tile-indexed images, a Qwen2 LM) on shared-prefix rows, k = 2. The MoE runs in float32: its experts' grouped
     matmul takes no float64."""
     from test_native_mllama_internvl import INTERNVL_TEMPLATE
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     extra = {"chat_template": INTERNVL_TEMPLATE} if name == "internvl" else {}

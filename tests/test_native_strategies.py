@@ -95,7 +95,7 @@ def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, 
     import torch
 
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
     from vlmtrain.train.module import model_extras
     from native_fixtures import records
@@ -125,7 +125,7 @@ def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, wo
     from torch.distributed.device_mesh import init_device_mesh
 
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
     from vlmtrain.train.module import model_extras
     from vlmtrain.train.strategy import apply_fsdp2

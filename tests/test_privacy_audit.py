@@ -73,7 +73,7 @@ def test_patient_units_group_records(tmp_path):
 
     from conftest import tiny_bundle
     from vlmtrain.data.builtin import _qa
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
     from vlmtrain.data.writer import write_shards
     from vlmtrain.errors import VlmtrainError

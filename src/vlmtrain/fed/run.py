@@ -92,7 +92,7 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
     """Mean per-record next-token loss over held-out shards (the DP recipe's held-out loss)."""
     import torch
 
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import image_members, parse_sample
     from vlmtrain.data.shards import Source, iter_shard
     from vlmtrain.train.audit import _encoded, _losses

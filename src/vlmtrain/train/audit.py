@@ -155,7 +155,7 @@ def _auc(member_losses: list[float], non_member_losses: list[float]) -> float:
 
 def run_audit(run: str | Path, holdout: str | None = None, max_records: int | None = None) -> dict:
     """Membership AUC and canary exposure of a trained stage; also written to STAGE/privacy_audit.json."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
     from vlmtrain.model.io import load_any
 

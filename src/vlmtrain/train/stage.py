@@ -264,7 +264,7 @@ class StageRun:
     def data(self) -> None:
         """Phase data: the record encoder, the train and eval sources (builtin datasets prepared by rank 0 first),
         the audit's canaries when asked, then the training batches (`training_data`)."""
-        from vlmtrain.data.inspect import encoder_for
+        from vlmtrain.data.encode import encoder_for
         from vlmtrain.train.strategy import rank_zero_first
 
         stage, d, root = self.stage, self.stage.data, self.data_root
