@@ -1,6 +1,6 @@
-"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan,chaos,phi,prep_medical} [--quick]`: results in bench/results/,
-write-up in docs/benchmarks.md. `sft` and `dpo` also take `--family qwen2_5_vl` (a native transformers VLM:
-bench.native)."""
+"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan,chaos,phi,faces,ocr,prep_medical} [--quick]`: results in
+bench/results/, write-up in docs/benchmarks.md. `sft` and `dpo` also take `--family qwen2_5_vl` (a native
+transformers VLM: bench.native)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ BENCHES = {"data": data_bench, "sft": sft_bench, "dpo": dpo_bench, "anatomy": an
 BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner vs measured peaks
 BENCHES["chaos"] = __import__("bench.chaos", fromlist=["run"])  # kill/resume at random moments: nothing lost
 BENCHES["phi"] = __import__("bench.phi", fromlist=["run"])  # report PHI recall: vlmtrain vs PII libraries
+BENCHES["faces"] = __import__("bench.faces", fromlist=["run"])  # face check: LFW vs medical images
+BENCHES["ocr"] = __import__("bench.ocr", fromlist=["run"])  # burned-in PHI on noisy pixels: recall grid
 BENCHES["prep_medical"] = __import__("bench.prep_medical", fromlist=["run"])  # the gate on 1,000 records
 NATIVE = {"sft": native_bench.run_sft, "dpo": native_bench.run_dpo}  # --family: vs TRL on a native VLM
 NATIVE_FAMILIES = native_bench.FAMILIES
