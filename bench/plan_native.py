@@ -272,7 +272,7 @@ def supervised_fraction(batch: dict, n_img: int) -> float:
 def planned(model: dict, family: str, image_size, fields: dict, frac: float) -> dict:
     from vlmtrain.config.model import NativeModelConfig
     from vlmtrain.model import build_model
-    from vlmtrain.train.plan import PlanOptions, plan_stage
+    from vlmtrain.plan import PlanOptions, plan_stage
 
     mcfg = NativeModelConfig.model_validate(model)
     meta = build_model(mcfg, device="meta").model

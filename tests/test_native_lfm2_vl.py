@@ -43,7 +43,7 @@ def bundle(root):
 
 def _encoded(bundle):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.module import model_extras
 
     enc = encoder_for(bundle)
@@ -92,7 +92,7 @@ def test_packed_rows_leak_which_is_why_packing_is_refused(bundle):
     short-convolution window reaches into the sample before). If transformers ever isolates them on CPU, this fails
     and the refusal (Family.no_packing) can go. The stage asking for packing gets one line."""
     from test_native_hybrid_moe import _packed_vs_alone
-    from vlmtrain.train.family_table import refusal, stage
+    from vlmtrain.cli.family_table import refusal, stage
 
     assert bundle.model.llm.config.layer_types[0] == "conv"
     diffs = _packed_vs_alone(bundle)

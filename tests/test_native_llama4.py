@@ -45,7 +45,7 @@ def bundle(root):
 
 def _encoded(bundle):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.module import model_extras
 
     enc = encoder_for(bundle)
@@ -108,7 +108,7 @@ def test_packing_is_refused_and_the_control_measures_why(bundle):
 
 
 def test_pack_mode_stage_is_refused_with_one_line(bundle):
-    from vlmtrain.train.family_table import refusal, stage
+    from vlmtrain.cli.family_table import refusal, stage
 
     why = refusal(stage("sft", data={"mode": "pack"}), bundle)
     assert why.startswith("data.mode: pack is refused for llama4") and "\n" not in why

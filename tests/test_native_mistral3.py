@@ -48,7 +48,7 @@ def bundle(root):
 
 def _encoded(bundle):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.module import model_extras
 
     enc = encoder_for(bundle)

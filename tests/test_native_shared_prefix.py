@@ -27,7 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, root):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, request.param)))
@@ -116,7 +116,7 @@ def test_each_continuation_scores_as_the_sequence_alone(family):
 def test_gemma3_sliding_window_counts_positions_not_row_indices(root):
     """With a window shorter than the rows, the second continuation's window must end where its own sequence's
     would (its row indices run further right than its positions)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, "gemma3")))
@@ -191,7 +191,7 @@ def _assert_dpo_layouts_agree(bundle, samples: list[dict], path, router_aux_loss
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava"])
 def test_eager_attention_takes_the_same_rows(root, name):
     """Eager attention adds the mask to the scores: create_causal_mask gives it the additive form."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, name)))
@@ -219,7 +219,7 @@ def _dpo_stage(path, share: bool):
 
 def test_dpo_stage_puts_pairs_in_shared_rows_unless_switched_off(family, root):
     """`dpo.share_prompt` (default on) reaches the loader through the stage check, the model and its encoder."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import LoaderConfig, _SlotPipeline
     from vlmtrain.train.native import configure_shared_prefix
 
@@ -270,6 +270,7 @@ def other_family(root):
     prefix), so its prompts are the image ones."""
     from test_native_gemma4_paligemma_glm4v import GEMMA4_TEMPLATE, GLM4V_TEMPLATE
     from test_native_mllama_internvl import INTERNVL_TEMPLATE
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     built: dict = {}
@@ -294,7 +295,7 @@ def test_the_other_listed_families_score_continuations_as_alone(other_family, na
     `mm_token_type_ids`, sliding layers only), PaliGemma (its prompt one bidirectional prefix block, 1-indexed
     positions, answers causal with token_type_ids 1) and GLM-4.1V / 4.5V (mRoPE ids from their own
     `get_rope_index`). float64 (≤1e-9), float32 for the MoE LMs (≤1e-5)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     bundle, prompts = other_family(name)
     m = bundle.model if name in FLOAT32_ONLY else copy.deepcopy(bundle.model).double()
@@ -322,7 +323,7 @@ def test_gemma4_and_paligemma_rules_are_what_makes_rows_equal(other_family, name
     image-token outputs reach no scored token.)"""
     import dataclasses
 
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     bundle, prompts = other_family(name)
     m = copy.deepcopy(bundle.model).double()
@@ -336,7 +337,7 @@ def test_gemma4_and_paligemma_rules_are_what_makes_rows_equal(other_family, name
 
 @pytest.mark.parametrize("name", ["gemma4", "paligemma", "glm4v", "glm4v_moe"])
 def test_dpo_on_shared_rows_equals_two_rows_for_the_other_families(other_family, root, name):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     bundle, prompts = other_family(name)
     # GLM-4.5V with its router loss off: the router loss of a shared row counts the prompt's tokens once, two rows

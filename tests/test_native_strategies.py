@@ -105,7 +105,7 @@ def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, 
     import torch
 
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
     from vlmtrain.train.module import model_extras
     from native_fixtures import records
@@ -166,7 +166,7 @@ def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, wo
     from torch.distributed.device_mesh import init_device_mesh
 
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
     from vlmtrain.train.module import model_extras
     from vlmtrain.train.strategy import apply_fsdp2
@@ -229,7 +229,7 @@ def test_sharded_strategy_refused_for_a_family_without_a_blank_image(tmp_path, s
     from vlmtrain.errors import ConfigError
     from vlmtrain.model import build_model
     from vlmtrain.train.native import check_native_stage
-    from vlmtrain.train.plan import load_plan_stages
+    from vlmtrain.plan import load_plan_stages
 
     [(stage_cfg, model_cfg)] = load_plan_stages(stage(tmp_path, "llava_next", "x", strategy=strategy))
     bundle = build_model(model_cfg)

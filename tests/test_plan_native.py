@@ -1,4 +1,4 @@
-"""The memory planner on native transformers families (`vlmtrain.train.plan_native`): the two 24 GiB native recipes,
+"""The memory planner on native transformers families (`vlmtrain.plan.families`): the two 24 GiB native recipes,
 image tokens against the family's own processor, a whole training step's planned peak against the peak measured
 with PyTorch's profiler, and refusals of what is not planned."""
 
@@ -12,8 +12,9 @@ from vlmtrain.config.model import NativeModelConfig
 from vlmtrain.errors import ConfigError
 from vlmtrain.model import build_model
 from vlmtrain.model.native.tiny import write_tiny_checkpoint
-from vlmtrain.train import plan as P
-from vlmtrain.train import plan_native as PN
+from vlmtrain import plan as P
+from vlmtrain.plan import core as C
+from vlmtrain.plan import families as PN
 from conftest import CONFIGS
 
 GiB = 2**30
@@ -39,7 +40,7 @@ def test_native_24gib_recipe_plans_under_24gib(recipe):
     assert plan.max_micro_batch >= plan.micro_batch
     # bf16-true: the whole (frozen) base at 2 bytes per published parameter, plus its buffers (rotary inv_freq)
     assert RECIPES[recipe] * 2 <= plan.parts["weights"] < RECIPES[recipe] * 2 * 1.0001
-    assert plan.parts["cuda_context"] == P.CUDA_CONTEXT_BYTES and plan.parts["grads"] > 0
+    assert plan.parts["cuda_context"] == C.CUDA_CONTEXT_BYTES and plan.parts["grads"] > 0
 
 
 def test_qwen35_qlora_24gib_recipe_plans_under_24gib():
@@ -262,7 +263,7 @@ def test_traced_layers_equal_autograds_saved_tensors_on_cpu(family, full):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             mod(torch.randn(3, 40, traced.hidden, requires_grad=True))
         real = sum(seen.values())
-        planned = traced.saved(kind, P.StepShape(3, 40, False), True, P.PRECISIONS["32-true"])
+        planned = traced.saved(kind, C.StepShape(3, 40, False), True, C.PRECISIONS["32-true"])
         assert (planned == real) if kind == "moe" else abs(planned - real) <= 0.03 * real, (kind, planned, real)
 
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtrain.data.chat import IGNORE, MaskError
-from vlmtrain.data.encode import record_messages
-from vlmtrain.data.schema import RecordError
+from vlmtrain.data.schema import RecordError, record_messages
 
 # Processor outputs that are per token (padded with the batch) rather than per image.
 TOKEN_EXTRAS = ("token_type_ids", "mm_token_type_ids")

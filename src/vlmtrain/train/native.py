@@ -4,7 +4,7 @@ Each refusal names a feature built for the composed kind that the native kind do
 work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`, except for
 families whose rows it cannot keep apart (`family_refusals`); FSDP2 and
 DeepSpeed ZeRO-2/3: built for the families with a blank image (`Family.blank_image`); DP-SGD: built,
-`vlmtrain.privacy.dp_native`, which refuses what it cannot privatise; compile: not yet).
+`vlmtrain.train.dp_native`, which refuses what it cannot privatise; compile: not yet).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def configure_router_aux(stage, model) -> None:
 
 
 def check_native_stage(stage, bundle) -> None:
-    from vlmtrain.privacy.dp_native import native_dp_refusals
+    from vlmtrain.train.dp_native import native_dp_refusals
 
     problems = native_refusals(stage) + family_refusals(stage, bundle.model) + native_dp_refusals(stage, bundle.model)
     strategy = stage.trainer.strategy

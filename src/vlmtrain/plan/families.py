@@ -1,6 +1,6 @@
 """Memory-planner geometry of native transformers VLM families (`vlmtrain.model.native`).
 
-`vlmtrain.train.plan` models one training step from a `Geometry`: the LLM's and the vision tower's block stacks,
+`vlmtrain.plan.core` models one training step from a `Geometry`: the LLM's and the vision tower's block stacks,
 per-image token counts, and the connector. This module fills that `Geometry` for a `NativeVLM` built on `meta`,
 so that parameters, gradients, optimizer states, LoRA/QLoRA and gradient checkpointing come from the same code
 as for composed models, and only what differs per family lives here:
@@ -58,7 +58,7 @@ import re
 from pathlib import Path
 
 from vlmtrain.errors import ConfigError
-from vlmtrain.train.plan import _ROLES, Geometry, StackGeo, _stack_geo, stacks_geometry
+from vlmtrain.plan.core import ROLES, Geometry, StackGeo, stack_geo, stacks_geometry, step_parts
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
@@ -68,7 +68,7 @@ PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefic
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
 # ones, and of the Gated DeltaNet token mixer (its out_proj is "o" already)
-_NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2",
+_NATIVE_ROLES = {**ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2",
                  "in_proj_qkv": "in_qkv", "in_proj_z": "in_z", "in_proj_b": "in_b", "in_proj_a": "in_a"}
 # Qwen3-VL checkpoints' image budget (their preprocessor_config.json: size.shortest_edge / longest_edge, 256² … 4096²
 # px); transformers' class defaults are Qwen2-VL's.
@@ -213,8 +213,6 @@ def plan_refusal(model_type: str) -> str:
 
 def _worst(geos: list[Geometry], stage, opts) -> Geometry:
     """The candidate image geometry whose training step peaks highest."""
-    from vlmtrain.train.plan import step_parts
-
     return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
 
 
@@ -244,7 +242,7 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         raise ConfigError("plan: " + "; ".join(problems))
     layers = {"llm": model.llm.model.layers, "vision": _block_list(model.vision)}
     text_cfg = model.llm.config
-    llm = _stack_geo(text_cfg, layers["llm"][0], rotary=True)
+    llm = stack_geo(text_cfg, layers["llm"][0], rotary=True)
     if _qwen_like(mt):
         vis, image = _qwen(model, model_cfg, opts, layers["vision"][0], patches, how)
     elif mt in ("idefics3", "smolvlm"):
@@ -411,7 +409,7 @@ def _gemma3(model, opts, block) -> tuple[StackGeo, dict]:
                  connector_name="native:gemma3", connector_module=model.connector.projector,
                  how=f"fixed per image ({vc.image_size}² SigLIP input, average-pooled"
                      + ("; --image-size is ignored" if opts.image_size else "") + ")")
-    return _stack_geo(vc, block, rotary=False), image
+    return stack_geo(vc, block, rotary=False), image
 
 
 
@@ -460,7 +458,7 @@ def _idefics3(model, model_cfg, block, image_hw, how: str) -> tuple[StackGeo, di
                  image_size=crop, image_tokens=lm_tokens, crops_per_image=crops,
                  connector_name=f"native:{model.model_type}", connector_module=model.connector.projector,
                  how=how or f"a {image_hw[0]}x{image_hw[1]} image: {crops} crop(s) of {crop}² by the processor's rule")
-    return _stack_geo(vc, block, rotary=False), image
+    return stack_geo(vc, block, rotary=False), image
 
 
 # ---- LLaVA / LLaVA-NeXT / LLaVA-OneVision ---------------------------------------------------------------------------
@@ -547,4 +545,4 @@ def _llava(model, block, image_hw, images_per_sample: int, how: str) -> tuple[St
                  how=how or (f"a {image_hw[0]}x{image_hw[1]} image: {crops} crop(s) of {vc.image_size}² by "
                              "transformers' AnyRes rule" if model.model_type != "llava"
                              else f"fixed per image ({vc.image_size}² tower input)"))
-    return _stack_geo(vc, block, rotary=False), image
+    return stack_geo(vc, block, rotary=False), image
