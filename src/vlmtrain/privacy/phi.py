@@ -156,10 +156,12 @@ EPONYMS = frozenset(w.lower() for w in (
 
 @lru_cache(maxsize=1)
 def _name_lists() -> tuple[frozenset, frozenset]:
-    """Lower-cased first and last names from Faker's person providers (`_NAME_LOCALES`), eponyms removed."""
+    """Lower-cased first and last names from Faker's person providers (`_NAME_LOCALES`) and first names from
+    gender-guesser's `nam_dict.txt` (~46,000 given names of 50+ countries, Jörg Michael's list; its entries that are
+    common English words, "Will", "The", are left out). Eponyms stay in: `_dictionary_names` decides on them."""
     import importlib
 
-    first: set = set()
+    first: set = {n for n in _gender_guesser_names() if n.lower() not in _common_words()}
     last: set = set()
     for loc in _NAME_LOCALES:
         try:
@@ -174,6 +176,31 @@ def _name_lists() -> tuple[frozenset, frozenset]:
         return frozenset(n.lower() for n in names if len(n) >= 2 and n.isascii() and n.replace("-", "").
                          replace("'", "").isalpha())
     return clean(first), clean(last)
+
+
+def _gender_guesser_names() -> list[str]:
+    """Given names in gender-guesser 0.4.0's `nam_dict.txt`: a fixed-width table whose name field is columns
+    3-29 (`+` joins the parts of a compound name: `Mei+Lin`). Read directly: the package's Detector builds a
+    per-country table for each lookup, far more than a membership test needs."""
+    from importlib.resources import files
+
+    text = files("gender_guesser").joinpath("data", "nam_dict.txt").read_text(encoding="iso-8859-1")
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#") or len(line) < 30 or line[0] not in "MF?=1":
+            continue
+        out.append(line[3:29].strip().replace("+", "-"))
+    return out
+
+
+@lru_cache(maxsize=1)
+def _english_words() -> frozenset:
+    """Lower-cased words of the GNU Collaborative International Dictionary of English (`english-words`' gcide
+    list, ~114,000 words). A capitalised word in it ("Physical", "Therapy", "Wound") is no evidence of a name; one
+    outside it and outside the name lists ("Oluwaseun", "Przybylski") is."""
+    from english_words import get_english_words_set
+
+    return frozenset(get_english_words_set(["gcide"], alpha=True, lower=True))
 
 
 @lru_cache(maxsize=1)
@@ -202,24 +229,43 @@ def _is_family(word: str, last: frozenset) -> bool:
                          and not _CLINICAL_HEAD.fullmatch(word))
 
 
-_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:[A-Z][a-z]+)?(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
+# Letters of the Latin alphabets names are written in (Latin-1 and Extended-A: Inés, Wiśniewska, Ó Briain)
+_UP, _LO = "A-ZÀ-ÖØ-ÞĀ-ſ", "a-zß-öø-ÿĀ-ſ"
+_WORD = (rf"(?:Mc|Mac|O['’]|Ó[ \t]+)?[{_UP}](?:[{_LO}]+|[{_UP}]+)(?:[{_UP}][{_LO}]+)?"
+         rf"(?:-[{_UP}{_LO}](?:[{_LO}]+|[{_UP}]+))?")
 _INITIAL = r"[A-Z]\."
-_PAIR = re.compile(rf"\b(?=({_WORD})\s+(?:{_INITIAL}\s+)?({_WORD})\b)")
+_PAIR = re.compile(rf"(?<![\w'’-])(?=({_WORD})\s+(?:{_INITIAL}\s+)?({_WORD})(?![\w]))")
 _REVERSED_PAIR = re.compile(rf"\b(?=({_WORD}),\s*({_WORD})\b)")
+
+
+def _unlisted_word(word: str, names: frozenset) -> bool:
+    """A word that reads as a name part: in `names`, or in no English dictionary, common-word list, state or
+    clinical-head list ("Oluwaseun", "Przybylski", "Sandvik-Przybylski")."""
+    w = word.lower()
+    if w in names:
+        return True
+    parts = [p for p in re.split(r"[-\s]+", w) if p]
+    return (len(w.strip("-'")) >= 2 and not any(p in _english_words() or p in _common_words() for p in parts)
+            and word.title() not in STATE_NAMES and not _CLINICAL_HEAD.fullmatch(word))
 
 
 def _dictionary_names(text: str) -> list[tuple[int, int]]:
     """`Given [M.] Family` where the given name is in the lists and the family name is too, or is a capitalised
-    word no list knows (`_is_family`); `Family, Given` where both are in the lists (same case style)."""
+    word no list knows (`_is_family`); `Given [M.] Family` where neither is in the lists but both read as name
+    parts and neither as an English word (`_unlisted_word`: "Oluwaseun Oyelowo"); `Family, Given` where both are
+    in the lists (same case style). A pair never starts with an eponym and never ends in one before a clinical
+    head noun ("Lionel Wilson Disease" is a disease)."""
     first, last = _name_lists()
     spans = []
     for m in _PAIR.finditer(text):
         a, b = m.group(1), m.group(2)
-        if a.isupper() != b.isupper() or a.lower() not in first or a.lower() in EPONYMS:
+        if a.isupper() != b.isupper() or a.lower() in EPONYMS:
             continue
-        if b.lower() in EPONYMS and _CLINICAL_HEAD.match(text, m.end(2)):  # "Lionel Wilson Disease" is a disease
+        if b.lower() in EPONYMS and _CLINICAL_HEAD.match(text, m.end(2)):
             continue
-        if b.lower() in last or (a.lower() not in _common_words() and _is_family(b, last)):
+        if a.lower() in first and (b.lower() in last or (a.lower() not in _common_words() and _is_family(b, last))):
+            spans.append((m.start(1), m.end(2)))
+        elif not a.isupper() and _unlisted_word(a, first) and _unlisted_word(b, last):
             spans.append((m.start(1), m.end(2)))
     for m in _REVERSED_PAIR.finditer(text):
         a, b = m.group(1), m.group(2)
