@@ -50,7 +50,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from vlmtrain.privacy.phi_patterns import PATTERNS, STATE_ANY, STATE_NAMES, TITLE, city_spans, phonenumbers_spans
+from vlmtrain.privacy.phi_patterns import (PATTERNS, PLACE_SUFFIX, STATE_ANY, STATE_NAMES, TITLE, city_spans,
+                                          phonenumbers_spans)
 
 CATEGORIES = ("NAME", "DATE", "ID", "PHONE", "EMAIL", "URL", "IP", "ADDRESS", "ZIP", "LOCATION", "AGE>89")
 TAG = {c: f"[{c}]" for c in CATEGORIES}
@@ -330,9 +331,11 @@ def _person_slot(text: str, start: int, end: int) -> bool:
 def _dictionary_names(text: str) -> list[tuple[int, int]]:
     """`Given [M.] Family` where the given name is in the lists and the family name is too, or is a capitalised
     word no list knows (`_is_family`); `Given [M.] Family` where neither is in the lists but both read as name
-    parts and neither as an English word (`_unlisted_word`: "Oluwaseun Oyelowo"); `Family, Given` where both are
-    in the lists (same case style). A pair never starts with an eponym and never ends in one before a clinical
-    head noun ("Lionel Wilson Disease" is a disease)."""
+    parts and neither as an English word (`_unlisted_word`: "Oluwaseun Oyelowo"); a given name that is an English
+    word before such a family name where a person stands (`_person_slot`: "Juniper Okafor agrees"); `Family,
+    Given` where both are in the lists (same case style). A pair never starts with an eponym, never ends in one
+    before a clinical head noun ("Lionel Wilson Disease" is a disease), and is never a state or, unless the lists
+    say so, a town ("Millbrook Falls")."""
     first, last = _name_lists()
     spans = []
     for m in _PAIR.finditer(text):
@@ -341,8 +344,12 @@ def _dictionary_names(text: str) -> list[tuple[int, int]]:
             continue
         if b.lower() in EPONYMS and _CLINICAL_HEAD.match(text, m.end(2)):
             continue
+        if f"{a} {b}".title() in STATE_NAMES or b.title() in STATE_NAMES:  # "NORTH CAROLINA": a state
+            continue
         if _fold(a) in first and (_fold(b) in last or (a.lower() not in _common_words() and _is_family(b, last))):
             spans.append((m.start(1), m.end(2)))
+        elif PLACE_SUFFIX.fullmatch(b):  # "Millbrook Falls", "Cedar Hollow": a town, found as one
+            continue
         elif not a.isupper() and _unlisted_word(a, first) and _unlisted_word(b, _surnames_and_eponyms()):
             # an eponym after a given name with no clinical head noun after it is a surname ("Sipho Colles")
             spans.append((m.start(1), m.end(2)))
