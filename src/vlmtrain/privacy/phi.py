@@ -29,7 +29,9 @@ Three sources of detections, merged (overlaps become one span, tagged by the lon
    - AGE>89, ID (after ~60 record/account/plan/licence/device/vehicle labels; 6+ digit runs; codes mixing
      capitals and 4+ digits; SSN shapes; VINs), URL, IP (v4/v6, checked by `ipaddress`);
    - NAME: titles, labels (incl. `Family, Given`), `signed/read/… by`, `discussed/reviewed with`, relatives
-     (`his daughter, Anna Roe`), a name before credentials (`, MD`/`, NP`), census name pairs, DICOM `FAMILY^GIVEN`;
+     (`his daughter, Anna Roe`), a name before credentials (`, MD`/`, NP`), DICOM `FAMILY^GIVEN`, and with no cue
+     at all `_dictionary_names`: pairs from name lists (Faker, the 1990 US Census in `names`, gender-guesser's
+     given names) or of capitalised words no English dictionary holds (GCIDE in `english-words`);
    - ADDRESS: house number + street with a USPS suffix (+ unit, city, state, ZIP), `City, ST [ZIP]`, PO boxes,
      ZIP after a state or label, and US city names from GeoNames after `in`/`from`/`resides in`;
      LOCATION: named hospitals and clinics.
@@ -38,8 +40,9 @@ Three sources of detections, merged (overlaps become one span, tagged by the lon
    fourteenth of March`, `Name: john smith`) — the label says PHI follows, and its extent is unknown.
 
 Guarantee and limit: every detection listed above is replaced; names that appear with no title, label,
-relation, dictionary pair or known value (`seen with Zork today`) and invented towns with no state code are not
-found — pattern-based scrubbing is
+relation, name pair or known value (a family name alone, `zork was seen`; a given name that is an English word
+and in no list before a surname that is one too, `Juniper Underwood`) and invented towns with no state code are
+not found — pattern-based scrubbing is
 best-effort for free names, which is why the record's own names are passed in and why refusal exists.
 """
 
