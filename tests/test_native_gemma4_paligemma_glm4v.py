@@ -30,7 +30,7 @@ def _args(b):
     return (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
 
 
-def _encoded(bundle):
+def encoded_records(bundle):
     from vlmtrain.data.batching import collate
     from vlmtrain.data.encode import encoder_for
 
@@ -68,7 +68,7 @@ def gemma4(gemma4_root):
 
 def test_gemma4_forward_equals_transformers_logits_exactly(gemma4):
     m = gemma4.model
-    _, b = _encoded(gemma4)
+    _, b = encoded_records(gemma4)
     (ids, pixels, mask), extras = _args(b)
     assert pixels.shape[0] == 3 and set(extras) == {"image_position_ids", "mm_token_type_ids"}
     assert int((ids == m.image_token_id).sum()) == int((extras["mm_token_type_ids"] == 1).sum()) > 0
@@ -89,7 +89,7 @@ def test_gemma4_labels_are_the_assistant_spans_of_the_configured_template(gemma4
     import re
 
     assert gemma4.template == GEMMA4_TEMPLATE
-    samples, _ = _encoded(gemma4)
+    samples, _ = encoded_records(gemma4)
     tok = gemma4.tokenizer
     for (rec, _), s in zip(records(), samples):
         rendered = tok.apply_chat_template(rec["messages"], chat_template=GEMMA4_TEMPLATE, tokenize=False)
@@ -166,7 +166,7 @@ def test_gemma4_lora_on_both_towers_merges_to_the_same_model(gemma4, quantize):
     from vlmtrain.model.quantize import quantize_llm_
 
     m = gemma4.model
-    _, b = _encoded(gemma4)
+    _, b = encoded_records(gemma4)
     args, extras = _args(b)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
@@ -365,7 +365,7 @@ def test_glm4v_forward_equals_transformers_logits_exactly(glm4v_root, family):
     bundle = _glm4v(glm4v_root, family)
     assert type(bundle.processor.image_processor) is Glm4vImageProcessorPil
     m = bundle.model
-    samples, b = _encoded(bundle)
+    samples, b = encoded_records(bundle)
     (ids, pixels, mask), extras = _args(b)
     assert set(extras) == {"image_grid_thw", "mm_token_type_ids"}
     assert int((ids == m.image_token_id).sum()) == int(extras["image_grid_thw"].prod(-1).sum()) // 4
@@ -402,7 +402,7 @@ def test_glm4v_packed_rows_keep_samples_apart_and_lora_merges(glm4v_root):
     bundle = _glm4v(glm4v_root, "glm4v")
     assert max(_packed_vs_alone(bundle)) <= 1e-5
     m = bundle.model
-    _, b = _encoded(bundle)
+    _, b = encoded_records(bundle)
     args, extras = _args(b)
     names = apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
     assert any(n.startswith("llm.model.layers.1.self_attn.") for n in names)
@@ -417,7 +417,7 @@ def test_glm4v_moe_router_loss_equals_transformers_aux_loss(glm4v_root):
     bundle = _glm4v(glm4v_root, "glm4v_moe")
     m = bundle.model
     assert m.router_aux_loss_coef == m.hf.config.text_config.router_aux_loss_coef > 0
-    _, b = _encoded(bundle)
+    _, b = encoded_records(bundle)
     (ids, pixels, mask), extras = _args(b)
     # a trained checkpoint's score-correction bias, so the experts chosen differ from the router logits' top-k
     routers = [r for r in m.hf.modules() if hasattr(r, "e_score_correction_bias")]
@@ -456,7 +456,7 @@ def test_glm4v_peft_export_loads_over_transformers_and_glm4v_moe_is_refused(glm4
     for family in ("glm4v", "glm4v_moe"):
         bundle = _glm4v(glm4v_root, family)
         m = bundle.model
-        _, b = _encoded(bundle)
+        _, b = encoded_records(bundle)
         args, extras = _args(b)
         apply_lora(m, LoRAConfig(r=4), llm=True, vision=False)
         adapter_step(m, args, extras)

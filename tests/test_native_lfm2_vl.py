@@ -41,7 +41,7 @@ def bundle(root):
     return build_model(model_config(checkpoint(root, "lfm2_vl"), chat_template=TEMPLATE))
 
 
-def _encoded(bundle):
+def encoded_records(bundle):
     from vlmtrain.data.batching import collate
     from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.module import model_extras
@@ -59,7 +59,7 @@ def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(b
 
     m = bundle.model
     assert type(bundle.processor.image_processor) is Lfm2VlImageProcessorPil
-    samples, (ids, pixels, mask), extras = _encoded(bundle)
+    samples, (ids, pixels, mask), extras = encoded_records(bundle)
     assert set(extras) == {"pixel_attention_mask", "spatial_shapes"} and pixels.shape[0] == 3
     # one token per 2×2 patches of 8 px: each image's spatial shape halved
     assert int((ids == m.image_token_id).sum()) == int((extras["spatial_shapes"] // 2).prod(-1).sum())
@@ -110,7 +110,7 @@ def test_lora_on_lm_and_tower_merges_to_the_same_model(bundle, quantize):
     from vlmtrain.model.quantize import quantize_llm_
 
     m = bundle.model
-    _, args, extras = _encoded(bundle)
+    _, args, extras = encoded_records(bundle)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit" if quantize else None), llm=True, vision=not quantize)

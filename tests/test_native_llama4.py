@@ -43,7 +43,7 @@ def bundle(root):
     return build_model(model_config(checkpoint(root, "llama4"), chat_template=TEMPLATE))
 
 
-def _encoded(bundle):
+def encoded_records(bundle):
     from vlmtrain.data.batching import collate
     from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.module import model_extras
@@ -62,7 +62,7 @@ def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(b
     m = bundle.model
     assert type(bundle.processor.image_processor) is Llama4ImageProcessorPil
     assert not hasattr(m.hf, "model") and not hasattr(m.hf, "lm_head")  # why Family.hidden_from exists
-    samples, (ids, pixels, mask), extras = _encoded(bundle)
+    samples, (ids, pixels, mask), extras = encoded_records(bundle)
     # 40×30 → 1×2 tiles + global; 64×64 → 2×2 + global; 30×50 → 2×1 + global: 3 + 5 + 3 tiles of 4 tokens each
     assert pixels.shape == (11, 3, 32, 32) and pixels.dtype == torch.float32
     assert int((ids == m.image_token_id).sum()) == 11 * 4
@@ -123,7 +123,7 @@ def test_lora_on_lm_experts_and_tower_merges_to_the_same_model(bundle, quantize)
     from vlmtrain.model.quantize import quantize_llm_
 
     m = bundle.model
-    _, args, extras = _encoded(bundle)
+    _, args, extras = encoded_records(bundle)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit" if quantize else None), llm=True, vision=not quantize)

@@ -46,7 +46,7 @@ def bundle(root):
     return build_model(model_config(checkpoint(root, "mistral3"), chat_template=TEMPLATE))
 
 
-def _encoded(bundle):
+def encoded_records(bundle):
     from vlmtrain.data.batching import collate
     from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.module import model_extras
@@ -96,7 +96,7 @@ def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(b
     import re
 
     m = bundle.model
-    samples, (ids, pixels, mask), extras = _encoded(bundle)
+    samples, (ids, pixels, mask), extras = encoded_records(bundle)
     assert set(extras) == {"image_sizes"} and pixels.shape[0] == 3
     # [IMG] per 16 px token (8 px patches merged 2×2): the image sizes the processor chose, rows closed by [IMG_BREAK]
     sizes = extras["image_sizes"].tolist()
@@ -139,7 +139,7 @@ def test_lora_on_lm_and_tower_merges_to_the_same_model(bundle, quantize):
     from vlmtrain.model.quantize import quantize_llm_
 
     m = bundle.model
-    _, args, extras = _encoded(bundle)
+    _, args, extras = encoded_records(bundle)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit" if quantize else None), llm=True, vision=not quantize)

@@ -23,7 +23,7 @@ def _records() -> list[tuple[dict, list]]:
              [image(60, 20, 4)])]
 
 
-def _encoded(root, family):
+def encoded_records(root, family):
     from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
@@ -62,7 +62,7 @@ def _loss(model, batch, attention_mask) -> torch.Tensor:
 def test_packed_row_logits_equal_each_sample_alone_and_loss_equals_padded(root, family):
     from vlmtrain.data.batching import collate, collate_packed
 
-    bundle, samples = _encoded(root, family)
+    bundle, samples = encoded_records(root, family)
     model, pad = bundle.model, bundle.tokenizer.pad_token_id
     rows = [[samples[i] for i in row] for row in ROWS]
     packed = collate_packed(rows, pad)
@@ -89,7 +89,7 @@ def test_without_isolation_the_samples_see_each_other(root):
     changes the later samples' logits, so the equality is not vacuous."""
     from vlmtrain.data.batching import collate, collate_packed
 
-    bundle, samples = _encoded(root, "gemma3")
+    bundle, samples = encoded_records(root, "gemma3")
     pad = bundle.tokenizer.pad_token_id
     packed = collate_packed([[samples["one"], samples["text"]]], pad)
     leaky = _logits(bundle.model, packed, torch.ones_like(packed["input_ids"]))
@@ -105,7 +105,7 @@ def test_packed_mrope_ids_are_transformers_own_per_sample(root, family):
     unpacked forward (`compute_3d_position_ids`); row 0 restarts at every sample."""
     from vlmtrain.data.batching import collate, collate_packed
 
-    bundle, samples = _encoded(root, family)
+    bundle, samples = encoded_records(root, family)
     model, pad = bundle.model, bundle.tokenizer.pad_token_id
     packed = collate_packed([[samples[i] for i in ROWS[0]]], pad)
     ids = model.packed_mrope_positions(packed["input_ids"], packed["position_ids"], packed["mm_token_type_ids"],

@@ -51,7 +51,7 @@ def _jpeg_with_exif(artist: str) -> bytes:
 
 def _dicom(dst, name="CT_small.dcm", **attrs):
     ds = pydicom.dcmread(get_testdata_file(name, download=False), force=True)
-    dicom._ensure_transfer_syntax(ds)  # OT-PAL-8-face.dcm is an old file without file meta
+    dicom.ensure_transfer_syntax(ds)  # OT-PAL-8-face.dcm is an old file without file meta
     for k, v in attrs.items():
         setattr(ds, k, v)
     ds.save_as(dst, enforce_file_format=True)

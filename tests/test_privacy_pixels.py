@@ -84,7 +84,7 @@ def test_faces_in_packaged_photographs_and_none_in_medical_images():
     from vlmtrain.privacy import dicom
 
     ds = pydicom.dcmread(get_testdata_file("OT-PAL-8-face.dcm", download=False), force=True)
-    dicom._ensure_transfer_syntax(ds)
+    dicom.ensure_transfer_syntax(ds)
     assert pixels.find_faces(np.asarray(Image.open(io.BytesIO(dicom.to_png(ds)[0])).convert("RGB")))
     for name in ("retina", "microaneurysms", "immunohistochemistry"):  # the sample set's kept photographs
         assert not pixels.find_faces(_skimage(name)), name

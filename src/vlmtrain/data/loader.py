@@ -34,7 +34,7 @@ from vlmtrain.data.batching import (collate, collate_packed, collate_preference,
                                     collate_preference_shared, pack_rows, sample_length)
 from vlmtrain.data.encode import decode_image
 from vlmtrain.data.schema import IMAGE_EXTS, RecordError, validate_record
-from vlmtrain.data.shards import Source, SlotStream, _rng, env_rank_world, iter_shard
+from vlmtrain.data.shards import Source, SlotStream, shard_rng, env_rank_world, iter_shard
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.lifeline import worker_init
 
@@ -100,7 +100,7 @@ class _SlotPipeline:
                         for i, (u, s) in enumerate(zip(urls, src_states))]
         self.alive = list(st.get("alive", [True] * len(sources)))
         self.mix_rng = np.random.default_rng()
-        self.mix_rng.bit_generator.state = st["mix"] if "mix" in st else _rng(cfg.seed, slot, 2).bit_generator.state
+        self.mix_rng.bit_generator.state = st["mix"] if "mix" in st else shard_rng(cfg.seed, slot, 2).bit_generator.state
         self.chunks = st.get("chunks", 0)
         self.skip_batches = st.get("next_batch", 0)  # batches of the current chunk already consumed
         self.weights = np.array([s.weight for s in sources], dtype=float)
@@ -199,7 +199,7 @@ class _SlotPipeline:
         if c.mode == "group":
             order = sorted(range(len(good)), key=lambda i: sample_length(good[i]))
             batches = [[good[i] for i in order[j : j + c.batch_size]] for j in range(0, len(order), c.batch_size)]
-            perm = _rng(c.seed, self.slot, self.chunks, 3).permutation(len(batches))
+            perm = shard_rng(c.seed, self.slot, self.chunks, 3).permutation(len(batches))
             return [batches[i] for i in perm]
         return [good]
 

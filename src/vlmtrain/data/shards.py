@@ -52,7 +52,7 @@ class Source:
         return json.loads(man.read_text())["samples"] if man.is_file() else None
 
 
-def _rng(*key: int) -> np.random.Generator:
+def shard_rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]))
 
 
@@ -98,11 +98,11 @@ class SlotStream:
         return {"epoch": self.epoch, "emitted": self.emitted}
 
     def my_shards(self, epoch: int) -> list[str]:
-        order = _rng(self.seed, self.source_idx, epoch).permutation(len(self.urls))
+        order = shard_rng(self.seed, self.source_idx, epoch).permutation(len(self.urls))
         return [self.urls[i] for i in order[self.slot :: self.n_slots]]
 
     def _epoch_stream(self, epoch: int) -> Iterator[dict]:
-        rng = _rng(self.seed, self.source_idx, epoch, self.slot, 1)
+        rng = shard_rng(self.seed, self.source_idx, epoch, self.slot, 1)
         buf: list[dict] = []
         for url in self.my_shards(epoch):
             for s in self.opener(url):

@@ -95,7 +95,7 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
     from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import image_members, parse_sample
     from vlmtrain.data.shards import Source, iter_shard
-    from vlmtrain.train.audit import _encoded, _losses
+    from vlmtrain.train.audit import encoded_records, record_losses
 
     encoder = encoder_for(bundle, 192)
     items = []
@@ -106,7 +106,7 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
                 items.append((rec, [(k, raw[k]) for k in image_members(raw)]))
     bundle.model.eval()
     with torch.no_grad():
-        return float(np.mean(_losses(bundle.model, bundle.tokenizer.pad_token_id, _encoded(encoder, items))))
+        return float(np.mean(record_losses(bundle.model, bundle.tokenizer.pad_token_id, encoded_records(encoder, items))))
 
 
 def run_id(recipe_name: str, out: Path) -> str:

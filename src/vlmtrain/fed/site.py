@@ -132,9 +132,9 @@ class Site:
 
     def _train(self, stage, req: RoundRequest, global_arrays, key: str):
         """The round's DP-SGD from the global arrays → (arrays, metrics, ledger entry: σ, q, steps)."""
-        from vlmtrain.train.dp import _quiet_expected_warnings
+        from vlmtrain.train.dp import quiet_expected_warnings
 
-        _quiet_expected_warnings()
+        quiet_expected_warnings()
         cfg = stage.privacy
         planned: dict = {}
 

@@ -29,7 +29,7 @@ def _tiny_corpus() -> list[str]:
 
 
 @lru_cache(maxsize=8)
-def _train_tiny_bpe(vocab_size: int) -> str:
+def train_tiny_bpe(vocab_size: int) -> str:
     """Train and return the serialized tokenizer JSON (cached per process; training takes well under a second)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -49,7 +49,7 @@ def build_tiny_tokenizer(vocab_size: int, image_token: str = "<image>"):
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_train_tiny_bpe(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(train_tiny_bpe(vocab_size)),
         bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
     )
     tok.chat_template = render_template("vlmtrain_tiny", image_token)

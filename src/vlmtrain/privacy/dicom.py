@@ -89,11 +89,11 @@ def read(source: Path | BinaryIO):
         raise DicomReject("undecodable_image", f"image: not a readable DICOM file ({type(e).__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DicomReject("undecodable_image", "image: DICOM file without pixel data")
-    _ensure_transfer_syntax(ds)
+    ensure_transfer_syntax(ds)
     return ds
 
 
-def _ensure_transfer_syntax(ds) -> None:
+def ensure_transfer_syntax(ds) -> None:
     """Files without file meta (ACR-NEMA style) read fine with force=True but cannot be decoded until the
     transfer syntax they were read in is written down."""
     from pydicom.dataset import FileMetaDataset

@@ -206,7 +206,7 @@ def _planted_dicom(spec: Spec, p: Patient, src: Path, dst: Path) -> tuple[str, s
     whether the header was written: a file meant to be undecodable is copied byte for byte)."""
     import pydicom
 
-    from vlmtrain.privacy.dicom import _ensure_transfer_syntax
+    from vlmtrain.privacy.dicom import ensure_transfer_syntax
 
     ds = pydicom.dcmread(src, force=True)
     try:
@@ -217,7 +217,7 @@ def _planted_dicom(spec: Spec, p: Patient, src: Path, dst: Path) -> tuple[str, s
     if truncated or spec.expect == "undecodable_image":
         shutil.copyfile(src, dst)
         return str(ds.get("Modality", "")), str(ds.get("BodyPartExamined", "")), False
-    _ensure_transfer_syntax(ds)
+    ensure_transfer_syntax(ds)
     d = spec.study.strftime("%Y%m%d")
     ds.PatientName = f"{p.family}^{p.given}"
     ds.PatientID = p.mrn

@@ -83,7 +83,7 @@ def prepare_audit(audit, sources, holdout_source, run_dir: Path, encoder=None):
         for _ in range(100):
             rec, images = records[rng.randrange(len(records))]
             secret = f"{rng.randrange(10 ** CANARY_DIGITS):0{CANARY_DIGITS}d}"
-            if encoder is None or _encoded(encoder, [(_append_to_answer(rec, CANARY_TEMPLATE.format(
+            if encoder is None or encoded_records(encoder, [(_append_to_answer(rec, CANARY_TEMPLATE.format(
                     secret="0" * CANARY_DIGITS)), images)]):
                 break
         else:
@@ -119,7 +119,7 @@ def _stage_dir(run: Path) -> Path:
     return cands[-1]
 
 
-def _encoded(encoder, items: list[tuple[dict, list]]) -> list[dict]:
+def encoded_records(encoder, items: list[tuple[dict, list]]) -> list[dict]:
     """Encode like training did; records training would have skipped (over length, ...) are left out here too."""
     from vlmtrain.data.encode import decode_image
     from vlmtrain.data.schema import RecordError
@@ -136,7 +136,7 @@ def _encoded(encoder, items: list[tuple[dict, list]]) -> list[dict]:
 
 
 @torch.no_grad()
-def _losses(model, pad_id: int, encs: list[dict], batch_size: int = 32, mean: bool = True) -> list[float]:
+def record_losses(model, pad_id: int, encs: list[dict], batch_size: int = 32, mean: bool = True) -> list[float]:
     from vlmtrain.data.batching import collate
     from vlmtrain.train.dp import per_sample_losses
 
@@ -179,10 +179,10 @@ def run_audit(run: str | Path, holdout: str | None = None, max_records: int | No
     non = [x for x in _raw_records([Source(holdout)]) if x[0]["id"] not in members]
     if len(mem) < 2 or len(non) < 2:
         raise VlmtrainError(f"audit: need at least 2 members and 2 non-members (got {len(mem)} and {len(non)})")
-    mem = _encoded(encoder, rng.sample(mem, min(limit, len(mem))))
-    non = _encoded(encoder, rng.sample(non, min(limit, len(non))))
+    mem = encoded_records(encoder, rng.sample(mem, min(limit, len(mem))))
+    non = encoded_records(encoder, rng.sample(non, min(limit, len(non))))
     log.info(f"audit: membership inference over {len(mem)} members and {len(non)} held-out records")
-    lm, ln = _losses(model, pad, mem), _losses(model, pad, non)
+    lm, ln = record_losses(model, pad, mem), record_losses(model, pad, non)
     result = {"stage": str(stage_dir),
               "membership": {"attack": "loss-threshold", "auc": _auc(lm, ln), "members": len(lm),
                              "non_members": len(ln), "member_loss_mean": sum(lm) / len(lm),
@@ -199,10 +199,10 @@ def run_audit(run: str | Path, holdout: str | None = None, max_records: int | No
                                         CANARY_TEMPLATE.format(secret=f"{s:0{CANARY_DIGITS}d}")), imgs)
                      for s in range(space)]
             # log-perplexity (summed token loss): candidates may tokenize into different numbers of tokens
-            encs = _encoded(encoder, cands)
+            encs = encoded_records(encoder, cands)
             if len(encs) != space:
                 raise VlmtrainError(f"audit: canary {c['id']}: some candidates do not encode (max_len too small?)")
-            losses = _losses(model, pad, encs, batch_size=100, mean=False)
+            losses = record_losses(model, pad, encs, batch_size=100, mean=False)
             true = losses[int(c["secret"])]
             rank = 1 + sum(x < true for x in losses)
             rows.append({"id": c["id"], "repeats": c["repeats"], "rank": rank, "candidates": space,

@@ -165,7 +165,7 @@ def poisson_loader(dataset: DPDataset, plan: DPPlan, pad_token_id: int, num_work
                       num_workers=num_workers, persistent_workers=num_workers > 0), gen
 
 
-def _quiet_expected_warnings() -> None:
+def quiet_expected_warnings() -> None:
     import warnings
 
     # The connector's first layer gets frozen-tower features (no input grad): expected with per-sample hooks.
@@ -177,7 +177,7 @@ def _quiet_expected_warnings() -> None:
 
 def build_dp_training(stage, bundle, encoder, sources, run_dir: Path):
     """Dataset, plan, Poisson loader and DP module for a stage with a `privacy:` block."""
-    _quiet_expected_warnings()
+    quiet_expected_warnings()
     cfg = stage.privacy
     seed = cfg.seed if cfg.seed is not None else stage.trainer.seed
     ds = DPDataset(sources, encoder, unit=cfg.unit, one_image=not bundle.native)

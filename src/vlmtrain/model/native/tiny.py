@@ -50,9 +50,9 @@ def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, extra: 
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from vlmtrain.model.tokenizer import _train_tiny_bpe
+    from vlmtrain.model.tokenizer import train_tiny_bpe
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_train_tiny_bpe(512)), bos_token=bos,
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(train_tiny_bpe(512)), bos_token=bos,
                                   eos_token=eos, pad_token=pad, extra_special_tokens=extra or {})
     tok.add_special_tokens({"additional_special_tokens": specials})
     return tok
