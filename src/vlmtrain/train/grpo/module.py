@@ -21,7 +21,6 @@ copy of the starting model; `beta: 0` loads none.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from vlmtrain.train.grpo.advantages import group_advantages, reward_metrics, wei
 from vlmtrain.train.grpo.generate import SamplingSettings, sample_groups
 from vlmtrain.train.grpo.loss import grpo_loss, mask_truncated
 from vlmtrain.train.grpo.rewards import RewardState, load_rewards
-from vlmtrain.train.grpo.scoring import GroupRows, collate_groups, group_token_logps
+from vlmtrain.train.grpo.scoring import collate_groups, group_token_logps
 from vlmtrain.train.module import VLMModule
 
 
@@ -47,10 +46,6 @@ class RepeatWindows:
         for window in self.windows:
             for i in range(self.n):
                 yield {**window, "iteration": i}
-
-
-def _rows_to(rows: GroupRows, device) -> GroupRows:
-    return dataclasses.replace(rows, **{f.name: getattr(rows, f.name).to(device) for f in dataclasses.fields(rows)})
 
 
 def _prompt_lists(b: dict) -> list[list[int]]:
@@ -118,7 +113,7 @@ class GRPOModule(VLMModule):
         adv = group_advantages(total, G, self.cfg.scale_rewards)
         cpu_rows = collate_groups(prompts, groups, self.pad_id, m.image_token_id)
         mask = torch.arange(int(cpu_rows.lengths.max()))[None] < cpu_rows.lengths[:, None]  # [r*G, t]
-        rows = _rows_to(cpu_rows, dev)
+        rows = cpu_rows.to(dev)
         truncated = torch.tensor([c[-1] not in self.stop_ids for c in flat])
         if self.cfg.mask_truncated_completions:
             mask = mask_truncated(mask, flat, self.stop_ids)
