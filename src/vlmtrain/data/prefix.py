@@ -47,7 +47,8 @@ def shared_prefix_rows(groups: list[list[dict]], prefix_lens: list[int], pad_tok
     """One row per group of k sequences sharing their first `prefix_lens[i]` tokens (see module doc).
 
     groups[i][j]: `{"input_ids": [s_j], "labels": [s_j], "token_extras": {key: [s_j]}}` (extras optional); every group
-    has the same k ≥ 1; `order` "continuation" or "group" numbers them (module doc). Returns input_ids / position_ids / segments `[b, s_max]`, each per-token extra `[b, s_max]`
+    has the same k ≥ 1; `order` "continuation" or "group" numbers them (module doc). Returns input_ids /
+    position_ids / segments `[b, s_max]`, each per-token extra `[b, s_max]`
     (padded with 0, under `token_extras`), logits_index `[n, 2]`, targets `[n]`, seq_index `[n]`, token_index `[n]`,
     `n_seq` = k·b and
     `token_count` (the tokens of the k·b sequences laid out one per row, for throughput accounting)."""

@@ -85,14 +85,21 @@ def attention_mask_for(vlm, allowed: torch.Tensor) -> torch.Tensor:
 
 def group_token_logps(vlm, rows: GroupRows, pixel_values: torch.Tensor | None = None,
                       image_embeds: torch.Tensor | None = None, return_entropy: bool = False):
-    """Per-token log-probs `[r*G, t]` (float32; 0 past each completion's end) and the completion mask `[r*G, t]`
-    of the grouped rows, in one forward of `vlm` (differentiable). `pixel_values` holds each group's images once,
-    in row order; or pass `image_embeds` (`vlm.encode_images` output) to reuse features encoded for generation.
+    """Per-token log-probs `[r*G, t]` (float32 at least; 0 past each completion's end) and the completion mask
+    `[r*G, t]` of the grouped rows, in one forward of `vlm` (differentiable). `pixel_values` holds each group's
+    images once, in row order; or pass `image_embeds` (`vlm.encode_images` output) to reuse features encoded for generation.
     With `return_entropy`, also the entropy of each predicting distribution `[r*G, t]` (detached; for logging)."""
-    dev = rows.input_ids.device
     logits = vlm(rows.input_ids, pixel_values, attention_mask=attention_mask_for(vlm, rows.allowed),
                  position_ids=rows.position_ids, logits_mask=rows.logits_index, image_embeds=image_embeds)
-    logp_all = logits.float().log_softmax(-1)  # [n, v]
+    return scatter_token_logps(logits, rows, return_entropy)
+
+
+def scatter_token_logps(logits: torch.Tensor, rows: GroupRows, return_entropy: bool = False):
+    """Logits `[n, v]` at `rows.logits_index` → per-token log-probs `[r*G, t]` of the targets (float32, 0 past each
+    completion's end), the completion mask `[r*G, t]` and, with `return_entropy`, each predicting distribution's
+    entropy `[r*G, t]` (detached)."""
+    dev = logits.device
+    logp_all = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # [n, v]
     tok = logp_all.gather(-1, rows.targets.to(dev)[:, None]).squeeze(-1)  # [n]
     n, t = rows.lengths.numel(), int(rows.lengths.max()) if rows.lengths.numel() else 0
     index = (rows.out_index[:, 0].to(dev), rows.out_index[:, 1].to(dev))
