@@ -12,8 +12,8 @@ the global arrays stay, and sites that did train have charged their own ledgers 
 Checkpoint (`COORD/checkpoint/`): `arrays-roundNNNN.npz` (global trainable arrays, and the strategy's own state
 under `strategy:` keys: FedAdam's moments m_t, v_t; FedAvg and FedProx have none) and `state.json` (round counter,
 per-round history with bytes and site metrics, the plan's hash), each written to a temporary name and
-`os.replace`d (`vlmtrain.atomic`), arrays first: `state.json` names the arrays file it goes with, so a crash between the two leaves
-the previous consistent pair. The sites' RNG is derived from (seed, site, round), so a resumed run repeats exactly
+`os.replace`d (`vlmtrain.atomic`), arrays first: `state.json` names the arrays file it goes with, so a crash
+between the two leaves the previous consistent pair. The sites' RNG is derived from (seed, site, round), so a resumed run repeats exactly
 the rounds an uninterrupted one would run.
 """
 

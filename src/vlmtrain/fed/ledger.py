@@ -5,9 +5,9 @@ accountant's history lives in `SITE/privacy_ledger.json`, keyed by the dataset (
 Opacus' accountant over the whole history (RDP composes by adding the (σ, q, steps) terms). A round that would
 push ε past the site's budget is refused before any gradient is computed.
 
-The file is replaced atomically (`vlmtrain.atomic`: a temporary file, fsync, `os.replace`): a site killed mid-write keeps the
-previous ledger, never a torn one. A round is charged after its training finishes and before its reply is sent; a
-site killed before the charge has released nothing.
+The file is replaced atomically (`vlmtrain.atomic`: a temporary file, fsync, `os.replace`): a site killed mid-write
+keeps the previous ledger, never a torn one. A round is charged after its training finishes and before its reply is
+sent; a site killed before the charge has released nothing.
 """
 
 from __future__ import annotations

@@ -131,6 +131,7 @@ class Site:
         return arrays, metrics, {"gate_report_sha256": gate_sha}
 
     def _train(self, stage, req: RoundRequest, global_arrays, key: str):
+        """The round's DP-SGD from the global arrays → (arrays, metrics, ledger entry: σ, q, steps)."""
         from vlmtrain.privacy.dp import _quiet_expected_warnings
 
         _quiet_expected_warnings()
@@ -174,6 +175,7 @@ class SiteRound(StageRun):
         torch.manual_seed(self.seed)
 
     def training_data(self) -> tuple:
+        """→ (the site's DP view, its Poisson loader); the plan, ε after the round and the DPModule on `self`."""
         from vlmtrain.privacy.dp import make_plan, poisson_loader
         from vlmtrain.train.dp_module import DPModule
 

@@ -2,7 +2,8 @@
 run directory when the process that trained the stage died before writing it.
 
 A stage is complete exactly when `summary.json` is complete (`is_complete`): it is the last file a stage writes,
-through a temporary file and a rename (`vlmtrain.atomic`), so a kill at any moment leaves either no summary or a complete one.
+through a temporary file and a rename (`vlmtrain.atomic`), so a kill at any moment leaves either no summary or a
+complete one.
 """
 
 from __future__ import annotations

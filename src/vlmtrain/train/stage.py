@@ -89,12 +89,14 @@ def data_sources(refs, data_root: Path):
 
 
 def rank_zero() -> bool:
+    """This process is rank 0 (or the only one): the rank that writes a stage's outputs."""
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
