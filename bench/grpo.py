@@ -154,7 +154,7 @@ def run(quick: bool = False, out: str | None = None) -> dict:
     from vlmtrain.model.hf_llava import export_llava
     from vlmtrain.train.runner import module_hashes
 
-    n, warmup, timed, repeats = (16, 1, 2, 1) if quick else (200, 2, 8, 3)
+    n, warmup, timed, repeats = (16, 1, 2, 1) if quick else (100, 1, 4, 3)
     steps = warmup + timed
     samples = prompt_samples(n)
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +196,7 @@ def run_native(family: str, quick: bool = False, out: str | None = None) -> dict
     from bench import native, qwen_model, trl_native
     from vlmtrain.train.runner import module_hashes
 
-    n, warmup, timed, repeats = (16, 1, 2, 1) if quick else (200, 2, 8, 3)
+    n, warmup, timed, repeats = (16, 1, 2, 1) if quick else (100, 1, 4, 3)
     steps = warmup + timed
     samples = prompt_samples(n, native.IMAGE_SIDES)
     with tempfile.TemporaryDirectory() as tmp:
