@@ -1,6 +1,6 @@
-"""`python -m bench {data,sft,dpo,grpo,anatomy,dp,align,plan,chaos,phi,prep_medical} [--quick]`: results in bench/results/,
-write-up in docs/benchmarks.md. `sft`, `dpo` and `grpo` also take `--family qwen2_5_vl` (a native transformers VLM:
-bench.native)."""
+"""`python -m bench {data,sft,dpo,grpo,anatomy,dp,align,plan,chaos,phi,faces,ocr,prep_medical} [--quick]`: results
+in bench/results/, write-up in docs/benchmarks.md. `sft`, `dpo` and `grpo` also take `--family qwen2_5_vl` (a
+native transformers VLM: bench.native, bench.grpo)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner v
 BENCHES["chaos"] = __import__("bench.chaos", fromlist=["run"])  # kill/resume at random moments: nothing lost
 BENCHES["phi"] = __import__("bench.phi", fromlist=["run"])  # report PHI recall: vlmtrain vs PII libraries
 BENCHES["grpo"] = __import__("bench.grpo", fromlist=["run"])  # vs trl.GRPOTrainer, G = 8
+BENCHES["faces"] = __import__("bench.faces", fromlist=["run"])  # face check: LFW vs medical images
+BENCHES["ocr"] = __import__("bench.ocr", fromlist=["run"])  # burned-in PHI on noisy pixels: recall grid
 BENCHES["prep_medical"] = __import__("bench.prep_medical", fromlist=["run"])  # the gate on 1,000 records
 NATIVE = {"sft": native_bench.run_sft, "dpo": native_bench.run_dpo,
           "grpo": __import__("bench.grpo", fromlist=["run"]).run_native}  # --family: vs TRL on a native VLM

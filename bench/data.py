@@ -76,7 +76,7 @@ class LlavaStyleDataset(torch.utils.data.Dataset):
 def run(quick: bool = False, out: str | None = None) -> dict:
     from vlmtrain.config import load_model_config
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import ShardLoader
     from vlmtrain.model import build_model
 

@@ -48,7 +48,7 @@ def _timed(stage, work: Path, first: int, last: int) -> dict:
 
 
 def run(quick: bool = False, out: str | None = None) -> dict:
-    from vlmtrain.data.builtin import prepare_builtin
+    from vlmtrain.train.sources import prepare_builtin
 
     model = QUICK_MODEL if quick else MODEL
     warmup, timed, repeats, workers = (2, 4, 1, 0) if quick else (3, 15, 3, 2)

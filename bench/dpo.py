@@ -56,7 +56,7 @@ def _flops(bundle, stage, samples, probe, peer_batch: dict, n_pairs: int) -> dic
 
 
 def run(quick: bool = False, out: str | None = None) -> dict:
-    from vlmtrain.model.builder import count_params
+    from vlmtrain.model.bundle import count_params
     from vlmtrain.model.hf_llava import export_llava
     from vlmtrain.train.runner import module_hashes
 

@@ -109,7 +109,7 @@ def _common(kind: str, quick: bool, family: str):
 
 
 def run_sft(family: str, quick: bool = False, out: str | None = None) -> dict:
-    from vlmtrain.model.builder import count_params
+    from vlmtrain.model.bundle import count_params
     from vlmtrain.train.runner import module_hashes
 
     samples, n, warmup, timed, repeats = _common("sft", quick, family)
@@ -169,7 +169,7 @@ def run_sft(family: str, quick: bool = False, out: str | None = None) -> dict:
 
 
 def run_dpo(family: str, quick: bool = False, out: str | None = None) -> dict:
-    from vlmtrain.model.builder import count_params
+    from vlmtrain.model.bundle import count_params
     from vlmtrain.train.runner import module_hashes
 
     samples, n, warmup, timed, repeats = _common("dpo", quick, family)

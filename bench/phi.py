@@ -17,6 +17,7 @@ import time
 from collections import Counter
 
 from bench import common
+from bench import phi_names_geo as names_geo
 from bench.phi_corpus import STRUCTURED, TYPES, Record, make_corpus
 
 N_RECORDS, N_QUICK = 1200, 30
@@ -24,6 +25,9 @@ N_RECORDS, N_QUICK = 1200, 30
 # new seed whose phones, addresses, cities, SSNs, IPs, URLs, plates, VINs and people come from Faker's en_US
 # formats, which were not read while writing the detectors.
 CORPORA = {"own": 15, "faker": 2026}
+# bench.phi_names_geo (a separate seeded generator): "names_geo" staff sign-offs with credentials + US geography,
+# "nocue" names with no title, label, credential or relation (the lexicon's recall).
+NAMES_GEO = {"names_geo": (2612, "cued"), "nocue": (2613, "nocue")}
 
 
 class Refused(Exception):
@@ -180,6 +184,7 @@ def score(records: list[Record], detect) -> dict:
 def run(quick: bool = False, out: str | None = None) -> dict:
     n = N_QUICK if quick else N_RECORDS
     corpora = {forms: make_corpus(n, seed, forms) for forms, seed in CORPORA.items()}
+    corpora.update({name: names_geo.make_corpus(n, seed, kind) for name, (seed, kind) in NAMES_GEO.items()})
     sides: dict[str, dict] = {}
     for name, factory in SIDES.items():
         try:
@@ -195,12 +200,12 @@ def run(quick: bool = False, out: str | None = None) -> dict:
             print(f"{name} [{forms}]: recall {r['recall_all']}, precision {r['precision']}, "
                   f"clinical kept {r['clinical_kept']}, refused {r['refused']}", flush=True)
     result = {"bench": "phi", "quick": quick, "machine": common.machine(), "corpora": {
-        forms: {"records": len(records), "seed": CORPORA[forms],
+        forms: {"records": len(records), "seed": CORPORA.get(forms) or NAMES_GEO[forms][0],
                 "identifiers": dict(sorted(Counter(t for r in records for _, _, t in r.phi).items())),
                 "clinical_terms": sum(len(r.clinical) for r in records)} for forms, records in corpora.items()},
         "sides": sides, "libraries": _versions()}
     main = sides["vlmtrain (+ record's name and id)"]
-    result["headline"] = {f"vlmtrain_{forms}_{k}": main[forms][k] for forms in CORPORA
+    result["headline"] = {f"vlmtrain_{forms}_{k}": main[forms][k] for forms in corpora
                           for k in ("recall_all", "precision", "clinical_kept", "refused_share")}
     common.save("phi-quick" if quick else "phi", result, out)
     return result

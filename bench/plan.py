@@ -1,4 +1,4 @@
-"""`python -m bench plan [--quick]` — the memory planner (`vlmtrain.train.plan`) against measured peaks.
+"""`python -m bench plan [--quick]` — the memory planner (`vlmtrain.plan`) against measured peaks.
 
 Each config (a LLaVA-shaped VLM of ~80M parameters — tiny-clip-llama scaled up so that allocator noise is small
 next to the numbers — under different stages, batches, sequence lengths, LoRA, checkpointing and precisions) runs
@@ -124,7 +124,7 @@ def supervised_fraction(b: int, s: int, n_img: int) -> float:
 def planned(model: dict, fields: dict, device: str = "cpu") -> dict:
     from vlmtrain.config.model import ModelConfig
     from vlmtrain.model import build_model
-    from vlmtrain.train.plan import PlanOptions, plan_stage
+    from vlmtrain.plan import PlanOptions, plan_stage
 
     stage = build_stage(model, fields)
     meta = build_model(ModelConfig.model_validate(model), device="meta").model

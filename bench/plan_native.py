@@ -71,6 +71,18 @@ SCALE = {
                         "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                                    "num_attention_heads": 4, "image_size": 64, "patch_size": 8},
                         "pinpoints": [[64, 64], [64, 128], [128, 64], [128, 128]], "processor": {}},
+    # GLM-4.1V: 8-px patches (one LM token = 16×16 px after the 2×2 downsample conv), half of head_dim 64 rotated
+    # (mRoPE 8/4/4 pairs); its processor counts an image as 2 frames against the budget: 4..400 LM tokens
+    "glm4v": {"text": {**_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                    "partial_rotary_factor": 0.5, "mrope_section": [8, 4, 4]}},
+              "vision": {"depth": 4, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4,
+                         "out_hidden_size": 256},
+              "processor": {"size": {"shortest_edge": 2 * 4 * 16 * 16, "longest_edge": 2 * 400 * 16 * 16}},
+              # no template is vendored for GLM-4.1V (the batch comes from the processor, not a template): a
+              # minimal one with generation marks so the model config builds
+              "chat_template": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}{% if m['role'] == "
+                                "'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{% endgeneration %}"
+                                "{% else %}{{ m['content'][0]['text'] }}{% endif %}{% endfor %}")},
     "gemma3": {"text": {**_TEXT, "query_pre_attn_scalar": 64, "sliding_window": 128},
                "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                           "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
@@ -116,6 +128,10 @@ CONFIGS = {
     "qwen3moe-lora-256x256-b2-s512": ("qwen3_vl_moe", (256, 256),
                                       {"train": LORA_LLM["train"], "lora": {**LORA, "llm_target_parameters": ""},
                                        "data": {"batch_size": 2, "max_len": 512}}),
+    "glm4v-lora-224x224-b2-s512": ("glm4v", (224, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "glm4v-sft-conn-192x256-b1-s640": ("glm4v", (192, 256),
+                                       {"train": {"vision": False, "connector": True, "llm": True},
+                                        "data": {"batch_size": 1, "max_len": 640}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -155,11 +171,12 @@ def write_checkpoint(family: str, out: Path) -> dict:
         proc_kwargs["image_seq_length"] = spec["mm_tokens_per_image"]
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg)
-    proc = build_image_only(family, ip, tok, chat_template=official_template(FAMILIES[family].template),
-                            **proc_kwargs)
+    template = official_template(FAMILIES[family].template) if FAMILIES[family].template else spec["chat_template"]
+    proc = build_image_only(family, ip, tok, chat_template=template, **proc_kwargs)
     model.save_pretrained(out)
     save_processor(proc, out)
-    return {"pretrained": str(out), "processor": spec["processor"]}
+    return {"pretrained": str(out), "processor": spec["processor"],
+            **({"chat_template": spec["chat_template"]} if "chat_template" in spec else {})}
 
 
 def stage_of(model: dict, fields: dict):
@@ -209,7 +226,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
 
     h, w = image_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
-    placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>"}.get(
+    placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>",
+                   "glm4v": "<|begin_of_image|><|image|><|end_of_image|>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)
@@ -254,7 +272,7 @@ def supervised_fraction(batch: dict, n_img: int) -> float:
 def planned(model: dict, family: str, image_size, fields: dict, frac: float) -> dict:
     from vlmtrain.config.model import NativeModelConfig
     from vlmtrain.model import build_model
-    from vlmtrain.train.plan import PlanOptions, plan_stage
+    from vlmtrain.plan import PlanOptions, plan_stage
 
     mcfg = NativeModelConfig.model_validate(model)
     meta = build_model(mcfg, device="meta").model

@@ -76,7 +76,7 @@ def _flops(bundle, stages: dict, samples, table: dict, shards: Path, probe, peer
 
 def run(quick: bool = False, out: str | None = None) -> dict:
     from vlmtrain.model.hf_llava import export_llava
-    from vlmtrain.model.builder import count_params
+    from vlmtrain.model.bundle import count_params
     from vlmtrain.train.runner import module_hashes
 
     from vlmtrain.data.loader import LoaderConfig

@@ -45,8 +45,7 @@ def start_bundle(stage):
 
 def record_table(bundle, samples, max_len: int) -> dict[str, dict]:
     """id → tokens (non-padding), longest row, rows and supervised target tokens, as the stage encodes it."""
-    from vlmtrain.data.encode import decode_image
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import decode_image, encoder_for
 
     enc = encoder_for(bundle, max_len)
     table = {}
@@ -90,8 +89,7 @@ def encode_batch(bundle, samples, max_len: int, shared_prompt: bool = False) -> 
     """The padded batch the plain loader would make of `samples` (chat or preference records; preference records in
     the shared-prompt layout with `shared_prompt`: a native family's shared-prefix rows for a native model)."""
     from vlmtrain.data.batching import collate, collate_preference
-    from vlmtrain.data.encode import decode_image
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import decode_image, encoder_for
 
     enc = encoder_for(bundle, max_len)
     xs = [enc(s.record, [decode_image(d, s.record["id"]) for _, d in s.images]) for s in samples]
@@ -118,7 +116,7 @@ def step_fn(bundle, stage, batch: dict):
 
 def stage_loader(stage, bundle):
     """The loader `fit_stage` builds for this stage (same arguments, same seed, so the same batches)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import ShardLoader
 
     d = stage.data

@@ -35,7 +35,7 @@ def test_cache_is_keyed_by_the_code_that_makes_the_data(tmp_path, monkeypatch):
     monkeypatch.setattr(builtin, "_maker_fingerprint", lambda: "changed-code")
     made = []
     real = builtin._make_builtin
-    monkeypatch.setattr(builtin, "_make_builtin", lambda name, root: made.append(name) or real(name, root))
+    monkeypatch.setattr(builtin, "_make_builtin", lambda name, root, makers=None: made.append(name) or real(name, root, makers))
     builtin.prepare_builtin("digits-eval", tmp_path / "b")
     assert made == ["digits-eval"]
     names = {p.name for p in (tmp_path / "cache").iterdir()}
@@ -59,7 +59,7 @@ def test_a_copy_leaves_the_companion_folders_and_prerequisites_making_would_leav
 
     made = []
 
-    def fake_make(name, root):
+    def fake_make(name, root, makers=None):
         made.append(name)
         for folder in [name, *([f"{name}-src"] if name == "base" else [])]:
             (root / folder).mkdir(parents=True, exist_ok=True)
@@ -81,3 +81,21 @@ def test_a_copy_leaves_the_companion_folders_and_prerequisites_making_would_leav
 def test_unknown_builtin_is_refused_by_name(tmp_path):
     with pytest.raises(builtin.VlmtrainError, match="unknown builtin dataset 'nope'"):
         builtin.prepare_builtin("nope", tmp_path)
+
+
+def test_the_medical_builtins_are_offered_by_train_sources_with_the_same_error(tmp_path, monkeypatch):
+    """data makes the digits sets; the gated medical sets come from `train.sources` (privacy sits above data), and an
+    unknown name there lists every builtin, medical ones included, as before the split. (No cache here: a cached
+    medical set is copied by data alone, as any cache entry is.)"""
+    from vlmtrain.train import sources
+
+    monkeypatch.delenv("VLMTRAIN_BUILTIN_CACHE", raising=False)
+
+    with pytest.raises(builtin.VlmtrainError) as e:
+        sources.prepare_builtin("nope", tmp_path)
+    assert str(e.value) == ("data: unknown builtin dataset 'nope' (choose from: digits-captions, digits-qa, "
+                            "digits-pref, digits-eval, medical-samples, medical-cohort, medical-cohort-holdout, "
+                            "medical-cohort-public)")
+    with pytest.raises(builtin.VlmtrainError, match="choose from: digits-captions, digits-qa, digits-pref, "
+                                                   "digits-eval\)"):
+        builtin.prepare_builtin("medical-samples", tmp_path)

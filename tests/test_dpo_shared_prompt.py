@@ -11,8 +11,7 @@ import torch
 from conftest import TINY, TINY_SIGLIP, tiny_bundle
 from shard_fixtures import png_bytes
 from vlmtrain.data.batching import collate_preference, collate_preference_shared
-from vlmtrain.data.encode import decode_image
-from vlmtrain.data.inspect import encoder_for
+from vlmtrain.data.encode import decode_image, encoder_for
 
 
 def _t(x):

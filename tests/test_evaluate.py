@@ -13,7 +13,7 @@ def _by_hand(bundle, shards, n):
     pixel values: the model's ordinary `forward` / `generate`, no shared image features."""
     from vlmtrain.data.batching import collate
     from vlmtrain.data.chat import encode_messages
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import ShardLoader
     from vlmtrain.data.schema import text as text_part
     from vlmtrain.train.dpo import sequence_logps

@@ -104,7 +104,7 @@ def test_memory_plan_counts_a_group_row_per_prompt():
     from conftest import TINY
     from vlmtrain.config import load_model_config
     from vlmtrain.config.stage import StageConfig
-    from vlmtrain.train.plan import plan_stage
+    from vlmtrain.plan import plan_stage
     from vlmtrain.train.presets import with_preset
 
     def plan(G):

@@ -39,7 +39,7 @@ def rollout(request, root):
     """(model in float64, prompt samples, batch, image tensors, completions [r][G], generate's token log-probs,
     tower calls during generation)."""
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.prompts import PromptEncoder
     from vlmtrain.model import build_model
     from vlmtrain.train.grpo.generate import SamplingSettings

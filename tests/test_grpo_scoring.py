@@ -8,8 +8,7 @@ import torch
 from conftest import TINY, TINY_SIGLIP, tiny_bundle
 from shard_fixtures import png_bytes
 from vlmtrain.data.chat import IGNORE
-from vlmtrain.data.encode import decode_image
-from vlmtrain.data.inspect import encoder_for
+from vlmtrain.data.encode import decode_image, encoder_for
 from vlmtrain.train.grpo.scoring import collate_groups, group_token_logps
 
 IMG = {"type": "image"}

@@ -44,7 +44,7 @@ def test_chat_record_prompt_is_the_conversation_before_its_last_assistant_turn()
 
 
 def test_prompt_encoder_tokenizes_as_generation_and_rejects_over_length(tiny):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.prompts import PromptEncoder, end_of_turn_ids
 
     tok, m = tiny.tokenizer, tiny.model
@@ -67,7 +67,7 @@ def test_prompt_encoder_tokenizes_as_generation_and_rejects_over_length(tiny):
 # ---- one step against a hand-assembled one -------------------------------------------------------------------
 def _batch(bundle, n_prompts=2):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.prompts import PromptEncoder
 
     enc = PromptEncoder(encoder_for(bundle, 128), 5)

@@ -1,6 +1,6 @@
 """House rules checked on the source itself (`ast`, no import of the package): no function in src/ over 80 lines
-without a one-line reason in its docstring ("long because ..."), and the train layer never imports the layers
-above it (privacy, fed, cli) at module level."""
+without a one-line reason in its docstring ("long because ..."). Which layer may import which: tests/test_layers.py
+(import-linter's contracts in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -40,18 +40,3 @@ def test_every_function_over_80_lines_says_why_in_its_docstring():
                 unexplained.append(f"{path.relative_to(SRC)}:{name} ({n} lines)")
     assert not unexplained, ("functions over 80 lines without 'long because ...' in their docstring (split them, "
                              "or say why not): " + ", ".join(unexplained))
-
-
-def test_train_does_not_import_privacy_fed_or_cli_at_module_level():
-    """Layers import downwards (config → data → model → train → privacy/fed → cli): a train module may reach a
-    layer above it only inside a function, where the call already depends on it (a DP stage, an audit)."""
-    upward = ("vlmtrain.privacy", "vlmtrain.fed", "vlmtrain.cli")
-    found = []
-    for path in sorted((SRC / "vlmtrain" / "train").rglob("*.py")):
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level only (TYPE_CHECKING aside)
-            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-                continue
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"{path.name}: {n}" for n in names if n.startswith(upward)]
-    assert not found, found

@@ -1,4 +1,4 @@
-"""DP-SGD on native transformers families (`vlmtrain.privacy.dp` + `privacy.dp_native`): per-record gradients
+"""DP-SGD on native transformers families (`vlmtrain.train.dp` + `train.dp_native`): per-record gradients
 through Opacus equal gradients computed one record at a time (records with 0, 1 and 2 images in one Poisson batch);
 one DP step equals DP-SGD computed by hand; refusals; the medical recipe from a native checkpoint end to end."""
 
@@ -52,9 +52,9 @@ def make_stage(d):
 
 def dp_setup(root, shards, family, tmp_path, **kw):
     """(stage, plan, DP module, plain-autograd copy of the model without Opacus hooks, encoded items, collate)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
-    from vlmtrain.privacy.dp import build_dp_training, poisson_collate
+    from vlmtrain.train.dp import build_dp_training, poisson_collate
     from vlmtrain.train.freeze import apply_stage_trainability
     from vlmtrain.train.native import check_native_stage
     from vlmtrain.train.runner import load_stage_start
@@ -85,7 +85,7 @@ def batches(items, collate) -> tuple[dict, list[dict]]:
 
 def one_at_a_time(reference, singles) -> list[dict]:
     """Each record's gradient from its own forward/backward (plain autograd, batch of one)."""
-    from vlmtrain.privacy.dp import per_sample_losses
+    from vlmtrain.train.dp import per_sample_losses
 
     out = []
     for one in singles:
@@ -189,7 +189,7 @@ def test_bare_connector_parameter_is_refused_in_one_line(root, shards, family):
 
 def test_unassignable_connector_rows_are_refused():
     from vlmtrain.errors import VlmtrainError
-    from vlmtrain.privacy.dp_native import rows_to_records
+    from vlmtrain.train.dp_native import rows_to_records
 
     assert rows_to_records(8, torch.tensor([0, 4, 12]), "x").tolist() == [1, 1, 2, 2, 2, 2, 2, 2]
     with pytest.raises(VlmtrainError, match="connector.x has 7 input rows for 16 image tokens"):

@@ -32,7 +32,7 @@ def _args(b):
 
 def _encoded(bundle):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     enc = encoder_for(bundle)
     samples = [enc(r, ims) for r, ims in records()]  # one image; text only (two turns); two images
@@ -206,7 +206,7 @@ def _image_records():
 
 def _paligemma_batch(bundle):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     enc = encoder_for(bundle)
     samples = [enc(r, ims) for r, ims in _image_records()]
@@ -240,7 +240,7 @@ def test_paligemma_answer_never_reaches_the_bidirectional_prefix(paligemma):
     """The prefix attends bidirectionally, the suffix causally: the prefix's logits are the same whatever the answer,
     and equal those of the generation prompt alone (the answer is not in the prefix block)."""
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     m, enc = paligemma.model, encoder_for(paligemma)
     rec, ims = _image_records()[0]

@@ -37,7 +37,7 @@ def bundles(new_family_root):
 def _batch(bundle):
     """Padded batch of native_fixtures.records(): one image, text only (two turns), two images."""
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     enc = encoder_for(bundle)
     samples = [enc(r, ims) for r, ims in records()]
@@ -326,7 +326,7 @@ def test_dpo_policy_gets_the_router_loss_too(bundles):
 
     from native_fixtures import IMG, assistant, image, user
     from vlmtrain.data.batching import collate_preference
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.module import VLMModule, model_extras
 
     bundle = bundles("qwen3_vl_moe")
@@ -370,7 +370,7 @@ def _packed_vs_alone(bundle) -> list[float]:
     against the same sample run alone."""
     from test_native_pack import ROWS, _logits, _records
     from vlmtrain.data.batching import collate, collate_packed
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     enc, pad = encoder_for(bundle), bundle.tokenizer.pad_token_id
     samples = {r["id"]: enc(r, ims) for r, ims in _records()}

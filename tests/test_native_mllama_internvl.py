@@ -40,7 +40,7 @@ def bundle(mllama_root):
 
 
 def _encode(bundle):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     enc = encoder_for(bundle)
     return enc, [enc(r, ims) for r, ims in records()]  # one image; text only (two turns); two images
@@ -231,7 +231,7 @@ def internvl(internvl_root):
 
 def _internvl_batch(bundle):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     enc = encoder_for(bundle)
     samples = [enc(r, ims) for r, ims in records()]

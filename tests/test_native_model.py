@@ -22,7 +22,7 @@ def _bundle(root, family):
 
 def _batch(bundle):
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     enc = encoder_for(bundle)
     samples = [enc(r, ims) for r, ims in records()]
@@ -224,7 +224,7 @@ def test_dpo_pair_logps_equal_each_sequence_scored_alone_by_transformers(root, f
     from types import SimpleNamespace
 
     from vlmtrain.data.batching import collate_preference
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from native_fixtures import IMG, assistant, image, user
     from vlmtrain.train.module import VLMModule
 
@@ -277,7 +277,7 @@ def test_eval_answer_nll_equals_transformers_scoring_of_the_reference(root, tmp_
 
     from vlmtrain.data import builtin
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import parse_sample
     from vlmtrain.data.shards import iter_shard
     from vlmtrain.data.writer import write_shards
@@ -328,7 +328,7 @@ def test_encoded_samples_equal_the_processors_own_apply_chat_template(root, fami
     tokens) where serving gives one view per image (60 tokens)."""
     from transformers.processing_utils import ProcessorMixin
 
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     bundle = _bundle(root, family)
     enc = encoder_for(bundle)

@@ -24,7 +24,7 @@ def _records() -> list[tuple[dict, list]]:
 
 
 def _encoded(root, family):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, family)))

@@ -27,7 +27,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, root):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, request.param)))
@@ -66,10 +66,10 @@ def _cast(tree, model):
     return tree.to(dtype) if isinstance(tree, torch.Tensor) and tree.is_floating_point() else tree
 
 
-def _groups(enc, k: int = 3):
+def _groups(enc, k: int = 3, prompts: list = PROMPTS):
     """Per prompt the k encoded chat sequences (prompt + one answer each)."""
     out = []
-    for i, (turns, imgs, answers) in enumerate(PROMPTS):
+    for i, (turns, imgs, answers) in enumerate(prompts):
         out.append([enc({"id": f"g{i}-{j}", "kind": "chat", "messages": turns + [assistant(a)]}, imgs)
                     for j, a in enumerate(answers[:k])])
     return out
@@ -116,7 +116,7 @@ def test_each_continuation_scores_as_the_sequence_alone(family):
 def test_gemma3_sliding_window_counts_positions_not_row_indices(root):
     """With a window shorter than the rows, the second continuation's window must end where its own sequence's
     would (its row indices run further right than its positions)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, "gemma3")))
@@ -131,9 +131,9 @@ def test_gemma3_sliding_window_counts_positions_not_row_indices(root):
     torch.testing.assert_close(got, narrow, rtol=0, atol=1e-9)
 
 
-def _pref_samples(enc) -> list[dict]:
+def _pref_samples(enc, prompts: list = PROMPTS) -> list[dict]:
     recs = []
-    for i, (turns, imgs, answers) in enumerate(PROMPTS):
+    for i, (turns, imgs, answers) in enumerate(prompts):
         recs.append(({"id": f"p{i}", "kind": "preference", "prompt": turns, "chosen": [assistant(answers[0])],
                       "rejected": [assistant(answers[1 + i % 2])]}, imgs))
     return [enc(r, ims) for r, ims in recs]
@@ -151,12 +151,17 @@ def _dpo_module(bundle, path):
 
 
 def test_dpo_loss_and_gradients_equal_the_two_row_layout(family, root):
-    from vlmtrain.data.batching import collate_preference, collate_preference_prefix
-
     name, bundle, enc = family
     if bundle.model.family.shared_prefix:
         pytest.skip(f"{name}: {bundle.model.family.shared_prefix}")
-    samples = _pref_samples(enc)
+    _assert_dpo_layouts_agree(bundle, _pref_samples(enc), checkpoint(root, name))
+
+
+def _assert_dpo_layouts_agree(bundle, samples: list[dict], path, router_aux_loss_coef: float | None = None) -> None:
+    """Native DPO's loss and gradients on shared-prefix rows == on two rows per pair (the pairs of `samples`);
+    `router_aux_loss_coef` overrides an MoE policy's router-loss weight."""
+    from vlmtrain.data.batching import collate_preference, collate_preference_prefix
+
     pad = bundle.tokenizer.pad_token_id
     shared = collate_preference_prefix(samples, pad, bundle.model.image_token_id)
     assert shared is not None and shared["pixel_values"].shape[0] * 2 == collate_preference(samples, pad)[
@@ -169,12 +174,14 @@ def test_dpo_loss_and_gradients_equal_the_two_row_layout(family, root):
                 p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
         policy.requires_grad_(False)
         policy.llm.requires_grad_(True)
-        m = _dpo_module(bundle, checkpoint(root, name))
+        m = _dpo_module(bundle, path)
         m.model = policy
+        if router_aux_loss_coef is not None:
+            policy.router_aux_loss_coef = router_aux_loss_coef
         stats = m.accumulate_dpo([batch])
         results.append((stats, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
     (sa, ga), (sb, gb) = results
-    assert sa["pairs"] == sb["pairs"] == 3
+    assert sa["pairs"] == sb["pairs"] == len(samples)
     assert abs(sa["loss"] - sb["loss"]) <= 1e-6 and sa["loss"] != pytest.approx(0.6931, abs=1e-3)
     assert ga.keys() == gb.keys() and len(ga) > 5
     for n in ga:
@@ -184,7 +191,7 @@ def test_dpo_loss_and_gradients_equal_the_two_row_layout(family, root):
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "llava"])
 def test_eager_attention_takes_the_same_rows(root, name):
     """Eager attention adds the mask to the scores: create_causal_mask gives it the additive form."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
     bundle = build_model(model_config(checkpoint(root, name)))
@@ -212,7 +219,7 @@ def _dpo_stage(path, share: bool):
 
 def test_dpo_stage_puts_pairs_in_shared_rows_unless_switched_off(family, root):
     """`dpo.share_prompt` (default on) reaches the loader through the stage check, the model and its encoder."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import LoaderConfig, _SlotPipeline
     from vlmtrain.train.native import configure_shared_prefix
 
@@ -251,20 +258,89 @@ def test_families_that_cannot_share_a_prefix_keep_two_rows_and_say_why(name):
     assert "flash_attention_2" in shared_prefix_refusal(flash)
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl_moe", "internvl"])
-def test_the_other_listed_families_score_continuations_as_alone(root, name):
-    """The mixture-of-experts Qwen3-VL (experts route each token alone: the row changes no routing) and InternVL
-    (tile-indexed images, a Qwen2 LM) on shared-prefix rows, k = 2. The MoE runs in float32: its experts' grouped
-    matmul takes no float64."""
+# families beyond FAMILIES, each with what it needs to build: a user's chat template (none vendored) or none (PaliGemma)
+OTHER_FAMILIES = ("qwen3_vl_moe", "internvl", "gemma4", "paligemma", "glm4v", "glm4v_moe")
+# mixture-of-experts LMs run in float32: their experts' grouped matmul takes no float64
+FLOAT32_ONLY = ("qwen3_vl_moe", "glm4v_moe")
+
+
+@pytest.fixture(scope="module")
+def other_family(root):
+    """name → (bundle, prompts), each built once per module. PaliGemma takes one user turn with images (its
+    prefix), so its prompts are the image ones."""
+    from test_native_gemma4_paligemma_glm4v import GEMMA4_TEMPLATE, GLM4V_TEMPLATE
     from test_native_mllama_internvl import INTERNVL_TEMPLATE
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
 
-    extra = {"chat_template": INTERNVL_TEMPLATE} if name == "internvl" else {}
-    bundle = build_model(model_config(checkpoint(root, name), **extra))
-    m = bundle.model.eval() if name == "qwen3_vl_moe" else bundle.model.eval().double()
-    groups = _groups(encoder_for(bundle), k=2)
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            template = {"internvl": INTERNVL_TEMPLATE, "gemma4": GEMMA4_TEMPLATE, "glm4v": GLM4V_TEMPLATE,
+                        "glm4v_moe": GLM4V_TEMPLATE}.get(name)
+            bundle = build_model(model_config(checkpoint(root, name),
+                                              **({"chat_template": template} if template else {})))
+            bundle.model.eval()
+            built[name] = bundle, [p for p in PROMPTS if p[1]] if name == "paligemma" else PROMPTS
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_the_other_listed_families_score_continuations_as_alone(other_family, name):
+    """Shared-prefix rows (k = 3) of: the mixture-of-experts Qwen3-VL and GLM-4.5V (experts route each token alone:
+    the row changes no routing), InternVL (tile-indexed images, a Qwen2 LM), Gemma 4 (image blocks on
+    `mm_token_type_ids`, sliding layers only), PaliGemma (its prompt one bidirectional prefix block, 1-indexed
+    positions, answers causal with token_type_ids 1) and GLM-4.1V / 4.5V (mRoPE ids from their own
+    `get_rope_index`). float64 (≤1e-9), float32 for the MoE LMs (≤1e-5)."""
+    from vlmtrain.data.encode import encoder_for
+
+    bundle, prompts = other_family(name)
+    m = bundle.model if name in FLOAT32_ONLY else copy.deepcopy(bundle.model).double()
+    assert not m.family.shared_prefix
+    groups = _groups(encoder_for(bundle), k=3, prompts=prompts)
     with torch.no_grad():
-        got, _ = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
+        got, rows = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
+        alone = [_alone_tokens(m, g[j], _image_inputs(g[0])) for j in range(3) for g in groups]
+    assert int((rows["segments"] == 0).sum()) > len(groups) * 8
+    tol = 1e-5 if name in FLOAT32_ONLY else 1e-9
+    torch.testing.assert_close(got, torch.stack([lp.sum() for _, lp in alone]).to(got.dtype), rtol=0, atol=tol)
+    for seq, (where, lp) in enumerate(alone):
+        mine = rows["seq_index"] == seq
+        assert torch.equal(rows["token_index"][mine], where)
+        torch.testing.assert_close(rows["token_logps"][mine], lp.to(got.dtype), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("name, change", [("gemma4", {"image_block_key": "token_type_ids"}),
+                                          ("paligemma", {"prefix_suffix": False})])
+def test_gemma4_and_paligemma_rules_are_what_makes_rows_equal(other_family, name, change):
+    """Controls: Gemma 4's image blocks read from a key its batches lack (so images attend causally), or PaliGemma's
+    prefix without its bidirectional block, move the shared rows' scores off the sequences alone, so the equality
+    above rests on those rules. (PaliGemma's 1-indexed positions are not one: RoPE is relative, so positions from 0
+    move its float64 scores by ≤4.2e-10 only; they are kept for transformers' own numbers.) (The sliding-only rule has no control here: the tiny Gemma 4's full-attention layer is its last, whose
+    image-token outputs reach no scored token.)"""
+    import dataclasses
+
+    from vlmtrain.data.encode import encoder_for
+
+    bundle, prompts = other_family(name)
+    m = copy.deepcopy(bundle.model).double()
+    groups = _groups(encoder_for(bundle), k=2, prompts=prompts)
+    with torch.no_grad():
         want = torch.stack([_alone_logp(m, g[j], _image_inputs(g[0])) for j in range(2) for g in groups])
-    torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=1e-5 if name == "qwen3_vl_moe" else 1e-9)
+        m.family = dataclasses.replace(m.family, **change)
+        got, _ = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
+    assert float((got - want).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gemma4", "paligemma", "glm4v", "glm4v_moe"])
+def test_dpo_on_shared_rows_equals_two_rows_for_the_other_families(other_family, root, name):
+    from vlmtrain.data.encode import encoder_for
+
+    bundle, prompts = other_family(name)
+    # GLM-4.5V with its router loss off: the router loss of a shared row counts the prompt's tokens once, two rows
+    # count them twice, so with it on the objectives differ by design (measured: gradients 5.3e-6 apart, max 0.06)
+    coef = 0.0 if bundle.model.family.router_aux_loss else None
+    _assert_dpo_layouts_agree(bundle, _pref_samples(encoder_for(bundle), prompts), checkpoint(root, name), coef)

@@ -49,8 +49,18 @@ def text_rank_beside_image_rank(out, n: int = 32) -> None:
 FAMILY_TRAINER = {"qwen3_5_moe": {"router_aux_loss_coef": 0.0}}
 
 
+def family_model(family: str) -> dict:
+    """Model-config extras a family's tiny checkpoint needs: a user's chat template where none is vendored."""
+    from test_native_gemma4_paligemma_glm4v import GEMMA4_TEMPLATE
+    from test_native_mllama_internvl import INTERNVL_TEMPLATE
+
+    template = {"gemma4": GEMMA4_TEMPLATE, "internvl": INTERNVL_TEMPLATE}.get(family)
+    return {"chat_template": template} if template else {}
+
+
 def stage(tmp_path, family: str, name: str, **trainer) -> str:
-    cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(tmp_path / "ck", family))},
+    cfg = {"name": "sft", "preset": "sft",
+           "model": {"pretrained": str(checkpoint(tmp_path / "ck", family)), **family_model(family)},
            "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 4 if not trainer else 2,
                     "num_workers": 1, "max_len": 256, "split": "stride", "shuffle_buffer": 1},
            # eps 1e-6: Adam divides by √v + eps, so with the default 1e-8 an element whose gradient is float noise
@@ -86,7 +96,7 @@ def one_process(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES + ("gemma4", "internvl"))
 def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, family):
     """What a text-only rank runs instead of an image (`NativeVLM.blank_image_features`, weighted 0) gives gradients
     to the same tower and connector parameters as a real image through transformers' forward — no more (LLaVA's
@@ -95,12 +105,12 @@ def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, 
     import torch
 
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
     from vlmtrain.train.module import model_extras
     from native_fixtures import records
 
-    bundle = build_model(model_config(checkpoint(tmp_path, family)))
+    bundle = build_model(model_config(checkpoint(tmp_path, family), **family_model(family)))
     m = bundle.model.train()
     m.requires_grad_(False)
     m.vision.requires_grad_(True)
@@ -115,6 +125,37 @@ def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, 
     assert real and blank == real, sorted(real ^ blank)
 
 
+def test_mllama_text_only_batch_runs_a_padding_image_slot_through_its_cross_attention(tmp_path):
+    """Mllama's blank image is a padding image slot per row run through transformers' forward (its LM calls the
+    cross-attention layers only when image states exist): a text-only batch then gives gradients to exactly the
+    parameters a real image does (tower, projector and the cross-attention layers included), and its logits equal
+    transformers' text-only forward exactly (the slot's zeroed states add nothing)."""
+    import torch
+
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.model import build_model
+    from vlmtrain.train.module import model_extras
+    from native_fixtures import records
+
+    bundle = build_model(model_config(checkpoint(tmp_path, "mllama")))
+    m, enc, pad = bundle.model.train(), encoder_for(bundle), bundle.tokenizer.pad_token_id
+    img = collate([enc(*records()[0])], pad)
+    m(img["input_ids"], img["pixel_values"], img["attention_mask"], **model_extras(img)).logits.sum().backward()
+    real = {n for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    text = collate([enc(*records()[1])], pad)
+    assert text.get("pixel_values") is None
+    m.always_encode_images = True
+    out = m(text["input_ids"], None, text["attention_mask"], **model_extras(text)).logits
+    out.sum().backward()
+    blank = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert any("cross_attn" in n for n in real) and blank == real, sorted(real ^ blank)
+    with torch.no_grad():
+        alone = m.hf(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).logits
+    assert torch.equal(out.detach(), alone)
+
+
 @pytest.mark.parametrize("family", ["llava_onevision"])
 def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, world_of_one):
     """OneVision's `image_newline` is a bare parameter of the connector role that transformers reads from its own
@@ -125,7 +166,7 @@ def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, wo
     from torch.distributed.device_mesh import init_device_mesh
 
     from vlmtrain.data.batching import collate
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
     from vlmtrain.train.module import model_extras
     from vlmtrain.train.strategy import apply_fsdp2
@@ -154,7 +195,11 @@ def test_fsdp2_trains_the_bare_parameter_transformers_reads(tmp_path, family, wo
 SHARDED_RUNS = {"qwen2_5_vl": SHARDED, "gemma3": SHARDED, "llava_onevision": ("deepspeed_zero3",),
                 "idefics3": ("fsdp",),
                 # hybrid Gated DeltaNet + attention LM with fused experts: ranks route their tokens to different experts
-                "qwen3_5_moe": ("fsdp", "deepspeed_zero3")}
+                "qwen3_5_moe": ("fsdp", "deepspeed_zero3"),
+                # a padding image slot through the forward on the text-only rank (its cross-attention layers run)
+                "mllama": ("fsdp",),
+                # InternVL's one-tile blank image; Gemma 4's pooled patches beside its frozen audio tower
+                "internvl": ("fsdp",), "gemma4": ("fsdp",)}
 
 
 @pytest.mark.slow
@@ -184,7 +229,7 @@ def test_sharded_strategy_refused_for_a_family_without_a_blank_image(tmp_path, s
     from vlmtrain.errors import ConfigError
     from vlmtrain.model import build_model
     from vlmtrain.train.native import check_native_stage
-    from vlmtrain.train.plan import load_plan_stages
+    from vlmtrain.plan import load_plan_stages
 
     [(stage_cfg, model_cfg)] = load_plan_stages(stage(tmp_path, "llava_next", "x", strategy=strategy))
     bundle = build_model(model_cfg)

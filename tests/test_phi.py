@@ -207,3 +207,59 @@ def test_glued_identifier_without_pattern_is_refused(scrubber):
         scrubber.clean("seen as qzorbaugh in the log", known)
     with pytest.raises(PhiUncleanable):
         scrubber.clean("token x77123y kept", known)
+
+
+# ---- staff names with credentials and sign-off lines; names with no cue -------------------------------------
+
+STAFF = [
+    ("Co-signed: Maribel Okafor RN.", "Co-signed: [NAME] RN."),
+    ("Dictated by Desmond K. Lindgren, PA-C for the attending.", "Dictated by [NAME], PA-C for the attending."),
+    ("Technologist: Ana Ruiz RT(R)(CT)", "Technologist: [NAME] RT(R)(CT)"),
+    ("Sedation by Hamid Brannigan, CRNA, without complication.", "Sedation by [NAME], CRNA, without complication."),
+    ("Lucinda Pruitt DO placed the line.", "[NAME] DO placed the line."),
+    ("Reviewed and approved: THADDEUS WOJCIK PhD", "Reviewed and approved: [NAME] PhD"),
+    ("Results called to Kenji Haverford NP.", "Results called to [NAME] NP."),
+    ("Performing technologist Oksana Tsai.", "Performing technologist [NAME]."),
+    ("Electronically signed: Abernethy, Rosalind MSN, RN", "Electronically signed: [NAME] MSN, RN"),
+    ("Sonographer: Paloma Villarreal RDMS", "Sonographer: [NAME] RDMS"),
+    # no cue: a given name from the lexicon and a family name no list needs to hold
+    ("Desmond Castellanos confirmed the line position.", "[NAME] confirmed the line position."),
+]
+
+# Eponyms, views and credential-like codes that must stay
+CLINICAL_KEPT = [
+    "Known Parkinson disease; Bell palsy on the left; Wilson disease and Hodgkin lymphoma in remission.",
+    "PA and lateral views. AP view of the pelvis. MS plaques unchanged. DO NOT RESUSCITATE order on file.",
+    "Graves disease, Addison disease and Cushing syndrome; Murphy sign negative; Foley catheter in place.",
+    "Chiari I malformation. Dandy-Walker variant. Lisfranc injury. Segond fracture. Roux-en-Y gastric bypass.",
+]
+
+GEOGRAPHY = [
+    ("Home: Quarry Bend, Oregon 97355.", "Home: [ADDRESS], Oregon [ZIP]."),
+    ("Lives in NEW BERN NORTH CAROLINA 28560-3063.", "Lives in [ADDRESS] NORTH CAROLINA [ZIP]."),
+    ("From Cedar Hollow OH 44109.", "From [ADDRESS]."),  # town, state code and ZIP: one address span
+    ("Mailing address: ZIP 44966, Fenwick, NC.", "Mailing address: ZIP [ZIP], [ADDRESS], NC."),
+    ("Transferred from Oklahoma 73069-9143 (Millbrook Falls).", "Transferred from Oklahoma [ZIP] ([ADDRESS])."),
+    ("Zip code: 02139-4307.", "Zip code: [ZIP]."),
+    ("Home address: Cedar Hollow, ID.", "Home address: [ADDRESS], ID."),
+    ("Ships to 7023 Old Mill Road, Cañon City, Colorado, 81212.", "Ships to [ADDRESS], Colorado, [ZIP]."),
+]
+
+
+@pytest.mark.parametrize("text,expected", STAFF + GEOGRAPHY)
+def test_staff_names_and_geography_are_replaced(scrubber, text, expected):
+    assert scrubber.clean(text).text == expected
+
+
+@pytest.mark.parametrize("text", CLINICAL_KEPT)
+def test_eponyms_and_codes_are_kept(scrubber, text):
+    result = scrubber.clean(text)
+    assert result.text == text and not result.counts
+
+
+def test_zip3_is_kept_only_where_the_policy_asks_and_the_area_is_large():
+    keep = PhiScrubber(keep_zip3=True)
+    text = "Home: Quarry Bend, Oregon 97355. Second home: Wyoming 82301. ZIP+4 02139-4307."
+    # 823 is one of HHS's 3-digit areas under 20,000 people: removed whole, never 823**
+    assert keep.clean(text).text == "Home: [ADDRESS], Oregon 973**. Second home: Wyoming [ZIP]. ZIP+4 021**."
+    assert PhiScrubber().clean(text).text == "Home: [ADDRESS], Oregon [ZIP]. Second home: Wyoming [ZIP]. ZIP+4 [ZIP]."

@@ -1,4 +1,4 @@
-"""The memory planner (`vlmtrain plan`, `vlmtrain.train.plan`): contract, internal consistency, the per-layer
+"""The memory planner (`vlmtrain plan`, `vlmtrain.plan`): contract, internal consistency, the per-layer
 activation model against autograd's own saved tensors, LoRA counts against PEFT, and the 24 GiB recipes.
 
 Whole-step peaks against measured CPU peaks are in `python -m bench plan` (docs/benchmarks.md); no timing here.
@@ -15,7 +15,9 @@ from vlmtrain.config import load_model_config
 from vlmtrain.config.stage import StageConfig
 from vlmtrain.errors import ConfigError
 from vlmtrain.model import build_model
-from vlmtrain.train import plan as P
+from vlmtrain import plan as P
+from vlmtrain.plan import composed
+from vlmtrain.plan import core as C
 
 LORA_RECIPE = CONFIGS / "recipes" / "lora-24gb.yaml"
 QLORA_RECIPE = CONFIGS / "recipes" / "qlora-24gb.yaml"
@@ -50,7 +52,7 @@ def test_cli_json_contract_and_the_24gib_lora_recipe_fits():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(out) == {"peak_gib", "fits", "max_micro_batch", "parts"}
     assert isinstance(out["peak_gib"], float) and isinstance(out["fits"], bool)
-    assert isinstance(out["max_micro_batch"], int) and set(out["parts"]) == set(P.PART_NAMES)
+    assert isinstance(out["max_micro_batch"], int) and set(out["parts"]) == set(C.PART_NAMES)
     assert sum(out["parts"].values()) == pytest.approx(out["peak_gib"], rel=1e-9)
     print(f"\nlora-24gb.yaml: planned peak {out['peak_gib']:.2f} GiB of 24 GiB, largest micro-batch "
           f"{out['max_micro_batch']}; parts (GiB): "
@@ -85,7 +87,7 @@ def test_parse_memory_units():
 
 def _peak(geo, stage, **data):
     st = stage.model_copy(update={"data": stage.data.model_copy(update=data)})
-    return sum(P.step_parts(geo, st, st.data.batch_size, P.PlanOptions())[0].values())
+    return sum(C.step_parts(geo, st, st.data.batch_size, P.PlanOptions())[0].values())
 
 
 def test_parts_sum_to_peak_and_fits_matches(llava_stage):
@@ -95,7 +97,7 @@ def test_parts_sum_to_peak_and_fits_matches(llava_stage):
     j = plan.to_json()
     assert sum(j["parts"].values()) == pytest.approx(j["peak_gib"], rel=1e-12)
     assert j["fits"] == (plan.peak <= 24 * GiB)
-    geo = P.read_geometry(model, stage)
+    geo = composed.read_geometry(model, stage)
     b = plan.max_micro_batch
     assert _peak(geo, stage, batch_size=b) <= 24 * GiB < _peak(geo, stage, batch_size=b + 1)
 
@@ -104,7 +106,7 @@ def test_monotonic_in_batch_and_sequence(llava_stage):
     stage, _, model = llava_stage
     for st in (stage, stage.model_copy(update={"trainer": stage.trainer.model_copy(
             update={"grad_checkpointing": False, "grad_accum": 1})})):
-        geo = P.read_geometry(model, st)
+        geo = composed.read_geometry(model, st)
         by_batch = [_peak(geo, st, batch_size=b) for b in (1, 2, 3, 4, 8, 16)]
         by_len = [_peak(geo, st, max_len=s) for s in (256, 512, 1024, 2048, 4096)]
         assert all(x < y for x, y in zip(by_batch, by_batch[1:])), by_batch
@@ -114,8 +116,8 @@ def test_monotonic_in_batch_and_sequence(llava_stage):
 def test_gradient_checkpointing_lowers_activations(llava_stage):
     stage, _, model = llava_stage
     off = stage.model_copy(update={"trainer": stage.trainer.model_copy(update={"grad_checkpointing": False})})
-    on_parts, _ = P.step_parts(P.read_geometry(model, stage), stage, 4, P.PlanOptions())
-    off_parts, _ = P.step_parts(P.read_geometry(model, off), off, 4, P.PlanOptions())
+    on_parts, _ = C.step_parts(composed.read_geometry(model, stage), stage, 4, P.PlanOptions())
+    off_parts, _ = C.step_parts(composed.read_geometry(model, off), off, 4, P.PlanOptions())
     assert on_parts["activations"] < off_parts["activations"] / 5
     assert sum(on_parts.values()) < sum(off_parts.values())
 
@@ -124,11 +126,11 @@ def test_frozen_llm_keeps_activations_only_when_something_below_trains(tiny_meta
     """align (connector trains under a frozen LLM): the gradient flows through the LLM, so its blocks save
     activations; training nothing below or in the LLM (only the vision tower... off) leaves it graph-free."""
     align = stage_of({"vision": False, "connector": True, "llm": False})
-    geo = P.read_geometry(tiny_meta, align)
-    acts = P.stack_activations(geo.llm, len(geo.llm.blocks), True, P.StepShape(2, 64, True),
-                               P.PRECISIONS["32-true"], False, 0, 0.0, "cuda")
-    none = P.stack_activations(geo.llm, len(geo.llm.blocks), False, P.StepShape(2, 64, True),
-                               P.PRECISIONS["32-true"], False, 0, 0.0, "cuda")
+    geo = composed.read_geometry(tiny_meta, align)
+    acts = C.stack_activations(geo.llm, len(geo.llm.blocks), True, C.StepShape(2, 64, True),
+                               C.PRECISIONS["32-true"], False, 0, 0.0, "cuda")
+    none = C.stack_activations(geo.llm, len(geo.llm.blocks), False, C.StepShape(2, 64, True),
+                               C.PRECISIONS["32-true"], False, 0, 0.0, "cuda")
     assert acts.saved > 0 and none.saved == 0
 
 
@@ -144,7 +146,7 @@ def test_lora_param_count_equals_peft(tiny_meta, lora, train):
     from peft import LoraConfig, inject_adapter_in_model
 
     stage = stage_of({"vision": False, "connector": True, "llm": False, **train}, lora)
-    n, tensors, _ = P.lora_param_count(tiny_meta, stage)
+    n, tensors, _ = C.lora_param_count(tiny_meta, stage)
     lc = stage.lora
     targets = "|".join(f"(?:{t})" for t, on in ((lc.llm_target, stage.train.llm == "lora"),
                                                  (lc.vision_target, stage.train.vision == "lora")) if on)
@@ -153,7 +155,7 @@ def test_lora_param_count_equals_peft(tiny_meta, lora, train):
     peft_params = [p for name, p in real.named_parameters() if "lora_" in name]
     assert n == sum(p.numel() for p in peft_params) == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert tensors == len(peft_params)
-    assert n == P.read_geometry(tiny_meta, stage).lora_params
+    assert n == composed.read_geometry(tiny_meta, stage).lora_params
 
 
 # ---- the per-layer activation model vs autograd -----------------------------------------------------------------
@@ -196,8 +198,8 @@ def test_block_activation_model_matches_autograd(tiny_meta, part, train, lora, p
     from peft import LoraConfig, inject_adapter_in_model
 
     stage = stage_of(train, lora, trainer={"precision": precision})
-    geo = P.read_geometry(tiny_meta, stage)
-    p = P.PRECISIONS[precision]
+    geo = composed.read_geometry(tiny_meta, stage)
+    p = C.PRECISIONS[precision]
     torch.manual_seed(0)
     m = build_model(load_model_config(TINY)).model.train().requires_grad_(False)
     if stage.lora:
@@ -226,7 +228,7 @@ def test_block_activation_model_matches_autograd(tiny_meta, part, train, lora, p
             out = m.vision.model.encoder.layers[idx](x, None)
         out = out[0] if isinstance(out, tuple) else out
         measured = _saved_bytes(out, exclude)
-    sv, _ = P.block_saved(stack, idx, P._T("x", p.resid, x_rg), P.StepShape(b, s, mask), p,
+    sv, _ = C.block_saved(stack, idx, C._T("x", p.resid, x_rg), C.StepShape(b, s, mask), p,
                           stage.lora.r if stage.lora else 0, stage.lora.dropout if stage.lora else 0.0, "cpu")
     cache = 0
     if p.autocast:
@@ -250,7 +252,7 @@ def test_7b_lora_fits_24gib_and_full_finetuning_does_not(llava_stage):
     # bf16-mixed full fine-tuning: fp32 weights + fp32 grads + 2 fp32 AdamW states = 16 bytes/param ≈ 112 GB
     mixed = full.model_copy(update={"trainer": full.trainer.model_copy(update={"precision": "bf16-mixed"})})
     plan_mixed = P.plan_stage(mixed, mcfg, 24 * GiB, model=model)
-    n_train = sum(P.read_geometry(model, mixed).trainable.values())  # LLM + projector: 6.76 B
+    n_train = sum(composed.read_geometry(model, mixed).trainable.values())  # LLM + projector: 6.76 B
     static = sum(plan_mixed.parts[k] for k in ("weights", "grads", "optimizer"))
     assert static >= 16 * n_train and plan_mixed.peak > 112e9  # (grad_accum 32: all gradients held)
 

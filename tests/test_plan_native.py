@@ -1,4 +1,4 @@
-"""The memory planner on native transformers families (`vlmtrain.train.plan_native`): the two 24 GiB native recipes,
+"""The memory planner on native transformers families (`vlmtrain.plan.families`): the two 24 GiB native recipes,
 image tokens against the family's own processor, a whole training step's planned peak against the peak measured
 with PyTorch's profiler, and refusals of what is not planned."""
 
@@ -12,8 +12,9 @@ from vlmtrain.config.model import NativeModelConfig
 from vlmtrain.errors import ConfigError
 from vlmtrain.model import build_model
 from vlmtrain.model.native.tiny import write_tiny_checkpoint
-from vlmtrain.train import plan as P
-from vlmtrain.train import plan_native as PN
+from vlmtrain import plan as P
+from vlmtrain.plan import core as C
+from vlmtrain.plan import families as PN
 from conftest import CONFIGS
 
 GiB = 2**30
@@ -39,7 +40,7 @@ def test_native_24gib_recipe_plans_under_24gib(recipe):
     assert plan.max_micro_batch >= plan.micro_batch
     # bf16-true: the whole (frozen) base at 2 bytes per published parameter, plus its buffers (rotary inv_freq)
     assert RECIPES[recipe] * 2 <= plan.parts["weights"] < RECIPES[recipe] * 2 * 1.0001
-    assert plan.parts["cuda_context"] == P.CUDA_CONTEXT_BYTES and plan.parts["grads"] > 0
+    assert plan.parts["cuda_context"] == C.CUDA_CONTEXT_BYTES and plan.parts["grads"] > 0
 
 
 def test_qwen35_qlora_24gib_recipe_plans_under_24gib():
@@ -130,7 +131,9 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
 @pytest.mark.parametrize("name", ["qwen-lora-pack4-224x224-b1-s1024", "qwen3-lora-256x320-b2-s512",
                                   "idefics3-lora-96x128-b2-s512", "onevision-lora-96x128-b2-s512",
                                   # Gated DeltaNet layers (Qwen3.5) and expert MLPs (Qwen3-VL-MoE): traced blocks
-                                  "qwen35-lora-256x256-b2-s512", "qwen3moe-sft-conn-256x256-b2-s384"])
+                                  "qwen35-lora-256x256-b2-s512", "qwen3moe-sft-conn-256x256-b2-s384",
+                                  # GLM-4.1V: its own resize rule, sandwich norms, the downsample conv connector
+                                  "glm4v-lora-224x224-b2-s512"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -144,6 +147,26 @@ def test_planned_peak_matches_measured_step(name, tmp_path):
     planned = BN.planned(model, family, image, fields, BN.supervised_fraction(micro[0], n_img))["peak"]
     print(f"\n{name}: planned {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(planned - measured) / measured <= 0.05
+
+
+def test_glm4v_image_tokens_match_the_processor(tmp_path):
+    """GLM-4.1V's resize rule (an image counts as `temporal_patch_size` frames against the budget) == the tiny
+    processor's own image-token count, below, inside and above its budget; without a size, the budget's largest."""
+    from PIL import Image
+
+    ckpt = write_tiny_checkpoint("glm4v", tmp_path / "g")
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
+                                            "chat_template": BN.SCALE["glm4v"]["chat_template"]})
+    bundle = build_model(cfg)
+    vc = bundle.model.hf.config.vision_config
+    budget = PN.qwen_pixel_budget(cfg, "glm4v")
+    for h, w in [(20, 30), (48, 64), (64, 32), (96, 80), (300, 200)]:
+        out = bundle.processor(text=["<|begin_of_image|><|image|><|end_of_image|>"],
+                               images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        tokens = int((out["input_ids"] == bundle.model.image_token_id).sum())
+        patches = PN.qwen_patches(vc, budget, (h, w), glm=True)
+        assert patches == int(out["image_grid_thw"].prod()) == 4 * tokens, (h, w)
+    assert PN.qwen_patches(vc, budget, None, glm=True) // 4 == budget[1] // 2 // (2 * vc.patch_size) ** 2
 
 
 def _meta(tmp_path, family):
@@ -240,7 +263,7 @@ def test_traced_layers_equal_autograds_saved_tensors_on_cpu(family, full):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             mod(torch.randn(3, 40, traced.hidden, requires_grad=True))
         real = sum(seen.values())
-        planned = traced.saved(kind, P.StepShape(3, 40, False), True, P.PRECISIONS["32-true"])
+        planned = traced.saved(kind, C.StepShape(3, 40, False), True, C.PRECISIONS["32-true"])
         assert (planned == real) if kind == "moe" else abs(planned - real) <= 0.03 * real, (kind, planned, real)
 
 

@@ -73,11 +73,11 @@ def test_patient_units_group_records(tmp_path):
 
     from conftest import tiny_bundle
     from vlmtrain.data.builtin import _qa
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
     from vlmtrain.data.writer import write_shards
     from vlmtrain.errors import VlmtrainError
-    from vlmtrain.privacy.dp import DPDataset
+    from vlmtrain.train.dp import DPDataset
 
     samples = list(islice(_qa("train"), 30))
     for i, s in enumerate(samples):

@@ -1,4 +1,4 @@
-"""DP-SGD (`vlmtrain.privacy.dp`): the step against a hand-computed DP-SGD step, ε against Opacus' own accountant,
+"""DP-SGD (`vlmtrain.train.dp`): the step against a hand-computed DP-SGD step, ε against Opacus' own accountant,
 target-ε mode, empty Poisson batches, refusals, resume, and the summary contract."""
 
 import copy
@@ -57,9 +57,9 @@ def test_dp_step_equals_hand_computed_dp_sgd(shards, tmp_path):
     separate plain-autograd runs, each clipped to C over all trainable tensors, summed, plus N(0, σ²C²) from the same
     seeded generator, divided by the expected batch size; then AdamW. Connector and LoRA A/B weights both checked
     (the Opacus + PEFT silent-corruption failure mode, Opacus #820, would break this)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
-    from vlmtrain.privacy.dp import build_dp_training, per_sample_losses, poisson_collate
+    from vlmtrain.train.dp import build_dp_training, per_sample_losses, poisson_collate
     from vlmtrain.train.freeze import apply_stage_trainability
     from vlmtrain.train.runner import load_stage_start
 
@@ -107,9 +107,9 @@ def test_dp_step_equals_hand_computed_dp_sgd(shards, tmp_path):
 
 
 def test_empty_poisson_batch_is_a_noise_only_step(shards, tmp_path):
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
-    from vlmtrain.privacy.dp import build_dp_training, poisson_collate
+    from vlmtrain.train.dp import build_dp_training, poisson_collate
     from vlmtrain.train.freeze import apply_stage_trainability
     from vlmtrain.train.runner import load_stage_start
 

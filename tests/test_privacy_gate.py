@@ -364,3 +364,74 @@ def test_builtin_sample_set_is_made_and_reused(tmp_path):
     assert prepare_medical_builtin(tmp_path) == out and (out / "manifest.json").stat().st_mtime_ns == stamp
     recs = [parse_sample(raw)[0] for raw in iter_shard(str(next(out.glob("shard-*.tar"))))]
     assert {r["meta"]["modality"] for r in recs} == {"CT", "MR", "CR", "OP", "SM"}
+
+
+# ---- workers -----------------------------------------------------------------------------------------------
+
+def test_a_failing_worker_is_one_error_line_naming_the_record(tmp_path, monkeypatch, capsys):
+    """A library that raises on one record (injected into the face scan, which runs inside the worker threads)
+    refuses that record as gate_error with its id, prints one line naming it, and the other records are kept."""
+    import threading
+
+    from vlmtrain.privacy import pixels
+
+    real, seen = pixels.find_faces, []
+
+    def flaky(rgb):
+        seen.append(threading.current_thread().name)
+        if int(rgb[0, 0, 0]) == 77:  # the one poisoned image
+            raise RuntimeError("native library failed on Jane Roe")  # a message that quotes a value
+        return real(rgb)
+
+    monkeypatch.setattr(pixels, "find_faces", flaky)
+    src = Src(tmp_path / "src")
+    for i in range(6):
+        src.add(f"r{i}", _png(color=(77 if i == 3 else 20 + i, 90, 90), size=(32, 32)), modality="CR",
+                body_part="CHEST")
+    _, rep, rejects, kept = src.run(tmp_path / "out", {**BASE_POLICY, "ocr_burned_in": False}, workers=2)
+    assert sorted(kept) == ["r0", "r1", "r2", "r4", "r5"]
+    assert rejects == {"r3": {"id": "r3", "reason": "gate_error", "line": 4,
+                              "detail": "record: RuntimeError while checking it (refused, not passed)"}}
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error on record" in ln]
+    assert err == ["prep medical: error on record r3 (line 4): record: RuntimeError while checking it (refused, "
+                   "not passed)"]
+    assert "Jane" not in (tmp_path / "out" / "rejects.jsonl").read_text()
+    assert rep["rejected_by_reason"] == {"gate_error": 1}
+    assert all(n.startswith("prep") for n in seen)  # the scans ran in the worker threads
+
+
+def test_native_libraries_are_imported_before_workers_start(monkeypatch):
+    """Gate() loads cv2 (with cv2.data), the face model and Tesseract's bindings in the calling thread."""
+    import sys
+
+    from vlmtrain.privacy import gate as gate_mod
+    from vlmtrain.privacy import pixels
+
+    calls = []
+    monkeypatch.setattr(pixels, "warm_up", lambda faces, ocr: calls.append((faces, ocr)))
+    gate_mod.Gate(Policy.model_validate(BASE_POLICY), ROOT, b"k")
+    assert calls == [(True, pixels.ocr_available())]
+    monkeypatch.undo()
+    pixels.warm_up(faces=True, ocr=True)
+    assert "cv2" in sys.modules and hasattr(sys.modules["cv2"], "data")
+    assert pixels._local.cascades  # this (main) thread's face model is loaded
+
+
+def test_staff_names_and_geography_never_reach_a_shard_member(tmp_path):
+    """Credentialed staff, sign-off lines, a cue-less name, towns and ZIP codes in every order: the shard bytes
+    hold none of them (whole tar members are searched), the eponyms stay, and keep_zip3 leaves 973** only."""
+    report = ("Known Parkinson disease and Bell palsy. Co-signed: Maribel Okafor RN. Technologist: Ana Ruiz "
+              "RT(R). Desmond Castellanos confirmed the line. Lives in Quarry Bend, Oregon 97355; prior address "
+              "ZIP 44966, Fenwick, NC and CEDAR HOLLOW OH 44109-2231.")
+    leaks = [b"Okafor", b"Maribel", b"Ruiz", b"Castellanos", b"Quarry", b"97355", b"44966", b"Fenwick",
+             b"CEDAR", b"44109"]
+    for keep_zip3 in (False, True):
+        src = Src(tmp_path / f"src{keep_zip3}")
+        src.add("r1", _png(size=(32, 32)), report=report, modality="CR", body_part="CHEST")
+        out = tmp_path / f"out{keep_zip3}"
+        _, _, rejects, kept = src.run(out, {**BASE_POLICY, "phi": {"keep_zip3": keep_zip3}})
+        assert not rejects and set(kept) == {"r1"}
+        blob = b"".join(open(t, "rb").read() for t in out.glob("shard-*.tar"))
+        assert not [w for w in leaks if w in blob]
+        assert b"Parkinson disease" in blob and b"Bell palsy" in blob and b"Oregon" in blob
+        assert (b"973**" in blob) == keep_zip3

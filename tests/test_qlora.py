@@ -21,7 +21,7 @@ QLORA = {"r": 4, "alpha": 8, "dropout": 0.0, "quantize": "4bit"}
 
 def test_llm_linears_become_nf4_computing_with_the_dequantised_weights():
     from vlmtrain.model.quantize import quantize_llm_
-    from vlmtrain.train.plan import NF4_BYTES_PER_PARAM
+    from vlmtrain.plan.core import NF4_BYTES_PER_PARAM
 
     bundle = tiny_bundle()
     m = bundle.model

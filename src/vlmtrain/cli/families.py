@@ -1,4 +1,4 @@
-"""`vlmtrain families`: the table of what each image-text-to-text family can do, from `vlmtrain.train.family_table`."""
+"""`vlmtrain families`: the table of what each image-text-to-text family can do, from `vlmtrain.cli.family_table`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from vlmtrain.errors import ConfigError
 
 
 def cmd_families(args) -> int:
-    from vlmtrain.train import family_table
+    from vlmtrain.cli import family_table
 
     # each unlisted family's build logs "mapped by the generic rule": the table's kind column says it once
     # and each align stage asked of check_native_stage logs its feature-cache line: quiet both

@@ -1,4 +1,4 @@
-"""`vlmtrain plan`: will a stage fit on one GPU? A thin wrapper over `vlmtrain.train.plan`."""
+"""`vlmtrain plan`: will a stage fit on one GPU? A thin wrapper over `vlmtrain.plan`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from vlmtrain.errors import ConfigError
 
 
 def cmd_plan(args) -> int:
-    from vlmtrain.train.plan import PlanOptions, parse_memory, plan_config
+    from vlmtrain.plan import PlanOptions, parse_memory, plan_config
 
     gpu = parse_memory(args.gpu_memory)  # before any model is built: a typo fails in milliseconds
     if args.world_size < 1:

@@ -1,5 +1,5 @@
 """`vlmtrain privacy audit RUN`: membership inference and canary exposure of a trained stage
-(`vlmtrain.privacy.audit`)."""
+(`vlmtrain.train.audit`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 
 def cmd_audit(args) -> int:
-    from vlmtrain.privacy.audit import run_audit
+    from vlmtrain.train.audit import run_audit
 
     result = run_audit(args.run, holdout=args.holdout, max_records=args.max_records)
     if args.json:

@@ -179,7 +179,7 @@ class EvalConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """DP-SGD for this stage (`vlmtrain.privacy.dp`): Poisson-sampled batches of expected size `data.batch_size`,
+    """DP-SGD for this stage (`vlmtrain.train.dp`): Poisson-sampled batches of expected size `data.batch_size`,
     per-sample gradients clipped to `max_grad_norm`, Gaussian noise of std `noise_multiplier × max_grad_norm`, and
     an accountant that reports ε at `delta`. Give `noise_multiplier` or `target_epsilon` (noise then chosen by the
     accountant for `trainer.max_steps` steps)."""

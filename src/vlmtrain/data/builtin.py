@@ -8,10 +8,9 @@ seed into 1,497 train and 300 held-out images:
 - `digits-pref` (train): the same question with the right answer chosen over a wrong one (DPO);
 - `digits-eval` (held-out): QA conversations with `meta.choices` = the ten digit words (VQA + multiple choice).
 
-`medical-samples`: pydicom-data and scikit-image medical images with synthetic reports, passed through the privacy
-gate (`vlmtrain.privacy.medical_samples`). `medical-cohort` (400 records), `medical-cohort-holdout` (200) and
-`medical-cohort-public` (2,000): the gated images with new PHI-free synthetic reports, for DP training and its
-audit (`vlmtrain.privacy.medical_cohort`).
+The medical builtins (`medical-samples`, the `medical-cohort*` sets) are made by the privacy gate, which sits above
+data: `vlmtrain.train.sources.prepare_builtin` hands their makers to `prepare_builtin` here (`makers`), which keeps
+the one cache for every builtin.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -83,8 +82,13 @@ BUILTINS: dict[str, tuple[Callable[[], Iterator[Sample]], int]] = {
 }
 
 
-def prepare_builtin(name: str, root: str | Path) -> Path:
-    """Write the dataset's shards under `root/name` once; later calls reuse them.
+# A builtin made outside data (the medical sets): writes `root/name` and returns it.
+Maker = Callable[[Path], Path]
+
+
+def prepare_builtin(name: str, root: str | Path, makers: Mapping[str, Maker] | None = None) -> Path:
+    """Write the dataset's shards under `root/name` once; later calls reuse them. `makers`: the builtins made above
+    data (name → maker), offered beside `BUILTINS`.
 
     With `VLMTRAIN_BUILTIN_CACHE=DIR` set, each dataset is made once per machine: the first run writes it to
     `root/name` and copies it into DIR; later runs (any `root`) copy it from there instead of making it again
@@ -96,13 +100,13 @@ def prepare_builtin(name: str, root: str | Path) -> Path:
         return out
     cache = os.environ.get("VLMTRAIN_BUILTIN_CACHE")
     if not cache:
-        return _make_builtin(name, Path(root))
+        return _make_builtin(name, Path(root), makers)
     for needed in _PREREQUISITES.get(name, ()):  # the run folder holds what making it would have left there
-        prepare_builtin(needed, root)
+        prepare_builtin(needed, root, makers)
     entry = Path(cache) / f"{name}-{_maker_fingerprint()}"
     folders = [f"{name}{suffix}" for suffix in _COMPANIONS.get(name, ())] + [name]  # the shard folder last
     if not _complete(entry / name):
-        made = _make_builtin(name, Path(root))
+        made = _make_builtin(name, Path(root), makers)
         _store(Path(root), folders, entry)
         return made
     for folder in folders:
@@ -155,7 +159,8 @@ def _copy_atomically(src: Path, dst: Path) -> None:
 
 
 def _maker_fingerprint() -> str:
-    """sha256 (12 hex) over the source of the data and privacy packages: everything that shapes a builtin's bytes."""
+    """sha256 (12 hex) over the source of the data and privacy packages: everything that shapes a builtin's bytes
+    (the medical makers live in privacy; `train.sources` only picks which maker runs)."""
     import hashlib
 
     import vlmtrain
@@ -167,22 +172,15 @@ def _maker_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
-def _make_builtin(name: str, root: Path) -> Path:
+def _make_builtin(name: str, root: Path, makers: Mapping[str, Maker] | None = None) -> Path:
     from vlmtrain.data.writer import write_shards
 
-    if name == "medical-samples":  # radiographs/CT/MR/US + retina/histology through the privacy gate
-        from vlmtrain.privacy.medical_samples import prepare_medical_builtin
-
-        return prepare_medical_builtin(root)
-    from vlmtrain.privacy.medical_cohort import SIZES as COHORTS
-
-    if name in COHORTS:  # synthetic reports on the gated images (DP training and its audit)
-        from vlmtrain.privacy.medical_cohort import prepare_cohort_builtin
-
-        return prepare_cohort_builtin(root, name)
+    makers = makers or {}
+    if name in makers:
+        return makers[name](root)
     if name not in BUILTINS:
         raise VlmtrainError(f"data: unknown builtin dataset {name!r} "
-                            f"(choose from: {', '.join([*BUILTINS, 'medical-samples', *COHORTS])})")
+                            f"(choose from: {', '.join([*BUILTINS, *makers])})")
     out = root / name
     make, per_shard = BUILTINS[name]
     write_shards(make(), out, f"builtin:{name}", shard_size=per_shard, overwrite=True)

@@ -11,24 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmtrain.data.chat import IGNORE, Encoded, MaskError, encode_messages
-from vlmtrain.data.schema import IMAGE_PART, RecordError, text
-
-
-def caption_messages(record: dict, prompt: str = "") -> list[dict]:
-    """A caption pair as one exchange: user = the image (+ an optional instruction), assistant = the caption."""
-    user = [IMAGE_PART] + ([text(prompt)] if prompt else [])
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": [text(record["caption"])]}]
-
-
-def record_messages(record: dict, caption_prompt: str = "") -> list[dict] | tuple[list[dict], list[dict]]:
-    """Messages to train on: a list for chat/caption; a (chosen, rejected) pair of full conversations for
-    preference records (each = prompt + that side's assistant turns)."""
-    kind = record["kind"]
-    if kind == "chat":
-        return record["messages"]
-    if kind == "caption":
-        return caption_messages(record, caption_prompt)
-    return record["prompt"] + record["chosen"], record["prompt"] + record["rejected"]
+from vlmtrain.data.schema import IMAGE_PART, RecordError, record_messages
 
 
 def decode_image(data: bytes, where: str):
@@ -111,4 +94,25 @@ def record_token_length(tokenizer, record: dict, image_token_id: int, num_image_
     return max(len(encode_messages(tokenizer, m, image_token_id, num_image_tokens).input_ids) for m in convs)
 
 
-__all__ = ["IGNORE", "SampleEncoder", "caption_messages", "decode_image", "record_messages", "record_token_length"]
+def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
+                anyres_pinpoints: list | None = None) -> SampleEncoder:
+    """The encoder training, eval, generation and the federated site feed `bundle` with: the family processor's for
+    the native kind, `SampleEncoder` (with an AnyRes tiler when `anyres_pinpoints`) for a composed VLM."""
+    from vlmtrain.data.anyres import AnyResTiler
+
+    m = bundle.model
+    if bundle.native:  # the family's processor expands images and makes the family tensors
+        from vlmtrain.data.native_encode import NativeSampleEncoder, PrefixSuffixEncoder
+
+        cls = PrefixSuffixEncoder if m.family.prefix_suffix else NativeSampleEncoder  # PaliGemma: no chat template
+        return cls(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
+                                   caption_prompt=caption_prompt, nested_images=m.family.nested_images,
+                                   template_kwargs=dict(m.family.template_kwargs),
+                                   batch_aligned_images=m.family.batch_aligned_images,
+                                   shared_prefix_rows=getattr(m, "dpo_shared_prefix", False))
+    tiler = AnyResTiler(anyres_pinpoints, m.vision.image_size) if anyres_pinpoints else None
+    return SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens,
+                         max_len=max_len, caption_prompt=caption_prompt, tiler=tiler)
+
+
+__all__ = ["IGNORE", "SampleEncoder", "decode_image", "encoder_for", "record_token_length"]

@@ -5,27 +5,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from vlmtrain.data.chat import IGNORE
-from vlmtrain.data.encode import SampleEncoder
+from vlmtrain.data.encode import encoder_for
 from vlmtrain.data.loader import ShardLoader
-
-
-def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
-                anyres_pinpoints: list | None = None) -> SampleEncoder:
-    from vlmtrain.data.anyres import AnyResTiler
-
-    m = bundle.model
-    if bundle.native:  # the family's processor expands images and makes the family tensors
-        from vlmtrain.data.native_encode import NativeSampleEncoder, PrefixSuffixEncoder
-
-        cls = PrefixSuffixEncoder if m.family.prefix_suffix else NativeSampleEncoder  # PaliGemma: no chat template
-        return cls(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
-                                   caption_prompt=caption_prompt, nested_images=m.family.nested_images,
-                                   template_kwargs=dict(m.family.template_kwargs),
-                                   batch_aligned_images=m.family.batch_aligned_images,
-                                   shared_prefix_rows=getattr(m, "dpo_shared_prefix", False))
-    tiler = AnyResTiler(anyres_pinpoints, m.vision.image_size) if anyres_pinpoints else None
-    return SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens,
-                         max_len=max_len, caption_prompt=caption_prompt, tiler=tiler)
 
 
 def _rows(batch: dict) -> list[tuple[str, str | None, list[int], list[int]]]:

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtrain.data.chat import IGNORE, MaskError
-from vlmtrain.data.encode import record_messages
-from vlmtrain.data.schema import RecordError
+from vlmtrain.data.schema import RecordError, record_messages
 
 # Processor outputs that are per token (padded with the batch) rather than per image.
 TOKEN_EXTRAS = ("token_type_ids", "mm_token_type_ids")
@@ -95,7 +94,9 @@ class NativeSampleEncoder:
             if k in TOKEN_EXTRAS:
                 res["token_extras"][k] = v[0].tolist()
             elif k == "pixel_values":
-                res["pixel_values"] = v
+                # Llama 4's processor normalises in bfloat16: held as float32 (exact) like every other family's, so
+                # batches mix and the stage's precision decides the tower's dtype
+                res["pixel_values"] = v.float() if str(getattr(v, "dtype", "")) == "torch.bfloat16" else v
             else:
                 res["image_extras"][k] = v
         if res["pixel_values"] is None:

@@ -121,3 +121,20 @@ def validate_record(rec: Any, n_images: int) -> dict:
     if slots != n_images:
         raise RecordError("image_slot_mismatch", f"{slots} image slot(s) but {n_images} image(s)")
     return rec
+
+
+def caption_messages(record: dict, prompt: str = "") -> list[dict]:
+    """A caption pair as one exchange: user = the image (+ an optional instruction), assistant = the caption."""
+    user = [IMAGE_PART] + ([text(prompt)] if prompt else [])
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": [text(record["caption"])]}]
+
+
+def record_messages(record: dict, caption_prompt: str = "") -> list[dict] | tuple[list[dict], list[dict]]:
+    """Messages to train on: a list for chat/caption; a (chosen, rejected) pair of full conversations for
+    preference records (each = prompt + that side's assistant turns)."""
+    kind = record["kind"]
+    if kind == "chat":
+        return record["messages"]
+    if kind == "caption":
+        return caption_messages(record, caption_prompt)
+    return record["prompt"] + record["chosen"], record["prompt"] + record["rejected"]

@@ -23,9 +23,9 @@ from typing import Callable, Iterable
 
 from vlmtrain import __version__, atomic
 from vlmtrain.data.chat import MaskError
-from vlmtrain.data.encode import record_messages, record_token_length
-from vlmtrain.data.formats.base import Reject
-from vlmtrain.data.schema import RecordError, Sample, validate_record
+from vlmtrain.data.encode import record_token_length
+from vlmtrain.data.formats.items import Reject
+from vlmtrain.data.schema import RecordError, Sample, record_messages, validate_record
 from vlmtrain.errors import VlmtrainError
 
 MANIFEST_FORMAT = "vlmtrain-shards/1"

@@ -92,10 +92,10 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
     """Mean per-record next-token loss over held-out shards (the DP recipe's held-out loss)."""
     import torch
 
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import image_members, parse_sample
     from vlmtrain.data.shards import Source, iter_shard
-    from vlmtrain.privacy.audit import _encoded, _losses
+    from vlmtrain.train.audit import _encoded, _losses
 
     encoder = encoder_for(bundle, 192)
     items = []
@@ -288,8 +288,8 @@ def evaluate_released(plan: dict, arrays_path: Path, data_root: Path) -> dict:
     """Held-out loss of the base model and of base + federated arrays, on `medical-cohort-holdout`."""
     from vlmtrain.config.load import validate
     from vlmtrain.config.stage import StageConfig
-    from vlmtrain.data.builtin import prepare_builtin
     from vlmtrain.fed.arrays import load_trainable
+    from vlmtrain.train.sources import prepare_builtin
 
     stage = validate(StageConfig, plan["stage"], prefix="stage")  # data.train is not read here
     holdout = prepare_builtin("medical-cohort-holdout", data_root)

@@ -63,11 +63,11 @@ def add_proximal_gradient(params: list[torch.Tensor], anchors: list[torch.Tensor
 
 
 def seeded_dp_dataset(sources, encoder, unit: str, seed: int):
-    """`privacy.dp.DPDataset` whose choice among a sampled patient's records comes from its own `random.Random(seed)`
+    """`train.dp.DPDataset` whose choice among a sampled patient's records comes from its own `random.Random(seed)`
     instead of the global `random`: inside a ClientApp process Flower's heartbeat and retry threads draw from the
     global `random` at timing-dependent moments (`flwr.supercore.heartbeat`, `flwr.supercore.retry`), which made the
     same round pick different records in different processes (weights up to 7.4e-4 apart, 2026-11-30)."""
-    from vlmtrain.privacy.dp import DPDataset
+    from vlmtrain.train.dp import DPDataset
 
     class SeededDPDataset(DPDataset):
         def __getitem__(self, j: int) -> dict:
@@ -132,7 +132,7 @@ class Site:
 
     def _train(self, stage, req: RoundRequest, global_arrays, key: str):
         """The round's DP-SGD from the global arrays → (arrays, metrics, ledger entry: σ, q, steps)."""
-        from vlmtrain.privacy.dp import _quiet_expected_warnings
+        from vlmtrain.train.dp import _quiet_expected_warnings
 
         _quiet_expected_warnings()
         cfg = stage.privacy
@@ -176,7 +176,7 @@ class SiteRound(StageRun):
 
     def training_data(self) -> tuple:
         """→ (the site's DP view, its Poisson loader); the plan, ε after the round and the DPModule on `self`."""
-        from vlmtrain.privacy.dp import make_plan, poisson_loader
+        from vlmtrain.train.dp import make_plan, poisson_loader
         from vlmtrain.train.dp_module import DPModule
 
         cfg = self.stage.privacy

@@ -3,7 +3,8 @@
 Knows nothing about stages, files of training data, or Lightning.
 """
 
-from vlmtrain.model.builder import ModelBundle, build_model, count_params
+from vlmtrain.model.builder import build_model
+from vlmtrain.model.bundle import ModelBundle, count_params
 from vlmtrain.model.connectors import CONNECTORS, build_connector, register_connector
 from vlmtrain.model.vlm import VLM
 

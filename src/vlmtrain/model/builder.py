@@ -1,4 +1,6 @@
 """Build a VLM (+ tokenizer + image processor) from a ModelConfig: one small builder per part, then composition.
+`build_model` is the one entry for both kinds: a NativeModelConfig goes to `vlmtrain.model.native.build`; both
+builders return a `vlmtrain.model.bundle.ModelBundle`.
 
 `device="meta"` builds the full-size architecture with no memory and no weights (for `describe` and memory plans).
 """
@@ -6,13 +8,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from vlmtrain.config.model import ModelConfig
 from vlmtrain.errors import ConfigError
+from vlmtrain.model.bundle import ModelBundle
 from vlmtrain.model.connectors import build_connector, check_connector
 from vlmtrain.model.hf_parts import has_local_weights, instantiate, make_hf_config
 from vlmtrain.model.tokenizer import build_tokenizer, embedding_rows
@@ -20,22 +21,6 @@ from vlmtrain.model.vision import VisionTower, count_prefix_tokens
 from vlmtrain.model.vlm import VLM
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelBundle:
-    """What a stage, an export or `generate` needs: the module and how to feed it."""
-
-    model: VLM  # or a NativeVLM (vlmtrain.model.native): same roles and forward contract
-    tokenizer: Any  # None when built on meta without a locally available tokenizer
-    image_processor: Any
-    config: ModelConfig  # or a NativeModelConfig
-    processor: Any = None  # native kind: the family's processor (expands image tokens, family tensors)
-    template: str | None = None  # native kind: the generation-marked chat template labels are built with
-
-    @property
-    def native(self) -> bool:
-        return self.processor is not None or getattr(self.model, "kind", "composed") == "native"
 
 
 def vision_hf_config(cfg: ModelConfig):
@@ -128,19 +113,3 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", load_weigh
 
         image_processor = build_image_processor(cfg, vision.model.config)
     return ModelBundle(model, tok, image_processor, cfg)
-
-
-def count_params(model: VLM) -> dict[str, int]:
-    """Parameters per module (shared/tied tensors counted once), as `describe` prints them."""
-    seen: set[int] = set()
-    out = {}
-    frozen = tuple(getattr(getattr(model, "family", None), "frozen_roles", None) or ())  # Gemma 4's audio tower
-    for name in ("vision", "connector", "llm", *frozen):
-        n = 0
-        for p in getattr(model, name).parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        out[name] = n
-    out["total"] = sum(out.values())
-    return out

@@ -48,7 +48,7 @@ def prepare_inputs(bundle, prompt: str, images: list) -> dict[str, torch.Tensor]
 def generate_text(bundle, prompt: str, images: list, max_new_tokens: int = 32) -> str:
     bundle.model.eval()
     if bundle.native:  # the family's processor builds the prompt (its image tokens, its tensors)
-        from vlmtrain.data.inspect import encoder_for
+        from vlmtrain.data.encode import encoder_for
 
         inputs = encoder_for(bundle).prompt_inputs(prompt_messages(prompt, len(images)), images)
         ids = inputs.pop("input_ids")

@@ -44,13 +44,18 @@ def peft_config(lora_cfg, regex: str | list, parameters: list[str] | None = None
 
 
 def with_family_vision_target(model: nn.Module, lora_cfg):
-    """`lora_cfg` with the native family's own vision regex (`Family.vision_lora_target`) where the config leaves
-    `vision_target` at its default: Gemma 4's tower wraps each projection's `nn.Linear` as `.linear`, which the
-    default regex (ending at `_proj`) does not reach. A vision_target the config sets is kept."""
-    target = getattr(getattr(model, "family", None), "vision_lora_target", "")
-    if not target or lora_cfg.vision_target != type(lora_cfg).model_fields["vision_target"].default:
-        return lora_cfg
-    return lora_cfg.model_copy(update={"vision_target": target})
+    """`lora_cfg` with the native family's own regexes where the config leaves them at their defaults: the vision
+    regex (`Family.vision_lora_target`: Gemma 4's tower wraps each projection's `nn.Linear` as `.linear`, which the
+    default regex, ending at `_proj`, does not reach) and the fused-expert one (`Family.expert_lora_target`: Llama
+    4's experts sit under `feed_forward`, not `mlp`). A target the config sets is kept."""
+    family = getattr(model, "family", None)
+    defaults = type(lora_cfg).model_fields
+    update = {}
+    for field, attr in (("vision_target", "vision_lora_target"), ("llm_target_parameters", "expert_lora_target")):
+        target = getattr(family, attr, "")
+        if target and getattr(lora_cfg, field) == defaults[field].default:
+            update[field] = target
+    return lora_cfg.model_copy(update=update) if update else lora_cfg
 
 
 def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]:

@@ -52,6 +52,7 @@ import io
 import json
 import os
 import secrets
+import sys
 import threading
 import time
 from collections import Counter
@@ -92,6 +93,8 @@ REASONS = {
     "undecodable_image": "the image is not a readable DICOM, PNG or JPEG, or its pixel data cannot be decoded",
     "bad_json": "the line is not valid JSON or not an object",
     "missing_field": "a required field (id, image, report) is absent or has the wrong type",
+    "gate_error": "an unexpected error while checking this record (a library failed on it): refused, not "
+                  "passed; the run goes on",
 }
 # The writer adds these from the data layer's vocabulary (a repeated id; a length limit when --max-len is set).
 WRITER_REASONS = ("duplicate_id", "over_length", "mask_unbuildable")
@@ -159,8 +162,11 @@ class Gate:
         from vlmtrain.privacy import pixels
 
         self.policy, self.base, self.secret, self.ids = policy, Path(base), secret, ids
-        self.scrubber = PhiScrubber(reject_unparsed_labels=policy.phi.reject_unparsed_labels)
+        self.scrubber = PhiScrubber(reject_unparsed_labels=policy.phi.reject_unparsed_labels,
+                                    keep_zip3=policy.phi.keep_zip3)
         self.ocr = policy.ocr_burned_in and pixels.ocr_available()
+        # native libraries are imported here, in the main thread, before any worker thread exists
+        pixels.warm_up(faces=policy.reject_faces, ocr=self.ocr)
         # per-detector counts and seconds for privacy_report.json (workers are threads: one lock)
         self.pixel_counts: Counter = Counter()
         self.pixel_seconds: Counter = Counter()
@@ -272,6 +278,10 @@ class Gate:
             return self._process(rid, raw)
         except GateReject as e:
             return Reject(rid, e.reason, e.detail, line)
+        except Exception as e:  # noqa: BLE001 - one record's failure must not end a million-record run
+            # the exception's message may quote a value from the record, so only its type is named
+            return Reject(rid, "gate_error", f"record: {type(e).__name__} while checking it (refused, not "
+                                             "passed)", line)
 
     def _process(self, rid: str, raw: dict) -> Sample:
         from vlmtrain.privacy import dicom
@@ -343,7 +353,7 @@ class Gate:
         rgb = _rgb(png)
         if self.policy.reject_faces and photo:
             t0 = time.perf_counter()
-            faces = pixels.find_faces(rgb)
+            faces = pixels.face_check(rgb)
             self._count("face_scanned", time.perf_counter() - t0)
             if faces:
                 self._count("face_found")
@@ -507,6 +517,10 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
     (out / REPORT_NAME).unlink(missing_ok=True)  # an earlier run's report must not outlive its shards
     with GateShardWriter(out, FORMAT, measure, shard_size, shard_bytes, progress) as w:
         for item in gate.samples(read_rows(records, limit), workers):
+            if isinstance(item, Reject) and item.reason == "gate_error":
+                where = f" (line {item.line})" if item.line is not None else ""
+                print(f"prep medical: error on record {item.id}{where}: {item.detail}", file=sys.stderr,
+                      flush=True)
             w.add(item)
         report = {
             "format": REPORT_FORMAT,
@@ -524,8 +538,7 @@ def run_gate(src: str | Path, policy: str | Path | Policy, out: str | Path, *, i
                              "seconds": {k: round(v, 2) for k, v in sorted(gate.pixel_seconds.items())},
                              "ocr": "tesseract " + (pixels.tesseract_version() or "missing")
                              if policy.ocr_burned_in else "off by policy",
-                             "faces": "OpenCV Haar cascades frontalface_alt2 + frontalface_default"
-                             if policy.reject_faces else "off by policy"},
+                             "faces": pixels.FACE_DETECTOR if policy.reject_faces else "off by policy"},
             "reasons": {**REASONS, **{r: "see vlmtrain.data.schema.REASONS" for r in WRITER_REASONS}},
             "decisions": w.decisions,
             "patient_group_secret": secret_source,

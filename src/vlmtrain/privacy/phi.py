@@ -50,9 +50,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from vlmtrain.privacy.phi_patterns import PATTERNS, TITLE, city_spans, phonenumbers_spans
+from vlmtrain.privacy.phi_patterns import PATTERNS, STATE_ANY, STATE_NAMES, TITLE, city_spans, phonenumbers_spans
 
-CATEGORIES = ("NAME", "DATE", "ID", "PHONE", "EMAIL", "URL", "IP", "ADDRESS", "LOCATION", "AGE>89")
+CATEGORIES = ("NAME", "DATE", "ID", "PHONE", "EMAIL", "URL", "IP", "ADDRESS", "ZIP", "LOCATION", "AGE>89")
 TAG = {c: f"[{c}]" for c in CATEGORIES}
 _TAG_RE = re.compile(r"\[(?:" + "|".join(re.escape(c) for c in CATEGORIES) + r")\]")
 
@@ -77,6 +77,10 @@ _LABELLED_PHI = re.compile(
 _EMPTY_VALUES = re.compile(r"(?:none|n/?a|unknown|not\s+(?:provided|available|recorded|given)|withheld|redacted|"
                            r"-+)\b", re.I)
 _TITLE_PREFIX = re.compile(rf"(?:{TITLE}\s*)")
+# A state may stay (Safe Harbor removes only what is smaller), and so may the words that name a ZIP
+_ADDRESS_LABELS = {"address", "addr", "addr.", "home address", "mailing address", "zip", "zip code"}
+_ADDRESS_KEEP_PREFIX = re.compile(rf"^(?:{STATE_ANY}(?![\w])|(?i:zip(?:\s*\+\s*4)?(?:\s+code)?|postal\s+code)|"
+                                  r"[\s,:#])+")
 
 
 class PhiUncleanable(ValueError):
@@ -118,36 +122,122 @@ class CleanResult:
     spans: list[tuple[int, int, str]] = field(default_factory=list)
 
 
+# Faker's person providers for the languages most US patients' and staff's names come from, Latin script only
+# (reports are written in it). Faker is maintained and ships its lists (US Census / SSA, national statistics
+# offices) inside the package; names-dataset (730k first names, 983k last names) was tried and not chosen: a 55 MB
+# wheel that takes several seconds and GBs of memory to load per process, and its lists hold most English words.
+_NAME_LOCALES = ("en_US", "en_GB", "en_IE", "en_IN", "en_NG", "en_KE", "en_PK", "en_NZ", "en", "es_MX", "es_ES",
+                 "es_CO", "es_AR", "pt_BR", "pt_PT", "fr_FR", "fr_CA", "de_DE", "it_IT", "nl_NL", "pl_PL", "vi_VN",
+                 "yo_NG", "ig_NG", "ha_NG", "tw_GH", "sw", "zu_ZA", "tr_TR", "sv_SE", "no_NO", "da_DK", "fi_FI",
+                 "ro_RO", "cs_CZ", "hu_HU", "ga_IE", "id_ID")
+# Clinical eponyms that are also surnames or given names: a dictionary pair never starts with one ("Addison
+# Disease"), nor ends with one before a clinical head noun ("Mark Wilson Disease"), so "Parkinson disease", "Bell
+# palsy" and "Wilson disease" stay, while "Mark Wilson confirmed" is a name. Hand-written: no package lists
+# medical eponyms.
+EPONYMS = frozenset(w.lower() for w in (
+    "Parkinson", "Bell", "Wilson", "Hodgkin", "Crohn", "Graves", "Addison", "Cushing", "Paget", "Barrett", "Colles",
+    "Baker", "Foley", "Murphy", "Lyme", "Marfan", "Meckel", "Bankart", "Hill", "Sachs", "Jones", "Morton",
+    "Schatzki", "Kerley", "Virchow", "Turner", "Alzheimer", "Hashimoto", "Ewing", "Wilms", "Swan", "Ganz",
+    "Salter", "Harris", "Cooper", "Gerota", "Morrison", "Douglas", "Chiari", "Dandy", "Walker", "Osgood",
+    "Schlatter", "Legg", "Calve", "Perthes", "Kienbock", "Hirschsprung", "Whipple", "Nissen", "Roux", "Tanner",
+    "Gleason", "Fleischner", "Lisfranc", "Segond", "Down", "Klinefelter", "Charcot", "Raynaud", "Sjogren",
+    "Kaposi", "Hamilton", "Glasgow", "Apgar", "Babinski", "Brown", "Sequard", "Guillain", "Barre", "Huntington",
+    "Bartter", "Conn", "Horner", "Klatskin", "Krukenberg", "Mallory", "Weiss", "Monteggia", "Galeazzi", "Smith",
+    "Bennett", "Rolando", "Boxer", "Maisonneuve", "Pott", "Tillaux", "Chance", "Jefferson", "Hangman", "Stener",
+    "Baastrup", "Scheuermann", "Schmorl", "Bochdalek", "Morgagni", "Zenker", "Killian", "Boerhaave", "Budd",
+    "Chiari", "Caroli", "Wolff", "Parkinson", "Tourette", "Bell", "Ménière", "Meniere", "Arnold", "Kawasaki",
+    "Takayasu", "Wegener", "Still", "Reiter", "Behcet", "Gilbert", "Dubin", "Johnson", "Stevens", "Lou", "Gehrig",
+    "Epstein", "Barr", "Fallot", "Ebstein", "Eisenmenger", "Kussmaul", "Cheyne", "Stokes", "Adams", "Trousseau",
+    "Chvostek", "Homan", "Homans", "Kernig", "Brudzinski", "Lhermitte", "Romberg", "Trendelenburg", "Valsalva",
+    "Mercedes", "Boston", "Bence", "Hurthle", "Reed", "Sternberg", "Langerhans", "Wernicke", "Korsakoff",
+    "Broca", "Willis", "Sylvius", "Monro", "Luschka", "Magendie", "Galen", "Rathke", "Virchow", "Robin",
+    "Pierre", "Treacher", "Collins", "Angelman", "Prader", "Willi", "Rett", "Noonan", "Edwards", "Patau"))
+
+
 @lru_cache(maxsize=1)
 def _name_lists() -> tuple[frozenset, frozenset]:
-    """First and last names from Faker's en_US person provider (US Census / SSA derived lists shipped inside the
-    package: offline, no download)."""
-    from faker.providers.person.en_US import Provider
+    """Lower-cased first and last names from Faker's person providers (`_NAME_LOCALES`), eponyms removed."""
+    import importlib
 
-    first = set(Provider.first_names_male) | set(Provider.first_names_female)
-    first |= set(getattr(Provider, "first_names_nonbinary", ()))
-    return frozenset(n.title() for n in first), frozenset(n.title() for n in Provider.last_names)
+    first: set = set()
+    last: set = set()
+    for loc in _NAME_LOCALES:
+        try:
+            prov = importlib.import_module(f"faker.providers.person.{loc}").Provider
+        except ImportError:  # a locale a future Faker drops: the others still count
+            continue
+        for attr in ("first_names", "first_names_male", "first_names_female", "first_names_nonbinary"):
+            first |= set(getattr(prov, attr, ()))
+        last |= set(getattr(prov, "last_names", ()))
+
+    def clean(names):
+        return frozenset(n.lower() for n in names if len(n) >= 2 and n.isascii() and n.replace("-", "").
+                         replace("'", "").isalpha())
+    return clean(first), clean(last)
 
 
-_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
+@lru_cache(maxsize=1)
+def _common_words() -> frozenset:
+    """Common English words (Faker's en_US lorem list, ~1,000 words): a given name that is also one ("Will",
+    "Hope", "Case") needs its family name in the lists too."""
+    from faker.providers.lorem.en_US import Provider
+
+    return frozenset(w.lower() for w in Provider.word_list)
+
+
+# Words that make the capitalised word before them a disease, sign or structure: "Wilson Disease", "Bell Palsy"
+_CLINICAL_HEAD = re.compile(
+    r"[ \t]*(?i:disease|syndrome|palsy|sign|fracture|lesion|lymphoma|sarcoma|tumou?r|cyst|catheter|ring|node|"
+    r"pouch|procedure|classification|score|scale|criteria|malformation|variant|injury|esophagus|thyroiditis|"
+    r"neuroma|ligament|fascia|disorder|phenomenon|reflex|test|maneuver|manoeuvre|triad|lines?|stage|grade|"
+    r"type|operation|repair|fundoplication|diverticulum|guidelines|anomaly|deformity|ulcer|canal|duct|gland|"
+    r"body|bodies|cell|cells|nodes|protein|criterion|fistula|hernia|aneurysm|dementia|encephalopathy)\b")
+
+
+def _is_family(word: str, last: frozenset) -> bool:
+    """A family name in the lists, or a capitalised word no list knows that is not a common word or a state
+    ("Castellanos", "Kaczmarek": most surnames are in no list)."""
+    w = word.lower()
+    return w in last or (w not in _common_words() and word.title() not in STATE_NAMES and len(w.strip("-'")) >= 3
+                         and not _CLINICAL_HEAD.fullmatch(word))
+
+
+_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:[A-Z][a-z]+)?(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
 _INITIAL = r"[A-Z]\."
 _PAIR = re.compile(rf"\b(?=({_WORD})\s+(?:{_INITIAL}\s+)?({_WORD})\b)")
 _REVERSED_PAIR = re.compile(rf"\b(?=({_WORD}),\s*({_WORD})\b)")
 
 
 def _dictionary_names(text: str) -> list[tuple[int, int]]:
-    """`Given [M.] Family` and `Family, Given` where both words are in the name lists (same case style)."""
+    """`Given [M.] Family` where the given name is in the lists and the family name is too, or is a capitalised
+    word no list knows (`_is_family`); `Family, Given` where both are in the lists (same case style)."""
     first, last = _name_lists()
     spans = []
     for m in _PAIR.finditer(text):
         a, b = m.group(1), m.group(2)
-        if a.title() in first and b.title() in last and a.isupper() == b.isupper():
+        if a.isupper() != b.isupper() or a.lower() not in first or a.lower() in EPONYMS:
+            continue
+        if b.lower() in EPONYMS and _CLINICAL_HEAD.match(text, m.end(2)):  # "Lionel Wilson Disease" is a disease
+            continue
+        if b.lower() in last or (a.lower() not in _common_words() and _is_family(b, last)):
             spans.append((m.start(1), m.end(2)))
     for m in _REVERSED_PAIR.finditer(text):
         a, b = m.group(1), m.group(2)
-        if a.title() in last and b.title() in first and a.isupper() == b.isupper():
+        if a.lower() in last and b.lower() in first and a.isupper() == b.isupper():
             spans.append((m.start(1), m.end(2)))
     return spans
+
+
+# Safe Harbor (45 CFR 164.514(b)(2)(i)(B)): the first three digits of a ZIP code may stay where the area they
+# name holds more than 20,000 people; HHS lists the 3-digit areas that hold fewer (2000 Census), which become 000.
+# Hand-written: the list is a fixed table in the HHS de-identification guidance, in no package.
+RESTRICTED_ZIP3 = frozenset(("036", "059", "063", "102", "203", "556", "692", "790", "821", "823", "830", "831",
+                             "878", "879", "884", "890", "893"))
+
+
+def zip3_allowed(zip3: str) -> bool:
+    """Whether the 3-digit ZIP area `zip3` may be kept (more than 20,000 people; 000 never names an area)."""
+    return len(zip3) == 3 and zip3.isdigit() and zip3 != "000" and zip3 not in RESTRICTED_ZIP3
 
 
 def _flex(value: str) -> str:
@@ -188,12 +278,13 @@ def _alnum(s: str) -> str:
 class PhiScrubber:
     """Finds PHI spans and replaces them with `[CATEGORY]` tags; see the module docstring for what and why."""
 
-    def __init__(self, reject_unparsed_labels: bool = True, locale: str = "en_US"):
+    def __init__(self, reject_unparsed_labels: bool = True, locale: str = "en_US", keep_zip3: bool = False):
         import scrubadub
         import scrubadub.detectors as det
         from scrubadub.detectors.catalogue import detector_catalogue
 
         self.reject_unparsed_labels = reject_unparsed_labels
+        self.keep_zip3 = keep_zip3
         detectors = [det.EmailDetector, det.PhoneDetector, det.UrlDetector, det.CreditCardDetector,
                      det.CredentialDetector, detector_catalogue.get_all()["social_security_number"]]
         self._scrubber = scrubadub.Scrubber(detector_list=detectors, locale=locale)
@@ -234,13 +325,22 @@ class PhiScrubber:
         out, pos, counts = [], 0, Counter()
         for s, e, cat in spans:
             out.append(text[pos:s])
-            out.append(TAG[cat])
+            out.append(self._replacement(text[s:e], cat))
             counts[cat] += 1
             pos = e
         out.append(text[pos:])
         cleaned = "".join(out)
         self._check_residual(cleaned, known)
         return CleanResult(cleaned, counts, spans)
+
+    def _replacement(self, value: str, cat: str) -> str:
+        """The tag, or for a ZIP code standing alone under `keep_zip3` its first three digits (`021**`) when
+        Safe Harbor allows them (`zip3_allowed`)."""
+        if cat == "ZIP" and self.keep_zip3:
+            digits = re.sub(r"\D", "", value)
+            if len(digits) in (5, 9) and zip3_allowed(digits[:3]):
+                return digits[:3] + "**"
+        return TAG[cat]
 
     def _check_residual(self, cleaned: str, known: KnownIdentifiers | None) -> None:
         bare = _TAG_RE.sub(" ", cleaned)
@@ -261,9 +361,11 @@ class PhiScrubber:
         if self.reject_unparsed_labels:
             for m in _LABELLED_PHI.finditer(cleaned):
                 value = _TITLE_PREFIX.sub("", m.group("value").strip(), count=1).strip()
+                label = re.sub(r"\s+", " ", m.group("label").lower())
+                if label in _ADDRESS_LABELS:
+                    value = _ADDRESS_KEEP_PREFIX.sub("", value)
                 if not value or value.startswith("[") or _EMPTY_VALUES.match(value):
                     continue
-                label = re.sub(r"\s+", " ", m.group("label").lower())
                 raise PhiUncleanable(f"the value after the label '{label}' was not recognised as PHI it could "
                                      "replace")
 

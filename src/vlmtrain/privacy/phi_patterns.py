@@ -25,21 +25,43 @@ _WEEKDAY = r"(?:(?:Mon|Tues?|Wed(?:nes)?|Thu(?:rs)?|Fri|Sat(?:ur)?|Sun)(?:day)?\
 _DAY = r"(?:0?[1-9]|[12]\d|3[01])"
 _MON = r"(?:0?[1-9]|1[0-2])"
 _YEAR = r"(?:19|20)\d{2}"
-# A capitalised name word: Smith, SMITH, McDonald, O'Brien, Smith-Jones.
-_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
+# Credentials after a name ("Robert Brown, MD", "Co-signed: Ana Ruiz RN"): they mark the words before them as a
+# person as surely as a title does, and are not a name part. Physicians, nurses (RN, LPN/LVN, APRN, CRNA, CNM,
+# CNS), physician assistants, technologists and sonographers (ARRT's RT(R)(CT)..., RDMS, RDCS, RVT, CNMT, RRT),
+# therapists, pharmacists and degrees that sign reports.
+_CRED_ALT = (r"MD|DO|NP|PA-C|PA|RN|LPN|LVN|APRN|CRNA|CNM|CNS|CNP|DNP|FNP(?:-BC|-C)?|ANP(?:-BC)?|ACNP(?:-BC)?|"
+             r"PMHNP(?:-BC)?|BSN|MSN|CNA|RT(?:\([A-Z]{1,3}\))+|RT|RRT|CRT|ARRT|RDMS|RDCS|RVT|RVS|CNMT|NMTCB|RTT|"
+             r"PhD|PharmD|DPT|PT|OTR/L|OT|SLP|CCC-SLP|LCSW|MSW|MBBS|MBChB|FRCR|FRCPC|FACR|FACP|FACS|MPH|MS|MA")
+_CREDENTIAL = rf"(?:{_CRED_ALT}|Jr|Sr|II|III)(?![\w(/-])"
+_NOT_CRED = rf"(?!(?:{_CRED_ALT})(?![\w(/-]))"
+# A capitalised name word: Smith, SMITH, McDonald, O'Brien, Smith-Jones (a credential is not one).
+_WORD = rf"(?<![\w'’-]){_NOT_CRED}(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
 _INITIAL = r"[A-Z]\."
 _NAME_SEQ = rf"(?:{_INITIAL}\s*)*{_WORD}(?:[ \t]+(?:{_INITIAL}[ \t]*)*{_WORD}){{0,2}}(?:[ \t]+{_INITIAL})?"
-# Credentials after a name ("Robert Brown, MD") are not a second name part.
-_CREDENTIAL = r"(?:MD|DO|NP|PA-C|PA|RN|APRN|CNP|DNP|PhD|MBBS|FRCR|FRCPC|MPH|Jr|Sr|II|III)\b"
+# Given [M.] Family: two or three words (a credential after one word alone, "Known DO NOT ...", is not a name)
+_FULL_NAME = rf"{_WORD}(?:[ \t]+{_INITIAL})?(?:[ \t]+{_WORD}){{1,2}}"
 # "Family, Given" after a label or a relation word
 _NAME_VALUE = rf"{_NAME_SEQ}(?:,[ \t]*(?!{_CREDENTIAL}){_NAME_SEQ})?"
 TITLE = r"(?:Dr|Mr|Mrs|Ms|Miss|Mx|Prof|Professor|Doctor|Nurse)\b\.?"
+# Labels and sign-off lines a name follows (with a colon)
 _NAME_LABEL = (r"(?:patient(?:\s+name)?|pt(?:\s+name)?|name|re|referring(?:\s+(?:physician|doctor|provider))?|"
                r"physician|radiologist|attending|resident|fellow|technologist|tech|provider|consultant|surgeon|"
                r"clinician|cc|guardian|next of kin|nok|emergency contact|contact person|mother|father|spouse|"
-               r"dictated by|signed by|transcribed by|interpreted by)\s*:")
-_BY_LABEL = (r"(?:dictated|signed|reported|read|reviewed|seen|examined|verified|transcribed|referred|performed|"
-             r"interpreted|requested|accompanied|ordered)\s+by")
+               r"dictated by|signed by|transcribed by|interpreted by|co-?signed(?:\s+by)?|co-?signer|"
+               r"(?:electronically\s+)?signed|e-?signed|attested(?:\s+by)?|attending\s+of\s+record|sonographer|"
+               r"scribe|transcriptionist|witness(?:ed\s+by)?|nurse|rn|anesthetist|anesthesiologist|"
+               r"(?:interpreting|reading|performing|supervising|ordering|authorizing|verifying|approving)\s+"
+               r"(?:physician|radiologist|technologist|provider|clinician|sonographer)|"
+               r"(?:preliminary\s+)?read\s+by|reported\s+by|approved(?:\s+by)?|author|reviewer|"
+               r"report\s+(?:reviewed\s+and\s+)?(?:approved|signed|finali[sz]ed)(?:\s+by)?|verified\s+by)\s*:")
+_BY_LABEL = (r"(?:dictated|signed|co-?signed|reported|read|reviewed|seen|examined|verified|transcribed|referred|"
+             r"performed|interpreted|requested|accompanied|ordered|witnessed|attested|approved|sedation|"
+             r"administered|placed|obtained|acquired|scanned)\s+by")
+# Role words a name follows without a colon ("Performing technologist Ana Ruiz", "results called to Ana Ruiz")
+_ROLE = (r"(?:(?:interpreting|reading|performing|supervising|ordering|referring|attending|covering|on-call)\s+"
+         r"(?:physician|radiologist|technologist|provider|sonographer|nurse|resident|fellow)|sonographer|"
+         r"technologist|scribe|(?:results?|findings|report)\s+(?:called|given|relayed|communicated|faxed|sent)\s+to|"
+         r"(?:verbal\s+)?report\s+given\s+to|paged|copy\s+to|copies\s+to)")
 _WITH = r"(?:discussed|reviewed|spoke|spoken|speaking|consulted|met|d/w)\s+with"
 _RELATION = (r"(?:daughter|son|wife|husband|mother|father|sister|brother|niece|nephew|caregiver|carer|partner|"
              r"spouse|guardian|grandson|granddaughter|grandmother|grandfather|aunt|uncle|friend|neighbou?r|"
@@ -68,6 +90,28 @@ STATES = ("AL", "AK", "AZ", "AR", "CA", "CO", "CT", "DE", "DC", "FL", "GA", "HI"
 _AMBIGUOUS_STATES = {"AL", "CO", "DE", "GA", "HI", "ID", "IN", "LA", "MA", "MD", "ME", "MO", "MS", "MT", "NE", "OK",
                      "OR", "PA", "AS", "AE", "AP", "AA", "CT", "DC", "SC", "NM", "MI", "VA", "NC", "ND", "OH", "UT"}
 _STATE = r"(?:" + "|".join(STATES) + r")"
+STATE_NAMES = ("Alabama", "Alaska", "Arizona", "Arkansas", "California", "Colorado", "Connecticut", "Delaware",
+               "District of Columbia", "Florida", "Georgia", "Hawaii", "Idaho", "Illinois", "Indiana", "Iowa", "Kansas",
+               "Kentucky", "Louisiana", "Maine", "Maryland", "Massachusetts", "Michigan", "Minnesota", "Mississippi",
+               "Missouri", "Montana", "Nebraska", "Nevada", "New Hampshire", "New Jersey", "New Mexico", "New York",
+               "North Carolina", "North Dakota", "Ohio", "Oklahoma", "Oregon", "Pennsylvania", "Rhode Island",
+               "South Carolina", "South Dakota", "Tennessee", "Texas", "Utah", "Vermont", "Virginia", "Washington",
+               "West Virginia", "Wisconsin", "Wyoming", "Puerto Rico", "Guam", "U.S. Virgin Islands",
+               "American Samoa", "Northern Mariana Islands")
+# Spelled out as written or in capitals, longest first ("West Virginia" before "Virginia")
+_STATE_NAME = r"(?:" + "|".join(re.escape(v).replace(r"\ ", r"[ \t]+") for n in sorted(STATE_NAMES, key=len,
+                                                                                       reverse=True)
+                                for v in (n, n.upper())) + r")"
+STATE_ANY = rf"(?:{_STATE_NAME}|{_STATE})"
+# A city or town: one to three capitalised words (St. Louis, Winston-Salem, O'Fallon, Cañon City, Opa-locka) or
+# the same in capitals; a GeoNames list would miss small and unincorporated towns, the address shape does not.
+# words that start a sentence or an address line but are no town name ("From Dayton OH", "Home Dayton, Ohio")
+_NOT_TOWN = (r"(?!(?i:from|in|at|to|of|near|lives|living|resides|address|home|mailing|transferred|moved|patient|"
+             r"born|zip|and|the|via|ships|sent|seen|known|history)\b)")
+_TOWN_WORD = rf"{_NOT_TOWN}(?:(?:St|Ft|Mt)\.[ \t]*)?[A-Z][a-zà-ÿ'’]+(?:[A-Z][a-zà-ÿ]+)?(?:-[A-Za-z][a-zà-ÿ'’]+)*"
+_TOWN_CAPS = rf"{_NOT_TOWN}(?:(?:ST|FT|MT)\.[ \t]*)?[A-Z][A-ZÀ-Þ'’]+(?:-[A-Z][A-ZÀ-Þ'’]+)*"
+_CITY = rf"(?<![\w'’.-])(?:{_TOWN_WORD}(?:[ \t]+{_TOWN_WORD}){{0,2}}|{_TOWN_CAPS}(?:[ \t]+{_TOWN_CAPS}){{0,2}})"
+_ZIP = r"\d{5}(?:-\d{4})?(?![\w-])"
 # Labels of record numbers, accounts, plans, licences, devices and vehicles (Safe Harbor items 8-14).
 ID_LABEL = (
     r"(?:MRN|MR\s*#|MR\s*No\.?|medical\s+record(?:\s+(?:number|no\.?|#))?|(?:record|chart|unit|hospital|"
@@ -189,7 +233,10 @@ PATTERNS: tuple[Pattern, ...] = (
     _p("NAME", "name-by", rf"(?i:\b{_BY_LABEL})[ \t]+(?:{TITLE}[ \t]*)?(?P<v>{_NAME_SEQ})"),
     _p("NAME", "name-with", rf"(?i:\b{_WITH})[ \t]+(?:{TITLE}[ \t]*)?(?P<v>{_NAME_SEQ})"),
     _p("NAME", "name-relation", rf"(?i:\b{_RELATION})[,:]?[ \t]+(?P<v>{_NAME_VALUE})"),
-    _p("NAME", "name-credential", rf"(?P<v>{_NAME_SEQ}),[ \t]*(?:{_CREDENTIAL.replace('|Jr|Sr|II|III', '')})"),
+    _p("NAME", "name-credential", rf"(?P<v>{_NAME_SEQ}),[ \t]*(?:{_CRED_ALT})(?![\w(/-])"),
+    # "Ana Ruiz RN", "Ana B. Ruiz PA-C", "ANA RUIZ RT(R)": two or three name words right before a credential
+    _p("NAME", "name-credential-bare", rf"\b(?P<v>{_FULL_NAME})[ \t]+(?:{_CRED_ALT})(?![\w(/-])"),
+    _p("NAME", "name-role", rf"(?i:\b{_ROLE})[ \t:]+(?:{TITLE}[ \t]*)?(?P<v>{_FULL_NAME})"),
     # "Patient Jane Roe": two capitalised words after "patient" with no colon (a label takes any name)
     _p("NAME", "name-patient", r"\b(?i:patient|pt\.?)[ \t]+(?P<v>(?:Mc|Mac|O['’])?[A-Z][a-z]+(?:[ \t]+[A-Z]\.)?"
        r"[ \t]+(?:Mc|Mac|O['’])?[A-Z][a-z]+(?:-[A-Z][a-z]+)?)\b"),
@@ -203,12 +250,29 @@ PATTERNS: tuple[Pattern, ...] = (
     # "Dayton, OH 45402", "Dayton OH", "Resides in Salem, MA": a ZIP, or a GeoNames city before the state code
     # (MD, PA, OR, IN are also credentials and words: "Robert Brown, MD" is a name, found by name-credential)
     _p("ADDRESS", "address-city-state",
-       rf"\b(?P<v>[A-Z][a-z]+(?:[ \t]+[A-Z][a-z]+){{0,2}},?[ \t]+{_STATE}\b(?:[ \t]+\d{{5}}(?:-\d{{4}})?\b)?)", 0,
+       rf"(?P<v>{_CITY},?[ \t]+{_STATE}\b(?:[ \t]+\d{{5}}(?:-\d{{4}})?\b)?)", 0,
        lambda s: bool(re.search(r"\d{5}", s)) or ("," in s and s[-2:] not in _AMBIGUOUS_STATES)
        or _ends_in_city(re.sub(r",?[ \t]+[A-Z]{2}$", "", s))),
     _p("ADDRESS", "address-po-box", r"\b(?:P\.?\s?O\.?\s+Box|Post\s+Office\s+Box|Rural\s+Route|RR)\s+\d+\b", re.I),
-    _p("ADDRESS", "address-zip",
-       r"\b(?:zip(?:\s+code)?|postcode|postal\s+code)\s*[:#]?\s*(?P<v>\d{5}(?:-\d{4})?)\b", re.I),
+    _p("ZIP", "address-zip",
+       r"\b(?:zip(?:\s*\+\s*4)?(?:\s+code)?|postcode|postal\s+code)\s*[:#]?\s*(?P<v>\d{5}(?:-\d{4})?)\b", re.I),
+    # ---- cities and ZIP codes in every order addresses take (Safe Harbor: every subdivision below a state) ----
+    # "Quarry Bend, Oregon", "NEW BERN NORTH CAROLINA": any town before a spelled-out state
+    _p("ADDRESS", "city-state-name", rf"(?P<v>{_CITY})(?=,?[ \t]+{_STATE_NAME}(?![\w]))"),
+    # "Cedar Hollow OH 64529", "CENTREVILLE, VA, 49293": a town before a state code that a ZIP follows
+    _p("ADDRESS", "city-state-zip", rf"(?P<v>{_CITY}),?[ \t]+{_STATE},?[ \t]+{_ZIP}"),
+    # "44966, Fenwick, NC": a town between a ZIP and a state
+    _p("ADDRESS", "zip-city-state", rf"\d{{5}}(?:-\d{{4}})?,?[ \t]+(?P<v>{_CITY}),?[ \t]+{STATE_ANY}(?![\w])"),
+    # "Home address: Cedar Hollow, ID": after an address label a town before any state code is a town
+    _p("ADDRESS", "labelled-city-state",
+       rf"(?i:\b(?:home\s+|mailing\s+)?address)\s*:\s*(?P<v>{_CITY}),?[ \t]+{_STATE}(?![\w])"),
+    # "Oklahoma 62057-9143 (Millbrook Falls)"
+    _p("ADDRESS", "state-zip-paren-city",
+       rf"{STATE_ANY},?[ \t]+{_ZIP}[ \t]*\([ \t]*(?P<v>{_CITY})[ \t]*\)"),
+    # a ZIP after a state, spelled out or a code, with or without a comma
+    _p("ZIP", "state-name-zip", rf"{STATE_ANY},?[ \t]+(?P<v>{_ZIP})"),
+    # a ZIP+4 is an address wherever it stands
+    _p("ZIP", "zip-plus-4", r"(?<![\w-])\d{5}-\d{4}(?![\w-])"),
     _p("ADDRESS", "address-state-zip", rf"\b{_STATE}[ \t]+(?P<v>\d{{5}}(?:-\d{{4}})?)\b"),
     _p("LOCATION", "institution",
        r"\b(?:(?:St\.?|Saint|ST\.?|SAINT)\s+)?(?:[A-Z][a-z'’]+\s+|[A-Z]{3,}\s+){1,4}(?:(?i:Hospital|Hosp\.?|"
@@ -260,7 +324,7 @@ def city_spans(text: str) -> list[tuple[int, int]]:
             out.append((m.start(), m.end()))
     for cue in _STRONG_PLACE_CUE.finditer(text):
         m = _PLACE_WORDS.match(text, cue.end())
-        if m and not _NOT_A_PLACE_AFTER.match(text, m.end()):
+        if m and not _NOT_A_PLACE_AFTER.match(text, m.end()) and m.group().title() not in STATE_NAMES:
             out.append((m.start(), m.end()))
     return out
 

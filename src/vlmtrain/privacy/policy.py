@@ -82,6 +82,9 @@ class PhiPolicy(_Strict):
     reject_unparsed_labels: bool = Field(True, description="reject a report where a PHI label (Name:, DOB:, "
                                                            "MRN:, Phone:, Address: ...) is followed by a value "
                                                            "the detectors did not recognise")
+    keep_zip3: bool = Field(False, description="replace a ZIP code that stands alone by its first three digits "
+                                               "(`021**`) where Safe Harbor allows it (the 3-digit area holds "
+                                               "more than 20,000 people); false: every ZIP code is removed")
 
 
 class Policy(_Strict):

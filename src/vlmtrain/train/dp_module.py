@@ -2,14 +2,14 @@
 gradients → `DPOptimizer` (clip, noise, average) → accountant, and the per-sample loss it differentiates.
 
 The plan (σ, q, C, δ), the Poisson data and the checks that a config keeps the guarantee live in
-`vlmtrain.privacy.dp`, which builds this module; this module imports nothing of `vlmtrain.privacy` at import time
-(privacy sits above train). The federated site (`vlmtrain.fed.site`) drives the same module without Lightning:
+`vlmtrain.train.dp`, which builds this module and imports it (not the other way round, so `DPPlan`, the numbers
+this module is built with, is defined here). The federated site (`vlmtrain.fed.site`) drives the same module without Lightning:
 `make_dp_optimizer` and `dp_backward` are the two pieces it calls.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,26 @@ from vlmtrain.errors import VlmtrainError
 from vlmtrain.train.module import VLMModule, model_extras
 from vlmtrain.train.objectives import prediction_mask
 
-if TYPE_CHECKING:
-    from vlmtrain.privacy.dp import DPPlan
+
+@dataclass
+class DPPlan:
+    """The numbers that define the guarantee, fixed before the first step."""
+
+    units: int
+    records: int
+    unit: str
+    expected_batch_size: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    steps: int
+    accountant: str
+    target_epsilon: float | None
+    secure_mode: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def per_sample_losses(model, batch: dict, mean: bool = True) -> torch.Tensor:
@@ -103,7 +121,7 @@ class DPModule(VLMModule):
         self._backward(losses.sum())
         if self.native:  # a native connector's rows are images/patches, not records
             # imported here: train must not import privacy at module level (privacy sits above train)
-            from vlmtrain.privacy.dp_native import fold_connector_grad_samples
+            from vlmtrain.train.dp_native import fold_connector_grad_samples
 
             fold_connector_grad_samples(self.model, batch)
         return {"loss": float(losses.detach().mean()), "supervised_tokens": supervised_count(batch)}

@@ -56,7 +56,7 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
     """Returns {"vqa_exact_match", "eval_samples"} and, when records carry `meta.choices`, "mc_accuracy" (the right
     choice has the highest log-likelihood) and "answer_nll" (the right choice's mean per-token negative
     log-likelihood: a continuous held-out metric that moves before accuracy does)."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
 
     if bundle.native:
         return evaluate_native(bundle, shards, max_samples, max_new_tokens, device)
@@ -148,7 +148,7 @@ def evaluate_native(bundle, shards: str, max_samples: int = 300, max_new_tokens:
                     device: torch.device | str | None = None) -> dict[str, float]:
     """`evaluate` for native families, one record at a time: prompts and choices go through the family's
     processor (the image-token count depends on each image), generation through transformers' `generate`."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.dpo import selected_sequence_logps
     from vlmtrain.train.module import model_extras
     from vlmtrain.train.objectives import prediction_mask

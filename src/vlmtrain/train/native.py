@@ -4,7 +4,7 @@ Each refusal names a feature built for the composed kind that the native kind do
 work for native families lifts them one by one (packing: built, see `vlmtrain.model.native.vlm`, except for
 families whose rows it cannot keep apart (`family_refusals`); FSDP2 and
 DeepSpeed ZeRO-2/3: built for the families with a blank image (`Family.blank_image`); DP-SGD: built,
-`vlmtrain.privacy.dp_native`, which refuses what it cannot privatise; compile: not yet).
+`vlmtrain.train.dp_native`, which refuses what it cannot privatise; compile: not yet).
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ def family_refusals(stage, model) -> list[str]:
     if stage.objective == "grpo" and (reason := shared_prefix_refusal(model)):
         # a group's G completions are scored in one shared-prefix row
         problems.append(f"objective: grpo is not available for {model.model_type}: {reason}")
+    elif stage.objective == "grpo" and model.family.prefix_suffix:
+        problems.append(f"objective: grpo is not available for {model.model_type}: it has no chat template to "
+                        "render a prompt with its generation prompt (a prefix and a suffix only)")
     if stage.trainer.router_aux_loss_coef is not None and not model.family.router_aux_loss:
         problems.append(f"trainer.router_aux_loss_coef: {model.model_type} has no mixture-of-experts router "
                         "loss in vlmtrain's objective; remove it")
@@ -97,7 +100,7 @@ def configure_router_aux(stage, model) -> None:
 
 
 def check_native_stage(stage, bundle) -> None:
-    from vlmtrain.privacy.dp_native import native_dp_refusals
+    from vlmtrain.train.dp_native import native_dp_refusals
 
     problems = native_refusals(stage) + family_refusals(stage, bundle.model) + native_dp_refusals(stage, bundle.model)
     strategy = stage.trainer.strategy

@@ -20,7 +20,6 @@ from vlmtrain.train.finalize import is_complete
 from vlmtrain.train.lock import holding_lock, lock_run_dir
 from vlmtrain.train.recipe import load_stage_config, resolve_recipe  # noqa: F401  (callers import them here)
 from vlmtrain.train.stage import StageRun, load_stage_start, module_hashes, rank_zero  # noqa: F401  (as above)
-from vlmtrain.train.stage import resolve_model as _resolve_model  # noqa: F401  (the planner imports it from here)
 
 log = logging.getLogger("vlmtrain.train")
 

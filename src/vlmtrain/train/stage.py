@@ -76,8 +76,8 @@ def resolve_model(ref, base_dir: Path) -> ModelConfig | NativeModelConfig:
 
 def data_sources(refs, data_root: Path):
     """`data.train` / `eval.data` entries → `Source`s; builtin datasets are prepared under `data_root` first."""
-    from vlmtrain.data.builtin import prepare_builtin
     from vlmtrain.data.shards import Source
+    from vlmtrain.train.sources import prepare_builtin
 
     out = []
     for r in refs:
@@ -264,7 +264,7 @@ class StageRun:
     def data(self) -> None:
         """Phase data: the record encoder, the train and eval sources (builtin datasets prepared by rank 0 first),
         the audit's canaries when asked, then the training batches (`training_data`)."""
-        from vlmtrain.data.inspect import encoder_for
+        from vlmtrain.data.encode import encoder_for
         from vlmtrain.train.strategy import rank_zero_first
 
         stage, d, root = self.stage, self.stage.data, self.data_root
@@ -272,7 +272,7 @@ class StageRun:
         self.train_sources = rank_zero_first(data_sources, d.train, root)
         eval_sources = rank_zero_first(data_sources, [stage.eval.data], root) if stage.eval.data else None
         if stage.audit is not None:  # canaries planted, members listed, for `vlmtrain privacy audit`
-            from vlmtrain.privacy.audit import prepare_audit
+            from vlmtrain.train.audit import prepare_audit
 
             holdout = rank_zero_first(data_sources, [stage.audit.holdout], root)[0] if stage.audit.holdout else None
             self.train_sources = rank_zero_first(prepare_audit, stage.audit, self.train_sources, holdout,
@@ -281,7 +281,7 @@ class StageRun:
         self.eval_shards = str(eval_sources[0].path) if eval_sources else None
 
     def training_data(self) -> tuple:
-        """→ (loader, train_data): under DP-SGD a Poisson view of the shards (privacy.dp; its `.skipped` counts
+        """→ (loader, train_data): under DP-SGD a Poisson view of the shards (train.dp; its `.skipped` counts
         malformed records) whose module is built with it; else the streaming loader in windows of grad_accum
         micro-batches (`StepWindows`: the data cursor travels with each window)."""
         from vlmtrain.data.loader import ShardLoader
@@ -289,7 +289,7 @@ class StageRun:
 
         stage, d = self.stage, self.stage.data
         if stage.privacy is not None:
-            from vlmtrain.privacy.dp import build_dp_training
+            from vlmtrain.train.dp import build_dp_training
 
             self.dp = build_dp_training(stage, self.bundle, self.encoder, self.train_sources, self.run_dir)
             dp_data, _, train_data, self.module = self.dp
@@ -446,7 +446,7 @@ class StageRun:
             summary["vision_feature_cache"] = {"hit_steps": cache.hits, "miss_steps": cache.misses,
                                                "images": len(cache.store), "mib": cache.used / 2**20}
         if self.dp is not None:
-            from vlmtrain.privacy.dp import privacy_summary
+            from vlmtrain.train.dp import privacy_summary
 
             dp_data, dp_plan = self.dp[0], self.dp[1]
             summary["privacy"] = privacy_summary(self.module, dp_plan, dp_data)

@@ -10,9 +10,10 @@ original image bytes, checked decodable) or a `Reject` (id, reason from schema.R
 
 from __future__ import annotations
 
-from vlmtrain.data.formats.base import ID_POLICIES, Draft, FormatSource, ImageRef, Reject
+from vlmtrain.data.formats.base import ID_POLICIES, FormatSource
 from vlmtrain.data.formats.captions import read_captions
 from vlmtrain.data.formats.dpo import read_dpo
+from vlmtrain.data.formats.items import Draft, ImageRef, Reject
 from vlmtrain.data.formats.llava import read_llava
 from vlmtrain.data.formats.sharegpt import read_sharegpt
 

@@ -1,4 +1,5 @@
-"""What every format reader shares: the items it yields, record ids, and the image-loading pipeline.
+"""What every format reader shares: record ids, converting rows, and the image-loading pipeline (the items it
+yields, `Reject` / `ImageRef` / `Draft`, are in `vlmtrain.data.formats.items`, which `images` imports too).
 
 A reader runs in two steps so that the expensive part can run in parallel without reordering anything:
 
@@ -15,52 +16,13 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from vlmtrain.data.formats.images import load_draft
+from vlmtrain.data.formats.items import Draft, ImageRef, Reject
 from vlmtrain.data.schema import RecordError, Sample, validate_record
 
 ID_POLICIES = ("source", "index")
-
-
-@dataclass
-class Reject:
-    """A dropped input record: its id, a REASONS key and a detail naming the field (never the record content)."""
-
-    id: str
-    reason: str
-    detail: str = ""
-    line: int | None = None  # 1-based line in the source file, where the source has lines
-
-    @classmethod
-    def of(cls, rid: str, err: RecordError, line: int | None = None) -> "Reject":
-        return cls(rid, err.reason, err.detail, line)
-
-    def to_json(self) -> dict:
-        out: dict[str, Any] = {"id": self.id, "reason": self.reason, "detail": self.detail}
-        if self.line is not None:
-            out["line"] = self.line
-        return out
-
-
-@dataclass
-class ImageRef:
-    """One image of a record: a file to read, or bytes already in memory (a member of a source tar).
-
-    `path` and `data` both None means the source named something that cannot be read locally (a URL)."""
-
-    name: str  # as the source wrote it: used in reject details and kept in the record's meta
-    path: Path | None = None
-    data: bytes | None = None
-
-
-@dataclass
-class Draft:
-    """A converted, schema-valid record whose images are not loaded yet."""
-
-    record: dict
-    images: list[ImageRef]
-    line: int | None = None
 
 
 Row = tuple[int, "int | None", Any]  # (record index, source line or None, parsed object or RecordError)
@@ -80,8 +42,6 @@ class FormatSource:
 
     def samples(self, workers: int = 1) -> Iterator["Sample | Reject"]:
         """Per input record, in input order: a Sample (images loaded and checked decodable) or a Reject."""
-        from vlmtrain.data.formats.images import load_draft
-
         return ordered_map(load_draft, self.drafts, workers)
 
 

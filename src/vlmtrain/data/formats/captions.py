@@ -14,8 +14,9 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from vlmtrain.data.formats.base import FormatSource, ImageRef, Row, convert_rows
+from vlmtrain.data.formats.base import FormatSource, Row, convert_rows
 from vlmtrain.data.formats.images import image_base, normalise_ext, resolve_image
+from vlmtrain.data.formats.items import ImageRef
 from vlmtrain.data.formats.rows import read_csv_rows, read_json_rows
 from vlmtrain.data.formats.turns import PLACEHOLDER
 from vlmtrain.data.schema import RecordError

@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 from vlmtrain.data.encode import decode_image
-from vlmtrain.data.formats.base import Draft, ImageRef, Reject
+from vlmtrain.data.formats.items import Draft, ImageRef, Reject
 from vlmtrain.data.schema import IMAGE_EXTS, RecordError, Sample
 from vlmtrain.errors import VlmtrainError
 

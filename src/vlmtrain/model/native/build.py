@@ -178,7 +178,7 @@ def _warn_if_checkpoint_template_differs(model_type: str, family_template: str, 
 
 
 def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", load_weights: bool = True):
-    from vlmtrain.model.builder import ModelBundle
+    from vlmtrain.model.bundle import ModelBundle
 
     load_weights = load_weights and str(device) != "meta"
     hf_cfg = _hf_config(cfg)

@@ -29,7 +29,8 @@ class Family:
     blocks: dict[str, str] = field(default_factory=dict)
     # the image a text-only batch runs on sharded ranks (NativeVLM.blank_image_inputs): "grid" (Qwen's smallest
     # merged grid), "fixed" (one tower-sized image), "crop" (one Idefics3 crop), "anyres" (a tower-sized image as
-    # AnyRes tiles it); "" = none (sharded strategies refused)
+    # AnyRes tiles it), "patches" (Gemma 4: the patches of one pooled soft token), "aligned" (Mllama: a padding image
+    # slot per row through the forward, so its cross-attention layers run); "" = none (sharded strategies refused)
     blank_image: str = ""
     # why `data.mode: pack` is refused for this family ("" = packed rows keep samples apart)
     no_packing: str = ""
@@ -60,6 +61,20 @@ class Family:
     # the family's default vision LoRA regex where the stage's `lora.vision_target` is left at its default ("" = that
     # default reaches the tower's projections)
     vision_lora_target: str = ""
+    # where the decoder's hidden states come from when the model has no `.model` returning them (Llama 4: the
+    # top-level forward runs its own `language_model`, a whole causal LM): the decoder module's path; its output is
+    # read off a forward hook of the top-level forward ("" = `hf.model(...)` returns them)
+    hidden_from: str = ""
+    # the family's default regex of fused expert tensors for PEFT `target_parameters`, where the stage leaves
+    # `lora.llm_target_parameters` at its default ("" = that default, `...mlp.experts.(gate_up_proj|down_proj)`)
+    expert_lora_target: str = ""
+    # the LM's first text position where vlmtrain passes position ids itself (shared-prefix rows): PaliGemma's are
+    # 1-indexed (its model adds 1 to the positions it builds)
+    position_offset: int = 0
+    # the LM module (under the llm role) after which the family's forward runs the tower, where a text-only batch runs
+    # its blank image ("" = the token embedding); Gemma 4 embeds its per-layer inputs first, so ZeRO-3 would gather
+    # `embed_tokens_per_layer` on an image rank while a text-only rank gathers the tower
+    blank_image_after: str = ""
 
 
 _QWEN_VISION = {"model.patch_embed": "model.visual.patch_embed", "model.rotary_pos_emb": "model.visual.rotary_pos_emb",
@@ -95,9 +110,8 @@ _CROSS_ATTENTION_PREFIX = ("its images enter through a per-row, per-token cross_
 _PREFIX_PACKING = ("its prefix block (token_type_ids 0) is one bidirectional block per row, so packed samples' "
                    "prompts would attend to each other; use data.mode: plain or group")
 
-# families whose shared-prefix rows have not been checked against each sequence scored alone: Gemma 4 keys its image
-# blocks on `mm_token_type_ids` (sliding layers only), PaliGemma's prompt is one bidirectional block, GLM-4V's mRoPE
-# ids come from its own `get_rope_index`; until a test shows equality they keep two rows per pair
+# families whose shared-prefix rows have not been checked against each sequence scored alone (Mistral 3's Pixtral
+# tower and Llama 4's NoPE temperature): until a test shows equality they keep two rows per DPO pair
 _UNCHECKED_PREFIX = ("its shared-prefix rows are not yet tested equal to each sequence scored alone; DPO keeps two "
                      "rows per pair")
 
@@ -151,7 +165,7 @@ FAMILIES: dict[str, Family] = {
     "mllama": Family({"vision": {"model": "model.vision_model"},
                       "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                      "mllama", nested_images=True, blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
-                     no_packing=_CROSS_ATTENTION_PACKING, batch_aligned_images=True,
+                     no_packing=_CROSS_ATTENTION_PACKING, batch_aligned_images=True, blank_image="aligned",
                      shared_prefix=_CROSS_ATTENTION_PREFIX,
                      # the template's own fallback date: without it a text-only turn renders today's date
                      template_kwargs={"date_string": "26 Jul 2024"}),
@@ -164,7 +178,7 @@ FAMILIES: dict[str, Family] = {
                                    "model.layers": "model.vision_tower.encoder.layer",
                                    "model.layernorm": "model.vision_tower.layernorm"},
                         "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
-                       "", blocks={"vision": "model.layers", "llm": "model.layers"}),
+                       "", blocks={"vision": "model.layers", "llm": "model.layers"}, blank_image="fixed"),
 }
 
 # Gemma 4 (transformers 5.23 `Gemma4ForConditionalGeneration`): SigLIP-like tower with a spatial pooler, the
@@ -175,12 +189,12 @@ FAMILIES: dict[str, Family] = {
 FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
                              "connector": {"embed_vision": "model.embed_vision"}, "llm": _LLM},
                             "", nested_images=True, bidirectional_images=True,
-                            blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                            blocks={"vision": "model.encoder.layers", "llm": "model.layers"}, blank_image="patches",
+                            blank_image_after="model.embed_tokens_per_layer",
                             frozen_roles={"audio": {"model": "model.audio_tower", "embed_audio": "model.embed_audio"}},
                             image_block_key="mm_token_type_ids", image_blocks_sliding_only=True,
                             # the tower's projections are Gemma4ClippableLinear wrappers around `.linear`
-                            vision_lora_target=r"vision\.model\..*layers\.\d+\..*(q|k|v|o)_proj\.linear",
-                            shared_prefix=_UNCHECKED_PREFIX)
+                            vision_lora_target=r"vision\.model\..*layers\.\d+\..*(q|k|v|o)_proj\.linear")
 
 # PaliGemma (1 and 2): a SigLIP tower, a linear projector and a Gemma LM whose prefix (image tokens + prompt,
 # token_type_ids 0) attends bidirectionally and whose suffix (the answer) is causal. It has no chat template (the
@@ -188,8 +202,7 @@ FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
 FAMILIES["paligemma"] = Family({"vision": {"model": "model.vision_tower"},
                                 "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                                "", blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
-                               blank_image="fixed", prefix_suffix=True, no_packing=_PREFIX_PACKING,
-                               shared_prefix=_UNCHECKED_PREFIX)
+                               blank_image="fixed", prefix_suffix=True, no_packing=_PREFIX_PACKING, position_offset=1)
 
 # GLM-4.1V (`glm4v`) and GLM-4.5V (`glm4v_moe`): a Qwen2-VL-style tower (patch embedding, learned position table,
 # post-conv norm, blocks) whose `downsample` conv and `merger` hand tokens to the LM; mRoPE positions from its own
@@ -200,10 +213,55 @@ _GLM4V_ROLES = {"vision": {f"model.{n}": f"model.visual.{n}" for n in
                             "post_layernorm")},
                 "connector": {"downsample": "model.visual.downsample", "merger": "model.visual.merger"}, "llm": _LLM}
 FAMILIES["glm4v"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                           blank_image="grid", shared_prefix=_UNCHECKED_PREFIX)
+                           blank_image="grid")
 FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks", "llm": "model.layers"},
-                               blank_image="grid", router_aux_loss=True,
-                               shared_prefix=_UNCHECKED_PREFIX)
+                               blank_image="grid", router_aux_loss=True)
+
+# Mistral 3 (Mistral-Small-3.1/3.2, `Mistral3ForConditionalGeneration`): a Pixtral tower (2D RoPE over each image's
+# own patch grid, any aspect ratio), the projector with its patch merger, a Mistral LM. The processor is transformers'
+# PixtralProcessor over its PIL image processor (`processor.pil_sibling_processor`: no torchvision). No verbatim
+# official template was found offline (the checkpoints' Jinja sits in their hub repos and in a transformers test file
+# not shipped with the package; it renders today's date): `chat_template:` with generation marks is required.
+FAMILIES["mistral3"] = Family({"vision": {"model": "model.vision_tower"},
+                               "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                              "", blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
+                              shared_prefix=_UNCHECKED_PREFIX)
+
+# transformers 5.23's Llama 4 scales the queries of its NoPE (full-attention) layers by a temperature computed from
+# the row index (`torch.arange` over the row), not from position_ids: in a packed row every sample after the first
+# gets the scales of its offset (measured: 7e-4 to 1.7e-3 off alone). Its chunked attention does follow per-sample
+# positions (packed == alone with the temperature off, tests/test_native_llama4.py).
+_NOPE_TEMPERATURE_PACKING = ("its NoPE layers scale attention by a temperature taken from the row index, not the "
+                             "sample's positions, so packed samples after the first would be scaled as if they "
+                             "continued the one before; use data.mode: plain or group")
+
+# Llama 4 (Scout / Maverick): the top-level model holds the tower (`vision_model`), the projector and a whole causal
+# LM (`language_model`, a Llama4ForCausalLM with its own `.model` and `.lm_head`), so the LM role points inside it and
+# NativeVLM reads the decoder's hidden states off it (`Family.hidden_from`). Routed experts are fused 3-D tensors
+# (`gate_up_proj [E, h, 2i]`, `down_proj [E, i, h]`); transformers' Llama 4 forward adds no router load-balancing
+# loss, so none joins the objective. The image processor is vlmtrain's port of the torchvision-only original
+# (`image_processors.llama4`).
+FAMILIES["llama4"] = Family({"vision": {"model": "vision_model"},
+                             "connector": {"projector": "multi_modal_projector"},
+                             "llm": {"model": "language_model.model", "lm_head": "language_model.lm_head"}},
+                            "", blocks={"vision": "model.model.layers", "llm": "model.layers"},
+                            no_packing=_NOPE_TEMPERATURE_PACKING, shared_prefix=_UNCHECKED_PREFIX,
+                            hidden_from="language_model.model",
+                            expert_lora_target=r"llm\.model\.layers\.\d+\.feed_forward\.experts\.(gate_up_proj|down_proj)")
+
+# LFM2-VL: a SigLIP2 NaFlex tower (`pixel_attention_mask`, `spatial_shapes` per tile), the pixel-unshuffle projector
+# as the connector, an LFM2 LM whose gated short-convolution layers run their causal conv window along the whole
+# row (transformers 5.23's CPU path takes no per-sample boundaries), so packed samples would see the tokens before
+# them; packing is refused (measured in tests/test_native_lfm2_vl.py). The image processor is vlmtrain's port of the
+# torchvision-only original (`image_processors.lfm2_vl`).
+_CONV_PACKING = ("its LFM2 short-convolution layers run their convolution window across packed samples; use "
+                 "data.mode: plain or group")
+_CONV_PREFIX = ("its LFM2 short-convolution layers run along the row, so a continuation would see the end of the one "
+                "before it")
+FAMILIES["lfm2_vl"] = Family({"vision": {"model": "model.vision_tower"},
+                              "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
+                             "", nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
+                             no_packing=_CONV_PACKING, shared_prefix=_CONV_PREFIX)
 
 SUPPORTED = tuple(FAMILIES)
 

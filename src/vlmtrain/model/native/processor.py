@@ -33,6 +33,51 @@ def image_only(cls):
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
+# Processors that transformers 5.23 marks `requires torchvision` only because their module imports a helper from the
+# torchvision image processor's module, where the PIL image processor's module has the same function (same code):
+# model_type → (model package, processor module, the torchvision module it imports, the PIL module that replaces it).
+# Mistral 3: `processing_pixtral` imports `get_resize_output_image_size` for `_get_num_multimodal_tokens`.
+_PIL_SIBLINGS = {"mistral3": ("pixtral", "processing_pixtral", "image_processing_pixtral",
+                              "image_processing_pil_pixtral")}
+
+
+@lru_cache(maxsize=None)
+def pil_sibling_processor(model_type: str):
+    """transformers' own processor module of `model_type` (`_PIL_SIBLINGS`), executed with its torchvision-only
+    import served by the PIL image processor's module → the module. Nothing of the processor is rewritten: the
+    file is transformers' installed source; only the sibling import resolves to the PIL twin of the helper."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    pkg, proc_mod, tv_mod, pil_mod = _PIL_SIBLINGS[model_type]
+    base = f"transformers.models.{pkg}"
+    pil = importlib.import_module(f"{base}.{pil_mod}")
+    shim = types.ModuleType(f"{base}.{tv_mod}")
+    shim.__dict__.update({k: v for k, v in vars(pil).items() if not k.startswith("__")})
+    name = f"{base}.{proc_mod}"
+    spec = importlib.util.spec_from_file_location(name, str(Path(pil.__file__).with_name(f"{proc_mod}.py")))
+    module = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get(shim.__name__)
+    sys.modules[shim.__name__] = shim
+    sys.modules[name] = module  # auto_docstring reads the class's source file through its module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop(shim.__name__, None)
+        else:
+            sys.modules[shim.__name__] = saved
+    return module
+
+
+def _torchvision_available() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
 def processor_class(model_type: str):
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
@@ -41,6 +86,8 @@ def processor_class(model_type: str):
     if name is None:
         raise ConfigError(f"model_type {model_type!r}: transformers has no processor class for it; vlmtrain needs "
                           "one to train (describe works on meta)")
+    if model_type in _PIL_SIBLINGS and not _torchvision_available():
+        return getattr(pil_sibling_processor(model_type), name)
     return getattr(transformers, name)
 
 
@@ -89,7 +136,7 @@ def save_processor(proc, out: str | Path) -> None:
 
 def load_processor(src: str | Path, model_type: str, overrides: dict | None = None):
     """The checkpoint's processor with `overrides` (e.g. `max_pixels`) applied to its image processor."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     overrides = dict(overrides or {})
     try:
@@ -103,7 +150,7 @@ def load_processor(src: str | Path, model_type: str, overrides: dict | None = No
                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
         try:
             tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-            ip = AutoImageProcessor.from_pretrained(src, trust_remote_code=False, **overrides)
+            ip = _image_processor(src, model_type, overrides)
             template = tok.chat_template if isinstance(tok.chat_template, str) else None
             proc = build_image_only(model_type, ip, tok, chat_template=_saved_template(src) or template,
                                     **_saved_kwargs(src))
@@ -119,10 +166,27 @@ def load_processor(src: str | Path, model_type: str, overrides: dict | None = No
     return proc
 
 
+def _image_processor(src, model_type: str, overrides: dict):
+    """The checkpoint's image processor: vlmtrain's port where transformers has only a torchvision class and
+    torchvision is missing (`image_processors.PORTED`), else transformers' own through `AutoImageProcessor`."""
+    from transformers import AutoImageProcessor
+
+    from vlmtrain.model.native.image_processors import PORTED, ports
+
+    if model_type in PORTED and not _torchvision_available():
+        return ports()[model_type].from_pretrained(src, **overrides)
+    return AutoImageProcessor.from_pretrained(src, trust_remote_code=False, **overrides)
+
+
 def torchvision_only_image_processor(model_type: str) -> str | None:
-    """The family's image processor class when transformers has it for torchvision only (no PIL variant)."""
+    """The family's image processor class when transformers has it for torchvision only (no PIL variant) and
+    vlmtrain has no port of it (`image_processors.PORTED`)."""
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
+    from vlmtrain.model.native.image_processors import PORTED
+
+    if model_type in PORTED:
+        return None
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
     if isinstance(names, dict) and "pil" not in names and names.get("torchvision"):
         return names["torchvision"]
@@ -168,7 +232,9 @@ def _saved_kwargs(src) -> dict:
     if not p.is_file():
         return {}
     data = json.loads(p.read_text())
-    out = {k: v for k, v in data.items() if k not in ("processor_class", "auto_map")}
+    # sub-processors are passed as objects; a `save_pretrained` processor_config.json may nest their dicts too
+    out = {k: v for k, v in data.items() if k not in ("processor_class", "auto_map", "image_processor", "tokenizer",
+                                                      "video_processor")}
     fe = out.get("feature_extractor")
     if isinstance(fe, dict) and isinstance(fe.get("feature_extractor_type"), str):
         out["feature_extractor"] = getattr(transformers, fe["feature_extractor_type"]).from_dict(fe)

@@ -9,8 +9,14 @@ family (`masking_utils._preprocess_mask_arguments`: "already 4D ... returned as-
 sliding layers alike; a model with sliding layers therefore gets a dict `{"full_attention", "sliding_attention"}`,
 which the text models that have such layers (Gemma 3, Qwen2) take as prepared masks. The window compares *positions*,
 not row indices: the second continuation of a row sits further right than its positions say.
-Image blocks (`Family.bidirectional_images`, Gemma 3): image tokens attend to their whole image, numbered as
-transformers does (`get_block_sequence_ids_for_mask`); images lie in the prefix, so the blocks do too.
+Image blocks (`Family.bidirectional_images`): image tokens attend to their whole image, numbered as transformers
+does (`get_block_sequence_ids_for_mask`); images lie in the prefix, so the blocks do too. Gemma 3 marks them with
+`token_type_ids` on every layer; Gemma 4 with `mm_token_type_ids` on sliding layers only, and only where its text
+config says `use_bidirectional_attention: vision` (`Family.image_block_key`, `image_blocks_sliding_only`).
+Prefix block (`Family.prefix_suffix`, PaliGemma): every token with `token_type_ids` 0 (image tokens + prompt) is one
+bidirectional block per row; those tokens are all in the shared prefix (the prompt is the same for every
+continuation), so each continuation sees the whole block as alone. Its positions start at 1
+(`Family.position_offset`).
 
 mRoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): a continuation's 3-D ids depend on the whole prefix (image grids advance the
 text index by the grid's extent, not its token count), so each continuation's ids come from the model's own
@@ -32,8 +38,8 @@ def shared_prefix_masks(model, segments: torch.Tensor, position_ids: torch.Tenso
                         token_type_ids: torch.Tensor | None):
     """Attention masks of shared-prefix rows for the NativeVLM `model`: a 4-D mask, or per layer type a dict of them
     when the LM has sliding-window layers (module doc). `segments [b, s]` (0 prefix, j ≥ 1 continuation, -1 pad),
-    `position_ids [b, s]` (1-D text positions), `token_type_ids [b, s]` (1 = image token) for families with
-    bidirectional image blocks."""
+    `position_ids [b, s]` (1-D text positions), `token_type_ids [b, s]`: the batch's `Family.image_block_key` tensor
+    (1 = image token) for families with bidirectional image blocks, PaliGemma's `token_type_ids` (0 = prefix)."""
     from transformers.masking_utils import and_masks, blockwise_overlay, create_causal_mask
 
     cfg = model.llm.config
@@ -50,9 +56,11 @@ def shared_prefix_masks(model, segments: torch.Tensor, position_ids: torch.Tenso
     dtype = model.llm.get_input_embeddings().weight.dtype
     probe = torch.empty((*segments.shape, 0), dtype=dtype, device=segments.device)  # batch, length, dtype only
     common = {"config": cfg, "inputs_embeds": probe, "attention_mask": None, "past_key_values": None}
-    if model.family.bidirectional_images and token_type_ids is not None:
-        common["or_mask_function"] = blockwise_overlay(_image_blocks(token_type_ids))
-    full = create_causal_mask(**common, and_mask_function=same_branch)
+    blocks = _blocks(model.family, cfg, segments, token_type_ids)
+    overlay = {"or_mask_function": blockwise_overlay(blocks)} if blocks is not None else {}
+    # Gemma 4 keeps its full-attention layers causal (its create_masks_for_vision_model)
+    full = create_causal_mask(**common, **({} if model.family.image_blocks_sliding_only else overlay),
+                              and_mask_function=same_branch)
     window = getattr(cfg, "sliding_window", None)
     if not (window and "sliding_attention" in (getattr(cfg, "layer_types", None) or ())):
         return full
@@ -61,8 +69,24 @@ def shared_prefix_masks(model, segments: torch.Tensor, position_ids: torch.Tenso
         return position_ids[batch_idx, kv_idx] > position_ids[batch_idx, q_idx] - window
 
     return {"full_attention": full,
-            "sliding_attention": create_causal_mask(**common, and_mask_function=and_masks(same_branch,
-                                                                                          within_window))}
+            "sliding_attention": create_causal_mask(**common, **overlay,
+                                                    and_mask_function=and_masks(same_branch, within_window))}
+
+
+def _blocks(family, text_cfg, segments: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """`[b, s]` bidirectional block ids of shared-prefix rows (-1 = none), or None when the family has no blocks:
+    image blocks (`bidirectional_images`; Gemma 4 only with `use_bidirectional_attention: vision`, as its model
+    checks) or PaliGemma's prefix block (`prefix_suffix`: every non-padding token with token_type_ids 0, block 0,
+    as its `torch.where(token_type_ids == 0, 0, -1)`; padding is excluded by `segments` anyway)."""
+    if token_type_ids is None:
+        return None
+    if family.prefix_suffix:
+        return torch.where((token_type_ids == 0) & (segments >= 0), 0, -1)
+    if not family.bidirectional_images:
+        return None
+    if family.image_blocks_sliding_only and getattr(text_cfg, "use_bidirectional_attention", None) != "vision":
+        return None  # Gemma 4 sizes whose images attend causally
+    return _image_blocks(token_type_ids)
 
 
 def _image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:

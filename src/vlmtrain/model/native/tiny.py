@@ -34,7 +34,7 @@ _MLLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>
 
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "idefics3", "smolvlm", "llava_onevision",
                  "llava_next", "llava", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "mllama", "internvl", "gemma4",
-                 "paligemma", "glm4v", "glm4v_moe")
+                 "paligemma", "glm4v", "glm4v_moe", "mistral3", "llama4", "lfm2_vl")
 # Gemma 4's turn markers, image/audio wrappers and placeholders (the processor reads boi/eoi/image and boa/eoa/audio
 # token names from the tokenizer; it refuses a tokenizer without the audio ones)
 _GEMMA4_SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>", "<|audio>",
@@ -301,6 +301,87 @@ def _glm4v(model_type: str):
     return cfg, ip, tok, {}
 
 
+# Mistral 3's tokenizer specials (Tekken): turn markers and the three image tokens PixtralProcessor reads
+_MISTRAL3_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+                      "[IMG_BREAK]", "[IMG_END]"]
+
+
+def _mistral3():
+    """Mistral 3 (Mistral-Small-3.1): a 2-layer Pixtral tower of 8 px patches (2D RoPE over the image's own grid),
+    the patch merger (2×2 patches → one token: 16×16 px) and a Mistral LM; images keep their aspect ratio, longest
+    edge 64 px, each row of tokens closed by [IMG_BREAK] and the image by [IMG_END]."""
+    from transformers import AutoConfig, PixtralImageProcessorPil
+
+    tok = _tokenizer(_MISTRAL3_SPECIALS, "<s>", "</s>", "<unk>")
+    text = {**_TEXT, "model_type": "mistral", "vocab_size": _vocab(tok), "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "sliding_window": None}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "head_dim": 16, "image_size": 64, "patch_size": 8}
+    cfg = AutoConfig.for_model("mistral3", text_config=text, vision_config=vision, spatial_merge_size=2,
+                               vision_feature_layer=-1, **_ids(tok, image_token_index="[IMG]"))
+    # the processor passes patch_size × spatial_merge_size (16) to the image processor, as the checkpoints do
+    ip = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 16, "width": 16})
+    return cfg, ip, tok, {"patch_size": 8, "spatial_merge_size": 2}
+
+
+_LLAMA4_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", "<|header_start|>",
+                    "<|header_end|>", "<|eot|>", "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                    "<|tile_x_separator|>", "<|tile_y_separator|>"]
+
+
+def _llama4():
+    """Llama 4 (Scout/Maverick layout): a chunked-attention MoE layer (4 routed experts, top-1, + the shared expert)
+    then a full-attention dense NoPE layer, chunks of 16 tokens so packed rows cross chunk borders; a 2-layer tower
+    of 8 px patches on 32 px tiles, pixel shuffle 0.5 (4 `<|patch|>` tokens per tile), up to 4 tiles + a global
+    tile per image."""
+    from transformers import AutoConfig
+
+    from vlmtrain.model.native.image_processors.llama4 import Llama4ImageProcessorPil
+
+    tok = _tokenizer(_LLAMA4_SPECIALS, "<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>")
+    text = {**_TEXT, "vocab_size": _vocab(tok), "intermediate_size_mlp": 128, "num_local_experts": 4,
+            "num_experts_per_tok": 1, "moe_layers": [0], "no_rope_layers": [1, 0], "attention_chunk_size": 16,
+            "floor_scale": 16, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "eos_token_id": [tok.eos_token_id, tok.convert_tokens_to_ids("<|end_of_text|>")]}
+    # intermediate_size is 4 × hidden: the pixel-shuffle MLP takes the 2×2-shuffled features (as the checkpoints)
+    vision = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8, "pixel_shuffle_ratio": 0.5, "vision_output_dim": 64,
+              "projector_input_dim": 64, "projector_output_dim": 64}
+    cfg = AutoConfig.for_model("llama4", text_config=text, vision_config=vision,
+                               **_ids(tok, image_token_index="<|patch|>", boi_token_index="<|image_start|>",
+                                      eoi_token_index="<|image_end|>"))
+    ip = Llama4ImageProcessorPil(size={"height": 32, "width": 32}, max_patches=4)
+    return cfg, ip, tok, {"patch_size": 8, "pixel_shuffle_ratio": 0.5}
+
+
+_LFM2_VL_SPECIALS = ["<|startoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<image>", "<|image_start|>",
+                     "<|image_end|>", "<|img_thumbnail|>"] + \
+    [f"<|img_row_{r}_col_{c}|>" for r in range(1, 5) for c in range(1, 5)]
+
+
+def _lfm2_vl():
+    """LFM2-VL: an LFM2 LM of one gated short-convolution layer (kernel 3) then one attention layer; a 2-layer SigLIP2
+    NaFlex tower of 8 px patches, pixel unshuffle 2 (a 16×16 px region per token) and the MLP projector; 32 px tiles
+    (2-4 per large image + a thumbnail), 4-16 tokens per single-tile image."""
+    from transformers import AutoConfig
+
+    from vlmtrain.model.native.image_processors.lfm2_vl import Lfm2VlImageProcessorPil
+
+    tok = _tokenizer(_LFM2_VL_SPECIALS, "<|startoftext|>", "<|im_end|>", "<|pad|>",
+                     extra={"image_token": "<image>", "image_start_token": "<|image_start|>",
+                            "image_end_token": "<|image_end|>", "image_thumbnail_token": "<|img_thumbnail|>"})
+    text = {**_TEXT, "vocab_size": _vocab(tok), "layer_types": ["conv", "full_attention"], "conv_L_cache": 3,
+            "block_ff_dim": 128, "block_auto_adjust_ff_dim": False, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "patch_size": 8, "num_patches": 16, "vision_use_head": False}
+    cfg = AutoConfig.for_model("lfm2_vl", text_config=text, vision_config=vision, downsample_factor=2,
+                               projector_hidden_size=64, **_ids(tok, image_token_id="<image>"))
+    ip = Lfm2VlImageProcessorPil(encoder_patch_size=8, downsample_factor=2, tile_size=32, min_image_tokens=4,
+                                 max_image_tokens=16, min_tiles=2, max_tiles=4)
+    return cfg, ip, tok, {}
+
+
 def _open_gates(model) -> None:
     """Mllama's cross-attention layers scale their output by tanh(gate), and transformers initialises the gates to 0:
     a random tiny model would then ignore its images. Trained checkpoints have non-zero gates; so do these."""
@@ -330,6 +411,12 @@ def tiny_parts(model_type: str):
         return _paligemma()
     if model_type.startswith("glm4v"):
         return _glm4v(model_type)
+    if model_type == "mistral3":
+        return _mistral3()
+    if model_type == "llama4":
+        return _llama4()
+    if model_type == "lfm2_vl":
+        return _lfm2_vl()
     raise ValueError(f"no tiny builder for {model_type!r} (have: {', '.join(TINY_FAMILIES)})")
 
 

@@ -85,6 +85,16 @@ def _resolve(root: nn.Module, path: str):
     return obj
 
 
+def _find(root: nn.Module, path: str):
+    """The object at dotted `path` under `root`, or None where a part is missing or None."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
 class NativeVLM(nn.Module):
     kind = "native"
 
@@ -165,7 +175,7 @@ class NativeVLM(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[..., d]` → logits `[..., vocab]`: the LM head plus the family's final soft-capping (Gemma)."""
-        logits = self.hf.lm_head(hidden)
+        logits = self.hf.get_output_embeddings()(hidden)  # lm_head (Llama 4's sits inside its language_model)
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -194,29 +204,32 @@ class NativeVLM(nn.Module):
             # a batch without image tokens may come without token_type_ids: no image blocks then
             types = kw.get(self.family.image_block_key, torch.zeros_like(position_ids))
             attention_mask = self.packed_block_masks(position_ids, types)
-        if position_ids is not None and position_ids.dim() == 2 and hasattr(self.hf.model, "get_rope_index"):
+        if position_ids is not None and position_ids.dim() == 2 and self._rope_index() is not None:
             position_ids = self.packed_mrope_positions(input_ids, position_ids, kw.get("mm_token_type_ids"),
                                                        kw.get("image_grid_thw"))
         blank: list[torch.Tensor] = []
         hook = None
-        text_rows = self._zero_text_only_image_states(pixel_values, kw.get("aspect_ratio_ids"))
         blank_inputs = (self.blank_image_inputs() if pixel_values is None and self.always_encode_images
                         and torch.is_grad_enabled() else None)
-        if blank_inputs is not None:
-            # Right after the token embedding, where transformers runs the tower on a rank with images: sharded
-            # ranks then touch the embedding, tower, connector and decoder blocks in the same order (ZeRO-3 gathers
-            # each module's parameters when it is called; a mismatch between ranks aborts the collective).
-            hook = self.llm.get_input_embeddings().register_forward_hook(
+        if blank_inputs and self.family.batch_aligned_images:
+            pixel_values = self._blank_aligned_rows(input_ids, blank_inputs, kw)  # Mllama: through the forward
+            blank_inputs = None
+        text_rows = self._zero_text_only_image_states(pixel_values, kw.get("aspect_ratio_ids"))
+        if blank_inputs:
+            # Right after the token embedding (Gemma 4: its per-layer embedding, `Family.blank_image_after`), where
+            # transformers runs the tower on a rank with images: sharded ranks then touch the embedding, tower,
+            # connector and decoder blocks in the same order (ZeRO-3 gathers each module's parameters when it is
+            # called; a mismatch between ranks aborts the collective).
+            hook = self._blank_anchor().register_forward_hook(
                 lambda *_: blank.append(self.blank_image_features(input_ids.device, blank_inputs)))
         try:
-            out = self.hf.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                position_ids=position_ids, use_cache=False, **kw)
+            hidden, out = self._body(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                     position_ids=position_ids, use_cache=False, **kw)
         finally:
             if hook is not None:
                 hook.remove()
             if text_rows is not None:
                 text_rows.remove()
-        hidden = out.last_hidden_state
         if blank:
             hidden = hidden + 0.0 * blank[0]
         logits = self._logits(hidden, logits_mask)
@@ -230,6 +243,28 @@ class NativeVLM(nn.Module):
                                       self.expert_tokens(out.router_logits, mask))
         return logits
 
+    def _rope_index(self):
+        """The family's `get_rope_index` (mRoPE families), or None."""
+        return getattr(getattr(self.hf, "model", None), "get_rope_index", None)
+
+    def _body(self, **inputs) -> tuple[torch.Tensor, object]:
+        """(decoder hidden states `[b, s, d]`, transformers' output) of one forward without the LM head: the family's
+        `hf.model`, or, for a model whose top-level forward runs a whole causal LM (`Family.hidden_from`, Llama 4),
+        that forward with the decoder's output read off a hook; its own head then runs on one position only
+        (`logits_to_keep=1`), and vlmtrain's `head` makes the logits it needs from the hidden states."""
+        if not self.family.hidden_from:
+            out = self.hf.model(**inputs)
+            return out.last_hidden_state, out
+        seen: list[torch.Tensor] = []
+        decoder = _resolve(self.hf, self.family.hidden_from)
+        hook = decoder.register_forward_hook(lambda _m, _i, o: seen.append(o.last_hidden_state if hasattr(
+            o, "last_hidden_state") else o[0]))
+        try:
+            out = self.hf(**inputs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return seen[-1], out
+
     def _shared_prefix_inputs(self, input_ids: torch.Tensor, segments: torch.Tensor, position_ids: torch.Tensor,
                               kw: dict) -> tuple:
         """(attention mask(s), position ids) of shared-prefix rows: `[4, b, s]` ids for mRoPE families."""
@@ -238,12 +273,32 @@ class NativeVLM(nn.Module):
         if self.family.shared_prefix:
             raise VlmtrainError(f"shared-prefix rows are not available for {self.model_type}: "
                                 f"{self.family.shared_prefix}")
-        masks = shared_prefix_masks(self, segments, position_ids, kw.get("token_type_ids"))
-        if hasattr(self.hf.model, "get_rope_index"):
-            position_ids = shared_prefix_mrope_positions(self.hf.model.get_rope_index, input_ids, segments,
+        masks = shared_prefix_masks(self, segments, position_ids, kw.get(self.family.image_block_key))
+        position_ids = position_ids + self.family.position_offset  # PaliGemma's positions start at 1
+        if self._rope_index() is not None:
+            position_ids = shared_prefix_mrope_positions(self._rope_index(), input_ids, segments,
                                                          position_ids, kw.get("mm_token_type_ids"),
                                                          kw.get("image_grid_thw"))
         return masks, position_ids
+
+    def _blank_anchor(self) -> nn.Module:
+        """The LM module after which transformers runs the tower: `Family.blank_image_after` under the llm role
+        when the model has it (a None attribute: Gemma 4 sizes without per-layer inputs), else the token embedding."""
+        module = _find(self.llm, self.family.blank_image_after) if self.family.blank_image_after else None
+        return module if module is not None else self.llm.get_input_embeddings()
+
+    def _blank_aligned_rows(self, input_ids: torch.Tensor, inputs: dict, kw: dict) -> torch.Tensor:
+        """A text-only batch of a batch-aligned family (Mllama) given one padding image slot per row, as its collate
+        gives a text-only row beside an image row: `pixel_values [b, 1, tiles, c, h, w]` (returned), and into `kw`
+        `aspect_ratio_ids [b, 1]` (0 = no image), `aspect_ratio_mask [b, 1, tiles]` and `cross_attention_mask
+        [b, s, 1, tiles]` of zeros. Why through the forward and not beside it (`blank_image_features`): the
+        cross-attention layers of the LM run only when image states exist, and a sharded rank must call them as an
+        image rank does. `_zero_text_only_image_states` then zeroes the states, so the rows equal the text alone."""
+        b, s = input_ids.shape
+        rows = {k: v.to(input_ids.device).expand(b, *v.shape[1:]).contiguous() for k, v in inputs.items()}
+        kw["aspect_ratio_ids"], kw["aspect_ratio_mask"] = rows["aspect_ratio_ids"], rows["aspect_ratio_mask"]
+        kw["cross_attention_mask"] = input_ids.new_zeros((b, s, 1, rows["aspect_ratio_mask"].shape[-1]))
+        return rows["pixel_values"]
 
     def _zero_text_only_image_states(self, pixel_values, aspect_ratio_ids):
         """Batch-aligned families (Mllama): a hook that zeroes the projected image states of rows without an image
@@ -344,21 +399,37 @@ class NativeVLM(nn.Module):
     def blank_image_inputs(self) -> dict | None:
         """Inputs of `hf.model.get_image_features` for one blank image of the smallest size the family takes:
         Qwen-style towers `pixel_values [m², c·t·p²]` + `image_grid_thw [[1, m, m]]` (one merged token); fixed-size
-        towers (Gemma 3's SigLIP, LLaVA-1.5's CLIP) `pixel_values [1, c, size, size]`; Idefics3/SmolVLM one crop
+        towers (Gemma 3's SigLIP, LLaVA-1.5's CLIP, InternVL's one tile) `pixel_values [1, c, h, w]`; Gemma 4 the
+        patches of one pooled soft token (`_pooled_patches`); Mllama one padding image slot per row, run through the
+        forward (`_blank_aligned_rows`); Idefics3/SmolVLM one crop
         `[1, 1, c, size, size]` + its pixel mask, filled with 0.5 (an all-zero crop is dropped as padding);
         LLaVA-NeXT/OneVision a tower-sized image as AnyRes tiles it (`[1, crops, c, size, size]` + `image_sizes`,
-        so the base view, the tiles and `image_newline` all take part)."""
+        so the base view, the tiles and `image_newline` all take part). None: no blank image defined (sharded
+        strategies refused); {}: the model has no vision tower, so nothing to run."""
         kind = self.family.blank_image  # Family.blank_image: which of the shapes below the family takes
         if not kind:
             return None  # none for this family (the generic map): sharded strategies are refused for it
         vc = self.hf.config.vision_config
+        if vc is None:
+            return {}  # no tower (Gemma 4's default config): text-only ranks have nothing to run
         if kind == "grid":
             m, p, t = vc.spatial_merge_size, vc.patch_size, vc.temporal_patch_size
             return {"pixel_values": torch.zeros(m * m, vc.in_channels * t * p * p),
                     "image_grid_thw": torch.tensor([[1, m, m]])}
-        size, channels = int(vc.image_size), int(getattr(vc, "num_channels", 3))
+        channels = int(getattr(vc, "num_channels", 3))
+        if kind == "patches":
+            return _pooled_patches(vc, channels)
+        # InternVL's image_size is [h, w]; the others' one int
+        height, width = vc.image_size if isinstance(vc.image_size, (list, tuple)) else (vc.image_size,) * 2
+        size = int(height)
         if kind == "fixed":
-            return {"pixel_values": torch.zeros(1, channels, size, size)}
+            return {"pixel_values": torch.zeros(1, channels, int(height), int(width))}
+        if kind == "aligned":  # Mllama's padding image slot: its processor marks tile 0 of every slot
+            tiles = int(vc.max_num_tiles)
+            mask = torch.zeros(1, 1, tiles, dtype=torch.long)
+            mask[..., 0] = 1
+            return {"pixel_values": torch.zeros(1, 1, tiles, channels, size, size),
+                    "aspect_ratio_ids": torch.zeros(1, 1, dtype=torch.long), "aspect_ratio_mask": mask}
         if kind == "crop":
             return {"pixel_values": torch.full((1, 1, channels, size, size), 0.5),
                     "pixel_attention_mask": torch.ones(1, 1, size, size, dtype=torch.bool)}
@@ -460,6 +531,16 @@ class NativeVLM(nn.Module):
         out = self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                **inputs)
         return out[:, input_ids.shape[1]:]
+
+
+def _pooled_patches(vc, channels: int) -> dict:
+    """Gemma 4's smallest image: the k×k patches its pooler turns into one soft token (k = `pooling_kernel_size`),
+    laid out as its image processor does: `pixel_values [1, k², c·p²]` (patches flattened), `image_position_ids
+    [1, k², 2]` (x, y) with x running fastest."""
+    k, p = int(vc.pooling_kernel_size), int(vc.patch_size)
+    ys, xs = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    return {"pixel_values": torch.zeros(1, k * k, channels * p * p),
+            "image_position_ids": torch.stack([xs.flatten(), ys.flatten()], dim=-1)[None]}
 
 
 def _sample_starts(positions: torch.Tensor) -> list[int]:

@@ -115,7 +115,7 @@ class NativeGRPOModule(GRPOModule):
     """`GRPOModule` for a native family (module doc): its own generate and shared-prefix rows."""
 
     def _stop_ids(self, bundle) -> list[int]:
-        from vlmtrain.data.inspect import encoder_for
+        from vlmtrain.data.encode import encoder_for
 
         return native_stop_ids(encoder_for(bundle), bundle.tokenizer)
 

@@ -8,7 +8,7 @@ What a DP step is here (Abadi et al. 2016), and which library does each part:
 - per-sample gradients: Opacus' `GradSampleModule` hooks on the trainable layers (connector linears, LoRA A/B);
   the loss handed to autograd is Σ_i loss_i (each record's mean token loss), so grad_sample[i] = ∇loss_i. Native
   transformers families' connectors see images or patches, not records: their rows are summed per record
-  (`privacy.dp_native`), so records may carry any number of images there;
+  (`train.dp_native`), so records may carry any number of images there;
 - clip each sample's whole gradient to `max_grad_norm` C, sum, add N(0, σ²C²), divide by the expected batch size
   q·N (Opacus' `DPOptimizer`, with a seeded generator unless `secure_mode`), then the stage's own optimizer;
 - accounting: Opacus' RDP or PRV accountant, fed by the optimizer's step hook; ε at δ is logged during training and
@@ -30,38 +30,17 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlmtrain.errors import VlmtrainError
-from vlmtrain.train.dp_module import DPModule, per_sample_losses, supervised_count  # noqa: F401  (callers import
-# the per-sample loss from here too: the audit, and tests that check it against one-record-at-a-time gradients)
+from vlmtrain.train.dp_module import DPModule, DPPlan, per_sample_losses, supervised_count  # noqa: F401  (callers
+# import the plan and the per-sample loss from here too: the audit, the federated site, and tests that check it
+# against one-record-at-a-time gradients)
 
 log = logging.getLogger("vlmtrain.privacy")
-
-
-@dataclass
-class DPPlan:
-    """The numbers that define the guarantee, fixed before the first step."""
-
-    units: int
-    records: int
-    unit: str
-    expected_batch_size: int
-    sample_rate: float
-    noise_multiplier: float
-    max_grad_norm: float
-    delta: float
-    steps: int
-    accountant: str
-    target_epsilon: float | None
-    secure_mode: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
@@ -119,7 +98,7 @@ class DPDataset(Dataset):
                     if one_image and n_img != 1:
                         # The connector's per-sample gradients are per image: they line up with records only when
                         # every record has exactly one image. (Native families sum each record's rows instead:
-                        # privacy.dp_native.)
+                        # train.dp_native.)
                         self.skipped["dp_needs_one_image"] += 1
                         continue
                     if rec["id"] in seen:

@@ -138,7 +138,7 @@ def _encoded(encoder, items: list[tuple[dict, list]]) -> list[dict]:
 @torch.no_grad()
 def _losses(model, pad_id: int, encs: list[dict], batch_size: int = 32, mean: bool = True) -> list[float]:
     from vlmtrain.data.batching import collate
-    from vlmtrain.privacy.dp import per_sample_losses
+    from vlmtrain.train.dp import per_sample_losses
 
     out: list[float] = []
     for i in range(0, len(encs), batch_size):
@@ -155,7 +155,7 @@ def _auc(member_losses: list[float], non_member_losses: list[float]) -> float:
 
 def run_audit(run: str | Path, holdout: str | None = None, max_records: int | None = None) -> dict:
     """Membership AUC and canary exposure of a trained stage; also written to STAGE/privacy_audit.json."""
-    from vlmtrain.data.inspect import encoder_for
+    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
     from vlmtrain.model.io import load_any
 

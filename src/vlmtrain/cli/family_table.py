@@ -180,7 +180,7 @@ def _plan(m) -> Cell:
     condition for LoRA stages of MoE families: adapters on fused expert tensors are not planned."""
     from vlmtrain.config.stage import LoRAConfig
     from vlmtrain.model.lora import target_parameter_names
-    from vlmtrain.train.plan_native import plan_refusal
+    from vlmtrain.plan.families import plan_refusal
 
     refused = plan_refusal(m.model_type)
     if refused:

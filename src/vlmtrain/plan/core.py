@@ -3,7 +3,8 @@
 The model is built on the `meta` device (no weights, no download); every number below comes from its real module
 shapes, the stage's `train` / `lora` / `data` / `trainer` blocks, and a model of what PyTorch keeps alive.
 Units: bytes internally, GiB (2**30 bytes) in `MemoryPlan.to_json()`. Native transformers families (Qwen2-VL,
-Qwen2.5-VL, Gemma 3): the same step model over a geometry from `vlmtrain.train.plan_native`.
+Qwen2.5-VL, Gemma 3): the same step model over a geometry from `vlmtrain.plan.families`; composed VLMs: over one
+from `vlmtrain.plan.composed`. `vlmtrain.plan` (the package) plans a stage or a config with them.
 
 What is counted (each a `part` of the plan; parts sum to the peak):
 
@@ -71,7 +72,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from vlmtrain.errors import ConfigError
 
@@ -136,10 +136,10 @@ PRECISIONS = {
 # ---- model geometry from the meta build ---------------------------------------------------------------------------
 
 # Canonical roles of the Linear layers inside one transformer block (HF names → role).
-_ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "qkv_proj": "qkv", "o_proj": "o", "out_proj": "o",
+ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "qkv_proj": "qkv", "o_proj": "o", "out_proj": "o",
           "dense": "o", "gate_proj": "gate", "up_proj": "up", "gate_up_proj": "gate_up", "down_proj": "down",
           "fc1": "fc1", "fc2": "fc2"}
-_LAYER_RE = re.compile(r"^(vision|llm)\..*?\blayers?\.(\d+)\.(.+)$")
+LAYER_RE = re.compile(r"^(vision|llm)\..*?\blayers?\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -172,7 +172,7 @@ class StackGeo:
     post_norms: bool = False  # sandwich norms on the attention and MLP outputs (Gemma 3)
     # token mixers and MLPs without a closed form here (Gated DeltaNet layers, mixture-of-experts MLPs), traced on
     # meta per block kind: an object with `kind(idx, part)` and `saved(kind, shape, x_rg, p)`
-    # (`vlmtrain.train.plan_native.TracedLayers`); None: every block is the closed-form transformer block
+    # (`vlmtrain.plan.families.TracedLayers`); None: every block is the closed-form transformer block
     traced: object = None
 
 
@@ -251,42 +251,19 @@ def lora_param_count(model, stage) -> tuple[int, int, dict[str, str]]:
     return n, tensors, kinds
 
 
-def _stack_geo(cfg, layer_module, rotary: bool) -> StackGeo:
+def stack_geo(cfg, layer_module, rotary: bool) -> StackGeo:
     heads = int(cfg.num_attention_heads)
     hidden = int(cfg.hidden_size)
     head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
-    roles = {_ROLES.get(n.rsplit(".", 1)[-1]) for n, _ in layer_module.named_modules()}
+    roles = {ROLES.get(n.rsplit(".", 1)[-1]) for n, _ in layer_module.named_modules()}
     norm_names = [type(m).__name__.lower() for m in layer_module.modules()]
     act = str(getattr(cfg, "hidden_act", "silu"))
-    # mixture-of-experts text configs may have no dense width (plan_native sets the routed one)
+    # mixture-of-experts text configs may have no dense width (plan.families sets the routed one)
     return StackGeo(hidden=hidden, intermediate=int(getattr(cfg, "intermediate_size", None) or 0), heads=heads,
                     kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads), head_dim=head_dim,
                     norm="rms" if any("rms" in n for n in norm_names) else "layer",
                     gated=bool(roles & {"gate", "gate_up"}), act_saves=2 if act == "quick_gelu" else 1,
                     attn_impl=str(getattr(cfg, "_attn_implementation", None) or "sdpa"), rotary=rotary)
-
-
-def read_geometry(model, stage) -> Geometry:
-    """Shapes, parameter counts and per-Linear trainability of `model` (a composed VLM, usually on meta) under
-    `stage`. Native families: `vlmtrain.train.plan_native.native_geometry`."""
-    from torch import nn
-
-    layers = {}
-    for part in ("llm", "vision"):
-        for name, mod in getattr(model, part).named_modules():
-            if isinstance(mod, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "layer") and len(mod):
-                layers[part] = mod
-                break
-    llm = _stack_geo(model.llm.config, layers["llm"][0], rotary=True)
-    vis = _stack_geo(model.vision.model.config, layers["vision"][0], rotary=False)
-    n_layers_v = int(model.vision.model.config.num_hidden_layers)
-    fl = model.vision.feature_layer
-    image = dict(vision_used_layers=fl if fl >= 0 else n_layers_v + 1 + fl,
-                 vision_tokens=model.vision.grid ** 2 + model.vision.prefix_tokens,
-                 vision_feature_tokens=model.vision.num_features, image_size=model.vision.image_size,
-                 image_tokens=model.num_image_tokens, connector_name=type(model.connector).registry_name,
-                 connector_module=model.connector)
-    return stacks_geometry(model, stage, llm, vis, layers, image, _LAYER_RE, _ROLES)
 
 
 def stacks_geometry(model, stage, llm: StackGeo, vis: StackGeo, layers: dict, image: dict, layer_re, roles: dict
@@ -299,7 +276,7 @@ def stacks_geometry(model, stage, llm: StackGeo, vis: StackGeo, layers: dict, im
     kind decides its block spec, the LoRA/QLoRA counts and the AdamW groups); split, the walks would repeat."""
     from torch import nn
 
-    from vlmtrain.model.builder import count_params
+    from vlmtrain.model.bundle import count_params
 
     train = stage.train
     lora_n, lora_t, lora_kinds = lora_param_count(model, stage)
@@ -919,7 +896,7 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     return {name: {k: int(v) for k, v in d.items()} for name, d in candidates}
 
 
-def _search_max_batch(geo, stage, opts, limit: int) -> int:
+def search_max_batch(geo, stage, opts, limit: int) -> int:
     """Largest micro-batch whose peak ≤ limit (peaks grow with the batch): doubling, then bisection; 0 if none."""
     def fits(b):
         return sum(step_parts(geo, stage, b, opts)[0].values()) <= limit
@@ -935,86 +912,3 @@ def _search_max_batch(geo, stage, opts, limit: int) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
-
-
-def plan_stage(stage, model_cfg, gpu_memory: int, opts: PlanOptions | None = None, model=None) -> MemoryPlan:
-    """Plan one stage. `model_cfg` is its ModelConfig; `model` an already built (meta) VLM to reuse."""
-    from vlmtrain.model.builder import build_model
-
-    opts = opts or PlanOptions()
-    if model is None:
-        model = build_model(model_cfg, device="meta").model
-    if getattr(model, "kind", "composed") == "native":
-        from vlmtrain.train.plan_native import native_geometry
-
-        geo = native_geometry(model, stage, model_cfg, opts)
-    else:
-        geo = read_geometry(model, stage)
-    parts, phase = step_parts(geo, stage, stage.data.batch_size, opts)
-    notes = list(geo.notes)
-    strategy = stage.trainer.strategy
-    if (strategy == "fsdp" or strategy.startswith("deepspeed")) and opts.world_size == 1:
-        notes.append(f"strategy {strategy} planned for 1 rank; pass --world-size N to shard over N GPUs")
-    if stage.objective == "dpo":
-        notes.append("DPO: logits term assumes every position is supervised (upper bound)")
-    if stage.objective == "grpo":
-        notes.append("GRPO: the loss forward is planned (a row per prompt with its G completions); generation's KV "
-                     "cache and a frozen reference copy (beta > 0 without LoRA) are not in this plan")
-    d = stage.data
-    return MemoryPlan(stage=stage.name, micro_batch=d.batch_size,
-                      seq_len=(d.pack_len or d.max_len) if d.mode == "pack" else d.max_len,
-                      gpu_memory=gpu_memory, peak=sum(parts.values()), parts=parts, phase=phase,
-                      max_micro_batch=_search_max_batch(geo, stage, opts, gpu_memory), notes=notes)
-
-
-# ---- configs: a stage YAML or a recipe ----------------------------------------------------------------------------
-
-def load_plan_stages(path: str | Path, overrides: list[str] | None = None, stage_name: str | None = None):
-    """[(StageConfig, ModelConfig)] to plan: a stage YAML gives one; a recipe (a YAML with `stages:`) gives the
-    stage named `stage_name`, or every stage (the caller keeps the most memory-hungry)."""
-    import yaml
-
-    from vlmtrain.config.load import load_yaml_with_overrides
-    from vlmtrain.train.runner import _resolve_model, load_stage_config, resolve_recipe
-
-    path = Path(path)
-    raw = load_yaml_with_overrides(path)
-    if "stages" in raw:
-        stages = resolve_recipe(path, Path("/nonexistent-plan-out"), overrides)
-        model_ref = raw["model"] if isinstance(raw["model"], dict) else str(path.parent / raw["model"])
-        model_cfg = _resolve_model(model_ref, path.parent)
-        if stage_name is not None:
-            names = [s.name for s in stages]
-            if stage_name not in names:
-                raise ConfigError(f"--stage: no stage {stage_name!r} in {path} (stages: {', '.join(names)})")
-            stages = [s for s in stages if s.name == stage_name]
-        return [(s, model_cfg) for s in stages]
-    if stage_name is not None:
-        raise ConfigError(f"--stage: {path} is a stage config, not a recipe")
-    stage = load_stage_config(path, overrides)
-    if stage.model is not None:
-        return [(stage, _resolve_model(stage.model, path.parent))]
-    if stage.init_from:
-        from vlmtrain.config.load import validate
-        from vlmtrain.config.model import ModelConfig
-        from vlmtrain.model.io import NATIVE_CONFIG
-
-        native = Path(stage.init_from) / NATIVE_CONFIG
-        if native.is_file():
-            return [(stage, validate(ModelConfig, yaml.safe_load(native.read_text()), source=str(native)))]
-    raise ConfigError("model: the stage names no model config (give `model:`, or plan the recipe)", source=str(path))
-
-
-def plan_config(path: str | Path, gpu_memory: int, overrides: list[str] | None = None,
-                stage_name: str | None = None, opts: PlanOptions | None = None) -> MemoryPlan:
-    """Plan a stage YAML, or a recipe's `stage_name` (default: its most memory-hungry stage)."""
-    from vlmtrain.model.builder import build_model
-
-    plans = []
-    built: dict[str, object] = {}
-    for stage, mcfg in load_plan_stages(path, overrides, stage_name):
-        key = mcfg.model_dump_json()
-        if key not in built:
-            built[key] = build_model(mcfg, device="meta").model
-        plans.append(plan_stage(stage, mcfg, gpu_memory, opts, model=built[key]))
-    return max(plans, key=lambda pl: pl.peak)

@@ -1,6 +1,6 @@
 """Memory-planner geometry of native transformers VLM families (`vlmtrain.model.native`).
 
-`vlmtrain.train.plan` models one training step from a `Geometry`: the LLM's and the vision tower's block stacks,
+`vlmtrain.plan.core` models one training step from a `Geometry`: the LLM's and the vision tower's block stacks,
 per-image token counts, and the connector. This module fills that `Geometry` for a `NativeVLM` built on `meta`,
 so that parameters, gradients, optimizer states, LoRA/QLoRA and gradient checkpointing come from the same code
 as for composed models, and only what differs per family lives here:
@@ -39,12 +39,16 @@ as for composed models, and only what differs per family lives here:
   (`TracedLayers`), the gated full-attention layers keep the closed form (+ the gate's sigmoid); all experts'
   parameters count in weights / gradients / AdamW states, each token's top-k experts in the activations; the MoE
   router loss holds every layer's router logits to the end of the forward.
+- GLM-4.1V (`glm4v`): Qwen's dynamic resolution by its own `smart_resize` (an image counts as
+  `temporal_patch_size` frames against the pixel budget), a Qwen2.5-VL-style tower (RMSNorm + SwiGLU blocks, full
+  attention), the `downsample` conv (merge × merge patches → one token) and the merger traced as the connector,
+  and a decoder with sandwich norms after attention and after the MLP. GLM-4.5V (`glm4v_moe`) is not planned yet.
 - Packed rows (Qwen-VL families): `pack_len` tokens per row holding `--images-per-sample` images in all (the images
   of every sample packed into the row), transformers' block-diagonal mask from the restarting positions.
 
 Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and InternVL /
-Mllama, packed rows of the other families (and of Qwen3.5, which training refuses), LoRA on fused expert tensors,
-and what `native_refusals` refuses for training.
+Mllama / Gemma 4 / PaliGemma / GLM-4.5V, packed rows of the other families (and of Qwen3.5, which training
+refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
 from __future__ import annotations
@@ -54,16 +58,17 @@ import re
 from pathlib import Path
 
 from vlmtrain.errors import ConfigError
-from vlmtrain.train.plan import _ROLES, Geometry, StackGeo, _stack_geo, stacks_geometry
+from vlmtrain.plan.core import ROLES, Geometry, StackGeo, stack_geo, stacks_geometry, step_parts
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES)
+PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
+                    "glm4v")
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
 # ones, and of the Gated DeltaNet token mixer (its out_proj is "o" already)
-_NATIVE_ROLES = {**_ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2",
+_NATIVE_ROLES = {**ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2",
                  "in_proj_qkv": "in_qkv", "in_proj_z": "in_z", "in_proj_b": "in_b", "in_proj_a": "in_a"}
 # Qwen3-VL checkpoints' image budget (their preprocessor_config.json: size.shortest_edge / longest_edge, 256² … 4096²
 # px); transformers' class defaults are Qwen2-VL's.
@@ -78,12 +83,13 @@ def native_geometry(model, stage, model_cfg, opts) -> Geometry:
     worse of the smallest and the largest image the processor makes: image tokens sit inside `max_len`, so a large
     image grows the tower's share and a small one leaves more text positions whose logits the loss keeps. Raises
     ConfigError for families and stage features the planner does not model."""
-    if model.model_type.startswith("qwen") and opts.image_size is None:
+    if _qwen_like(model.model_type) and opts.image_size is None:
         vc = model.hf.config.vision_config
         budget = qwen_pixel_budget(model_cfg, model.model_type)
         unit = vc.patch_size * vc.spatial_merge_size
         sizes = {"smallest (min_pixels)": (unit, unit), "largest (max_pixels)": None}
-        geos = [_geometry(model, stage, model_cfg, opts, qwen_patches(vc, budget, size), f"the {name} image "
+        geos = [_geometry(model, stage, model_cfg, opts, qwen_patches(vc, budget, size, model.model_type == "glm4v"),
+                          f"the {name} image "
                           "(the worse of the smallest and the largest; --image-size HxW plans a given size)")
                 for name, size in sizes.items()]
         return _worst(geos, stage, opts)
@@ -207,8 +213,6 @@ def plan_refusal(model_type: str) -> str:
 
 def _worst(geos: list[Geometry], stage, opts) -> Geometry:
     """The candidate image geometry whose training step peaks highest."""
-    from vlmtrain.train.plan import step_parts
-
     return max(geos, key=lambda g: sum(step_parts(g, stage, stage.data.batch_size, opts)[0].values()))
 
 
@@ -238,8 +242,8 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         raise ConfigError("plan: " + "; ".join(problems))
     layers = {"llm": model.llm.model.layers, "vision": _block_list(model.vision)}
     text_cfg = model.llm.config
-    llm = _stack_geo(text_cfg, layers["llm"][0], rotary=True)
-    if mt.startswith("qwen"):
+    llm = stack_geo(text_cfg, layers["llm"][0], rotary=True)
+    if _qwen_like(mt):
         vis, image = _qwen(model, model_cfg, opts, layers["vision"][0], patches, how)
     elif mt in ("idefics3", "smolvlm"):
         vis, image = _idefics3(model, model_cfg, layers["vision"][0], opts.image_size, how)
@@ -248,6 +252,8 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     else:
         vis, image = _gemma3(model, opts, layers["vision"][0])
         llm.qk_norm = llm.post_norms = True
+    if mt == "glm4v":
+        llm.post_norms = True  # GLM-4 sandwich norms after attention and after the MLP
     if mt in QWEN3_FAMILIES:
         llm.qk_norm = True
         _hybrid_and_experts(model, stage, llm, layers["llm"])
@@ -260,6 +266,12 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     geo.notes = [f"{mt}: {opts.images_per_sample} image(s) per sample, {geo.image_tokens} LM tokens each "
                  f"({crops} tower patches); {how}"]
     return geo
+
+
+def _qwen_like(model_type: str) -> bool:
+    """Qwen-VL's dynamic resolution and tower layout: the Qwen families and GLM-4.1V (a Qwen2.5-VL-style block
+    stack; its `smart_resize` takes the same factor and pixel budget for one image)."""
+    return model_type.startswith("qwen") or model_type == "glm4v"
 
 
 def _block_list(role):
@@ -288,9 +300,9 @@ def saved_image_processor(model_cfg) -> dict:
 def qwen_pixel_budget(model_cfg, model_type: str = "qwen2_5_vl") -> tuple[int, int]:
     """(min_pixels, max_pixels) of the processor: transformers' defaults (Qwen3-VL: its checkpoints' budget), then
     the checkpoint folder's saved image processor (`saved_image_processor`), then the model config's `processor:`."""
-    from transformers import Qwen2VLImageProcessorPil
+    from transformers import Glm4vImageProcessorPil, Qwen2VLImageProcessorPil
 
-    size = dict(Qwen2VLImageProcessorPil.size)
+    size = dict((Glm4vImageProcessorPil if model_type == "glm4v" else Qwen2VLImageProcessorPil).size)
     budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
     if model_type in QWEN3_FAMILIES:
         budget = dict(zip(("min_pixels", "max_pixels"), QWEN3_VL_PIXELS))
@@ -301,15 +313,22 @@ def qwen_pixel_budget(model_cfg, model_type: str = "qwen2_5_vl") -> tuple[int, i
     return int(budget["min_pixels"]), int(budget["max_pixels"])
 
 
-def qwen_patches(vc, budget: tuple[int, int], image_size: tuple[int, int] | None) -> int:
+def qwen_patches(vc, budget: tuple[int, int], image_size: tuple[int, int] | None, glm: bool = False) -> int:
     """Tower patches of one image: (H'/patch)·(W'/patch) after `smart_resize`; without a size, the budget's
-    largest (max_pixels // (patch·merge)² LM tokens, each merge² patches)."""
+    largest (max_pixels // (patch·merge)² LM tokens, each merge² patches). `glm`: GLM-4.1V's `smart_resize`, which
+    counts an image as `temporal_patch_size` frames against the budget."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import smart_resize as glm_resize
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     unit = vc.patch_size * vc.spatial_merge_size
+    frames = int(vc.temporal_patch_size) if glm else 1
     if image_size is None:
-        return (budget[1] // unit**2) * vc.spatial_merge_size**2
-    h, w = smart_resize(image_size[0], image_size[1], factor=unit, min_pixels=budget[0], max_pixels=budget[1])
+        return (budget[1] // frames // unit**2) * vc.spatial_merge_size**2
+    if glm:
+        h, w = glm_resize(frames, image_size[0], image_size[1], temporal_factor=frames, factor=unit,
+                          min_pixels=budget[0], max_pixels=budget[1])
+    else:
+        h, w = smart_resize(image_size[0], image_size[1], factor=unit, min_pixels=budget[0], max_pixels=budget[1])
     return (h // vc.patch_size) * (w // vc.patch_size)
 
 
@@ -327,7 +346,8 @@ def _qwen(model, model_cfg, opts, block, patches: int | None, how: str) -> tuple
                    act_saves=2 if str(vc.hidden_act) == "quick_gelu" else 1,
                    attn_impl=str(getattr(vc, "_attn_implementation", None) or "sdpa"), rotary=True)
     if patches is None:
-        patches = qwen_patches(vc, qwen_pixel_budget(model_cfg, model.model_type), opts.image_size)
+        patches = qwen_patches(vc, qwen_pixel_budget(model_cfg, model.model_type), opts.image_size,
+                               model.model_type == "glm4v")
         how = f"a {opts.image_size[0]}x{opts.image_size[1]} image through the processor's resize"
     merge = vc.spatial_merge_size**2
     image = dict(vision_used_layers=len(model.vision.model.blocks), vision_tokens=patches,
@@ -339,9 +359,12 @@ def _qwen(model, model_cfg, opts, block, patches: int | None, how: str) -> tuple
 
 def _qwen_mergers(model):
     """The module the planner traces for the connector: the merger, and for Qwen3-VL also each DeepStack merger,
-    every one over the tower's tokens (the DeepStack ones read intermediate layers: same shape, same saved bytes)."""
+    every one over the tower's tokens (the DeepStack ones read intermediate layers: same shape, same saved bytes);
+    GLM-4.1V's `downsample` conv (merge × merge patches → one token) then its merger."""
     from torch import nn
 
+    if model.model_type == "glm4v":
+        return _glm4v_connector(model.connector, model.hf.config.vision_config.spatial_merge_size)
     deepstack = getattr(model.connector, "deepstack_merger_list", None)
     if deepstack is None:
         return model.connector.merger
@@ -357,6 +380,24 @@ def _qwen_mergers(model):
     return AllMergers()
 
 
+def _glm4v_connector(connector, merge: int):
+    """GLM-4.1V's connector as its tower runs it after the post-layernorm (`Glm4vVisionModel.forward`): the merge ×
+    merge patches of each LM token through the `downsample` conv, then the merger: `[n_img, patches, d] →
+    [n_img·patches/merge², d_lm]`."""
+    from torch import nn
+
+    class Glm4vConnector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.downsample, self.merger = connector.downsample, connector.merger
+
+        def forward(self, x):
+            x = x.reshape(-1, merge, merge, x.shape[-1]).permute(0, 3, 1, 2)
+            return self.merger(self.downsample(x).reshape(-1, self.downsample.out_channels))
+
+    return Glm4vConnector()
+
+
 # ---- Gemma 3 --------------------------------------------------------------------------------------------------------
 
 def _gemma3(model, opts, block) -> tuple[StackGeo, dict]:
@@ -368,7 +409,7 @@ def _gemma3(model, opts, block) -> tuple[StackGeo, dict]:
                  connector_name="native:gemma3", connector_module=model.connector.projector,
                  how=f"fixed per image ({vc.image_size}² SigLIP input, average-pooled"
                      + ("; --image-size is ignored" if opts.image_size else "") + ")")
-    return _stack_geo(vc, block, rotary=False), image
+    return stack_geo(vc, block, rotary=False), image
 
 
 
@@ -417,7 +458,7 @@ def _idefics3(model, model_cfg, block, image_hw, how: str) -> tuple[StackGeo, di
                  image_size=crop, image_tokens=lm_tokens, crops_per_image=crops,
                  connector_name=f"native:{model.model_type}", connector_module=model.connector.projector,
                  how=how or f"a {image_hw[0]}x{image_hw[1]} image: {crops} crop(s) of {crop}² by the processor's rule")
-    return _stack_geo(vc, block, rotary=False), image
+    return stack_geo(vc, block, rotary=False), image
 
 
 # ---- LLaVA / LLaVA-NeXT / LLaVA-OneVision ---------------------------------------------------------------------------
@@ -504,4 +545,4 @@ def _llava(model, block, image_hw, images_per_sample: int, how: str) -> tuple[St
                  how=how or (f"a {image_hw[0]}x{image_hw[1]} image: {crops} crop(s) of {vc.image_size}² by "
                              "transformers' AnyRes rule" if model.model_type != "llava"
                              else f"fixed per image ({vc.image_size}² tower input)"))
-    return _stack_geo(vc, block, rotary=False), image
+    return stack_geo(vc, block, rotary=False), image
