@@ -145,7 +145,7 @@ def write_checkpoint(family: str, out: Path) -> dict:
     from vlmtrain.model.native.families import FAMILIES
     from vlmtrain.model.native.processor import build_image_only, save_processor
     from vlmtrain.model.native.tiny import tiny_parts
-    from vlmtrain.model.native_templates import official_template
+    from vlmtrain.model.native.templates import official_template
 
     spec = SCALE[family]
     cfg, ip, tok, proc_kwargs = tiny_parts(family)

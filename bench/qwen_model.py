@@ -31,7 +31,7 @@ def write_checkpoint(out: str | Path, quick: bool = False, seed: int = 0) -> Pat
 
     from vlmtrain.model.native.processor import build_image_only, save_processor
     from vlmtrain.model.native.tiny import tiny_parts, write_tiny_checkpoint
-    from vlmtrain.model.native_templates import official_template
+    from vlmtrain.model.native.templates import official_template
 
     if quick:
         return write_tiny_checkpoint(FAMILY, out, seed=seed)

@@ -66,9 +66,9 @@ def test_readme_command_table_matches_the_cli():
 def _saved_model(tmp_path):
     from conftest import tiny_bundle
 
-    from vlmtrain.model.io import save_native
+    from vlmtrain.model.io import save_vlmtrain
 
-    return save_native(tiny_bundle(), tmp_path / "model")
+    return save_vlmtrain(tiny_bundle(), tmp_path / "model")
 
 
 def test_export_killed_midway_leaves_the_previous_export_whole_and_a_rerun_replaces_it(tmp_path, monkeypatch):
@@ -81,13 +81,13 @@ def test_export_killed_midway_leaves_the_previous_export_whole_and_a_rerun_repla
     assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / "stale.txt").write_text("left by an earlier export")
-    real = io.save_native
+    real = io.save_vlmtrain
 
     def dies_part_way(bundle, folder):
         real(bundle, folder)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "save_native", dies_part_way)
+    monkeypatch.setattr(io, "save_vlmtrain", dies_part_way)
     with pytest.raises(OSError):
         main(["export", str(src), "--format", "vlmtrain", "--out", str(out)])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "stale.txt"} == first
@@ -96,7 +96,7 @@ def test_export_killed_midway_leaves_the_previous_export_whole_and_a_rerun_repla
     dead.wait()  # a SIGKILLed export's staging folder (its pid no longer runs) is cleared by the next export
     (tmp_path / f".export.export-{dead.pid}").mkdir()
     (tmp_path / f".export.export-{dead.pid}" / "config.json").write_text("{}")
-    monkeypatch.setattr(io, "save_native", real)
+    monkeypatch.setattr(io, "save_vlmtrain", real)
     assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # stale.txt gone with the replaced folder
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -108,7 +108,7 @@ def test_export_killed_midway_leaves_the_previous_export_whole_and_a_rerun_repla
         (Path(folder) / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(Path(folder) / "base")}))
         return folder
 
-    monkeypatch.setattr(io, "save_native", records_its_folder)
+    monkeypatch.setattr(io, "save_vlmtrain", records_its_folder)
     assert main(["export", str(src), "--format", "vlmtrain", "--out", str(out)]) == 0
     assert json.loads((out / "adapter_config.json").read_text()) == {"base_model_name_or_path": str(out / "base")}
 

@@ -89,7 +89,7 @@ def test_flower_fedavg_is_the_weighted_mean_by_hand():
 def test_sites_are_patient_disjoint_and_skewed_by_modality():
     from types import SimpleNamespace
 
-    from vlmtrain.fed.sites import assign_patients
+    from vlmtrain.fed.site_data import assign_patients
 
     samples = [SimpleNamespace(record={"id": f"r{i}", "meta": {"patient_group": f"p{i // 2}",
                                                                  "modality": ["CT", "OP"][(i // 2) % 2]}})
@@ -104,7 +104,7 @@ def test_sites_are_patient_disjoint_and_skewed_by_modality():
 
 def test_gate_report_required(tmp_path):
     from vlmtrain.errors import VlmtrainError
-    from vlmtrain.fed.sites import check_gate_report
+    from vlmtrain.fed.site_data import check_gate_report
 
     with pytest.raises(VlmtrainError, match="passed the privacy gate"):
         check_gate_report(tmp_path)

@@ -7,7 +7,7 @@ from conftest import TINY, TINY_SIGLIP, VLMTRAIN, tiny_bundle
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.model.hf_llava import export_llava
 from vlmtrain.model.inference import generate_text, prompt_messages
-from vlmtrain.model.io import load_any, save_native
+from vlmtrain.model.io import load_any, save_vlmtrain
 
 CASES = {
     "clip-llama-mlp2x": (TINY, []),
@@ -76,8 +76,8 @@ def test_other_connectors_refuse_llava_and_round_trip_natively(connector, tmp_pa
     bundle = tiny_bundle(TINY, [f"connector.name={connector}", *args.get(connector, [])], seed=5)
     with pytest.raises(VlmtrainError, match="no transformers Llava equivalent"):
         export_llava(bundle, tmp_path / "hf")
-    save_native(bundle, tmp_path / "native")
-    back = load_any(tmp_path / "native")
+    save_vlmtrain(bundle, tmp_path / "vlmtrain")
+    back = load_any(tmp_path / "vlmtrain")
     ids = torch.tensor([[5, 6] + [bundle.model.image_token_id] * bundle.model.num_image_tokens + [7]])
     pix = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_cli_export_and_generate_match_transformers(tmp_path, digit_image):
     from transformers import LlavaForConditionalGeneration
 
     bundle = tiny_bundle(TINY, [], seed=6)
-    save_native(bundle, tmp_path / "model")
+    save_vlmtrain(bundle, tmp_path / "model")
     img = tmp_path / "digit.png"
     digit_image.save(img)
     r = subprocess.run([*VLMTRAIN, "export", str(tmp_path / "model"), "--format", "hf-llava", "--out",

@@ -68,7 +68,7 @@ def test_forward_equals_transformers_logits_exactly(bundles, family):
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_checkpoint_carries_the_official_template_and_labels_are_the_assistant_spans(bundles, family):
     from vlmtrain.model.native.families import FAMILIES
-    from vlmtrain.model.native_templates import official_template, training_template
+    from vlmtrain.model.native.templates import official_template, training_template
 
     bundle = bundles(family)
     key = FAMILIES[family].template

@@ -123,7 +123,7 @@ def test_text_only_samples_get_image_rows_and_equal_their_forward_alone(bundle):
 
 def test_checkpoint_carries_the_official_template_and_labels_are_the_assistant_spans(bundle):
     from vlmtrain.model.native.families import FAMILIES
-    from vlmtrain.model.native_templates import official_template, training_template
+    from vlmtrain.model.native.templates import official_template, training_template
 
     assert FAMILIES["mllama"].template == "mllama"
     assert bundle.processor.chat_template == official_template("mllama")

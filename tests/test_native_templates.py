@@ -14,8 +14,8 @@ import re
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from vlmtrain.model import native_templates
-from vlmtrain.model.native_templates import FAMILIES, official_template, training_template
+from vlmtrain.model.native import templates as native_templates
+from vlmtrain.model.native.templates import FAMILIES, official_template, training_template
 
 # SHA-256 of each official template's UTF-8 bytes, computed from the upstream copies (see the module's comments):
 # huggingface.js e2e.test.js / chat-template-automap.ts, openvino.genai chat_template_fallback_map.hpp (8433e664e^),

@@ -177,8 +177,8 @@ def test_record_identifiers_are_removed_in_any_form(scrubber):
             "No acute fracture.")
     assert scrubber.clean(text, known).text == (
         "[NAME] (ref [ID]) at [LOCATION]; [NAME] was calm. [NAME] re-scanned. No acute fracture.")
-    # without being told, the invented name is not found: the known identifiers are what catches it
-    assert "Zorbaugh" in scrubber.clean("Quillon Zorbaugh was calm.").text
+    # without being told, a family name alone in lower case is not found: the known identifiers are what catch it
+    assert "zorbaugh" in scrubber.clean("Seen today; zorbaugh was calm.").text
 
 
 def test_short_name_parts_match_only_as_written(scrubber):
@@ -263,3 +263,43 @@ def test_zip3_is_kept_only_where_the_policy_asks_and_the_area_is_large():
     # 823 is one of HHS's 3-digit areas under 20,000 people: removed whole, never 823**
     assert keep.clean(text).text == "Home: [ADDRESS], Oregon 973**. Second home: Wyoming [ZIP]. ZIP+4 021**."
     assert PhiScrubber().clean(text).text == "Home: [ADDRESS], Oregon [ZIP]. Second home: Wyoming [ZIP]. ZIP+4 [ZIP]."
+
+
+# ---- names with no cue at all: no title, label, credential or relation ----------------------------------------
+# Names in none of these frames or lists were read while writing the detector (the corpora's are in bench/).
+
+NO_CUE = [
+    # given and family name in no list and no dictionary
+    ("Chukwuemeka Anyanwu reports less dizziness.", "[NAME] reports less dizziness."),
+    # letters beyond ASCII
+    ("Message left for Zoë Łukasiewicz.", "Message left for [NAME]."),
+    # an eponym after a given name, no clinical head noun after it
+    ("Ngozika Paget returned today.", "[NAME] returned today."),
+    ("Aurelio Wilson confirmed the plan.", "[NAME] confirmed the plan."),
+    # a given name that is an English word, before a family name no dictionary holds, where a person stands
+    ("Saffron Nakashima-Oduya agrees with the plan.", "[NAME] agrees with the plan."),
+    ("Per Temperance MacIlwraith-Odhiambo, the pain eased.", "Per [NAME], the pain eased."),
+    ("Kaito Brzezinski's pain is better.", "[NAME]'s pain is better."),
+]
+
+# Capitalised pairs that are no person: departments, inflected words after an initial, hyphenated eponyms
+NO_CUE_KEPT = [
+    "Nuclear Medicine reports uptake in the thyroid. Interventional Radiology placed the drain.",
+    "Wound Care reports a clean dressing. Pastoral Care visited.",
+    "Referred to Physical Therapy and Occupational Therapy.",
+    "Child-Pugh B. Results were discussed.",
+    "Known Hill-Sachs lesion. Known Doppler, stable. Swan-Ganz catheter removed.",
+    "Glasgow Coma Scale 15. Findings Consistent With Paget Disease.",
+    "Kaposi Sarcoma and Hashimoto Thyroiditis were excluded.",
+]
+
+
+@pytest.mark.parametrize("text,expected", NO_CUE)
+def test_names_with_no_cue_are_replaced(scrubber, text, expected):
+    assert scrubber.clean(text).text == expected
+
+
+@pytest.mark.parametrize("text", NO_CUE_KEPT)
+def test_capitalised_pairs_that_are_no_person_are_kept(scrubber, text):
+    result = scrubber.clean(text)
+    assert result.text == text and not result.counts

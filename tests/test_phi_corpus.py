@@ -79,7 +79,8 @@ def test_bench_phi_quick_runs_every_installed_side(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     full = json.loads((tmp_path / "p.json").read_text())
-    assert set(full["corpora"]) == {"own", "faker", "names_geo", "nocue"} and full["corpora"]["own"]["records"] == 30
+    assert set(full["corpora"]) == {"own", "faker", "names_geo", "nocue", "nocue_holdout"}
+    assert full["corpora"]["own"]["records"] == 30
     for side in ("vlmtrain (+ record's name and id)", "scrubadub 2.0.1 (default detectors)",
                  "presidio-analyzer (pattern recognizers)"):
         assert 0.0 <= full["sides"][side]["own"]["recall_all"] <= 1.0, side

@@ -46,7 +46,7 @@ def cmd_site(args) -> int:
     import os
 
     from vlmtrain.fed.deploy import flower_env, supernode_command
-    from vlmtrain.fed.sites import check_gate_report
+    from vlmtrain.fed.site_data import check_gate_report
 
     site_dir = Path(args.site_dir)
     check_gate_report(site_dir / "shards")

@@ -119,7 +119,7 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
     `local_sites=False` (`fed coordinator`): the sites hold their own data on their own hosts; the plan names them
     only."""
     from vlmtrain.fed.arrays import trainable_arrays
-    from vlmtrain.fed.sites import prepare_sites
+    from vlmtrain.fed.site_data import prepare_sites
     from vlmtrain.train.runner import fit_stage
 
     out = Path(out)

@@ -26,7 +26,7 @@ from vlmtrain import atomic
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.fed.arrays import load_trainable, trainable_arrays
 from vlmtrain.fed.ledger import Ledger
-from vlmtrain.fed.sites import check_gate_report, dataset_key
+from vlmtrain.fed.site_data import check_gate_report, dataset_key
 from vlmtrain.train.stage import StageRun
 
 log = logging.getLogger("vlmtrain.fed")

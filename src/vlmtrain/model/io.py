@@ -1,6 +1,7 @@
-"""vlmtrain's own model folder, and resolution of "a model source" (native folder, HF Llava folder).
+"""vlmtrain's own model folder, and resolution of "a model source" (a vlmtrain folder, a transformers folder of a
+native family, an HF Llava folder).
 
-Native folder layout (any connector, reloads exactly):
+vlmtrain folder layout (any connector, reloads exactly; `save_vlmtrain` / `load_vlmtrain`):
     vlmtrain_model.yaml   the ModelConfig with inline HF configs (no hub ids needed to rebuild)
     model.safetensors     the VLM state dict
     tokenizer files, preprocessor_config.json
@@ -15,7 +16,7 @@ import yaml
 
 from vlmtrain.errors import VlmtrainError
 
-NATIVE_CONFIG = "vlmtrain_model.yaml"
+VLMTRAIN_CONFIG = "vlmtrain_model.yaml"
 
 
 def resolved_config_dict(bundle) -> dict:
@@ -53,12 +54,12 @@ def _plain_state_dict(model) -> dict:
     return out
 
 
-def save_native(bundle, out: str | Path) -> Path:
+def save_vlmtrain(bundle, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / NATIVE_CONFIG).write_text(yaml.safe_dump(resolved_config_dict(bundle), sort_keys=False))
+    (out / VLMTRAIN_CONFIG).write_text(yaml.safe_dump(resolved_config_dict(bundle), sort_keys=False))
     save_file(_plain_state_dict(bundle.model), str(out / "model.safetensors"))
     bundle.tokenizer.save_pretrained(out)
     bundle.image_processor.save_pretrained(out)
@@ -71,10 +72,10 @@ def save_model_folder(bundle, out: str | Path) -> Path:
         from vlmtrain.model.native.build import save_native_hf
 
         return save_native_hf(bundle, out)
-    return save_native(bundle, out)
+    return save_vlmtrain(bundle, out)
 
 
-def load_native(path: str | Path, device: str = "cpu"):
+def load_vlmtrain(path: str | Path, device: str = "cpu"):
     from safetensors.torch import load_model
 
     from vlmtrain.config.load import validate
@@ -82,23 +83,23 @@ def load_native(path: str | Path, device: str = "cpu"):
     from vlmtrain.model.builder import build_model
 
     path = Path(path)
-    data = yaml.safe_load((path / NATIVE_CONFIG).read_text())
+    data = yaml.safe_load((path / VLMTRAIN_CONFIG).read_text())
     data["tokenizer"]["pretrained"] = str(path)
     data["image_processor"]["pretrained"] = str(path)
-    cfg = validate(ModelConfig, data, source=str(path / NATIVE_CONFIG))
+    cfg = validate(ModelConfig, data, source=str(path / VLMTRAIN_CONFIG))
     bundle = build_model(cfg, device=device, load_weights=False)
     load_model(bundle.model, str(path / "model.safetensors"), strict=True, device=str(device))
     return bundle
 
 
 def detect_source(path: str | Path) -> str:
-    """'native' (vlmtrain's composed folder) | 'hf-llava' | 'hf-native' (a transformers image-text-to-text
-    folder: the native kind) for a folder; raise a clear error otherwise."""
+    """'vlmtrain' (vlmtrain's own folder) | 'hf-llava' | 'hf-native' (a transformers image-text-to-text folder:
+    the native kind) for a folder; raise a clear error otherwise."""
     from vlmtrain.model.native.build import is_native_folder
 
     path = Path(path)
-    if (path / NATIVE_CONFIG).is_file():
-        return "native"
+    if (path / VLMTRAIN_CONFIG).is_file():
+        return "vlmtrain"
     if is_native_folder(path):
         return "hf-native"
     cfg = path / "config.json"
@@ -109,14 +110,14 @@ def detect_source(path: str | Path) -> str:
         raise VlmtrainError(f"{cfg}: model_type {mt!r} is not an image-text-to-text model vlmtrain can load")
     if not path.exists():
         raise VlmtrainError(f"{path}: no such file or folder")
-    raise VlmtrainError(f"{path}: not a vlmtrain model folder ({NATIVE_CONFIG}) nor a transformers Llava folder")
+    raise VlmtrainError(f"{path}: not a vlmtrain model folder ({VLMTRAIN_CONFIG}) nor a transformers Llava folder")
 
 
 def load_any(path: str | Path, device: str = "cpu"):
-    """Load a ModelBundle from a native folder or a transformers Llava folder."""
+    """Load a ModelBundle from a vlmtrain folder, a native family's transformers folder or a Llava folder."""
     kind = detect_source(path)
-    if kind == "native":
-        return load_native(path, device)
+    if kind == "vlmtrain":
+        return load_vlmtrain(path, device)
     if kind == "hf-native":
         from vlmtrain.model.native.build import load_native_folder
 

@@ -79,9 +79,9 @@ def load_plan_stages(path: str | Path, overrides: list[str] | None = None, stage
     if stage.init_from:
         from vlmtrain.config.load import validate
         from vlmtrain.config.model import ModelConfig
-        from vlmtrain.model.io import NATIVE_CONFIG
+        from vlmtrain.model.io import VLMTRAIN_CONFIG
 
-        native = Path(stage.init_from) / NATIVE_CONFIG
+        native = Path(stage.init_from) / VLMTRAIN_CONFIG
         if native.is_file():
             return [(stage, validate(ModelConfig, yaml.safe_load(native.read_text()), source=str(native)))]
     raise ConfigError("model: the stage names no model config (give `model:`, or plan the recipe)", source=str(path))

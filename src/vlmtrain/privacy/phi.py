@@ -29,7 +29,9 @@ Three sources of detections, merged (overlaps become one span, tagged by the lon
    - AGE>89, ID (after ~60 record/account/plan/licence/device/vehicle labels; 6+ digit runs; codes mixing
      capitals and 4+ digits; SSN shapes; VINs), URL, IP (v4/v6, checked by `ipaddress`);
    - NAME: titles, labels (incl. `Family, Given`), `signed/read/… by`, `discussed/reviewed with`, relatives
-     (`his daughter, Anna Roe`), a name before credentials (`, MD`/`, NP`), census name pairs, DICOM `FAMILY^GIVEN`;
+     (`his daughter, Anna Roe`), a name before credentials (`, MD`/`, NP`), DICOM `FAMILY^GIVEN`, and with no cue
+     at all `_dictionary_names`: pairs from name lists (Faker, the 1990 US Census in `names`, gender-guesser's
+     given names) or of capitalised words no English dictionary holds (GCIDE in `english-words`);
    - ADDRESS: house number + street with a USPS suffix (+ unit, city, state, ZIP), `City, ST [ZIP]`, PO boxes,
      ZIP after a state or label, and US city names from GeoNames after `in`/`from`/`resides in`;
      LOCATION: named hospitals and clinics.
@@ -38,8 +40,9 @@ Three sources of detections, merged (overlaps become one span, tagged by the lon
    fourteenth of March`, `Name: john smith`) — the label says PHI follows, and its extent is unknown.
 
 Guarantee and limit: every detection listed above is replaced; names that appear with no title, label,
-relation, dictionary pair or known value (`seen with Zork today`) and invented towns with no state code are not
-found — pattern-based scrubbing is
+relation, name pair or known value (a family name alone, `zork was seen`; a given name that is an English word
+and in no list before a surname that is one too, `Juniper Underwood`) and invented towns with no state code are
+not found — pattern-based scrubbing is
 best-effort for free names, which is why the record's own names are passed in and why refusal exists.
 """
 
@@ -50,7 +53,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from vlmtrain.privacy.phi_patterns import PATTERNS, STATE_ANY, STATE_NAMES, TITLE, city_spans, phonenumbers_spans
+from vlmtrain.privacy.phi_patterns import (PATTERNS, PLACE_SUFFIX, STATE_ANY, STATE_NAMES, TITLE, city_spans,
+                                          phonenumbers_spans)
 
 CATEGORIES = ("NAME", "DATE", "ID", "PHONE", "EMAIL", "URL", "IP", "ADDRESS", "ZIP", "LOCATION", "AGE>89")
 TAG = {c: f"[{c}]" for c in CATEGORIES}
@@ -156,11 +160,14 @@ EPONYMS = frozenset(w.lower() for w in (
 
 @lru_cache(maxsize=1)
 def _name_lists() -> tuple[frozenset, frozenset]:
-    """Lower-cased first and last names from Faker's person providers (`_NAME_LOCALES`), eponyms removed."""
+    """Lower-cased first and last names from Faker's person providers (`_NAME_LOCALES`) and first names from
+    gender-guesser's `nam_dict.txt` (~46,000 given names of 50+ countries, Jörg Michael's list; its entries that are
+    common English words, "Will", "The", are left out). Eponyms stay in: `_dictionary_names` decides on them."""
     import importlib
 
-    first: set = set()
-    last: set = set()
+    first: set = {n for n in _gender_guesser_names() + _census("dist.female.first") + _census("dist.male.first")
+                  if n.lower() not in _common_words()}
+    last: set = set(_census("dist.all.last"))
     for loc in _NAME_LOCALES:
         try:
             prov = importlib.import_module(f"faker.providers.person.{loc}").Provider
@@ -171,9 +178,56 @@ def _name_lists() -> tuple[frozenset, frozenset]:
         last |= set(getattr(prov, "last_names", ()))
 
     def clean(names):
-        return frozenset(n.lower() for n in names if len(n) >= 2 and n.isascii() and n.replace("-", "").
+        folded = (_fold(n) for n in names)
+        return frozenset(n for n in folded if len(n) >= 2 and n.isascii() and n.replace("-", "").
                          replace("'", "").isalpha())
     return clean(first), clean(last)
+
+
+@lru_cache(maxsize=1)
+def _surnames_and_eponyms() -> frozenset:
+    return _name_lists()[1] | EPONYMS
+
+
+def _fold(word: str) -> str:
+    """Lower case without accents ("Inés" -> "ines"), the form the lists are looked up in."""
+    import unicodedata
+
+    return "".join(c for c in unicodedata.normalize("NFKD", word.lower()) if not unicodedata.combining(c))
+
+
+def _census(filename: str) -> list[str]:
+    """Names of the 1990 US Census lists shipped in the `names` package (0.3.0): 88,799 surnames, 5,163 given
+    names, one per line, the name first."""
+    from importlib.resources import files
+
+    return [line.split(None, 1)[0] for line in files("names").joinpath(filename).read_text().splitlines()
+            if line.strip()]
+
+
+def _gender_guesser_names() -> list[str]:
+    """Given names in gender-guesser 0.4.0's `nam_dict.txt`: a fixed-width table whose name field is columns
+    3-29 (`+` joins the parts of a compound name: `Mei+Lin`). Read directly: the package's Detector builds a
+    per-country table for each lookup, far more than a membership test needs."""
+    from importlib.resources import files
+
+    text = files("gender_guesser").joinpath("data", "nam_dict.txt").read_text(encoding="iso-8859-1")
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#") or len(line) < 30 or line[0] not in "MF?=1":
+            continue
+        out.append(line[3:29].strip().replace("+", "-"))
+    return out
+
+
+@lru_cache(maxsize=1)
+def _english_words() -> frozenset:
+    """Lower-cased words of the GNU Collaborative International Dictionary of English (`english-words`' gcide
+    list, ~114,000 words). A capitalised word in it ("Physical", "Therapy", "Wound") is no evidence of a name; one
+    outside it and outside the name lists ("Oluwaseun", "Przybylski") is."""
+    from english_words import get_english_words_set
+
+    return frozenset(get_english_words_set(["gcide"], alpha=True, lower=True))
 
 
 @lru_cache(maxsize=1)
@@ -202,24 +256,109 @@ def _is_family(word: str, last: frozenset) -> bool:
                          and not _CLINICAL_HEAD.fullmatch(word))
 
 
-_WORD = r"(?:Mc|Mac|O['’])?[A-Z](?:[a-z]+|[A-Z]+)(?:[A-Z][a-z]+)?(?:-[A-Z](?:[a-z]+|[A-Z]+))?"
+# Letters of the Latin alphabets names are written in (Latin-1 and Extended-A: Inés, Wiśniewska, Ó Briain)
+_UP, _LO = "A-ZÀ-ÖØ-ÞĀ-ſ", "a-zß-öø-ÿĀ-ſ"
+_WORD = (rf"(?:Mc|Mac|O['’]|Ó[ \t]+)?[{_UP}](?:[{_LO}]+|[{_UP}]+)(?:[{_UP}][{_LO}]+)?"
+         rf"(?:-(?:Mc|Mac|O['’])?[{_UP}{_LO}](?:[{_LO}]+|[{_UP}]+)(?:[{_UP}][{_LO}]+)?)?")
 _INITIAL = r"[A-Z]\."
-_PAIR = re.compile(rf"\b(?=({_WORD})\s+(?:{_INITIAL}\s+)?({_WORD})\b)")
+_PAIR = re.compile(rf"(?<![\w'’-])(?=({_WORD})\s+(?:{_INITIAL}\s+)?({_WORD})(?![\w]))")
 _REVERSED_PAIR = re.compile(rf"\b(?=({_WORD}),\s*({_WORD})\b)")
+
+
+# Clinical and English derivational word endings that GCIDE (a dictionary of 1913 and later additions) lacks
+# words with ("Radiology", "Interventional", "Orthopedics", "Electronically"): only a word in no name list is
+# tested, and names that end so ("Kelly", "Olive") are in the lists. Hand-written: no package lists medical
+# vocabulary offline.
+_CLINICAL_SUFFIX = re.compile(r"(?i).*(?:ology|ologic|ologist|ional|ation|ical|ics|iatry|iatric|itis|osis|ectomy|"
+                              r"otomy|oscopy|ography|pathy|emia|plasty|ogram|ism|ment|ness|ility|ive|ous|ally|"
+                              r"ically|ingly|edly)")
+
+
+def _in_dictionary(w: str) -> bool:
+    """`w` (lower case) or its stem is an English word: GCIDE lists headwords, not "results", "findings",
+    "studies", "noted"."""
+    words = _english_words()
+    stems = {w, w[:-1] if w.endswith("s") else w, w[:-2] if w.endswith(("es", "ed")) else w,
+             w[:-3] + "y" if w.endswith("ies") else w, w[:-1] if w.endswith("ed") else w,
+             w[:-3] if w.endswith("ing") else w, w[:-3] + "e" if w.endswith("ing") else w}
+    return any(x in words for x in stems)
+
+
+def _unlisted_word(word: str, names: frozenset) -> bool:
+    """A word that reads as a name part: in `names`, or in no English dictionary, common-word list, state or
+    clinical-head list and without a clinical ending ("Oluwaseun", "Przybylski"). A double-barrelled word
+    ("Haddadi-Baker") is one when any of its parts is."""
+    parts = [p for p in re.split(r"[-\s]+", word) if p.strip("'’")]
+    if len(parts) > 1:
+        return any(_unlisted_word(p, names) for p in parts)
+    w = _fold(word)
+    if w in names:
+        return True
+    return (len(w.strip("-'’")) >= 2 and not _in_dictionary(w) and w not in _common_words()
+            and word.title() not in STATE_NAMES and not _CLINICAL_HEAD.fullmatch(word)
+            and not _CLINICAL_SUFFIX.fullmatch(w))
+
+
+def _plain_word(word: str) -> bool:
+    """A capitalised word that may be a given name: not a common word, eponym, state, clinical head or word with a
+    clinical ending."""
+    w = _fold(word)
+    return (len(w) >= 2 and w not in _common_words() and w not in EPONYMS and word.title() not in STATE_NAMES
+            and not _CLINICAL_HEAD.fullmatch(word) and not _CLINICAL_SUFFIX.fullmatch(w))
+
+
+def _plain_family(word: str) -> bool:
+    """A family name for a pair whose given name is an English word: in no dictionary (a listed surname that is a
+    word, "Care", "Scale", would make "Wound Care reports" a person) and not an eponym (nor a part of a
+    double-barrelled one: "Hill-Sachs", "Swan-Ganz")."""
+    parts = [_fold(p) for p in word.split("-")]
+    return not any(p in EPONYMS for p in parts) and _unlisted_word(word, frozenset())
+
+
+# Where a person, not a disease or device, stands (general English syntax, not the corpora's frames): before a
+# verb of reporting, agreeing or acting, an auxiliary, a possessive or "and"; after a preposition or verb that
+# takes a person ("explained to", "by", "with", "for", "per", "from").
+_SUBJECT_AFTER = re.compile(
+    r"(?:['’]s\b|[ \t]+(?:and|was|is|has|had|will|would|can|could|should|may|might|did|does|do|were|are|"
+    r"presents|presented|reports|reported|states|stated|denies|denied|agrees|agreed|confirmed|confirms|notes|"
+    r"noted|requests|requested|asks|asked|feels|felt|declined|declines|prefers|preferred|underwent|returned|"
+    r"returns|arrived|tolerated|called|reviewed|saw|signed|says|said|understands|consented|wishes|wants|"
+    r"complains|describes|endorses|verbalized|verbalizes|received|remains|continues|lives|works)\b)")
+_OBJECT_BEFORE = re.compile(r"\b(?i:by|to|with|for|per|from|and|or)[ \t]+$")
+
+
+def _person_slot(text: str, start: int, end: int) -> bool:
+    return bool(_SUBJECT_AFTER.match(text, end) or _OBJECT_BEFORE.search(text, max(0, start - 12), start))
 
 
 def _dictionary_names(text: str) -> list[tuple[int, int]]:
     """`Given [M.] Family` where the given name is in the lists and the family name is too, or is a capitalised
-    word no list knows (`_is_family`); `Family, Given` where both are in the lists (same case style)."""
+    word no list knows (`_is_family`); `Given [M.] Family` where neither is in the lists but both read as name
+    parts and neither as an English word (`_unlisted_word`: "Oluwaseun Oyelowo"); a given name that is an English
+    word before such a family name where a person stands (`_person_slot`: "Juniper Okafor agrees"); `Family,
+    Given` where both are in the lists (same case style). A pair never starts with an eponym, never ends in one
+    before a clinical head noun ("Lionel Wilson Disease" is a disease), and is never a state or, unless the lists
+    say so, a town ("Millbrook Falls")."""
     first, last = _name_lists()
     spans = []
     for m in _PAIR.finditer(text):
         a, b = m.group(1), m.group(2)
-        if a.isupper() != b.isupper() or a.lower() not in first or a.lower() in EPONYMS:
+        if a.isupper() != b.isupper() or a.lower() in EPONYMS:
             continue
-        if b.lower() in EPONYMS and _CLINICAL_HEAD.match(text, m.end(2)):  # "Lionel Wilson Disease" is a disease
+        if b.lower() in EPONYMS and _CLINICAL_HEAD.match(text, m.end(2)):
             continue
-        if b.lower() in last or (a.lower() not in _common_words() and _is_family(b, last)):
+        if f"{a} {b}".title() in STATE_NAMES or b.title() in STATE_NAMES:  # "NORTH CAROLINA": a state
+            continue
+        if _fold(a) in first and (_fold(b) in last or (a.lower() not in _common_words() and _is_family(b, last))):
+            spans.append((m.start(1), m.end(2)))
+        elif PLACE_SUFFIX.fullmatch(b):  # "Millbrook Falls", "Cedar Hollow": a town, found as one
+            continue
+        elif not a.isupper() and _unlisted_word(a, first) and _unlisted_word(b, _surnames_and_eponyms()):
+            # an eponym after a given name with no clinical head noun after it is a surname ("Sipho Colles")
+            spans.append((m.start(1), m.end(2)))
+        elif _plain_word(a) and _plain_family(b) and _person_slot(text, m.start(1), m.end(2)):
+            # a given name that is also an English word and in no list ("Juniper", "Jarrah") before a family
+            # name, where a person stands: "Juniper Okafor agrees", "explained to Jarrah Murphy"
             spans.append((m.start(1), m.end(2)))
     for m in _REVERSED_PAIR.finditer(text):
         a, b = m.group(1), m.group(2)

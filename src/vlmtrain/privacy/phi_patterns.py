@@ -80,6 +80,9 @@ _STREET = (r"(?:Alley|Aly|Annex|Arcade|Avenue|Ave|Av|Bayou|Beach|Bend|Bluffs?|Bo
            r"Shores?|Skyway|Springs?|Spurs?|Squares?|Sq|Stravenue|Stream|Streets?|St|Summit|Terrace|Ter|"
            r"Throughway|Trace|Track|Trafficway|Trail|Trl|Trailer|Tunnel|Turnpike|Underpass|Unions?|Valleys?|Via|"
            r"Viaduct|Views?|Villages?|Ville|Vista|Walks?|Wall|Ways?|Wells?|Close|Gardens|Keys?|Rest|Station|Centers)")
+# A town's last word is often one of these too ("Millbrook Falls", "Cedar Hollow"): a pair ending so is no name
+# unless the lists say it is
+PLACE_SUFFIX = re.compile(_STREET)
 _DIRECTION = r"(?:(?:N|S|E|W|NE|NW|SE|SW|North|South|East|West)\.?\s+)"
 STATES = ("AL", "AK", "AZ", "AR", "CA", "CO", "CT", "DE", "DC", "FL", "GA", "HI", "ID", "IL", "IN", "IA", "KS",
           "KY", "LA", "ME", "MD", "MA", "MI", "MN", "MS", "MO", "MT", "NE", "NV", "NH", "NJ", "NM", "NY", "NC",

@@ -57,13 +57,13 @@ def load_model_source(path: str | Path):
     path = Path(path)
     if not path.exists():  # before the model room's imports (torch, transformers): a typo fails at once
         raise VlmtrainError(f"{path}: no such file or folder")
-    from vlmtrain.model.io import NATIVE_CONFIG, load_any
+    from vlmtrain.model.io import VLMTRAIN_CONFIG, load_any
     from vlmtrain.train.checkpoint_io import is_sharded
 
     if path.suffix == ".ckpt" and (path.is_file() or is_sharded(path)):
         return load_checkpoint_model(path)
-    if path.is_dir() and not (path / NATIVE_CONFIG).is_file() and not (path / "config.json").is_file():
-        if (path / "model" / NATIVE_CONFIG).is_file():
+    if path.is_dir() and not (path / VLMTRAIN_CONFIG).is_file() and not (path / "config.json").is_file():
+        if (path / "model" / VLMTRAIN_CONFIG).is_file():
             return load_any(path / "model")
         return load_any(final_stage_dir(path) / "model")
     return load_any(path)

@@ -105,7 +105,7 @@ def _export_into(source: str, fmt: str, out: Path) -> str:
 
         out = export_llava(bundle, out)
     else:
-        from vlmtrain.model.io import save_native
+        from vlmtrain.model.io import save_vlmtrain
 
-        out = save_native(bundle, out)
+        out = save_vlmtrain(bundle, out)
     return f"exported {source} as {fmt} to {out}"

@@ -144,7 +144,7 @@ def training_template(cfg: NativeModelConfig, model_type: str, family_template: 
             raise ConfigError("chat_template: needs {% generation %} … {% endgeneration %} around assistant text")
         return cfg.chat_template
     if family_template:
-        from vlmtrain.model.native_templates import training_template as marked
+        from vlmtrain.model.native.templates import training_template as marked
 
         _warn_if_checkpoint_template_differs(model_type, family_template, processor)
         return marked(family_template)
@@ -163,7 +163,7 @@ def _warn_if_checkpoint_template_differs(model_type: str, family_template: str, 
     the way to keep the checkpoint's own."""
     import hashlib
 
-    from vlmtrain.model.native_templates import official_template
+    from vlmtrain.model.native.templates import official_template
 
     own = getattr(processor, "chat_template", None) if processor is not None else None
     official = official_template(family_template)
@@ -222,7 +222,7 @@ def save_native_hf(bundle, out: str | Path, official_template: bool = True) -> P
     m.hf.save_pretrained(out)
     proc = bundle.processor
     if official_template and m.family.template:
-        from vlmtrain.model.native_templates import official_template as official
+        from vlmtrain.model.native.templates import official_template as official
 
         proc.chat_template = official(m.family.template)
     save_processor(proc, out)

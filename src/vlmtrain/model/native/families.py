@@ -21,7 +21,7 @@ _LLM = {"model": "model.language_model", "lm_head": "lm_head"}
 @dataclass(frozen=True)
 class Family:
     roles: dict[str, dict[str, str]]
-    template: str  # key into vlmtrain.model.native_templates ("" = none vendored: the config gives one)
+    template: str  # key into vlmtrain.model.native.templates ("" = none vendored: the config gives one)
     nested_images: bool = False  # the processor takes one image list per text
     # image tokens attend bidirectionally within their image (`token_type_ids`); packed rows need own masks
     bidirectional_images: bool = False
@@ -185,7 +185,7 @@ FAMILIES: dict[str, Family] = {
 # `embed_vision` projection as the connector, a Gemma LM with per-layer inputs. Image tokens attend bidirectionally
 # within their image on sliding layers when the text config says `use_bidirectional_attention: vision`. The audio
 # tower and its projection are a frozen role. Default configs carry neither tower (a path that is None is skipped).
-# No official template is vendored: `chat_template:` with generation marks is required (see native_templates.py).
+# No official template is vendored: `chat_template:` with generation marks is required (see templates.py).
 FAMILIES["gemma4"] = Family({"vision": {"model": "model.vision_tower"},
                              "connector": {"embed_vision": "model.embed_vision"}, "llm": _LLM},
                             "", nested_images=True, bidirectional_images=True,

@@ -425,7 +425,7 @@ def write_tiny_checkpoint(model_type: str, out: str | Path, seed: int = 0) -> Pa
     from transformers import AutoModelForImageTextToText
 
     from vlmtrain.model.native.families import FAMILIES
-    from vlmtrain.model.native_templates import official_template
+    from vlmtrain.model.native.templates import official_template
 
     cfg, ip, tok, proc_kwargs = tiny_parts(model_type)
     key = FAMILIES[model_type].template
