@@ -1,6 +1,6 @@
-"""`python -m bench {data,sft,dpo,anatomy,dp,align,plan,chaos,phi,faces,ocr,prep_medical} [--quick]`: results in
-bench/results/, write-up in docs/benchmarks.md. `sft` and `dpo` also take `--family qwen2_5_vl` (a native
-transformers VLM: bench.native)."""
+"""`python -m bench {data,sft,dpo,grpo,anatomy,dp,align,plan,chaos,phi,faces,ocr,prep_medical} [--quick]`: results
+in bench/results/, write-up in docs/benchmarks.md. `sft`, `dpo` and `grpo` also take `--family qwen2_5_vl` (a
+native transformers VLM: bench.native, bench.grpo)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ BENCHES = {"data": data_bench, "sft": sft_bench, "dpo": dpo_bench, "anatomy": an
 BENCHES["plan"] = __import__("bench.plan", fromlist=["run"])  # memory planner vs measured peaks
 BENCHES["chaos"] = __import__("bench.chaos", fromlist=["run"])  # kill/resume at random moments: nothing lost
 BENCHES["phi"] = __import__("bench.phi", fromlist=["run"])  # report PHI recall: vlmtrain vs PII libraries
+BENCHES["grpo"] = __import__("bench.grpo", fromlist=["run"])  # vs trl.GRPOTrainer, G = 8
 BENCHES["faces"] = __import__("bench.faces", fromlist=["run"])  # face check: LFW vs medical images
 BENCHES["ocr"] = __import__("bench.ocr", fromlist=["run"])  # burned-in PHI on noisy pixels: recall grid
 BENCHES["prep_medical"] = __import__("bench.prep_medical", fromlist=["run"])  # the gate on 1,000 records
-NATIVE = {"sft": native_bench.run_sft, "dpo": native_bench.run_dpo}  # --family: vs TRL on a native VLM
+NATIVE = {"sft": native_bench.run_sft, "dpo": native_bench.run_dpo,
+          "grpo": __import__("bench.grpo", fromlist=["run"]).run_native}  # --family: vs TRL on a native VLM
 NATIVE_FAMILIES = native_bench.FAMILIES
 
 
@@ -34,12 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (used by the test suite)")
     p.add_argument("--out", default=None, help="write results JSON here (default: bench/results/<name>.json)")
     p.add_argument("--family", default=None, choices=NATIVE_FAMILIES,
-                   help="sft/dpo only: compare on a native transformers VLM of this family instead of the composed "
+                   help="sft/dpo/grpo only: compare on a native transformers VLM of this family instead of the composed "
                         "LLaVA-shaped model")
     args = p.parse_args(argv)
     if args.family is not None:
         if args.name not in NATIVE:
-            p.error(f"--family applies to {' and '.join(NATIVE)} only, not {args.name}")  # exits 2
+            names = sorted(NATIVE)
+            p.error(f"--family applies to {', '.join(names[:-1])} and {names[-1]} only, not {args.name}")  # exits 2
         result = NATIVE[args.name](args.family, quick=args.quick, out=args.out)
     else:
         result = BENCHES[args.name].run(quick=args.quick, out=args.out)

@@ -114,9 +114,28 @@ def test_bench_native_qwen_vs_trl_quick(name, tmp_path):
             head["vlmtrain_two_rows_samples_per_s"] / head["peer_samples_per_s"], rel=1e-12)
 
 
+@pytest.mark.slow  # 17 s (composed) and about 30 s (qwen2_5_vl) on the shared 2-core box, 2026-12-07
+@pytest.mark.parametrize("family", [None, "qwen2_5_vl"])
+def test_bench_grpo_vs_trl_quick(family, tmp_path):
+    """`python -m bench grpo [--family qwen2_5_vl] --quick`: the JSON line contract and the per-step profile; both
+    sides generate exactly max_completion_length tokens per completion (the bench raises otherwise)."""
+    out = tmp_path / "grpo.json"
+    r = subprocess.run([sys.executable, "-m", "bench", "grpo", "--quick", "--out", str(out),
+                        *(["--family", family] if family else [])],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    head, full = json.loads(r.stdout.strip().splitlines()[-1]), json.loads(out.read_text())
+    assert head["vlmtrain_steps_per_s"] > 0 and head["peer_steps_per_s"] > 0
+    assert head["ratio"] == pytest.approx(head["vlmtrain_steps_per_s"] / head["peer_steps_per_s"], rel=1e-12)
+    assert head["peer"].startswith("trl.GRPOTrainer") and full["num_generations"] == 8
+    for side in ("vlmtrain_profile_s", "peer_profile_s"):
+        prof = head[side]
+        assert prof["generate"] > 0 and prof["loss"] > 0 and prof["dt"] > prof["generate"]
+
+
 def test_bench_family_only_for_sft_dpo(capsys):
     from bench.__main__ import main
 
     with pytest.raises(SystemExit) as e:
         main(["anatomy", "--family", "qwen2_5_vl"])
-    assert e.value.code == 2 and "--family applies to sft and dpo only" in capsys.readouterr().err
+    assert e.value.code == 2 and "--family applies to dpo, grpo and sft only" in capsys.readouterr().err

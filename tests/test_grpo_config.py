@@ -98,17 +98,6 @@ def test_shipped_reward_names_match_the_registry():
     assert rs.names == ["accuracy", "length_penalty"] and rs.weights.tolist() == [2.0, 1.0]
 
 
-def test_native_families_refuse_grpo_with_its_reason():
-    from vlmtrain.config.stage import StageConfig
-    from vlmtrain.train.native import native_refusals
-    from vlmtrain.train.presets import with_preset
-
-    stage = StageConfig(**with_preset({"name": "g", "preset": "grpo", "data": {"train": [{"builtin": "digits-qa"}]},
-                                       "rewards": [{"fn": "accuracy"}]}))
-    assert native_refusals(stage) == ["objective: grpo runs for composed models so far; native generation and "
-                                      "group scoring on shared-prefix rows are not wired into it yet"]
-
-
 def test_memory_plan_counts_a_group_row_per_prompt():
     """`vlmtrain plan` sizes a grpo step's loss forward as one row per prompt holding its G completions (the
     activations grow with G) and says what it leaves out."""

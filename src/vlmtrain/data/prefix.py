@@ -12,9 +12,10 @@ DPO puts a pair's chosen and rejected answers after one prompt (k = 2); GRPO put
   own sequence. 3-D mRoPE ids are derived from these rows by the model (they need its `get_rope_index`).
 - explicit scoring positions: token `t` of sequence j is predicted at the row position of its token `t - 1`, which for
   a continuation's first token is the last prefix position, not its left neighbour in the row:
-  `logits_index [n, 2]` (row, position), `targets [n]`, `seq_index [n]` (sequence j of row i is `j * b + i`, so for
-  DPO `logps.chunk(2)` gives chosen, rejected; for GRPO `.view(G, b).T` gives one row of completions per prompt) and
-  `token_index [n]` (the target's index in its own sequence, for per-token log-probs).
+  `logits_index [n, 2]` (row, position), `targets [n]`, `seq_index [n]` and `token_index [n]` (the target's index in
+  its own sequence, for per-token log-probs). `order` numbers the sequences: `"continuation"` (default) makes
+  sequence j of row i `j * b + i`, so DPO's `logps.chunk(2)` gives chosen, rejected; `"group"` makes it `i * k + j`,
+  each row's k sequences contiguous, as GRPO's group-relative advantages take its G completions.
 
 Hand-written: the layouts in TRL and ms-swift repeat the prompt per sequence; no library builds these rows.
 """
@@ -41,15 +42,19 @@ def common_prefix_len(seqs: list[dict], token_keys: tuple[str, ...] = ()) -> int
     return n
 
 
-def shared_prefix_rows(groups: list[list[dict]], prefix_lens: list[int], pad_token_id: int) -> dict:
+def shared_prefix_rows(groups: list[list[dict]], prefix_lens: list[int], pad_token_id: int,
+                       order: str = "continuation") -> dict:
     """One row per group of k sequences sharing their first `prefix_lens[i]` tokens (see module doc).
 
     groups[i][j]: `{"input_ids": [s_j], "labels": [s_j], "token_extras": {key: [s_j]}}` (extras optional); every group
-    has the same k ≥ 1. Returns input_ids / position_ids / segments `[b, s_max]`, each per-token extra `[b, s_max]`
+    has the same k ≥ 1; `order` "continuation" or "group" numbers them (module doc). Returns input_ids /
+    position_ids / segments `[b, s_max]`, each per-token extra `[b, s_max]`
     (padded with 0, under `token_extras`), logits_index `[n, 2]`, targets `[n]`, seq_index `[n]`, token_index `[n]`,
     `n_seq` = k·b and
     `token_count` (the tokens of the k·b sequences laid out one per row, for throughput accounting)."""
     b, k = len(groups), len(groups[0])
+    if order not in ("continuation", "group"):
+        raise ValueError(f"order: 'continuation' or 'group', got {order!r}")
     if any(len(g) != k for g in groups):
         raise ValueError("shared-prefix rows need the same number of sequences per group; got "
                          f"{[len(g) for g in groups]}")
@@ -74,12 +79,13 @@ def shared_prefix_rows(groups: list[list[dict]], prefix_lens: list[int], pad_tok
                 if labels[t] != IGNORE:
                     index.append((i, where[t - 1]))
                     targets.append(labels[t])
-                    seq.append(j * b + i)
+                    seq.append(j * b + i if order == "continuation" else i * k + j)
                     tok.append(t)
     return {"input_ids": input_ids, "position_ids": position_ids, "segments": segments, "token_extras": extras,
             "logits_index": torch.tensor(index, dtype=torch.long).reshape(-1, 2),
             "targets": torch.tensor(targets, dtype=torch.long), "seq_index": torch.tensor(seq, dtype=torch.long),
-            "token_index": torch.tensor(tok, dtype=torch.long), "n_seq": k * b, "token_count": sum(len(x["input_ids"]) for g in groups for x in g)}
+            "token_index": torch.tensor(tok, dtype=torch.long), "n_seq": k * b,
+            "token_count": sum(len(x["input_ids"]) for g in groups for x in g)}
 
 
 def _row(group: list[dict], n: int, keys: list[str]) -> dict:

@@ -92,8 +92,10 @@ class PromptEncoder:
     """Record + decoded images → a GRPO prompt sample (picklable: runs in DataLoader workers). `base` is the
     stage's `SampleEncoder` (tokenizer, image processor, slots); `max_completion_length` is reserved in `max_len`.
 
-    `input_ids` is the prompt; `labels` are all IGNORE (a prompt has nothing supervised: completions are scored
-    after generation), so the ordinary collator pads it."""
+    A native family's encoder (`NativeSampleEncoder`) renders the prompt with its template and its processor, which
+    also makes the family's image and per-token tensors (no `image_resize` column: the processors resize in their
+    own ways). `input_ids` is the prompt; `labels` are all IGNORE (a prompt has nothing supervised: completions are
+    scored after generation), so the ordinary collator pads it."""
 
     base: Any
     max_completion_length: int
@@ -103,11 +105,19 @@ class PromptEncoder:
         msgs, columns = prompt_messages(record)
         if sum(p == IMAGE_PART for m in msgs for p in m["content"]) != len(images):
             raise RecordError("image_slot_mismatch", "messages: an image of the record is in the dropped answer turn")
-        ids = generation_prompt_ids(b.tokenizer, msgs, b.image_token_id, b.num_image_tokens)
+        native = hasattr(b, "split_outputs")  # a native family's encoder: its processor expands the images
+        if native:
+            out = b.process(b.render(msgs, add_generation_prompt=True), images)
+            ids = out["input_ids"][0].tolist()
+        else:
+            ids = generation_prompt_ids(b.tokenizer, msgs, b.image_token_id, b.num_image_tokens)
         room = b.max_len - self.max_completion_length
         if len(ids) > room:
             raise RecordError("over_length", f"prompt of {len(ids)} tokens + max_completion_length "
                                              f"{self.max_completion_length} > max_len {b.max_len}")
+        if native:  # pixel_values, the per-image and per-token family tensors, as for training samples
+            return {"id": record["id"], "input_ids": ids, "labels": [IGNORE] * len(ids),
+                    **b.split_outputs(out, len(ids)), "columns": columns, "prompt": msgs}
         pix = b.pixels(images)
         if images:
             size = list(pix.shape[-1:-3:-1]) if pix is not None else None  # [w, h] of the processed image

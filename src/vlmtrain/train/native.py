@@ -19,9 +19,6 @@ def native_refusals(stage) -> list[str]:
         problems.append("data.anyres_pinpoints: native families tile images with their own processor; remove it")
     if tr.compile:
         problems.append("trainer.compile: not available for native families yet")
-    if stage.objective == "grpo":
-        problems.append("objective: grpo runs for composed models so far; native generation and group scoring "
-                        "on shared-prefix rows are not wired into it yet")
     return problems
 
 
@@ -84,6 +81,12 @@ def family_refusals(stage, model) -> list[str]:
         # Opacus would read tiles as records; per-record gradients for them are not built
         problems.append(f"privacy: DP-SGD is not available for {model.model_type}: its cross-attention layers see "
                         "image tiles, not records, as rows; train it without privacy")
+    if stage.objective == "grpo" and (reason := shared_prefix_refusal(model)):
+        # a group's G completions are scored in one shared-prefix row
+        problems.append(f"objective: grpo is not available for {model.model_type}: {reason}")
+    elif stage.objective == "grpo" and model.family.prefix_suffix:
+        problems.append(f"objective: grpo is not available for {model.model_type}: it has no chat template to "
+                        "render a prompt with its generation prompt (a prefix and a suffix only)")
     if stage.trainer.router_aux_loss_coef is not None and not model.family.router_aux_loss:
         problems.append(f"trainer.router_aux_loss_coef: {model.model_type} has no mixture-of-experts router "
                         "loss in vlmtrain's objective; remove it")

@@ -21,7 +21,6 @@ copy of the starting model; `beta: 0` loads none.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -49,10 +48,6 @@ class RepeatWindows:
                 yield {**window, "iteration": i}
 
 
-def _rows_to(rows: GroupRows, device) -> GroupRows:
-    return dataclasses.replace(rows, **{f.name: getattr(rows, f.name).to(device) for f in dataclasses.fields(rows)})
-
-
 def _prompt_lists(b: dict) -> list[list[int]]:
     """The prompts of a right-padded prompt batch as token lists."""
     lengths = b["attention_mask"].sum(1).tolist()
@@ -78,7 +73,7 @@ class GRPOModule(VLMModule):
         self.settings = SamplingSettings(g.temperature, g.top_p, g.top_k, g.max_completion_length)
         self.tokenizer = bundle.tokenizer
         self.pad_id = bundle.tokenizer.pad_token_id
-        self.stop_ids = end_of_turn_ids(bundle.tokenizer, bundle.model.image_token_id)
+        self.stop_ids = self._stop_ids(bundle)
         self.completions_path = Path(completions_path) if completions_path else None
         self.rollouts: list[dict] | None = None
         # images frozen (tower, connector, no tower adapters): features from generation serve every forward
@@ -95,14 +90,11 @@ class GRPOModule(VLMModule):
         """Generate, reward and score one micro-batch of prompts (no grad): everything the loss passes need."""
         m, G, dev = self.model, self.cfg.num_generations, self.device
         prompts = _prompt_lists(b)
-        pix = b.get("pixel_values")
-        pix = pix.to(dev) if pix is not None else None
         t0 = time.perf_counter()
         was_training = m.training
         m.eval()  # sample from the policy without dropout
         try:
-            feats = m.encode_images(pix) if pix is not None else None  # once per prompt's image
-            groups = sample_groups(m, prompts, feats, G, self.settings, self.pad_id, self.stop_ids)
+            pix, feats, groups = self._generate(b, prompts)
         finally:
             m.train(was_training)
         gen_seconds = time.perf_counter() - t0
@@ -116,9 +108,9 @@ class GRPOModule(VLMModule):
                                       columns=_columns(b["columns"], G), state=RewardState(step, max_steps))
         total = weighted_rewards(per_func, self.rewards.weights)
         adv = group_advantages(total, G, self.cfg.scale_rewards)
-        cpu_rows = collate_groups(prompts, groups, self.pad_id, m.image_token_id)
+        cpu_rows = self._group_rows(b, prompts, groups)
         mask = torch.arange(int(cpu_rows.lengths.max()))[None] < cpu_rows.lengths[:, None]  # [r*G, t]
-        rows = _rows_to(cpu_rows, dev)
+        rows = cpu_rows.to(dev)
         truncated = torch.tensor([c[-1] not in self.stop_ids for c in flat])
         if self.cfg.mask_truncated_completions:
             mask = mask_truncated(mask, flat, self.stop_ids)
@@ -132,6 +124,22 @@ class GRPOModule(VLMModule):
         if self.reference is not None:
             ro["ref"] = self._reference_token_logps(ro)
         return ro
+
+    def _stop_ids(self, bundle) -> list[int]:
+        return end_of_turn_ids(bundle.tokenizer, bundle.model.image_token_id)
+
+    def _generate(self, b: dict, prompts: list[list[int]]) -> tuple:
+        """(the step's image inputs, their features or None, completions [r][G]): the images encoded once per
+        prompt, the features repeated for its G completions."""
+        pix = b.get("pixel_values")
+        pix = pix.to(self.device) if pix is not None else None
+        feats = self.model.encode_images(pix) if pix is not None else None
+        groups = sample_groups(self.model, prompts, feats, self.cfg.num_generations, self.settings, self.pad_id,
+                               self.stop_ids)
+        return pix, feats, groups
+
+    def _group_rows(self, b: dict, prompts: list[list[int]], groups: list) -> GroupRows:
+        return collate_groups(prompts, groups, self.pad_id, self.model.image_token_id)
 
     def _logps(self, model, ro: dict, entropy: bool = False):
         """Per-token log-probs `[r*G, t]` of a rollout's completions under `model`, prompt and images once per

@@ -4,7 +4,8 @@ methods (no phase copied):
 - `training_data`: the stage's encoder wrapped as a prompt encoder (`data.prompts.PromptEncoder`: prompts with
   their reward columns, `over_length` rejected with room for `max_completion_length`), the loader's windows each
   repeated `num_iterations` times (`RepeatWindows`);
-- `build_module`: `GRPOModule`, writing completions.jsonl into the run directory;
+- `build_module`: `GRPOModule` (`NativeGRPOModule` for a native family), writing completions.jsonl into the run
+  directory;
 - `objective_summary`: the `rl` block of summary.json, from the steps metrics.jsonl holds.
 """
 
@@ -57,8 +58,10 @@ class GRPOStageRun(StageRun):
         return loader, (RepeatWindows(windows, g.num_iterations) if g.num_iterations > 1 else windows)
 
     def build_module(self):
-        from vlmtrain.train.grpo.module import GRPOModule
-
+        if self.bundle.native:  # the family's own generate, shared-prefix rows
+            from vlmtrain.train.grpo.native import NativeGRPOModule as GRPOModule
+        else:
+            from vlmtrain.train.grpo.module import GRPOModule
         return GRPOModule(self.bundle, self.stage, self.loader, self.run_dir / "completions.jsonl")
 
     def objective_summary(self, summary: dict, fig: dict) -> None:
