@@ -57,6 +57,19 @@ def records() -> list[tuple[dict, list]]:
     ]
 
 
+def encoded_batch(bundle):
+    """The shared `records()` through the family's encoder and `collate`: (samples, (input_ids, pixel_values,
+    attention_mask), the batch's model extras) — the arguments of a forward as training passes them."""
+    from vlmtrain.data.batching import collate
+    from vlmtrain.data.encode import encoder_for
+    from vlmtrain.train.module import model_extras
+
+    enc = encoder_for(bundle)
+    samples = [enc(r, ims) for r, ims in records()]  # one image; text only (two turns); two images
+    b = collate(samples, bundle.tokenizer.pad_token_id)
+    return samples, (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
+
+
 def adapter_step(m, args, extras) -> list[str]:
     """One sign-SGD step of the adapters only (so they are not the identity), then eval mode. → names with a grad."""
     import torch

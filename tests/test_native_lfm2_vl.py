@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
+from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch, model_config, records
 
 # A user's template for the tests in LFM2's ChatML layout; not an official copy (none vendored): each assistant turn's
 # text and <|im_end|> marked.
@@ -41,16 +41,6 @@ def bundle(root):
     return build_model(model_config(checkpoint(root, "lfm2_vl"), chat_template=TEMPLATE))
 
 
-def encoded_records(bundle):
-    from vlmtrain.data.batching import collate
-    from vlmtrain.data.encode import encoder_for
-    from vlmtrain.train.module import model_extras
-
-    enc = encoder_for(bundle)
-    samples = [enc(r, ims) for r, ims in records()]  # one image; text only (two turns); two images
-    b = collate(samples, bundle.tokenizer.pad_token_id)
-    return samples, (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
-
 
 def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(bundle):
     import re
@@ -59,7 +49,7 @@ def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(b
 
     m = bundle.model
     assert type(bundle.processor.image_processor) is Lfm2VlImageProcessorPil
-    samples, (ids, pixels, mask), extras = encoded_records(bundle)
+    samples, (ids, pixels, mask), extras = encoded_batch(bundle)
     assert set(extras) == {"pixel_attention_mask", "spatial_shapes"} and pixels.shape[0] == 3
     # one token per 2×2 patches of 8 px: each image's spatial shape halved
     assert int((ids == m.image_token_id).sum()) == int((extras["spatial_shapes"] // 2).prod(-1).sum())
@@ -110,7 +100,7 @@ def test_lora_on_lm_and_tower_merges_to_the_same_model(bundle, quantize):
     from vlmtrain.model.quantize import quantize_llm_
 
     m = bundle.model
-    _, args, extras = encoded_records(bundle)
+    _, args, extras = encoded_batch(bundle)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit" if quantize else None), llm=True, vision=not quantize)

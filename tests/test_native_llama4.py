@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
+from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch, model_config, records
 
 # A user's template for the tests in Llama 4's header layout; not an official copy (none vendored): each assistant
 # turn's text and <|eot|> marked.
@@ -43,16 +43,6 @@ def bundle(root):
     return build_model(model_config(checkpoint(root, "llama4"), chat_template=TEMPLATE))
 
 
-def encoded_records(bundle):
-    from vlmtrain.data.batching import collate
-    from vlmtrain.data.encode import encoder_for
-    from vlmtrain.train.module import model_extras
-
-    enc = encoder_for(bundle)
-    samples = [enc(r, ims) for r, ims in records()]  # one image; text only (two turns); two images
-    b = collate(samples, bundle.tokenizer.pad_token_id)
-    return samples, (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
-
 
 def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(bundle):
     import re
@@ -62,7 +52,7 @@ def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(b
     m = bundle.model
     assert type(bundle.processor.image_processor) is Llama4ImageProcessorPil
     assert not hasattr(m.hf, "model") and not hasattr(m.hf, "lm_head")  # why Family.hidden_from exists
-    samples, (ids, pixels, mask), extras = encoded_records(bundle)
+    samples, (ids, pixels, mask), extras = encoded_batch(bundle)
     # 40×30 → 1×2 tiles + global; 64×64 → 2×2 + global; 30×50 → 2×1 + global: 3 + 5 + 3 tiles of 4 tokens each
     assert pixels.shape == (11, 3, 32, 32) and pixels.dtype == torch.float32
     assert int((ids == m.image_token_id).sum()) == 11 * 4
@@ -123,7 +113,7 @@ def test_lora_on_lm_experts_and_tower_merges_to_the_same_model(bundle, quantize)
     from vlmtrain.model.quantize import quantize_llm_
 
     m = bundle.model
-    _, args, extras = encoded_records(bundle)
+    _, args, extras = encoded_batch(bundle)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit" if quantize else None), llm=True, vision=not quantize)

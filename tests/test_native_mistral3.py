@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
+from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch, model_config, records
 
 FIXTURE = Path(__file__).parent / "fixtures" / "image_processors.npz"
 
@@ -45,16 +45,6 @@ def bundle(root):
 
     return build_model(model_config(checkpoint(root, "mistral3"), chat_template=TEMPLATE))
 
-
-def encoded_records(bundle):
-    from vlmtrain.data.batching import collate
-    from vlmtrain.data.encode import encoder_for
-    from vlmtrain.train.module import model_extras
-
-    enc = encoder_for(bundle)
-    samples = [enc(r, ims) for r, ims in records()]  # one image; text only (two turns); two images
-    b = collate(samples, bundle.tokenizer.pad_token_id)
-    return samples, (b["input_ids"], b["pixel_values"], b["attention_mask"]), model_extras(b)
 
 
 def test_pil_image_processor_matches_transformers_torchvision_processor():
@@ -96,7 +86,7 @@ def test_forward_equals_transformers_logits_and_labels_are_the_assistant_spans(b
     import re
 
     m = bundle.model
-    samples, (ids, pixels, mask), extras = encoded_records(bundle)
+    samples, (ids, pixels, mask), extras = encoded_batch(bundle)
     assert set(extras) == {"image_sizes"} and pixels.shape[0] == 3
     # [IMG] per 16 px token (8 px patches merged 2×2): the image sizes the processor chose, rows closed by [IMG_BREAK]
     sizes = extras["image_sizes"].tolist()
@@ -139,7 +129,7 @@ def test_lora_on_lm_and_tower_merges_to_the_same_model(bundle, quantize):
     from vlmtrain.model.quantize import quantize_llm_
 
     m = bundle.model
-    _, args, extras = encoded_records(bundle)
+    _, args, extras = encoded_batch(bundle)
     if quantize:
         assert quantize_llm_(m, torch.float32) > 0
     names = apply_lora(m, LoRAConfig(r=4, quantize="4bit" if quantize else None), llm=True, vision=not quantize)
