@@ -175,14 +175,21 @@ def test_redaction_blacks_out_phi_words_and_the_shard_reads_clean(tmp_path):
     for i, (size, fg, bg) in enumerate(CONTRASTS):
         src.add(f"text-{i}", _png_of(_drawn(PHI_LINES + ["PORTABLE"], size, fg, bg)), modality="OT",
                 body_part="CHEST")
+    # a second record on text-3's image (another question about it): OCR runs once per distinct pixels, the
+    # decision and redaction are the same as the first record's
+    src.add("text-3-again", _png_of(_drawn(PHI_LINES + ["PORTABLE"], *CONTRASTS[3])), modality="OT",
+            body_part="CHEST")
     _, rep, rejects, kept = src.run(tmp_path / "out", {**NO_META_RULES, "redact_burned_in": True})
-    assert not rejects and len(kept) == 4
+    assert not rejects and len(kept) == 5
+    assert kept["text-3-again"]["img0.png"] == kept["text-3"]["img0.png"]
+    counts = rep["pixel_checks"]["counts"]  # each record reads its image and its redacted image: 5 x 2
+    assert counts["ocr_scanned"] == 10 and counts["ocr_reused"] == 2
     for rid, members in kept.items():
         text = _ocr_text(members["img0.png"])
         for phi in ("Jane", "Roe", "03/14/1931", "1931", "48213907"):
             assert phi not in text, (rid, phi, text)
         assert "PORTABLE" in text.upper() or rid == "text-0"  # a line without PHI survives (12 px reads poorly)
-    assert rep["pixel_checks"]["counts"]["ocr_redacted"] == 4
+    assert rep["pixel_checks"]["counts"]["ocr_redacted"] == 5
 
 
 @SKIP_OCR

@@ -66,11 +66,13 @@ def prepare_sites(root: str | Path, shares: dict[str, dict[str, float]], seed: i
     from vlmtrain.privacy.medical_cohort import cohort_samples
     from vlmtrain.privacy.medical_samples import SAMPLE_POLICY
     from vlmtrain.privacy.policy import Policy
+    from vlmtrain.train.sources import prepare_builtin
 
     root = Path(root)
     dirs = {site: root / site for site in shares}
     if all((d / "shards" / REPORT).is_file() for d in dirs.values()):
         return dirs
+    prepare_builtin("medical-samples", root / "_cohort")  # the cohort's gated images: from the builtin cache if set
     split = assign_patients(cohort_samples(root / "_cohort", cohort), shares, seed)
     for site, samples in split.items():
         if len(samples) < 2:

@@ -155,6 +155,29 @@ def _image_type(data: bytes, name: str) -> str | None:
     return None
 
 
+class PixelMemo:
+    """A bounded, thread-safe map from an image's digest to what a pixel detector found in it (least recently used
+    entries dropped past `size`). Each value is a short list of boxes or words, so 65,536 entries stay small."""
+
+    def __init__(self, size: int = 65_536):
+        from collections import OrderedDict
+
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
 class Gate:
     """Turns parsed records.jsonl rows into Sample / Reject, applying the policy (see module doc)."""
 
@@ -171,6 +194,7 @@ class Gate:
         self.pixel_counts: Counter = Counter()
         self.pixel_seconds: Counter = Counter()
         self._lock = threading.Lock()
+        self._pixel_memo = PixelMemo()
 
     def _count(self, key: str, seconds: float | None = None) -> None:
         with self._lock:
@@ -352,9 +376,7 @@ class Gate:
             return png, 0
         rgb = _rgb(png)
         if self.policy.reject_faces and photo:
-            t0 = time.perf_counter()
-            faces = pixels.face_check(rgb)
-            self._count("face_scanned", time.perf_counter() - t0)
+            faces = self._detect("face", pixels.face_check, rgb)
             if faces:
                 self._count("face_found")
                 raise GateReject("biometric_face", f"image: {len(faces)} face(s) found by the face detector")
@@ -377,14 +399,29 @@ class Gate:
         self._count("ocr_redacted")
         return _png(redacted), len(boxes)
 
+    def _detect(self, kind: str, detector, rgb):
+        """`detector(rgb)` (faces or OCR words: functions of the pixels alone), once per distinct image: a record
+        whose pixels an earlier record of this run already showed (several questions about one image, a DPO pair)
+        reuses that result. What is *done* with the result (the report's known identifiers, redaction) stays per
+        record. Counts `KIND_scanned` per record either way, `KIND_reused` for the reuses."""
+        key = (kind, rgb.shape, hashlib.sha256(rgb.tobytes()).digest())
+        found = self._pixel_memo.get(key)
+        if found is not None:
+            self._count(f"{kind}_scanned")
+            self._count(f"{kind}_reused")
+            return found
+        t0 = time.perf_counter()
+        found = detector(rgb)
+        self._count(f"{kind}_scanned", time.perf_counter() - t0)
+        self._pixel_memo.put(key, found)
+        return found
+
     def _burned_in_phi(self, rgb, known: KnownIdentifiers) -> list[tuple[int, int, int, int]]:
         """Boxes of every OCR'd word on a line that holds PHI (or that the scrubber refuses): the whole line goes,
         so a label such as `Name:` left beside a blacked-out value cannot read as an unparsed label later."""
         from vlmtrain.privacy import pixels
 
-        t0 = time.perf_counter()
-        words = pixels.read_text(rgb)
-        self._count("ocr_scanned", time.perf_counter() - t0)
+        words = self._detect("ocr", pixels.read_text, rgb)
         boxes = []
         for text, spans in pixels.lines(words):
             try:
