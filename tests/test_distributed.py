@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TINY, VLMTRAIN
+from conftest import ROOT, TINY
 from shard_fixtures import chat_record, cycled_shards, png_bytes, write_shards
+from warm_torchrun import WARM
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -27,14 +28,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, *args, nnodes: int = 1, timeout: int = 300, env=None):
+def torchrun(n: int, *args, timeout: int = 300, env=None, real: bool = False):
+    """`torchrun --nproc_per_node=n -m vlmtrain ARGS`. By default its agent runs in a process forked from one that
+    imported the training stack once (tests/warm_torchrun.py: same agent, rendezvous and rank variables, ~1/5 of
+    the CPU); `real=True` runs the `torchrun` command itself, for claims about the launcher or the process
+    boundary."""
+    if not real:
+        return WARM.run(n, args, timeout=timeout, env=env)
     for attempt in range(3):  # a freshly freed port can be grabbed by another process before torchrun binds it
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-               f"--master_port={free_port()}", "-m", "vlmtrain", *args]
+               f"--master_port={free_port()}", "-m", "vlmtrain", *map(str, args)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode == 0 or "address already in use" not in r.stderr.lower():
             return r
     return r
+
+
+def plain(*args, timeout: int = 300):
+    """`python -m vlmtrain ARGS`, one process without a process group (forked from the same warm server)."""
+    return WARM.run(0, args, timeout=timeout)
 
 
 def stage_yaml(tmp, data_path, **over) -> str:
@@ -78,8 +90,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(data):
-    r = subprocess.run([*VLMTRAIN, "fit", "--config", stage_yaml(data, data / "shards"), "--out",
-                        str(data / "ref")], capture_output=True, text=True, timeout=300)
+    r = plain("fit", "--config", stage_yaml(data, data / "shards"), "--out", str(data / "ref"))
     assert r.returncode == 0, r.stderr[-3000:]
     return data / "ref"
 
@@ -181,7 +192,7 @@ def test_resume_across_world_sizes_2_1_2(data, reference, legs, request):
         assert len(list((out / "checkpoints" / "last.ckpt").glob("*.distcp"))) == 2
     middle = ["fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", legs[1], "trainer.max_steps=4"]
     r = (torchrun(1, *middle) if legs[1] == "fsdp" else
-         subprocess.run([*VLMTRAIN, *middle], capture_output=True, text=True, timeout=300))
+         plain(*middle))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "checkpoints" / "last.ckpt").is_dir() == (legs[1] == "fsdp")
     if legs[1] == "fsdp":  # its last two checkpoints are both of step 4: the 2-rank leg resumes from the kept one
@@ -248,7 +259,7 @@ def test_recipe_under_torchrun_with_fsdp_writes_the_same_layout(tmp_path):
 
     out = tmp_path / "demo"
     r = torchrun(2, "run", str(CONFIGS / "recipes" / "demo.yaml"), "--out", str(out), "--strategy", "fsdp",
-                 "--max-steps", "2", "eval.max_samples=16", "data.batch_size=8", timeout=600)
+                 "--max-steps", "2", "eval.max_samples=16", "data.batch_size=8", timeout=600, real=True)
     assert r.returncode == 0, r.stderr[-4000:]
     for stage in ("align", "sft", "dpo"):
         for f in ("summary.json", "metrics.jsonl", "stage.json", "checkpoints/last.ckpt", "model/model.safetensors"):
@@ -265,12 +276,14 @@ def test_preemption_of_one_rank_stops_both_at_the_same_step_and_resumes(data, re
     out = data / "preempted"
     cfg = stage_yaml(data, data / "shards")
     env = {**os.environ, "VLMTRAIN_KILL_AT": "step#2", "VLMTRAIN_KILL_SIGNAL": "TERM", "VLMTRAIN_KILL_RANK": "1"}
-    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp", "data.batch_size=2", env=env)
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--strategy", "ddp", "data.batch_size=2", env=env,
+                 real=True)
     assert r.returncode != 0 and "exitcode  : 75" in r.stderr, r.stderr[-3000:]
     assert "SIGTERM received: checkpoint written at step 2" in r.stderr  # rank 1, signalled
     assert "a preemption signal on another rank received: checkpoint written at step 2" in r.stderr  # rank 0
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not (out / "summary.json").exists()
-    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "ddp", "data.batch_size=2")
+    r = torchrun(2, "fit", "--config", cfg, "--out", str(out), "--resume", "--strategy", "ddp", "data.batch_size=2",
+                 real=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(reference, out)  # the global batch of the 1-process reference: 2 ranks × 2

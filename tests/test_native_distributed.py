@@ -6,17 +6,13 @@ import yaml
 
 from native_fixtures import checkpoint
 from shard_fixtures import cycled_shards
-from test_distributed import STEPS, assert_same_run, torchrun
+from test_distributed import STEPS, assert_same_run, plain, torchrun
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
 def test_native_ddp_two_ranks_equal_one_process(tmp_path, family):
-    import subprocess
-
-    from conftest import VLMTRAIN
-
     cycled_shards(tmp_path / "shards", 48, per_shard=8)
     cfg = {"name": "sft", "preset": "sft", "model": {"pretrained": str(checkpoint(tmp_path / "ck", family))},
            "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 4, "num_workers": 1,
@@ -29,8 +25,7 @@ def test_native_ddp_two_ranks_equal_one_process(tmp_path, family):
     cfg["trainer"]["strategy"] = "ddp"
     two = tmp_path / "two.yaml"
     two.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([*VLMTRAIN, "fit", "--config", str(one), "--out", str(tmp_path / "ref")],
-                       capture_output=True, text=True, timeout=600)
+    r = plain("fit", "--config", str(one), "--out", str(tmp_path / "ref"), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     r = torchrun(2, "fit", "--config", str(two), "--out", str(tmp_path / "ddp"), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

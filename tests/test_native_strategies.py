@@ -5,15 +5,14 @@ and final weights ≤1e-5), on data where every step gives rank 0 two text-only 
 rank waits on the other."""
 
 import json
-import subprocess
 
 import pytest
 import yaml
 
-from conftest import ROOT, VLMTRAIN
+from conftest import ROOT
 from native_fixtures import FAMILIES, NEW_FAMILIES, checkpoint, model_config
 from shard_fixtures import chat_record, png_bytes, write_shards
-from test_distributed import STEPS, assert_same_run, torchrun
+from test_distributed import STEPS, assert_same_run, plain, torchrun
 
 
 @pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES)
@@ -87,8 +86,7 @@ def one_process(tmp_path_factory):
         if family not in made:
             root = tmp_path_factory.mktemp(family)
             text_rank_beside_image_rank(root / "shards")
-            r = subprocess.run([*VLMTRAIN, "fit", "--config", stage(root, family, "one"), "--out", str(root / "ref")],
-                               capture_output=True, text=True, timeout=600)
+            r = plain("fit", "--config", stage(root, family, "one"), "--out", str(root / "ref"), timeout=600)
             assert r.returncode == 0, r.stderr[-3000:]
             made[family] = root
         return made[family]
@@ -251,8 +249,7 @@ def test_native_fsdp_resumes_across_world_sizes_2_1_2(one_process, family):
     for ranks, extra in legs:
         args = ["fit", "--config", cfg, "--out", str(out), *extra]
         # the middle leg: fsdp on a world of one, a plain process (torchrun adds only its launcher)
-        r = torchrun(2, *args, timeout=600) if ranks == 2 else subprocess.run(
-            [*VLMTRAIN, *args], capture_output=True, text=True, timeout=600)
+        r = torchrun(2, *args, timeout=600) if ranks == 2 else plain(*args, timeout=600)
         assert r.returncode == 0, f"{ranks} ranks {extra}: {r.stderr[-3000:]}"
         # a DCP directory with one shard file per rank of the leg that wrote it
         assert len(list((out / "checkpoints" / "last.ckpt").glob("*.distcp"))) == ranks, extra
