@@ -28,6 +28,77 @@ def model_config(path: Path, **extra):
     return NativeModelConfig(pretrained=str(path), **extra)
 
 
+# Templates a user writes for a family vlmtrain vendors no official template for (none could be verified offline),
+# each in its family's turn layout, with the assistant text and end-of-turn marked. Not official copies. Without
+# the marks (`unmarked`) each plays the checkpoint's own chat_template.jinja of a download.
+USER_TEMPLATES = {
+    # Gemma 4's turns: `<|turn>role` … `<turn|>`, images as `\n\n<|image|>\n\n`
+    "gemma4": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<|turn>' + role + '\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+        "{% endfor %}{{ '<turn|>' }}{% endgeneration %}{% else %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}{{ '\n\n<|image|>\n\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "{{ '<turn|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"),
+    # GLM-4.1V: `[gMASK]<sop>`, `<|role|>\n`, images in <|begin_of_image|>…<|end_of_image|>, no end-of-turn token
+    "glm4v": (
+        "[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+        "{% endfor %}{% endgeneration %}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+        "{{ '<|begin_of_image|><|image|><|end_of_image|>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+    # ChatML, as InternVL's Qwen-based checkpoints
+    "internvl": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+        "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}"
+        "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # LFM2's ChatML
+    "lfm2_vl": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+        "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}{% else %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}{{ '<image>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>' }}"
+        "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # Llama 4's headers: `<|header_start|>role<|header_end|>\n\n` … `<|eot|>`
+    "llama4": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|header_start|>' + message['role'] + '<|header_end|>\n\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+        "{% endfor %}{{ '<|eot|>' }}{% endgeneration %}{% else %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}{{ '<|image|>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|eot|>' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\n\n' }}"
+        "{% endif %}"),
+    # Mistral's [INST] … [/INST] answer</s>
+    "mistral3": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}"
+        "{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}{{ '[IMG]' }}{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{{ '[/INST]' }}{% else %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
+        "{% endfor %}{{ eos_token }}{% endgeneration %}{% endif %}{% endfor %}"),
+}
+USER_TEMPLATES["glm4v_moe"] = USER_TEMPLATES["glm4v"]
+
+
+def unmarked(template: str) -> str:
+    """`template` without its `{% generation %}` / `{% endgeneration %}` tags: the same rendered text."""
+    return template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+def checkpoint_with_own_template(root: Path, family: str) -> Path:
+    """The tiny checkpoint of `family` carrying `unmarked(USER_TEMPLATES[family])` as its chat_template.jinja, as a
+    download carries its own (written once per root)."""
+    import shutil
+
+    out = root / f"{family}-own-template"
+    if not (out / "config.json").is_file():
+        shutil.copytree(checkpoint(root, family), out)
+        (out / "chat_template.jinja").write_text(unmarked(USER_TEMPLATES[family]))
+    return out
+
+
 def image(w: int, h: int, seed: int = 0):
     from PIL import Image
 

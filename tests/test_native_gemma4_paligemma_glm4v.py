@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
+from native_fixtures import USER_TEMPLATES, adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
 
 
 def _args(b):
@@ -41,15 +41,7 @@ def encoded_records(bundle):
 
 # ---- Gemma 4 -----------------------------------------------------------------------------------------------------
 
-# A user's template for the tests, written here in Gemma 4's turn layout (`<|turn>role` … `<turn|>`, images as
-# `\n\n<|image|>\n\n`); not an official copy, which vlmtrain does not vendor: each model turn's text and <turn|> marked.
-GEMMA4_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<|turn>' + role + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
-    "{% endfor %}{{ '<turn|>' }}{% endgeneration %}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '\n\n<|image|>\n\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{{ '<turn|>' }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}")
+GEMMA4_TEMPLATE = USER_TEMPLATES["gemma4"]  # the test template in gemma4's layout (native_fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -333,14 +325,7 @@ def test_paligemma_sft_stage_trains(paligemma_root, tmp_path):
 
 # ---- GLM-4.1V / GLM-4.5V -----------------------------------------------------------------------------------------
 
-# A user's template for the tests, in GLM-4.1V's layout (`[gMASK]<sop>`, `<|role|>\n`, images wrapped in
-# <|begin_of_image|>…<|end_of_image|>); not an official copy (none vendored): each assistant turn's text marked.
-GLM4V_TEMPLATE = (
-    "[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
-    "{% endfor %}{% endgeneration %}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
-    "{{ '<|begin_of_image|><|image|><|end_of_image|>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+GLM4V_TEMPLATE = USER_TEMPLATES["glm4v"]  # the test template in glm4v's layout (native_fixtures)
 
 
 @pytest.fixture(scope="module")

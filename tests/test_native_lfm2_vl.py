@@ -15,16 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch, model_config, records
+from native_fixtures import (USER_TEMPLATES, adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch,
+                             model_config, records)
 
-# A user's template for the tests in LFM2's ChatML layout; not an official copy (none vendored): each assistant turn's
-# text and <|im_end|> marked.
-TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
-    "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<image>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>' }}"
-    "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATE = USER_TEMPLATES["lfm2_vl"]  # the test template in lfm2_vl's layout (native_fixtures)
 
 
 @pytest.fixture(scope="module")

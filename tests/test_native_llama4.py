@@ -16,17 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch, model_config, records
+from native_fixtures import (USER_TEMPLATES, adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch,
+                             model_config, records)
 
-# A user's template for the tests in Llama 4's header layout; not an official copy (none vendored): each assistant
-# turn's text and <|eot|> marked.
-TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|header_start|>' + message['role'] + '<|header_end|>\n\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
-    "{% endfor %}{{ '<|eot|>' }}{% endgeneration %}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<|image|>' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|eot|>' }}"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\n\n' }}"
-    "{% endif %}")
+TEMPLATE = USER_TEMPLATES["llama4"]  # the test template in llama4's layout (native_fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch, model_config, records
+from native_fixtures import (USER_TEMPLATES, adapter_step, assert_merge_keeps_logits, checkpoint, encoded_batch,
+                             model_config, records)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "image_processors.npz"
 
-# A user's template for the tests in Mistral's [INST] layout; not an official copy (none vendored): each assistant
-# turn's text and </s> marked.
-TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}"
-    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '[IMG]' }}{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{{ '[/INST]' }}{% else %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
-    "{% endfor %}{{ eos_token }}{% endgeneration %}{% endif %}{% endfor %}")
+TEMPLATE = USER_TEMPLATES["mistral3"]  # the test template in mistral3's layout (native_fixtures)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import json
 import pytest
 import torch
 
-from native_fixtures import adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
+from native_fixtures import USER_TEMPLATES, adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
 
 EXTRAS = ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
@@ -204,15 +204,7 @@ def test_dp_sgd_is_refused_for_mllama():
 
 # ---- InternVL --------------------------------------------------------------------------------------------------------
 
-# A user's template for the tests (the ChatML layout of InternVL's Qwen-based checkpoints, written here; not an official
-# copy, which vlmtrain does not vendor for InternVL): each assistant turn's text and <|im_end|> marked.
-INTERNVL_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{% for c in message['content'] %}{{ c['text'] }}"
-    "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+INTERNVL_TEMPLATE = USER_TEMPLATES["internvl"]  # the test template in internvl's layout (native_fixtures)
 
 
 @pytest.fixture(scope="session")
@@ -283,8 +275,8 @@ def test_internvl_without_a_chat_template_is_refused_with_one_line(internvl_root
     assert main(["fit", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == ["error: chat_template: 'internvl' has no official template vendored in vlmtrain and the "
-                      "checkpoint carries none with {% generation %} marks; set `chat_template:` in the model config "
-                      "to the checkpoint's template with {% generation %} marks around assistant text"]
+                      "checkpoint carries none (no chat_template.jinja / chat_template.json); set `chat_template:` in "
+                      "the model config, with {% generation %} marks around assistant text"]
 
 
 def test_internvl_lora_reaches_both_towers_and_merges_to_the_same_model(internvl):

@@ -222,6 +222,38 @@ def test_string_content_is_marked_too(family):
     assert [rendered[a:b] for a, b in _merged(indices)] == _expected_spans(family, messages)
 
 
+def _renderer(template: str):
+    def render(messages, add_generation_prompt=False):
+        return _render(template, messages, add_generation_prompt=add_generation_prompt)[0]
+
+    return render
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_renders_of_the_unmarked_official_template_find_the_marked_spans(family, conversation):
+    """A checkpoint's own template without generation marks (what a download carries for a family with nothing
+    vendored) is read by prefix renders. On every vendored official template, those spans are the marked copy's
+    spans up to the whitespace around them — except Qwen3.5's `<think>` opener, which its generation prompt writes
+    (the model never emits it), and a Qwen3.5 conversation with two answers, whose first answer renders without its
+    think block once another follows: refused, never guessed."""
+    from vlmtrain.data.native_encode import prefix_assistant_spans
+    from vlmtrain.data.schema import RecordError
+
+    messages = CONVERSATIONS[conversation]
+    rendered, indices = _render(training_template(family), messages, add_generation_prompt=False)
+    marked = [rendered[a:b].strip() for a, b in _merged(indices)]
+    if family == "qwen3_5":
+        marked = [m.removeprefix("<think>").lstrip() for m in marked]
+    if family == "qwen3_5" and conversation == "multi_turn":
+        with pytest.raises(RecordError, match="renders earlier turns differently"):
+            prefix_assistant_spans(_renderer(official_template(family)), messages)
+        return
+    full, spans = prefix_assistant_spans(_renderer(official_template(family)), messages)
+    assert full == rendered
+    assert [full[a:b] for a, b in spans] == marked
+
+
 def test_a_changed_vendored_template_fails_loudly(monkeypatch):
     changed = official_template("qwen2_5_vl").replace("<|im_end|>", "<|end|>")
     monkeypatch.setitem(native_templates._OFFICIAL, "qwen2_5_vl", changed)

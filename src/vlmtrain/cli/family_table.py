@@ -102,14 +102,14 @@ def family_row(model_type: str) -> FamilyRow:
         return FamilyRow(model_type, "refused", why=str(e))
     m = bundle.model
     row = FamilyRow(model_type, "listed" if FAMILIES.get(model_type) is m.family else "generic")
-    row.cells = {"stages": _stages(cfg, bundle), **_adapters(m), **_strategies(bundle), "dp_sgd": _dp(bundle),
+    row.cells = {"stages": _stages(bundle), **_adapters(m), **_strategies(bundle), "dp_sgd": _dp(bundle),
                  "plan": _plan(m), "export": _export(m)}
     return row
 
 
-def _stages(cfg, bundle) -> Cell:
-    """The presets `check_native_stage` accepts, on condition of a template and a processor class."""
-    from vlmtrain.model.native.build import training_template
+def _stages(bundle) -> Cell:
+    """The presets `check_native_stage` accepts, on condition of a processor class (and, with no official template
+    vendored, of the checkpoint's own or `chat_template:`)."""
     from vlmtrain.model.native.processor import processor_class, torchvision_only_image_processor
 
     m = bundle.model
@@ -120,10 +120,9 @@ def _stages(cfg, bundle) -> Cell:
     refused = {p: refusal(stage(p), bundle) for p in PRESETS}
     ok = [p for p in PRESETS if not refused[p]]
     notes = [f"{p}: {why}" for p, why in refused.items() if why]
-    try:
-        training_template(cfg, m.model_type, m.family.template, processor=None)
-    except ConfigError as e:
-        notes.append(str(e))
+    if not m.family.template and not m.family.prefix_suffix:
+        notes.append("no official chat template vendored: training uses the checkpoint's own chat_template.jinja "
+                     "(assistant spans read from prefix renders) or `chat_template:` with generation marks")
     only = torchvision_only_image_processor(m.model_type)
     if only:  # load_processor refuses it in an environment without torchvision (this project's CPU stack)
         notes.append(f"its image processor ({only}) exists only for torchvision, which training needs installed")

@@ -194,8 +194,9 @@ def collate_preference(samples: list[dict], pad_token_id: int) -> dict:
     prompt's images, so pixel_values hold the images twice in that order."""
     def side(x: dict, name: str) -> dict:
         aligned = {"batch_aligned": True} if x.get("batch_aligned") else {}
-        return {**x[name], "pixel_values": x.get("pixel_values"), "image_extras": x.get("image_extras", {}),
-                **aligned}
+        # a side's own per-token image tensors (Mllama's cross_attention_mask has its length) over the pair's
+        extras = {**x.get("image_extras", {}), **x[name].get("image_extras", {})}
+        return {**x[name], "pixel_values": x.get("pixel_values"), "image_extras": extras, **aligned}
 
     chosen = [side(x, "chosen") for x in samples]
     rejected = [side(x, "rejected") for x in samples]

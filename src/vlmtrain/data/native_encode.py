@@ -15,17 +15,26 @@ OneVision AnyRes) and which family tensors travel with them (`image_grid_thw`, `
 Why an alignment and not the processor's own `return_assistant_tokens_mask`: processors expand images before
 tokenizing, and some expansions change how the neighbouring text tokenizes (Gemma 3 wraps each image in blank
 lines), so character offsets of the rendered text do not map onto the processor's tokens; aligning tokens does.
+
+A template without generation marks (a checkpoint's own `chat_template.jinja`, for a family whose official template
+vlmtrain has not vendored) gives step 1's mask from prefix renders instead (`prefix_assistant_mask`): an assistant
+turn is the text that rendering the conversation up to that turn adds to rendering the turns before it with the
+generation prompt. A template that renders earlier turns differently once later ones follow (one that drops the
+reasoning of earlier answers, say) cannot be read that way and rejects the record (`mask_unbuildable`).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtrain.data.chat import IGNORE, MaskError
 from vlmtrain.data.schema import RecordError, record_messages
 
+# `{% generation %}` / `{%- generation -%}`: the marks transformers reads for `return_assistant_tokens_mask`
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Processor outputs that are per token (padded with the batch) rather than per image.
 TOKEN_EXTRAS = ("token_type_ids", "mm_token_type_ids")
 # Processor outputs the collator rebuilds itself.
@@ -49,6 +58,44 @@ def align_labels(ids_text: list[int], mask_text: list[int], ids_model: list[int]
     if carried != wanted:
         raise MaskError(f"the processor changed assistant tokens ({carried} of {wanted} supervised tokens found)")
     return labels
+
+
+def prefix_assistant_spans(render, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """`render(messages)` and the character span of each assistant turn in it, for a template without generation
+    marks: the text that `render(messages[:i + 1])` adds after what it shares with `render(messages[:i],
+    add_generation_prompt=True)`, less the whitespace it starts and ends with (the separator after a role header, the
+    line break after the end-of-turn token: the template writes them, the model does not; LLaVA-OneVision's official
+    template even writes its generation prompt `assistant\n` as `assistant ` in history).
+    Raises RecordError when a later turn changes how an earlier one renders."""
+    import os
+
+    full = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise RecordError("malformed_turns", "the conversation starts with an assistant turn")
+        before, upto = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1])
+        if not full.startswith(upto):
+            raise RecordError("mask_unbuildable", "the chat template renders earlier turns differently once later "
+                                                  "turns follow, so assistant spans cannot be read from prefix "
+                                                  "renders; set `chat_template:` with {% generation %} marks")
+        start, end = len(os.path.commonprefix([before, upto])), len(upto.rstrip())
+        start += len(upto[start:]) - len(upto[start:].lstrip())
+        if start < end:
+            spans.append((start, end))
+    return full, spans
+
+
+def prefix_assistant_mask(tokenizer, render, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of `render(messages)` and their assistant mask from `prefix_assistant_spans`: a token is supervised
+    when it overlaps a span (as transformers marks the tokens from the one holding a span's first character to the
+    one holding its last)."""
+    full, spans = prefix_assistant_spans(render, messages)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
 
 
 @dataclass
@@ -94,23 +141,30 @@ class NativeSampleEncoder:
             if k in TOKEN_EXTRAS:
                 res["token_extras"][k] = v[0].tolist()
             elif k == "pixel_values":
-                # Llama 4's processor normalises in bfloat16: held as float32 (exact) like every other family's, so
-                # batches mix and the stage's precision decides the tower's dtype
-                res["pixel_values"] = v.float() if str(getattr(v, "dtype", "")) == "torch.bfloat16" else v
+                res["pixel_values"] = _float_pixels(v)
             else:
                 res["image_extras"][k] = v
         if res["pixel_values"] is None:
             res["image_extras"] = {}
         return res
 
-    def encode_conversation(self, messages: list[dict], images: list) -> dict:
-        tok = self.tokenizer
+    def text_mask(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """The rendered conversation's token ids (one placeholder per image) and its assistant mask: from the
+        template's generation marks, or from prefix renders where it has none (`prefix_assistant_mask`)."""
         try:
-            t = tok.apply_chat_template(messages, chat_template=self.template, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True, **self.template_kwargs)
+            if not GENERATION_TAG.search(self.template):
+                return prefix_assistant_mask(self.tokenizer, self.render, messages)
+            t = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=True,
+                                                   return_dict=True, return_assistant_tokens_mask=True,
+                                                   **self.template_kwargs)
+        except RecordError:
+            raise
         except Exception as e:  # a template error on a malformed conversation (Jinja raises its own types)
             raise RecordError("malformed_turns", f"chat template: {e}") from None
-        ids_text, mask_text = list(t["input_ids"]), list(t["assistant_masks"])
+        return list(t["input_ids"]), list(t["assistant_masks"])
+
+    def encode_conversation(self, messages: list[dict], images: list) -> dict:
+        ids_text, mask_text = self.text_mask(messages)
         if not any(mask_text):
             raise RecordError("mask_unbuildable", "no assistant tokens to supervise")
         out = self.process(self.render(messages), images)
@@ -139,14 +193,29 @@ class NativeSampleEncoder:
             aligned = {"batch_aligned": True} if self.batch_aligned_images else {}
             return {"id": record["id"], "pixel_values": first["pixel_values"], "image_extras": first["image_extras"],
                     **aligned,
-                    **{name: {"input_ids": s["input_ids"], "labels": s["labels"], "token_extras": s["token_extras"]}
-                       for name, s in sides.items()}}
+                    **{name: {"input_ids": s["input_ids"], "labels": s["labels"], "token_extras": s["token_extras"],
+                              **_per_token_image_extras(s)} for name, s in sides.items()}}
         return {"id": record["id"], **self.encode_conversation(msgs, images)}
 
     def prompt_inputs(self, messages: list[dict], images: list) -> dict:
         """Inputs for generation: the prompt turns + the generation prompt → {"input_ids" [1, s], ...} tensors."""
         out = self.process(self.render(messages, add_generation_prompt=True), images)
-        return {k: v for k, v in out.items() if v is not None}
+        return {k: _float_pixels(v) if k == "pixel_values" else v for k, v in out.items() if v is not None}
+
+
+def _per_token_image_extras(sample: dict) -> dict:
+    """{"image_extras": ...} with the image tensors that also run along the tokens (`SEQ_IMAGE_EXTRAS`: Mllama's
+    `cross_attention_mask [1, s, images, tiles]`), which each side of a preference pair needs at its own length."""
+    from vlmtrain.data.batching import SEQ_IMAGE_EXTRAS
+
+    own = {k: v for k, v in sample["image_extras"].items() if k in SEQ_IMAGE_EXTRAS}
+    return {"image_extras": own} if own else {}
+
+
+def _float_pixels(v):
+    """Llama 4's processor normalises in bfloat16: held as float32 (exact) like every other family's pixels, so
+    batches mix and the model's own dtype decides the tower's."""
+    return v.float() if str(getattr(v, "dtype", "")) == "torch.bfloat16" else v
 
 
 def _text_of(message: dict) -> str:

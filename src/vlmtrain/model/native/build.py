@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vlmtrain.config.model import NativeModelConfig
+from vlmtrain.data.native_encode import GENERATION_TAG
 from vlmtrain.errors import ConfigError, VlmtrainError
 from vlmtrain.model.hf_parts import has_local_weights
 from vlmtrain.model.native.families import family_for
@@ -25,7 +26,6 @@ from vlmtrain.model.native.vlm import NativeVLM
 
 log = logging.getLogger(__name__)
 NATIVE_MARKER = "vlmtrain_native.json"
-GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def _hf_config(cfg: NativeModelConfig):
@@ -137,8 +137,9 @@ def _cannot_build(e: BaseException, hf_cfg) -> str:
 
 
 def training_template(cfg: NativeModelConfig, model_type: str, family_template: str, processor) -> str:
-    """The generation-marked template labels are built with: the config's, else vlmtrain's marked copy of the
-    family's official template, else the processor's own when it already carries `{% generation %}` marks."""
+    """The template labels are built with: the config's (generation-marked), else vlmtrain's marked copy of the
+    family's official template, else the checkpoint's own (`chat_template.jinja` of the download) — with its
+    generation marks where it has them, else read by prefix renders (`vlmtrain.data.native_encode`)."""
     if cfg.chat_template:
         if not GENERATION_TAG.search(cfg.chat_template):
             raise ConfigError("chat_template: needs {% generation %} … {% endgeneration %} around assistant text")
@@ -149,11 +150,11 @@ def training_template(cfg: NativeModelConfig, model_type: str, family_template: 
         _warn_if_checkpoint_template_differs(model_type, family_template, processor)
         return marked(family_template)
     own = getattr(processor, "chat_template", None) if processor is not None else None
-    if isinstance(own, str) and GENERATION_TAG.search(own):
+    if isinstance(own, str) and own.strip():
         return own
     raise ConfigError(f"chat_template: {model_type!r} has no official template vendored in vlmtrain and the "
-                      "checkpoint carries none with {% generation %} marks; set `chat_template:` in the model config "
-                      "to the checkpoint's template with {% generation %} marks around assistant text")
+                      "checkpoint carries none (no chat_template.jinja / chat_template.json); set `chat_template:` in "
+                      "the model config, with {% generation %} marks around assistant text")
 
 
 def _warn_if_checkpoint_template_differs(model_type: str, family_template: str, processor) -> None:
@@ -253,6 +254,8 @@ def _is_image_text_to_text(model_type: str | None) -> bool:
 def load_native_folder(path: str | Path, device: str = "cpu"):
     path = Path(path)
     marker = json.loads((path / NATIVE_MARKER).read_text()) if (path / NATIVE_MARKER).is_file() else {}
+    # a marked training template comes back as `chat_template:`; an unmarked one is the folder's own template
+    marked = marker.get("training_template") if GENERATION_TAG.search(marker.get("training_template") or "") else None
     cfg = NativeModelConfig(name=path.name, pretrained=str(path), processor=marker.get("processor") or {},
-                            chat_template=marker.get("training_template"))
+                            chat_template=marked)
     return build_native(cfg, device=device)
