@@ -641,9 +641,14 @@ def _trace_connector(connector, n_img: int, tokens: int, dim: int, p: Precision,
     mod = copy.deepcopy(connector).to(dtype).requires_grad_(trains).train()
     params = {q.untyped_storage()._cdata for q in mod.parameters()}
     seen: dict[int, int] = {}
+    # every saved tensor stays alive until the count is done: a storage saved and then freed inside the forward (a
+    # graph branch the output does not need) would otherwise hand its address to the next one, and the two would
+    # count once or twice depending on the allocator (a Gated DeltaNet trace varied by one 64 KiB mask between runs)
+    held = []
 
     def pack(t):
         st = t.untyped_storage()
+        held.append(t)
         if st._cdata not in params:
             seen[st._cdata] = st.nbytes()
         return t

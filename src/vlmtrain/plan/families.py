@@ -187,9 +187,11 @@ class TracedLayers:
         mod = copy.deepcopy(self.modules[kind]).to(device="meta", dtype=dtype).requires_grad_(self.full).train()
         params = {q.untyped_storage()._cdata for q in mod.parameters()}
         seen: dict[int, int] = {}
+        held = []  # every saved tensor stays alive until the count is done (see `_trace_connector`)
 
         def pack(t):
             st = t.untyped_storage()
+            held.append(t)
             if st._cdata not in params:
                 seen[st._cdata] = st.nbytes() * (widen if t.dtype == torch.bfloat16 else 1)
             return t
