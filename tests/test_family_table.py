@@ -120,10 +120,11 @@ def test_listed_family_row_agrees_with_the_run_checks(mt, rows, tmp_path):
         assert (c["plan"].ok, c["plan"].note) == (False, planned), mt
     else:  # planned; a LoRA stage too unless the cell names its condition
         assert c["plan"].ok and ("not planned yet" in lora) == ("fused expert" in c["plan"].note), (mt, lora)
-    # the family row's own data: a family without a vendored template needs `chat_template:`; bare connector
-    # parameters limit PEFT export; an MoE family's experts take adapters and stay out of NF4
+    # the family row's own data: a family without a vendored template (and a chat at all: PaliGemma's samples are a
+    # prefix and a suffix) trains with the checkpoint's own or `chat_template:`; bare connector parameters limit PEFT
+    # export; an MoE family's experts take adapters and stay out of NF4
     fam = FAMILIES[mt]
-    assert ("chat_template:" in c["stages"].note) == (fam.template == ""), mt
+    assert ("chat_template:" in c["stages"].note) == (fam.template == "" and not fam.prefix_suffix), mt
     assert c["stages"].ok and c["stages"].short == "yes", mt
     hf = bundle.model.hf
     bare = [p for p in fam.roles["connector"].values() if isinstance(hf.get_submodule(p.rpartition(".")[0]).__dict__

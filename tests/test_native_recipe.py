@@ -193,11 +193,12 @@ NATIVE_RESUME = {
 
 
 @pytest.mark.slow
-def test_native_sigkill_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5_moe"])  # and the Gated DeltaNet + MoE layer kinds
+def test_native_sigkill_then_resume_is_bit_identical(tmp_path, family):
     from kill_resume import kill_then_resume_matches
 
     cfg = tmp_path / "stage.yaml"
-    cfg.write_text(yaml.safe_dump({**NATIVE_RESUME, "model": str(_model_yaml(tmp_path, "qwen2_5_vl"))}))
+    cfg.write_text(yaml.safe_dump({**NATIVE_RESUME, "model": str(_model_yaml(tmp_path, family))}))
     kill_then_resume_matches(tmp_path, cfg, steps=24, kill_after=8)
 
 
