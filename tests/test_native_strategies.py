@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from native_fixtures import FAMILIES, NEW_FAMILIES, checkpoint, model_config
+from native_fixtures import FAMILIES, NEW_FAMILIES, USER_TEMPLATES, checkpoint, model_config
 from shard_fixtures import chat_record, png_bytes, write_shards
 from test_distributed import STEPS, assert_same_run, plain, torchrun
 
@@ -50,11 +50,7 @@ FAMILY_TRAINER = {"qwen3_5_moe": {"router_aux_loss_coef": 0.0}}
 
 def family_model(family: str) -> dict:
     """Model-config extras a family's tiny checkpoint needs: a user's chat template where none is vendored."""
-    from test_native_gemma4_paligemma_glm4v import GEMMA4_TEMPLATE
-    from test_native_mllama_internvl import INTERNVL_TEMPLATE
-
-    template = {"gemma4": GEMMA4_TEMPLATE, "internvl": INTERNVL_TEMPLATE}.get(family)
-    return {"chat_template": template} if template else {}
+    return {"chat_template": USER_TEMPLATES[family]} if family in USER_TEMPLATES else {}
 
 
 def stage(tmp_path, family: str, name: str, **trainer) -> str:
@@ -94,7 +90,7 @@ def one_process(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES + ("gemma4", "internvl"))
+@pytest.mark.parametrize("family", FAMILIES + NEW_FAMILIES + ("gemma4", "internvl", "mistral3", "llama4", "lfm2_vl"))
 def test_blank_image_touches_exactly_the_parameters_a_real_image_does(tmp_path, family):
     """What a text-only rank runs instead of an image (`NativeVLM.blank_image_features`, weighted 0) gives gradients
     to the same tower and connector parameters as a real image through transformers' forward — no more (LLaVA's
@@ -197,7 +193,10 @@ SHARDED_RUNS = {"qwen2_5_vl": SHARDED, "gemma3": SHARDED, "llava_onevision": ("d
                 # a padding image slot through the forward on the text-only rank (its cross-attention layers run)
                 "mllama": ("fsdp",),
                 # InternVL's one-tile blank image; Gemma 4's pooled patches beside its frozen audio tower
-                "internvl": ("fsdp",), "gemma4": ("fsdp",)}
+                "internvl": ("fsdp",), "gemma4": ("fsdp",),
+                # Pixtral's 2×2 merged tokens; Llama 4's tile projected outside get_image_features and its fused
+                # experts; LFM2-VL's NaFlex tile beside its short-convolution layers
+                "mistral3": ("fsdp",), "llama4": ("fsdp", "deepspeed_zero3"), "lfm2_vl": ("fsdp",)}
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ class Family:
     # the image a text-only batch runs on sharded ranks (NativeVLM.blank_image_inputs): "grid" (Qwen's smallest
     # merged grid), "fixed" (one tower-sized image), "crop" (one Idefics3 crop), "anyres" (a tower-sized image as
     # AnyRes tiles it), "patches" (Gemma 4: the patches of one pooled soft token), "aligned" (Mllama: a padding image
-    # slot per row through the forward, so its cross-attention layers run); "" = none (sharded strategies refused)
+    # slot per row through the forward, so its cross-attention layers run), "pixtral" (Mistral 3: 2×2 merged tokens),
+    # "naflex" (LFM2-VL: one SigLIP2 NaFlex tile); "" = none (sharded strategies refused)
     blank_image: str = ""
     # why `data.mode: pack` is refused for this family ("" = packed rows keep samples apart)
     no_packing: str = ""
@@ -221,11 +222,11 @@ FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks
 # own patch grid, any aspect ratio), the projector with its patch merger, a Mistral LM. The processor is transformers'
 # PixtralProcessor over its PIL image processor (`processor.pil_sibling_processor`: no torchvision). No verbatim
 # official template was found offline (the checkpoints' Jinja sits in their hub repos and in a transformers test file
-# not shipped with the package; it renders today's date): `chat_template:` with generation marks is required.
+# not shipped with the package; it renders today's date): the checkpoint's own template or `chat_template:` is used.
 FAMILIES["mistral3"] = Family({"vision": {"model": "model.vision_tower"},
                                "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                               "", blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
-                              shared_prefix=_UNCHECKED_PREFIX)
+                              shared_prefix=_UNCHECKED_PREFIX, blank_image="pixtral")
 
 # transformers 5.23's Llama 4 scales the queries of its NoPE (full-attention) layers by a temperature computed from
 # the row index (`torch.arange` over the row), not from position_ids: in a packed row every sample after the first
@@ -246,7 +247,7 @@ FAMILIES["llama4"] = Family({"vision": {"model": "vision_model"},
                              "llm": {"model": "language_model.model", "lm_head": "language_model.lm_head"}},
                             "", blocks={"vision": "model.model.layers", "llm": "model.layers"},
                             no_packing=_NOPE_TEMPERATURE_PACKING, shared_prefix=_UNCHECKED_PREFIX,
-                            hidden_from="language_model.model",
+                            hidden_from="language_model.model", blank_image="fixed",
                             expert_lora_target=r"llm\.model\.layers\.\d+\.feed_forward\.experts\.(gate_up_proj|down_proj)")
 
 # LFM2-VL: a SigLIP2 NaFlex tower (`pixel_attention_mask`, `spatial_shapes` per tile), the pixel-unshuffle projector
@@ -261,7 +262,7 @@ _CONV_PREFIX = ("its LFM2 short-convolution layers run along the row, so a conti
 FAMILIES["lfm2_vl"] = Family({"vision": {"model": "model.vision_tower"},
                               "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                              "", nested_images=True, blocks={"vision": "model.encoder.layers", "llm": "model.layers"},
-                             no_packing=_CONV_PACKING, shared_prefix=_CONV_PREFIX)
+                             no_packing=_CONV_PACKING, shared_prefix=_CONV_PREFIX, blank_image="naflex")
 
 SUPPORTED = tuple(FAMILIES)
 

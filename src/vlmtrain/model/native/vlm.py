@@ -399,7 +399,9 @@ class NativeVLM(nn.Module):
     def blank_image_inputs(self) -> dict | None:
         """Inputs of `hf.model.get_image_features` for one blank image of the smallest size the family takes:
         Qwen-style towers `pixel_values [m², c·t·p²]` + `image_grid_thw [[1, m, m]]` (one merged token); fixed-size
-        towers (Gemma 3's SigLIP, LLaVA-1.5's CLIP, InternVL's one tile) `pixel_values [1, c, h, w]`; Gemma 4 the
+        towers (Gemma 3's SigLIP, LLaVA-1.5's CLIP, InternVL's and Llama 4's one tile) `pixel_values [1, c, h, w]`;
+        Mistral 3's Pixtral a 2×2-merged-token image + `image_sizes`; LFM2-VL one NaFlex tile of k×k patches
+        (`[1, k², c·p²]`, `spatial_shapes`, `pixel_attention_mask`; k the pixel-unshuffle factor); Gemma 4 the
         patches of one pooled soft token (`_pooled_patches`); Mllama one padding image slot per row, run through the
         forward (`_blank_aligned_rows`); Idefics3/SmolVLM one crop
         `[1, 1, c, size, size]` + its pixel mask, filled with 0.5 (an all-zero crop is dropped as padding);
@@ -419,6 +421,14 @@ class NativeVLM(nn.Module):
         channels = int(getattr(vc, "num_channels", 3))
         if kind == "patches":
             return _pooled_patches(vc, channels)
+        if kind == "pixtral":  # 2×2 merged tokens: the patch merger's unfold takes no smaller grid
+            side = int(vc.patch_size) * int(self.hf.config.spatial_merge_size) * 2
+            return {"pixel_values": torch.zeros(1, channels, side, side), "image_sizes": torch.tensor([[side, side]])}
+        if kind == "naflex":  # SigLIP2 NaFlex: one tile of k×k patches, one token after the k×k pixel unshuffle
+            k = int(self.hf.config.downsample_factor)
+            return {"pixel_values": torch.zeros(1, k * k, channels * int(vc.patch_size) ** 2),
+                    "spatial_shapes": torch.tensor([[k, k]]),
+                    "pixel_attention_mask": torch.ones(1, k * k, dtype=torch.bool)}
         # InternVL's image_size is [h, w]; the others' one int
         height, width = vc.image_size if isinstance(vc.image_size, (list, tuple)) else (vc.image_size,) * 2
         size = int(height)
@@ -446,6 +456,11 @@ class NativeVLM(nn.Module):
         (`module.weight`) would make ZeRO-3 gather that weight on this rank alone. `inputs`: `blank_image_inputs()`
         when the caller already built them."""
         inputs = {k: v.to(device) for k, v in (inputs or self.blank_image_inputs()).items()}
+        if not hasattr(self.hf, "model"):
+            # Llama 4 has no inner `.model`: its `get_image_features` is the tower alone, and its forward projects
+            # the flattened states itself (`multi_modal_projector(vision_flat)`)
+            states = self.hf.get_image_features(**inputs, return_dict=True).last_hidden_state
+            return self.hf.multi_modal_projector(states.reshape(-1, states.shape[-1])).float().sum()
         out = self.hf.model.get_image_features(**inputs, return_dict=True)
         total = torch.zeros((), device=device)
         stack = [out.pooler_output, getattr(out, "deepstack_features", None)]
