@@ -1,5 +1,5 @@
 """GRPO on native transformers families (Qwen2.5-VL: 3-D mRoPE; Gemma 3: bidirectional image blocks, sliding
-layers): G completions sampled by the family's own `generate` from left-padded prompts of different lengths, each
+layers; Qwen3-VL, Gemma 4, InternVL, GLM-4.1V): G completions sampled by the family's own `generate` from left-padded prompts of different lengths, each
 image encoded once per prompt, then scored on shared-prefix rows. Every completion's per-token log-probs equal
 (a) transformers' own forward on prompt + completion alone, with its own mRoPE ids for the whole sequence, and
 (b) the log-probs `generate` itself sampled from (its KV cache and its rope deltas): so the completion positions
@@ -142,13 +142,15 @@ def test_native_families_with_a_reason_refuse_grpo_in_one_line():
     assert family_refusals(stage, model) == [f"objective: grpo is not available for mllama: {fam.shared_prefix}"]
 
 
-def test_fit_two_steps_on_a_native_checkpoint_writes_the_rl_block(root, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma4"])  # Gemma 4 from a folder with its own template
+def test_fit_two_steps_on_a_native_checkpoint_writes_the_rl_block(root, tmp_path, family):
     from shard_fixtures import png_bytes, write_shards
 
     samples = [({"id": f"r{i}", "kind": "chat", "messages": [user(IMG, f"what digit is {i}"), assistant(str(i))]},
                 [png_bytes(i)]) for i in range(4)]
     write_shards(tmp_path / "shards", samples, per_shard=4)
-    stage = {"name": "grpo", "preset": "grpo", "model": {"pretrained": str(checkpoint(root, "qwen2_5_vl"))},
+    folder = checkpoint_with_own_template(root, family) if family in USER_TEMPLATES else checkpoint(root, family)
+    stage = {"name": "grpo", "preset": "grpo", "model": {"pretrained": str(folder)},
              "rewards": [{"fn": "accuracy"}],
              "grpo": {"num_generations": 2, "max_completion_length": 3, "beta": 0.04, "log_completions_every": 1},
              "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 2, "num_workers": 0,

@@ -65,6 +65,11 @@ def _transformers_generate(folder, img, max_new_tokens: int) -> str:
         from vlmtrain.model.native.processor import load_processor
 
         processor = load_processor(folder, model.config.model_type)
+    if getattr(processor, "chat_template", None) is None:  # PaliGemma: no chat at all, the prompt is the prefix
+        inputs = processor(text=[PROMPT], images=[img], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": PROMPT}]}]
     try:
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -81,8 +86,9 @@ def _transformers_generate(folder, img, max_new_tokens: int) -> str:
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-# the newer families with a chat template: their own (USER_TEMPLATES) or a vendored one (mllama, Qwen3.5, Qwen3-VL-MoE)
-NEWER = ("gemma4", "glm4v", "glm4v_moe", "internvl", "lfm2_vl", "llama4", "mistral3", "mllama", *NEW_FAMILIES)
+# the newer families: with their own chat template (USER_TEMPLATES), a vendored one (mllama, Qwen3.5, Qwen3-VL-MoE)
+# or none at all (PaliGemma's prefix + suffix)
+NEWER = ("gemma4", "glm4v", "glm4v_moe", "internvl", "lfm2_vl", "llama4", "mistral3", "mllama", "paligemma", *NEW_FAMILIES)
 
 
 @pytest.mark.slow
