@@ -1,9 +1,10 @@
 """GRPO on native transformers families (Qwen2.5-VL: 3-D mRoPE; Gemma 3: bidirectional image blocks, sliding
-layers; Qwen3-VL, Gemma 4, InternVL, GLM-4.1V): G completions sampled by the family's own `generate` from left-padded prompts of different lengths, each
-image encoded once per prompt, then scored on shared-prefix rows. Every completion's per-token log-probs equal
-(a) transformers' own forward on prompt + completion alone, with its own mRoPE ids for the whole sequence, and
-(b) the log-probs `generate` itself sampled from (its KV cache and its rope deltas): so the completion positions
-continue the prompt's in both. A 2-step `vlmtrain fit` grpo stage on a tiny native checkpoint writes the rl block."""
+layers; Qwen3-VL, Gemma 4, InternVL, GLM-4.1V): G completions sampled by the family's own `generate` from left-padded
+prompts of different lengths, each image encoded once per prompt, then scored on shared-prefix rows. Every
+completion's per-token log-probs equal (a) transformers' own forward on prompt + completion alone, with its own mRoPE
+ids for the whole sequence, and (b) the log-probs `generate` itself sampled from (its KV cache and its rope deltas):
+so the completion positions continue the prompt's in both. A 2-step `vlmtrain fit` grpo stage on a tiny native
+checkpoint writes the rl block (Qwen2.5-VL, and Gemma 4 from a folder carrying its own chat template)."""
 
 from __future__ import annotations
 
