@@ -143,6 +143,7 @@ def test_native_families_with_a_reason_refuse_grpo_in_one_line():
     assert family_refusals(stage, model) == [f"objective: grpo is not available for mllama: {fam.shared_prefix}"]
 
 
+@pytest.mark.slow  # a `vlmtrain fit` process per family
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma4"])  # Gemma 4 from a folder with its own template
 def test_fit_two_steps_on_a_native_checkpoint_writes_the_rl_block(root, tmp_path, family):
     from shard_fixtures import png_bytes, write_shards

@@ -18,6 +18,7 @@ def _run(*args, timeout=900):
     return r
 
 
+@pytest.mark.slow  # two CLI processes over the medical builtins: ~55 s, a fifth of `make test-fast` on its own
 def test_medical_dp_recipe_runs_with_max_steps_and_audits(tmp_path):
     out = tmp_path / "run"
     _run("run", RECIPE, "--out", out, "--max-steps", 3)
