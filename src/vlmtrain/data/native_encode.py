@@ -26,6 +26,7 @@ reasoning of earlier answers, say) cannot be read that way and rejects the recor
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +68,6 @@ def prefix_assistant_spans(render, messages: list[dict]) -> tuple[str, list[tupl
     line break after the end-of-turn token: the template writes them, the model does not; LLaVA-OneVision's official
     template even writes its generation prompt `assistant\n` as `assistant ` in history).
     Raises RecordError when a later turn changes how an earlier one renders."""
-    import os
-
     full = render(messages)
     spans = []
     for i, m in enumerate(messages):
