@@ -90,6 +90,8 @@ def _serve() -> None:
                 os.environ.update(req["env"])
                 os.chdir(req["cwd"])
                 code = _launch(req["nproc"], req["args"])
+            except SystemExit as e:  # argparse's --help / usage errors, as `python -m vlmtrain` exits with them
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             except BaseException:  # noqa: BLE001 - whatever happened goes to the request's stderr, status 1
                 import traceback
 
@@ -138,7 +140,11 @@ class WarmTorchrun:
                                          "cwd": str(cwd or os.getcwd()), "stdout": str(out),
                                          "stderr": str(err)}) + "\n")
             proc.stdin.flush()
-            code = json.loads(proc.stdout.readline())["returncode"]
+            answer = proc.stdout.readline()
+            if not answer:  # the server itself died (killed, out of memory): say so; the next launch starts another
+                raise RuntimeError(f"the warm torchrun server exited with {proc.wait()} during {args[:1]}: "
+                                   f"{err.read_text(errors='replace')[-2000:] if err.is_file() else ''}")
+            code = json.loads(answer)["returncode"]
             stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         cmd = ["torchrun", f"--nproc_per_node={nproc}", "-m", "vlmtrain", *args] if nproc else ["vlmtrain", *args]
         if code == "timeout":
