@@ -99,6 +99,12 @@ def checkpoint_with_own_template(root: Path, family: str) -> Path:
     return out
 
 
+def download_folder(root: Path, family: str) -> Path:
+    """The tiny checkpoint of `family` as a download looks: with its own unmarked template where vlmtrain vendors
+    none (`checkpoint_with_own_template`), else the plain tiny checkpoint (its official template comes with it)."""
+    return checkpoint_with_own_template(root, family) if family in USER_TEMPLATES else checkpoint(root, family)
+
+
 def image(w: int, h: int, seed: int = 0):
     from PIL import Image
 

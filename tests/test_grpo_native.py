@@ -17,8 +17,7 @@ import pytest
 import torch
 import yaml
 
-from native_fixtures import (IMG, USER_TEMPLATES, assistant, checkpoint, checkpoint_with_own_template, image,
-                             model_config, user)
+from native_fixtures import IMG, assistant, download_folder, image, model_config, user
 
 # Qwen's mRoPE and Gemma 3's image blocks, Qwen3-VL's deepstack features, Gemma 4's pooled patches beside a frozen audio
 # tower, InternVL's tiles, GLM-4.1V's own rope index; the last three from a folder with its own unmarked template
@@ -51,8 +50,7 @@ def rollout(request, root):
                                             sample_native_groups)
 
     fam = request.param
-    folder = checkpoint_with_own_template(root, fam) if fam in USER_TEMPLATES else checkpoint(root, fam)
-    bundle = build_model(model_config(folder))
+    bundle = build_model(model_config(download_folder(root, fam)))
     m = copy.deepcopy(bundle.model).double().eval()  # float64: the comparison sees the layout, not rounding
     enc = PromptEncoder(encoder_for(bundle, 512), 6)
     samples = [enc(r, ims) for r, ims in PROMPTS]
@@ -151,8 +149,7 @@ def test_fit_two_steps_on_a_native_checkpoint_writes_the_rl_block(root, tmp_path
     samples = [({"id": f"r{i}", "kind": "chat", "messages": [user(IMG, f"what digit is {i}"), assistant(str(i))]},
                 [png_bytes(i)]) for i in range(4)]
     write_shards(tmp_path / "shards", samples, per_shard=4)
-    folder = checkpoint_with_own_template(root, family) if family in USER_TEMPLATES else checkpoint(root, family)
-    stage = {"name": "grpo", "preset": "grpo", "model": {"pretrained": str(folder)},
+    stage = {"name": "grpo", "preset": "grpo", "model": {"pretrained": str(download_folder(root, family))},
              "rewards": [{"fn": "accuracy"}],
              "grpo": {"num_generations": 2, "max_completion_length": 3, "beta": 0.04, "log_completions_every": 1},
              "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 2, "num_workers": 0,

@@ -13,14 +13,14 @@ import torch
 import yaml
 
 from conftest import VLMTRAIN
-from native_fixtures import FAMILIES, NEW_FAMILIES, USER_TEMPLATES, checkpoint, checkpoint_with_own_template, image
+from native_fixtures import (FAMILIES, NEW_FAMILIES, USER_TEMPLATES, checkpoint, checkpoint_with_own_template,
+                             download_folder, image)
 
 PROMPT = "What digit is this?"
 
 
 def _model_yaml(tmp_path, family: str):
-    root = tmp_path / "checkpoints"
-    ck = checkpoint_with_own_template(root, family) if family in USER_TEMPLATES else checkpoint(root, family)
+    ck = download_folder(tmp_path / "checkpoints", family)
     cfg = {"pretrained": str(ck)}
     path = tmp_path / f"{family}.yaml"
     path.write_text(yaml.safe_dump(cfg))
