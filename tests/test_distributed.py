@@ -28,25 +28,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(n: int, *args, timeout: int = 300, env=None, real: bool = False):
+def torchrun(n: int, *args, timeout: int = 300, env=None, real: bool = False, cwd=None):
     """`torchrun --nproc_per_node=n -m vlmtrain ARGS`. By default its agent runs in a process forked from one that
     imported the training stack once (tests/warm_torchrun.py: same agent, rendezvous and rank variables, ~1/5 of
     the CPU); `real=True` runs the `torchrun` command itself, for claims about the launcher or the process
     boundary."""
     if not real:
-        return WARM.run(n, args, timeout=timeout, env=env)
+        return WARM.run(n, args, timeout=timeout, env=env, cwd=cwd)
     for attempt in range(3):  # a freshly freed port can be grabbed by another process before torchrun binds it
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
                f"--master_port={free_port()}", "-m", "vlmtrain", *map(str, args)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
         if r.returncode == 0 or "address already in use" not in r.stderr.lower():
             return r
     return r
 
 
-def plain(*args, timeout: int = 300):
+def plain(*args, timeout: int = 300, cwd=None):
     """`python -m vlmtrain ARGS`, one process without a process group (forked from the same warm server)."""
-    return WARM.run(0, args, timeout=timeout)
+    return WARM.run(0, args, timeout=timeout, cwd=cwd)
 
 
 def stage_yaml(tmp, data_path, **over) -> str:

@@ -55,8 +55,8 @@ DP = {"noise_multiplier": 1.0, "delta": 1e-5}
     (None, {"preset": "grpo"}, "grpo: the grpo objective needs a grpo section with at least one reward"),
     (GOOD, {"preset": "grpo", "rewards": [{"fn": "accuracy"}]}, "rewards: given both at the stage level and in "
                                                                 "grpo.rewards"),
-    (GOOD, {"preset": "grpo", "trainer": {"strategy": "ddp"}}, "trainer.strategy: the grpo objective runs in one "
-                                                               "process so far, not ddp"),
+    (GOOD, {"preset": "grpo", "trainer": {"strategy": "deepspeed_zero3"}},
+     "trainer.strategy: the grpo objective runs with single, ddp and fsdp, not deepspeed_zero3 yet"),
     ({**GOOD, "num_generations": 1}, {"preset": "grpo"}, "grpo.num_generations: Input should be greater than"),
 ])
 def test_grpo_stage_refusals_exit_2_with_one_line(tmp_path, capsys, grpo, fields, message):

@@ -46,6 +46,7 @@ def rollout(request, root):
     from vlmtrain.data.prompts import PromptEncoder
     from vlmtrain.model import build_model
     from vlmtrain.train.grpo.generate import SamplingSettings
+    from vlmtrain.train.grpo.sampler import completion_keys
     from vlmtrain.train.grpo.native import (encode_images, image_inputs, native_stop_ids, prompt_token_extras,
                                             sample_native_groups)
 
@@ -68,10 +69,10 @@ def rollout(request, root):
     try:
         with torch.no_grad():
             feats = encode_images(m, images)
-            torch.manual_seed(0)
             groups = sample_native_groups(m, prompts, prompt_token_extras(batch, prompts), images, feats, G,
                                           SamplingSettings(max_completion_length=6), pad,
-                                          native_stop_ids(encoder_for(bundle), bundle.tokenizer))
+                                          native_stop_ids(encoder_for(bundle), bundle.tokenizer),
+                                          completion_keys(0, 0, [s["id"] for s in samples], G))
     finally:
         h1.remove()
         h2.remove()

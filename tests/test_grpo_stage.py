@@ -89,19 +89,23 @@ def _stage(loss_type, fields=None, **grpo):
         **(fields or {})}))
 
 
-def _hand_generate(vlm, xs, G, seed, stop):
-    """Seeded sampling done the plain way: every completion's images encoded in its own copy of the prompt
-    (`VLM.embed` from pixels), transformers' `generate` on the embeddings."""
+def _hand_generate(vlm, xs, G, stop):
+    """Keyed sampling done the plain way: every completion's images encoded in its own copy of the prompt
+    (`VLM.embed` from pixels), transformers' `generate` on the embeddings with each completion's key (step 0 of a
+    seed-0 run; the sampler itself is tested in test_grpo_sampler.py)."""
+    from vlmtrain.train.grpo.sampler import KeyedSampler, completion_keys
+
     seqs = [x["input_ids"] for x in xs for _ in range(G)]
     s = max(map(len, seqs))
     ids = torch.tensor([[0] * (s - len(q)) + q for q in seqs])
     att = torch.tensor([[0] * (s - len(q)) + [1] * len(q) for q in seqs])
     pix = torch.cat([x["pixel_values"] for x in xs for _ in range(G)])
+    keys = completion_keys(0, 0, [x["id"] for x in xs], G)
     vlm.eval()
-    torch.manual_seed(seed)
     with torch.no_grad():
         out = vlm.llm.generate(inputs_embeds=vlm.embed(ids, pix), attention_mask=att, do_sample=True,
-                               temperature=0.9, top_k=50, top_p=1.0, max_new_tokens=5, eos_token_id=stop,
+                               temperature=0.9, top_k=50, top_p=1.0, logits_processor=[KeyedSampler(keys)],
+                               max_new_tokens=5, eos_token_id=stop,
                                pad_token_id=0, suppress_tokens=[vlm.image_token_id])
     vlm.train()
     comps = []
@@ -146,7 +150,6 @@ def test_one_step_gradient_equals_a_hand_assembled_step(loss_type):
     seen = []  # images through the vision tower during the step: generation, reference and loss forward
     hooks = [tower.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
              for tower in (vlm.vision, module._ref[0].vision)]
-    torch.manual_seed(7)
     try:
         stats = module.accumulate({"micro": [batch]})
     finally:
@@ -157,7 +160,7 @@ def test_one_step_gradient_equals_a_hand_assembled_step(loss_type):
     ours = {n: p.grad.clone() for n, p in trainable}
     vlm.zero_grad(set_to_none=True)
 
-    comps = _hand_generate(vlm, xs, G, 7, module.stop_ids)
+    comps = _hand_generate(vlm, xs, G, module.stop_ids)
     rows = module.rollouts[0]["rows"]
     assert [rows.targets[rows.out_index[:, 0] == k].tolist() for k in range(len(comps))] == comps
     assert len({len(c) for c in comps}) > 1 and any(c[-1] in module.stop_ids for c in comps)

@@ -26,6 +26,7 @@ attend bidirectionally wherever an earlier sample of its row had image tokens.
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -537,6 +538,15 @@ class NativeVLM(nn.Module):
             masks["sliding_attention"] = create_causal_mask(
                 **common, **overlay, and_mask_function=and_masks(same_sample, sliding_window_overlay(window)))
         return masks
+
+    def image_features(self, images: dict):
+        """The family's `get_image_features` on a batch's image tensors (`pixel_values` and the family's per-image
+        tensors, `image_grid_thw`, ...), each image once: a `BaseModelOutputWithPooling` whose `pooler_output` is
+        what `generate` and the forward take as `mm_encoder_outputs["image"]`."""
+        fn = self.hf.model.get_image_features
+        names = [n for n in inspect.signature(fn).parameters if n not in ("pixel_values", "kwargs")]
+        return fn(pixel_values=images["pixel_values"], **{n: images[n] for n in names if n in images},
+                  return_dict=True)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -8,8 +8,9 @@ The prompts are left-padded into one batch; their image features (`vlm.encode_im
 the caller) are repeated for the G copies of each prompt, so the vision tower and connector run once per group
 while transformers' `generate` samples all r × G continuations in one batched loop with a KV cache
 (`VLM.generate`). The same features then serve the loss forward (`scoring.group_token_logps(image_embeds=...)`).
-Sampling draws from torch's global generator: a seeded run repeats its completions. The image token is never
-sampled (a completion has no image to fill it with).
+Each completion draws from its own random stream, named by its key (`sampler.KeyedSampler`): what it samples
+does not depend on the batch, the rank or what was drawn before it. The image token is never sampled (a completion
+has no image to fill it with).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from vlmtrain.train.grpo.sampler import KeyedSampler
 
 
 @dataclass
@@ -65,8 +68,11 @@ def repeat_groups(image_embeds: torch.Tensor, counts: list[int], G: int) -> torc
 
 @torch.no_grad()
 def sample_groups(vlm, prompts: list[list[int]], image_embeds: torch.Tensor | None, G: int,
-                  settings: SamplingSettings, pad_token_id: int, stop_ids: list[int]) -> list[list[list[int]]]:
-    """G sampled completions per prompt (module docstring)."""
+                  settings: SamplingSettings, pad_token_id: int, stop_ids: list[int], keys: list[int],
+                  synced: bool = False) -> list[list[list[int]]]:
+    """G sampled completions per prompt (module docstring); `keys` [r*G] name each completion's random stream
+    (`sampler.completion_keys`); `synced`: every rank keeps stepping until all ranks are done (sharded weights
+    are gathered per forward, so the ranks' forwards must pair up)."""
     ids, att = left_pad(prompts, pad_token_id)
     dev = next(vlm.parameters()).device
     feats = None
@@ -76,6 +82,7 @@ def sample_groups(vlm, prompts: list[list[int]], image_embeds: torch.Tensor | No
     out = vlm.generate(ids.repeat_interleave(G, 0).to(dev), attention_mask=att.repeat_interleave(G, 0).to(dev),
                        max_new_tokens=settings.max_completion_length, image_embeds=feats, do_sample=True,
                        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                       logits_processor=[KeyedSampler(keys, dev)], synced_gpus=synced,
                        eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
                        suppress_tokens=[vlm.image_token_id])  # image slots belong to prompts, never completions
     stop = set(stop_ids)

@@ -16,6 +16,13 @@ With `num_iterations` = n the data yields each window n times (`RepeatWindows`);
 later ones reuse its rollouts (old log-probs from iteration 0, clipping against them), as TRL's buffer does.
 The reference is the policy with its LoRA adapters off for LoRA stages (as DPO's `adapters_off`), else a frozen
 copy of the starting model; `beta: 0` loads none.
+
+Under `ddp` / `fsdp` each rank completes its own prompts (a group never leaves its rank) and a completion's tokens
+come from its key (`sampler.py`), so the ranks together sample what one process would for the same global batch.
+What spans the batch is reduced over the ranks: `dapo`'s token count, `scale_rewards: batch`'s std (the rewards are
+gathered, as TRL gathers them) and the logged reward statistics. Under `fsdp` generation gathers the sharded
+weights per forward, so every rank steps until all are done (`synced_gpus`) and a rank without images runs a blank
+one through the tower when another rank has some.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from vlmtrain.data.prompts import end_of_turn_ids
 from vlmtrain.train.grpo.advantages import group_advantages, reward_metrics, weighted_rewards
 from vlmtrain.train.grpo.generate import SamplingSettings, sample_groups
 from vlmtrain.train.grpo.loss import grpo_loss, mask_truncated
 from vlmtrain.train.grpo.rewards import RewardState, load_rewards
+from vlmtrain.train.grpo.sampler import completion_keys
 from vlmtrain.train.grpo.scoring import GroupRows, collate_groups, group_token_logps
 from vlmtrain.train.module import VLMModule
 
@@ -90,11 +99,13 @@ class GRPOModule(VLMModule):
         """Generate, reward and score one micro-batch of prompts (no grad): everything the loss passes need."""
         m, G, dev = self.model, self.cfg.num_generations, self.device
         prompts = _prompt_lists(b)
+        step = self.global_step if self._trainer is not None else 0
+        keys = completion_keys(self.stage.trainer.seed, step, b["ids"], G)
         t0 = time.perf_counter()
         was_training = m.training
         m.eval()  # sample from the policy without dropout
         try:
-            pix, feats, groups = self._generate(b, prompts)
+            pix, feats, groups = self._generate(b, prompts, keys)
         finally:
             m.train(was_training)
         gen_seconds = time.perf_counter() - t0
@@ -102,12 +113,11 @@ class GRPOModule(VLMModule):
         texts = self.tokenizer.batch_decode(flat, skip_special_tokens=True)
         prompt_msgs = [p for p in b["prompts"] for _ in range(G)]
         completions = [[{"role": "assistant", "content": t}] for t in texts]  # TRL's conversational form
-        step = self.global_step if self._trainer is not None else 0
         max_steps = self.stage.trainer.max_steps
         per_func = self.rewards.score(prompt_msgs, completions, completion_ids=flat,
                                       columns=_columns(b["columns"], G), state=RewardState(step, max_steps))
         total = weighted_rewards(per_func, self.rewards.weights)
-        adv = group_advantages(total, G, self.cfg.scale_rewards)
+        adv = self._advantages(total)
         cpu_rows = self._group_rows(b, prompts, groups)
         mask = torch.arange(int(cpu_rows.lengths.max()))[None] < cpu_rows.lengths[:, None]  # [r*G, t]
         rows = cpu_rows.to(dev)
@@ -128,15 +138,68 @@ class GRPOModule(VLMModule):
     def _stop_ids(self, bundle) -> list[int]:
         return end_of_turn_ids(bundle.tokenizer, bundle.model.image_token_id)
 
-    def _generate(self, b: dict, prompts: list[list[int]]) -> tuple:
+    # ---- across ranks ----------------------------------------------------------------------------------------
+    @property
+    def _synced(self) -> bool:
+        """Sharded weights: every rank's generation forwards must pair up with the others'."""
+        return self.stage.trainer.strategy == "fsdp" and self._world() > 1
+
+    def _gather(self, obj) -> list:
+        """`obj` from every rank, in rank order (`[obj]` in one process)."""
+        if self._world() == 1:
+            return [obj]
+        out = [None] * self._world()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _advantages(self, total: torch.Tensor):
+        """Group-relative advantages of this rank's `[r*G]` rewards; under `scale_rewards: batch` the std is the
+        whole batch's, over all ranks (TRL gathers the rewards for it too)."""
+        G, scale = self.cfg.num_generations, self.cfg.scale_rewards
+        if scale != "batch" or self._world() == 1:
+            return group_advantages(total, G, scale)
+        parts = self._gather(total.cpu())
+        adv = group_advantages(torch.cat(parts), G, scale)
+        start = sum(p.numel() for p in parts[:dist.get_rank()])
+        part = slice(start, start + total.numel())
+        adv.advantages, adv.baseline, adv.std = adv.advantages[part], adv.baseline[part], adv.std[part]
+        adv.zero_spread = adv.zero_spread[start // G:(start + total.numel()) // G]
+        return adv
+
+    def _images_elsewhere(self, has_images: bool) -> bool:
+        """Under `fsdp`: True when this rank has no images but another rank has (its tower must run too, on a
+        blank image, so the tower's gathers pair up)."""
+        if not self._synced:
+            return False
+        flag = torch.tensor([float(has_images)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not has_images and bool(flag.item())
+
+    def _generate(self, b: dict, prompts: list[list[int]], keys: list[int]) -> tuple:
         """(the step's image inputs, their features or None, completions [r][G]): the images encoded once per
-        prompt, the features repeated for its G completions."""
+        prompt, the features repeated for its G completions; `keys` name each completion's random stream."""
         pix = b.get("pixel_values")
         pix = pix.to(self.device) if pix is not None else None
+        if self._images_elsewhere(pix is not None):
+            p = next(self.model.vision.parameters())
+            size = self.model.vision.image_size
+            self.model.encode_images(torch.zeros(1, 3, size, size, dtype=p.dtype, device=self.device))
         feats = self.model.encode_images(pix) if pix is not None else None
         groups = sample_groups(self.model, prompts, feats, self.cfg.num_generations, self.settings, self.pad_id,
-                               self.stop_ids)
+                               self.stop_ids, keys, synced=self._synced)
         return pix, feats, groups
+
+    def configure_model(self) -> None:
+        """After sharding: generation calls `encode_images` and `generate` on the model itself, not its forward, so
+        FSDP is told to gather the root's weights for them as it does for a forward."""
+        super().configure_model()
+        if self.stage.trainer.strategy == "fsdp":
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            for name in self._generation_methods:
+                register_fsdp_forward_method(self.model, name)
+
+    _generation_methods: tuple[str, ...] = ("encode_images", "generate")
 
     def _group_rows(self, b: dict, prompts: list[list[int]], groups: list) -> GroupRows:
         return collate_groups(prompts, groups, self.pad_id, self.model.image_token_id)
@@ -174,7 +237,8 @@ class GRPOModule(VLMModule):
                 ro["gen_seconds"] = 0.0
         t0 = time.perf_counter()
         k = len(self.rollouts)
-        n_items = float(sum(ro["mask"].sum() for ro in self.rollouts))
+        # dapo's normaliser: the window's completion tokens over all ranks, per rank (the gradients are averaged)
+        n_items = self._all_sum(sum(ro["mask"].sum() for ro in self.rollouts)) / self._world()
         loss_total, sums = 0.0, {}
         for i, ro in enumerate(self.rollouts):
             logps, _, ent = self._logps(self.model, ro, entropy=True)
@@ -185,24 +249,33 @@ class GRPOModule(VLMModule):
             loss = out.loss if g.loss_type == "dapo" else out.loss / k
             self._backward(loss, last=i == k - 1)
             loss_total += float(loss.detach())
+            tokens = float(ro["mask"].sum())  # the metrics are masked token means: weighted by their tokens
             for name, v in out.metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(v) / k
+                sums[name] = sums.get(name, 0.0) + float(v) * tokens
         for b, ro in zip(micro, self.rollouts):
             b["token_count"] = ro["tokens"]  # prompt + completion tokens: the step's tokens/s
-        return {"loss": loss_total} | self._rl_stats(sums, time.perf_counter() - t0)
+        # token means over the whole step (all micro-batches, all ranks); the keys in the same order on every rank
+        n_tokens = max(n_items * self._world(), 1.0)
+        means = {name: self._all_sum(v) / n_tokens for name, v in sorted(sums.items())}
+        loss = self._all_sum(loss_total) / self._world()
+        return {"loss": loss} | self._rl_stats(means, time.perf_counter() - t0)
 
     def _rl_stats(self, loss_metrics: dict, train_seconds: float) -> dict:
         """The step's RL metrics (TRL's, under `rl/`; per-function rewards under `rewards/<name>/mean|std`)."""
         ros = self.rollouts
-        per_func = torch.cat([ro["per_func"] for ro in ros])
+        local = (torch.cat([ro["per_func"].cpu() for ro in ros]),
+                 torch.cat([ro["rows"].lengths.cpu() for ro in ros]).float(),
+                 torch.cat([ro["truncated"] for ro in ros]).float(), [ro["zero_spread"] for ro in ros])
+        parts = self._gather(local)  # the whole step's completions, all ranks
+        per_func, lengths, truncated = (torch.cat([p[i] for p in parts]) for i in range(3))
+        zero_spread = [z for p in parts for z in p[3]]
         rm = reward_metrics(per_func, self.rewards.weights, self.rewards.names)
-        lengths = torch.cat([ro["rows"].lengths.cpu() for ro in ros]).float()
         gen = sum(ro["gen_seconds"] for ro in ros)
         stats = {k: v for k, v in rm.items() if k.startswith("rewards/")}
         stats |= {"rl/reward": rm["reward"], "rl/reward_std": rm["reward_std"],
-                  "rl/zero_spread_fraction": sum(ro["zero_spread"] for ro in ros) / len(ros),
+                  "rl/zero_spread_fraction": sum(zero_spread) / len(zero_spread),
                   "rl/completion_len_mean": float(lengths.mean()),
-                  "rl/completion_clipped_fraction": float(torch.cat([ro["truncated"] for ro in ros]).float().mean()),
+                  "rl/completion_clipped_fraction": float(truncated.mean()),
                   "rl/generate_seconds": gen, "rl/train_seconds": train_seconds,
                   "rl/generate_share": gen / max(gen + train_seconds, 1e-9)}
         stats |= {f"rl/{k}": v for k, v in loss_metrics.items()}
@@ -215,18 +288,20 @@ class GRPOModule(VLMModule):
         step = (self.global_step if self._trainer is not None else 0) + 1  # the step being trained
         if not every or path is None or not (step == 1 or step % every == 0):
             return
+        G, names, image = self.cfg.num_generations, self.rewards.names, self.model.image_token_id
+        rows = []
+        for ro in self.rollouts:
+            prompts = self.tokenizer.batch_decode([_one_slot_per_image(p, image) for p in ro["prompts"]])
+            for j, text in enumerate(ro["texts"]):
+                rewards = {n: _num(ro["per_func"][j, i]) for i, n in enumerate(names)}
+                rows.append({"step": step, "id": ro["ids"][j // G], "prompt": prompts[j // G], "completion": text,
+                             "rewards": rewards, "reward": _num(ro["total"][j]),
+                             "advantage": float(ro["advantages"][j])})
+        rows = [row for part in self._gather(rows) for row in part]  # every rank's completions, rank 0 writes
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
-        G, names = self.cfg.num_generations, self.rewards.names
         with path.open("a") as f:
-            for ro in self.rollouts:
-                image = self.model.image_token_id
-                prompts = self.tokenizer.batch_decode([_one_slot_per_image(p, image) for p in ro["prompts"]])
-                for j, text in enumerate(ro["texts"]):
-                    rewards = {n: _num(ro["per_func"][j, i]) for i, n in enumerate(names)}
-                    f.write(json.dumps({"step": step, "id": ro["ids"][j // G], "prompt": prompts[j // G],
-                                        "completion": text, "rewards": rewards, "reward": _num(ro["total"][j]),
-                                        "advantage": float(ro["advantages"][j])}) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -19,14 +19,13 @@ with a training tower the loss forward encodes the pixels once more (with grad),
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from vlmtrain.data.chat import IGNORE
 from vlmtrain.data.native_encode import TOKEN_EXTRAS
 from vlmtrain.train.grpo.generate import cut_at_stop, left_pad
 from vlmtrain.train.grpo.module import GRPOModule
+from vlmtrain.train.grpo.sampler import KeyedSampler
 from vlmtrain.train.grpo.scoring import GroupRows, collate_groups, scatter_token_logps
 
 
@@ -44,13 +43,10 @@ def image_inputs(b: dict, device=None, dtype=None) -> dict:
 
 
 def encode_images(model, images: dict):
-    """The family's `get_image_features` on a batch's images (each once): a `BaseModelOutputWithPooling` whose
-    `pooler_output` is what `mm_encoder_outputs["image"]` takes. None for a text-only batch."""
-    if not images:
-        return None
-    fn = model.hf.model.get_image_features
-    names = [n for n in inspect.signature(fn).parameters if n not in ("pixel_values", "kwargs")]
-    return fn(pixel_values=images["pixel_values"], **{n: images[n] for n in names if n in images}, return_dict=True)
+    """The family's `get_image_features` on a batch's images (each once, `NativeVLM.image_features`): a
+    `BaseModelOutputWithPooling` whose `pooler_output` is what `mm_encoder_outputs["image"]` takes. None for a
+    text-only batch."""
+    return model.image_features(images) if images else None
 
 
 def prompt_token_extras(b: dict, prompts: list[list[int]]) -> list[dict]:
@@ -62,10 +58,12 @@ def prompt_token_extras(b: dict, prompts: list[list[int]]) -> list[dict]:
 
 @torch.no_grad()
 def sample_native_groups(model, prompts: list[list[int]], extras: list[dict], images: dict, features, G: int,
-                         settings, pad_token_id: int, stop_ids: list[int]) -> list[list[list[int]]]:
+                         settings, pad_token_id: int, stop_ids: list[int], keys: list[int],
+                         synced: bool = False) -> list[list[list[int]]]:
     """G sampled completions per prompt (module doc) from left-padded prompts; `extras` their per-token tensors,
     `images` the batch's image tensors, `features` their `encode_images` output (None: `generate` encodes the
-    pixels, once per prompt too). Returns completions [r][G] token lists, each cut after its first stop token."""
+    pixels, once per prompt too); `keys` [r*G] each completion's random stream (`sampler.KeyedSampler`); `synced`
+    as in `generate.sample_groups`. Returns completions [r][G] token lists, each cut after its first stop token."""
     ids, att = left_pad(prompts, pad_token_id)
     dev = next(model.parameters()).device
     kw = {k: left_pad([e[k] for e in extras], 0)[0].to(dev) for k in (extras[0] if extras else {})}
@@ -74,13 +72,14 @@ def sample_native_groups(model, prompts: list[list[int]], extras: list[dict], im
         kw["mm_encoder_outputs"] = {"image": type(features)(**features)}
     elif images:
         kw["pixel_values"] = images["pixel_values"]
-    out = model.hf.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw, num_return_sequences=G,
-                            do_sample=True, max_new_tokens=settings.max_completion_length,
-                            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                            eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
-                            suppress_tokens=[model.image_token_id])  # image slots belong to prompts
+    out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw, num_return_sequences=G,
+                         do_sample=True, max_new_tokens=settings.max_completion_length,
+                         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                         logits_processor=[KeyedSampler(keys, dev)], synced_gpus=synced,
+                         eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
+                         suppress_tokens=[model.image_token_id])  # image slots belong to prompts
     stop = set(stop_ids)
-    rows = [cut_at_stop(r, stop) for r in out[:, ids.shape[1]:].tolist()]  # [r*G], prompt i's at i*G .. i*G+G-1
+    rows = [cut_at_stop(r, stop) for r in out.tolist()]  # new tokens [r*G], prompt i's at i*G .. i*G+G-1
     return [rows[i * G:(i + 1) * G] for i in range(len(prompts))]
 
 
@@ -119,12 +118,17 @@ class NativeGRPOModule(GRPOModule):
 
         return native_stop_ids(encoder_for(bundle), bundle.tokenizer)
 
-    def _generate(self, b: dict, prompts: list[list[int]]) -> tuple:
+    _generation_methods = ("image_features", "blank_image_features", "generate")  # FSDP gathers for these too
+
+    def _generate(self, b: dict, prompts: list[list[int]], keys: list[int]) -> tuple:
         m = self.model
         images = image_inputs(b, self.device, m.llm.get_input_embeddings().weight.dtype)
+        if self._images_elsewhere(bool(images)):
+            m.blank_image_features(self.device)  # the tower's gathers pair up with the ranks that have images
         feats = encode_images(m, images)  # once per prompt's image, repeated for its G completions by generate
         groups = sample_native_groups(m, prompts, prompt_token_extras(b, prompts), images, feats,
-                                      self.cfg.num_generations, self.settings, self.pad_id, self.stop_ids)
+                                      self.cfg.num_generations, self.settings, self.pad_id, self.stop_ids, keys,
+                                      synced=self._synced)
         return images, feats, groups
 
     def _group_rows(self, b: dict, prompts: list[list[int]], groups: list) -> GroupRows:
