@@ -62,7 +62,12 @@ class GRPOStageRun(StageRun):
             from vlmtrain.train.grpo.native import NativeGRPOModule as GRPOModule
         else:
             from vlmtrain.train.grpo.module import GRPOModule
-        return GRPOModule(self.bundle, self.stage, self.loader, self.run_dir / "completions.jsonl")
+        module = GRPOModule(self.bundle, self.stage, self.loader, self.run_dir / "completions.jsonl")
+        from vlmtrain.train.grpo.module import RepeatWindows
+
+        if isinstance(self.train_data, RepeatWindows):  # a resumed rollout's remaining iterations go first
+            module.windows = self.train_data
+        return module
 
     def objective_summary(self, summary: dict, fig: dict) -> None:
         summary["rl"] = rl_summary(self.run_dir / "metrics.jsonl")
