@@ -35,7 +35,8 @@ DETERMINISTIC = ("status", "steps", "final_loss", "samples", "tokens", "skipped"
                  "supervised_fraction")
 REQUIRED = ("final_loss", "steps", "samples_per_s", "tokens_per_s", "skipped")
 
-# the demo recipe, shorter: same stages, builtins and eval; the sft stage trains LoRA (so `adapter` is a phase)
+# the demo recipe, shorter: same stages, builtins and eval; the sft stage trains LoRA (so `adapter` is a phase);
+# then a grpo stage
 RECIPE = {
     "name": "chaos", "model": str(ROOT / "configs" / "models" / "tiny-clip-llama.yaml"),
     "defaults": {"data": {"batch_size": 8, "num_workers": 2, "max_len": 128},
@@ -50,9 +51,22 @@ RECIPE = {
          "optim": {"lr": 2.0e-3, "warmup_ratio": 0.1}, "trainer": {"max_steps": 6}},
         {"name": "dpo", "preset": "dpo", "data": {"train": [{"builtin": "digits-pref"}]},
          "optim": {"lr": 5.0e-5}, "dpo": {"beta": 0.1}, "trainer": {"max_steps": 4}},
+        # two iterations per rollout and a checkpoint every step: half the checkpoints hold a rollout in flight
+        {"name": "grpo", "preset": "grpo", "data": {"train": [{"builtin": "digits-qa"}], "batch_size": 4},
+         "rewards": [{"fn": "bench.chaos:text_length_reward"}], "optim": {"lr": 1.0e-4},
+         "grpo": {"num_generations": 4, "max_completion_length": 3, "num_iterations": 2, "beta": 0.04,
+                  "log_completions_every": 1},
+         "trainer": {"max_steps": 4, "save_every_n_steps": 1}},
     ],
 }
 STAGES = [s["name"] for s in RECIPE["stages"]]
+
+
+def text_length_reward(completions, **kwargs) -> list[float]:
+    """The grpo stage's reward: characters of each completion. The tiny model never answers a digit right after
+    these few steps (the accuracy reward would be 0 everywhere: no advantage, no update, nothing to lose on a
+    kill), while the lengths of its sampled texts differ, so every step moves the weights."""
+    return [float(len(c[0]["content"])) for c in completions]
 
 
 class Launch:
@@ -128,7 +142,9 @@ def _compare(ref: Path, out: Path) -> list[str]:
 
 def _env(extra: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMTRAIN_KILL")}
-    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)  # the grpo stage's reward
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path,
+            **extra}
 
 
 def _last_phase(trace: Path) -> str:
