@@ -132,3 +132,45 @@ def test_two_ranks_killed_between_iterations_resume_each_ranks_rollout(grpo_data
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5 and len(a) == len(b) == 6
     wa, wb = weights(iter_ref), weights(grpo_data / "iter-ddp")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def native_data(tmp_path_factory):
+    """A tiny Qwen2.5-VL checkpoint folder, 8 prompts (rank 0's first two text-only), and the one-process run."""
+    from native_fixtures import IMG, assistant, download_folder, user
+
+    root = tmp_path_factory.mktemp("grpo-dist-native")
+    samples = []
+    for i in range(8):
+        n = 0 if i in (0, 2) else 1
+        samples.append(({"id": f"r{i}", "kind": "chat", "messages": [user(*[IMG] * n, f"what digit is {i}"),
+                                                                     assistant(str(i))]}, [png_bytes(i)] * n))
+    write_shards(root / "shards", samples, per_shard=8)
+    (root / "dist_rewards.py").write_text(REWARDS)
+    stage = {"name": "grpo", "preset": "grpo", "model": {"pretrained": str(download_folder(root, "qwen2_5_vl"))},
+             "rewards": [{"fn": "dist_rewards:chars"}],
+             "grpo": {"num_generations": 2, "max_completion_length": 3, "beta": 0.04, "log_completions_every": 1},
+             "data": {"train": [{"path": str(root / "shards")}], "batch_size": 4, "num_workers": 0, "max_len": 256,
+                      "split": "stride", "shuffle_buffer": 1},
+             "optim": {"lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0},
+             "trainer": {"max_steps": 2, "log_every_n_steps": 1, "save_every_n_steps": 10}}
+    (root / "stage.yaml").write_text(yaml.safe_dump(stage))
+    r = plain("fit", "--config", "stage.yaml", "--out", "one", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_native_grpo_on_two_ranks_equals_one_process(native_data, strategy):
+    """A native family's generate, image features and blank image on 2 ranks (under fsdp: registered as forward
+    methods, so the sharded weights are gathered for them) sample and train what one process does."""
+    r = torchrun(2, "fit", "--config", "stage.yaml", "--out", strategy, "--strategy", strategy, "data.batch_size=2",
+                 cwd=native_data)
+    assert r.returncode == 0, r.stderr[-4000:]
+    one, two = native_data / "one", native_data / strategy
+    assert _completions(two) == _completions(one) and len(_completions(one)) == 2 * 4 * 2
+    a, b = _rows(one), _rows(two)
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5 and len(a) == len(b) == 2
+    assert any(row["rl/reward_std"] > 0 for row in a)
+    wa, wb = weights(one), weights(two)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5

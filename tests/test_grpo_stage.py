@@ -235,16 +235,23 @@ def test_fit_two_steps_writes_rl_block_metrics_and_completions(tmp_path):
     assert summary["skipped"].get("over_length", 0) >= 1 and not {c["id"] for c in comps} & long_ids
 
 
-def test_lora_stage_reference_is_the_policy_with_adapters_off():
-    """A LoRA grpo stage loads no second model: its reference log-probs are the base model's (a copy taken before the
-    adapters were added, each completion scored alone), and only adapter weights get gradients."""
+@pytest.mark.parametrize("quantize", [None, "4bit"], ids=["lora", "qlora"])
+def test_lora_stage_reference_is_the_policy_with_adapters_off(quantize):
+    """A LoRA or QLoRA grpo stage loads no second model: its reference log-probs are the base model's (a copy taken
+    before the adapters were added, the NF4 base for QLoRA, each completion scored alone), and only adapter weights
+    get gradients."""
     from vlmtrain.model.lora import apply_lora
     from vlmtrain.train.freeze import apply_stage_trainability
     from vlmtrain.train.grpo.module import GRPOModule
 
     bundle = tiny_bundle(TINY)
+    if quantize:  # as the stage does before adding adapters (train/stage.py)
+        from vlmtrain.model.quantize import quantize_llm_
+
+        assert quantize_llm_(bundle.model, torch.float32) > 0
     base = copy.deepcopy(bundle.model).eval()
-    stage = _stage("dapo", {"train": {"llm": "lora"}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    stage = _stage("dapo", {"train": {"llm": "lora"},
+                            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "quantize": quantize}})
     apply_lora(bundle.model, stage.lora, llm=True, vision=False)
     apply_stage_trainability(bundle.model, stage.train)
     with torch.no_grad():  # adapters that change the policy (LoRA's B starts at zero)

@@ -118,13 +118,17 @@ class NativeGRPOModule(GRPOModule):
 
         return native_stop_ids(encoder_for(bundle), bundle.tokenizer)
 
-    _generation_methods = ("image_features", "blank_image_features", "generate")  # FSDP gathers for these too
+    # FSDP gathers the root's weights for these too (not `blank_image_features`: the forward calls it inside itself,
+    # and a registered method's post-forward would reshard the weights under the running forward)
+    _generation_methods = ("image_features", "generate")
 
     def _generate(self, b: dict, prompts: list[list[int]], keys: list[int]) -> tuple:
-        m = self.model
-        images = image_inputs(b, self.device, m.llm.get_input_embeddings().weight.dtype)
-        if self._images_elsewhere(bool(images)):
-            m.blank_image_features(self.device)  # the tower's gathers pair up with the ranks that have images
+        m, dtype = self.model, self.model.llm.get_input_embeddings().weight.dtype
+        images = image_inputs(b, self.device, dtype)
+        if self._images_elsewhere(bool(images)) and (blank := m.blank_image_inputs()):
+            # the tower's gathers pair up with those of the ranks that have images
+            m.image_features({k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
+                              for k, v in blank.items()})
         feats = encode_images(m, images)  # once per prompt's image, repeated for its G completions by generate
         groups = sample_native_groups(m, prompts, prompt_token_extras(b, prompts), images, feats,
                                       self.cfg.num_generations, self.settings, self.pad_id, self.stop_ids, keys,
