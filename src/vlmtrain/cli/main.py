@@ -6,7 +6,7 @@ User errors print one line (`error: ...`) and exit 1; invalid configs exit 2 (on
 from __future__ import annotations
 
 # first of all, before any heavy import: a preemption signal during start-up exits 75 like one during training
-from vlmtrain.cli.startup import install_early
+from vlmtrain.cli.startup import ignore_once_complete, install_early
 
 install_early()
 
@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     _quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        if rc == 0:
+            ignore_once_complete()  # a complete run exits 0, not -15 from a signal during teardown
+        return rc
     except VlmtrainError as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
