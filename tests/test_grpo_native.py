@@ -71,7 +71,8 @@ def rollout(request, root):
             feats = encode_images(m, images)
             groups = sample_native_groups(m, prompts, prompt_token_extras(batch, prompts), images, feats, G,
                                           SamplingSettings(max_completion_length=6), pad,
-                                          native_stop_ids(encoder_for(bundle), bundle.tokenizer),
+                                          native_stop_ids(encoder_for(bundle), bundle.tokenizer,
+                                                          m.hf.generation_config.eos_token_id),
                                           completion_keys(0, 0, [s["id"] for s in samples], G))
     finally:
         h1.remove()

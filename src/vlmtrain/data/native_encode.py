@@ -87,6 +87,26 @@ def prefix_assistant_spans(render, messages: list[dict]) -> tuple[str, list[tupl
     return full, spans
 
 
+_PROBE = {"system": "vlmtrain probe system text", "user": "vlmtrain probe user text",
+          "assistant": "vlmtrain probe assistant text"}
+
+
+def string_content_roles(render) -> tuple[str, ...]:
+    """Roles whose content a template prints whole (`{{ message.content }}`) instead of walking its parts, found by
+    rendering a probe conversation with each message's text as a list of parts: a role whose text comes out inside
+    a printed list (`[{'type': 'text', 'text': ...}]`) needs its content as a plain string. GLM-4.1V's official
+    template prints assistant content so (its user branch walks the parts); trained as is, the labels would be the
+    list's Python repr. A template that rejects the system role is probed without it."""
+    for roles in (("system", "user", "assistant"), ("user", "assistant")):
+        msgs = [{"role": r, "content": [{"type": "text", "text": _PROBE[r]}]} for r in roles]
+        try:
+            text = render(msgs)
+        except Exception:  # noqa: BLE001 - the template's own check (no system role, ...): try the next probe
+            continue
+        return tuple(r for r in roles if f"'text': '{_PROBE[r]}'" in text or f'"text": "{_PROBE[r]}"' in text)
+    return ()
+
+
 def prefix_assistant_mask(tokenizer, render, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of `render(messages)` and their assistant mask from `prefix_assistant_spans`: a token is supervised
     when it overlaps a span (as transformers marks the tokens from the one holding a span's first character to the
@@ -115,14 +135,32 @@ class NativeSampleEncoder:
     # preference batches in shared-prefix rows (`collate_preference_prefix`; the DPO stage decides, see
     # vlmtrain.train.native.configure_shared_prefix), read by the loader
     shared_prefix_rows: bool = False
+    # roles whose text-only content goes to the template as one string (`string_content_roles`); None: probe it
+    string_roles: tuple | None = None
+
+    def __post_init__(self):
+        if self.string_roles is None:
+            self.string_roles = string_content_roles(self._render_as_is) if self.template else ()
 
     @property
     def tokenizer(self):
         return self.processor.tokenizer
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def _render_as_is(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **self.template_kwargs)
+
+    def shaped(self, messages: list[dict]) -> list[dict]:
+        """`messages` as the template reads them: a text-only message of a role in `string_roles` with its text
+        parts joined into one string (a record's content is a list of parts)."""
+        if not self.string_roles:
+            return messages
+        return [{**m, "content": "".join(p["text"] for p in m["content"])}
+                if m["role"] in self.string_roles and isinstance(m["content"], list)
+                and all(p.get("type") == "text" for p in m["content"]) else m for m in messages]
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self._render_as_is(self.shaped(messages), add_generation_prompt)
 
     def process(self, text: str, images: list) -> dict:
         """The processor on one rendered text: input ids `[1, s]` and the family's tensors."""
@@ -153,7 +191,7 @@ class NativeSampleEncoder:
         try:
             if not GENERATION_TAG.search(self.template):
                 return prefix_assistant_mask(self.tokenizer, self.render, messages)
-            t = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=True,
+            t = self.tokenizer.apply_chat_template(self.shaped(messages), chat_template=self.template, tokenize=True,
                                                    return_dict=True, return_assistant_tokens_mask=True,
                                                    **self.template_kwargs)
         except RecordError:

@@ -97,16 +97,21 @@ def native_group_logps(model, rows: GroupRows, images: dict, features=None, retu
     return scatter_token_logps(logits, rows, return_entropy)
 
 
-def native_stop_ids(encoder, tokenizer) -> list[int]:
-    """The tokens that end an assistant turn in the family's template: the first supervised token after a rendered
-    reply's text (`<|im_end|>`, Gemma's `<end_of_turn>`), and the tokenizer's EOS."""
+def native_stop_ids(encoder, tokenizer, generation_eos=None) -> list[int]:
+    """The tokens that end an assistant turn: the first supervised token after a rendered reply's text
+    (`<|im_end|>`, Gemma's `<end_of_turn>`) where the template writes one, the tokenizer's EOS, and the checkpoint's
+    `generation_config.eos_token_id` (`generation_eos`, an id or a list: GLM-4.1V's template writes nothing after a
+    reply, its model ends a turn with `<|user|>`, which the generation config lists)."""
     turn = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
     labels = [t for t in encoder.encode_conversation(turn, [])["labels"] if t != IGNORE]
     text = tokenizer("a", add_special_tokens=False)["input_ids"]
-    ids = {int(labels[len(text)])} if len(labels) > len(text) else {int(labels[-1])}
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+    ids = {int(labels[len(text)])} if len(labels) > len(text) else set()
+    extra = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos]
+    ids.update(int(t) for t in [tokenizer.eos_token_id, *extra] if t is not None)
+    if not ids:
+        raise ValueError("no end-of-turn token: the template writes none after a reply and neither the tokenizer "
+                         "nor the generation config names an EOS")
     return sorted(ids)
 
 
@@ -116,7 +121,8 @@ class NativeGRPOModule(GRPOModule):
     def _stop_ids(self, bundle) -> list[int]:
         from vlmtrain.data.encode import encoder_for
 
-        return native_stop_ids(encoder_for(bundle), bundle.tokenizer)
+        config = getattr(bundle.model.hf, "generation_config", None)
+        return native_stop_ids(encoder_for(bundle), bundle.tokenizer, getattr(config, "eos_token_id", None))
 
     # FSDP gathers the root's weights for these too (not `blank_image_features`: the forward calls it inside itself,
     # and a registered method's post-forward would reshard the weights under the running forward)
