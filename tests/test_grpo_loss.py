@@ -153,3 +153,25 @@ def test_bad_arguments_are_refused():
         grpo_loss(logps, old, None, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="dr_grpo needs max_completion_length"):
         grpo_loss(logps, old, None, adv, mask, loss_type="dr_grpo")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dropped_groups_leave_the_loss_as_if_never_scored(loss_type):
+    """Dynamic sampling: rows with an all-zero mask and `num_sequences` = the kept rows give the loss and gradients
+    of the kept rows alone (dapo: `num_items` their tokens), with a KL term that would otherwise count the dropped."""
+    torch.manual_seed(0)
+    logps = torch.randn(B, T, dtype=torch.float64, requires_grad=True)
+    ref = logps.detach() + 0.1 * torch.randn(B, T, dtype=torch.float64)
+    adv = torch.randn(B, dtype=torch.float64)
+    mask = torch.ones(B, T)
+    mask[:, -2:] = torch.tensor([[1, 0]] * (B // 2) + [[0, 0]] * (B // 2))
+    keep = torch.tensor([True] * G + [False] * G)  # the second group dropped (its rewards all equal)
+    kw = dict(loss_type=loss_type, beta=0.04, max_completion_length=MAX_COMPLETION)
+    full = grpo_loss(logps, None, ref, adv, mask * keep[:, None], num_items=float((mask * keep[:, None]).sum()),
+                     num_sequences=int(keep.sum()), **kw).loss
+    (g_full,) = torch.autograd.grad(full, logps)
+    kept = grpo_loss(logps[keep], None, ref[keep], adv[keep], mask[keep], num_items=float(mask[keep].sum()), **kw).loss
+    (g_kept,) = torch.autograd.grad(kept, logps)
+    torch.testing.assert_close(full, kept, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_full, g_kept, rtol=0, atol=1e-12)
+    assert g_full[~keep].abs().max() == 0 and g_full[keep].abs().max() > 0

@@ -273,3 +273,34 @@ def test_lora_stage_reference_is_the_policy_with_adapters_off(quantize):
     assert stats["rl/kl"] > 0  # the adapted policy differs from its reference
     grads = {n for n, p in bundle.model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)
+
+
+def same_reward(completions, **kwargs):
+    return [1.0 for _ in completions]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["kept", "dropped"])
+def test_dynamic_sampling_drops_groups_whose_rewards_all_agree(dynamic):
+    """Every group's rewards equal (no advantage): without dynamic sampling the KL term (beta 0.04, a policy away
+    from its reference) still trains every completion; with it the groups leave the loss, which is then 0 with no
+    gradient."""
+    from vlmtrain.train.freeze import apply_stage_trainability
+    from vlmtrain.train.grpo.module import GRPOModule
+
+    bundle = tiny_bundle(TINY)
+    stage = _stage("grpo", dynamic_sampling=dynamic, rewards=[{"fn": "test_grpo_stage:same_reward"}])
+    apply_stage_trainability(bundle.model, stage.train)
+    module = GRPOModule(bundle, stage)
+    with torch.no_grad():
+        for p in bundle.model.llm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch, _ = _batch(bundle)
+    stats = module.accumulate({"micro": [batch]})
+    ro = module.rollouts[0]
+    grads = [p.grad for p in bundle.model.parameters() if p.requires_grad and p.grad is not None]
+    assert stats["rl/zero_spread_fraction"] == 1.0
+    if dynamic:
+        assert ro["kept"] == 0 and ro["mask"].sum() == 0 and stats["loss"] == 0.0
+        assert all(g.abs().max() == 0 for g in grads)
+    else:
+        assert ro["kept"] == 6 and stats["loss"] > 0 and any(g.abs().max() > 0 for g in grads)

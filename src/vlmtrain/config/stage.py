@@ -141,6 +141,8 @@ class GRPOConfig(_Strict):
         "group", description="divide advantages by the group's or the batch's reward std, or not at all")
     mask_truncated_completions: bool = Field(False, description="completions cut at max_completion_length "
                                                                 "do not count in the loss")
+    dynamic_sampling: bool = Field(False, description="DAPO's filter: a group whose rewards are all equal (no "
+                                                      "advantage) leaves the loss and its normalisers; not refilled")
     rewards: list[RewardRef] = Field(min_length=1, description="reward functions and weights")
     log_completions_every: int = Field(10, ge=0, description="every this many steps, write the step's prompts, "
                                                              "completions and rewards to completions.jsonl (0: off)")

@@ -20,6 +20,9 @@ entropy mask, no vLLM importance correction; same operation order, so float32 re
     dapo:       sum(per_token * mask) / num_items                                 (token mean)
 
 `gspo` is TRL's `loss_type="grpo"` with `importance_sampling_level="sequence"` (the GSPO paper's setup).
+`num_sequences`, when given, replaces the row count `b` of the grpo / gspo mean and of dr_grpo's normaliser: dynamic
+sampling passes the completions it kept (dropped ones have an all-zero mask), so the loss equals the loss of the
+kept rows alone.
 `num_items` is the number of completion tokens the whole optimizer step normalises by, per process: under gradient
 accumulation over k micro-batches pass the accumulated batch's tokens (each micro-batch then adds its share of one
 token mean); under data parallelism pass the global count divided by the world size (DDP averages gradients).
@@ -61,15 +64,16 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int | None,
-                num_items: float | torch.Tensor | None) -> torch.Tensor:
+                num_items: float | torch.Tensor | None, num_sequences: float | None = None) -> torch.Tensor:
     """The loss-type reduction of `per_token` `[b, t]` (or `[b, 1]` broadcast over `mask`) to a scalar."""
     masked = per_token * mask
+    b = per_token.size(0) if num_sequences is None else max(float(num_sequences), 1.0)
     if loss_type in ("grpo", "gspo"):
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / b
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length (its constant normaliser)")
-        return masked.sum() / (per_token.size(0) * max_completion_length)
+        return masked.sum() / (b * max_completion_length)
     if loss_type == "dapo":
         n = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=masked.dtype)
         return masked.sum() / n.clamp(min=1.0)
@@ -97,7 +101,7 @@ def clip_metrics(w: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, *, loss_type: str = "dapo", epsilon: float = 0.2,
               epsilon_high: float | None = None, beta: float = 0.0, max_completion_length: int | None = None,
-              num_items: float | torch.Tensor | None = None,
+              num_items: float | torch.Tensor | None = None, num_sequences: float | None = None,
               entropies: torch.Tensor | None = None) -> GRPOLossOutput:
     """The GRPO loss of one micro-batch (formulas in the module docstring).
 
@@ -122,7 +126,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl
         metrics["kl"] = masked_mean(kl.detach(), mask)
-    loss = reduce_loss(per_token, mask, loss_type, max_completion_length, num_items)
+    loss = reduce_loss(per_token, mask, loss_type, max_completion_length, num_items, num_sequences)
     if entropies is not None:
         metrics["entropy"] = masked_mean(entropies.detach(), mask)
     metrics.update(clip_metrics(w.detach(), adv, mask, epsilon, epsilon_high))

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from vlmtrain.data.prompts import end_of_turn_ids
-from vlmtrain.train.grpo.advantages import group_advantages, reward_metrics, weighted_rewards
+from vlmtrain.train.grpo.advantages import group_advantages, groups_with_spread, reward_metrics, weighted_rewards
 from vlmtrain.train.grpo.generate import SamplingSettings, sample_groups
 from vlmtrain.train.grpo.loss import grpo_loss, mask_truncated
 from vlmtrain.train.grpo.rewards import RewardState, load_rewards
@@ -133,10 +133,15 @@ class GRPOModule(VLMModule):
         truncated = torch.tensor([c[-1] not in self.stop_ids for c in flat])
         if self.cfg.mask_truncated_completions:
             mask = mask_truncated(mask, flat, self.stop_ids)
+        kept = len(flat)
+        if self.cfg.dynamic_sampling:  # DAPO's filter: a zero-spread group leaves the loss (advantages all 0)
+            keep = groups_with_spread(total, G).repeat_interleave(G)
+            mask = mask * keep[:, None].to(mask.dtype)
+            kept = int(keep.sum())
         ro = {"rows": rows, "pix": pix, "feats": feats if self.frozen_images else None, "mask": mask.to(dev),
               "advantages": adv.advantages.to(dev), "zero_spread": adv.zero_spread_fraction, "per_func": per_func,
               "total": total, "texts": texts, "prompts": prompts, "ids": b["ids"], "truncated": truncated,
-              "gen_seconds": gen_seconds, "old": None, "ref": None,
+              "gen_seconds": gen_seconds, "old": None, "ref": None, "kept": kept,
               "tokens": sum(len(p) for p in prompts) + sum(len(c) for c in flat)}
         if self.cfg.num_iterations > 1:  # the sampling policy's log-probs, for the ratio in later iterations
             ro["old"] = self._logps(m, ro)[0]
@@ -249,14 +254,18 @@ class GRPOModule(VLMModule):
         k = len(self.rollouts)
         # dapo's normaliser: the window's completion tokens over all ranks, per rank (the gradients are averaged)
         n_items = self._all_sum(sum(ro["mask"].sum() for ro in self.rollouts)) / self._world()
+        # dynamic sampling: the kept completions of the step, per rank, replace the row count of the other reductions
+        n_seq = (self._all_sum(sum(ro["kept"] for ro in self.rollouts)) / self._world()
+                 if self.cfg.dynamic_sampling else None)
         loss_total, sums = 0.0, {}
         for i, ro in enumerate(self.rollouts):
             logps, _, ent = self._logps(self.model, ro, entropy=True)
             g = self.cfg
             out = grpo_loss(logps, ro["old"], ro["ref"], ro["advantages"], ro["mask"], loss_type=g.loss_type,
                             epsilon=g.epsilon, epsilon_high=g.epsilon_high, beta=g.beta,
-                            max_completion_length=g.max_completion_length, num_items=n_items, entropies=ent)
-            loss = out.loss if g.loss_type == "dapo" else out.loss / k
+                            max_completion_length=g.max_completion_length, num_items=n_items,
+                            num_sequences=n_seq, entropies=ent)
+            loss = out.loss if g.loss_type == "dapo" or n_seq is not None else out.loss / k
             self._backward(loss, last=i == k - 1)
             loss_total += float(loss.detach())
             tokens = float(ro["mask"].sum())  # the metrics are masked token means: weighted by their tokens
