@@ -120,3 +120,36 @@ def test_features_encoded_for_generation_serve_the_loss(setup):
         b, _ = group_token_logps(vlm, rows, pixels)
     assert not seen
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_generation_runs_each_prompt_once_and_continues_like_full_prompts(setup):
+    """`VLM.generate_repeated`: the KV cache of each prompt computed once and repeated G = 3 times gives the logits
+    transformers' `generate` computes on the G copies of the full left-padded prompts (≤ 1e-5 at every step, the
+    same greedy tokens), and the LM runs 2 prefill rows instead of 6."""
+    from vlmtrain.train.grpo.generate import left_pad
+
+    vlm, prompts, pixels, _ = setup
+    ids, att = left_pad(prompts, 0)
+    G, kw = 3, dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                    pad_token_id=0)
+    rows = []
+    hook = vlm.llm.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(tuple((kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds")
+                                                   is not None else kwargs["input_ids"]).shape[:2])),
+        with_kwargs=True)
+    with torch.no_grad():
+        feats = vlm.encode_images(pixels)
+        try:
+            ours = vlm.generate_repeated(ids, att, G, image_embeds=feats, **kw)
+        finally:
+            hook.remove()
+        counts = [n for n in (1, 2) for _ in range(G)]  # the prompts' images, repeated per copy
+        copies = torch.cat([feats[:1]] * G + [feats[1:]] * G)
+        assert sum(counts) == copies.shape[0]
+        theirs = vlm.generate(ids.repeat_interleave(G, 0), attention_mask=att.repeat_interleave(G, 0),
+                              image_embeds=copies, **kw)
+    # the prefill: one row per prompt, all but its last position; then G rows per prompt, one position at a time
+    assert rows[0] == (2, ids.shape[1] - 1) and set(rows[1:]) == {(2 * G, 1)}
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.logits, theirs.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -127,6 +127,26 @@ class VLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                  max_new_tokens=max_new_tokens, **gen_kwargs)
 
+    @torch.no_grad()
+    def generate_repeated(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeats: int,
+                          image_embeds: torch.Tensor | None = None, max_new_tokens: int = 32,
+                          **gen_kwargs) -> torch.Tensor:
+        """`repeats` continuations of each prompt of a left-padded batch `[r, s]` (`image_embeds`: its prompts'
+        image features, each once), the prompt run once: the KV cache of all but its last position is computed on
+        the r rows and repeated for the r × `repeats` rows (prompt i's at i·repeats …) that transformers' `generate`
+        then continues from it (it runs the last position itself, so the first token's logits come from its own
+        forward). Returns only the new tokens `[r·repeats, n_new]`. The prefill, most of a short completion's cost
+        when prompts carry hundreds of image tokens, runs r rows instead of r × repeats."""
+        embeds = self.embed(input_ids, None, image_embeds=image_embeds)  # [r, s, d]
+        positions = attention_mask.long().cumsum(-1) - 1  # as `generate` derives them from a left-padded mask
+        positions = positions.masked_fill(attention_mask == 0, 1)
+        cache = self.llm(inputs_embeds=embeds[:, :-1], attention_mask=attention_mask[:, :-1],
+                         position_ids=positions[:, :-1], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(repeats)
+        return self.llm.generate(inputs_embeds=embeds.repeat_interleave(repeats, 0),
+                                 attention_mask=attention_mask.repeat_interleave(repeats, 0), past_key_values=cache,
+                                 max_new_tokens=max_new_tokens, **gen_kwargs)
+
 
 class FeatureCache:
     """Vision-tower outputs of a frozen tower, by image key (shard URL + sample key + image index), kept on the CPU

@@ -4,10 +4,11 @@
         -> completions [r][G] token lists (each ends at its first stop token, which it includes, or is cut at
            max_completion_length)
 
-The prompts are left-padded into one batch; their image features (`vlm.encode_images`, computed once per prompt by
-the caller) are repeated for the G copies of each prompt, so the vision tower and connector run once per group
-while transformers' `generate` samples all r × G continuations in one batched loop with a KV cache
-(`VLM.generate`). The same features then serve the loss forward (`scoring.group_token_logps(image_embeds=...)`).
+The prompts are left-padded into one batch with their image features (`vlm.encode_images`, computed once per prompt
+by the caller), and `VLM.generate_repeated` runs each prompt once: its KV cache is computed on the r prompt rows and
+repeated for the G completions, which transformers' `generate` then samples in one batched loop. So the vision
+tower, the connector and the prompt's forward run once per group, not G times. The same features then serve the
+loss forward (`scoring.group_token_logps(image_embeds=...)`).
 Each completion draws from its own random stream, named by its key (`sampler.KeyedSampler`): what it samples
 does not depend on the batch, the rank or what was drawn before it. The image token is never sampled (a completion
 has no image to fill it with).
@@ -51,21 +52,6 @@ def cut_at_stop(row: list[int], stop_ids: set[int]) -> list[int]:
     return row
 
 
-def images_per_prompt(prompts: list[list[int]], image_token_id: int, slots: int) -> list[int]:
-    """Images of each prompt, from its image-token slots."""
-    return [sum(t == image_token_id for t in p) // slots for p in prompts]
-
-
-def repeat_groups(image_embeds: torch.Tensor, counts: list[int], G: int) -> torch.Tensor:
-    """`[n_img, t, d]` features (prompts' images in order) → each prompt's block repeated G times, in the row order
-    of the prompts repeated G times each (`repeat_interleave`). A repeat of a tensor, not a new encoding."""
-    blocks, start = [], 0
-    for n in counts:
-        blocks += [image_embeds[start:start + n]] * G
-        start += n
-    return torch.cat(blocks)
-
-
 @torch.no_grad()
 def sample_groups(vlm, prompts: list[list[int]], image_embeds: torch.Tensor | None, G: int,
                   settings: SamplingSettings, pad_token_id: int, stop_ids: list[int], keys: list[int],
@@ -75,16 +61,13 @@ def sample_groups(vlm, prompts: list[list[int]], image_embeds: torch.Tensor | No
     are gathered per forward, so the ranks' forwards must pair up)."""
     ids, att = left_pad(prompts, pad_token_id)
     dev = next(vlm.parameters()).device
-    feats = None
-    if image_embeds is not None and image_embeds.shape[0]:
-        counts = images_per_prompt(prompts, vlm.image_token_id, vlm.num_image_tokens)
-        feats = repeat_groups(image_embeds, counts, G)
-    out = vlm.generate(ids.repeat_interleave(G, 0).to(dev), attention_mask=att.repeat_interleave(G, 0).to(dev),
-                       max_new_tokens=settings.max_completion_length, image_embeds=feats, do_sample=True,
-                       temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                       logits_processor=[KeyedSampler(keys, dev)], synced_gpus=synced,
-                       eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
-                       suppress_tokens=[vlm.image_token_id])  # image slots belong to prompts, never completions
+    feats = image_embeds if image_embeds is not None and image_embeds.shape[0] else None
+    out = vlm.generate_repeated(ids.to(dev), att.to(dev), G, image_embeds=feats,
+                                max_new_tokens=settings.max_completion_length, do_sample=True,
+                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                                logits_processor=[KeyedSampler(keys, dev)], synced_gpus=synced,
+                                eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
+                                suppress_tokens=[vlm.image_token_id])  # image slots belong to prompts
     stop = set(stop_ids)
     rows = [cut_at_stop(r, stop) for r in out.tolist()]
     return [rows[i * G:(i + 1) * G] for i in range(len(prompts))]

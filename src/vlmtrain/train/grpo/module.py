@@ -213,7 +213,7 @@ class GRPOModule(VLMModule):
             for name in self._generation_methods:
                 register_fsdp_forward_method(self.model, name)
 
-    _generation_methods: tuple[str, ...] = ("encode_images", "generate")
+    _generation_methods: tuple[str, ...] = ("encode_images", "generate_repeated")
 
     def _group_rows(self, b: dict, prompts: list[list[int]], groups: list) -> GroupRows:
         return collate_groups(prompts, groups, self.pad_id, self.model.image_token_id)
