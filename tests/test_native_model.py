@@ -348,24 +348,43 @@ def test_encoded_samples_equal_the_processors_own_apply_chat_template(root, fami
             assert ours["pixel_values"] is None and served.get("pixel_values") is None
 
 
-def test_a_checkpoint_with_another_chat_template_is_warned_about(root, tmp_path, caplog):
-    """vlmtrain trains and exports with the family's official template; a checkpoint folder that ships another one
-    (a fine-tune's own) gets one warning naming both hashes and the `chat_template:` way out. The official
-    one: no warning."""
+def test_a_checkpoint_with_another_chat_template_trains_with_it(root, tmp_path, caplog):
+    """A checkpoint folder that ships the family's official template trains with vlmtrain's marked copy of it; one
+    that ships another (a fine-tune's own, a composed model's export) trains with that one, as it is served, read by
+    prefix renders, and says so in one line naming both hashes; export writes back the template each trained with."""
     import logging
     import shutil
 
     from vlmtrain.model import build_model
+    from vlmtrain.model.native.templates import training_template
 
     own = tmp_path / "own"
     shutil.copytree(checkpoint(root, "qwen2_5_vl"), own)
-    with caplog.at_level(logging.WARNING, logger="vlmtrain"):
-        build_model(model_config(own))
+    with caplog.at_level(logging.INFO, logger="vlmtrain"):
+        official = build_model(model_config(own))
+    assert official.template == training_template("qwen2_5_vl")
     assert not [r for r in caplog.records if "chat template" in r.getMessage()]
-    (own / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
-                                             "{% endfor %}")
+    text = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{{ c['text'] if c['type'] == 'text' "
+            "else '<|vision_start|><|image_pad|><|vision_end|>' }}{% endfor %}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}")
+    (own / "chat_template.jinja").write_text(text)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vlmtrain"):
-        build_model(model_config(own))
-    [warning] = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
-    assert "is not the official qwen2_5_vl template" in warning and "set `chat_template:`" in warning
+    with caplog.at_level(logging.INFO, logger="vlmtrain"):
+        bundle = build_model(model_config(own))
+    [line] = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
+    assert "training with the checkpoint's own chat template" in line and "not the official qwen2_5_vl" in line
+    assert bundle.template == text
+    from vlmtrain.data.encode import encoder_for
+
+    x = encoder_for(bundle, 512).encode_conversation(
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "hello there"}]}], [])
+    # the reply's tokens (BPE carries the space after "assistant:" in its first one)
+    assert bundle.tokenizer.decode([t for t in x["labels"] if t != -100]) == " hello there"
+    # export writes the template each trained with: its own, or the official one
+    from vlmtrain.model.native.build import save_native_hf
+    from vlmtrain.model.native.templates import official_template
+
+    assert (save_native_hf(bundle, tmp_path / "out-own") / "chat_template.jinja").read_text() == text
+    assert ((save_native_hf(official, tmp_path / "out-official") / "chat_template.jinja").read_text()
+            == official_template("qwen2_5_vl"))

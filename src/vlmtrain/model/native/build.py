@@ -137,45 +137,44 @@ def _cannot_build(e: BaseException, hf_cfg) -> str:
 
 
 def training_template(cfg: NativeModelConfig, model_type: str, family_template: str, processor) -> str:
-    """The template labels are built with: the config's (generation-marked), else vlmtrain's marked copy of the
-    family's official template, else the checkpoint's own (`chat_template.jinja` of the download) — with its
-    generation marks where it has them, else read by prefix renders (`vlmtrain.data.native_encode`)."""
+    """The template labels are built with: the config's (generation-marked); else the checkpoint's own
+    (`chat_template.jinja` of the download) when it is the family's official template, as vlmtrain's marked copy of
+    it, and when it is another one (a fine-tune's, a vlmtrain export of a composed model, Idefics3-8B's under the
+    SmolVLM family entry) as it is, read by prefix renders (`vlmtrain.data.native_encode`): a model is trained in
+    the format it is served with; else, for a checkpoint with none, the family's official marked copy."""
     if cfg.chat_template:
         if not GENERATION_TAG.search(cfg.chat_template):
             raise ConfigError("chat_template: needs {% generation %} … {% endgeneration %} around assistant text")
         return cfg.chat_template
+    own = getattr(processor, "chat_template", None) if processor is not None else None
+    own = own if isinstance(own, str) and own.strip() else None
     if family_template:
+        from vlmtrain.model.native.templates import official_template
         from vlmtrain.model.native.templates import training_template as marked
 
-        _warn_if_checkpoint_template_differs(model_type, family_template, processor)
-        return marked(family_template)
-    own = getattr(processor, "chat_template", None) if processor is not None else None
-    if isinstance(own, str) and own.strip():
+        if own is None or own.strip() == official_template(family_template).strip():
+            return marked(family_template)
+        _say_own_template(model_type, family_template, own)
+        return own
+    if own is not None:
         return own
     raise ConfigError(f"chat_template: {model_type!r} has no official template vendored in vlmtrain and the "
                       "checkpoint carries none (no chat_template.jinja / chat_template.json); set `chat_template:` in "
                       "the model config, with {% generation %} marks around assistant text")
 
 
-def _warn_if_checkpoint_template_differs(model_type: str, family_template: str, processor) -> None:
-    """Labels come from vlmtrain's marked copy of the family's official template, and export writes the official
-    one. A checkpoint that ships another template (a fine-tune's own, or Idefics3-8B under SmolVLM's family
-    template) would then be trained and exported with a template it was not served with: say so, once, naming
-    the way to keep the checkpoint's own."""
+def _say_own_template(model_type: str, family_template: str, own: str) -> None:
+    """One line: the checkpoint ships a template other than the family's official one, and trains with it."""
     import hashlib
 
     from vlmtrain.model.native.templates import official_template
 
-    own = getattr(processor, "chat_template", None) if processor is not None else None
-    official = official_template(family_template)
-    if isinstance(own, str) and own.strip() != official.strip():
-        def digest(t: str) -> str:
-            return hashlib.sha256(t.encode()).hexdigest()[:12]
+    def digest(t: str) -> str:
+        return hashlib.sha256(t.encode()).hexdigest()[:12]
 
-        log.warning(f"{model_type}: the checkpoint's chat template (sha256 {digest(own)}…) is not the official "
-                    f"{family_template} template vlmtrain trains and exports with (sha256 {digest(official)}…); "
-                    "to train with the checkpoint's own, set `chat_template:` in the model config to it with "
-                    "{% generation %} … {% endgeneration %} around assistant text")
+    log.info(f"{model_type}: training with the checkpoint's own chat template (sha256 {digest(own)}…), not the "
+             f"official {family_template} one (sha256 {digest(official_template(family_template))}…): assistant "
+             "turns read by prefix renders; set `chat_template:` (with {% generation %} marks) to choose another")
 
 
 def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", load_weights: bool = True):
@@ -214,7 +213,9 @@ def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", loa
 
 
 def save_native_hf(bundle, out: str | Path, official_template: bool = True) -> Path:
-    """The family's own transformers folder: weights, config, processor (official chat template) + marker."""
+    """The family's own transformers folder: weights, config, processor + marker. The chat template written is the
+    one the model trained with when that was the checkpoint's own (it is served as trained), else the family's
+    official one."""
     from vlmtrain.model.native.processor import save_processor
 
     out = Path(out)
@@ -222,7 +223,8 @@ def save_native_hf(bundle, out: str | Path, official_template: bool = True) -> P
     m = bundle.model
     m.hf.save_pretrained(out)
     proc = bundle.processor
-    if official_template and m.family.template:
+    trained_with_own = isinstance(proc.chat_template, str) and proc.chat_template == bundle.template
+    if official_template and m.family.template and not trained_with_own:
         from vlmtrain.model.native.templates import official_template as official
 
         proc.chat_template = official(m.family.template)
