@@ -360,7 +360,7 @@ def test_a_checkpoint_with_another_chat_template_trains_with_it(root, tmp_path, 
 
     own = tmp_path / "own"
     shutil.copytree(checkpoint(root, "qwen2_5_vl"), own)
-    with caplog.at_level(logging.INFO, logger="vlmtrain"):
+    with caplog.at_level(logging.INFO, logger="vlmtrain.model.native.build"):
         official = build_model(model_config(own))
     assert official.template == training_template("qwen2_5_vl")
     assert not [r for r in caplog.records if "chat template" in r.getMessage()]
@@ -369,7 +369,7 @@ def test_a_checkpoint_with_another_chat_template_trains_with_it(root, tmp_path, 
             "{% if add_generation_prompt %}assistant: {% endif %}")
     (own / "chat_template.jinja").write_text(text)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="vlmtrain"):
+    with caplog.at_level(logging.INFO, logger="vlmtrain.model.native.build"):
         bundle = build_model(model_config(own))
     [line] = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
     assert "training with the checkpoint's own chat template" in line and "not the official qwen2_5_vl" in line
