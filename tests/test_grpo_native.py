@@ -171,3 +171,35 @@ def test_fit_two_steps_on_a_native_checkpoint_writes_the_rl_block(root, tmp_path
     rl = summary["rl"]
     assert rl["steps_logged"] == 2 and rl["kl"] is not None and rl["kl"] >= 0
     assert 1 <= rl["completion_len_mean"] <= 3 and rl["generate_time_share"] > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava"])
+def test_native_prompts_carry_the_processors_resize_for_box_rewards(root, family):
+    """`image_resize` of a native prompt: Qwen2.5-VL's is transformers' own `smart_resize` of the image; Gemma 3's
+    the processor's fixed size; LLaVA's CLIP center-crops (no rescaled whole image: no column). `box_iou` maps a
+    box answered in that frame back to the original pixels."""
+    from vlmtrain.data.encode import encoder_for
+    from vlmtrain.data.prompts import PromptEncoder
+    from vlmtrain.model import build_model
+    from vlmtrain.train.grpo.reward_fns import box_iou
+
+    bundle = build_model(model_config(download_folder(root, family)))
+    rec = {"id": "b", "kind": "chat", "messages": [user(IMG, "where is the digit"), assistant("[10, 10, 40, 30]")]}
+    x = PromptEncoder(encoder_for(bundle, 4096), 4)(rec, [image(97, 61, 1)])
+    resize = x["columns"].get("image_resize")
+    ip = bundle.processor.image_processor
+    if family == "llava":
+        assert resize is None and ip.do_center_crop
+        return
+    if family == "qwen2_5_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        h, w = smart_resize(61, 97, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
+                            max_pixels=ip.size["longest_edge"])
+    else:
+        h, w = ip.size["height"], ip.size["width"]
+    assert resize == {"original": [97, 61], "resized": [w, h]}
+    sx, sy = w / 97, h / 61  # the original box [10, 10, 40, 30] as the model sees it
+    seen = f"[{10 * sx:.3f}, {10 * sy:.3f}, {40 * sx:.3f}, {30 * sy:.3f}]"
+    score = box_iou([[{"role": "assistant", "content": seen}]], boxes=[[10, 10, 40, 30]], image_resize=[resize])
+    assert score[0] == pytest.approx(1.0, abs=1e-3)

@@ -230,6 +230,9 @@ def test_fit_two_steps_writes_rl_block_metrics_and_completions(tmp_path):
         assert rl[key] is not None, key
     assert rl["reward_mean"] == pytest.approx(mean, abs=1e-4) and rl["rewards"]["chars"] == pytest.approx(mean, 1e-4)
     assert 1 <= rl["completion_len_mean"] <= 4 and rl["kl"] >= 0
+    # completions.png: a PNG the summary lists, drawn from completions.jsonl
+    assert "completions.png" in summary["plots"]
+    assert (run / "completions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # over-long prompts were counted and never trained on
     long_ids = {f"r{i}" for i in range(12) if i % 3 == 0}
     assert summary["skipped"].get("over_length", 0) >= 1 and not {c["id"] for c in comps} & long_ids

@@ -93,8 +93,8 @@ class PromptEncoder:
     stage's `SampleEncoder` (tokenizer, image processor, slots); `max_completion_length` is reserved in `max_len`.
 
     A native family's encoder (`NativeSampleEncoder`) renders the prompt with its template and its processor, which
-    also makes the family's image and per-token tensors (no `image_resize` column: the processors resize in their
-    own ways). `input_ids` is the prompt; `labels` are all IGNORE (a prompt has nothing supervised: completions are
+    also makes the family's image and per-token tensors; its `image_resize` column comes from that output where one
+    processed size per image can be read (`native_resized_size`). `input_ids` is the prompt; `labels` are all IGNORE (a prompt has nothing supervised: completions are
     scored after generation), so the ordinary collator pads it."""
 
     base: Any
@@ -116,6 +116,9 @@ class PromptEncoder:
             raise RecordError("over_length", f"prompt of {len(ids)} tokens + max_completion_length "
                                              f"{self.max_completion_length} > max_len {b.max_len}")
         if native:  # pixel_values, the per-image and per-token family tensors, as for training samples
+            size = native_resized_size(out, b.processor, len(images)) if images else None
+            if size is not None:
+                columns["image_resize"] = {"original": list(images[0].size), "resized": size}
             return {"id": record["id"], "input_ids": ids, "labels": [IGNORE] * len(ids),
                     **b.split_outputs(out, len(ids)), "columns": columns, "prompt": msgs}
         pix = b.pixels(images)
@@ -124,3 +127,22 @@ class PromptEncoder:
             columns["image_resize"] = {"original": list(images[0].size), "resized": size}
         return {"id": record["id"], "input_ids": ids, "labels": [IGNORE] * len(ids), "pixel_values": pix,
                 "columns": columns, "prompt": msgs}
+
+
+def native_resized_size(out, processor, n_images: int) -> list[int] | None:
+    """`[w, h]` in pixels of the first image as a native family's processor handed it to the model, the frame its
+    answers' coordinates are in: Qwen-style `image_grid_thw` (`[t, h, w]` patches) × the image processor's
+    `patch_size`; else `pixel_values` of one `[c, h, w]` image per image (fixed-size towers). None for tiled layouts
+    (AnyRes crops, Idefics3 splitting, tile-indexed InternVL / Llama 4), where no single frame exists, and after a
+    center crop (CLIP's: the model sees part of the image, not a rescaled whole)."""
+    ip = getattr(processor, "image_processor", None)
+    if getattr(ip, "do_center_crop", False):
+        return None
+    grid = out.get("image_grid_thw")
+    patch = getattr(ip, "patch_size", None)
+    if grid is not None and isinstance(patch, int):
+        return [int(grid[0][2]) * patch, int(grid[0][1]) * patch]
+    pix = out.get("pixel_values")
+    if grid is None and pix is not None and pix.dim() == 4 and pix.shape[0] == n_images:
+        return [int(pix.shape[-1]), int(pix.shape[-2])]
+    return None

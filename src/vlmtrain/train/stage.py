@@ -454,6 +454,12 @@ class StageRun:
                      f"{summary['privacy']['steps']} steps")
         return summary
 
+    def plots(self) -> list[str]:
+        """The run's PNGs (file names): loss.png and eval.png from metrics.jsonl; an objective may add its own."""
+        from vlmtrain.train.recorder import plot_metrics
+
+        return plot_metrics(self.run_dir)
+
     def objective_summary(self, summary: dict, fig: dict) -> None:
         """Objective-specific summary fields: next-token reports the share of (non-pad) tokens that carry a loss."""
         if self.stage.objective == "next_token":
@@ -493,10 +499,8 @@ class StageRun:
     def write_summary(self, summary: dict) -> None:
         """Phase summary (rank 0): plots, stage.json (trainable table, weights before/after, template, image
         processor), then summary.json, last and atomically: it marks the stage complete."""
-        from vlmtrain.train.recorder import plot_metrics
-
         stage, bundle = self.stage, self.bundle
-        summary["plots"] = plot_metrics(self.run_dir)
+        summary["plots"] = self.plots()
         summary["wall_seconds"] = time.time() - self.t0
         stage_json = {
             "name": stage.name, "preset": stage.preset, "objective": stage.objective,

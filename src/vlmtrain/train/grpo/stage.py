@@ -6,11 +6,13 @@ methods (no phase copied):
   repeated `num_iterations` times (`RepeatWindows`);
 - `build_module`: `GRPOModule` (`NativeGRPOModule` for a native family), writing completions.jsonl into the run
   directory;
-- `objective_summary`: the `rl` block of summary.json, from the steps metrics.jsonl holds.
+- `objective_summary`: the `rl` block of summary.json, from the steps metrics.jsonl holds;
+- `plots`: completions.png beside loss.png and eval.png (the logged completions' rewards by step).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vlmtrain.train.stage import StageRun
@@ -45,6 +47,37 @@ def rl_summary(metrics_path: Path) -> dict:
     return out
 
 
+def plot_completions(run_dir: Path) -> list[str]:
+    """completions.png from completions.jsonl: every logged completion's weighted reward at its step (points,
+    spread sideways so a group's equal rewards stay visible) and the mean per logged step (line). [] without rows."""
+    path = Path(run_dir) / "completions.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    rows = [r for r in rows if r.get("reward") is not None]
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["step"] for r in rows})
+    width = 0.3 * min((b - a for a, b in zip(steps, steps[1:])), default=1)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [r["step"] + width * (((i * 0.618) % 1.0) - 0.5) for i, r in enumerate(rows)]
+    ax.scatter(xs, [r["reward"] for r in rows], s=8, alpha=0.35, label="a completion")
+    means = [sum(r["reward"] for r in rows if r["step"] == s) / sum(r["step"] == s for r in rows) for s in steps]
+    ax.plot(steps, means, marker="o", color="C1", label="mean of the step")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title(f"{Path(run_dir).name}: sampled completions")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(Path(run_dir) / "completions.png", dpi=100)
+    plt.close(fig)
+    return ["completions.png"]
+
+
 class GRPOStageRun(StageRun):
     """A stage with the grpo objective (module docstring)."""
 
@@ -71,3 +104,6 @@ class GRPOStageRun(StageRun):
 
     def objective_summary(self, summary: dict, fig: dict) -> None:
         summary["rl"] = rl_summary(self.run_dir / "metrics.jsonl")
+
+    def plots(self) -> list[str]:
+        return super().plots() + plot_completions(self.run_dir)
