@@ -25,7 +25,8 @@ def grpo_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo-dist")
     samples = []
     for i in range(16):
-        n = 0 if i in (0, 2) else 1  # stride split, 2 ranks × 2 prompts: rank 0's first prompts are text-only
+        # stride split: rank r takes [2r, 2r + 2) of each global batch of 4, so rank 0's first prompts are text-only
+        n = 0 if i in (0, 1) else 1
         samples.append((chat_record(i, n), [png_bytes(i)] * n))
     write_shards(root / "shards", samples, per_shard=8)
     (root / "dist_rewards.py").write_text(REWARDS)
@@ -142,7 +143,7 @@ def native_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo-dist-native")
     samples = []
     for i in range(8):
-        n = 0 if i in (0, 2) else 1
+        n = 0 if i in (0, 1) else 1
         samples.append(({"id": f"r{i}", "kind": "chat", "messages": [user(*[IMG] * n, f"what digit is {i}"),
                                                                      assistant(str(i))]}, [png_bytes(i)] * n))
     write_shards(root / "shards", samples, per_shard=8)
@@ -174,3 +175,29 @@ def test_native_grpo_on_two_ranks_equals_one_process(native_data, strategy):
     assert any(row["rl/reward_std"] > 0 for row in a)
     wa, wb = weights(one), weights(two)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+
+
+def test_a_rank_left_without_prompts_skips_the_step_on_every_rank(tmp_path):
+    """2 ranks × 2 prompts: every prompt of rank 1's first slice is over-length (rejected), so the loader hands it a
+    placeholder batch with no prompt. Such a step is skipped on both ranks, with a warning, instead of one rank
+    waiting for the other's collectives; training goes on with the next prompts."""
+    long_q = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " ".join(["digit"] * 80)}]}
+    samples = []
+    for i in range(8):
+        rec = chat_record(i, 1)
+        if i in (2, 3):
+            rec["messages"][0] = long_q
+        samples.append((rec, [png_bytes(i)]))
+    write_shards(tmp_path / "shards", samples, per_shard=8)
+    (tmp_path / "dist_rewards.py").write_text(REWARDS)
+    stage = {"name": "grpo", "preset": "grpo", "model": str(TINY), "rewards": [{"fn": "dist_rewards:chars"}],
+             "grpo": {"num_generations": 2, "max_completion_length": 3},
+             "data": {"train": [{"path": str(tmp_path / "shards")}], "batch_size": 2, "num_workers": 0,
+                      "max_len": 64, "split": "stride", "shuffle_buffer": 1},
+             "trainer": {"max_steps": 2, "log_every_n_steps": 1}}
+    (tmp_path / "stage.yaml").write_text(yaml.safe_dump(stage))
+    r = torchrun(2, "fit", "--config", "stage.yaml", "--out", "run", "--strategy", "ddp", cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "a step's prompts skipped on every rank (1 so far)" in r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["skipped"].get("over_length", 0) >= 2

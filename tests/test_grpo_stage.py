@@ -93,7 +93,8 @@ def _hand_generate(vlm, xs, G, stop):
     """Keyed sampling done the plain way: every completion's images encoded in its own copy of the prompt
     (`VLM.embed` from pixels), transformers' `generate` on the embeddings with each completion's key (step 0 of a
     seed-0 run; the sampler itself is tested in test_grpo_sampler.py)."""
-    from vlmtrain.train.grpo.sampler import KeyedSampler, completion_keys
+    from vlmtrain.train.grpo.generate import SamplingSettings
+    from vlmtrain.train.grpo.sampler import NEUTRAL_WARPERS, KeyedSampler, completion_keys
 
     seqs = [x["input_ids"] for x in xs for _ in range(G)]
     s = max(map(len, seqs))
@@ -104,7 +105,7 @@ def _hand_generate(vlm, xs, G, stop):
     vlm.eval()
     with torch.no_grad():
         out = vlm.llm.generate(inputs_embeds=vlm.embed(ids, pix), attention_mask=att, do_sample=True,
-                               temperature=0.9, top_k=50, top_p=1.0, logits_processor=[KeyedSampler(keys)],
+                               **NEUTRAL_WARPERS, logits_processor=[KeyedSampler(keys, SamplingSettings(0.9, 1.0, 50))],
                                max_new_tokens=5, eos_token_id=stop,
                                pad_token_id=0, suppress_tokens=[vlm.image_token_id])
     vlm.train()

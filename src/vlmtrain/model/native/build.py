@@ -172,9 +172,9 @@ def _say_own_template(model_type: str, family_template: str, own: str) -> None:
     def digest(t: str) -> str:
         return hashlib.sha256(t.encode()).hexdigest()[:12]
 
-    log.info(f"{model_type}: training with the checkpoint's own chat template (sha256 {digest(own)}…), not the "
-             f"official {family_template} one (sha256 {digest(official_template(family_template))}…): assistant "
-             "turns read by prefix renders; set `chat_template:` (with {% generation %} marks) to choose another")
+    log.warning(f"{model_type}: training with the checkpoint's own chat template (sha256 {digest(own)}…), not the "
+                f"official {family_template} one (sha256 {digest(official_template(family_template))}…): assistant "
+                "turns read by prefix renders; set `chat_template:` (with {% generation %} marks) to choose another")
 
 
 def build_native(cfg: NativeModelConfig, device: str | torch.device = "cpu", load_weights: bool = True):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmtrain.train.grpo.sampler import KeyedSampler
+from vlmtrain.train.grpo.sampler import NEUTRAL_WARPERS, KeyedSampler
 
 
 @dataclass
@@ -64,8 +64,8 @@ def sample_groups(vlm, prompts: list[list[int]], image_embeds: torch.Tensor | No
     feats = image_embeds if image_embeds is not None and image_embeds.shape[0] else None
     out = vlm.generate_repeated(ids.to(dev), att.to(dev), G, image_embeds=feats,
                                 max_new_tokens=settings.max_completion_length, do_sample=True,
-                                temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                logits_processor=[KeyedSampler(keys, dev)], synced_gpus=synced,
+                                **NEUTRAL_WARPERS,
+                                logits_processor=[KeyedSampler(keys, settings, dev)], synced_gpus=synced,
                                 eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
                                 suppress_tokens=[vlm.image_token_id])  # image slots belong to prompts
     stop = set(stop_ids)

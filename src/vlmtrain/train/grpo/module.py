@@ -32,6 +32,8 @@ import json
 import time
 from pathlib import Path
 
+import logging
+
 import torch
 import torch.distributed as dist
 
@@ -43,6 +45,8 @@ from vlmtrain.train.grpo.rewards import RewardState, load_rewards
 from vlmtrain.train.grpo.sampler import completion_keys
 from vlmtrain.train.grpo.scoring import GroupRows, collate_groups, group_token_logps
 from vlmtrain.train.module import VLMModule
+
+log = logging.getLogger(__name__)
 
 
 class RepeatWindows:
@@ -62,6 +66,32 @@ class RepeatWindows:
         for window in self.windows:
             for i in range(self.n):
                 yield {**window, "iteration": i}
+
+
+class SkipEmptyWindows:
+    """`windows` without those in which some rank's micro-batch holds no prompt (the loader's placeholder batch: a
+    partial last global batch left the rank's slice empty, or every prompt in it was over_length). Whether to skip is
+    agreed by all ranks (one all-reduce per window, in the training loop's own fetch), so every rank skips the same
+    windows: a rank with nothing to generate would otherwise leave the others' collectives unpaired."""
+
+    def __init__(self, windows):
+        self.windows = windows
+        self.skipped = 0
+
+    def __iter__(self):
+        for window in self.windows:
+            empty = any(not b.get("ids") for b in window["micro"])
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+                flag = torch.tensor([float(empty)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                empty = bool(flag.item())
+            if empty:
+                self.skipped += 1
+                log.warning(f"grpo: a step's prompts skipped on every rank ({self.skipped} so far): a rank had none "
+                            "(the data's end left its slice empty, or every prompt in it was over_length)")
+                continue
+            yield window
 
 
 def _prompt_lists(b: dict) -> list[list[int]]:
@@ -101,6 +131,10 @@ class GRPOModule(VLMModule):
             self.reference = "adapters_off" if stage.train.llm == "lora" else "copy"
             if self.reference == "copy":
                 self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+                if stage.trainer.strategy == "fsdp":
+                    log.warning("grpo: the frozen reference (beta > 0, the LLM fully trained) is a whole copy of the "
+                                "model on every rank, not sharded; with a large model use LoRA (the reference is "
+                                "then the policy with its adapters off) or beta: 0")
 
     # ---- rollout ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,9 +238,14 @@ class GRPOModule(VLMModule):
         return pix, feats, groups
 
     def configure_model(self) -> None:
-        """After sharding: generation calls `encode_images` and `generate` on the model itself, not its forward, so
-        FSDP is told to gather the root's weights for them as it does for a forward."""
+        """After sharding: generation calls the model's `_generation_methods`, not its forward, so FSDP is told to
+        gather the root's weights for them as it does for a forward."""
         super().configure_model()
+        if self.frozen_images:
+            # the loss forward takes generation's features on every rank and runs no tower, so a text-only rank must
+            # not run the blank image data-parallel strategies otherwise run (its gathers would pair with nothing);
+            # generation pairs the tower's runs itself (`_images_elsewhere`)
+            self.model.always_encode_images = False
         if self.stage.trainer.strategy == "fsdp":
             from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -284,7 +323,7 @@ class GRPOModule(VLMModule):
         ros = self.rollouts
         local = (torch.cat([ro["per_func"].cpu() for ro in ros]),
                  torch.cat([ro["rows"].lengths.cpu() for ro in ros]).float(),
-                 torch.cat([ro["truncated"] for ro in ros]).float(), [ro["zero_spread"] for ro in ros])
+                 torch.cat([ro["truncated"].cpu() for ro in ros]).float(), [ro["zero_spread"] for ro in ros])
         parts = self._gather(local)  # the whole step's completions, all ranks
         per_func, lengths, truncated = (torch.cat([p[i] for p in parts]) for i in range(3))
         zero_spread = [z for p in parts for z in p[3]]

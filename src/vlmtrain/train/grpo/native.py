@@ -25,7 +25,7 @@ from vlmtrain.data.chat import IGNORE
 from vlmtrain.data.native_encode import TOKEN_EXTRAS
 from vlmtrain.train.grpo.generate import cut_at_stop, left_pad
 from vlmtrain.train.grpo.module import GRPOModule
-from vlmtrain.train.grpo.sampler import KeyedSampler
+from vlmtrain.train.grpo.sampler import NEUTRAL_WARPERS, KeyedSampler
 from vlmtrain.train.grpo.scoring import GroupRows, collate_groups, scatter_token_logps
 
 
@@ -74,8 +74,8 @@ def sample_native_groups(model, prompts: list[list[int]], extras: list[dict], im
         kw["pixel_values"] = images["pixel_values"]
     out = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), **kw, num_return_sequences=G,
                          do_sample=True, max_new_tokens=settings.max_completion_length,
-                         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                         logits_processor=[KeyedSampler(keys, dev)], synced_gpus=synced,
+                         **NEUTRAL_WARPERS,
+                         logits_processor=[KeyedSampler(keys, settings, dev)], synced_gpus=synced,
                          eos_token_id=list(stop_ids), pad_token_id=pad_token_id,
                          suppress_tokens=[model.image_token_id])  # image slots belong to prompts
     stop = set(stop_ids)

@@ -2,8 +2,8 @@
 methods (no phase copied):
 
 - `training_data`: the stage's encoder wrapped as a prompt encoder (`data.prompts.PromptEncoder`: prompts with
-  their reward columns, `over_length` rejected with room for `max_completion_length`), the loader's windows each
-  repeated `num_iterations` times (`RepeatWindows`);
+  their reward columns, `over_length` rejected with room for `max_completion_length`), the loader's windows without
+  those where a rank got no prompt (`SkipEmptyWindows`), each repeated `num_iterations` times (`RepeatWindows`);
 - `build_module`: `GRPOModule` (`NativeGRPOModule` for a native family), writing completions.jsonl into the run
   directory;
 - `objective_summary`: the `rl` block of summary.json, from the steps metrics.jsonl holds;
@@ -83,11 +83,12 @@ class GRPOStageRun(StageRun):
 
     def training_data(self) -> tuple:
         from vlmtrain.data.prompts import PromptEncoder
-        from vlmtrain.train.grpo.module import RepeatWindows
+        from vlmtrain.train.grpo.module import RepeatWindows, SkipEmptyWindows
 
         g = self.stage.grpo
         self.encoder = PromptEncoder(self.encoder, g.max_completion_length)
         loader, windows = super().training_data()
+        windows = SkipEmptyWindows(windows)
         return loader, (RepeatWindows(windows, g.num_iterations) if g.num_iterations > 1 else windows)
 
     def build_module(self):
