@@ -287,3 +287,26 @@ def test_receiving_ahead_keeps_order_errors_and_stops():
     while any(t.name == "vlmtrain-batch-receiver" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "vlmtrain-batch-receiver" for t in threading.enumerate())
+
+
+def test_workers_are_born_with_preemption_signals_blocked_and_then_ignore_them(shards, encoder, bundle):
+    """A DataLoader worker is forked from the batch-receiver thread, whose mask blocks SIGTERM/SIGUSR1: a signal
+    sent to the process group between the fork and `worker_init` stays pending and is then discarded (the worker
+    ignores them), instead of killing the worker. Read from the kernel (/proc/PID/status), with the worker alive."""
+    import signal
+
+    import psutil
+
+    def bits(pid: int, field: str) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(ln.split()[1], 16) for ln in f if ln.startswith(field + ":"))
+
+    it = iter(loader(shards, encoder, bundle, batch_size=2, num_workers=1))
+    next(it)
+    [worker] = psutil.Process().children()  # the one worker (torch names it pt_data_worker)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        assert bits(worker.pid, "SigBlk") >> (sig - 1) & 1, sig.name
+        assert bits(worker.pid, "SigIgn") >> (sig - 1) & 1, sig.name
+    main = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert signal.SIGTERM not in main  # this thread (the training loop's) still receives them
+    it.close()

@@ -20,6 +20,7 @@ import copy
 import json
 import queue
 import re
+import signal
 import threading
 import weakref
 from collections import Counter
@@ -385,6 +386,12 @@ class _received_ahead:
         self.thread.start()
 
     def _receive(self, dl) -> None:
+        # The DataLoader forks its workers from this thread, and a fork inherits the thread's signal mask: with
+        # preemption signals blocked here, a SIGTERM sent to the process group (as SLURM does) between a worker's
+        # fork and its `worker_init` (which ignores them) stays pending and is then discarded, instead of killing
+        # the worker (the chaos run of 2026-12-07 saw one: "DataLoader worker exited unexpectedly", exit 1, no
+        # checkpoint). The process's handlers run in the main thread, which keeps receiving the signals.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
         try:
             for item in dl:
                 while not self.stop.is_set():
