@@ -239,6 +239,7 @@ def test_fit_two_steps_writes_rl_block_metrics_and_completions(tmp_path):
     assert summary["skipped"].get("over_length", 0) >= 1 and not {c["id"] for c in comps} & long_ids
 
 
+@pytest.mark.slow  # two tiny-model GRPO steps each (make test-fast keeps the hand-assembled step)
 @pytest.mark.parametrize("quantize", [None, "4bit"], ids=["lora", "qlora"])
 def test_lora_stage_reference_is_the_policy_with_adapters_off(quantize):
     """A LoRA or QLoRA grpo stage loads no second model: its reference log-probs are the base model's (a copy taken
@@ -283,6 +284,7 @@ def same_reward(completions, **kwargs):
     return [1.0 for _ in completions]
 
 
+@pytest.mark.slow  # the loss-level equality of dropped groups is in the fast tier (test_grpo_loss.py)
 @pytest.mark.parametrize("dynamic", [False, True], ids=["kept", "dropped"])
 def test_dynamic_sampling_drops_groups_whose_rewards_all_agree(dynamic):
     """Every group's rewards equal (no advantage): without dynamic sampling the KL term (beta 0.04, a policy away

@@ -15,6 +15,8 @@ import pytest
 
 from native_fixtures import IMG, assistant, checkpoint, image, model_config, user
 
+pytestmark = pytest.mark.slow  # two more tiny checkpoints per run; the fast tier has the USER_TEMPLATES ones
+
 TEMPLATES = Path(__file__).parent / "fixtures" / "official_templates"
 CASES = {  # family: (template file, its sha256, roles the template prints whole)
     "glm4v": ("glm-4.1v-9b-thinking.jinja", "847603d3ed14387a2b45c197f8d07ddee0f9938051549c727cbc894facfea78b",
