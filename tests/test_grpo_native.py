@@ -1,10 +1,10 @@
 """GRPO on native transformers families (Qwen2.5-VL: 3-D mRoPE; Gemma 3: bidirectional image blocks, sliding
-layers; Qwen3-VL, Gemma 4, InternVL, GLM-4.1V): G completions sampled by the family's own `generate` from left-padded
+layers; Qwen3-VL, Gemma 4, InternVL, GLM-4.1V, Mistral 3): G completions sampled by the family's own `generate` from left-padded
 prompts of different lengths, each image encoded once per prompt, then scored on shared-prefix rows. Every
 completion's per-token log-probs equal (a) transformers' own forward on prompt + completion alone, with its own mRoPE
 ids for the whole sequence, and (b) the log-probs `generate` itself sampled from (its KV cache and its rope deltas):
 so the completion positions continue the prompt's in both. A 2-step `vlmtrain fit` grpo stage on a tiny native
-checkpoint writes the rl block (Qwen2.5-VL, and Gemma 4 from a folder carrying its own chat template)."""
+checkpoint writes the rl block (Qwen2.5-VL; Gemma 4 and Mistral 3 from folders carrying their own chat template)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import yaml
 from native_fixtures import IMG, assistant, download_folder, image, model_config, user
 
 # Qwen's mRoPE and Gemma 3's image blocks, Qwen3-VL's deepstack features, Gemma 4's pooled patches beside a frozen audio
-# tower, InternVL's tiles, GLM-4.1V's own rope index; the last three from a folder with its own unmarked template
-FAMILIES = ("qwen2_5_vl", "gemma3", "qwen3_vl", "gemma4", "internvl", "glm4v")
+# tower, InternVL's tiles, GLM-4.1V's own rope index, Mistral 3's Pixtral grids; the last four from a folder with its
+# own unmarked template
+FAMILIES = ("qwen2_5_vl", "gemma3", "qwen3_vl", "gemma4", "internvl", "glm4v", "mistral3")
 G = 3
 PROMPTS = [  # (record, images): prompts of different lengths with 1, 2 and 0 images
     ({"id": "one", "kind": "chat", "messages": [user(IMG, "what digit is this"), assistant("seven")]},
@@ -144,7 +145,7 @@ def test_native_families_with_a_reason_refuse_grpo_in_one_line():
 
 
 @pytest.mark.slow  # a `vlmtrain fit` process per family
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma4"])  # Gemma 4 from a folder with its own template
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma4", "mistral3"])  # the last two: folders with their own template
 def test_fit_two_steps_on_a_native_checkpoint_writes_the_rl_block(root, tmp_path, family):
     from shard_fixtures import png_bytes, write_shards
 

@@ -237,7 +237,7 @@ def test_dpo_stage_puts_pairs_in_shared_rows_unless_switched_off(family, root):
         m.dpo_shared_prefix = False
 
 
-@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe", "mllama"])
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5_moe", "mllama", "llama4"])
 def test_families_that_cannot_share_a_prefix_keep_two_rows_and_say_why(name):
     from types import SimpleNamespace
 
@@ -246,7 +246,8 @@ def test_families_that_cannot_share_a_prefix_keep_two_rows_and_say_why(name):
 
     model = SimpleNamespace(family=ROWS[name], llm=SimpleNamespace(config=SimpleNamespace()), model_type=name)
     reason = shared_prefix_refusal(model)
-    assert reason == ROWS[name].shared_prefix and ("linear attention" in reason or "cross_attention_mask" in reason)
+    assert reason == ROWS[name].shared_prefix
+    assert any(why in reason for why in ("linear attention", "cross_attention_mask", "temperature taken from the row"))
     configure_shared_prefix(SimpleNamespace(objective="dpo", dpo=SimpleNamespace(share_prompt=True)), model)
     assert model.dpo_shared_prefix is False
     # an unlisted family is judged by its LM: linear-attention layers or a mask-less attention keep two rows
@@ -259,7 +260,7 @@ def test_families_that_cannot_share_a_prefix_keep_two_rows_and_say_why(name):
 
 
 # families beyond FAMILIES, each with what it needs to build: a user's chat template (none vendored) or none (PaliGemma)
-OTHER_FAMILIES = ("qwen3_vl_moe", "internvl", "gemma4", "paligemma", "glm4v", "glm4v_moe")
+OTHER_FAMILIES = ("qwen3_vl_moe", "internvl", "gemma4", "paligemma", "glm4v", "glm4v_moe", "mistral3")
 # mixture-of-experts LMs run in float32: their experts' grouped matmul takes no float64
 FLOAT32_ONLY = ("qwen3_vl_moe", "glm4v_moe")
 
@@ -269,6 +270,7 @@ def other_family(root):
     """name → (bundle, prompts), each built once per module. PaliGemma takes one user turn with images (its
     prefix), so its prompts are the image ones."""
     from test_native_gemma4_paligemma_glm4v import GEMMA4_TEMPLATE, GLM4V_TEMPLATE
+    from native_fixtures import USER_TEMPLATES
     from test_native_mllama_internvl import INTERNVL_TEMPLATE
     from vlmtrain.data.encode import encoder_for
     from vlmtrain.model import build_model
@@ -278,7 +280,7 @@ def other_family(root):
     def get(name: str):
         if name not in built:
             template = {"internvl": INTERNVL_TEMPLATE, "gemma4": GEMMA4_TEMPLATE, "glm4v": GLM4V_TEMPLATE,
-                        "glm4v_moe": GLM4V_TEMPLATE}.get(name)
+                        "glm4v_moe": GLM4V_TEMPLATE, "mistral3": USER_TEMPLATES["mistral3"]}.get(name)
             bundle = build_model(model_config(checkpoint(root, name),
                                               **({"chat_template": template} if template else {})))
             bundle.model.eval()
@@ -293,8 +295,8 @@ def test_the_other_listed_families_score_continuations_as_alone(other_family, na
     """Shared-prefix rows (k = 3) of: the mixture-of-experts Qwen3-VL and GLM-4.5V (experts route each token alone:
     the row changes no routing), InternVL (tile-indexed images, a Qwen2 LM), Gemma 4 (image blocks on
     `mm_token_type_ids`, sliding layers only), PaliGemma (its prompt one bidirectional prefix block, 1-indexed
-    positions, answers causal with token_type_ids 1) and GLM-4.1V / 4.5V (mRoPE ids from their own
-    `get_rope_index`). float64 (≤1e-9), float32 for the MoE LMs (≤1e-5)."""
+    positions, answers causal with token_type_ids 1), GLM-4.1V / 4.5V (mRoPE ids from their own
+    `get_rope_index`) and Mistral 3 (Pixtral's per-image patch grids, merged 2×2). float64 (≤1e-9), float32 for the MoE LMs (≤1e-5)."""
     from vlmtrain.data.encode import encoder_for
 
     bundle, prompts = other_family(name)
@@ -335,7 +337,26 @@ def test_gemma4_and_paligemma_rules_are_what_makes_rows_equal(other_family, name
     assert float((got - want).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["gemma4", "paligemma", "glm4v", "glm4v_moe"])
+def test_a_sliding_window_in_every_layer_keeps_continuations_as_alone(other_family):
+    """Mistral's LM slides in every layer when its config sets `sliding_window` (no `layer_types`; Mistral 3's
+    checkpoints set none). With a window of 8 positions, shorter than every prompt here, shared rows still equal each
+    sequence alone (float64, ≤1e-9), and the window changes those scores, so it is in force."""
+    from vlmtrain.data.encode import encoder_for
+
+    bundle, prompts = other_family("mistral3")
+    m = copy.deepcopy(bundle.model).double()
+    assert getattr(m.llm.config, "layer_types", None) is None
+    groups = _groups(encoder_for(bundle), k=3, prompts=prompts)
+    with torch.no_grad():
+        unwindowed = torch.stack([_alone_logp(m, g[j], _image_inputs(g[0])) for j in range(3) for g in groups])
+        m.llm.config.sliding_window = 8
+        got, _ = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
+        alone = torch.stack([_alone_logp(m, g[j], _image_inputs(g[0])) for j in range(3) for g in groups])
+    torch.testing.assert_close(got, alone.to(got.dtype), rtol=0, atol=1e-9)
+    assert float((alone - unwindowed).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gemma4", "paligemma", "glm4v", "glm4v_moe", "mistral3"])
 def test_dpo_on_shared_rows_equals_two_rows_for_the_other_families(other_family, root, name):
     from vlmtrain.data.encode import encoder_for
 

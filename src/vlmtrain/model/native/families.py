@@ -111,10 +111,12 @@ _CROSS_ATTENTION_PREFIX = ("its images enter through a per-row, per-token cross_
 _PREFIX_PACKING = ("its prefix block (token_type_ids 0) is one bidirectional block per row, so packed samples' "
                    "prompts would attend to each other; use data.mode: plain or group")
 
-# families whose shared-prefix rows have not been checked against each sequence scored alone (Mistral 3's Pixtral
-# tower and Llama 4's NoPE temperature): until a test shows equality they keep two rows per DPO pair
-_UNCHECKED_PREFIX = ("its shared-prefix rows are not yet tested equal to each sequence scored alone; DPO keeps two "
-                     "rows per pair")
+# Llama 4's NoPE layers scale their queries by a temperature read from the row index (`torch.arange` over the row),
+# not from position_ids: a continuation placed after another in a shared-prefix row is scaled as if it continued it
+# (measured on the tiny checkpoint, floor_scale 16: log-probs 0.43 off alone; real checkpoints' floor_scale is 8,192)
+_NOPE_TEMPERATURE_PREFIX = ("its NoPE layers scale attention by a temperature taken from the row index, not the "
+                            "positions, so a continuation after another would be scaled as if it continued it; DPO "
+                            "keeps two rows per pair")
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family({"vision": _QWEN_VISION, "connector": {"merger": "model.visual.merger"}, "llm": _LLM},
@@ -226,7 +228,7 @@ FAMILIES["glm4v_moe"] = Family(_GLM4V_ROLES, "", blocks={"vision": "model.blocks
 FAMILIES["mistral3"] = Family({"vision": {"model": "model.vision_tower"},
                                "connector": {"projector": "model.multi_modal_projector"}, "llm": _LLM},
                               "", blocks={"vision": "model.transformer.layers", "llm": "model.layers"},
-                              shared_prefix=_UNCHECKED_PREFIX, blank_image="pixtral")
+                              blank_image="pixtral")
 
 # transformers 5.23's Llama 4 scales the queries of its NoPE (full-attention) layers by a temperature computed from
 # the row index (`torch.arange` over the row), not from position_ids: in a packed row every sample after the first
@@ -246,7 +248,7 @@ FAMILIES["llama4"] = Family({"vision": {"model": "vision_model"},
                              "connector": {"projector": "multi_modal_projector"},
                              "llm": {"model": "language_model.model", "lm_head": "language_model.lm_head"}},
                             "", blocks={"vision": "model.model.layers", "llm": "model.layers"},
-                            no_packing=_NOPE_TEMPERATURE_PACKING, shared_prefix=_UNCHECKED_PREFIX,
+                            no_packing=_NOPE_TEMPERATURE_PACKING, shared_prefix=_NOPE_TEMPERATURE_PREFIX,
                             hidden_from="language_model.model", blank_image="fixed",
                             expert_lora_target=r"llm\.model\.layers\.\d+\.feed_forward\.experts\.(gate_up_proj|down_proj)")
 

@@ -7,7 +7,8 @@ these rules as mask functions, no packing detection), so each attention implemen
 (sdpa: bool `[b, 1, s, s]`, eager: additive float). transformers 5.23 returns a 4-D mask unchanged for every listed
 family (`masking_utils._preprocess_mask_arguments`: "already 4D ... returned as-is"), but it then serves full and
 sliding layers alike; a model with sliding layers therefore gets a dict `{"full_attention", "sliding_attention"}`,
-which the text models that have such layers (Gemma 3, Qwen2) take as prepared masks. The window compares *positions*,
+which the text models that have such layers (Gemma 3, Qwen2) take as prepared masks, and a model whose every layer
+slides (a `sliding_window` without `layer_types`: Mistral) the sliding mask. The window compares *positions*,
 not row indices: the second continuation of a row sits further right than its positions say.
 Image blocks (`Family.bidirectional_images`): image tokens attend to their whole image, numbered as transformers
 does (`get_block_sequence_ids_for_mask`); images lie in the prefix, so the blocks do too. Gemma 3 marks them with
@@ -62,15 +63,17 @@ def shared_prefix_masks(model, segments: torch.Tensor, position_ids: torch.Tenso
     full = create_causal_mask(**common, **({} if model.family.image_blocks_sliding_only else overlay),
                               and_mask_function=same_branch)
     window = getattr(cfg, "sliding_window", None)
-    if not (window and "sliding_attention" in (getattr(cfg, "layer_types", None) or ())):
+    layer_types = getattr(cfg, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
         return full
 
     def within_window(batch_idx, head_idx, q_idx, kv_idx):  # transformers' sliding_window_overlay, by position
         return position_ids[batch_idx, kv_idx] > position_ids[batch_idx, q_idx] - window
 
-    return {"full_attention": full,
-            "sliding_attention": create_causal_mask(**common, **overlay,
-                                                    and_mask_function=and_masks(same_branch, within_window))}
+    sliding = create_causal_mask(**common, **overlay, and_mask_function=and_masks(same_branch, within_window))
+    # a `sliding_window` without `layer_types` (Mistral, Mistral 3's LM) slides in every layer: those models call
+    # create_sliding_window_causal_mask whenever it is set
+    return sliding if layer_types is None else {"full_attention": full, "sliding_attention": sliding}
 
 
 def _blocks(family, text_cfg, segments: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor | None:
