@@ -144,6 +144,10 @@ NEWER = {
     "qwen3.5-9b": ("Qwen/Qwen3.5-9B", "qwen3_5", "llm", "8.95"),
     "qwen3.5-35b-a3b": ("Qwen/Qwen3.5-35B-A3B", "qwen3_5_moe", "total", "35"),
     "internvl3.5-8b": ("OpenGVLab/InternVL3_5-8B-HF", "internvl", "total", "8.5"),
+    # exact published totals (keras-hub's presets / the hub's safetensors total / a transformers load log)
+    "mistral-small-3.1-24b": ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", "mistral3", "total", "24.011361280"),
+    "llama-4-scout-17b-16e": ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama4", "total", "108.641793536"),
+    "paligemma2-3b-224": ("google/paligemma2-3b-pt-224", "paligemma", "total", "3.032242416"),
 }
 
 
