@@ -199,7 +199,8 @@ NATIVE_RESUME = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5_moe"])  # and the Gated DeltaNet + MoE layer kinds
+# the Gated DeltaNet + MoE layer kinds, Pixtral's per-image grids, Llama 4's chunked / NoPE MoE, LFM2's short convolutions
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5_moe", "mistral3", "llama4", "lfm2_vl"])
 def test_native_sigkill_then_resume_is_bit_identical(tmp_path, family):
     from kill_resume import kill_then_resume_matches
 
