@@ -342,7 +342,9 @@ def _glm4v(root, family: str):
 @pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
 def test_glm4v_forward_equals_transformers_logits_exactly(glm4v_root, family):
     """The image processor is transformers' PIL one (no torchvision); logits on 0/1/2-image samples are transformers'
-    own, and the labels are the configured template's assistant spans."""
+    own, and the labels are the configured template's assistant spans, each followed by a supervised stop: the
+    template writes no end-of-turn, so the next turn's `<|user|>` is supervised and a final reply gets the EOS
+    appended (the tiny checkpoint's EOS is `<|user|>` too), as GLM-4's own fine-tuning does."""
     import re
 
     from transformers import Glm4vImageProcessorPil
@@ -362,9 +364,9 @@ def test_glm4v_forward_equals_transformers_logits_exactly(glm4v_root, family):
     tok = bundle.tokenizer
     for (rec, _), s in zip(records(), samples):
         rendered = tok.apply_chat_template(rec["messages"], chat_template=GLM4V_TEMPLATE, tokenize=False)
-        assert re.sub(r"(<\|image\|>)+", "<|image|>", tok.decode(s["input_ids"])) == rendered
+        assert re.sub(r"(<\|image\|>)+", "<|image|>", tok.decode(s["input_ids"])) == rendered + "<|user|>"
         answers = [p["text"] for m in rec["messages"] if m["role"] == "assistant" for p in m["content"]]
-        assert tok.decode([t for t in s["labels"] if t != -100]) == "".join(answers)
+        assert tok.decode([t for t in s["labels"] if t != -100]) == "".join(a + "<|user|>" for a in answers)
 
 
 def test_glm4v_without_a_chat_template_is_refused_with_one_line(glm4v_root):

@@ -5,7 +5,9 @@ GLM-4.1V's template prints an assistant (and system) message's content whole (`{
 content parts it would print their Python list, and the labels would be that repr. The encoder probes the template
 (`string_content_roles`) and hands those roles their text as a string; the rendering must then equal transformers'
 own `apply_chat_template` of the conversation written with string content, and the supervised tokens must be
-exactly the replies (plus the end-of-turn token where the template writes one: Mistral's `</s>`)."""
+exactly the replies plus the token that ends them: Mistral's `</s>`, which its template writes; for GLM-4.1V, whose
+template writes none, the next turn's `<|user|>` and, after the last reply, the tokenizer's EOS appended (as GLM-4's
+own fine-tuning does; the tiny checkpoint's EOS is `<|user|>`)."""
 
 import hashlib
 import shutil
@@ -70,8 +72,11 @@ def test_an_official_template_renders_as_transformers_does_and_supervises_the_re
                                        chat_template=enc.template, tokenize=False, **kw)
     assert enc.render(CONVERSATION) == expected and "'type'" not in expected
     x = enc.encode_conversation(CONVERSATION, [image(40, 30, 1)])
-    end = "" if family == "glm4v" else tok.eos_token  # GLM-4.1V's template writes nothing after a reply
+    assert bool(enc.stop_ids) is (family == "glm4v")  # Mistral's replies end themselves: nothing is added
+    end = "<|user|>" if family == "glm4v" else tok.eos_token  # GLM-4.1V: the next turn's opener / the EOS appended
     assert _supervised(tok, x["input_ids"], x["labels"]) == [f"seven{end}", f"eight{end}"]
+    rendered = enc.process(expected, [image(40, 30, 1)])["input_ids"][0].tolist()
+    assert x["input_ids"] == rendered + ([tok.eos_token_id] if family == "glm4v" else [])  # nothing inserted inside
 
 
 def test_the_glm_stop_tokens_come_from_the_generation_config(case):

@@ -315,3 +315,19 @@ def test_mllama_date_line_is_fixed_by_the_family_row():
     with_image, _ = render_jinja_template([CONVERSATIONS["single_turn_image"]],
                                           chat_template=training_template("mllama"), **RENDER_KWARGS)
     assert "Today Date" not in with_image[0]
+
+
+def test_a_reply_without_an_end_of_turn_gets_a_supervised_stop():
+    """`supervise_reply_ends` on hand-built sequences (stops 7 and 9, EOS 9; -100 = not supervised): a reply followed
+    by a stop supervises it, a reply followed by other text gets the EOS inserted after it, a final reply gets it
+    appended, and a reply that already ends with a stop is left alone."""
+    from vlmtrain.data.native_encode import supervise_reply_ends
+
+    x = -100
+    ids = [1, 2, 3, 7, 4, 5, 6, 8, 4, 5, 9, 8, 4, 5]
+    labels = [x, x, 3, x, x, x, 6, x, x, x, 9, x, x, 5]
+    got_ids, got_labels, inserted = supervise_reply_ends(ids, labels, (7, 9), 9)
+    assert got_ids == [1, 2, 3, 7, 4, 5, 6, 9, 8, 4, 5, 9, 8, 4, 5, 9]
+    assert got_labels == [x, x, 3, 7, x, x, 6, 9, x, x, x, 9, x, x, 5, 9]
+    assert inserted == [7, 15]
+    assert supervise_reply_ends([1, 7], [x, 7], (7,), 7) == ([1, 7], [x, 7], [])

@@ -106,13 +106,22 @@ def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
 
         cls = PrefixSuffixEncoder if m.family.prefix_suffix else NativeSampleEncoder  # PaliGemma: no chat template
         return cls(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
-                                   caption_prompt=caption_prompt, nested_images=m.family.nested_images,
-                                   template_kwargs=dict(m.family.template_kwargs),
-                                   batch_aligned_images=m.family.batch_aligned_images,
-                                   shared_prefix_rows=getattr(m, "dpo_shared_prefix", False))
+                   caption_prompt=caption_prompt, nested_images=m.family.nested_images,
+                   template_kwargs=dict(m.family.template_kwargs),
+                   batch_aligned_images=m.family.batch_aligned_images,
+                   shared_prefix_rows=getattr(m, "dpo_shared_prefix", False),
+                   stop_ids=generation_stop_ids(bundle))
     tiler = AnyResTiler(anyres_pinpoints, m.vision.image_size) if anyres_pinpoints else None
     return SampleEncoder(bundle.tokenizer, bundle.image_processor, m.image_token_id, m.num_image_tokens,
                          max_len=max_len, caption_prompt=caption_prompt, tiler=tiler)
 
 
-__all__ = ["IGNORE", "SampleEncoder", "decode_image", "encoder_for", "record_token_length"]
+def generation_stop_ids(bundle) -> tuple[int, ...]:
+    """The tokens a native checkpoint's generation stops at: its `generation_config.eos_token_id` (an id or a list)
+    and the tokenizer's EOS."""
+    eos = getattr(getattr(bundle.model.hf, "generation_config", None), "eos_token_id", None)
+    ids = [*(eos if isinstance(eos, (list, tuple)) else [eos]), bundle.tokenizer.eos_token_id]
+    return tuple(sorted({int(t) for t in ids if t is not None}))
+
+
+__all__ = ["IGNORE", "SampleEncoder", "decode_image", "encoder_for", "generation_stop_ids", "record_token_length"]

@@ -137,10 +137,24 @@ class NativeSampleEncoder:
     shared_prefix_rows: bool = False
     # roles whose text-only content goes to the template as one string (`string_content_roles`); None: probe it
     string_roles: tuple | None = None
+    # the tokens generation stops at (the checkpoint's generation_config EOS ids + the tokenizer's EOS). Where the
+    # template writes no end-of-turn inside a reply (GLM-4.1V's official one: the next `<|user|>` ends it), labels
+    # then also supervise a stop after every reply (`supervise_reply_ends`), so a fine-tune learns to end its turn;
+    # cleared when the template's replies end themselves (`reply_ends_itself`)
+    stop_ids: tuple = ()
 
     def __post_init__(self):
         if self.string_roles is None:
             self.string_roles = string_content_roles(self._render_as_is) if self.template else ()
+        if self.stop_ids and (not self.template or self.batch_aligned_images or self.reply_ends_itself()):
+            self.stop_ids = ()
+
+    def reply_ends_itself(self) -> bool:
+        """Whether the template supervises a token after a reply's text (`<|im_end|>`, `<end_of_turn>`, `</s>`)."""
+        turn = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+        _, mask = self.text_mask(turn)
+        return sum(mask) > len(self.tokenizer("a", add_special_tokens=False)["input_ids"])
 
     @property
     def tokenizer(self):
@@ -215,10 +229,24 @@ class NativeSampleEncoder:
             raise RecordError("mask_unbuildable", str(e)) from None
         if any(i == self.image_token_id and lab != IGNORE for i, lab in zip(ids, labels)):
             raise RecordError("mask_unbuildable", "image token inside an assistant span")
+        inserted = []
+        if self.stop_ids:
+            ids, labels, inserted = supervise_reply_ends(ids, labels, self.stop_ids, self._eos_id())
+            if len(ids) > self.max_len:
+                raise RecordError("over_length", f"{len(ids)} tokens > max_len {self.max_len}")
         sample = {"input_ids": ids, "labels": labels, **self.split_outputs(out, len(ids))}
+        for values in sample["token_extras"].values():
+            for k in inserted:  # an inserted stop is a text token
+                values.insert(k, 0)
         if self.batch_aligned_images:
             sample["batch_aligned"] = True  # read by batching._add_pixels
         return sample
+
+    def _eos_id(self) -> int:
+        """The stop appended after a final reply: the tokenizer's EOS where generation stops at it (GLM-4's own
+        fine-tuning appends it), else the first stop id."""
+        eos = self.tokenizer.eos_token_id
+        return eos if eos in self.stop_ids else self.stop_ids[0]
 
     def __call__(self, record: dict, images: list) -> dict:
         """Chat/caption → {"id", "input_ids", "labels", "pixel_values", "image_extras", "token_extras"};
@@ -238,6 +266,26 @@ class NativeSampleEncoder:
         """Inputs for generation: the prompt turns + the generation prompt → {"input_ids" [1, s], ...} tensors."""
         out = self.process(self.render(messages, add_generation_prompt=True), images)
         return {k: _float_pixels(v) if k == "pixel_values" else v for k, v in out.items() if v is not None}
+
+
+def supervise_reply_ends(ids: list[int], labels: list[int], stop_ids: tuple, eos_id: int) -> tuple[list, list,
+                                                                                                   list[int]]:
+    """(ids, labels, inserted positions) with a supervised stop after every reply whose last token is not one: the
+    next token where it is a stop (a following turn's opener, such as `<|user|>`), else `eos_id` inserted right
+    after the reply, as GLM-4's and LLaMA-Factory's fine-tuning do for templates without an end-of-turn token.
+    `inserted` are the new tokens' indices in the returned ids, ascending."""
+    ids, labels = list(ids), list(labels)
+    ends = [i for i, lab in enumerate(labels)
+            if lab != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE) and ids[i] not in stop_ids]
+    inserted = []
+    for i in reversed(ends):  # from the back, so earlier indices stay valid
+        if i + 1 < len(ids) and ids[i + 1] in stop_ids:
+            labels[i + 1] = ids[i + 1]
+        else:
+            ids.insert(i + 1, eos_id)
+            labels.insert(i + 1, eos_id)
+            inserted = [i + 1] + [k + 1 for k in inserted]
+    return ids, labels, inserted
 
 
 def _per_token_image_extras(sample: dict) -> dict:
