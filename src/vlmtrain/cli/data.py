@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def cmd_inspect(args) -> int:
@@ -10,8 +11,6 @@ def cmd_inspect(args) -> int:
     from vlmtrain.data.inspect import inspect_samples, render
     from vlmtrain.model import build_model
     from vlmtrain.model.io import detect_source, load_any
-
-    from pathlib import Path
 
     src = Path(args.config)
     bundle = load_any(src) if src.is_dir() and detect_source(src) else build_model(

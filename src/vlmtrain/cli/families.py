@@ -9,7 +9,7 @@ from vlmtrain.errors import ConfigError
 
 
 def cmd_families(args) -> int:
-    from vlmtrain.cli import family_table
+    from vlmtrain.cli import family_table  # lazy: it loads the plan and train modules; `--help` does not
 
     # each unlisted family's build logs "mapped by the generic rule": the table's kind column says it once
     # and each align stage asked of check_native_stage logs its feature-cache line: quiet both

@@ -27,6 +27,9 @@ import textwrap
 from dataclasses import asdict, dataclass, field
 
 from vlmtrain.errors import ConfigError
+from vlmtrain.plan.families import plan_refusal
+from vlmtrain.train.native import check_native_stage
+from vlmtrain.train.presets import deep_merge, with_preset
 
 PRESETS = ("align", "pretrain", "sft", "dpo")
 COLUMNS = ("stages", "lora", "qlora", "packing", "fsdp", "zero3", "dp_sgd", "plan", "export")
@@ -56,7 +59,6 @@ class FamilyRow:
 def stage(preset: str = "sft", **over):
     """A StageConfig of `preset` with `over` merged in (the stage a user would write to ask for the feature)."""
     from vlmtrain.config.stage import StageConfig
-    from vlmtrain.train.presets import deep_merge, with_preset
 
     return StageConfig(**with_preset(deep_merge({"name": f"families-{preset}", "preset": preset, "data": _DATA},
                                                 over)))
@@ -64,8 +66,6 @@ def stage(preset: str = "sft", **over):
 
 def refusal(stage_cfg, bundle) -> str:
     """"" when `check_native_stage` accepts the stage for this model, else its reasons joined by "; "."""
-    from vlmtrain.train.native import check_native_stage
-
     try:
         check_native_stage(stage_cfg, bundle)
     except ConfigError as e:
@@ -179,7 +179,6 @@ def _plan(m) -> Cell:
     condition for LoRA stages of MoE families: adapters on fused expert tensors are not planned."""
     from vlmtrain.config.stage import LoRAConfig
     from vlmtrain.model.lora import target_parameter_names
-    from vlmtrain.plan.families import plan_refusal
 
     refused = plan_refusal(m.model_type)
     if refused:

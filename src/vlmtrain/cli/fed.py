@@ -14,6 +14,7 @@ A federation over several hosts (docs/federated.md#a-real-multi-host-deployment)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from vlmtrain.errors import ConfigError
@@ -43,10 +44,8 @@ def cmd_coordinator(args) -> int:
 def cmd_site(args) -> int:
     """Checks what a site can check before joining (a passing gate report, the base model), then becomes the site's
     Flower SuperNode (exec: the same PID, so a scheduler's or operator's signal reaches it)."""
-    import os
-
-    from vlmtrain.fed.deploy import flower_env, supernode_command
-    from vlmtrain.fed.site_data import check_gate_report
+    from vlmtrain.fed.deploy import flower_env, supernode_command  # lazy: keeps `vlmtrain --help` fast
+    from vlmtrain.fed.site_data import check_gate_report  # lazy: keeps `vlmtrain --help` fast
 
     site_dir = Path(args.site_dir)
     check_gate_report(site_dir / "shards")
@@ -65,7 +64,7 @@ def cmd_site(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from vlmtrain.fed.certs import make_tls
+    from vlmtrain.fed.certs import make_tls  # lazy: keeps `vlmtrain --help` fast
 
     paths = make_tls(args.out, hosts=tuple(args.host), days=args.days)
     print("\n".join(f"{k}: {v}" for k, v in paths.items()))
@@ -73,7 +72,7 @@ def cmd_certs(args) -> int:
 
 
 def cmd_site_key(args) -> int:
-    from vlmtrain.fed.certs import make_site_key
+    from vlmtrain.fed.certs import make_site_key  # lazy: keeps `vlmtrain --help` fast
 
     keys = make_site_key(args.out, args.name)
     print(f"private (stays at the site): {keys['private']}\npublic (to the coordinator): {keys['public']}")
@@ -109,8 +108,6 @@ def cmd_privacy_report(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pathlib import Path
-
     state = Path(args.out) / "coordinator" / "checkpoint" / "state.json"
     if not state.is_file():
         print(f"{args.out}: no coordinator checkpoint")

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from vlmtrain import __version__
 from vlmtrain.cli import data as cli_data
@@ -34,8 +35,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import warnings
-
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if "transformers" in sys.modules:  # main() called in a process that already imported it
@@ -96,14 +95,14 @@ def _describe_native(args, cfg, bundle) -> int:
 
 def cmd_export(args) -> int:
     """`vlmtrain export`: `vlmtrain.train.export.export_model` (staged beside --out, swapped in when complete)."""
-    from vlmtrain.train.export import export_model
+    from vlmtrain.train.export import export_model  # lazy: keeps `vlmtrain --help` fast
 
     print(export_model(args.source, args.format, args.out))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from vlmtrain.train.artifacts import load_model_source
+    from vlmtrain.train.artifacts import load_model_source  # lazy: keeps `vlmtrain --help` fast
 
     bundle = load_model_source(args.source)
     from vlmtrain.model.inference import generate_text, load_image

@@ -9,7 +9,7 @@ from vlmtrain.errors import ConfigError
 
 
 def cmd_plan(args) -> int:
-    from vlmtrain.plan import PlanOptions, parse_memory, plan_config
+    from vlmtrain.plan import PlanOptions, parse_memory, plan_config  # lazy: keeps `vlmtrain --help` fast
 
     gpu = parse_memory(args.gpu_memory)  # before any model is built: a typo fails in milliseconds
     if args.world_size < 1:

@@ -69,7 +69,7 @@ def _duration(seconds: float) -> str:
 # ---- command -------------------------------------------------------------------------------------------------
 
 def _open_source(args):
-    from vlmtrain.data.formats import read_format
+    from vlmtrain.data.formats import read_format  # lazy: keeps `vlmtrain --help` fast
 
     if args.fmt == "captions":
         return read_format("captions", src=args.src, csv=args.csv, jsonl=args.jsonl, images=args.images,
@@ -79,7 +79,7 @@ def _open_source(args):
 
 def _measure(args):
     """Token lengths from the model config's tokenizer, else the character approximation."""
-    from vlmtrain.data.writer import CharLength, TokenLength
+    from vlmtrain.data.writer import CharLength, TokenLength  # lazy: keeps `vlmtrain --help` fast
 
     if args.config is None:
         if args.max_len is not None:
@@ -105,7 +105,7 @@ def _summary_line(man: dict, out: str) -> str:
 
 
 def cmd_prep(args) -> int:
-    from vlmtrain.data.writer import check_out_dir, write_shards
+    from vlmtrain.data.writer import check_out_dir, write_shards  # lazy: keeps `vlmtrain --help` fast
 
     # Cheap checks first: a refused folder or a bad config should not wait for a long read of the input.
     check_out_dir(args.out, args.overwrite)
@@ -144,7 +144,7 @@ def _finish(man: dict, inputs: list[str], out: str) -> None:
 
 def cmd_prep_medical(args) -> int:
     """`prep medical`: the privacy gate (vlmtrain.privacy.gate) in front of the shard writer."""
-    from vlmtrain.data.writer import check_out_dir
+    from vlmtrain.data.writer import check_out_dir  # lazy: keeps `vlmtrain --help` fast
     from vlmtrain.privacy.gate import count_rows, records_file, run_gate
     from vlmtrain.privacy.policy import load_policy
 

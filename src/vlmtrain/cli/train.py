@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 
 def _prepare_process() -> None:
@@ -12,14 +13,12 @@ def _prepare_process() -> None:
 
     preempt.install()
     if os.environ.get("TORCHELASTIC_RUN_ID"):
-        from vlmtrain.lifeline import die_with_parent
+        from vlmtrain.lifeline import die_with_parent  # lazy: only under torchrun
 
         die_with_parent()
 
 
 def cmd_fit(args) -> int:
-    from pathlib import Path
-
     from vlmtrain.train.recipe import load_stage_config
 
     overrides = list(args.overrides) + ([f"trainer.strategy={args.strategy}"] if args.strategy else [])
@@ -46,7 +45,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vlmtrain.train.artifacts import load_model_source
+    from vlmtrain.train.artifacts import load_model_source  # lazy: keeps `vlmtrain --help` fast
     from vlmtrain.train.evaluate import evaluate
 
     bundle = load_model_source(args.run)

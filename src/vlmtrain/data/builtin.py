@@ -15,16 +15,21 @@ the one cache for every builtin.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
+import vlmtrain
 from vlmtrain import atomic
 from vlmtrain.data.schema import IMAGE_PART, Sample, text
+from vlmtrain.data.writer import write_shards
 from vlmtrain.errors import VlmtrainError
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -129,9 +134,6 @@ def _complete(folder: Path) -> bool:
 def _store(root: Path, folders: list[str], entry: Path) -> None:
     """Copy `folders` of `root` into a new cache entry, renamed into place whole: readers see a complete entry or
     none. An entry another process stored first (same bytes) is kept, and ours dropped."""
-    import shutil
-    import tempfile
-
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
@@ -152,8 +154,6 @@ def _copy_atomically(src: Path, dst: Path) -> None:
     """Copy a folder of a cache entry beside `dst`, then rename it into place (replacing an interrupted earlier
     attempt): a kill mid-copy leaves no half folder behind a valid name. Plain copies, not hard links: a later
     rewrite of one side must never change the other."""
-    import shutil
-
     with atomic.staged_dir(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
 
@@ -161,10 +161,6 @@ def _copy_atomically(src: Path, dst: Path) -> None:
 def _maker_fingerprint() -> str:
     """sha256 (12 hex) over the source of the data and privacy packages: everything that shapes a builtin's bytes
     (the medical makers live in privacy; `train.sources` only picks which maker runs)."""
-    import hashlib
-
-    import vlmtrain
-
     h = hashlib.sha256(vlmtrain.__version__.encode())
     pkg = Path(vlmtrain.__file__).parent
     for f in sorted([*(pkg / "data").rglob("*.py"), *(pkg / "privacy").rglob("*.py")]):
@@ -173,8 +169,6 @@ def _maker_fingerprint() -> str:
 
 
 def _make_builtin(name: str, root: Path, makers: Mapping[str, Maker] | None = None) -> Path:
-    from vlmtrain.data.writer import write_shards
-
     makers = makers or {}
     if name in makers:
         return makers[name](root)

@@ -10,7 +10,9 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from vlmtrain.data.anyres import AnyResTiler
 from vlmtrain.data.chat import IGNORE, Encoded, MaskError, encode_messages
+from vlmtrain.data.native_encode import NativeSampleEncoder, PrefixSuffixEncoder
 from vlmtrain.data.schema import IMAGE_PART, RecordError, record_messages
 
 
@@ -98,12 +100,8 @@ def encoder_for(bundle, max_len: int = 4096, caption_prompt: str = "",
                 anyres_pinpoints: list | None = None) -> SampleEncoder:
     """The encoder training, eval, generation and the federated site feed `bundle` with: the family processor's for
     the native kind, `SampleEncoder` (with an AnyRes tiler when `anyres_pinpoints`) for a composed VLM."""
-    from vlmtrain.data.anyres import AnyResTiler
-
     m = bundle.model
     if bundle.native:  # the family's processor expands images and makes the family tensors
-        from vlmtrain.data.native_encode import NativeSampleEncoder, PrefixSuffixEncoder
-
         cls = PrefixSuffixEncoder if m.family.prefix_suffix else NativeSampleEncoder  # PaliGemma: no chat template
         return cls(bundle.processor, bundle.template, m.image_token_id, max_len=max_len,
                    caption_prompt=caption_prompt, nested_images=m.family.nested_images,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtrain.data.chat import IGNORE
+from vlmtrain.data.chat import IGNORE, encode_messages
 from vlmtrain.data.schema import IMAGE_PART, RecordError
 
 _TRUTH_FIELDS = ("answer", "solution")
@@ -75,8 +75,6 @@ def end_of_turn_ids(tokenizer, image_token_id: int) -> list[int]:
     """The tokens that end an assistant turn: the last supervised token of a rendered assistant reply (the chat
     template's end-of-turn marker, `<|end|>` / `<|im_end|>` / EOS), and the tokenizer's EOS. Read from the template
     rather than from a list of known names, so a new template needs no code."""
-    from vlmtrain.data.chat import encode_messages
-
     msgs = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
     enc = encode_messages(tokenizer, msgs, image_token_id, 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from braceexpand import braceexpand
 
 from vlmtrain.errors import VlmtrainError
 
@@ -38,8 +39,6 @@ class Source:
         elif any(c in self.path for c in "*?["):
             urls = sorted(glob.glob(self.path))
         elif "{" in self.path or self.path.startswith(("pipe:", "http")):
-            from braceexpand import braceexpand
-
             urls = list(braceexpand(self.path))
         else:
             urls = [self.path] if p.is_file() else []

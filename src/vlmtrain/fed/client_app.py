@@ -11,7 +11,9 @@ patient.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,6 +21,7 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.fed import app_logging
 from vlmtrain.fed.arrays import from_record, to_record
 from vlmtrain.fed.secagg import is_secagg, secagg_mod
 
@@ -30,9 +33,6 @@ def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
     """With VLMTRAIN_FED_WIRE_LOG=DIR in the SuperNode's environment, write every outgoing reply as it leaves the
     ClientApp: each record's type and keys, every config/metric value, and per array its dtype, shape, byte length
     and sha256 of its serialised buffer. For audits and the allow-list test; off by default."""
-    import hashlib
-    import os
-
     reply = call_next(msg, context)
     out = os.environ.get(WIRE_LOG_ENV)
     if out and reply.has_content():
@@ -56,8 +56,6 @@ def wire_log_mod(msg: Message, context: Context, call_next) -> Message:
 def wire_value(v):
     """A config/metric value as the wire log records it: scalars as they are; byte strings (SecAgg+'s keys, shares
     and masked vectors) as their length and sha256, not their content."""
-    import hashlib
-
     if isinstance(v, bytes):
         return {"bytes": len(v), "sha256": hashlib.sha256(v).hexdigest()}
     if isinstance(v, list):
@@ -89,7 +87,6 @@ app = ClientApp(mods=[wire_log_mod, secagg_mod])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from vlmtrain.fed.site import Site
-    from vlmtrain.fed import app_logging
 
     app_logging()
     node = site_config(context)

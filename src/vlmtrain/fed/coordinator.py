@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from vlmtrain import atomic
+from vlmtrain.errors import VlmtrainError
 from vlmtrain.fed.arrays import from_record, payload_bytes, to_record, wire_bytes
+from vlmtrain.fed.ledger import epsilon_of
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -122,8 +124,6 @@ class Checkpoint:
             return 0, None, [], {}
         state = json.loads(state_path.read_text())
         if state["plan_hash"] != plan_hash(plan):
-            from vlmtrain.errors import VlmtrainError
-
             raise VlmtrainError(f"{state_path}: written for another federation plan ({state['plan_hash']}); "
                                 "resume with the same recipe, or choose another --out")
         with np.load(self.dir / state["arrays"]) as z:
@@ -245,8 +245,6 @@ def site_level_privacy(dp: dict, releases: int) -> dict:
     """Site-level (ε, δ) of the released global arrays: one Gaussian release per aggregated round, every site in
     every round (no sampling amplification), by Opacus' RDP accountant. Apart from, never added to, the
     patient-level ε: it protects a whole site's contribution, not one patient."""
-    from vlmtrain.fed.ledger import epsilon_of
-
     eps = epsilon_of([{"noise_multiplier": dp["noise_multiplier"], "sample_rate": 1.0, "steps": releases}],
                      dp["delta"]) if releases else 0.0
     return {"epsilon": eps, "delta": dp["delta"], "noise_multiplier": dp["noise_multiplier"],

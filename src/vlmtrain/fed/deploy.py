@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.fed.certs import make_site_key, make_tls
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -175,8 +176,6 @@ class Loopback:
         # the control connection (`flwr run/ls/log`) stays on this host
         conn = f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
         if self.secure:
-            from vlmtrain.fed.certs import make_tls
-
             self.tls = tls_from_dir(self.tls_dir) if self.tls_dir else make_tls(self.root / "certs")
             cmd += ["--ssl-ca-certfile", str(self.tls["ca"]), "--ssl-certfile", str(self.tls["cert"]),
                     "--ssl-keyfile", str(self.tls["key"]), "--enable-supernode-auth"]
@@ -197,8 +196,6 @@ class Loopback:
 
     def site_key(self, name: str, register: bool = True) -> Path:
         """A key pair for the site; its public key registered at the SuperLink (`flwr supernode register`)."""
-        from vlmtrain.fed.certs import make_site_key
-
         keys = make_site_key(self.root / "site-keys", name)
         if register:
             self.register(name, keys["public"])

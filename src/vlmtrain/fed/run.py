@@ -16,6 +16,7 @@ app with `flwr run`.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import signal
@@ -25,8 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmtrain.atomic import write_json
+from vlmtrain.data.encode import encoder_for
 from vlmtrain.errors import ConfigError, VlmtrainError
 from vlmtrain.fed.config import MIN_SITES_FOR_SITE_DP, FederatedConfig
+from vlmtrain.fed.deploy import Loopback, write_app
+from vlmtrain.fed.simulate import check_isolation, simulate_isolated
+from vlmtrain.fed.site_data import prepare_sites
 
 log = logging.getLogger("vlmtrain.fed")
 
@@ -92,7 +98,6 @@ def heldout_loss(bundle, shards: str | Path, max_records: int = 200) -> float:
     """Mean per-record next-token loss over held-out shards (the DP recipe's held-out loss)."""
     import torch
 
-    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.loader import image_members, parse_sample
     from vlmtrain.data.shards import Source, iter_shard
     from vlmtrain.train.audit import encoded_records, record_losses
@@ -119,7 +124,6 @@ def prepare(recipe: str | Path, out: str | Path, overrides: list[str] | None = N
     `local_sites=False` (`fed coordinator`): the sites hold their own data on their own hosts; the plan names them
     only."""
     from vlmtrain.fed.arrays import trainable_arrays
-    from vlmtrain.fed.site_data import prepare_sites
     from vlmtrain.train.runner import fit_stage
 
     out = Path(out)
@@ -168,18 +172,12 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
     evaluate the released model on the held-out cohort, write OUT/summary.json. With `simulation`, the same plan,
     ServerApp and ClientApp run on Flower's Simulation Engine instead (one virtual node per site, in a private
     network namespace: `fed.simulate`)."""
-    from vlmtrain.fed.deploy import Loopback
-
     t0 = time.time()
     out = Path(out)
     if simulation:
-        import importlib.util
-
         if importlib.util.find_spec("ray") is None:  # before minutes of preparation, not after
             raise VlmtrainError("--simulation runs Flower's Simulation Engine, which needs Ray: install the fed-sim "
                                 "extra (`pip install -c requirements/constraints-fed.txt -e .[fed-sim]`)")
-        from vlmtrain.fed.simulate import check_isolation
-
         check_isolation()
     plan = prepare(recipe, out, overrides, resume)
 
@@ -189,8 +187,6 @@ def run_loopback(recipe: str | Path, out: str | Path, overrides: list[str] | Non
 
     def launch(plan_path: Path, timeout: float):
         if simulation:
-            from vlmtrain.fed.simulate import simulate_isolated
-
             return (*simulate_isolated(out / "deploy", plan_path, len(plan["sites"]), timeout), None)
         return deploy(plan, plan_path, Loopback(out / "deploy"), start_sites, timeout)
 
@@ -203,8 +199,6 @@ def run_coordinator(recipe: str | Path, out: str | Path, host: str, port: int, t
     """The coordinator of a multi-host federation (`vlmtrain fed coordinator`): central stages and the plan, a
     SuperLink bound to host:port with TLS and SuperNode authentication, the sites' public keys registered, then —
     once every site is online (`vlmtrain fed site` on each site's host) — the run; OUT/summary.json as `fed run`."""
-    from vlmtrain.fed.deploy import Loopback
-
     t0 = time.time()
     recipe_sites = list(load_federated(recipe, out, overrides)[0].sites)  # checked before any stage runs
     unknown, missing = sorted(set(site_keys) - set(recipe_sites)), sorted(set(recipe_sites) - set(site_keys))
@@ -248,8 +242,6 @@ def serve(plan: dict, launch, plan_extra: dict | None, evaluate: bool, t0: float
         summary["eval"] = evaluate_released(plan, coord / "final.npz", out / "data")
     summary["wall_seconds"] = time.time() - t0
     if summary["status"] == "completed":
-        from vlmtrain.atomic import write_json
-
         write_json(out / "summary.json", summary, indent=1)
     return summary
 
@@ -257,8 +249,6 @@ def serve(plan: dict, launch, plan_extra: dict | None, evaluate: bool, t0: float
 def deploy(plan: dict, plan_path: Path, net, start_sites, timeout: float, online_timeout_s: float = 180.0):
     """The SuperLink of `net`, the sites (`start_sites(net)`: local SuperNodes, or registered keys of remote ones),
     `flwr run`, wait, stop every process started here → (run id, status, net)."""
-    from vlmtrain.fed.deploy import write_app
-
     # SIGTERM (a `timeout`, a scheduler) ends this driver through `finally`, so the processes it started stop too
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

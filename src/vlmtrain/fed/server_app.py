@@ -12,13 +12,14 @@ import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from vlmtrain import atomic
+from vlmtrain.fed import app_logging
+
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from vlmtrain import atomic
-    from vlmtrain.fed import app_logging
     from vlmtrain.fed.coordinator import federation_summary, run_rounds
     from vlmtrain.fed.secagg import run_rounds_secagg, secagg_summary
 

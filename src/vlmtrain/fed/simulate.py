@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.fed.deploy import SimulationLink, end_processes_of, flower_env, write_app
 
 RESULT = "simulation.json"
 UNSHARE = ("unshare", "--net", "--map-root-user", "--")
@@ -57,8 +58,6 @@ def check_isolation() -> None:
 def simulate_isolated(root: Path, plan_path: Path, sites: int, timeout_s: float) -> tuple[int, str]:
     """Run the simulation in its own network namespace (this module's `main`) → (Flower run id, run status).
     Whatever it leaves (it stops its own processes) is ended here by PID (`end_processes_of`)."""
-    from vlmtrain.fed.deploy import end_processes_of, flower_env
-
     check_isolation()
     root = Path(root)
     home = root / "flwr-home"
@@ -91,8 +90,6 @@ def simulate_isolated(root: Path, plan_path: Path, sites: int, timeout_s: float)
 
 
 def main(argv: list[str]) -> int:
-    from vlmtrain.fed.deploy import SimulationLink, write_app
-
     root, plan_path, sites, timeout_s = Path(argv[0]), Path(argv[1]), int(argv[2]), float(argv[3])
     loopback_up()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # through `finally`: stop what was started

@@ -25,7 +25,7 @@ import torch
 from vlmtrain import atomic
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.fed.arrays import load_trainable, trainable_arrays
-from vlmtrain.fed.ledger import Ledger
+from vlmtrain.fed.ledger import Ledger, epsilon_of
 from vlmtrain.fed.site_data import check_gate_report, dataset_key
 from vlmtrain.train.stage import StageRun
 
@@ -220,8 +220,6 @@ def local_dp_steps(module, loader, steps: int, proximal_mu: float = 0.0) -> tupl
 
 def site_report(site_dir: str | Path) -> dict:
     """The site's ledger as a privacy report: per dataset, ε at its δ over every round of every run."""
-    from vlmtrain.fed.ledger import epsilon_of
-
     ledger = Ledger(Path(site_dir) / "privacy_ledger.json").read()
     out = {}
     for key, ds in ledger["datasets"].items():

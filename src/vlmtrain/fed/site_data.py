@@ -20,6 +20,8 @@ import random
 from pathlib import Path
 
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.privacy.medical_cohort import cohort_samples
+from vlmtrain.privacy.medical_samples import SAMPLE_POLICY
 
 REPORT = "privacy_report.json"
 
@@ -63,8 +65,6 @@ def prepare_sites(root: str | Path, shares: dict[str, dict[str, float]], seed: i
                   cohort: str = "medical-cohort") -> dict[str, Path]:
     """Split `cohort` over the sites and gate each share at `root/SITE/shards` (once). Returns site → site dir."""
     from vlmtrain.privacy.gate import run_gate
-    from vlmtrain.privacy.medical_cohort import cohort_samples
-    from vlmtrain.privacy.medical_samples import SAMPLE_POLICY
     from vlmtrain.privacy.policy import Policy
     from vlmtrain.train.sources import prepare_builtin
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from vlmtrain.data.encode import encoder_for
 from vlmtrain.errors import VlmtrainError
 
 
@@ -48,8 +49,6 @@ def prepare_inputs(bundle, prompt: str, images: list) -> dict[str, torch.Tensor]
 def generate_text(bundle, prompt: str, images: list, max_new_tokens: int = 32) -> str:
     bundle.model.eval()
     if bundle.native:  # the family's processor builds the prompt (its image tokens, its tensors)
-        from vlmtrain.data.encode import encoder_for
-
         inputs = encoder_for(bundle).prompt_inputs(prompt_messages(prompt, len(images)), images)
         ids = inputs.pop("input_ids")
         new = bundle.model.generate(ids, inputs.pop("attention_mask", None), max_new_tokens=max_new_tokens, **inputs)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 
 import torch
 from torch import nn
 
-from vlmtrain.errors import ConfigError
+from vlmtrain.errors import ConfigError, VlmtrainError
 
 
 def lora_regex(lora_cfg, llm: bool, vision: bool) -> str:
@@ -83,8 +84,6 @@ def apply_lora(model: nn.Module, lora_cfg, llm: bool, vision: bool) -> list[str]
 def _inject_parameter_adapters(model: nn.Module, lora_cfg, parameters: list[str]) -> None:
     """Adapters on fused parameters, into the same adapter ("default") as the linear ones. A second pass because
     PEFT's ParamWrapper refuses dropout: these adapters train without it, the linear ones keep `lora.dropout`."""
-    import warnings
-
     from peft import inject_adapter_in_model
 
     with warnings.catch_warnings():  # "Already found a `peft_config`": intended, one adapter injected in two passes
@@ -172,8 +171,6 @@ def save_peft_adapter(peft_model, state: dict[str, torch.Tensor], out) -> None:
     """Place `state` (transformers names of the wrapped model) into a PeftModel and save it to `out`; every adapter
     and modules_to_save tensor must land (PEFT addresses keys from its wrapper)."""
     from peft import set_peft_model_state_dict
-
-    from vlmtrain.errors import VlmtrainError
 
     result = set_peft_model_state_dict(peft_model, {f"base_model.model.{k}": v for k, v in state.items()})
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]

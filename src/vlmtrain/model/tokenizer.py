@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from importlib.util import find_spec
 from pathlib import Path
 
 from vlmtrain.errors import ConfigError, VlmtrainError
@@ -18,8 +19,6 @@ def _tiny_corpus() -> list[str]:
     Byte-level BPE covers every byte, so any text still encodes; the corpus only shapes merges. The files are
     found without importing scikit-learn (its import, with SciPy's, is seconds of every process's start-up).
     """
-    from importlib.util import find_spec
-
     descr = Path(find_spec("sklearn").origin).parent / "datasets" / "descr"
     texts = [p.read_text(errors="ignore") for p in sorted(descr.glob("*.rst"))]
     words = "zero one two three four five six seven eight nine ten digit number image picture photo shows what " \

@@ -69,6 +69,7 @@ loader's pinned buffers, and custom kernels (Liger, fused cross-entropy) that wo
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -633,8 +634,6 @@ def _trace_connector(connector, n_img: int, tokens: int, dim: int, p: Precision,
     """Saved bytes of a connector without a closed form (resamplers, pixel shuffle, LDP), by running it once on
     the meta device under `saved_tensors_hooks` (no memory, no compute). Autocast does not apply on meta, so
     bf16-mixed is traced in bf16."""
-    import copy
-
     import torch
 
     dtype = torch.float32 if p.act == 4 else torch.bfloat16

@@ -53,12 +53,15 @@ refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for t
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from vlmtrain.errors import ConfigError
 from vlmtrain.plan.core import ROLES, Geometry, StackGeo, stack_geo, stacks_geometry, step_parts
+from vlmtrain.train.native import native_refusals, packing_refusal
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
@@ -178,8 +181,6 @@ class TracedLayers:
         return one + (two - one) * (shape.rows - 1)
 
     def _trace(self, kind: str, rows: int, seq: int, mask: bool, x_rg: bool, p) -> int:
-        import copy
-
         import torch
 
         dtype = torch.float32 if p.act == 4 and kind != "moe" else torch.bfloat16
@@ -220,12 +221,9 @@ def _worst(geos: list[Geometry], stage, opts) -> Geometry:
 
 def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: str = "",
               image_hw: tuple[int, int] | None = None) -> Geometry:
-    from vlmtrain.train.native import native_refusals
-
     mt = model.model_type
     if plan_refusal(mt):
         raise ConfigError(plan_refusal(mt))
-    from vlmtrain.train.native import packing_refusal
 
     problems = native_refusals(stage)
     if stage.data.mode == "pack" and packing_refusal(model.family, model.llm.config):
@@ -487,8 +485,6 @@ def llava_image_tokens(model, image_hw: tuple[int, int], images_per_sample: int 
     `._get_number_of_features`). The rule reads only the grid pinpoints, the crop's patch grid and OneVision's
     `anyres_max_N` cap, so it runs on a bare processor object holding those: the constructor wants a tokenizer,
     which a `meta` preset does not have."""
-    from types import SimpleNamespace
-
     from transformers import LlavaNextProcessor, LlavaOnevisionProcessor
 
     cfg = model.hf.config

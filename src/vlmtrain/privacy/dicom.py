@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -72,8 +73,6 @@ class DicomFacts:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
     return {"dicom-anonymizer": version("dicom-anonymizer"), "pydicom": version("pydicom"),
             "profile": f"{PROFILE} (table {PROFILE_TABLE})"}
 

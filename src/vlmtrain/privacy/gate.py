@@ -55,8 +55,9 @@ import secrets
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -160,8 +161,6 @@ class PixelMemo:
     entries dropped past `size`). Each value is a short list of boxes or words, so 65,536 entries stay small."""
 
     def __init__(self, size: int = 65_536):
-        from collections import OrderedDict
-
         self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
 
     def get(self, key):
@@ -508,8 +507,6 @@ def _secret(policy: Policy) -> tuple[bytes, str]:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import version
-
     from vlmtrain.privacy import dicom
 
     out = dicom.library_versions()

@@ -19,6 +19,8 @@ import random
 from pathlib import Path
 
 from vlmtrain.data.schema import IMAGE_PART, Sample, text
+from vlmtrain.data.writer import write_shards
+from vlmtrain.privacy.medical_samples import prepare_medical_builtin
 
 # name → (records, seed). `-public` plays the part of public report text (an open, de-identified corpus): the stage
 # before DP fine-tuning learns the report language there, so DP only has to adapt, not learn from scratch.
@@ -47,7 +49,6 @@ def _base_images(root: Path) -> list[dict]:
     from PIL import Image
 
     from vlmtrain.data.shards import Source, iter_shard
-    from vlmtrain.privacy.medical_samples import prepare_medical_builtin
 
     shards = prepare_medical_builtin(root)
     out = []
@@ -96,8 +97,6 @@ def cohort_samples(root: Path, name: str) -> list[Sample]:
 
 
 def prepare_cohort_builtin(root: str | Path, name: str) -> Path:
-    from vlmtrain.data.writer import write_shards
-
     out = Path(root) / name
     man = out / "manifest.json"
     if man.is_file() and json.loads(man.read_text()).get("samples"):

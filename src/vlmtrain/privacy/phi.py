@@ -48,10 +48,13 @@ best-effort for free names, which is why the record's own names are passed in an
 
 from __future__ import annotations
 
+import importlib
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib.resources import files
 
 from vlmtrain.privacy.phi_patterns import (PATTERNS, PLACE_SUFFIX, STATE_ANY, STATE_NAMES, TITLE, city_spans,
                                           phonenumbers_spans)
@@ -163,8 +166,6 @@ def _name_lists() -> tuple[frozenset, frozenset]:
     """Lower-cased first and last names from Faker's person providers (`_NAME_LOCALES`) and first names from
     gender-guesser's `nam_dict.txt` (~46,000 given names of 50+ countries, Jörg Michael's list; its entries that are
     common English words, "Will", "The", are left out). Eponyms stay in: `_dictionary_names` decides on them."""
-    import importlib
-
     first: set = {n for n in _gender_guesser_names() + _census("dist.female.first") + _census("dist.male.first")
                   if n.lower() not in _common_words()}
     last: set = set(_census("dist.all.last"))
@@ -191,16 +192,12 @@ def _surnames_and_eponyms() -> frozenset:
 
 def _fold(word: str) -> str:
     """Lower case without accents ("Inés" -> "ines"), the form the lists are looked up in."""
-    import unicodedata
-
     return "".join(c for c in unicodedata.normalize("NFKD", word.lower()) if not unicodedata.combining(c))
 
 
 def _census(filename: str) -> list[str]:
     """Names of the 1990 US Census lists shipped in the `names` package (0.3.0): 88,799 surnames, 5,163 given
     names, one per line, the name first."""
-    from importlib.resources import files
-
     return [line.split(None, 1)[0] for line in files("names").joinpath(filename).read_text().splitlines()
             if line.strip()]
 
@@ -209,8 +206,6 @@ def _gender_guesser_names() -> list[str]:
     """Given names in gender-guesser 0.4.0's `nam_dict.txt`: a fixed-width table whose name field is columns
     3-29 (`+` joins the parts of a compound name: `Mei+Lin`). Read directly: the package's Detector builds a
     per-country table for each lookup, far more than a membership test needs."""
-    from importlib.resources import files
-
     text = files("gender_guesser").joinpath("data", "nam_dict.txt").read_text(encoding="iso-8859-1")
     out = []
     for line in text.splitlines():
@@ -225,7 +220,7 @@ def _english_words() -> frozenset:
     """Lower-cased words of the GNU Collaborative International Dictionary of English (`english-words`' gcide
     list, ~114,000 words). A capitalised word in it ("Physical", "Therapy", "Wound") is no evidence of a name; one
     outside it and outside the name lists ("Oluwaseun", "Przybylski") is."""
-    from english_words import get_english_words_set
+    from english_words import get_english_words_set  # optional: the privacy extra installs it
 
     return frozenset(get_english_words_set(["gcide"], alpha=True, lower=True))
 

@@ -4,6 +4,7 @@ are delegated to `vlmtrain.model.io`."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -72,8 +73,6 @@ def load_model_source(path: str | Path):
 def load_lora_stage(path: str | Path):
     """A LoRA stage as (bundle with its trained, unmerged adapters and connector, the connector before training).
     `path`: a stage dir with adapter/, or a recipe run dir whose final stage trained LoRA."""
-    import copy
-
     import yaml
     from safetensors.torch import load_file
 

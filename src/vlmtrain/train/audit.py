@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from vlmtrain.data.encode import decode_image, encoder_for
+from vlmtrain.data.schema import RecordError, Sample
+from vlmtrain.data.writer import write_shards
 from vlmtrain.errors import VlmtrainError
 
 log = logging.getLogger("vlmtrain.privacy")
@@ -68,9 +71,7 @@ def _raw_records(sources):
 def prepare_audit(audit, sources, holdout_source, run_dir: Path, encoder=None):
     """Write the audit's inputs into RUN/audit and return the training sources with the canary shards added.
     With `encoder`, canaries are only made from records that still fit the stage's max_len with the secret."""
-    from vlmtrain.data.schema import Sample
     from vlmtrain.data.shards import Source
-    from vlmtrain.data.writer import write_shards
 
     out = Path(run_dir) / "audit"
     out.mkdir(parents=True, exist_ok=True)
@@ -121,9 +122,6 @@ def _stage_dir(run: Path) -> Path:
 
 def encoded_records(encoder, items: list[tuple[dict, list]]) -> list[dict]:
     """Encode like training did; records training would have skipped (over length, ...) are left out here too."""
-    from vlmtrain.data.encode import decode_image
-    from vlmtrain.data.schema import RecordError
-
     out, decoded = [], {}
     for rec, imgs in items:
         if id(imgs) not in decoded:  # a canary's 1,000 candidates share one image list: decode it once
@@ -155,7 +153,6 @@ def _auc(member_losses: list[float], non_member_losses: list[float]) -> float:
 
 def run_audit(run: str | Path, holdout: str | None = None, max_records: int | None = None) -> dict:
     """Membership AUC and canary exposure of a trained stage; also written to STAGE/privacy_audit.json."""
-    from vlmtrain.data.encode import encoder_for
     from vlmtrain.data.shards import Source
     from vlmtrain.model.io import load_any
 

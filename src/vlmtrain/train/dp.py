@@ -29,12 +29,15 @@ from __future__ import annotations
 import json
 import logging
 import random
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vlmtrain.data.encode import decode_image
+from vlmtrain.data.schema import RecordError
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.train.dp_module import DPModule, DPPlan, per_sample_losses, supervised_count  # noqa: F401  (callers
 # import the plan and the per-sample loss from here too: the audit, the federated site, and tests that check it
@@ -73,7 +76,6 @@ class DPDataset(Dataset):
 
     def __init__(self, sources, encoder, unit: str = "record", one_image: bool = True):
         from vlmtrain.data.loader import image_members, parse_sample
-        from vlmtrain.data.schema import RecordError
         from vlmtrain.data.shards import iter_shard
 
         self.encoder = encoder
@@ -125,8 +127,6 @@ class DPDataset(Dataset):
         return len(self.raw)
 
     def encode(self, i: int) -> dict:
-        from vlmtrain.data.encode import decode_image
-
         r = self.raw[i]
         images = [decode_image(data, f"{r['record']['id']}.{k}") for k, data in r["images"]]
         enc = self.encoder(r["record"], images)
@@ -166,8 +166,6 @@ def poisson_loader(dataset: DPDataset, plan: DPPlan, pad_token_id: int, num_work
 
 
 def quiet_expected_warnings() -> None:
-    import warnings
-
     # The connector's first layer gets frozen-tower features (no input grad): expected with per-sample hooks.
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
     # Poisson batches are independent draws and the sampler's generator is restored, so mid-epoch resume is exact.

@@ -14,6 +14,7 @@ import torch
 
 from vlmtrain.data.batching import collate
 from vlmtrain.data.chat import encode_messages
+from vlmtrain.data.encode import encoder_for
 from vlmtrain.data.loader import ShardLoader
 from vlmtrain.data.prompts import generation_prompt_ids
 from vlmtrain.data.schema import text as text_part
@@ -56,8 +57,6 @@ def evaluate(bundle, shards: str, max_samples: int = 300, max_new_tokens: int = 
     """Returns {"vqa_exact_match", "eval_samples"} and, when records carry `meta.choices`, "mc_accuracy" (the right
     choice has the highest log-likelihood) and "answer_nll" (the right choice's mean per-token negative
     log-likelihood: a continuous held-out metric that moves before accuracy does)."""
-    from vlmtrain.data.encode import encoder_for
-
     if bundle.native:
         return evaluate_native(bundle, shards, max_samples, max_new_tokens, device)
     m, tok = bundle.model, bundle.tokenizer
@@ -148,7 +147,6 @@ def evaluate_native(bundle, shards: str, max_samples: int = 300, max_new_tokens:
                     device: torch.device | str | None = None) -> dict[str, float]:
     """`evaluate` for native families, one record at a time: prompts and choices go through the family's
     processor (the image-token count depends on each image), generation through transformers' `generate`."""
-    from vlmtrain.data.encode import encoder_for
     from vlmtrain.train.dpo import selected_sequence_logps
     from vlmtrain.train.module import model_extras
     from vlmtrain.train.objectives import prediction_mask

@@ -11,7 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+from vlmtrain.atomic import swap_dir
 from vlmtrain.errors import VlmtrainError
+from vlmtrain.train.artifacts import load_lora_stage, load_model_source
 
 
 def export_model(source: str, fmt: str, out: str | Path) -> str:
@@ -67,18 +69,13 @@ def _name_final_folder(staging: Path, final: Path) -> None:
 
 def _swap_in(staging: Path, final: Path) -> None:
     """Rename `staging` to `final`, replacing a previous export whole (no stale files of it survive)."""
-    from vlmtrain.atomic import swap_dir
-
     swap_dir(staging, final)
 
 
 def _export_into(source: str, fmt: str, out: Path) -> str:
     """Run the export of `source` as `fmt` into `out`; returns the line to print."""
-    from vlmtrain.train.artifacts import load_model_source
-
     if fmt == "peft":
         from vlmtrain.model.hf_llava import export_peft
-        from vlmtrain.train.artifacts import load_lora_stage
 
         bundle, base_connector = load_lora_stage(source)
         if bundle.native:

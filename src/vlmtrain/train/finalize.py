@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from vlmtrain.atomic import write_text
+from vlmtrain.errors import VlmtrainError
 
 REQUIRED = ("final_loss", "steps", "samples_per_s", "tokens_per_s", "skipped")
 
@@ -67,8 +68,6 @@ def training_figures(recorder, metrics_path: Path, steps: int) -> dict:
         if totals["train_seconds"] <= 0:
             totals.update({k: recovered[k] for k in ("samples", "tokens", "train_seconds")})
     if last_loss is None:
-        from vlmtrain.errors import VlmtrainError
-
         raise VlmtrainError(f"{metrics_path}: no logged training loss up to step {steps}; cannot summarise the stage")
     seconds = max(totals["train_seconds"], 1e-9)
     return {"final_loss": last_loss, "samples": totals["samples"], "tokens": totals["tokens"],

@@ -9,6 +9,8 @@ DeepSpeed ZeRO-2/3: built for the families with a blank image (`Family.blank_ima
 
 from __future__ import annotations
 
+import logging
+
 from vlmtrain.errors import ConfigError
 
 
@@ -59,8 +61,6 @@ def configure_shared_prefix(stage, model) -> None:
     reason = shared_prefix_refusal(model)
     model.dpo_shared_prefix = not reason
     if reason:
-        import logging
-
         logging.getLogger("vlmtrain.train").info("dpo.share_prompt: two rows per pair for %s: %s", model.model_type,
                                                  reason)
 
@@ -114,6 +114,4 @@ def check_native_stage(stage, bundle) -> None:
     configure_router_aux(stage, bundle.model)
     configure_shared_prefix(stage, bundle.model)
     if stage.trainer.vision_feature_cache_mb:
-        import logging
-
         logging.getLogger("vlmtrain.train").info("vision feature cache: off (a composed-model feature)")

@@ -7,6 +7,7 @@ it is not imported from there.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
@@ -44,8 +45,6 @@ def build_scheduler(optimizer, optim, total_steps: int):
     Why not import it: transformers.optimization imports transformers.trainer_utils, which imports peft, which
     imports bitsandbytes, whose torch.compile'd kernels import torch._inductor — ~2-3 s of CPU at the start of every
     training process (and of every rank) that trains no LoRA, for four one-line formulas."""
-    from functools import partial
-
     from torch.optim.lr_scheduler import LambdaLR
 
     warmup = math.ceil(optim.warmup_ratio * total_steps)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vlmtrain.config.load import apply_overrides, load_yaml_with_overrides, parse_overrides, validate
 from vlmtrain.config.stage import RecipeConfig, StageConfig
+from vlmtrain.errors import ConfigError
 from vlmtrain.train.presets import deep_merge, with_preset
 
 
@@ -23,8 +24,6 @@ def resolve_recipe(path: str | Path, out: str | Path, overrides: list[str] | Non
                    max_steps: int | None = None) -> list[StageConfig]:
     """Validate every stage of a recipe up front (a typo in the last stage fails before the first one trains).
     Overrides apply to every stage (`trainer.max_steps=5`) or one (`sft.optim.lr=1e-4`)."""
-    from vlmtrain.errors import ConfigError
-
     path, out = Path(path), Path(out)
     recipe = validate(RecipeConfig, load_yaml_with_overrides(path), source=str(path))
     names = [s.get("name") for s in recipe.stages]

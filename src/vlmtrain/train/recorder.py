@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from vlmtrain.train import phases
+from vlmtrain.train.finalize import read_metrics, write_metrics
 
 log = logging.getLogger("vlmtrain.train")
 
@@ -21,8 +22,6 @@ def _fmt_eta(s: float) -> str:
 
 def truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
-    from vlmtrain.train.finalize import read_metrics, write_metrics
-
     if path.is_file():  # read_metrics drops a line a kill cut short
         write_metrics(path, [r for r in read_metrics(path) if r.get("step", 0) <= after_step])
 

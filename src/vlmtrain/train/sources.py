@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtrain.data import builtin
+from vlmtrain.privacy.medical_cohort import SIZES as COHORTS
+from vlmtrain.privacy.medical_cohort import prepare_cohort_builtin
 
 
 def _medical_samples(root: Path) -> Path:
@@ -25,8 +27,6 @@ def _cohort(name: str) -> builtin.Maker:
     """Synthetic reports on the gated images (DP training and its audit)."""
 
     def make(root: Path) -> Path:
-        from vlmtrain.privacy.medical_cohort import prepare_cohort_builtin
-
         return prepare_cohort_builtin(root, name)
 
     return make
@@ -34,8 +34,6 @@ def _cohort(name: str) -> builtin.Maker:
 
 def medical_makers() -> dict[str, builtin.Maker]:
     """name → maker for the builtins the privacy gate makes, in the order an unknown name's error lists them."""
-    from vlmtrain.privacy.medical_cohort import SIZES as COHORTS
-
     return {"medical-samples": _medical_samples, **{name: _cohort(name) for name in COHORTS}}
 
 

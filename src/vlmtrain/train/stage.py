@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,10 +34,14 @@ from vlmtrain.atomic import write_json
 from vlmtrain.config.load import validate
 from vlmtrain.config.model import ModelConfig, NativeModelConfig, is_native_config
 from vlmtrain.config.stage import StageConfig
+from vlmtrain.data.encode import encoder_for
 from vlmtrain.errors import VlmtrainError
 from vlmtrain.train import phases
+from vlmtrain.train.compile import compile_decoder_layers
 from vlmtrain.train.finalize import record_final_eval, training_figures
+from vlmtrain.train.freeze import apply_stage_trainability
 from vlmtrain.train.lock import lock_run_dir
+from vlmtrain.train.native import check_native_stage
 
 log = logging.getLogger("vlmtrain.train")
 
@@ -155,8 +160,6 @@ def load_stage_start(stage: StageConfig, base_dir: Path):
 def quiet_lightning() -> None:
     """Lightning sets INFO at import; keep its warnings only. vlmtrain checkpoints after the optimizer step on
     purpose (the state a resume continues from), which Lightning warns about under manual optimisation."""
-    import warnings
-
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -232,8 +235,6 @@ class StageRun:
     def trainability(self) -> None:
         """Phase trainability: which modules train (`train:`), logged as a table; native families refuse what
         they cannot train (`train.native.check_native_stage`)."""
-        from vlmtrain.train.freeze import apply_stage_trainability
-
         stage, bundle = self.stage, self.bundle
         self.table = apply_stage_trainability(bundle.model, stage.train)
         if stage.lora is not None:
@@ -242,8 +243,6 @@ class StageRun:
             log.info(f"LoRA r={stage.lora.r} alpha={stage.lora.alpha}: {len(lora_layers(bundle.model))} adapted "
                      "layers")
         if bundle.native:
-            from vlmtrain.train.native import check_native_stage
-
             check_native_stage(stage, bundle)
 
     def model_options(self) -> None:
@@ -257,14 +256,11 @@ class StageRun:
             if self.stage.train.vision:
                 bundle.model.vision.model.gradient_checkpointing_enable(**kw)
         if tr.compile:
-            from vlmtrain.train.compile import compile_decoder_layers
-
             compile_decoder_layers(bundle.model)
 
     def data(self) -> None:
         """Phase data: the record encoder, the train and eval sources (builtin datasets prepared by rank 0 first),
         the audit's canaries when asked, then the training batches (`training_data`)."""
-        from vlmtrain.data.encode import encoder_for
         from vlmtrain.train.strategy import rank_zero_first
 
         stage, d, root = self.stage, self.stage.data, self.data_root

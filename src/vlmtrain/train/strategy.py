@@ -13,11 +13,15 @@ Topology comes from torchrun's environment (WORLD_SIZE, LOCAL_WORLD_SIZE); witho
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from functools import reduce
+from pathlib import Path
 
 from torch import nn
 
-from vlmtrain.errors import ConfigError
+from vlmtrain.errors import ConfigError, VlmtrainError
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 DEEPSPEED_PRESETS = {"deepspeed_zero2": "zero2.json", "deepspeed_zero3": "zero3.json"}
@@ -37,9 +41,6 @@ def is_data_parallel(name: str) -> bool:
 def deepspeed_config(stage) -> dict:
     """The stage's DeepSpeed JSON (trainer.deepspeed_config, else configs/deepspeed/<preset>) with the batch and
     clipping fields filled from the stage, so there is one source of truth for them."""
-    import json
-    from pathlib import Path
-
     tr = stage.trainer
     path = Path(tr.deepspeed_config) if tr.deepspeed_config else (
         Path(__file__).resolve().parents[3] / "configs" / "deepspeed" / DEEPSPEED_PRESETS[tr.strategy])
@@ -119,10 +120,6 @@ def _deepspeed_strategy(stage):
                                                                                      storage_options), filepath)
 
         def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-            from pathlib import Path
-
-            from vlmtrain.errors import VlmtrainError
-
             path = Path(self.broadcast(str(checkpoint_path)))
             if not path.is_dir() or not (path / "latest").is_file():
                 raise VlmtrainError(f"{path}: not a DeepSpeed checkpoint; the deepspeed strategies resume their "
@@ -191,8 +188,6 @@ def _fsdp2_strategy(world: int):
                                                                                         storage_options), filepath)
 
         def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
-            from pathlib import Path
-
             import torch
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -228,8 +223,6 @@ def _save_then_swap(strategy, write, filepath) -> None:
     """Every rank writes its part of a checkpoint directory to `<path>.tmp` via `write(tmp)`; rank 0 writes the
     manifest and swaps it in only after all ranks finished, so a kill mid-save leaves the previous checkpoint whole;
     the one before stays as `<path>.prev` (the fallback when `<path>` fails its manifest)."""
-    from pathlib import Path
-
     from vlmtrain.train.checkpoint_io import remove_path, rotate_directory_in
 
     path = Path(strategy.broadcast(str(filepath)))
@@ -255,8 +248,6 @@ def layer_lists(model: nn.Module, parts: tuple[str, ...] = ("vision", "llm")) ->
     native family, the lists its map names (`Family.blocks`, e.g. Qwen's vision `model.blocks`)."""
     family = getattr(model, "family", None)
     if family is not None and family.blocks:
-        from functools import reduce
-
         return [reduce(getattr, family.blocks[part].split("."), getattr(model, part))
                 for part in parts if part in family.blocks]
     out = []
@@ -274,10 +265,7 @@ def fsdp_mesh(data_parallel, shard_size: int | None):
     if not shard_size or shard_size == world:
         return data_parallel
     if world % shard_size:
-        from vlmtrain.errors import VlmtrainError
-
         raise VlmtrainError(f"trainer.fsdp_shard_size: {shard_size} does not divide the world size {world}")
-    import logging
 
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -326,7 +314,6 @@ def rank_zero_first(fn, *args, others: bool = True, **kwargs):
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return fn(*args, **kwargs)
-    from vlmtrain.errors import VlmtrainError
 
     box = [None]
     result = None

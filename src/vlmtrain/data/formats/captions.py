@@ -14,6 +14,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+from braceexpand import braceexpand
+
 from vlmtrain.data.formats.base import FormatSource, Row, convert_rows
 from vlmtrain.data.formats.images import image_base, normalise_ext, resolve_image
 from vlmtrain.data.formats.items import ImageRef
@@ -113,8 +115,6 @@ def find_tars(src: str | Path) -> list[Path]:
     elif p.is_file():
         tars = [p]
     else:
-        from braceexpand import braceexpand
-
         tars = sorted({Path(m) for pattern in braceexpand(s) for m in glob.glob(pattern)})
     if not tars:
         raise VlmtrainError(f"{src}: no tar shards found (expected a folder of *.tar, a tar file or a glob)")

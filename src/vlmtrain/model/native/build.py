@@ -10,9 +10,11 @@ processor, the processor carrying the official chat template) plus `vlmtrain_nat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import traceback
 from pathlib import Path
 
 import torch
@@ -89,8 +91,6 @@ def _one_line(e: BaseException) -> str:
 
 def _failing_frame(e: BaseException) -> str:
     """`file.py:line` of the innermost frame of the traceback (where transformers gave up)."""
-    import traceback
-
     tb = traceback.extract_tb(e.__traceback__)
     return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else "?"
 
@@ -165,8 +165,6 @@ def training_template(cfg: NativeModelConfig, model_type: str, family_template: 
 
 def _say_own_template(model_type: str, family_template: str, own: str) -> None:
     """One line: the checkpoint ships a template other than the family's official one, and trains with it."""
-    import hashlib
-
     from vlmtrain.model.native.templates import official_template
 
     def digest(t: str) -> str:

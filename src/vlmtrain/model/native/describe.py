@@ -14,6 +14,7 @@ fields would print a number that is not the family's (Pixtral merges patches, GO
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 REFERENCE_SIDE = 448
 _ONE_IMAGE = f"one {REFERENCE_SIDE}x{REFERENCE_SIDE} image, from the config"
@@ -51,8 +52,6 @@ def _anyres(cfg) -> tuple[int, str]:
     """LLaVA-NeXT / -OneVision: transformers' own AnyRes count (the processor's `_get_number_of_features`) for one
     448×448 image, with the config's grid pinpoints and the checkpoints' processor settings (views at the tower's
     size; OneVision's base view is the tower's grid, its `vision_aspect_ratio` caps the tiles)."""
-    from types import SimpleNamespace
-
     import transformers
 
     v = cfg.vision_config

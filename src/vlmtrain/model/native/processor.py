@@ -9,7 +9,14 @@ template all remain transformers' own code. With torchvision installed `AutoProc
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import json
 import logging
+import re
+import sys
+import types
 from functools import lru_cache
 from pathlib import Path
 
@@ -46,11 +53,6 @@ def pil_sibling_processor(model_type: str):
     """transformers' own processor module of `model_type` (`_PIL_SIBLINGS`), executed with its torchvision-only
     import served by the PIL image processor's module → the module. Nothing of the processor is rewritten: the
     file is transformers' installed source; only the sibling import resolves to the PIL twin of the helper."""
-    import importlib
-    import importlib.util
-    import sys
-    import types
-
     pkg, proc_mod, tv_mod, pil_mod = _PIL_SIBLINGS[model_type]
     base = f"transformers.models.{pkg}"
     pil = importlib.import_module(f"{base}.{pil_mod}")
@@ -102,8 +104,6 @@ def build_image_only(model_type: str, image_processor, tokenizer, chat_template:
 
 def _init_kwargs(proc) -> dict:
     """The processor's own constructor arguments (not its sub-processors or template), as it holds them."""
-    import inspect
-
     skip = {"self", "args", "kwargs", "chat_template", *proc.get_attributes()}
     return {k: getattr(proc, k) for k in inspect.signature(type(proc).__init__).parameters
             if k not in skip and hasattr(proc, k) and isinstance(getattr(proc, k), (str, int, float, bool, list))}
@@ -113,8 +113,6 @@ def save_processor(proc, out: str | Path) -> None:
     """`save_pretrained`, or for an image-only processor the layout of the families' published checkpoints:
     tokenizer files, `preprocessor_config.json` (the image processor, naming the processor class),
     `chat_template.jinja` and `processor_config.json` (the processor's own arguments)."""
-    import json
-
     if getattr(proc, "video_processor", True) is not None:
         proc.save_pretrained(out)
         return
@@ -195,8 +193,6 @@ def torchvision_only_image_processor(model_type: str) -> str | None:
 
 def _needs_torchvision(src, model_type: str, e: Exception) -> str:
     """One line naming the part that exists only for torchvision (the image processor, or the processor itself)."""
-    import re
-
     from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
 
     m = re.search(r"(\w+Processor) requires the Torchvision library", str(e), re.IGNORECASE)
@@ -215,8 +211,6 @@ def _saved_template(src) -> str | None:
         if (p / name).is_file():
             return (p / name).read_text()
     if (p / "chat_template.json").is_file():
-        import json
-
         return json.loads((p / "chat_template.json").read_text()).get("chat_template")
     return None
 
@@ -224,8 +218,6 @@ def _saved_template(src) -> str | None:
 def _saved_kwargs(src) -> dict:
     """The processor's saved constructor arguments; a nested feature extractor (Gemma 4's audio one) is rebuilt
     from its dict with the class it names (`feature_extractor_type`)."""
-    import json
-
     import transformers
 
     p = Path(src) / "processor_config.json"

@@ -27,6 +27,7 @@ attend bidirectionally wherever an earlier sample of its row had image tokens.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import NamedTuple
 
 import torch
@@ -336,8 +337,6 @@ class NativeVLM(nn.Module):
         the per-layer router logits (each `[b·s, n_experts]`), with the batch's `attention_mask [b, s]` excluding
         padding — the call transformers' `*ForConditionalGeneration.forward` makes. Packed rows (no padding mask)
         count every position, as transformers does without a mask."""
-        import sys
-
         balance = sys.modules[type(self.hf).__module__].load_balancing_loss_func
         return balance(tuple(router_logits), self._experts(), self.llm.config.num_experts_per_tok, attention_mask)
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from vlmtrain.data.prompts import end_of_turn_ids
+from vlmtrain.errors import VlmtrainError
 from vlmtrain.train.grpo.advantages import group_advantages, groups_with_spread, reward_metrics, weighted_rewards
 from vlmtrain.train.grpo.generate import SamplingSettings, sample_groups
 from vlmtrain.train.grpo.loss import grpo_loss, mask_truncated
@@ -378,7 +379,6 @@ class GRPOModule(VLMModule):
         saved = checkpoint["vlmtrain"].get("grpo_rollout")
         if saved is None:
             return
-        from vlmtrain.errors import VlmtrainError
         from vlmtrain.train.grpo.rollout_state import unpack
 
         if len(saved["ranks"]) != self._world():

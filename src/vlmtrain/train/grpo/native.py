@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from vlmtrain.data.chat import IGNORE
+from vlmtrain.data.encode import encoder_for
 from vlmtrain.data.native_encode import TOKEN_EXTRAS
 from vlmtrain.train.grpo.generate import cut_at_stop, left_pad
 from vlmtrain.train.grpo.module import GRPOModule
@@ -119,8 +120,6 @@ class NativeGRPOModule(GRPOModule):
     """`GRPOModule` for a native family (module doc): its own generate and shared-prefix rows."""
 
     def _stop_ids(self, bundle) -> list[int]:
-        from vlmtrain.data.encode import encoder_for
-
         config = getattr(bundle.model.hf, "generation_config", None)
         return native_stop_ids(encoder_for(bundle), bundle.tokenizer, getattr(config, "eos_token_id", None))
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vlmtrain.data.prompts import PromptEncoder
+from vlmtrain.train.finalize import read_metrics
 from vlmtrain.train.stage import StageRun
 
 # summary.json's rl block: (key, metrics.jsonl column), each the mean over the logged steps
@@ -28,8 +30,6 @@ def rl_summary(metrics_path: Path) -> dict:
     """The stage's RL figures from metrics.jsonl: means over the logged steps (None for a metric never logged,
     e.g. `kl` with beta 0), the reward of the first and last logged steps' quarter (the learning curve's ends),
     each reward function's mean, and the share of time spent generating."""
-    from vlmtrain.train.finalize import read_metrics
-
     rows = [r for r in read_metrics(metrics_path) if r.get("rl/reward") is not None]
     mean = lambda key, rs=rows: (sum(r[key] for r in rs if r.get(key) is not None)  # noqa: E731
                                  / max(1, sum(r.get(key) is not None for r in rs))
@@ -82,7 +82,6 @@ class GRPOStageRun(StageRun):
     """A stage with the grpo objective (module docstring)."""
 
     def training_data(self) -> tuple:
-        from vlmtrain.data.prompts import PromptEncoder
         from vlmtrain.train.grpo.module import RepeatWindows, SkipEmptyWindows
 
         g = self.stage.grpo
