@@ -21,7 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from native_fixtures import USER_TEMPLATES, adapter_step, assert_merge_keeps_logits, checkpoint, model_config, records
+from native_fixtures import (USER_TEMPLATES, adapter_step, assert_merge_keeps_logits, assistant, checkpoint, model_config,
+                             records, user)
 
 
 def _args(b):
@@ -367,6 +368,22 @@ def test_glm4v_forward_equals_transformers_logits_exactly(glm4v_root, family):
         assert re.sub(r"(<\|image\|>)+", "<|image|>", tok.decode(s["input_ids"])) == rendered + "<|user|>"
         answers = [p["text"] for m in rec["messages"] if m["role"] == "assistant" for p in m["content"]]
         assert tok.decode([t for t in s["labels"] if t != -100]) == "".join(a + "<|user|>" for a in answers)
+
+
+def test_a_reasoning_block_before_the_reply_still_gets_the_stop(glm4v_root):
+    """GLM-4.5V-style templates write `<think></think>` before the reply's text and nothing after it: the probe reads
+    what follows the text, so the reply still gets its supervised `<|user|>`."""
+    from vlmtrain.data.encode import encoder_for
+    from vlmtrain.model import build_model
+
+    think = GLM4V_TEMPLATE.replace("{% generation %}", "{% generation %}{{ '<think></think>\n' }}")
+    bundle = build_model(model_config(checkpoint(glm4v_root, "glm4v_moe"), chat_template=think))
+    enc = encoder_for(bundle)
+    tok = bundle.tokenizer
+    user_id = tok.convert_tokens_to_ids("<|user|>")
+    assert user_id in enc.stop_ids and enc.reply_stop_id == user_id
+    x = enc({"id": "t", "kind": "chat", "messages": [user("hi"), assistant("seven")]}, [])
+    assert tok.decode([t for t in x["labels"] if t != -100]).endswith("seven<|user|>")
 
 
 def test_glm4v_without_a_chat_template_is_refused_with_one_line(glm4v_root):

@@ -6,10 +6,11 @@ content parts it would print their Python list, and the labels would be that rep
 (`string_content_roles`) and hands those roles their text as a string; the rendering must then equal transformers'
 own `apply_chat_template` of the conversation written with string content, and the supervised tokens must be
 exactly the replies plus the token that ends them: Mistral's `</s>`, which its template writes; for GLM-4.1V, whose
-template writes none, the next turn's `<|user|>` and, after the last reply, the tokenizer's EOS appended (as GLM-4's
-own fine-tuning does; the tiny checkpoint's EOS is `<|user|>`)."""
+template writes none, the next turn's `<|user|>` and, after the last reply, `<|user|>` appended (as GLM-4's own
+fine-tuning does), not the tokenizer's EOS (`<|endoftext|>` in this folder, as in GLM-4.1V's tokenizer)."""
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def case(request, root):
     folder = root / f"{family}-official"
     shutil.copytree(checkpoint(root, family), folder)
     (folder / "chat_template.jinja").write_text(text)
+    if family == "glm4v":  # GLM-4.1V's tokenizer names `<|endoftext|>` its EOS; `<|user|>` ends a turn
+        tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "eos_token": "<|endoftext|>"}))
     bundle = build_model(model_config(folder))
     return family, encoder_for(bundle, 1024), bundle
 
@@ -73,10 +77,13 @@ def test_an_official_template_renders_as_transformers_does_and_supervises_the_re
     assert enc.render(CONVERSATION) == expected and "'type'" not in expected
     x = enc.encode_conversation(CONVERSATION, [image(40, 30, 1)])
     assert bool(enc.stop_ids) is (family == "glm4v")  # Mistral's replies end themselves: nothing is added
-    end = "<|user|>" if family == "glm4v" else tok.eos_token  # GLM-4.1V: the next turn's opener / the EOS appended
+    # GLM-4.1V: the next turn's `<|user|>` after the first reply, and the same token appended after the last (as
+    # GLM-4's fine-tuning does), not the tokenizer's EOS `<|endoftext|>`
+    end = "<|user|>" if family == "glm4v" else tok.eos_token
     assert _supervised(tok, x["input_ids"], x["labels"]) == [f"seven{end}", f"eight{end}"]
     rendered = enc.process(expected, [image(40, 30, 1)])["input_ids"][0].tolist()
-    assert x["input_ids"] == rendered + ([tok.eos_token_id] if family == "glm4v" else [])  # nothing inserted inside
+    user = tok.convert_tokens_to_ids("<|user|>")
+    assert x["input_ids"] == rendered + ([user] if family == "glm4v" else [])  # nothing inserted inside
 
 
 def test_the_glm_stop_tokens_come_from_the_generation_config(case):

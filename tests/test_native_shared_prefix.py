@@ -356,6 +356,21 @@ def test_a_sliding_window_in_every_layer_keeps_continuations_as_alone(other_fami
     assert float((alone - unwindowed).abs().max()) > 1e-3
 
 
+def test_a_stray_sliding_window_key_does_not_slide_an_lm_that_never_reads_it(other_family):
+    """GLM-4.1V's text config (like LlamaConfig) keeps a `sliding_window` key of a config.json without declaring
+    it, and its forward never slides: shared rows still equal each sequence alone with a window of 8 set."""
+    from vlmtrain.data.encode import encoder_for
+
+    bundle, prompts = other_family("glm4v")
+    m = copy.deepcopy(bundle.model).double()
+    m.llm.config.sliding_window = 8
+    groups = _groups(encoder_for(bundle), k=2, prompts=prompts)
+    with torch.no_grad():
+        got, _ = _score_rows(m, groups, bundle.tokenizer.pad_token_id)
+        alone = torch.stack([_alone_logp(m, g[j], _image_inputs(g[0])) for j in range(2) for g in groups])
+    torch.testing.assert_close(got, alone.to(got.dtype), rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["gemma4", "paligemma", "glm4v", "glm4v_moe", "mistral3"])
 def test_dpo_on_shared_rows_equals_two_rows_for_the_other_families(other_family, root, name):
     from vlmtrain.data.encode import encoder_for

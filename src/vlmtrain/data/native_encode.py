@@ -40,6 +40,8 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 TOKEN_EXTRAS = ("token_type_ids", "mm_token_type_ids")
 # Processor outputs the collator rebuilds itself.
 DROPPED = ("input_ids", "attention_mask")
+# the reply text of the probes that read how a template ends a reply
+_PROBE_REPLY = "a"
 
 
 def align_labels(ids_text: list[int], mask_text: list[int], ids_model: list[int]) -> list[int]:
@@ -138,23 +140,45 @@ class NativeSampleEncoder:
     # roles whose text-only content goes to the template as one string (`string_content_roles`); None: probe it
     string_roles: tuple | None = None
     # the tokens generation stops at (the checkpoint's generation_config EOS ids + the tokenizer's EOS). Where the
-    # template writes no end-of-turn inside a reply (GLM-4.1V's official one: the next `<|user|>` ends it), labels
-    # then also supervise a stop after every reply (`supervise_reply_ends`), so a fine-tune learns to end its turn;
-    # cleared when the template's replies end themselves (`reply_ends_itself`)
+    # template writes nothing after a reply's text (GLM-4.1V's official one: the next turn's `<|user|>` ends it),
+    # labels then also supervise a stop after every reply (`supervise_reply_ends`), so a fine-tune learns to end its
+    # turn; cleared when the template's replies end themselves (`reply_ends_itself`)
     stop_ids: tuple = ()
+    # the stop put after a reply that no stop follows: the token the template writes after a reply when another
+    # turn follows, where generation stops at it (GLM's `<|user|>`, which GLM-4's own fine-tuning appends), else the
+    # tokenizer's EOS (`_reply_stop`)
+    reply_stop_id: int | None = None
 
     def __post_init__(self):
         if self.string_roles is None:
             self.string_roles = string_content_roles(self._render_as_is) if self.template else ()
         if self.stop_ids and (not self.template or self.batch_aligned_images or self.reply_ends_itself()):
             self.stop_ids = ()
+        if self.stop_ids and self.reply_stop_id is None:
+            self.reply_stop_id = self._reply_stop()
 
     def reply_ends_itself(self) -> bool:
-        """Whether the template supervises a token after a reply's text (`<|im_end|>`, `<end_of_turn>`, `</s>`)."""
-        turn = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
-        _, mask = self.text_mask(turn)
-        return sum(mask) > len(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+        """Whether the template's reply span holds anything after the reply's text (`<|im_end|>`, `<end_of_turn>`,
+        `</s>`, LLaVA's trailing space). A reasoning block before the text (`<think></think>`) does not count."""
+        _, _, supervised = self._probe_reply()
+        return not self.tokenizer.decode(supervised).endswith(_PROBE_REPLY)
+
+    def _probe_reply(self, next_turn: bool = False) -> tuple[list[int], list[int], list[int]]:
+        """(ids, mask, supervised ids) of a one-reply conversation (+ a following user turn)."""
+        turns = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": _PROBE_REPLY}]}]
+        if next_turn:
+            turns.append(turns[0])
+        ids, mask = self.text_mask(turns)
+        return ids, mask, [i for i, m in zip(ids, mask) if m]
+
+    def _reply_stop(self) -> int:
+        ids, mask, _ = self._probe_reply(next_turn=True)
+        last = max(k for k, m in enumerate(mask) if m)
+        if last + 1 < len(ids) and ids[last + 1] in self.stop_ids:
+            return ids[last + 1]
+        eos = self.tokenizer.eos_token_id
+        return eos if eos in self.stop_ids else self.stop_ids[0]
 
     @property
     def tokenizer(self):
@@ -231,7 +255,7 @@ class NativeSampleEncoder:
             raise RecordError("mask_unbuildable", "image token inside an assistant span")
         inserted = []
         if self.stop_ids:
-            ids, labels, inserted = supervise_reply_ends(ids, labels, self.stop_ids, self._eos_id())
+            ids, labels, inserted = supervise_reply_ends(ids, labels, self.stop_ids, self.reply_stop_id)
             if len(ids) > self.max_len:
                 raise RecordError("over_length", f"{len(ids)} tokens > max_len {self.max_len}")
         sample = {"input_ids": ids, "labels": labels, **self.split_outputs(out, len(ids))}
@@ -241,12 +265,6 @@ class NativeSampleEncoder:
         if self.batch_aligned_images:
             sample["batch_aligned"] = True  # read by batching._add_pixels
         return sample
-
-    def _eos_id(self) -> int:
-        """The stop appended after a final reply: the tokenizer's EOS where generation stops at it (GLM-4's own
-        fine-tuning appends it), else the first stop id."""
-        eos = self.tokenizer.eos_token_id
-        return eos if eos in self.stop_ids else self.stop_ids[0]
 
     def __call__(self, record: dict, images: list) -> dict:
         """Chat/caption → {"id", "input_ids", "labels", "pixel_values", "image_extras", "token_extras"};
@@ -272,7 +290,7 @@ def supervise_reply_ends(ids: list[int], labels: list[int], stop_ids: tuple, eos
                                                                                                    list[int]]:
     """(ids, labels, inserted positions) with a supervised stop after every reply whose last token is not one: the
     next token where it is a stop (a following turn's opener, such as `<|user|>`), else `eos_id` inserted right
-    after the reply, as GLM-4's and LLaMA-Factory's fine-tuning do for templates without an end-of-turn token.
+    after the reply, as GLM-4's fine-tuning does (it appends `<|user|>`) for templates without an end-of-turn token.
     `inserted` are the new tokens' indices in the returned ids, ascending."""
     ids, labels = list(ids), list(labels)
     ends = [i for i, lab in enumerate(labels)

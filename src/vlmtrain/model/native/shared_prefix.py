@@ -62,7 +62,9 @@ def shared_prefix_masks(model, segments: torch.Tensor, position_ids: torch.Tenso
     # Gemma 4 keeps its full-attention layers causal (its create_masks_for_vision_model)
     full = create_causal_mask(**common, **({} if model.family.image_blocks_sliding_only else overlay),
                               and_mask_function=same_branch)
-    window = getattr(cfg, "sliding_window", None)
+    # a `sliding_window` only counts where the config class declares it: LlamaConfig and GLM's text config keep a
+    # stray key of a config.json that their forward never reads
+    window = getattr(cfg, "sliding_window", None) if _declares(cfg, "sliding_window") else None
     layer_types = getattr(cfg, "layer_types", None)
     if not window or (layer_types is not None and "sliding_attention" not in layer_types):
         return full
@@ -74,6 +76,11 @@ def shared_prefix_masks(model, segments: torch.Tensor, position_ids: torch.Tenso
     # a `sliding_window` without `layer_types` (Mistral, Mistral 3's LM) slides in every layer: those models call
     # create_sliding_window_causal_mask whenever it is set
     return sliding if layer_types is None else {"full_attention": full, "sliding_attention": sliding}
+
+
+def _declares(cfg, name: str) -> bool:
+    """Whether `cfg`'s class (or a base) declares the field `name` (transformers 5 configs annotate their fields)."""
+    return any(name in vars(k).get("__annotations__", {}) for k in type(cfg).__mro__)
 
 
 def _blocks(family, text_cfg, segments: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor | None:
