@@ -204,3 +204,19 @@ def test_native_prompts_carry_the_processors_resize_for_box_rewards(root, family
     seen = f"[{10 * sx:.3f}, {10 * sy:.3f}, {40 * sx:.3f}, {30 * sy:.3f}]"
     score = box_iou([[{"role": "assistant", "content": seen}]], boxes=[[10, 10, 40, 30]], image_resize=[resize])
     assert score[0] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
+def test_stop_ids_are_special_tokens_never_a_reply_s_text(root, family):
+    """LLaVA's official templates put plain text after a reply (a space; LLaVA-NeXT's literal `<\\s> `): taken as a
+    stop, it would end every completion at its first space. The stops are the special tokens only."""
+    from vlmtrain.data.encode import encoder_for
+    from vlmtrain.model import build_model
+    from vlmtrain.train.grpo.native import native_stop_ids
+
+    bundle = build_model(model_config(download_folder(root, family)))
+    tok = bundle.tokenizer
+    stops = native_stop_ids(encoder_for(bundle), tok, bundle.model.hf.generation_config.eos_token_id)
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert stops and set(stops) <= special
+    assert not set(stops) & set(tok(" seven or one <", add_special_tokens=False)["input_ids"])
