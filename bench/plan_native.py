@@ -83,6 +83,17 @@ SCALE = {
               "chat_template": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}{% if m['role'] == "
                                 "'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{% endgeneration %}"
                                 "{% else %}{{ m['content'][0]['text'] }}{% endif %}{% endfor %}")},
+    # InternVL: 64-px tiles of 8-px patches (64 + CLS through the tower, pixel shuffle ×0.5 → 16 LM tokens per tile),
+    # up to 6 tiles per image (+ the thumbnail), a Qwen2 LM
+    "internvl": {"text": _TEXT,
+                 "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "image_size": [64, 64], "patch_size": [8, 8]},
+                 "tile": 64, "max_patches": 6, "processor": {},
+                 # no template is vendored for InternVL: a minimal one with generation marks so the model builds
+                 "chat_template": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] "
+                                   "== 'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{{ '<|im_end|>' }}"
+                                   "{% endgeneration %}{% else %}{{ m['content'][0]['text'] }}{{ '<|im_end|>' }}"
+                                   "{% endif %}{{ '\n' }}{% endfor %}")},
     "gemma3": {"text": {**_TEXT, "query_pre_attn_scalar": 64, "sliding_window": 128},
                "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                           "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
@@ -132,6 +143,12 @@ CONFIGS = {
     "glm4v-sft-conn-192x256-b1-s640": ("glm4v", (192, 256),
                                        {"train": {"vision": False, "connector": True, "llm": True},
                                         "data": {"batch_size": 1, "max_len": 640}}),
+    # 128×192: a 2×3 grid of 64-px tiles + the thumbnail (7 tower passes, 114 LM tokens); 128×128: 2×2 + 1
+    "internvl-lora-128x192-b2-s512": ("internvl", (128, 192),
+                                      {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "internvl-sft-conn-128x128-b1-s640": ("internvl", (128, 128),
+                                          {"train": {"vision": False, "connector": True, "llm": True},
+                                           "data": {"batch_size": 1, "max_len": 640}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -165,6 +182,11 @@ def write_checkpoint(family: str, out: Path) -> dict:
         crop = spec["vision"]["image_size"]
         ip.size = {"height": crop, "width": crop}
         proc_kwargs["num_image_tokens"] = (crop // spec["vision"]["patch_size"]) ** 2
+    if family == "internvl":
+        ip.size, ip.max_patches = {"height": spec["tile"], "width": spec["tile"]}, spec["max_patches"]
+        vc = spec["vision"]
+        cfg.image_seq_length = proc_kwargs["image_seq_length"] = \
+            (vc["image_size"][0] // vc["patch_size"][0]) ** 2 // 4  # pixel shuffle ×0.5
     if family == "gemma3":
         cfg.mm_tokens_per_image = spec["mm_tokens_per_image"]
         ip.size = {"height": spec["vision"]["image_size"], "width": spec["vision"]["image_size"]}
@@ -227,7 +249,7 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     h, w = image_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
     placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>",
-                   "glm4v": "<|begin_of_image|><|image|><|end_of_image|>"}.get(
+                   "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<image>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)

@@ -379,8 +379,10 @@ def test_a_checkpoint_with_another_chat_template_trains_with_it(root, tmp_path, 
     x = encoder_for(bundle, 512).encode_conversation(
         [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
          {"role": "assistant", "content": [{"type": "text", "text": "hello there"}]}], [])
-    # the reply's tokens (BPE carries the space after "assistant:" in its first one)
-    assert bundle.tokenizer.decode([t for t in x["labels"] if t != -100]) == " hello there"
+    # the reply's tokens (BPE carries the space after "assistant:" in its first one), then the stop this template
+    # never writes: the checkpoint's EOS `<|im_end|>`, supervised right after the reply
+    assert bundle.tokenizer.decode([t for t in x["labels"] if t != -100]) == " hello there<|im_end|>"
+    assert bundle.tokenizer.decode(x["input_ids"]).endswith("assistant: hello there<|im_end|>")
     # export writes the template each trained with: its own, or the official one
     from vlmtrain.model.native.build import save_native_hf
     from vlmtrain.model.native.templates import official_template

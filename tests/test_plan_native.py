@@ -22,6 +22,7 @@ RECIPES = {  # recipe → published parameter count (describe --json on the meta
     "qwen2.5-vl-7b-lora-24gb.yaml": 8_292_166_656,
     "gemma-3-4b-lora-24gb.yaml": 4_300_079_472,
     "qwen3.5-9b-lora-24gb.yaml": 9_409_813_744,
+    "internvl3.5-8b-lora-24gb.yaml": 8_528_318_464,
 }
 
 
@@ -167,6 +168,32 @@ def test_glm4v_image_tokens_match_the_processor(tmp_path):
         patches = PN.qwen_patches(vc, budget, (h, w), glm=True)
         assert patches == int(out["image_grid_thw"].prod()) == 4 * tokens, (h, w)
     assert PN.qwen_patches(vc, budget, None, glm=True) // 4 == budget[1] // 2 // (2 * vc.patch_size) ** 2
+
+
+def test_internvl_tiles_and_image_tokens_match_the_processor(tmp_path):
+    """InternVL's tiling as the tiny processor does it (the best grid of 32-px tiles up to 4 + a thumbnail, for small,
+    wide, tall, square and large images): tower passes = the processor's pixel_values tiles, LM tokens = its
+    `<img>` + context tokens + `</img>`. Without a size: the most tiles whose tokens fit max_len."""
+    from PIL import Image
+
+    from native_fixtures import USER_TEMPLATES
+
+    ckpt = write_tiny_checkpoint("internvl", tmp_path / "internvl")
+    model_cfg = {"pretrained": str(ckpt), "chat_template": USER_TEMPLATES["internvl"]}
+    cfg = NativeModelConfig.model_validate(model_cfg)
+    bundle = build_model(cfg)
+    meta = build_model(cfg, device="meta").model
+    stage = BP.build_stage(model_cfg, {"train": {"llm": "lora"}, "lora": BN.LORA})
+    tok = bundle.tokenizer
+    marks = {bundle.model.image_token_id, tok.convert_tokens_to_ids("<img>"), tok.convert_tokens_to_ids("</img>")}
+    for h, w in [(20, 30), (40, 90), (90, 40), (64, 64), (32, 32), (300, 200)]:
+        out = bundle.processor(text=["<image>"], images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions(image_size=(h, w)))
+        assert geo.crops_per_image == out["pixel_values"].shape[0], (h, w)
+        assert geo.image_tokens == sum(int((out["input_ids"] == t).sum()) for t in marks), (h, w)
+    assert PN.native_geometry(meta, stage, cfg, P.PlanOptions()).crops_per_image == 5  # 4 tiles + the thumbnail
+    short = BP.build_stage(model_cfg, {"train": {"llm": "lora"}, "lora": BN.LORA, "data": {"max_len": 16}})
+    assert PN.native_geometry(meta, short, cfg, P.PlanOptions()).image_tokens <= 15  # 3 tiles of 4 + 2 = 14
 
 
 def _meta(tmp_path, family):

@@ -46,8 +46,14 @@ as for composed models, and only what differs per family lives here:
 - Packed rows (Qwen-VL families): `pack_len` tokens per row holding `--images-per-sample` images in all (the images
   of every sample packed into the row), transformers' block-diagonal mask from the restarting positions.
 
-Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and InternVL /
-Mllama / Gemma 4 / PaliGemma / GLM-4.5V, packed rows of the other families (and of Qwen3.5, which training
+- InternVL (`-hf` checkpoints): the processor's tiles (`crop_to_patches`: the image's best grid of tower-sized tiles
+  up to `max_patches`, + a thumbnail when there is more than one), the InternViT tower once per tile (patches + CLS,
+  the CLS dropped), pixel shuffle (×0.5: a quarter of the patches) and the MLP projector traced as the connector,
+  `<img>` + 256 (`image_seq_length`) tokens per tile + `</img>` in the LM; a Qwen3 LM's q/k norms. Without
+  `--image-size` an image cut into the most tiles.
+
+Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama /
+Gemma 4 / PaliGemma / GLM-4.5V, packed rows of the other families (and of Qwen3.5, which training
 refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
@@ -67,12 +73,13 @@ LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
-                    "glm4v")
+                    "glm4v", "internvl")
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
 # ones, and of the Gated DeltaNet token mixer (its out_proj is "o" already)
 _NATIVE_ROLES = {**ROLES, "qkv": "qkv", "proj": "o", "linear_fc1": "fc1", "linear_fc2": "fc2",
-                 "in_proj_qkv": "in_qkv", "in_proj_z": "in_z", "in_proj_b": "in_b", "in_proj_a": "in_a"}
+                 "in_proj_qkv": "in_qkv", "in_proj_z": "in_z", "in_proj_b": "in_b", "in_proj_a": "in_a",
+                 "projection_layer": "o"}  # InternViT's attention output
 # Qwen3-VL checkpoints' image budget (their preprocessor_config.json: size.shortest_edge / longest_edge, 256² … 4096²
 # px); transformers' class defaults are Qwen2-VL's.
 QWEN3_VL_PIXELS = (65536, 16777216)
@@ -249,6 +256,9 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         vis, image = _idefics3(model, model_cfg, layers["vision"][0], opts.image_size, how)
     elif mt in LLAVA_FAMILIES:
         vis, image = _llava(model, layers["vision"][0], image_hw or opts.image_size, opts.images_per_sample, how)
+    elif mt == "internvl":
+        vis, image = _internvl(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
+        llm.qk_norm = hasattr(layers["llm"][0].self_attn, "q_norm")  # a Qwen3 LM (InternVL3.5)
     else:
         vis, image = _gemma3(model, opts, layers["vision"][0])
         llm.qk_norm = llm.post_norms = True
@@ -544,3 +554,96 @@ def _llava(model, block, image_hw, images_per_sample: int, how: str) -> tuple[St
                              "transformers' AnyRes rule" if model.model_type != "llava"
                              else f"fixed per image ({vc.image_size}² tower input)"))
     return stack_geo(vc, block, rotary=False), image
+
+
+# ---- InternVL -------------------------------------------------------------------------------------------------------
+
+def internvl_tiling(model, model_cfg) -> dict:
+    """The image processor's tiling settings (`crop_to_patches`, `min_patches`, `max_patches`, tile `size`): the
+    checkpoint folder's saved processor, then the model config's `processor:`; else the InternVL checkpoints'
+    (tiles of the tower's input size, 1 … 12 of them)."""
+    side = _side(model.hf.config.vision_config.image_size)
+    out = {"crop_to_patches": True, "min_patches": 1, "max_patches": 12, "size": {"height": side, "width": side}}
+    for layer in (saved_image_processor(model_cfg), model_cfg.processor):
+        out.update({k: v for k, v in layer.items() if k in out})
+    return out
+
+
+def _side(size) -> int:
+    """A tower's square input side from `image_size` given as an int or `[h, w]`."""
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def internvl_tiles(model, model_cfg, image_hw: tuple[int, int]) -> int:
+    """Tower passes for one image, by transformers' own rule (`GotOcr2ImageProcessorPil.get_number_of_image_patches`:
+    the best grid of tiles for the image's aspect, + a thumbnail when there is more than one tile)."""
+    from transformers import GotOcr2ImageProcessorPil
+
+    t = internvl_tiling(model, model_cfg)
+    proc = GotOcr2ImageProcessorPil(size=t["size"], crop_to_patches=t["crop_to_patches"])
+    return int(proc.get_number_of_image_patches(image_hw[0], image_hw[1],
+                                                {"min_patches": t["min_patches"], "max_patches": t["max_patches"]}))
+
+
+def _internvl(model, model_cfg, block, opts, max_len: int) -> tuple[StackGeo, dict]:
+    """InternViT run once per tile up to the feature layer (-1: all), its CLS dropped, then the pixel shuffle and the
+    MLP projector (`_internvl_connector`); `image_seq_length` LM tokens per tile between `<img>` and `</img>`.
+    Without `--image-size`, the image with the most tiles whose tokens fit `max_len` (a sample with more is
+    rejected as over_length, so it never trains)."""
+    cfg = model.hf.config
+    vc = cfg.vision_config
+    if cfg.vision_feature_layer != -1:
+        raise ConfigError(f"plan: internvl with vision_feature_layer {cfg.vision_feature_layer} is not planned yet "
+                          "(only the last layer, as the InternVL checkpoints use)")
+    t = internvl_tiling(model, model_cfg)
+    tile = int(t["size"]["height"])
+    patches = (_side(vc.image_size) // _side(vc.patch_size)) ** 2
+    shuffled = int(patches * cfg.downsample_ratio ** 2)
+    image_hw, how = opts.image_size, ""
+    if image_hw is None:
+        image_hw, how = _internvl_worst_image(model, model_cfg, t, tile, shuffled, opts.images_per_sample, max_len)
+    tiles = internvl_tiles(model, model_cfg, image_hw)
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=patches + 1,
+                 vision_feature_tokens=patches, image_size=_side(vc.image_size),
+                 image_tokens=tiles * shuffled + 2, crops_per_image=tiles, connector_name="native:internvl",
+                 connector_module=_internvl_connector(model),
+                 how=how or f"a {image_hw[0]}x{image_hw[1]} image: {tiles} tile(s) of {tile}² by the processor's rule")
+    return stack_geo(vc, block, rotary=False), image
+
+
+def _internvl_worst_image(model, model_cfg, tiling: dict, tile: int, per_tile: int, images: int,
+                          max_len: int) -> tuple[tuple[int, int], str]:
+    """(image size, how) of the image with the most tiles (a grid of n tiles, n ≤ max_patches) whose LM tokens fit
+    `max_len` with `images` images per sample."""
+    top = int(tiling["max_patches"]) if tiling["crop_to_patches"] else 1
+    for n in range(top, 0, -1):
+        cols = max(c for c in range(1, n + 1) if n % c == 0 and c * c <= n)
+        hw = (tile * cols, tile * (n // cols))
+        tokens = internvl_tiles(model, model_cfg, hw) * per_tile + 2
+        if images * tokens <= max_len - 1:
+            cut = "" if n == top else f"; more tiles would not fit max_len {max_len}"
+            return hw, (f"an image cut into {n} tile(s) (max_patches {top}{cut}; --image-size HxW plans a given "
+                        "size)")
+    raise ConfigError(f"plan: one InternVL tile is {per_tile + 2} LM tokens; {images} image(s) per sample do not fit "
+                      f"max_len {max_len}")
+
+
+def _internvl_connector(model):
+    """InternVL's connector as `get_image_features` runs it on the tower's features without the CLS:
+    `[tiles, patches, d] → pixel shuffle → [tiles, patches·r², d/r²] → projector → [tiles, patches·r², d_lm]`."""
+    from torch import nn
+
+    hf, ratio = model.hf.model, model.hf.config.downsample_ratio
+
+    class InternVLConnector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector = model.connector.projector
+
+        def forward(self, x):
+            n, patches, d = x.shape  # n may be 0 (text-only samples)
+            side = int(patches ** 0.5)
+            x = hf.pixel_shuffle(x.reshape(n, side, side, d), scale_factor=ratio)
+            return self.projector(x.reshape(n, int(patches * ratio ** 2), x.shape[-1]))
+
+    return InternVLConnector()
