@@ -134,7 +134,9 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
                                   # Gated DeltaNet layers (Qwen3.5) and expert MLPs (Qwen3-VL-MoE): traced blocks
                                   "qwen35-lora-256x256-b2-s512", "qwen3moe-sft-conn-256x256-b2-s384",
                                   # GLM-4.1V: its own resize rule, sandwich norms, the downsample conv connector
-                                  "glm4v-lora-224x224-b2-s512"])
+                                  "glm4v-lora-224x224-b2-s512",
+                                  # InternVL: tiles through the tower, pixel shuffle + MLP projector traced
+                                  "internvl-lora-128x192-b2-s512"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -187,7 +189,7 @@ def test_internvl_tiles_and_image_tokens_match_the_processor(tmp_path):
     tok = bundle.tokenizer
     marks = {bundle.model.image_token_id, tok.convert_tokens_to_ids("<img>"), tok.convert_tokens_to_ids("</img>")}
     for h, w in [(20, 30), (40, 90), (90, 40), (64, 64), (32, 32), (300, 200)]:
-        out = bundle.processor(text=["<image>"], images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        out = bundle.processor(text=["<IMG_CONTEXT>"], images=[Image.new("RGB", (w, h))], return_tensors="pt")
         geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions(image_size=(h, w)))
         assert geo.crops_per_image == out["pixel_values"].shape[0], (h, w)
         assert geo.image_tokens == sum(int((out["input_ids"] == t).sum()) for t in marks), (h, w)
