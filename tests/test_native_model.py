@@ -325,7 +325,9 @@ def test_encoded_samples_equal_the_processors_own_apply_chat_template(root, fami
     """Train/serve parity of the tokens and pixels: each record (one image, text only, two images) encodes to the
     ids and pixel values that the family's processor makes when serving (`apply_chat_template` with the images in
     the messages). Caught LLaVA-OneVision's two-image sample: flat images gave each image its AnyRes tiles (160
-    tokens) where serving gives one view per image (60 tokens)."""
+    tokens) where serving gives one view per image (60 tokens). LLaVA-1.5's and LLaVA-NeXT's templates write no
+    stop after a reply (a space; a literal `<\\s> `): training adds a supervised `</s>` after each reply, and is
+    otherwise the served sequence token for token."""
     from transformers.processing_utils import ProcessorMixin
 
     from vlmtrain.data.encode import encoder_for
@@ -341,7 +343,18 @@ def test_encoded_samples_equal_the_processors_own_apply_chat_template(root, fami
         messages = [{**m, "content": [{**p, "image": next(it)} if p.get("type") == "image" else p
                                       for p in m["content"]]} for m in rec["messages"]]
         served = apply(bundle.processor, messages, tokenize=True, return_dict=True, return_tensors="pt")
-        assert ours["input_ids"] == served["input_ids"][0].tolist(), rec["id"]
+        ids, labels, extra = ours["input_ids"], ours["labels"], []
+        want = served["input_ids"][0].tolist()
+        j = 0
+        for k, t in enumerate(ids):  # `want` as a subsequence of `ids`; the rest is what training added
+            if j < len(want) and t == want[j]:
+                j += 1
+            else:
+                extra.append((t, labels[k]))
+        assert j == len(want), rec["id"]
+        replies = sum(m["role"] == "assistant" for m in rec["messages"])
+        stop = bundle.tokenizer.eos_token_id
+        assert extra == ([(stop, stop)] * replies if family in ("llava", "llava_next") else []), rec["id"]
         if ims:
             assert torch.equal(ours["pixel_values"], served["pixel_values"]), rec["id"]
         else:

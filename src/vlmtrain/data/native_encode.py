@@ -40,8 +40,8 @@ GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 TOKEN_EXTRAS = ("token_type_ids", "mm_token_type_ids")
 # Processor outputs the collator rebuilds itself.
 DROPPED = ("input_ids", "attention_mask")
-# the reply text of the probes that read how a template ends a reply
-_PROBE_REPLY = "a"
+# the reply texts of the probes that read how a template ends a reply
+_PROBE_REPLY, _PROBE_OTHER = "a", "b"
 
 
 def align_labels(ids_text: list[int], mask_text: list[int], ids_model: list[int]) -> list[int]:
@@ -158,15 +158,22 @@ class NativeSampleEncoder:
             self.reply_stop_id = self._reply_stop()
 
     def reply_ends_itself(self) -> bool:
-        """Whether the template's reply span holds anything after the reply's text (`<|im_end|>`, `<end_of_turn>`,
-        `</s>`, LLaVA's trailing space). A reasoning block before the text (`<think></think>`) does not count."""
-        _, _, supervised = self._probe_reply()
-        return not self.tokenizer.decode(supervised).endswith(_PROBE_REPLY)
+        """Whether the template's reply span ends with a special token or a stop after the reply's text
+        (`<|im_end|>`, `<end_of_turn>`, `</s>`). Plain text there (LLaVA-1.5's trailing space, LLaVA-NeXT's literal
+        `<\\s> `) ends nothing; a reasoning block before the text (`<think></think>`) does not count. What the
+        template writes after the text is the common tail of the spans of two different replies."""
+        a, b = self._probe_reply(reply=_PROBE_REPLY)[2], self._probe_reply(reply=_PROBE_OTHER)[2]
+        n = 0
+        while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+            n += 1
+        tok = self.tokenizer
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        return any(t in special or t in self.stop_ids for t in a[len(a) - n:])
 
-    def _probe_reply(self, next_turn: bool = False) -> tuple[list[int], list[int], list[int]]:
+    def _probe_reply(self, next_turn: bool = False, reply: str = "a") -> tuple[list[int], list[int], list[int]]:
         """(ids, mask, supervised ids) of a one-reply conversation (+ a following user turn)."""
         turns = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
-                 {"role": "assistant", "content": [{"type": "text", "text": _PROBE_REPLY}]}]
+                 {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
         if next_turn:
             turns.append(turns[0])
         ids, mask = self.text_mask(turns)
