@@ -140,9 +140,10 @@ class NativeSampleEncoder:
     # roles whose text-only content goes to the template as one string (`string_content_roles`); None: probe it
     string_roles: tuple | None = None
     # the tokens generation stops at (the checkpoint's generation_config EOS ids + the tokenizer's EOS). Where the
-    # template writes nothing after a reply's text (GLM-4.1V's official one: the next turn's `<|user|>` ends it),
-    # labels then also supervise a stop after every reply (`supervise_reply_ends`), so a fine-tune learns to end its
-    # turn; cleared when the template's replies end themselves (`reply_ends_itself`)
+    # template's reply span ends without a special token (GLM-4.1V's writes nothing after a reply, the next turn's
+    # `<|user|>` ends it; LLaVA-1.5's a space), labels then also supervise a stop after every reply
+    # (`supervise_reply_ends`), so a fine-tune learns to end its turn; cleared when the template's replies end
+    # themselves (`reply_ends_itself`)
     stop_ids: tuple = ()
     # the stop put after a reply that no stop follows: the token the template writes after a reply when another
     # turn follows, where generation stops at it (GLM's `<|user|>`, which GLM-4's own fine-tuning appends), else the
@@ -170,7 +171,8 @@ class NativeSampleEncoder:
         special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
         return any(t in special or t in self.stop_ids for t in a[len(a) - n:])
 
-    def _probe_reply(self, next_turn: bool = False, reply: str = "a") -> tuple[list[int], list[int], list[int]]:
+    def _probe_reply(self, next_turn: bool = False, reply: str = _PROBE_REPLY) -> tuple[list[int], list[int],
+                                                                                     list[int]]:
         """(ids, mask, supervised ids) of a one-reply conversation (+ a following user turn)."""
         turns = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
                  {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
@@ -180,6 +182,8 @@ class NativeSampleEncoder:
         return ids, mask, [i for i, m in zip(ids, mask) if m]
 
     def _reply_stop(self) -> int:
+        """`reply_stop_id`: the token after a reply's span when a turn follows and generation stops at it, else the
+        tokenizer's EOS (else the first stop)."""
         ids, mask, _ = self._probe_reply(next_turn=True)
         last = max(k for k, m in enumerate(mask) if m)
         if last + 1 < len(ids) and ids[last + 1] in self.stop_ids:
