@@ -163,13 +163,22 @@ class NativeSampleEncoder:
         (`<|im_end|>`, `<end_of_turn>`, `</s>`). Plain text there (LLaVA-1.5's trailing space, LLaVA-NeXT's literal
         `<\\s> `) ends nothing; a reasoning block before the text (`<think></think>`) does not count. What the
         template writes after the text is the common tail of the spans of two different replies."""
+        special = self.special_ids()
+        return any(t in special or t in self.stop_ids for t in self.reply_tail())
+
+    def reply_tail(self) -> list[int]:
+        """The tokens the template supervises after a reply's text: the common tail of two different replies'
+        spans (`<|im_end|>`; LLaVA-1.5's space; nothing for GLM-4.1V)."""
         a, b = self._probe_reply(reply=_PROBE_REPLY)[2], self._probe_reply(reply=_PROBE_OTHER)[2]
         n = 0
         while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
             n += 1
+        return a[len(a) - n:]
+
+    def special_ids(self) -> set[int]:
+        """The tokenizer's special tokens: its named ones and every added token marked special."""
         tok = self.tokenizer
-        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-        return any(t in special or t in self.stop_ids for t in a[len(a) - n:])
+        return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
 
     def _probe_reply(self, next_turn: bool = False, reply: str = _PROBE_REPLY) -> tuple[list[int], list[int],
                                                                                      list[int]]:

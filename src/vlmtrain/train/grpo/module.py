@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from pathlib import Path
-
-import logging
 
 import torch
 import torch.distributed as dist

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from vlmtrain.data.chat import IGNORE
 from vlmtrain.data.encode import encoder_for
 from vlmtrain.data.native_encode import TOKEN_EXTRAS
 from vlmtrain.train.grpo.generate import cut_at_stop, left_pad
@@ -100,32 +99,18 @@ def native_group_logps(model, rows: GroupRows, images: dict, features=None, retu
 
 def native_stop_ids(encoder, tokenizer, generation_eos=None) -> list[int]:
     """The tokens that end an assistant turn: the special tokens the template supervises after a reply's text
-    (`<|im_end|>`, Gemma's `<end_of_turn>`, an EOS; not plain text such as LLaVA's trailing space, which would cut
-    every completion at its first space), the tokenizer's EOS, and the checkpoint's `generation_config.eos_token_id`
-    (`generation_eos`, an id or a list: GLM-4.1V's template writes nothing after a reply, its model ends a turn with
-    `<|user|>`, which the generation config lists)."""
-    turn = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
-    labels = [t for t in encoder.encode_conversation(turn, [])["labels"] if t != IGNORE]
-    text = tokenizer("a", add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    after = labels[_text_end(labels, text):]
-    ids = {int(t) for t in after if t in special}
+    (`NativeSampleEncoder.reply_tail`: `<|im_end|>`, Gemma's `<end_of_turn>`, an EOS; not plain text such as
+    LLaVA's trailing space, which would cut every completion at its first space), the tokenizer's EOS, and the
+    checkpoint's `generation_config.eos_token_id` (`generation_eos`, an id or a list: GLM-4.1V's template writes
+    nothing after a reply, its model ends a turn with `<|user|>`, which the generation config lists)."""
+    special = encoder.special_ids()
+    ids = {int(t) for t in encoder.reply_tail() if t in special}
     extra = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos]
     ids.update(int(t) for t in [tokenizer.eos_token_id, *extra] if t is not None)
     if not ids:
         raise ValueError("no end-of-turn token: the template writes none after a reply and neither the tokenizer "
                          "nor the generation config names an EOS")
     return sorted(ids)
-
-
-def _text_end(labels: list[int], text: list[int]) -> int:
-    """Index just past the last occurrence of the reply's tokens `text` in the supervised `labels` (a reasoning
-    block may come before them); the text's length when they do not occur as such."""
-    for k in range(len(labels) - len(text), -1, -1):
-        if labels[k:k + len(text)] == text:
-            return k + len(text)
-    return len(text)
 
 
 class NativeGRPOModule(GRPOModule):
