@@ -94,6 +94,18 @@ SCALE = {
                                    "== 'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{{ '<|im_end|>' }}"
                                    "{% endgeneration %}{% else %}{{ m['content'][0]['text'] }}{{ '<|im_end|>' }}"
                                    "{% endif %}{{ '\n' }}{% endfor %}")},
+    # Gemma 4: sliding / full layers alternating (full layers 128-wide heads), the last 2 layers reusing keys and
+    # values, per-layer inputs of 32; a 4-block tower of 8-px patches pooled 2×2, at most 140 soft tokens per image
+    "gemma4": {"text": {**_TEXT, "global_head_dim": 128, "hidden_size_per_layer_input": 32, "num_kv_shared_layers": 2,
+                        "sliding_window": 128},
+               "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                          "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32},
+               "max_soft_tokens": 140, "processor": {},
+               # no template is vendored for Gemma 4: a minimal one with generation marks so the model builds
+               "chat_template": ("{% for m in messages %}{{ '<|turn>' + m['role'] + '\n' }}{% if m['role'] == "
+                                 "'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{{ '<turn|>' }}"
+                                 "{% endgeneration %}{% else %}{{ m['content'][0]['text'] }}{{ '<turn|>' }}"
+                                 "{% endif %}{{ '\n' }}{% endfor %}")},
     "gemma3": {"text": {**_TEXT, "query_pre_attn_scalar": 64, "sliding_window": 128},
                "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                           "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
@@ -149,6 +161,17 @@ CONFIGS = {
     "internvl-sft-conn-128x128-b1-s640": ("internvl", (128, 128),
                                           {"train": {"vision": False, "connector": True, "llm": True},
                                            "data": {"batch_size": 1, "max_len": 640}}),
+    # Gemma 4: a 160×224 image → 140 soft tokens (the budget), 192×192 → 121, by the processor's resize
+    "gemma4-lora-160x224-b2-s512": ("gemma4", (160, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "gemma4-sft-conn-192x192-b1-s640": ("gemma4", (192, 192),
+                                        {"train": {"vision": False, "connector": True, "llm": True},
+                                         "data": {"batch_size": 1, "max_len": 640}}),
+    "gemma4-lora-ckpt-160x224-b2-s512": ("gemma4", (160, 224), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512},
+                                                                 "trainer": {"grad_checkpointing": True}}),
+    # the tower trained too (its blocks traced whole as well), LoRA on the decoder
+    "gemma4-vision-160x160-b1-s512": ("gemma4", (160, 160), {"train": {"vision": True, "connector": True,
+                                                                        "llm": "lora"},
+                                                              "lora": LORA, "data": {"batch_size": 1, "max_len": 512}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -171,6 +194,10 @@ def write_checkpoint(family: str, out: Path) -> dict:
     types = getattr(cfg.text_config, "layer_types", None)  # per-layer attention kinds: the tiny pattern, repeated
     if types:
         cfg.text_config.layer_types = [types[i % len(types)] for i in range(cfg.text_config.num_hidden_layers)]
+    if family == "gemma4":  # its per-layer config is derived at construction: rebuild it from the fields above
+        text = cfg.text_config.to_dict()
+        text.pop("per_layer_config")
+        cfg.text_config = type(cfg.text_config)(**text)
     for k, v in spec["vision"].items():
         setattr(cfg.vision_config, k, v)
     if family == "idefics3":
@@ -187,6 +214,8 @@ def write_checkpoint(family: str, out: Path) -> dict:
         vc = spec["vision"]
         cfg.image_seq_length = proc_kwargs["image_seq_length"] = \
             (vc["image_size"][0] // vc["patch_size"][0]) ** 2 // 4  # pixel shuffle ×0.5
+    if family == "gemma4":
+        ip.max_soft_tokens = proc_kwargs["image_seq_length"] = spec["max_soft_tokens"]
     if family == "gemma3":
         cfg.mm_tokens_per_image = spec["mm_tokens_per_image"]
         ip.size = {"height": spec["vision"]["image_size"], "width": spec["vision"]["image_size"]}
@@ -249,7 +278,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     h, w = image_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
     placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>",
-                   "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>"}.get(
+                   "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>",
+                   "gemma4": "<|image|>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)

@@ -15,6 +15,7 @@ from vlmtrain.model.native.tiny import write_tiny_checkpoint
 from vlmtrain import plan as P
 from vlmtrain.plan import core as C
 from vlmtrain.plan import families as PN
+from vlmtrain.plan import traced as PT
 from conftest import CONFIGS
 
 GiB = 2**30
@@ -23,6 +24,7 @@ RECIPES = {  # recipe → published parameter count (describe --json on the meta
     "gemma-3-4b-lora-24gb.yaml": 4_300_079_472,
     "qwen3.5-9b-lora-24gb.yaml": 9_409_813_744,
     "internvl3.5-8b-lora-24gb.yaml": 8_528_318_464,
+    "gemma-4-e4b-lora-24gb.yaml": 7_941_100_832,
 }
 
 
@@ -136,7 +138,10 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
                                   # GLM-4.1V: its own resize rule, sandwich norms, the downsample conv connector
                                   "glm4v-lora-224x224-b2-s512",
                                   # InternVL: tiles through the tower, pixel shuffle + MLP projector traced
-                                  "internvl-lora-128x192-b2-s512"])
+                                  "internvl-lora-128x192-b2-s512",
+                                  # Gemma 4: the decoder traced whole (head sizes, shared keys/values, per-layer
+                                  # inputs); one row: masks on the sliding layers only
+                                  "gemma4-lora-160x224-b2-s512", "gemma4-sft-conn-192x192-b1-s640"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -335,3 +340,49 @@ def test_moe_router_loss_and_all_experts_in_the_plan(tmp_path):
     # the held logits (fp32) and the loss's saved softmax (fp32) over every token of the micro-batch
     held = on.data.batch_size * on.data.max_len * geo.router_logits * 8
     assert p_on.parts["activations"] - p_off.parts["activations"] == held
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_gemma4_decoder_trace_equals_autograds_saved_tensors_on_cpu(full):
+    """The planner's whole-decoder trace of Gemma 4 (`TracedStack` on meta under the fused-SDPA stand-in, 4 rows
+    extrapolated from traces of 2 and 3) against the bytes autograd saves when the real text model runs on CPU in
+    fp32 (SDPA's own CPU kernel) with 4 padded rows of 48 tokens: sliding and full layers of two head sizes, two
+    layers reusing earlier keys and values, per-layer inputs, a sliding window shorter than the rows. Counted up to
+    the last block (the final norm is the planner's own term)."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtrain.model.native.tiny import tiny_parts
+
+    cfg = tiny_parts("gemma4")[0]
+    text = {**cfg.text_config.to_dict(), "num_hidden_layers": 4, "num_kv_shared_layers": 2, "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"] * 2}
+    text.pop("per_layer_config")
+    cfg.text_config = type(cfg.text_config)(**text)
+    torch.manual_seed(0)
+    decoder = AutoModelForImageTextToText.from_config(cfg).model.language_model.train().requires_grad_(full)
+    assert [layer.self_attn.is_kv_shared_layer for layer in decoder.layers] == [False, False, True, True]
+    traced = PT.TracedStack(decoder, decoder.layers, PN._gemma4_text_run, full)
+    p32 = C.PRECISIONS["32-true"]
+    shape = C.StepShape(4, 48, True)
+    planned = traced.outside(shape, True, p32, False) + sum(
+        traced.saved(f"block:{i}", shape, True, p32) for i in range(len(decoder.layers)))
+
+    counting = {"on": True}
+    decoder.layers[-1].register_forward_hook(lambda *_: counting.update(on=False))
+    params = {q.untyped_storage()._cdata for q in (*decoder.parameters(), *decoder.buffers())}
+    seen, held = {}, []
+
+    def pack(t):
+        held.append(t)
+        if counting["on"] and t.untyped_storage()._cdata not in params:
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    c = decoder.config
+    pad = torch.ones(4, 48, dtype=torch.long)
+    pad[0, -5:] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        decoder(inputs_embeds=torch.randn(4, 48, c.hidden_size, requires_grad=True), attention_mask=pad,
+                per_layer_inputs=torch.randn(4, 48, c.num_hidden_layers, c.hidden_size_per_layer_input,
+                                             requires_grad=full), use_cache=False)
+    assert planned == sum(seen.values())

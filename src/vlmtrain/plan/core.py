@@ -75,6 +75,7 @@ import re
 from dataclasses import dataclass, field
 
 from vlmtrain.errors import ConfigError
+from vlmtrain.plan.traced import count_saved
 
 GiB = 2**30
 
@@ -171,9 +172,10 @@ class StackGeo:
     norms_train: bool = False
     qk_norm: bool = False  # RMSNorm over q and k heads (Gemma 3): saves both projections' outputs in fp32
     post_norms: bool = False  # sandwich norms on the attention and MLP outputs (Gemma 3)
-    # token mixers and MLPs without a closed form here (Gated DeltaNet layers, mixture-of-experts MLPs), traced on
-    # meta per block kind: an object with `kind(idx, part)` and `saved(kind, shape, x_rg, p)`
-    # (`vlmtrain.plan.families.TracedLayers`); None: every block is the closed-form transformer block
+    # token mixers, MLPs or whole blocks without a closed form here (Gated DeltaNet layers, mixture-of-experts MLPs,
+    # Gemma 4's decoder layers), traced on meta: an object with `kind(idx, part)` (part: mixer, mlp or block),
+    # `saved(kind, shape, x_rg, p)` and `outside(...)` (`vlmtrain.plan.traced`); None: every block is the
+    # closed-form transformer block
     traced: object = None
 
 
@@ -300,7 +302,9 @@ def stacks_geometry(model, stage, llm: StackGeo, vis: StackGeo, layers: dict, im
         if q:
             quantized += mod.in_features * mod.out_features
         m = layer_re.match(name)
-        role = roles.get(name.rsplit(".", 1)[-1])
+        # Gemma 4's tower wraps each projection as `q_proj.linear` (a clipping wrapper): the role is the wrapper's
+        leaf = name.rsplit(".", 2)[-2] if name.endswith(".linear") else name.rsplit(".", 1)[-1]
+        role = roles.get(leaf)
         if m and role:
             stack = llm if m.group(1) == "llm" else vis
             stack.blocks[int(m.group(2))][role] = LinearSpec(mod.in_features, mod.out_features, kind, q)
@@ -467,6 +471,10 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
     def L(x_, role, out_name=None):
         return _linear(sv, x_, lin[role], f"{role}{tag}", t, p, lora_r, lora_dropout, device, out_name)
 
+    whole = stack.traced.kind(idx, "block") if stack.traced is not None else None
+    if whole is not None:  # a block with no closed form, traced whole (Gemma 4)
+        return sv, _traced_part(sv, stack, whole, x, lin, shape, p, lora_r, lora_dropout, device, tag)
+
     # ---- attention (or a traced token mixer)
     y1 = _norm(sv, x, stack, f"n1.{tag}", t, p)
     mixer = stack.traced.kind(idx, "mixer") if stack.traced is not None else None
@@ -493,18 +501,26 @@ def block_saved(stack: StackGeo, idx: int, x: _T, shape: StepShape, p: Precision
 
 def _traced_part(sv: Saved, stack: StackGeo, kind: str, x: _T, lin: dict, shape: StepShape, p: Precision,
                  lora_r: int, lora_dropout: float, device: str, tag: str) -> _T:
-    """A token mixer or MLP traced on meta (`StackGeo.traced`): autograd's saved tensors for input `x`, with the
-    stage's full-training parameters requiring grad (their Linears' inputs included), plus what the trace cannot
-    see: each LoRA adapter's own saved tensors and autocast's bf16 copies of frozen weights (`_linear` on the
-    part's Linears; `x` feeds its input projections, the others get the part's inner tensor)."""
+    """A token mixer, MLP or whole block traced on meta (`StackGeo.traced`): autograd's saved tensors for input `x`,
+    with the stage's full-training parameters requiring grad (their Linears' inputs included), plus what the trace
+    cannot see: each LoRA adapter's own saved tensors and autocast's bf16 copies of frozen weights (`_linear` on the
+    part's Linears: `x` feeds a module's input projections, the others get the part's inner tensor; in a whole
+    block, q / k / v read one normed input and gate / up another)."""
     t = shape.rows * shape.seq
-    specs = {role: spec for role, spec in lin.items() if role in stack.traced.roles(kind)}
+    roles = stack.traced.roles(kind)  # None: every Linear of the block
+    specs = {role: spec for role, spec in lin.items() if roles is None or role in roles}
     adapters = any(s.kind in ("lora", "dora") for s in specs.values())
     x_rg = x.rg or adapters
     sv.add(f"{kind}:{tag}", stack.traced.saved(kind, shape, x_rg, p))
+    shared_inputs = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "gate": "mlp_in", "up": "mlp_in"}
     for role, spec in specs.items():
         if spec.kind != "full":  # a trained weight's input is in the trace already
-            inner = x if role in stack.traced.INPUT_ROLES else _T(f"{kind}_in:{role}{tag}", p.act, x_rg)
+            if roles is None and role in shared_inputs:
+                inner = _T(f"{kind}_{shared_inputs[role]}:{tag}", p.act, x_rg)
+            elif role in stack.traced.INPUT_ROLES:
+                inner = x
+            else:
+                inner = _T(f"{kind}_in:{role}{tag}", p.act, x_rg)
             _linear(sv, inner, spec, f"{role}{tag}", t, p, lora_r, lora_dropout, device)
     trains = stack.traced.trains(kind) or any(s.kind != "frozen" for s in specs.values())
     return _T(f"{kind}_out:{tag}", p.act, x_rg or trains)
@@ -627,35 +643,23 @@ def stack_activations(stack: StackGeo, n_blocks: int, x_rg: bool, shape: StepSha
                 first, first_wcopy = held, (0 if checkpointing else sv.total("wcopy"))
         x = _T(f"x{i + 1}", p.resid, out.rg)
     temp = block_backward_temp(stack, shape, p) if any_graph else 0
+    if any_graph and stack.traced is not None:  # a traced stack's prologue and the blocks' shared arguments
+        outside = stack.traced.outside(shape, x.rg, p, checkpointing)  # x: the top block's output
+        saved, first = saved + outside, first + outside
     return StackActs(saved, wcopy, recompute, temp, first, first_wcopy, x.rg, x.bpe)
 
 
 def _trace_connector(connector, n_img: int, tokens: int, dim: int, p: Precision, x_rg: bool, trains: bool) -> int:
     """Saved bytes of a connector without a closed form (resamplers, pixel shuffle, LDP), by running it once on
-    the meta device under `saved_tensors_hooks` (no memory, no compute). Autocast does not apply on meta, so
+    the meta device (`plan.traced.count_saved`: no memory, no compute). Autocast does not apply on meta, so
     bf16-mixed is traced in bf16."""
     import torch
 
     dtype = torch.float32 if p.act == 4 else torch.bfloat16
     mod = copy.deepcopy(connector).to(dtype).requires_grad_(trains).train()
     params = {q.untyped_storage()._cdata for q in mod.parameters()}
-    seen: dict[int, int] = {}
-    # every saved tensor stays alive until the count is done: a storage saved and then freed inside the forward (a
-    # graph branch the output does not need) would otherwise hand its address to the next one, and the two would
-    # count once or twice depending on the allocator (a Gated DeltaNet trace varied by one 64 KiB mask between runs)
-    held = []
-
-    def pack(t):
-        st = t.untyped_storage()
-        held.append(t)
-        if st._cdata not in params:
-            seen[st._cdata] = st.nbytes()
-        return t
-
     x = torch.empty(n_img, tokens, dim, device="meta", dtype=dtype, requires_grad=x_rg)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        mod(x)
-    return sum(seen.values())
+    return sum(count_saved(lambda: mod(x), params).values())
 
 
 # ---- the plan -----------------------------------------------------------------------------------------------------
@@ -839,7 +843,9 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     else:
         _linear(top, y, head_spec, "lm_head", t, p, 0, 0.0, opts.device)
     # transformers' [rows, 1, s, s] bool mask: kept by every checkpointed block's arguments until its backward
-    mask_bool = rows * seq * seq if mask and geo.llm.attn_impl == "sdpa" and ckpt else 0
+    # (a whole-traced stack counts its masks among the blocks' shared arguments)
+    whole = geo.llm.traced is not None and geo.llm.traced.kind(0, "block") is not None
+    mask_bool = rows * seq * seq if mask and geo.llm.attn_impl == "sdpa" and ckpt and not whole else 0
 
     # Logits [n, V] in the matmul dtype. The loss upcasts them to fp32 (a copy when bf16) and log_softmax saves its
     # fp32 output; the logits themselves are not referenced after the loss returns. Backward then holds that saved

@@ -52,14 +52,18 @@ as for composed models, and only what differs per family lives here:
   `<img>` + 256 (`image_seq_length`) tokens per tile + `</img>` in the LM; a Qwen3 LM's q/k norms. Without
   `--image-size` an image cut into the most tiles.
 
+- Gemma 4: the processor's soft-token budget (`max_soft_tokens` × k² patches through the tower, padded; k × k pooled
+  into soft tokens + 2 markers in the LM), `embed_vision` traced as the connector; no two decoder layers alike (two
+  head sizes, layers reusing earlier keys and values, per-layer inputs), so the decoder — and the tower when it
+  trains — is traced whole on meta (`plan.traced.TracedStack`).
+
 Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama /
-Gemma 4 / PaliGemma / GLM-4.5V, packed rows of the other families (and of Qwen3.5, which training
+PaliGemma / GLM-4.5V, packed rows of the other families (and of Qwen3.5, which training
 refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -67,13 +71,14 @@ from types import SimpleNamespace
 
 from vlmtrain.errors import ConfigError
 from vlmtrain.plan.core import ROLES, Geometry, StackGeo, stack_geo, stacks_geometry, step_parts
+from vlmtrain.plan.traced import TracedLayers, TracedStack
 from vlmtrain.train.native import native_refusals, packing_refusal
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
-                    "glm4v", "internvl")
+                    "glm4v", "internvl", "gemma4")
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
 # ones, and of the Gated DeltaNet token mixer (its out_proj is "o" already)
@@ -139,80 +144,6 @@ def router_logits_per_token(model, stage) -> int:
     return moe * int(model.llm.config.num_experts)
 
 
-class TracedLayers:
-    """Saved bytes of the decoder's Gated DeltaNet token mixers (Qwen3.5's `linear_attn`: projections, causal conv,
-    the chunked delta rule of transformers' CPU path, the gated norm) and mixture-of-experts MLPs (router, the
-    experts of each token's top k through transformers' `grouped_mm` path, a shared expert), read by running one
-    such module on the meta device under `saved_tensors_hooks` as `_trace_connector` does: autograd's own saved
-    tensors, no memory, no compute. Both are linear in the rows, so two traces (1 and 2 rows) per sequence length
-    give every micro-batch. The stage's full-training parameters require grad in the trace; LoRA adapters and
-    autocast copies are added by `plan._traced_part`. transformers' grouped_mm has a bf16-only meta kernel, so
-    expert MLPs are traced in bf16 and their bf16 tensors counted at 4 bytes for an fp32 step."""
-
-    ROLES = {"linear_attention": {"in_qkv", "in_z", "in_b", "in_a", "o"}, "moe": {"gate", "up", "down"}}
-    INPUT_ROLES = {"in_qkv", "in_z", "in_b", "in_a", "gate", "up"}  # Linears that read the module's input
-
-    def __init__(self, layers, stage):
-        self.kinds = [{"mixer": "linear_attention" if hasattr(layer, "linear_attn") else None,
-                       "mlp": "moe" if hasattr(getattr(layer, "mlp", None), "experts") else None} for layer in layers]
-        self.modules = {}
-        for layer, k in zip(layers, self.kinds):
-            if k["mixer"]:
-                self.modules.setdefault(k["mixer"], layer.linear_attn)
-            if k["mlp"]:
-                self.modules.setdefault(k["mlp"], layer.mlp)
-        self.full = stage.train.llm is True
-        self.hidden = int(layers[0].input_layernorm.weight.shape[0])
-        self._cache: dict = {}
-
-    def any(self) -> bool:
-        return bool(self.modules)
-
-    def kind(self, idx: int, part: str) -> str | None:
-        return self.kinds[idx][part]
-
-    def roles(self, kind: str) -> set[str]:
-        return self.ROLES[kind]
-
-    def trains(self, kind: str) -> bool:
-        return self.full
-
-    def saved(self, kind: str, shape, x_rg: bool, p) -> int:
-        """Bytes one `kind` module saves for `shape.rows` rows of `shape.seq` tokens."""
-        if not (x_rg or self.full):
-            return 0
-        key = (kind, shape.seq, shape.mask, x_rg, p.act)
-        if key not in self._cache:
-            self._cache[key] = tuple(self._trace(kind, rows, shape.seq, shape.mask, x_rg, p) for rows in (1, 2))
-        one, two = self._cache[key]
-        return one + (two - one) * (shape.rows - 1)
-
-    def _trace(self, kind: str, rows: int, seq: int, mask: bool, x_rg: bool, p) -> int:
-        import torch
-
-        dtype = torch.float32 if p.act == 4 and kind != "moe" else torch.bfloat16
-        widen = 2 if p.act == 4 and dtype == torch.bfloat16 else 1
-        mod = copy.deepcopy(self.modules[kind]).to(device="meta", dtype=dtype).requires_grad_(self.full).train()
-        params = {q.untyped_storage()._cdata for q in mod.parameters()}
-        seen: dict[int, int] = {}
-        held = []  # every saved tensor stays alive until the count is done (see `_trace_connector`)
-
-        def pack(t):
-            st = t.untyped_storage()
-            held.append(t)
-            if st._cdata not in params:
-                seen[st._cdata] = st.nbytes() * (widen if t.dtype == torch.bfloat16 else 1)
-            return t
-
-        x = torch.empty(rows, seq, self.hidden, device="meta", dtype=dtype, requires_grad=x_rg)
-        kw = {}
-        if kind == "linear_attention" and mask:  # padded rows: the mixer zeroes padding positions first
-            kw["attention_mask"] = torch.ones(rows, seq, dtype=torch.long, device="meta")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            mod(x, **kw)
-        return sum(seen.values())
-
-
 def plan_refusal(model_type: str) -> str:
     """Why the planner does not model this family ("" when it does)."""
     if model_type in PLANNED_FAMILIES:
@@ -249,7 +180,8 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         raise ConfigError("plan: " + "; ".join(problems))
     layers = {"llm": model.llm.model.layers, "vision": _block_list(model.vision)}
     text_cfg = model.llm.config
-    llm = stack_geo(text_cfg, layers["llm"][0], rotary=True)
+    llm = _gemma4_stack(text_cfg, layers["llm"][0]) if mt == "gemma4" else stack_geo(text_cfg, layers["llm"][0],
+                                                                                    rotary=True)
     if _qwen_like(mt):
         vis, image = _qwen(model, model_cfg, opts, layers["vision"][0], patches, how)
     elif mt in ("idefics3", "smolvlm"):
@@ -259,6 +191,11 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     elif mt == "internvl":
         vis, image = _internvl(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
         llm.qk_norm = hasattr(layers["llm"][0].self_attn, "q_norm")  # a Qwen3 LM (InternVL3.5)
+    elif mt == "gemma4":
+        vis, image = _gemma4(model, model_cfg, layers["vision"][0], opts)
+        vis.traced = TracedStack(model.vision.model.encoder, layers["vision"], _gemma4_vision_run,
+                                 stage.train.vision is True)
+        _gemma4_decoder(model, stage, llm, layers["llm"])
     else:
         vis, image = _gemma3(model, opts, layers["vision"][0])
         llm.qk_norm = llm.post_norms = True
@@ -270,7 +207,10 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     how = image.pop("how")
     geo = stacks_geometry(model, stage, llm, vis, layers, image, _BLOCK_RE, _NATIVE_ROLES)
     geo.vision_keeps_hidden_states = False  # native towers return their last (or selected) hidden state only
-    geo.llm_mask_always = mt == "gemma3" and opts.images_per_sample > 0
+    # image tokens attend bidirectionally within their image (Gemma 3; Gemma 4 with use_bidirectional_attention:
+    # vision): transformers materialises the masks whenever a row holds an image
+    geo.llm_mask_always = opts.images_per_sample > 0 and (mt == "gemma3" or (
+        mt == "gemma4" and getattr(text_cfg, "use_bidirectional_attention", None) == "vision"))
     geo.router_logits = router_logits_per_token(model, stage)
     crops = f"{geo.crops_per_image} crops × {geo.vision_tokens}" if geo.crops_per_image > 1 else f"{geo.vision_tokens}"
     geo.notes = [f"{mt}: {opts.images_per_sample} image(s) per sample, {geo.image_tokens} LM tokens each "
@@ -647,3 +587,103 @@ def _internvl_connector(model):
             return self.projector(x.reshape(n, int(patches * ratio ** 2), x.shape[-1]))
 
     return InternVLConnector()
+
+
+# ---- Gemma 4 --------------------------------------------------------------------------------------------------------
+
+def gemma4_patching(model, model_cfg) -> dict:
+    """The image processor's patch budget (`patch_size`, `max_soft_tokens`, `pooling_kernel_size`): the checkpoint
+    folder's saved processor, then the model config's `processor:`; else transformers' defaults (the checkpoints'
+    16 px, 280 soft tokens, 3 × 3 pooling)."""
+    from transformers import Gemma4ImageProcessorPil
+
+    out = {k: getattr(Gemma4ImageProcessorPil, k) for k in ("patch_size", "max_soft_tokens", "pooling_kernel_size")}
+    for layer in (saved_image_processor(model_cfg), model_cfg.processor):
+        out.update({k: int(v) for k, v in layer.items() if k in out})
+    return out
+
+
+def gemma4_soft_tokens(patching: dict, image_hw: tuple[int, int]) -> int:
+    """Soft tokens of one image, by the processor's own resize (`get_aspect_ratio_preserving_size`: the largest
+    multiple of pooling × patch px per side within the patch budget), one per pooled k × k patches."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size
+
+    k, ps = patching["pooling_kernel_size"], patching["patch_size"]
+    h, w = get_aspect_ratio_preserving_size(image_hw[0], image_hw[1], ps, patching["max_soft_tokens"] * k * k, k)
+    return (h // ps) * (w // ps) // (k * k)
+
+
+def _gemma4(model, model_cfg, block, opts) -> tuple[StackGeo, dict]:
+    """The tower over every image's patches padded to the budget (`max_soft_tokens` × k² of them, whatever the
+    image), pooled k × k into soft tokens, `embed_vision` (a norm and a projection) traced as the connector, and
+    `<|image>` + the soft tokens + `<image|>` in the LM. Without `--image-size`, the budget's `max_soft_tokens`
+    (no image has more)."""
+    vc = model.hf.config.vision_config
+    t = gemma4_patching(model, model_cfg)
+    k = t["pooling_kernel_size"]
+    patches = t["max_soft_tokens"] * k * k
+    if opts.image_size is None:
+        soft, how = t["max_soft_tokens"], (f"at most {t['max_soft_tokens']} soft tokens per image (the processor's "
+                                           "budget; --image-size HxW plans a given size)")
+    else:
+        soft = gemma4_soft_tokens(t, opts.image_size)
+        how = f"a {opts.image_size[0]}x{opts.image_size[1]} image: {soft} soft tokens by the processor's resize"
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=patches, vision_feature_tokens=soft,
+                 image_size=0, image_tokens=soft + 2, connector_name="native:gemma4",
+                 connector_module=model.connector.embed_vision,
+                 pixel_elements=patches * 3 * t["patch_size"] ** 2, how=how)
+    return stack_geo(vc, block, rotary=True), image
+
+
+def _gemma4_stack(cfg, layer) -> StackGeo:
+    """The decoder's `StackGeo` from its first layer: head sizes are per layer in Gemma 4's config (its blocks are
+    traced whole, so these fields only name the stack)."""
+    attn = layer.self_attn
+    return StackGeo(hidden=int(cfg.hidden_size), intermediate=int(layer.mlp.intermediate_size),
+                    heads=int(cfg.num_attention_heads), kv_heads=int(attn.k_proj.out_features // attn.head_dim),
+                    head_dim=int(attn.head_dim), norm="rms", gated=True, act_saves=1,
+                    attn_impl=str(getattr(cfg, "_attn_implementation", None) or "sdpa"), rotary=True)
+
+
+def _gemma4_decoder(model, stage, llm: StackGeo, layers) -> None:
+    """Gemma 4's decoder layers differ from one another (sliding and full attention with their own head sizes,
+    layers that reuse an earlier layer's keys and values, double-wide MLPs there, per-layer inputs, an expert block
+    beside the MLP), so the whole decoder is traced on meta (`TracedStack`) with the inputs transformers gives it in
+    training; the backward excess is sized by the widest MLP."""
+    llm.intermediate = max(int(layer.mlp.intermediate_size) for layer in layers)
+    moe = any(getattr(layer, "enable_moe_block", False) for layer in layers)
+    llm.traced = TracedStack(model.llm.model, layers, _gemma4_text_run, stage.train.llm is True, moe_bf16=moe)
+
+
+def _gemma4_text_run(text_model, rows: int, seq: int, dtype, x_rg: bool, mask: bool) -> None:
+    """One training forward of Gemma 4's text model on meta: the merged embeddings `[rows, seq, d]`, the per-layer
+    token embeddings `[rows, seq, layers, d_pl]` (looked up outside it), and the masks per layer kind as
+    `create_masks_for_vision_model` makes them: the full-attention layers' for padded rows (several rows), the
+    sliding layers' also for image rows (bidirectional within an image) and whenever the sequence outgrows the
+    window."""
+    import torch
+
+    cfg = text_model.config
+    x = torch.empty(rows, seq, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=x_rg)
+    per_layer = None
+    if cfg.hidden_size_per_layer_input:
+        per_layer = torch.empty(rows, seq, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input, device="meta",
+                                dtype=dtype, requires_grad=text_model.embed_tokens_per_layer.weight.requires_grad)
+    # full-attention layers stay causal over images: a mask only for padded rows (one row needs none)
+    full = torch.ones(rows, 1, seq, seq, dtype=torch.bool, device="meta") if mask and rows > 1 else None
+    window = cfg.sliding_window and seq > cfg.sliding_window
+    sliding = torch.ones(rows if mask else 1, 1, seq, seq, dtype=torch.bool, device="meta") if mask or window else None
+    text_model(inputs_embeds=x, per_layer_inputs=per_layer, use_cache=False,
+               attention_mask={"full_attention": full, "sliding_attention": sliding})
+
+
+def _gemma4_vision_run(encoder, images: int, patches: int, dtype, x_rg: bool, mask: bool) -> None:
+    """One training forward of Gemma 4's vision encoder on meta: every image's patch embeddings `[n, patches, d]`,
+    their (x, y) positions, and the padding mask `[n, 1, patches, patches]` the tower builds whenever an image has
+    fewer patches than the budget (assumed: the worst case)."""
+    import torch
+
+    x = torch.empty(images, patches, encoder.config.hidden_size, device="meta", dtype=dtype, requires_grad=x_rg)
+    positions = torch.zeros(images, patches, 2, dtype=torch.long, device="meta")
+    pad = torch.ones(images, 1, patches, patches, dtype=torch.bool, device="meta")
+    encoder(inputs_embeds=x, attention_mask=pad, pixel_position_ids=positions)
