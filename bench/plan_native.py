@@ -83,6 +83,15 @@ SCALE = {
               "chat_template": ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}{% if m['role'] == "
                                 "'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{% endgeneration %}"
                                 "{% else %}{{ m['content'][0]['text'] }}{% endif %}{% endfor %}")},
+    # GLM-4.5V: GLM-4.1V's tower and processor budget; 4 layers, the first dense, then 8 routed experts of width 128
+    # (top 2) + 1 shared expert, with the router loss at the config's coefficient
+    "glm4v_moe": {"text": {**_TEXT, "moe_intermediate_size": 128, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                           "n_shared_experts": 1, "first_k_dense_replace": 1,
+                           "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                               "mrope_section": [8, 4, 4]}},
+                  "vision": {"depth": 4, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4,
+                             "out_hidden_size": 256},
+                  "processor": {"size": {"shortest_edge": 2 * 4 * 16 * 16, "longest_edge": 2 * 400 * 16 * 16}}},
     # InternVL: 64-px tiles of 8-px patches (64 + CLS through the tower, pixel shuffle ×0.5 → 16 LM tokens per tile),
     # up to 6 tiles per image (+ the thumbnail), a Qwen2 LM
     "internvl": {"text": _TEXT,
@@ -111,6 +120,7 @@ SCALE = {
                           "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
                "mm_tokens_per_image": 64, "processor": {}},
 }
+SCALE["glm4v_moe"]["chat_template"] = SCALE["glm4v"]["chat_template"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LORA_LLM = {"train": {"vision": False, "connector": False, "llm": "lora"}, "lora": LORA}
 # name → (family, image (height, width), stage fields over an SFT stage)
@@ -155,6 +165,13 @@ CONFIGS = {
     "glm4v-sft-conn-192x256-b1-s640": ("glm4v", (192, 256),
                                        {"train": {"vision": False, "connector": True, "llm": True},
                                         "data": {"batch_size": 1, "max_len": 640}}),
+    "glm45v-sft-conn-224x224-b2-s384": ("glm4v_moe", (224, 224),
+                                        {"train": {"vision": False, "connector": True, "llm": True},
+                                         "data": {"batch_size": 2, "max_len": 384}}),
+    # LoRA on the linear layers (attention, the dense MLP, the shared expert); the fused experts stay frozen
+    "glm45v-lora-224x224-b2-s512": ("glm4v_moe", (224, 224),
+                                    {"train": LORA_LLM["train"], "lora": {**LORA, "llm_target_parameters": ""},
+                                     "data": {"batch_size": 2, "max_len": 512}}),
     # 128×192: a 2×3 grid of 64-px tiles + the thumbnail (7 tower passes, 114 LM tokens); 128×128: 2×2 + 1
     "internvl-lora-128x192-b2-s512": ("internvl", (128, 192),
                                       {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
@@ -278,7 +295,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     h, w = image_size
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
     placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>",
-                   "glm4v": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>",
+                   "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
+                   "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>",
                    "gemma4": "<|image|>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]

@@ -42,7 +42,9 @@ as for composed models, and only what differs per family lives here:
 - GLM-4.1V (`glm4v`): Qwen's dynamic resolution by its own `smart_resize` (an image counts as
   `temporal_patch_size` frames against the pixel budget), a Qwen2.5-VL-style tower (RMSNorm + SwiGLU blocks, full
   attention), the `downsample` conv (merge × merge patches → one token) and the merger traced as the connector,
-  and a decoder with sandwich norms after attention and after the MLP. GLM-4.5V (`glm4v_moe`) is not planned yet.
+  and a decoder with sandwich norms after attention and after the MLP. GLM-4.5V (`glm4v_moe`): the same tower and
+  connector, a decoder without sandwich norms whose expert MLPs (routed + shared experts) are traced on meta as
+  Qwen3-VL-MoE's are.
 - Packed rows (Qwen-VL families): `pack_len` tokens per row holding `--images-per-sample` images in all (the images
   of every sample packed into the row), transformers' block-diagonal mask from the restarting positions.
 
@@ -58,7 +60,7 @@ as for composed models, and only what differs per family lives here:
   trains — is traced whole on meta (`plan.traced.TracedStack`).
 
 Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama /
-PaliGemma / GLM-4.5V, packed rows of the other families (and of Qwen3.5, which training
+PaliGemma, packed rows of the other families (and of Qwen3.5, which training
 refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
@@ -78,7 +80,8 @@ LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
-                    "glm4v", "internvl", "gemma4")
+                    *("glm4v", "glm4v_moe"), "internvl", "gemma4")
+GLM_FAMILIES = ("glm4v", "glm4v_moe")  # GLM-4.1V and GLM-4.5V: one tower, resize rule and connector
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
 # ones, and of the Gated DeltaNet token mixer (its out_proj is "o" already)
@@ -103,7 +106,7 @@ def native_geometry(model, stage, model_cfg, opts) -> Geometry:
         budget = qwen_pixel_budget(model_cfg, model.model_type)
         unit = vc.patch_size * vc.spatial_merge_size
         sizes = {"smallest (min_pixels)": (unit, unit), "largest (max_pixels)": None}
-        geos = [_geometry(model, stage, model_cfg, opts, qwen_patches(vc, budget, size, model.model_type == "glm4v"),
+        geos = [_geometry(model, stage, model_cfg, opts, qwen_patches(vc, budget, size, model.model_type in GLM_FAMILIES),
                           f"the {name} image "
                           "(the worse of the smallest and the largest; --image-size HxW plans a given size)")
                 for name, size in sizes.items()]
@@ -124,8 +127,10 @@ def _hybrid_and_experts(model, stage, llm: StackGeo, layers) -> None:
     llm.traced = traced
     cfg = model.llm.config
     if any(k["mlp"] for k in traced.kinds):
-        llm.intermediate = max(llm.intermediate, int(cfg.num_experts_per_tok) * int(cfg.moe_intermediate_size),
-                               int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0))
+        # the shared expert's width: Qwen's own field, or GLM-4.5V's n_shared_experts × the expert width
+        shared = int(getattr(cfg, "shared_expert_intermediate_size", 0) or 0) or int(
+            getattr(cfg, "n_shared_experts", 0) or 0) * int(cfg.moe_intermediate_size)
+        llm.intermediate = max(llm.intermediate, int(cfg.num_experts_per_tok) * int(cfg.moe_intermediate_size), shared)
 
 
 def _expert_adapters(model, stage) -> list[str]:
@@ -141,7 +146,8 @@ def router_logits_per_token(model, stage) -> int:
     if not model.family.router_aux_loss or not coef:
         return 0
     moe = sum(1 for layer in model.llm.model.layers if hasattr(getattr(layer, "mlp", None), "experts"))
-    return moe * int(model.llm.config.num_experts)
+    cfg = model.llm.config
+    return moe * int(getattr(cfg, "num_experts", None) or cfg.n_routed_experts)  # GLM-4.5V: n_routed_experts
 
 
 def plan_refusal(model_type: str) -> str:
@@ -201,7 +207,7 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         llm.qk_norm = llm.post_norms = True
     if mt == "glm4v":
         llm.post_norms = True  # GLM-4 sandwich norms after attention and after the MLP
-    if mt in QWEN3_FAMILIES:
+    if mt in QWEN3_FAMILIES or mt == "glm4v_moe":
         llm.qk_norm = True
         _hybrid_and_experts(model, stage, llm, layers["llm"])
     how = image.pop("how")
@@ -221,7 +227,7 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
 def _qwen_like(model_type: str) -> bool:
     """Qwen-VL's dynamic resolution and tower layout: the Qwen families and GLM-4.1V (a Qwen2.5-VL-style block
     stack; its `smart_resize` takes the same factor and pixel budget for one image)."""
-    return model_type.startswith("qwen") or model_type == "glm4v"
+    return model_type.startswith("qwen") or model_type in GLM_FAMILIES
 
 
 def _block_list(role):
@@ -252,7 +258,7 @@ def qwen_pixel_budget(model_cfg, model_type: str = "qwen2_5_vl") -> tuple[int, i
     the checkpoint folder's saved image processor (`saved_image_processor`), then the model config's `processor:`."""
     from transformers import Glm4vImageProcessorPil, Qwen2VLImageProcessorPil
 
-    size = dict((Glm4vImageProcessorPil if model_type == "glm4v" else Qwen2VLImageProcessorPil).size)
+    size = dict((Glm4vImageProcessorPil if model_type in GLM_FAMILIES else Qwen2VLImageProcessorPil).size)
     budget = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
     if model_type in QWEN3_FAMILIES:
         budget = dict(zip(("min_pixels", "max_pixels"), QWEN3_VL_PIXELS))
@@ -297,7 +303,7 @@ def _qwen(model, model_cfg, opts, block, patches: int | None, how: str) -> tuple
                    attn_impl=str(getattr(vc, "_attn_implementation", None) or "sdpa"), rotary=True)
     if patches is None:
         patches = qwen_patches(vc, qwen_pixel_budget(model_cfg, model.model_type), opts.image_size,
-                               model.model_type == "glm4v")
+                               model.model_type in GLM_FAMILIES)
         how = f"a {opts.image_size[0]}x{opts.image_size[1]} image through the processor's resize"
     merge = vc.spatial_merge_size**2
     image = dict(vision_used_layers=len(model.vision.model.blocks), vision_tokens=patches,
@@ -313,7 +319,7 @@ def _qwen_mergers(model):
     GLM-4.1V's `downsample` conv (merge × merge patches → one token) then its merger."""
     from torch import nn
 
-    if model.model_type == "glm4v":
+    if model.model_type in GLM_FAMILIES:
         return _glm4v_connector(model.connector, model.hf.config.vision_config.spatial_merge_size)
     deepstack = getattr(model.connector, "deepstack_merger_list", None)
     if deepstack is None:
