@@ -103,6 +103,17 @@ SCALE = {
                                    "== 'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{{ '<|im_end|>' }}"
                                    "{% endgeneration %}{% else %}{{ m['content'][0]['text'] }}{{ '<|im_end|>' }}"
                                    "{% endif %}{{ '\n' }}{% endfor %}")},
+    # Mistral 3: a Mistral LM; a 4-block, 128-wide Pixtral tower of 8-px patches, 2×2 patch merger (one LM token per
+    # 16 × 16 px), images resized to a 128-px longest edge (at most 8 × 8 tokens + 8 [IMG_BREAK]s)
+    "mistral3": {"text": _TEXT,
+                 "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                            "num_attention_heads": 4, "head_dim": 32, "image_size": 128, "patch_size": 8},
+                 "longest_edge": 128, "processor": {},
+                 # no template is vendored for Mistral 3: a minimal one with generation marks so the model builds
+                 "chat_template": ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST]' + "
+                                   "m['content'][0]['text'] + '[/INST]' }}{% else %}{% generation %}"
+                                   "{{ m['content'][0]['text'] + eos_token }}{% endgeneration %}{% endif %}"
+                                   "{% endfor %}")},
     # Gemma 4: sliding / full layers alternating (full layers 128-wide heads), the last 2 layers reusing keys and
     # values, per-layer inputs of 32; a 4-block tower of 8-px patches pooled 2×2, at most 140 soft tokens per image
     "gemma4": {"text": {**_TEXT, "global_head_dim": 128, "hidden_size_per_layer_input": 32, "num_kv_shared_layers": 2,
@@ -189,6 +200,14 @@ CONFIGS = {
     "gemma4-vision-160x160-b1-s512": ("gemma4", (160, 160), {"train": {"vision": True, "connector": True,
                                                                         "llm": "lora"},
                                                               "lora": LORA, "data": {"batch_size": 1, "max_len": 512}}),
+    # Mistral 3: 128×96 → 8 × 6 tokens (+ 8 breaks), 128×128 → 8 × 8 (+ 8); the tower's one sequence per batch
+    "mistral3-lora-128x96-b2-s512": ("mistral3", (128, 96), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "mistral3-sft-conn-128x128-b1-s640": ("mistral3", (128, 128),
+                                          {"train": {"vision": False, "connector": True, "llm": True},
+                                           "data": {"batch_size": 1, "max_len": 640}}),
+    "mistral3-vision-128x128-b2-s384": ("mistral3", (128, 128), {"train": {"vision": True, "connector": True,
+                                                                            "llm": "lora"},
+                                                                  "lora": LORA, "data": {"batch_size": 2, "max_len": 384}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -231,6 +250,8 @@ def write_checkpoint(family: str, out: Path) -> dict:
         vc = spec["vision"]
         cfg.image_seq_length = proc_kwargs["image_seq_length"] = \
             (vc["image_size"][0] // vc["patch_size"][0]) ** 2 // 4  # pixel shuffle ×0.5
+    if family == "mistral3":
+        ip.size = {"longest_edge": spec["longest_edge"]}
     if family == "gemma4":
         ip.max_soft_tokens = proc_kwargs["image_seq_length"] = spec["max_soft_tokens"]
     if family == "gemma3":
@@ -297,7 +318,7 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>",
                    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
                    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>",
-                   "gemma4": "<|image|>"}.get(
+                   "gemma4": "<|image|>", "mistral3": "[IMG]"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)

@@ -142,7 +142,9 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
                                   "internvl-lora-128x192-b2-s512",
                                   # Gemma 4: the decoder traced whole (head sizes, shared keys/values, per-layer
                                   # inputs); one row: masks on the sliding layers only
-                                  "gemma4-lora-160x224-b2-s512", "gemma4-sft-conn-192x192-b1-s640"])
+                                  "gemma4-lora-160x224-b2-s512", "gemma4-sft-conn-192x192-b1-s640",
+                                  # Mistral 3: every image through Pixtral as one sequence, patch merger traced
+                                  "mistral3-lora-128x96-b2-s512"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -176,6 +178,48 @@ def test_glm4v_image_tokens_match_the_processor(tmp_path):
         patches = PN.qwen_patches(vc, budget, (h, w), glm=True)
         assert patches == int(out["image_grid_thw"].prod()) == 4 * tokens, (h, w)
     assert PN.qwen_patches(vc, budget, None, glm=True) // 4 == budget[1] // 2 // (2 * vc.patch_size) ** 2
+
+
+def test_mistral3_patches_and_image_tokens_match_the_processor(tmp_path):
+    """Mistral 3's plan (Pixtral's resize to the longest edge in patch × merge units): its LM tokens (rows ×
+    (cols + 1): [IMG]s, a break per row, the end) == the tiny processor's image-token ids, its tower patches == the
+    pixel values' patches, for images below, at and above the longest edge; without a size, the largest square
+    whose tokens fit max_len."""
+    from PIL import Image
+
+    ckpt = write_tiny_checkpoint("mistral3", tmp_path / "m")
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
+                                            "chat_template": BN.SCALE["mistral3"]["chat_template"]})
+    bundle = build_model(cfg)
+    meta = build_model(cfg, device="meta").model
+    stage = BP.build_stage({"pretrained": "x"}, {"train": {"vision": False, "connector": True, "llm": True},
+                                                 "data": {"max_len": 40}})
+    proc = bundle.processor
+    image_ids = {proc.tokenizer.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]")}
+    patch = bundle.model.hf.config.vision_config.patch_size
+    for h, w in [(20, 30), (48, 64), (64, 32), (96, 80), (300, 200)]:
+        out = proc(text=["[IMG]"], images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions(image_size=(h, w)))
+        assert geo.image_tokens == sum(int((out["input_ids"] == i).sum()) for i in image_ids), (h, w)
+        ph, pw = (int(v) // patch for v in out["image_sizes"][0])
+        assert geo.vision_tokens == ph * pw, (h, w)
+    geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions())  # 64-px edge: 4 × 5 = 20 tokens ≤ 39
+    assert geo.image_tokens == 20 and "largest square" in geo.notes[-1]
+    short = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 16}})
+    geo = PN.native_geometry(meta, short, cfg, P.PlanOptions())  # 3 × 4 = 12 ≤ 15 < 4 × 5
+    assert geo.image_tokens == 12 and "would not fit max_len 16" in geo.notes[-1]
+
+
+def test_mistral_small_qlora_24gib_recipe_plans_under_24gib():
+    """Mistral-Small-3.1-24B QLoRA at 2048 tokens: under 24 GiB with the largest square image that fits (1232 px:
+    44 × 45 LM tokens) and text-only; its 4-bit base well under the bf16 one (24,011,361,280 parameters)."""
+    [(stage, mcfg)] = P.load_plan_stages(CONFIGS / "recipes" / "mistral-small-3.1-24b-qlora-24gb.yaml")
+    model = build_model(mcfg, device="meta").model
+    plan = P.plan_stage(stage, mcfg, 24 * GiB, model=model)
+    text_only = P.plan_stage(stage, mcfg, 24 * GiB, P.PlanOptions(images_per_sample=0), model=model)
+    assert plan.fits and text_only.peak < 24 * GiB and stage.data.max_len == 2048
+    assert "1980 LM tokens" in plan.notes[-1] and "1232x1232" in plan.notes[-1]
+    assert plan.parts["weights"] < 0.35 * 24_011_361_280 * 2
 
 
 def test_internvl_tiles_and_image_tokens_match_the_processor(tmp_path):

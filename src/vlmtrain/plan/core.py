@@ -211,6 +211,9 @@ class Geometry:
     vision_keeps_hidden_states: bool = True  # a frozen tower's forward holds every layer's output (composed)
     llm_mask_always: bool = False  # a [rows, 1, s, s] mask even for one row (Gemma 3: bidirectional image spans)
     router_logits: int = 0  # per token: router logits the MoE load-balancing loss reads (Σ experts over MoE layers)
+    # the tower runs every image of the micro-batch as one sequence under an [N, N] block mask in the compute dtype
+    # (Pixtral): a frozen tower's forward holds it next to the hidden states
+    vision_block_mask: bool = False
     notes: list[str] = field(default_factory=list)  # what the plan assumed about the images (native families)
 
 
@@ -650,9 +653,19 @@ def stack_activations(stack: StackGeo, n_blocks: int, x_rg: bool, shape: StepSha
 
 
 def _trace_connector(connector, n_img: int, tokens: int, dim: int, p: Precision, x_rg: bool, trains: bool) -> int:
-    """Saved bytes of a connector without a closed form (resamplers, pixel shuffle, LDP), by running it once on
-    the meta device (`plan.traced.count_saved`: no memory, no compute). Autocast does not apply on meta, so
+    """Saved bytes of a connector without a closed form (resamplers, pixel shuffle, LDP), by running it on the
+    meta device (`plan.traced.count_saved`: no memory, no compute) for one and two images: a connector works image
+    by image, so its bytes are linear in the images (and a per-image Python loop, Mistral 3's patch merger, never
+    runs over the thousands of images the largest-micro-batch search asks about). Autocast does not apply on meta, so
     bf16-mixed is traced in bf16."""
+    if n_img <= 2:
+        return _trace_connector_once(connector, n_img, tokens, dim, p, x_rg, trains)
+    one, two = (_trace_connector_once(connector, n, tokens, dim, p, x_rg, trains) for n in (1, 2))
+    return one + (two - one) * (n_img - 1)
+
+
+def _trace_connector_once(connector, n_img: int, tokens: int, dim: int, p: Precision, x_rg: bool,
+                          trains: bool) -> int:
     import torch
 
     dtype = torch.float32 if p.act == 4 else torch.bfloat16
@@ -802,7 +815,8 @@ def step_phases(geo: Geometry, stage, batch: int, opts: PlanOptions) -> dict[str
     if not vis_graph:
         kept = len(geo.vision.blocks) + 1 if geo.vision_keeps_hidden_states else 2  # else: a layer's in and out
         vis_forward = (kept * n_img * geo.vision_tokens * geo.vision.hidden * p.resid
-                       + 2 * n_img * geo.vision_tokens * geo.vision.intermediate * p.act)
+                       + 2 * n_img * geo.vision_tokens * geo.vision.intermediate * p.act
+                       + (n_img * geo.vision_tokens) ** 2 * p.act * geo.vision_block_mask)
 
     # Connector: LLaVA's linear / mlp2x_gelu in closed form (same Linear rule), others traced on meta.
     conn_trains = train.connector

@@ -54,13 +54,17 @@ as for composed models, and only what differs per family lives here:
   `<img>` + 256 (`image_seq_length`) tokens per tile + `</img>` in the LM; a Qwen3 LM's q/k norms. Without
   `--image-size` an image cut into the most tiles.
 
+- Mistral 3: Pixtral's resize (the longest edge within `longest_edge`, both sides multiples of patch × merge),
+  every image of the micro-batch through the tower as one sequence under a block-diagonal [N, N] mask (traced whole
+  when the tower trains, quadratic in the images), all of its hidden states kept, the patch merger + MLP projector
+  traced as the connector, and rows × (cols + 1) LM tokens per image ([IMG_BREAK] after each row, [IMG_END] last).
 - Gemma 4: the processor's soft-token budget (`max_soft_tokens` × k² patches through the tower, padded; k × k pooled
   into soft tokens + 2 markers in the LM), `embed_vision` traced as the connector; no two decoder layers alike (two
   head sizes, layers reusing earlier keys and values, per-layer inputs), so the decoder — and the tower when it
   trains — is traced whole on meta (`plan.traced.TracedStack`).
 
 Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama /
-PaliGemma, packed rows of the other families (and of Qwen3.5, which training
+PaliGemma / Llama 4 / LFM2-VL, packed rows of the other families (and of Qwen3.5, which training
 refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
@@ -80,7 +84,7 @@ LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
-                    *("glm4v", "glm4v_moe"), "internvl", "gemma4")
+                    *("glm4v", "glm4v_moe"), "internvl", "gemma4", "mistral3")
 GLM_FAMILIES = ("glm4v", "glm4v_moe")  # GLM-4.1V and GLM-4.5V: one tower, resize rule and connector
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
@@ -197,6 +201,10 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     elif mt == "internvl":
         vis, image = _internvl(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
         llm.qk_norm = hasattr(layers["llm"][0].self_attn, "q_norm")  # a Qwen3 LM (InternVL3.5)
+    elif mt == "mistral3":
+        vis, image = _mistral3(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
+        vis.traced = TracedStack(model.vision.model.transformer, layers["vision"], _pixtral_run,
+                                 stage.train.vision is True, one_sequence=True)
     elif mt == "gemma4":
         vis, image = _gemma4(model, model_cfg, layers["vision"][0], opts)
         vis.traced = TracedStack(model.vision.model.encoder, layers["vision"], _gemma4_vision_run,
@@ -212,7 +220,9 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         _hybrid_and_experts(model, stage, llm, layers["llm"])
     how = image.pop("how")
     geo = stacks_geometry(model, stage, llm, vis, layers, image, _BLOCK_RE, _NATIVE_ROLES)
-    geo.vision_keeps_hidden_states = False  # native towers return their last (or selected) hidden state only
+    # native towers return their last (or selected) hidden state only; Mistral 3 asks Pixtral for all of them
+    geo.vision_keeps_hidden_states = mt == "mistral3"
+    geo.vision_block_mask = mt == "mistral3"
     # image tokens attend bidirectionally within their image (Gemma 3; Gemma 4 with use_bidirectional_attention:
     # vision): transformers materialises the masks whenever a row holds an image
     geo.llm_mask_always = opts.images_per_sample > 0 and (mt == "gemma3" or (
@@ -693,3 +703,104 @@ def _gemma4_vision_run(encoder, images: int, patches: int, dtype, x_rg: bool, ma
     positions = torch.zeros(images, patches, 2, dtype=torch.long, device="meta")
     pad = torch.ones(images, 1, patches, patches, dtype=torch.bool, device="meta")
     encoder(inputs_embeds=x, attention_mask=pad, pixel_position_ids=positions)
+
+
+# ---- Mistral 3 ------------------------------------------------------------------------------------------------------
+
+def pixtral_budget(model, model_cfg) -> int:
+    """The processor's `longest_edge`: the checkpoint folder's saved processor, then the model config's
+    `processor:`; else the tower's `image_size` (the checkpoints' own value: 1540 for Mistral-Small-3.1/3.2, whose
+    2D RoPE table holds 1540 / 14 = 110 positions per side)."""
+    edge = int(model.hf.config.vision_config.image_size)
+    for layer in (saved_image_processor(model_cfg), model_cfg.processor):
+        edge = int((layer.get("size") or {}).get("longest_edge", edge))
+    return edge
+
+
+def pixtral_grid(model, model_cfg, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of LM tokens for an image, by the processor's own resize (`get_resize_output_image_size` with
+    patch × merge px per token)."""
+    import numpy as np
+    from transformers.models.pixtral.image_processing_pil_pixtral import get_resize_output_image_size
+
+    cfg = model.hf.config
+    unit = int(cfg.vision_config.patch_size) * int(cfg.spatial_merge_size)
+    edge = pixtral_budget(model, model_cfg)
+    h, w = get_resize_output_image_size(np.zeros((*image_hw, 3)), size=(edge, edge), patch_size=(unit, unit))
+    return h // unit, w // unit
+
+
+def _mistral3(model, model_cfg, block, opts, max_len: int) -> tuple[StackGeo, dict]:
+    """Pixtral's patches of the resized image (merge² per LM token), the projector (norm, patch merger, MLP) traced as
+    the connector, rows × (cols + 1) LM tokens. Without `--image-size`, the largest square image whose tokens fit
+    `max_len` (a sample with more is rejected as over_length, so it never trains)."""
+    cfg = model.hf.config
+    vc = cfg.vision_config
+    if cfg.vision_feature_layer != -1:
+        raise ConfigError(f"plan: mistral3 with vision_feature_layer {cfg.vision_feature_layer} is not planned yet "
+                          "(only the last layer, as the Mistral 3 checkpoints use)")
+    merge = int(cfg.spatial_merge_size)
+    unit = int(vc.patch_size) * merge
+    edge = pixtral_budget(model, model_cfg)
+    if opts.image_size:
+        image_hw = opts.image_size
+        rows, cols = pixtral_grid(model, model_cfg, image_hw)
+        how = f"a {image_hw[0]}x{image_hw[1]} image: {rows}×{cols} tokens by the processor's resize"
+    else:
+        rows = cols = _pixtral_largest_square(edge // unit, opts.images_per_sample, max_len)
+        image_hw = (rows * unit, cols * unit)
+        cut = "" if rows == edge // unit else f"; larger ones would not fit max_len {max_len}"
+        how = (f"a {image_hw[0]}x{image_hw[1]} image, the largest square (longest edge {edge} px{cut}; --image-size "
+               "HxW plans a given size)")
+    patches = rows * cols * merge * merge
+    side = (rows * merge * int(vc.patch_size), cols * merge * int(vc.patch_size))
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=patches, vision_feature_tokens=patches,
+                 image_size=0, image_tokens=rows * (cols + 1), connector_name="native:mistral3",
+                 connector_module=_mistral3_connector(model, side), pixel_elements=3 * side[0] * side[1], how=how)
+    return stack_geo(vc, block, rotary=True), image
+
+
+def _pixtral_largest_square(side: int, images: int, max_len: int) -> int:
+    """Tokens per side of the largest square image (≤ `side`) of which `images` fit `max_len` (rows × (cols + 1)
+    each, next to at least one text token)."""
+    for n in range(side, 0, -1):
+        if images * n * (n + 1) <= max_len - 1:
+            return n
+    raise ConfigError(f"plan: one Mistral 3 image is at least 2 LM tokens; {images} image(s) per sample do not fit "
+                      f"max_len {max_len}")
+
+
+def _mistral3_connector(model, side: tuple[int, int]):
+    """Mistral 3's projector as `get_image_features` runs it on the tower's one sequence: `[n_img, patches, d] →
+    [n_img·patches, d] → norm → patch merger (merge × merge patches of each image's grid → one) → MLP →
+    [n_img·patches/merge², d_lm]`, every image `side` px (its resized height and width)."""
+    import torch
+    from torch import nn
+
+    projector = model.connector.projector
+
+    class Mistral3Connector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector = projector
+
+        def forward(self, x):
+            sizes = torch.tensor([side] * x.shape[0])
+            return self.projector(x.reshape(-1, x.shape[-1]), sizes)
+
+    return Mistral3Connector()
+
+
+def _pixtral_run(transformer, images: int, patches: int, dtype, x_rg: bool, mask: bool) -> None:
+    """One training forward of Pixtral's blocks on meta: every image's patches as one sequence `[1, images·patches,
+    d]`, the 2D rotary tables over it and the block-diagonal mask `[1, 1, N, N]` in the compute dtype
+    (`generate_block_attention_mask`)."""
+    import torch
+
+    n = images * patches
+    head_dim = transformer.layers[0].attention.head_dim
+    x = torch.empty(1, n, transformer.config.hidden_size, device="meta", dtype=dtype, requires_grad=x_rg)
+    rotary = (torch.empty(n, head_dim, device="meta", dtype=dtype), torch.empty(n, head_dim, device="meta",
+                                                                                 dtype=dtype))
+    block_mask = torch.empty(1, 1, n, n, device="meta", dtype=dtype)
+    transformer(x, attention_mask=block_mask, position_embeddings=rotary)

@@ -162,15 +162,17 @@ class TracedStack:
     (`run(module, rows, seq, dtype, x_rg, mask)` builds the family's inputs and calls it) under
     `fused_sdpa_on_meta`: a saved storage belongs to the block that saves it first; the blocks' shared arguments
     (every tensor argument but the hidden states) are counted once, apart. One row is traced as is; more rows are
-    linear in the rows (traces of two and three). Answers the `StackGeo.traced` questions with one kind per block
+    linear in the rows (traces of two and three), or quadratic for `one_sequence` stacks (Pixtral runs every image
+    as one sequence under an [N, N] block mask; fitted through 1, 2 and 3). Answers the `StackGeo.traced` questions with one kind per block
     (`kind(i, "block") == "block:i"`); LoRA adapters and autocast copies are added by `plan.core._traced_part`
     over the block's Linears. `moe_bf16`: a stack with expert MLPs (bf16-only grouped_mm meta kernel) is traced in
     bf16 and counted at 4 bytes for an fp32 step, as `TracedLayers` does."""
 
     INPUT_ROLES = {"q", "k", "v", "gate", "up"}  # Linears that read a normed block input (LoRA naming only)
 
-    def __init__(self, module, blocks, run, stage_trains: bool, moe_bf16: bool = False):
+    def __init__(self, module, blocks, run, stage_trains: bool, moe_bf16: bool = False, one_sequence: bool = False):
         self.module, self.run, self.full, self.moe_bf16 = module, run, stage_trains, moe_bf16
+        self.one_sequence = one_sequence  # the rows run as one sequence (Pixtral): bytes quadratic in the rows
         self.n_blocks = len(blocks)
         self.block_names = [next(n for n, m in module.named_modules() if m is b) for b in blocks]
         self._cache: dict = {}
@@ -199,14 +201,21 @@ class TracedStack:
     def _scaled(self, shape, x_rg: bool, p, pick) -> int:
         if not (x_rg or self.full):
             return 0
+        if self.one_sequence:  # [rows·seq]² masks and scores: quadratic in the rows, fitted through 1, 2 and 3
+            f1, f2, f3 = (pick(self._cached(r, shape, x_rg, p)) for r in (1, 2, 3))
+            r = shape.rows
+            return f1 + (r - 1) * (f2 - f1) + (r - 1) * (r - 2) // 2 * (f3 - 2 * f2 + f1)
         # one row is traced as is (a family may build fewer masks for it: no padding); more rows are linear in
         # the rows from two and three
         base = 1 if shape.rows == 1 else 2
-        key = (shape.seq, shape.mask, x_rg, p.act, base)
-        if key not in self._cache:
-            self._cache[key] = tuple(self._trace(rows, shape.seq, shape.mask, x_rg, p) for rows in (base, base + 1))
-        one, two = (pick(t) for t in self._cache[key])
+        one, two = (pick(self._cached(r, shape, x_rg, p)) for r in (base, base + 1))
         return one + (two - one) * (shape.rows - base)
+
+    def _cached(self, rows: int, shape, x_rg: bool, p) -> StackTrace:
+        key = (rows, shape.seq, shape.mask, x_rg, p.act)
+        if key not in self._cache:
+            self._cache[key] = self._trace(rows, shape.seq, shape.mask, x_rg, p)
+        return self._cache[key]
 
     def _trace(self, rows: int, seq: int, mask: bool, x_rg: bool, p) -> StackTrace:
         import torch
