@@ -114,6 +114,11 @@ SCALE = {
                                    "m['content'][0]['text'] + '[/INST]' }}{% else %}{% generation %}"
                                    "{{ m['content'][0]['text'] + eos_token }}{% endgeneration %}{% endif %}"
                                    "{% endfor %}")},
+    # PaliGemma: a Gemma LM; a 4-block, 128-wide SigLIP tower at 64 px in 8-px patches (64 image tokens)
+    "paligemma": {"text": _TEXT,
+                  "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                             "num_attention_heads": 4, "image_size": 64, "patch_size": 8, "projection_dim": 256},
+                  "processor": {}},
     # Gemma 4: sliding / full layers alternating (full layers 128-wide heads), the last 2 layers reusing keys and
     # values, per-layer inputs of 32; a 4-block tower of 8-px patches pooled 2×2, at most 140 soft tokens per image
     "gemma4": {"text": {**_TEXT, "global_head_dim": 128, "hidden_size_per_layer_input": 32, "num_kv_shared_layers": 2,
@@ -208,6 +213,9 @@ CONFIGS = {
     "mistral3-vision-128x128-b2-s384": ("mistral3", (128, 128), {"train": {"vision": True, "connector": True,
                                                                             "llm": "lora"},
                                                                   "lora": LORA, "data": {"batch_size": 2, "max_len": 384}}),
+    "paligemma-lora-b2-s512": ("paligemma", (64, 64), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "paligemma-sft-conn-b1-s640": ("paligemma", (64, 64), {"train": {"vision": False, "connector": True, "llm": True},
+                                                          "data": {"batch_size": 1, "max_len": 640}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -252,6 +260,11 @@ def write_checkpoint(family: str, out: Path) -> dict:
             (vc["image_size"][0] // vc["patch_size"][0]) ** 2 // 4  # pixel shuffle ×0.5
     if family == "mistral3":
         ip.size = {"longest_edge": spec["longest_edge"]}
+    if family == "paligemma":  # the projector's width follows the LM; the processor writes one token per patch
+        vc = spec["vision"]
+        cfg.projection_dim = cfg.hidden_size = cfg.text_config.hidden_size
+        ip.size = {"height": vc["image_size"], "width": vc["image_size"]}
+        ip.image_seq_length = cfg.text_config.num_image_tokens = (vc["image_size"] // vc["patch_size"]) ** 2
     if family == "gemma4":
         ip.max_soft_tokens = proc_kwargs["image_seq_length"] = spec["max_soft_tokens"]
     if family == "gemma3":
@@ -260,7 +273,7 @@ def write_checkpoint(family: str, out: Path) -> dict:
         proc_kwargs["image_seq_length"] = spec["mm_tokens_per_image"]
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg)
-    template = official_template(FAMILIES[family].template) if FAMILIES[family].template else spec["chat_template"]
+    template = official_template(FAMILIES[family].template) if FAMILIES[family].template else spec.get("chat_template")
     proc = build_image_only(family, ip, tok, chat_template=template, **proc_kwargs)
     model.save_pretrained(out)
     save_processor(proc, out)
@@ -318,7 +331,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     placeholder = {"idefics3": "<image>", "llava_onevision": "<image>", "gemma3": "<start_of_image>",
                    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
                    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>",
-                   "gemma4": "<|image|>", "mistral3": "[IMG]"}.get(
+                   "gemma4": "<|image|>", "mistral3": "[IMG]",
+                   "paligemma": "<image>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)
@@ -335,7 +349,7 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
     batch = {"input_ids": ids, "labels": labels, "attention_mask": att}
     extras = []
     for k, v in out.items():
-        if k in ("input_ids", "attention_mask"):
+        if k in ("input_ids", "attention_mask", "labels"):  # PaliGemma's processor writes labels too
             continue
         if k in TOKEN_EXTRAS:
             full = torch.zeros(rows, seq, dtype=v.dtype)
@@ -346,6 +360,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
         batch[k] = v
         if k != "pixel_values":
             extras.append(k)
+    if "token_type_ids" in batch and family == "paligemma":  # the supervised text is the suffix (type 1)
+        batch["token_type_ids"][labels != -100] = 1
     batch["model_extras"] = tuple(extras)
     return batch
 

@@ -4,6 +4,7 @@ with PyTorch's profiler, and refusals of what is not planned."""
 
 import pytest
 import torch
+import yaml
 
 from bench import plan as BP
 from bench import plan_native as BN
@@ -144,7 +145,9 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
                                   # inputs); one row: masks on the sliding layers only
                                   "gemma4-lora-160x224-b2-s512", "gemma4-sft-conn-192x192-b1-s640",
                                   # Mistral 3: every image through Pixtral as one sequence, patch merger traced
-                                  "mistral3-lora-128x96-b2-s512"])
+                                  "mistral3-lora-128x96-b2-s512",
+                                  # PaliGemma: its Gemma LM traced whole under the prefix-LM mask
+                                  "paligemma-lora-b2-s512"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -256,8 +259,8 @@ def _meta(tmp_path, family):
 def test_unplanned_family_and_stage_features_are_refused(tmp_path):
     stage = BP.build_stage({"pretrained": "x"}, {"train": {"llm": "lora"}, "lora": BN.LORA})
     cfg, model = _meta(tmp_path, "llava_next")
-    model.model_type = "paligemma"  # a family the generic role map loads but the planner does not model
-    with pytest.raises(ConfigError, match=r"native family 'paligemma' is not planned yet \(planned: qwen2_vl"):
+    model.model_type = "mllama"  # a family the planner does not model
+    with pytest.raises(ConfigError, match=r"native family 'mllama' is not planned yet \(planned: qwen2_vl"):
         P.plan_stage(stage, cfg, 24 * GiB, model=model)
     model.model_type = "llava_next"
     model.hf.config.vision_feature_layer = [-2, -1]
@@ -394,6 +397,37 @@ def test_moe_router_loss_and_all_experts_in_the_plan(tmp_path):
     assert p_on.parts["activations"] - p_off.parts["activations"] == held
 
 
+def _saved_by_blocks_on_cpu(decoder, **inputs) -> int:
+    """Bytes autograd saves while the real decoder runs on CPU (fp32, SDPA's own CPU kernel), up to its last block."""
+    counting = {"on": True}
+    hook = decoder.layers[-1].register_forward_hook(lambda *_: counting.update(on=False))
+    params = {q.untyped_storage()._cdata for q in (*decoder.parameters(), *decoder.buffers())}
+    seen, held = {}, []
+
+    def pack(t):
+        held.append(t)
+        if counting["on"] and t.untyped_storage()._cdata not in params:
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        decoder(use_cache=False, **inputs)
+    hook.remove()
+    return sum(seen.values())
+
+
+def _planned_stack(traced, n_blocks: int, shape) -> int:
+    p32 = C.PRECISIONS["32-true"]
+    return traced.outside(shape, True, p32, False) + sum(traced.saved(f"block:{i}", shape, True, p32)
+                                                         for i in range(n_blocks))
+
+
+def _padding(rows: int, seq: int) -> torch.Tensor:
+    pad = torch.ones(rows, seq, dtype=torch.long)
+    pad[0, -5:] = 0
+    return pad
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_gemma4_decoder_trace_equals_autograds_saved_tensors_on_cpu(full):
     """The planner's whole-decoder trace of Gemma 4 (`TracedStack` on meta under the fused-SDPA stand-in, 4 rows
@@ -414,27 +448,40 @@ def test_gemma4_decoder_trace_equals_autograds_saved_tensors_on_cpu(full):
     decoder = AutoModelForImageTextToText.from_config(cfg).model.language_model.train().requires_grad_(full)
     assert [layer.self_attn.is_kv_shared_layer for layer in decoder.layers] == [False, False, True, True]
     traced = PT.TracedStack(decoder, decoder.layers, PN._gemma4_text_run, full)
-    p32 = C.PRECISIONS["32-true"]
-    shape = C.StepShape(4, 48, True)
-    planned = traced.outside(shape, True, p32, False) + sum(
-        traced.saved(f"block:{i}", shape, True, p32) for i in range(len(decoder.layers)))
-
-    counting = {"on": True}
-    decoder.layers[-1].register_forward_hook(lambda *_: counting.update(on=False))
-    params = {q.untyped_storage()._cdata for q in (*decoder.parameters(), *decoder.buffers())}
-    seen, held = {}, []
-
-    def pack(t):
-        held.append(t)
-        if counting["on"] and t.untyped_storage()._cdata not in params:
-            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
-        return t
-
+    planned = _planned_stack(traced, len(decoder.layers), C.StepShape(4, 48, True))
     c = decoder.config
-    pad = torch.ones(4, 48, dtype=torch.long)
-    pad[0, -5:] = 0
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        decoder(inputs_embeds=torch.randn(4, 48, c.hidden_size, requires_grad=True), attention_mask=pad,
-                per_layer_inputs=torch.randn(4, 48, c.num_hidden_layers, c.hidden_size_per_layer_input,
-                                             requires_grad=full), use_cache=False)
-    assert planned == sum(seen.values())
+    real = _saved_by_blocks_on_cpu(
+        decoder, inputs_embeds=torch.randn(4, 48, c.hidden_size, requires_grad=True), attention_mask=_padding(4, 48),
+        per_layer_inputs=torch.randn(4, 48, c.num_hidden_layers, c.hidden_size_per_layer_input, requires_grad=full))
+    assert planned == real
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_gemma2_decoder_trace_equals_autograds_saved_tensors_on_cpu(full):
+    """PaliGemma 2's LM (Gemma 2: sandwich norms, soft-capped attention and logits, sliding and full layers) traced
+    whole by the generic `decoder_run` against autograd's saved bytes on CPU: 4 padded rows of 48 tokens, a window of
+    16, both layer kinds' masks as transformers builds them from the padding."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, sliding_window=16)
+    decoder = Gemma2Model(cfg).train().requires_grad_(full)
+    assert set(cfg.layer_types) == {"sliding_attention", "full_attention"} and cfg.attn_logit_softcapping
+    traced = PT.TracedStack(decoder, decoder.layers, PT.decoder_run, full)
+    planned = _planned_stack(traced, len(decoder.layers), C.StepShape(4, 48, True))
+    real = _saved_by_blocks_on_cpu(decoder, inputs_embeds=torch.randn(4, 48, 64, requires_grad=True),
+                                   attention_mask=_padding(4, 48))
+    assert planned == real
+
+
+def test_paligemma2_preset_plans_its_gemma2_lm_whole():
+    """The PaliGemma 2 3B preset plans (its Gemma 2 LM traced on meta; 256 image tokens per 224² image, as its
+    processor writes them): a LoRA stage on one 24 GiB GPU."""
+    mcfg = NativeModelConfig.model_validate(yaml.safe_load((CONFIGS / "models" / "paligemma2-3b-224.yaml").read_text()))
+    stage = BP.build_stage({"pretrained": "x"}, {"train": {"vision": False, "connector": False, "llm": "lora"},
+                                                 "lora": {"r": 16, "alpha": 32},
+                                                 "data": {"batch_size": 2, "max_len": 1024},
+                                                 "trainer": {"precision": "bf16-true", "grad_checkpointing": True}})
+    plan = P.plan_stage(stage, mcfg, 24 * GiB)
+    assert plan.fits and "256 LM tokens" in plan.notes[-1] and plan.parts["activations"] > 0

@@ -58,13 +58,16 @@ as for composed models, and only what differs per family lives here:
   every image of the micro-batch through the tower as one sequence under a block-diagonal [N, N] mask (traced whole
   when the tower trains, quadratic in the images), all of its hidden states kept, the patch merger + MLP projector
   traced as the connector, and rows × (cols + 1) LM tokens per image ([IMG_BREAK] after each row, [IMG_END] last).
+- PaliGemma (1 and 2): a SigLIP tower at its fixed `image_size` (every patch an LM token), the linear projector, and
+  a Gemma / Gemma 2 LM traced whole on meta (`decoder_run`: sandwich norms, soft-capped attention, sliding layers
+  as transformers runs them) under the prefix-LM mask it always builds.
 - Gemma 4: the processor's soft-token budget (`max_soft_tokens` × k² patches through the tower, padded; k × k pooled
   into soft tokens + 2 markers in the LM), `embed_vision` traced as the connector; no two decoder layers alike (two
   head sizes, layers reusing earlier keys and values, per-layer inputs), so the decoder — and the tower when it
   trains — is traced whole on meta (`plan.traced.TracedStack`).
 
 Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama /
-PaliGemma / Llama 4 / LFM2-VL, packed rows of the other families (and of Qwen3.5, which training
+Llama 4 / LFM2-VL, packed rows of the other families (and of Qwen3.5, which training
 refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
@@ -77,14 +80,14 @@ from types import SimpleNamespace
 
 from vlmtrain.errors import ConfigError
 from vlmtrain.plan.core import ROLES, Geometry, StackGeo, stack_geo, stacks_geometry, step_parts
-from vlmtrain.plan.traced import TracedLayers, TracedStack
+from vlmtrain.plan.traced import TracedLayers, TracedStack, decoder_run
 from vlmtrain.train.native import native_refusals, packing_refusal
 
 LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
-                    *("glm4v", "glm4v_moe"), "internvl", "gemma4", "mistral3")
+                    *("glm4v", "glm4v_moe"), "internvl", "gemma4", "mistral3", "paligemma")
 GLM_FAMILIES = ("glm4v", "glm4v_moe")  # GLM-4.1V and GLM-4.5V: one tower, resize rule and connector
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
@@ -205,6 +208,9 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         vis, image = _mistral3(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
         vis.traced = TracedStack(model.vision.model.transformer, layers["vision"], _pixtral_run,
                                  stage.train.vision is True, one_sequence=True)
+    elif mt == "paligemma":
+        vis, image = _paligemma(model, layers["vision"][0], opts)
+        llm.traced = TracedStack(model.llm.model, layers["llm"], decoder_run, stage.train.llm is True)
     elif mt == "gemma4":
         vis, image = _gemma4(model, model_cfg, layers["vision"][0], opts)
         vis.traced = TracedStack(model.vision.model.encoder, layers["vision"], _gemma4_vision_run,
@@ -224,8 +230,9 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
     geo.vision_keeps_hidden_states = mt == "mistral3"
     geo.vision_block_mask = mt == "mistral3"
     # image tokens attend bidirectionally within their image (Gemma 3; Gemma 4 with use_bidirectional_attention:
-    # vision): transformers materialises the masks whenever a row holds an image
-    geo.llm_mask_always = opts.images_per_sample > 0 and (mt == "gemma3" or (
+    # vision): transformers materialises the masks whenever a row holds an image; PaliGemma's prefix (image and
+    # prompt) always attends bidirectionally
+    geo.llm_mask_always = mt == "paligemma" or opts.images_per_sample > 0 and (mt == "gemma3" or (
         mt == "gemma4" and getattr(text_cfg, "use_bidirectional_attention", None) == "vision"))
     geo.router_logits = router_logits_per_token(model, stage)
     crops = f"{geo.crops_per_image} crops × {geo.vision_tokens}" if geo.crops_per_image > 1 else f"{geo.vision_tokens}"
@@ -804,3 +811,18 @@ def _pixtral_run(transformer, images: int, patches: int, dtype, x_rg: bool, mask
                                                                                  dtype=dtype))
     block_mask = torch.empty(1, 1, n, n, device="meta", dtype=dtype)
     transformer(x, attention_mask=block_mask, position_embeddings=rotary)
+
+
+# ---- PaliGemma ------------------------------------------------------------------------------------------------------
+
+def _paligemma(model, block, opts) -> tuple[StackGeo, dict]:
+    """SigLIP at its fixed input size, every patch one LM token through the linear projector (the planner's
+    `linear` closed form)."""
+    vc = model.hf.config.vision_config
+    patches = (int(vc.image_size) // int(vc.patch_size)) ** 2
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=patches, vision_feature_tokens=patches,
+                 image_size=int(vc.image_size), image_tokens=patches, connector_name="linear",
+                 connector_module=model.connector.projector,
+                 how=f"fixed per image ({vc.image_size}² SigLIP input" + ("; --image-size is ignored)" if opts.image_size
+                                                                          else ")"))
+    return stack_geo(vc, block, rotary=False), image

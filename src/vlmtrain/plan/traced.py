@@ -271,3 +271,36 @@ def _tensors(values) -> list:
         elif isinstance(v, Mapping):  # dicts, and Gemma 4's shared keys/values (a UserDict)
             out += _tensors(list(v.values()))
     return out
+
+
+@contextlib.contextmanager
+def meta_mask_creation():
+    """Within the block, transformers' mask creation runs on meta inputs: its packed-sequence check reads the position
+    ids' values (`find_packed_sequence_indices`), which meta tensors do not have; the planner never traces packed
+    rows through it (its masks are passed in), so the check answers "not packed"."""
+    from transformers import masking_utils
+
+    real = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = real
+
+
+def decoder_run(text_model, rows: int, seq: int, dtype, x_rg: bool, mask: bool) -> None:
+    """One training forward of a transformers text decoder on meta: embeddings `[rows, seq, d]` and, when the rows
+    are padded or attend in blocks (`mask`), a `[rows, 1, seq, seq]` mask per layer kind the config names (one per
+    kind, as the model builds them); else transformers' own mask creation (causal: none; a sliding window shorter
+    than the rows: its mask)."""
+    import torch
+
+    cfg = text_model.config
+    x = torch.empty(rows, seq, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=x_rg)
+    masks = None
+    if mask:
+        kinds = sorted(set(getattr(cfg, "layer_types", None) or [])) or [None]
+        masks = {k: torch.ones(rows, 1, seq, seq, dtype=torch.bool, device="meta") for k in kinds}
+        masks = masks.get(None, masks)  # no layer kinds: one tensor
+    with meta_mask_creation():
+        text_model(inputs_embeds=x, attention_mask=masks, use_cache=False)
