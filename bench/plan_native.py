@@ -114,6 +114,20 @@ SCALE = {
                                    "m['content'][0]['text'] + '[/INST]' }}{% else %}{% generation %}"
                                    "{{ m['content'][0]['text'] + eos_token }}{% endgeneration %}{% endif %}"
                                    "{% endfor %}")},
+    # Llama 4: 4 layers — MoE (8 experts of width 256, top 1, + the shared expert) and dense MLP (768) alternating,
+    # chunked attention in chunks of 128 with every 4th layer full-attention NoPE; a 4-block, 128-wide tower on
+    # 64-px tiles of 8-px patches, pixel shuffle 0.5 (16 `<|patch|>` tokens per tile), up to 4 tiles + the global one
+    "llama4": {"text": {**_TEXT, "intermediate_size": 256, "intermediate_size_mlp": 768, "num_local_experts": 8,
+                        "num_experts_per_tok": 1, "moe_layers": [0, 2], "no_rope_layers": [1, 1, 1, 0],
+                        "attention_chunk_size": 128},
+               "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+                          "num_attention_heads": 4, "image_size": 64, "patch_size": 8, "vision_output_dim": 256,
+                          "projector_input_dim": 256, "projector_output_dim": 256},
+               "tile": 64, "max_patches": 4, "processor": {},
+               "chat_template": ("{{ bos_token }}{% for m in messages %}{{ '<|header_start|>' + m['role'] + "
+                                 "'<|header_end|>\n\n' }}{% if m['role'] == 'assistant' %}{% generation %}"
+                                 "{{ m['content'][0]['text'] + '<|eot|>' }}{% endgeneration %}{% else %}"
+                                 "{{ m['content'][0]['text'] + '<|eot|>' }}{% endif %}{% endfor %}")},
     # PaliGemma: a Gemma LM; a 4-block, 128-wide SigLIP tower at 64 px in 8-px patches (64 image tokens)
     "paligemma": {"text": _TEXT,
                   "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
@@ -213,6 +227,13 @@ CONFIGS = {
     "mistral3-vision-128x128-b2-s384": ("mistral3", (128, 128), {"train": {"vision": True, "connector": True,
                                                                             "llm": "lora"},
                                                                   "lora": LORA, "data": {"batch_size": 2, "max_len": 384}}),
+    # Llama 4: 128×96 → a 2×2 canvas (4 tiles + the global one: 80 patch tokens + separators); 64×64 → one tile
+    "llama4-lora-128x96-b2-s512": ("llama4", (128, 96), {"train": LORA_LLM["train"],
+                                                         "lora": {**LORA, "llm_target_parameters": ""},
+                                                         "data": {"batch_size": 2, "max_len": 512}}),
+    "llama4-sft-conn-128x128-b1-s640": ("llama4", (128, 128),
+                                        {"train": {"vision": False, "connector": True, "llm": True},
+                                         "data": {"batch_size": 1, "max_len": 640}}),
     "paligemma-lora-b2-s512": ("paligemma", (64, 64), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
     "paligemma-sft-conn-b1-s640": ("paligemma", (64, 64), {"train": {"vision": False, "connector": True, "llm": True},
                                                           "data": {"batch_size": 1, "max_len": 640}}),
@@ -260,6 +281,10 @@ def write_checkpoint(family: str, out: Path) -> dict:
             (vc["image_size"][0] // vc["patch_size"][0]) ** 2 // 4  # pixel shuffle ×0.5
     if family == "mistral3":
         ip.size = {"longest_edge": spec["longest_edge"]}
+    if family == "llama4":
+        ip.size, ip.max_patches = {"height": spec["tile"], "width": spec["tile"]}, spec["max_patches"]
+        cfg.text_config.layer_types = ["full_attention" if not r else "chunked_attention"
+                                       for r in spec["text"]["no_rope_layers"]]
     if family == "paligemma":  # the projector's width follows the LM; the processor writes one token per patch
         vc = spec["vision"]
         cfg.projection_dim = cfg.hidden_size = cfg.text_config.hidden_size
@@ -332,7 +357,7 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
                    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
                    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>",
                    "gemma4": "<|image|>", "mistral3": "[IMG]",
-                   "paligemma": "<image>"}.get(
+                   "paligemma": "<image>", "llama4": "<|image|>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)
@@ -355,8 +380,9 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
             full = torch.zeros(rows, seq, dtype=v.dtype)
             full[:, :v.shape[1]] = v[0]
             v = full
-        else:  # per image: one image per row
+        else:  # per image: one image per row (Llama 4's processor writes bf16 pixels; the data path keeps fp32)
             v = torch.cat([v] * rows)
+            v = v.float() if v.is_floating_point() else v
         batch[k] = v
         if k != "pixel_values":
             extras.append(k)

@@ -147,7 +147,10 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
                                   # Mistral 3: every image through Pixtral as one sequence, patch merger traced
                                   "mistral3-lora-128x96-b2-s512",
                                   # PaliGemma: its Gemma LM traced whole under the prefix-LM mask
-                                  "paligemma-lora-b2-s512"])
+                                  "paligemma-lora-b2-s512",
+                                  # Llama 4: tiles, the pixel-shuffle adapter, the MoE decoder with chunked
+                                  # attention traced whole
+                                  "llama4-lora-128x96-b2-s512"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -211,6 +214,34 @@ def test_mistral3_patches_and_image_tokens_match_the_processor(tmp_path):
     short = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 16}})
     geo = PN.native_geometry(meta, short, cfg, P.PlanOptions())  # 3 × 4 = 12 ≤ 15 < 4 × 5
     assert geo.image_tokens == 12 and "would not fit max_len 16" in geo.notes[-1]
+
+
+def test_llama4_tiles_and_image_tokens_match_the_processor(tmp_path):
+    """Llama 4's plan: its tiles (+ the global tile) == the tiny processor's pixel-value tiles and its LM tokens (the
+    image markers, `<|patch|>`s, separators) == the processor's, for one-tile, wide, tall and large images; without a
+    size, the most tiles whose tokens fit max_len."""
+    from PIL import Image
+
+    ckpt = write_tiny_checkpoint("llama4", tmp_path / "l")
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
+                                            "chat_template": BN.SCALE["llama4"]["chat_template"]})
+    bundle = build_model(cfg)
+    meta = build_model(cfg, device="meta").model
+    stage = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 40}})
+    proc = bundle.processor
+    marks = ["<|image_start|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>",
+             "<|image_end|>"]
+    ids = {proc.tokenizer.convert_tokens_to_ids(t) for t in marks}
+    for h, w in [(20, 30), (32, 64), (96, 40), (64, 64), (300, 200)]:
+        out = proc(text=["<|image|>"], images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions(image_size=(h, w)))
+        assert geo.crops_per_image == out["pixel_values"].shape[0], (h, w)
+        assert geo.image_tokens == sum(int((out["input_ids"] == i).sum()) for i in ids), (h, w)
+    geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions())  # 4 tiles: 4·4 + 2·1 + 2 + 3 + 4 = 27 ≤ 39
+    assert geo.crops_per_image == 5 and geo.image_tokens == 27
+    short = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 24}})
+    geo = PN.native_geometry(meta, short, cfg, P.PlanOptions())  # 3 tiles (3 × 1): 12 + 0 + 3 + 3 + 4 = 22 ≤ 23
+    assert geo.crops_per_image == 4 and "would not fit max_len 24" in geo.notes[-1]
 
 
 def test_mistral_small_qlora_24gib_recipe_plans_under_24gib():

@@ -61,13 +61,18 @@ as for composed models, and only what differs per family lives here:
 - PaliGemma (1 and 2): a SigLIP tower at its fixed `image_size` (every patch an LM token), the linear projector, and
   a Gemma / Gemma 2 LM traced whole on meta (`decoder_run`: sandwich norms, soft-capped attention, sliding layers
   as transformers runs them) under the prefix-LM mask it always builds.
+- Llama 4: the processor's tiles (the best canvas of up to `max_patches` tower-sized tiles, + a global tile when
+  there is more than one), the tower once per tile with its pixel-shuffle adapter, the projector, and per tile
+  (tile / patch)² · ratio² `<|patch|>` tokens with the processor's separators; the MoE decoder (chunked and NoPE
+  layers, every expert run on every token as transformers does) traced whole on meta by `decoder_run`. Without
+  `--image-size`, the image with the most tiles whose tokens fit `max_len`.
 - Gemma 4: the processor's soft-token budget (`max_soft_tokens` × k² patches through the tower, padded; k × k pooled
   into soft tokens + 2 markers in the LM), `embed_vision` traced as the connector; no two decoder layers alike (two
   head sizes, layers reusing earlier keys and values, per-layer inputs), so the decoder — and the tower when it
   trains — is traced whole on meta (`plan.traced.TracedStack`).
 
 Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama /
-Llama 4 / LFM2-VL, packed rows of the other families (and of Qwen3.5, which training
+LFM2-VL, packed rows of the other families (and of Qwen3.5, which training
 refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
@@ -87,7 +92,7 @@ LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
-                    *("glm4v", "glm4v_moe"), "internvl", "gemma4", "mistral3", "paligemma")
+                    *("glm4v", "glm4v_moe"), "internvl", "gemma4", "mistral3", "paligemma", "llama4")
 GLM_FAMILIES = ("glm4v", "glm4v_moe")  # GLM-4.1V and GLM-4.5V: one tower, resize rule and connector
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
@@ -208,6 +213,11 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         vis, image = _mistral3(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
         vis.traced = TracedStack(model.vision.model.transformer, layers["vision"], _pixtral_run,
                                  stage.train.vision is True, one_sequence=True)
+    elif mt == "llama4":
+        vis, image = _llama4(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
+        llm.traced = TracedStack(model.llm.model, layers["llm"], decoder_run, stage.train.llm is True)
+        llm.intermediate = max(int(layer.feed_forward.experts.intermediate_size) if hasattr(layer.feed_forward, "experts")
+                               else int(layer.feed_forward.down_proj.in_features) for layer in layers["llm"])
     elif mt == "paligemma":
         vis, image = _paligemma(model, layers["vision"][0], opts)
         llm.traced = TracedStack(model.llm.model, layers["llm"], decoder_run, stage.train.llm is True)
@@ -826,3 +836,93 @@ def _paligemma(model, block, opts) -> tuple[StackGeo, dict]:
                  how=f"fixed per image ({vc.image_size}² SigLIP input" + ("; --image-size is ignored)" if opts.image_size
                                                                           else ")"))
     return stack_geo(vc, block, rotary=False), image
+
+
+# ---- Llama 4 --------------------------------------------------------------------------------------------------------
+
+def llama4_tiling(model, model_cfg) -> tuple[int, int]:
+    """(tile side, max_patches) of the image processor: the checkpoint folder's saved processor, then the model
+    config's `processor:`; else the tower's input size and the checkpoints' 16 tiles."""
+    tile, most = int(model.hf.config.vision_config.image_size), 16
+    for layer in (saved_image_processor(model_cfg), model_cfg.processor):
+        tile = int((layer.get("size") or {}).get("height", tile))
+        most = int(layer.get("max_patches", most))
+    return tile, most
+
+
+def llama4_grid(model, model_cfg, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of tiles for an image, by the image processor's own canvas choice (`best_fit` over the
+    supported resolutions; vlmtrain's torchvision-free port of transformers' processor)."""
+    import torch
+
+    from vlmtrain.model.native.image_processors.llama4 import best_fit, supported_resolutions
+
+    tile, most = llama4_tiling(model, model_cfg)
+    target = best_fit(tuple(image_hw), torch.tensor(supported_resolutions(most, tile)), False)
+    return int(target[0]) // tile, int(target[1]) // tile
+
+
+def llama4_image_tokens(rows: int, cols: int, per_tile: int) -> int:
+    """LM tokens of one image as `Llama4Processor._prompt_split_image` writes them: `<|image_start|>`, for more than
+    one tile each tile's patches with an x-separator between columns and a y-separator after each row, then
+    `<|image|>`, the global tile's patches and `<|image_end|>`."""
+    tiled = rows * cols * per_tile + rows * (cols - 1) + rows if rows * cols > 1 else 0
+    return 1 + tiled + 1 + per_tile + 1
+
+
+def _llama4(model, model_cfg, block, opts, max_len: int) -> tuple[StackGeo, dict]:
+    """The tower (patches + CLS per tile) through its pixel-shuffle adapter and the projector, traced together as the
+    connector from the tower's blocks' output (`_llama4_connector`)."""
+    vc = model.hf.config.vision_config
+    side = int(vc.image_size) // int(vc.patch_size)
+    per_tile = int(side * side * float(vc.pixel_shuffle_ratio) ** 2)
+    if opts.image_size:
+        image_hw, how = opts.image_size, ""
+        rows, cols = llama4_grid(model, model_cfg, image_hw)
+    else:
+        (rows, cols), how = _llama4_worst_grid(model, model_cfg, per_tile, opts.images_per_sample, max_len)
+    crops = rows * cols + (1 if rows * cols > 1 else 0)
+    if not how:
+        how = f"a {image_hw[0]}x{image_hw[1]} image: {rows}×{cols} tile(s) by the processor's canvas choice"
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=side * side + 1,
+                 vision_feature_tokens=side * side + 1, image_size=int(vc.image_size),
+                 image_tokens=llama4_image_tokens(rows, cols, per_tile), crops_per_image=crops,
+                 connector_name="native:llama4", connector_module=_llama4_connector(model), how=how)
+    return stack_geo(vc, block, rotary=True), image
+
+
+def _llama4_worst_grid(model, model_cfg, per_tile: int, images: int, max_len: int) -> tuple[tuple[int, int], str]:
+    """The tile grid with the most tiles (≤ max_patches) whose tokens fit `max_len` with `images` per sample."""
+    tile, most = llama4_tiling(model, model_cfg)
+    for n in range(most, 0, -1):
+        cols = max(c for c in range(1, n + 1) if n % c == 0 and c * c <= n)
+        grid = (n // cols, cols)
+        if images * llama4_image_tokens(*grid, per_tile) <= max_len - 1:
+            cut = "" if n == most else f"; more tiles would not fit max_len {max_len}"
+            return grid, (f"an image cut into {n} tile(s) + the global one (max_patches {most}{cut}; --image-size "
+                          "HxW plans a given size)")
+    raise ConfigError(f"plan: one Llama 4 image is {llama4_image_tokens(1, 1, per_tile)} LM tokens; {images} "
+                      f"image(s) per sample do not fit max_len {max_len}")
+
+
+def _llama4_connector(model):
+    """What runs between the tower's blocks and the LM: the post-norm, the CLS dropped, the pixel-shuffle adapter
+    (part of the vision role: it trains with the tower) and the projector (the connector role):
+    `[tiles, patches + 1, d] → [tiles, patches · ratio², d_lm]`."""
+    from torch import nn
+
+    tower, projector = model.vision.model, model.connector.projector
+
+    class Llama4Connector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.adapter, self.projector = tower.layernorm_post, tower.vision_adapter, projector
+
+        def requires_grad_(self, requires_grad: bool = True):  # the planner's "connector trains": the projector's
+            self.projector.requires_grad_(requires_grad)
+            return self
+
+        def forward(self, x):
+            return self.projector(self.adapter(self.norm(x)[:, :-1, :]))
+
+    return Llama4Connector()
