@@ -128,6 +128,17 @@ SCALE = {
                                  "'<|header_end|>\n\n' }}{% if m['role'] == 'assistant' %}{% generation %}"
                                  "{{ m['content'][0]['text'] + '<|eot|>' }}{% endgeneration %}{% else %}"
                                  "{{ m['content'][0]['text'] + '<|eot|>' }}{% endif %}{% endfor %}")},
+    # LFM2-VL: 4 layers alternating gated short convolution (kernel 3) and attention, MLP 768; a 4-block, 128-wide
+    # SigLIP2 NaFlex tower of 8-px patches padded to 256 per tile, pixel unshuffle 2 (16 tokens per 64-px tile); a
+    # small image is one tile (16-64 tokens), a large one 2-4 tiles + a thumbnail
+    "lfm2_vl": {"text": {**_TEXT, "block_ff_dim": 768, "block_auto_adjust_ff_dim": False},
+                "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                           "num_attention_heads": 4, "patch_size": 8, "num_patches": 256},
+                "processor": {},
+                "chat_template": ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+                                  "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'][0]['text'] + "
+                                  "'<|im_end|>' }}{% endgeneration %}{% else %}{{ m['content'][0]['text'] + "
+                                  "'<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}")},
     # PaliGemma: a Gemma LM; a 4-block, 128-wide SigLIP tower at 64 px in 8-px patches (64 image tokens)
     "paligemma": {"text": _TEXT,
                   "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
@@ -234,6 +245,11 @@ CONFIGS = {
     "llama4-sft-conn-128x128-b1-s640": ("llama4", (128, 128),
                                         {"train": {"vision": False, "connector": True, "llm": True},
                                          "data": {"batch_size": 1, "max_len": 640}}),
+    # LFM2-VL: 256×192 → 4 tiles (2 × 2) + a thumbnail; 64×64 → one tile of 16 tokens
+    "lfm2vl-lora-256x192-b2-s512": ("lfm2_vl", (256, 192), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
+    "lfm2vl-sft-conn-64x64-b1-s640": ("lfm2_vl", (64, 64),
+                                      {"train": {"vision": False, "connector": True, "llm": True},
+                                       "data": {"batch_size": 1, "max_len": 640}}),
     "paligemma-lora-b2-s512": ("paligemma", (64, 64), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
     "paligemma-sft-conn-b1-s640": ("paligemma", (64, 64), {"train": {"vision": False, "connector": True, "llm": True},
                                                           "data": {"batch_size": 1, "max_len": 640}}),
@@ -281,6 +297,11 @@ def write_checkpoint(family: str, out: Path) -> dict:
             (vc["image_size"][0] // vc["patch_size"][0]) ** 2 // 4  # pixel shuffle ×0.5
     if family == "mistral3":
         ip.size = {"longest_edge": spec["longest_edge"]}
+    if family == "lfm2_vl":
+        cfg.projector_hidden_size = 256
+        for k, v in {"encoder_patch_size": 8, "tile_size": 64, "min_image_tokens": 16, "max_image_tokens": 64,
+                     "min_tiles": 2, "max_tiles": 4}.items():
+            setattr(ip, k, v)
     if family == "llama4":
         ip.size, ip.max_patches = {"height": spec["tile"], "width": spec["tile"]}, spec["max_patches"]
         cfg.text_config.layer_types = ["full_attention" if not r else "chunked_attention"
@@ -357,7 +378,8 @@ def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int,
                    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
                    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>", "internvl": "<IMG_CONTEXT>",
                    "gemma4": "<|image|>", "mistral3": "[IMG]",
-                   "paligemma": "<image>", "llama4": "<|image|>"}.get(
+                   "paligemma": "<image>", "llama4": "<|image|>",
+                   "lfm2_vl": "<image>"}.get(
         family, "<|vision_start|><|image_pad|><|vision_end|>")
     images = [[img]] if family == "gemma3" else [img]
     out = proc(text=[placeholder], images=images, return_tensors="pt", add_special_tokens=False)

@@ -150,7 +150,9 @@ def test_llava_crops_and_image_tokens_match_the_processor(family, tmp_path):
                                   "paligemma-lora-b2-s512",
                                   # Llama 4: tiles, the pixel-shuffle adapter, the MoE decoder with chunked
                                   # attention traced whole
-                                  "llama4-lora-128x96-b2-s512"])
+                                  "llama4-lora-128x96-b2-s512",
+                                  # LFM2-VL: NaFlex tiles + thumbnail, the short-convolution decoder traced whole
+                                  "lfm2vl-sft-conn-64x64-b1-s640"])
 def test_planned_peak_matches_measured_step(name, tmp_path):
     """One vlmtrain training step (forward, loss, backward, clip, AdamW) of a scaled tiny native model; the peak of
     allocated bytes from the profiler (as `python -m bench plan` measures) within ±5% of the plan. The Qwen2.5-VL
@@ -242,6 +244,32 @@ def test_llama4_tiles_and_image_tokens_match_the_processor(tmp_path):
     short = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 24}})
     geo = PN.native_geometry(meta, short, cfg, P.PlanOptions())  # 3 tiles (3 × 1): 12 + 0 + 3 + 3 + 4 = 22 ≤ 23
     assert geo.crops_per_image == 4 and "would not fit max_len 24" in geo.notes[-1]
+
+
+def test_lfm2_vl_tiles_and_image_tokens_match_the_processor(tmp_path):
+    """LFM2-VL's plan: its tower passes == the tiny processor's tiles (one tile within the budget, else a grid + the
+    thumbnail) and its LM tokens == the processor's image tokens and markers, for small, wide, tall and large
+    images; without a size, the most tiles whose tokens fit max_len."""
+    from PIL import Image
+
+    ckpt = write_tiny_checkpoint("lfm2_vl", tmp_path / "f")
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
+                                            "chat_template": BN.SCALE["lfm2_vl"]["chat_template"]})
+    bundle = build_model(cfg)
+    meta = build_model(cfg, device="meta").model
+    stage = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 80}})
+    proc = bundle.processor
+    vocab = proc.tokenizer.get_vocab()
+    ids = {i for t, i in vocab.items() if t in ("<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>")
+           or t.startswith("<|img_row_")}
+    for h, w in [(20, 30), (32, 32), (64, 40), (40, 100), (128, 128), (300, 200)]:
+        out = proc(text=["<image>"], images=[[Image.new("RGB", (w, h))]], return_tensors="pt")
+        geo = PN.native_geometry(meta, stage, cfg, P.PlanOptions(image_size=(h, w)))
+        assert geo.crops_per_image == out["pixel_values"].shape[0], (h, w)
+        assert geo.image_tokens == sum(int((out["input_ids"] == i).sum()) for i in ids), (h, w)
+    o = PN.lfm2_vl_options(meta, cfg)
+    best = PN.native_geometry(meta, stage, cfg, P.PlanOptions())
+    assert best.crops_per_image == o["max_tiles"] + 1 and best.image_tokens <= 79  # 4 tiles + the thumbnail
 
 
 def test_mistral_small_qlora_24gib_recipe_plans_under_24gib():

@@ -66,19 +66,24 @@ as for composed models, and only what differs per family lives here:
   (tile / patch)² · ratio² `<|patch|>` tokens with the processor's separators; the MoE decoder (chunked and NoPE
   layers, every expert run on every token as transformers does) traced whole on meta by `decoder_run`. Without
   `--image-size`, the image with the most tiles whose tokens fit `max_len`.
+- LFM2-VL: the processor's layout (`split_layout`: one tile within the token budget, or a grid of `tile_size`
+  tiles + a thumbnail), the SigLIP2 NaFlex tower once per tile over its patches padded to `max_num_patches`, the
+  pixel-unshuffle projector traced as the connector, the processor's tokens (tiles' tokens, their row/column
+  markers, the thumbnail's); the LFM2 decoder (short-convolution and attention layers) traced whole by `decoder_run`.
+  Without `--image-size`, the grid with the most tiles whose tokens fit `max_len`.
 - Gemma 4: the processor's soft-token budget (`max_soft_tokens` × k² patches through the tower, padded; k × k pooled
   into soft tokens + 2 markers in the LM), `embed_vision` traced as the connector; no two decoder layers alike (two
   head sizes, layers reusing earlier keys and values, per-layer inputs), so the decoder — and the tower when it
   trains — is traced whole on meta (`plan.traced.TracedStack`).
 
-Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama /
-LFM2-VL, packed rows of the other families (and of Qwen3.5, which training
+Not planned yet (refused with a message): list-valued `vision_feature_layer`, unlisted families and Mllama, packed rows of the other families (and of Qwen3.5, which training
 refuses), LoRA on fused expert tensors, and what `native_refusals` refuses for training.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,7 +97,7 @@ LLAVA_FAMILIES = ("llava", "llava_next", "llava_onevision")
 # Qwen3-VL's tower and decoder with Gated DeltaNet layers (Qwen3.5) and/or mixture-of-experts MLPs (TracedLayers)
 QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 PLANNED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_FAMILIES, "gemma3", "idefics3", "smolvlm", *LLAVA_FAMILIES,
-                    *("glm4v", "glm4v_moe"), "internvl", "gemma4", "mistral3", "paligemma", "llama4")
+                    *("glm4v", "glm4v_moe"), "internvl", "gemma4", "mistral3", "paligemma", "llama4", "lfm2_vl")
 GLM_FAMILIES = ("glm4v", "glm4v_moe")  # GLM-4.1V and GLM-4.5V: one tower, resize rule and connector
 
 # Linear leaf names of the Qwen vision blocks (attn.qkv, attn.proj; Qwen3-VL's mlp.linear_fc1/2) next to the usual
@@ -218,6 +223,10 @@ def _geometry(model, stage, model_cfg, opts, patches: int | None = None, how: st
         llm.traced = TracedStack(model.llm.model, layers["llm"], decoder_run, stage.train.llm is True)
         llm.intermediate = max(int(layer.feed_forward.experts.intermediate_size) if hasattr(layer.feed_forward, "experts")
                                else int(layer.feed_forward.down_proj.in_features) for layer in layers["llm"])
+    elif mt == "lfm2_vl":
+        vis, image = _lfm2_vl(model, model_cfg, layers["vision"][0], opts, stage.data.max_len)
+        llm.traced = TracedStack(model.llm.model, layers["llm"], decoder_run, stage.train.llm is True)
+        llm.intermediate = max(int(layer.feed_forward.w2.in_features) for layer in layers["llm"])
     elif mt == "paligemma":
         vis, image = _paligemma(model, layers["vision"][0], opts)
         llm.traced = TracedStack(model.llm.model, layers["llm"], decoder_run, stage.train.llm is True)
@@ -926,3 +935,88 @@ def _llama4_connector(model):
             return self.projector(self.adapter(self.norm(x)[:, :-1, :]))
 
     return Llama4Connector()
+
+
+# ---- LFM2-VL --------------------------------------------------------------------------------------------------------
+
+def lfm2_vl_options(model, model_cfg) -> dict:
+    """The image processor's options (vlmtrain's port, `Lfm2VlImageProcessorPil`): its defaults (the checkpoints'),
+    then the checkpoint folder's saved processor, then the model config's `processor:`."""
+    from vlmtrain.model.native.image_processors.lfm2_vl import Lfm2VlImageProcessorKwargs, Lfm2VlImageProcessorPil
+
+    kw = {}
+    for layer in (saved_image_processor(model_cfg), model_cfg.processor):
+        kw.update({k: v for k, v in layer.items() if k in Lfm2VlImageProcessorKwargs.__annotations__})
+    return Lfm2VlImageProcessorPil(**kw)._options({})
+
+
+def lfm2_vl_layout(o: dict, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(tower passes, LM tokens) of one image, as the processor tiles it and `Lfm2VlProcessor._build_image_tokens`
+    writes it (with the image special tokens: start, per-tile row/column markers, the thumbnail marker, end)."""
+    from vlmtrain.model.native.image_processors.lfm2_vl import split_layout
+
+    eps, df = o["encoder_patch_size"], o["downsample_factor"]
+    split, rows, cols, (h, w) = split_layout(*image_hw, o)
+    single = math.ceil((h // eps) / df) * math.ceil((w // eps) / df)
+    if not split or rows * cols == 1:
+        return 1, 2 + (math.ceil(o["tile_size"] // eps / df) ** 2 if split else single)
+    per_tile = math.ceil(o["tile_size"] // eps / df) ** 2
+    thumb = 1 + single if o["use_thumbnail"] else 0
+    return rows * cols + bool(o["use_thumbnail"]), 2 + rows * cols * (1 + per_tile) + thumb
+
+
+def _lfm2_vl(model, model_cfg, block, opts, max_len: int) -> tuple[StackGeo, dict]:
+    """Every tile through the tower over `max_num_patches` padded patches; the projector reads a tile's patch grid
+    (the largest tile's, `tile_size / patch` per side)."""
+    vc = model.hf.config.vision_config
+    o = lfm2_vl_options(model, model_cfg)
+    if opts.image_size:
+        image_hw, how = opts.image_size, ""
+    else:
+        image_hw, how = _lfm2_vl_worst_image(o, opts.images_per_sample, max_len)
+    tiles, tokens = lfm2_vl_layout(o, image_hw)
+    how = how or f"a {image_hw[0]}x{image_hw[1]} image: {tiles} tile(s) by the processor's layout"
+    side = o["tile_size"] // o["encoder_patch_size"]
+    patches = int(o["max_num_patches"])
+    image = dict(vision_used_layers=int(vc.num_hidden_layers), vision_tokens=patches, vision_feature_tokens=patches,
+                 image_size=0, image_tokens=tokens, crops_per_image=tiles, connector_name="native:lfm2_vl",
+                 connector_module=_lfm2_vl_connector(model, side),
+                 pixel_elements=patches * 3 * o["encoder_patch_size"] ** 2, how=how)
+    return stack_geo(vc, block, rotary=False), image
+
+
+def _lfm2_vl_worst_image(o: dict, images: int, max_len: int) -> tuple[tuple[int, int], str]:
+    """The image (a tile grid's own size) with the most tower passes whose tokens fit `max_len`."""
+    from vlmtrain.model.native.image_processors.lfm2_vl import target_ratios
+
+    tile, budget = o["tile_size"], o["max_image_tokens"] * (o["encoder_patch_size"] * o["downsample_factor"]) ** 2
+    grids = [(1, 1)] + [(r, c) for c, r in target_ratios(o["min_tiles"], o["max_tiles"])]
+    # each grid's aspect, scaled past the processor's split threshold (tolerance × the token budget in pixels)
+    scale = [max(1, math.ceil(math.sqrt(o["max_pixels_tolerance"] * budget / (tile * tile * r * c))) + 1)
+             for r, c in grids]
+    sizes = sorted(((tile * r * k, tile * c * k) for (r, c), k in zip(grids, scale)),
+                   key=lambda hw: lfm2_vl_layout(o, hw), reverse=True)
+    for hw in sizes:
+        if images * lfm2_vl_layout(o, hw)[1] <= max_len - 1:
+            tiles = lfm2_vl_layout(o, hw)[0]
+            return hw, (f"a {hw[0]}x{hw[1]} image: {tiles} tile(s), the most whose tokens fit max_len {max_len} "
+                        "(--image-size HxW plans a given size)")
+    raise ConfigError(f"plan: {images} LFM2-VL image(s) per sample do not fit max_len {max_len}")
+
+
+def _lfm2_vl_connector(model, side: int):
+    """LFM2-VL's projector as `get_image_features` runs it on one tile's unpadded features: `[tiles, patches, d] →
+    [tiles, side, side, d] → pixel unshuffle → norm → MLP → [tiles, side² / factor², d_lm]`."""
+    from torch import nn
+
+    projector = model.connector.projector
+
+    class Lfm2VlConnector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector = projector
+
+        def forward(self, x):
+            return self.projector(x[:, :side * side].reshape(x.shape[0], side, side, x.shape[-1]))
+
+    return Lfm2VlConnector()

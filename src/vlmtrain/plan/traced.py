@@ -290,17 +290,18 @@ def meta_mask_creation():
 
 def decoder_run(text_model, rows: int, seq: int, dtype, x_rg: bool, mask: bool) -> None:
     """One training forward of a transformers text decoder on meta: embeddings `[rows, seq, d]` and, when the rows
-    are padded or attend in blocks (`mask`), a `[rows, 1, seq, seq]` mask per layer kind the config names (one per
-    kind, as the model builds them); else transformers' own mask creation (causal: none; a sliding window shorter
-    than the rows: its mask)."""
+    are padded or attend in blocks (`mask`), a mask per layer kind the config names (one per kind, as the model
+    builds them: `[rows, 1, seq, seq]` for attention layers, the `[rows, seq]` padding mask for convolution layers);
+    else transformers' own mask creation (causal: none; a sliding window shorter than the rows: its mask)."""
     import torch
 
     cfg = text_model.config
     x = torch.empty(rows, seq, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=x_rg)
     masks = None
-    if mask:
+    if mask:  # attention layers take [rows, 1, s, s]; convolution / recurrent layers the [rows, s] padding mask
         kinds = sorted(set(getattr(cfg, "layer_types", None) or [])) or [None]
-        masks = {k: torch.ones(rows, 1, seq, seq, dtype=torch.bool, device="meta") for k in kinds}
+        masks = {k: torch.ones(*((rows, 1, seq, seq) if k is None or "attention" in k else (rows, seq)),
+                               dtype=torch.bool, device="meta") for k in kinds}
         masks = masks.get(None, masks)  # no layer kinds: one tensor
     with meta_mask_creation():
         text_model(inputs_embeds=x, attention_mask=masks, use_cache=False)

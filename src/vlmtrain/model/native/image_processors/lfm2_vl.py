@@ -71,6 +71,22 @@ def smart_size(height: int, width: int, factor_px: int, min_pixels: int, max_pix
     return h_bar, w_bar
 
 
+def split_layout(h: int, w: int, o: dict) -> tuple[bool, int, int, tuple[int, int]]:
+    """(split, rows, columns, the resized single-tile / thumbnail size) for an image of h × w under the options `o`:
+    one tile within the token budget, or — when the image is more than `max_pixels_tolerance` times the budget — the
+    grid of `tile_size` tiles closest to its aspect (the original's `resize_and_split`). Also what `vlmtrain plan`
+    counts."""
+    eps, df = o["encoder_patch_size"], o["downsample_factor"]
+    unit = eps * df
+    budget = o["max_image_tokens"] * eps ** 2 * df ** 2
+    new_h, new_w = smart_size(h, w, unit, o["min_image_tokens"] * eps ** 2 * df ** 2, budget)
+    too_large = max(eps, round(h / unit) * unit) * max(eps, round(w / unit) * unit) > budget * o["max_pixels_tolerance"]
+    if too_large and not o["min_tiles"] == o["max_tiles"] == 1:
+        cols, rows = closest_grid(w, h, o["min_tiles"], o["max_tiles"], o["tile_size"])
+        return True, rows, cols, (new_h, new_w)
+    return False, 1, 1, (new_h, new_w)
+
+
 class Lfm2VlImageProcessorPil(PilBackend):
     """Saved as `Lfm2VlImageProcessor` (the checkpoints' name); loads their `preprocessor_config.json`."""
 
@@ -99,16 +115,9 @@ class Lfm2VlImageProcessorPil(PilBackend):
 
     def _split(self, image: torch.Tensor, o: dict, resample) -> tuple[list[torch.Tensor], int, int, list[int]]:
         """One uint8 image `[c, h, w]` → (its tiles `[c, th, tw]`, rows, columns, the single-tile size [h, w])."""
-        h, w = image.shape[-2:]
-        eps, df = o["encoder_patch_size"], o["downsample_factor"]
-        unit = eps * df
-        budget = o["max_image_tokens"] * eps ** 2 * df ** 2
-        new_h, new_w = smart_size(h, w, unit, o["min_image_tokens"] * eps ** 2 * df ** 2, budget)
-        too_large = max(eps, round(h / unit) * unit) * max(eps, round(w / unit) * unit) > \
-            budget * o["max_pixels_tolerance"]
-        if too_large and not o["min_tiles"] == o["max_tiles"] == 1:
+        split, rows, cols, (new_h, new_w) = split_layout(*image.shape[-2:], o)
+        if split:
             tile = o["tile_size"]
-            cols, rows = closest_grid(w, h, o["min_tiles"], o["max_tiles"], tile)
             big = tensor_ops.resize(image[None], (tile * rows, tile * cols), resample)
             tiles = list(split_to_tiles(big, num_tiles_height=rows, num_tiles_width=cols)[0])
             if o["use_thumbnail"] and cols * rows != 1:
