@@ -156,12 +156,23 @@ SCALE = {
                                  "'assistant' %}{% generation %}{{ m['content'][0]['text'] }}{{ '<turn|>' }}"
                                  "{% endgeneration %}{% else %}{{ m['content'][0]['text'] }}{{ '<turn|>' }}"
                                  "{% endif %}{{ '\n' }}{% endfor %}")},
+    # Gemma 4 26B-A4B's layout: every layer a dense MLP (384) beside 8 experts of width 128 (top 2), full-attention
+    # keys doubling as values, no per-layer inputs and no shared keys/values; Gemma 4's tower as above
+    "gemma4_moe": {"family": "gemma4",
+                   "text": {**_TEXT, "intermediate_size": 384, "global_head_dim": 128, "hidden_size_per_layer_input": 0,
+                            "num_kv_shared_layers": 0, "sliding_window": 128, "attention_k_eq_v": True,
+                            "num_global_key_value_heads": 1, "enable_moe_block": True, "num_experts": 8,
+                            "top_k_experts": 2, "moe_intermediate_size": 128},
+                   "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                              "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32},
+                   "max_soft_tokens": 140, "processor": {}},
     "gemma3": {"text": {**_TEXT, "query_pre_attn_scalar": 64, "sliding_window": 128},
                "vision": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                           "num_attention_heads": 4, "image_size": 224, "patch_size": 14},
                "mm_tokens_per_image": 64, "processor": {}},
 }
 SCALE["glm4v_moe"]["chat_template"] = SCALE["glm4v"]["chat_template"]
+SCALE["gemma4_moe"]["chat_template"] = SCALE["gemma4"]["chat_template"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LORA_LLM = {"train": {"vision": False, "connector": False, "llm": "lora"}, "lora": LORA}
 # name → (family, image (height, width), stage fields over an SFT stage)
@@ -253,6 +264,13 @@ CONFIGS = {
     "paligemma-lora-b2-s512": ("paligemma", (64, 64), {**LORA_LLM, "data": {"batch_size": 2, "max_len": 512}}),
     "paligemma-sft-conn-b1-s640": ("paligemma", (64, 64), {"train": {"vision": False, "connector": True, "llm": True},
                                                           "data": {"batch_size": 1, "max_len": 640}}),
+    # Gemma 4 with 26B-A4B's expert block (traced in bf16 on meta, counted at 4 bytes), LoRA on the linear layers
+    "gemma4moe-lora-160x224-b2-s512": ("gemma4_moe", (160, 224),
+                                       {"train": LORA_LLM["train"], "lora": {**LORA, "llm_target_parameters": ""},
+                                        "data": {"batch_size": 2, "max_len": 512}}),
+    "gemma4moe-sft-conn-192x192-b1-s640": ("gemma4_moe", (192, 192),
+                                           {"train": {"vision": False, "connector": True, "llm": True},
+                                            "data": {"batch_size": 1, "max_len": 640}}),
     "gemma-qlora-b2-s256": ("gemma3", (224, 224), {"train": LORA_LLM["train"], "lora": {**LORA, "quantize": "4bit"},
                                                    "data": {"batch_size": 2, "max_len": 256}}),
 }
@@ -269,6 +287,7 @@ def write_checkpoint(family: str, out: Path) -> dict:
     from vlmtrain.model.native.templates import official_template
 
     spec = SCALE[family]
+    family = spec.get("family", family)  # a variant of a family's layout (gemma4_moe: Gemma 4's expert sizes)
     cfg, ip, tok, proc_kwargs = tiny_parts(family)
     for k, v in spec["text"].items():
         setattr(cfg.text_config, k, v)
@@ -366,6 +385,7 @@ def make_packed_batch(proc, family: str, image_size: tuple[int, int], rows: int,
 
 def make_native_batch(proc, family: str, image_size: tuple[int, int], rows: int, seq: int) -> dict:
     """One image per row through the family's processor, then text to `seq` tokens (see the module doc)."""
+    family = SCALE.get(family, {}).get("family", family)
     import numpy as np
     import torch
     from PIL import Image

@@ -149,6 +149,7 @@ NEWER = {
     "llama-4-scout-17b-16e": ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama4", "total", "108.641793536"),
     "paligemma2-3b-224": ("google/paligemma2-3b-pt-224", "paligemma", "total", "3.032242416"),
     "gemma-4-e4b": ("google/gemma-4-E4B-it", "gemma4", "total", "7.941100832"),  # as transformers loads it
+    "gemma-4-26b-a4b": ("google/gemma-4-26B-A4B-it", "gemma4", "total", "25.805933872"),  # ditto (public load logs)
     "glm-4.1v-9b": ("zai-org/GLM-4.1V-9B-Thinking", "glm4v", "total", "10.3"),  # 20.6 GB of bf16 weights
     "lfm2-vl-1.6b": ("LiquidAI/LFM2-VL-1.6B", "lfm2_vl", "total", "1.6"),
 }
