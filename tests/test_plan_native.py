@@ -188,6 +188,15 @@ def test_glm4v_image_tokens_match_the_processor(tmp_path):
     assert PN.qwen_patches(vc, budget, None, glm=True) // 4 == budget[1] // 2 // (2 * vc.patch_size) ** 2
 
 
+def _tiny(family: str, tmp_path):
+    """(model config, built bundle, meta model) of the family's tiny checkpoint, with the bench's template where no
+    official one is vendored."""
+    ckpt = write_tiny_checkpoint(family, tmp_path / family)
+    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
+                                            "chat_template": BN.SCALE[family]["chat_template"]})
+    return cfg, build_model(cfg), build_model(cfg, device="meta").model
+
+
 def test_mistral3_patches_and_image_tokens_match_the_processor(tmp_path):
     """Mistral 3's plan (Pixtral's resize to the longest edge in patch × merge units): its LM tokens (rows ×
     (cols + 1): [IMG]s, a break per row, the end) == the tiny processor's image-token ids, its tower patches == the
@@ -195,11 +204,7 @@ def test_mistral3_patches_and_image_tokens_match_the_processor(tmp_path):
     whose tokens fit max_len."""
     from PIL import Image
 
-    ckpt = write_tiny_checkpoint("mistral3", tmp_path / "m")
-    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
-                                            "chat_template": BN.SCALE["mistral3"]["chat_template"]})
-    bundle = build_model(cfg)
-    meta = build_model(cfg, device="meta").model
+    cfg, bundle, meta = _tiny("mistral3", tmp_path)
     stage = BP.build_stage({"pretrained": "x"}, {"train": {"vision": False, "connector": True, "llm": True},
                                                  "data": {"max_len": 40}})
     proc = bundle.processor
@@ -224,11 +229,7 @@ def test_llama4_tiles_and_image_tokens_match_the_processor(tmp_path):
     size, the most tiles whose tokens fit max_len."""
     from PIL import Image
 
-    ckpt = write_tiny_checkpoint("llama4", tmp_path / "l")
-    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
-                                            "chat_template": BN.SCALE["llama4"]["chat_template"]})
-    bundle = build_model(cfg)
-    meta = build_model(cfg, device="meta").model
+    cfg, bundle, meta = _tiny("llama4", tmp_path)
     stage = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 40}})
     proc = bundle.processor
     marks = ["<|image_start|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>",
@@ -252,11 +253,7 @@ def test_lfm2_vl_tiles_and_image_tokens_match_the_processor(tmp_path):
     images; without a size, the most tiles whose tokens fit max_len."""
     from PIL import Image
 
-    ckpt = write_tiny_checkpoint("lfm2_vl", tmp_path / "f")
-    cfg = NativeModelConfig.model_validate({"pretrained": str(ckpt),
-                                            "chat_template": BN.SCALE["lfm2_vl"]["chat_template"]})
-    bundle = build_model(cfg)
-    meta = build_model(cfg, device="meta").model
+    cfg, bundle, meta = _tiny("lfm2_vl", tmp_path)
     stage = BP.build_stage({"pretrained": "x"}, {"train": {"llm": True}, "data": {"max_len": 80}})
     proc = bundle.processor
     vocab = proc.tokenizer.get_vocab()

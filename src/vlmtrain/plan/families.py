@@ -610,25 +610,35 @@ def _internvl_worst_image(model, model_cfg, tiling: dict, tile: int, per_tile: i
                       f"max_len {max_len}")
 
 
+def projector_on(projector, feed):
+    """A module the planner traces as the connector: the family's `projector` (a submodule, so the trace's deep copy,
+    dtype and requires-grad reach it) called on `feed(x)`, the arguments its model's `get_image_features` hands it
+    for the tower's `[n_img, tokens, d]` output."""
+    from torch import nn
+
+    class Connector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector = projector
+
+        def forward(self, x):
+            return self.projector(*feed(x))
+
+    return Connector()
+
+
 def _internvl_connector(model):
     """InternVL's connector as `get_image_features` runs it on the tower's features without the CLS:
     `[tiles, patches, d] → pixel shuffle → [tiles, patches·r², d/r²] → projector → [tiles, patches·r², d_lm]`."""
-    from torch import nn
-
     hf, ratio = model.hf.model, model.hf.config.downsample_ratio
 
-    class InternVLConnector(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.projector = model.connector.projector
+    def feed(x):
+        n, patches, d = x.shape  # n may be 0 (text-only samples)
+        side = int(patches ** 0.5)
+        x = hf.pixel_shuffle(x.reshape(n, side, side, d), scale_factor=ratio)
+        return (x.reshape(n, int(patches * ratio ** 2), x.shape[-1]),)
 
-        def forward(self, x):
-            n, patches, d = x.shape  # n may be 0 (text-only samples)
-            side = int(patches ** 0.5)
-            x = hf.pixel_shuffle(x.reshape(n, side, side, d), scale_factor=ratio)
-            return self.projector(x.reshape(n, int(patches * ratio ** 2), x.shape[-1]))
-
-    return InternVLConnector()
+    return projector_on(model.connector.projector, feed)
 
 
 # ---- Gemma 4 --------------------------------------------------------------------------------------------------------
@@ -801,20 +811,9 @@ def _mistral3_connector(model, side: tuple[int, int]):
     [n_img·patches, d] → norm → patch merger (merge × merge patches of each image's grid → one) → MLP →
     [n_img·patches/merge², d_lm]`, every image `side` px (its resized height and width)."""
     import torch
-    from torch import nn
 
-    projector = model.connector.projector
-
-    class Mistral3Connector(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.projector = projector
-
-        def forward(self, x):
-            sizes = torch.tensor([side] * x.shape[0])
-            return self.projector(x.reshape(-1, x.shape[-1]), sizes)
-
-    return Mistral3Connector()
+    return projector_on(model.connector.projector,
+                        lambda x: (x.reshape(-1, x.shape[-1]), torch.tensor([side] * x.shape[0])))
 
 
 def _pixtral_run(transformer, images: int, patches: int, dtype, x_rg: bool, mask: bool) -> None:
@@ -1007,16 +1006,5 @@ def _lfm2_vl_worst_image(o: dict, images: int, max_len: int) -> tuple[tuple[int,
 def _lfm2_vl_connector(model, side: int):
     """LFM2-VL's projector as `get_image_features` runs it on one tile's unpadded features: `[tiles, patches, d] →
     [tiles, side, side, d] → pixel unshuffle → norm → MLP → [tiles, side² / factor², d_lm]`."""
-    from torch import nn
-
-    projector = model.connector.projector
-
-    class Lfm2VlConnector(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.projector = projector
-
-        def forward(self, x):
-            return self.projector(x[:, :side * side].reshape(x.shape[0], side, side, x.shape[-1]))
-
-    return Lfm2VlConnector()
+    return projector_on(model.connector.projector,
+                        lambda x: (x[:, :side * side].reshape(x.shape[0], side, side, x.shape[-1]),))
